@@ -1,0 +1,133 @@
+"""One exception tree for xpuflow.
+
+Every error xpuflow raises is an ``XpuflowError``; vendor and library errors are mapped at the boundary
+with ``raise ... from exc``. Messages say what to do next.
+
+    XpuflowError
+    ├── ConfigError            invalid user input or config (also a ValueError); names the field and the fix
+    ├── DiscoveryError         a probe could not run (probes record this instead of raising it)
+    ├── CapabilityError        no device or backend can run the workload; carries the reasons
+    ├── BackendError           a backend or its session failed
+    │   ├── BackendUnavailable     the plugin's software stack is not installed or not usable here
+    │   ├── SessionError           a running session failed a request
+    │   └── VendorRuntimeError     a vendor C runtime returned an error code
+    ├── BuildError             building an artifact failed
+    │   ├── CompilerError          a compiler exited non-zero (carries its stderr)
+    │   ├── CompilerTimeout        a compiler ran past its timeout and was killed
+    │   └── ArtifactCorrupt        an artifact failed its checksum and must not be used
+    ├── RoutingError           no tier or worker could take the request
+    ├── AdmissionRejected      a QoS context refused the request for now (retry_after_s)
+    └── RemoteError            a remote server failed; ``retryable`` says whether another try may succeed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AdmissionRejected",
+    "ArtifactCorrupt",
+    "BackendError",
+    "BackendUnavailable",
+    "BuildError",
+    "CapabilityError",
+    "CompilerError",
+    "CompilerTimeout",
+    "ConfigError",
+    "DiscoveryError",
+    "RemoteError",
+    "RoutingError",
+    "SessionError",
+    "VendorRuntimeError",
+    "XpuflowError",
+]
+
+
+class XpuflowError(Exception):
+    """Base of every error xpuflow raises."""
+
+
+class ConfigError(XpuflowError, ValueError):
+    """Invalid user input or configuration. ``field`` names what to fix when it is known."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class DiscoveryError(XpuflowError):
+    """A hardware probe could not run. Probes record it as a reason instead of raising it."""
+
+
+class CapabilityError(XpuflowError):
+    """No device or backend can run the workload; ``reasons`` lists why each candidate was refused."""
+
+    def __init__(self, message: str, *, reasons: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.reasons = tuple(reasons)
+
+
+class BackendError(XpuflowError):
+    """A backend or one of its sessions failed."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend's software stack is not installed or not usable on this machine."""
+
+
+class SessionError(BackendError):
+    """A running session failed a request."""
+
+
+class VendorRuntimeError(BackendError):
+    """A vendor runtime library returned an error code; ``code`` is the raw value."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class BuildError(XpuflowError):
+    """Building an artifact failed."""
+
+
+class CompilerError(BuildError):
+    """A compiler exited with a non-zero status; ``stderr`` carries what it printed."""
+
+    def __init__(self, message: str, *, returncode: int | None = None, stderr: str = "") -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class CompilerTimeout(BuildError):
+    """A compiler ran past its timeout and was killed with its process group."""
+
+
+class ArtifactCorrupt(BuildError):
+    """An artifact failed its checksum; it is never used and is rebuilt."""
+
+
+class RoutingError(XpuflowError):
+    """No tier or worker could take the request; ``reasons`` lists each rejection."""
+
+    def __init__(self, message: str, *, reasons: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.reasons = tuple(reasons)
+
+
+class AdmissionRejected(XpuflowError):
+    """A QoS context refused the request for now; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RemoteError(XpuflowError):
+    """A remote model server failed. ``retryable`` is true for connect errors, 429 and 5xx."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable

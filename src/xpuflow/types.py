@@ -1,0 +1,252 @@
+"""Core types: the resource model, capabilities and routing decisions.
+
+These are plain frozen dataclasses and enums; everything above them passes them around as data::
+
+    cpu = Resource(id="cpu", type=ResourceType.CPU, name="AMD EPYC", attributes={"memory_bytes": 64 << 30})
+    cpu.memory_bytes  # 68719476736
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Any
+
+__all__ = [
+    "Alternative",
+    "Capability",
+    "OptimizedFor",
+    "Precision",
+    "Resource",
+    "ResourceType",
+    "RoutingDecision",
+    "Strategy",
+    "Task",
+]
+
+
+class ResourceType(str, Enum):
+    """The kinds of compute xpuflow places work on."""
+
+    GPU = "gpu"
+    IGPU = "igpu"
+    NPU = "npu"
+    PIM = "pim"
+    CPU = "cpu"
+    REMOTE = "remote"
+
+
+class OptimizedFor(str, Enum):
+    THROUGHPUT = "throughput"
+    LATENCY = "latency"
+    ENERGY = "energy"
+
+
+class Precision(str, Enum):
+    """Numeric precision of model weights; ``bytes_per_param`` drives memory estimates."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    FP8 = "fp8"
+    INT8 = "int8"
+    INT4 = "int4"
+
+    @property
+    def bytes_per_param(self) -> float:
+        return _BYTES_PER_PARAM[self]
+
+    @property
+    def is_float16(self) -> bool:
+        return self in (Precision.FP16, Precision.BF16)
+
+    @property
+    def is_integer(self) -> bool:
+        return self in (Precision.INT8, Precision.INT4)
+
+
+_BYTES_PER_PARAM = {
+    Precision.FP32: 4.0,
+    Precision.FP16: 2.0,
+    Precision.BF16: 2.0,
+    Precision.FP8: 1.0,
+    Precision.INT8: 1.0,
+    Precision.INT4: 0.5,
+}
+
+
+class Strategy(str, Enum):
+    """What the advisor optimises for."""
+
+    AUTO = "auto"
+    LATENCY = "latency"
+    THROUGHPUT = "throughput"
+    POWER = "power"
+
+
+class Task(str, Enum):
+    INFERENCE = "inference"
+    TRAINING = "training"
+
+
+def _freeze(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One device xpuflow can place work on.
+
+    ``id`` is stable and user-facing ("cuda:0", "npu:0", "cpu", "remote:vllm-a"). ``attributes`` carries
+    what the probe learned (memory_bytes, free_memory_bytes, vendor, device_id, compute_capability,
+    isa_features, bandwidth_gbps, tdp_w, ...); ``tags`` are hints such as "low-latency" or "low-power".
+    """
+
+    id: str
+    type: ResourceType
+    name: str = ""
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+    tags: frozenset[str] = frozenset()
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ValueError("a Resource needs a non-empty id such as 'cuda:0' or 'cpu'")
+        object.__setattr__(self, "type", ResourceType(self.type))
+        object.__setattr__(self, "attributes", _freeze(self.attributes))
+        object.__setattr__(self, "tags", frozenset(self.tags))
+
+    @property
+    def memory_bytes(self) -> int | None:
+        value = self.attributes.get("memory_bytes")
+        return int(value) if value is not None else None
+
+    @property
+    def free_memory_bytes(self) -> int | None:
+        """Free memory when known, else total memory, else None."""
+        value = self.attributes.get("free_memory_bytes", self.attributes.get("memory_bytes"))
+        return int(value) if value is not None else None
+
+    @property
+    def vendor(self) -> str:
+        return str(self.attributes.get("vendor", ""))
+
+    def with_attributes(self, **updates: Any) -> Resource:
+        """A copy with some attributes replaced (resources are immutable)."""
+        merged = dict(self.attributes)
+        merged.update(updates)
+        return Resource(self.id, self.type, self.name, merged, self.tags, self.source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type.value,
+            "name": self.name,
+            "attributes": {k: _jsonable(v) for k, v in sorted(self.attributes.items())},
+            "tags": sorted(self.tags),
+            "source": self.source,
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (frozenset, set, tuple)):
+        return sorted(value) if isinstance(value, (frozenset, set)) else list(value)
+    if isinstance(value, Enum):
+        return value.value
+    return value
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What a backend can do on given resources. Data, never behaviour.
+
+    ``unsupported`` maps a feature name to the reason it is missing, so every "no" reaches the user
+    with its reason.
+    """
+
+    max_batch_size: int = 1
+    max_seq_len: int = 2048
+    supports_kv_cache: bool = False
+    supports_streaming: bool = False
+    supports_embeddings: bool = False
+    supports_chat: bool = False
+    dtypes: tuple[str, ...] = ("fp32",)
+    optimized_for: OptimizedFor = OptimizedFor.LATENCY
+    unsupported: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        object.__setattr__(self, "unsupported", _freeze(self.unsupported))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_batch_size": self.max_batch_size,
+            "max_seq_len": self.max_seq_len,
+            "supports_kv_cache": self.supports_kv_cache,
+            "supports_streaming": self.supports_streaming,
+            "supports_embeddings": self.supports_embeddings,
+            "supports_chat": self.supports_chat,
+            "dtypes": list(self.dtypes),
+            "optimized_for": self.optimized_for.value,
+            "unsupported": dict(self.unsupported),
+        }
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A candidate the decision did not take, with the reason and (when ranked) its score."""
+
+    candidate: str
+    reason: str
+    score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"candidate": self.candidate, "reason": self.reason, "score": self.score}
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """An explainable placement: where work goes, why, how sure, and what was turned down.
+
+    The workload advisor fills ``device``, ``precision``, ``use_amp`` and ``estimated_memory_bytes``;
+    the request router fills ``tier`` and ``worker``. ``alternatives`` always says why each other
+    candidate lost.
+    """
+
+    device: str | None
+    reason: str
+    confidence: float
+    alternatives: tuple[Alternative, ...] = ()
+    precision: str | None = None
+    use_amp: bool = False
+    estimated_memory_bytes: int | None = None
+    strategy: str | None = None
+    tier: str | None = None
+    worker: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.confidence <= 1.0:
+            raise ValueError(f"confidence must be in [0, 1], got {self.confidence}")
+        object.__setattr__(self, "alternatives", tuple(self.alternatives))
+        object.__setattr__(self, "details", _freeze(self.details))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "tier": self.tier,
+            "worker": self.worker,
+            "reason": self.reason,
+            "confidence": round(self.confidence, 4),
+            "precision": self.precision,
+            "use_amp": self.use_amp,
+            "estimated_memory_bytes": self.estimated_memory_bytes,
+            "strategy": self.strategy,
+            "alternatives": [a.to_dict() for a in self.alternatives],
+            "details": {k: _jsonable(v) for k, v in self.details.items()},
+        }
