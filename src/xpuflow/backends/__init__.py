@@ -1,0 +1,1 @@
+"""Backend plugins: one per software stack, behind the contracts in ``base``."""

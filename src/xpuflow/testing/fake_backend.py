@@ -1,0 +1,145 @@
+"""A fake backend shipped with the contract, for tests and the simulator.
+
+``FakeSession`` answers deterministically (it echoes the prompt reversed, word by word) after a
+configurable service time, can be told to fail, and batches natively so schedulers can be tested
+without a model::
+
+    session = FakeSession("fake", service_time_s=0.01, fail_next=1)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from xpuflow.backends.base import (
+    Availability,
+    BatchMode,
+    ChatMessage,
+    Completion,
+    GenerationParams,
+    ModelConfig,
+    Session,
+    StreamChunk,
+)
+from xpuflow.build.profile import BuildArtifact, BuildProfile
+from xpuflow.errors import SessionError
+from xpuflow.types import Capability, OptimizedFor, Resource
+
+__all__ = ["FakePlugin", "FakeSession"]
+
+
+def _fake_reply(prompt: str, max_tokens: int) -> tuple[str, str]:
+    words = prompt.split()[::-1] or ["ok"]
+    finish = "length" if len(words) > max_tokens else "stop"
+    return " ".join(words[:max_tokens]), finish
+
+
+class FakeSession(Session):
+    """Deterministic answers after ``service_time_s`` (+ ``per_item_s`` per batch item)."""
+
+    batch_mode = BatchMode.NATIVE
+
+    def __init__(
+        self,
+        model_id: str = "fake",
+        resources: Sequence[Resource] = (),
+        *,
+        service_time_s: float = 0.0,
+        per_item_s: float = 0.0,
+        max_batch_size: int = 8,
+        fail_next: int = 0,
+        embedding_dim: int = 8,
+    ) -> None:
+        super().__init__(model_id, resources)
+        self.service_time_s = service_time_s
+        self.per_item_s = per_item_s
+        self.max_batch_size = max_batch_size
+        self.fail_next = fail_next
+        self.embedding_dim = embedding_dim
+        self.calls = 0
+        self.batch_sizes: list[int] = []
+
+    async def _serve(self, n: int) -> None:
+        self.calls += 1
+        self.batch_sizes.append(n)
+        await asyncio.sleep(self.service_time_s + self.per_item_s * n)
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise SessionError(f"fake session '{self.model_id}' failed on purpose")
+
+    async def generate(self, prompt: str, params: GenerationParams) -> Completion:
+        return (await self.generate_batch([prompt], params))[0]
+
+    async def generate_batch(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion]:
+        await self._serve(len(prompts))
+        out = []
+        for prompt in prompts:
+            text, finish = _fake_reply(prompt, params.max_tokens)
+            out.append(Completion(text, len(prompt.split()), len(text.split()), finish, self.model_id))
+        return out
+
+    async def chat(self, messages: Sequence[ChatMessage], params: GenerationParams) -> Completion:
+        return (await self.chat_batch([messages], params))[0]
+
+    async def chat_batch(
+        self, conversations: Sequence[Sequence[ChatMessage]], params: GenerationParams
+    ) -> list[Completion]:
+        prompts = [str(c[-1].get("content", "")) if c else "" for c in conversations]
+        return await self.generate_batch(prompts, params)
+
+    async def stream_generate(self, prompt: str, params: GenerationParams) -> AsyncIterator[StreamChunk]:
+        completion = await self.generate(prompt, params)
+        for i, word in enumerate(completion.text.split()):
+            yield StreamChunk(word if i == 0 else " " + word)
+        yield StreamChunk("", completion.finish_reason)
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        await self._serve(len(texts))
+        vectors = []
+        for text in texts:
+            digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+            vectors.append([b / 255.0 for b in digest[: self.embedding_dim]])
+        return vectors
+
+
+class FakePlugin:
+    """A backend plugin whose sessions are ``FakeSession``s; options pass through to the session."""
+
+    name = "fake"
+
+    def availability(self) -> Availability:
+        return Availability(True, "always available (test double)", "0")
+
+    def probe(self, resources: Sequence[Resource]) -> list[Resource]:
+        return list(resources)
+
+    def required_build_profiles(self, resources: Sequence[Resource], config: ModelConfig) -> list[BuildProfile]:
+        return []
+
+    def get_capability(
+        self, resources: Sequence[Resource], config: ModelConfig, artifacts: Mapping[str, BuildArtifact]
+    ) -> Capability:
+        return Capability(
+            max_batch_size=config.max_batch_size,
+            max_seq_len=config.max_seq_len,
+            supports_streaming=True,
+            supports_embeddings=True,
+            supports_chat=True,
+            optimized_for=OptimizedFor.THROUGHPUT,
+        )
+
+    async def create_session(
+        self, resources: Sequence[Resource], config: ModelConfig, artifacts: Mapping[str, BuildArtifact]
+    ) -> FakeSession:
+        options: dict[str, Any] = dict(config.options)
+        return FakeSession(
+            config.model_id,
+            resources,
+            service_time_s=float(options.get("service_time_s", 0.0)),
+            per_item_s=float(options.get("per_item_s", 0.0)),
+            max_batch_size=config.max_batch_size,
+            fail_next=int(options.get("fail_next", 0)),
+        )
