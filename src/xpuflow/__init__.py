@@ -29,6 +29,10 @@ _EXPORTS: dict[str, str] = {
     "detect": "xpuflow.workload",
     "advise": "xpuflow.workload",
     "DeviceRouter": "xpuflow.device_router",
+    "DeviceRuntime": "xpuflow.runtime",
+    "runtime": "xpuflow.runtime",
+    "init": "xpuflow.migrate",
+    "deinit": "xpuflow.migrate",
     "BuildProfile": "xpuflow.build.profile",
     "BuildArtifact": "xpuflow.build.profile",
     "ModelConfig": "xpuflow.backends.base",
@@ -67,6 +71,8 @@ if TYPE_CHECKING:
     from xpuflow.config import load_config
     from xpuflow.device_router import DeviceRouter
     from xpuflow.discovery.inventory import Inventory
+    from xpuflow.migrate import deinit, init
+    from xpuflow.runtime import DeviceRuntime, runtime
     from xpuflow.errors import BackendError, CapabilityError, ConfigError, XpuflowError
     from xpuflow.types import (
         Alternative,

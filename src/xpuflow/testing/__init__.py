@@ -1,0 +1,11 @@
+"""Fakes shipped with the contracts they stand in for, used by xpuflow's tests and its simulator.
+
+    from xpuflow.testing import FakeGpu, FakeNvml
+    probe = NvidiaProbe(nvml=FakeNvml([FakeGpu("NVIDIA L4", 24 << 30, cc=(8, 9))]))
+"""
+
+from __future__ import annotations
+
+from xpuflow.testing.fake_nvml import FakeGpu, FakeNvml
+
+__all__ = ["FakeGpu", "FakeNvml"]
