@@ -29,8 +29,8 @@ _EXPORTS: dict[str, str] = {
     "detect": "xpuflow.workload",
     "advise": "xpuflow.workload",
     "DeviceRouter": "xpuflow.device_router",
-    "DeviceRuntime": "xpuflow.runtime",
-    "runtime": "xpuflow.runtime",
+    "DeviceRuntime": "xpuflow.device_runtime",
+    "runtime": "xpuflow.device_runtime",
     "init": "xpuflow.migrate",
     "deinit": "xpuflow.migrate",
     "BuildProfile": "xpuflow.build.profile",
@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     from xpuflow.device_router import DeviceRouter
     from xpuflow.discovery.inventory import Inventory
     from xpuflow.migrate import deinit, init
-    from xpuflow.runtime import DeviceRuntime, runtime
+    from xpuflow.device_runtime import DeviceRuntime, runtime
     from xpuflow.errors import BackendError, CapabilityError, ConfigError, XpuflowError
     from xpuflow.types import (
         Alternative,
