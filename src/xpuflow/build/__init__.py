@@ -1,0 +1,28 @@
+"""Builds and their cache: what each device needs built for a model, and the store that keeps it.
+
+    store = ArtifactStore()
+    artifacts = build_all(plugin, resources, model_config, store)   # profile name -> BuildArtifact
+
+See ``docs/artifacts.md`` for the store's layout, keys, locking and garbage collection.
+"""
+
+from xpuflow.build.builder import BuildProgress, NullProgress, RichProgress, build_all, config_digest
+from xpuflow.build.digest import digest_text, file_sha256, model_digest
+from xpuflow.build.profile import BuildArtifact, BuildInterface, BuildProfile
+from xpuflow.build.store import ArtifactStore, default_store_root
+
+__all__ = [
+    "ArtifactStore",
+    "BuildArtifact",
+    "BuildInterface",
+    "BuildProfile",
+    "BuildProgress",
+    "NullProgress",
+    "RichProgress",
+    "build_all",
+    "config_digest",
+    "default_store_root",
+    "digest_text",
+    "file_sha256",
+    "model_digest",
+]
