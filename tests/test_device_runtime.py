@@ -60,6 +60,7 @@ def test_init_places_unchanged_from_pretrained_code(tmp_path: Path) -> None:
     )
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny")
 
+    original = transformers.PreTrainedModel.__dict__["from_pretrained"].__func__
     device = xpuflow.init(device="auto")
     try:
         assert device == torch.device("cpu")
@@ -69,4 +70,4 @@ def test_init_places_unchanged_from_pretrained_code(tmp_path: Path) -> None:
         assert model.generation_config.do_sample is False
     finally:
         xpuflow.deinit()
-    assert "from_pretrained" in transformers.PreTrainedModel.__dict__
+    assert transformers.PreTrainedModel.__dict__["from_pretrained"].__func__ is original
