@@ -80,11 +80,16 @@ class SessionError(BackendError):
 
 
 class VendorRuntimeError(BackendError):
-    """A vendor runtime library returned an error code; ``code`` is the raw value."""
+    """A vendor runtime library returned an error code; ``code`` is the raw value, ``name`` its symbolic
+    name from the vendor's error table, ``retryable`` whether the same call may succeed again."""
 
-    def __init__(self, message: str, *, code: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: int | None = None, name: str | None = None, retryable: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.name = name
+        self.retryable = retryable
 
 
 class BuildError(XpuflowError):

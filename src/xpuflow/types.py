@@ -163,7 +163,7 @@ class Capability:
     """What a backend can do on given resources. Data, never behaviour.
 
     ``unsupported`` maps a feature name to the reason it is missing, so every "no" reaches the user
-    with its reason.
+    with its reason. ``details`` holds backend facts worth showing (e.g. the chosen execution providers).
     """
 
     max_batch_size: int = 1
@@ -175,6 +175,7 @@ class Capability:
     dtypes: tuple[str, ...] = ("fp32",)
     optimized_for: OptimizedFor = OptimizedFor.LATENCY
     unsupported: Mapping[str, str] = field(default_factory=dict)
+    details: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -182,6 +183,7 @@ class Capability:
         if self.max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
         object.__setattr__(self, "unsupported", _freeze(self.unsupported))
+        object.__setattr__(self, "details", _freeze(self.details))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -194,6 +196,7 @@ class Capability:
             "dtypes": list(self.dtypes),
             "optimized_for": self.optimized_for.value,
             "unsupported": dict(self.unsupported),
+            "details": {k: _jsonable(v) for k, v in self.details.items()},
         }
 
 

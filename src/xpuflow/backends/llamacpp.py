@@ -164,8 +164,9 @@ def llama_kwargs(resources: Sequence[Resource], config: ModelConfig, *, gpu_offl
     return kwargs
 
 
-def _sampling(params: GenerationParams) -> dict[str, Any]:
+def _sampling(params: GenerationParams, model: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
+        "model": model,
         "max_tokens": params.max_tokens,
         "temperature": params.temperature,
         "top_p": params.top_p,
@@ -230,12 +231,12 @@ class LlamaCppSession(Session):
 
     async def generate(self, prompt: str, params: GenerationParams) -> Completion:
         response = await self._call(
-            "text completion", self._llama.create_completion, prompt, **_sampling(params)
+            "text completion", self._llama.create_completion, prompt, **_sampling(params, self.model_id)
         )
         return completion_from_response(response, default_model=self.model_id)
 
     def stream_generate(self, prompt: str, params: GenerationParams) -> AsyncIterator[StreamChunk]:
-        sampling = _sampling(params)
+        sampling = _sampling(params, self.model_id)
         return self._stream(
             "streamed text completion",
             lambda: self._llama.create_completion(prompt, stream=True, **sampling),
@@ -243,21 +244,25 @@ class LlamaCppSession(Session):
 
     async def chat(self, messages: Sequence[ChatMessage], params: GenerationParams) -> Completion:
         response = await self._call(
-            "chat", self._llama.create_chat_completion, [dict(m) for m in messages], **_sampling(params)
+            "chat",
+            self._llama.create_chat_completion,
+            [dict(m) for m in messages],
+            **_sampling(params, self.model_id),
         )
         return completion_from_response(response, default_model=self.model_id)
 
     def stream_chat(
         self, messages: Sequence[ChatMessage], params: GenerationParams
     ) -> AsyncIterator[StreamChunk]:
-        sampling, conversation = _sampling(params), [dict(m) for m in messages]
+        sampling, conversation = _sampling(params, self.model_id), [dict(m) for m in messages]
         return self._stream(
             "streamed chat",
             lambda: self._llama.create_chat_completion(conversation, stream=True, **sampling),
         )
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """One vector per text, packed into as few llama.cpp decodes as ``n_batch`` allows."""
+        """One vector per text, in order. Models with a pooling type (their own or ``options pooling``)
+        pack the texts into as few decodes as ``n_batch`` allows."""
         if not self.embedding:
             raise SessionError(
                 f"llamacpp model '{self.model_id}' was loaded without embeddings; set options "
@@ -270,11 +275,19 @@ class LlamaCppSession(Session):
     def _embed_blocking(self, texts: list[str]) -> list[list[float]]:
         import numpy as np
 
-        raw = self._llama.embed(texts, normalize=False, truncate=False)
-        # A generative GGUF declares no pooling, so llama.cpp returns one vector per token: average them.
-        pooled = self._llama.pooling_type() == _POOLING_NONE
-        vectors = [np.asarray(v, dtype=np.float64) for v in raw]
-        vectors = [v.mean(axis=0) if pooled else v for v in vectors]
+        if self._llama.pooling_type() == _POOLING_NONE:
+            # A generative GGUF declares no pooling: llama.cpp returns one vector per token, and we average
+            # them. One text per decode, because llama-cpp-python misplaces the per-token outputs of the
+            # second and later sequences of a packed batch (set options pooling: mean to pack them).
+            vectors = [
+                np.asarray(self._llama.embed(text, normalize=False, truncate=False), dtype=np.float64).mean(
+                    axis=0
+                )
+                for text in texts
+            ]
+        else:
+            raw = self._llama.embed(texts, normalize=False, truncate=False)
+            vectors = [np.asarray(v, dtype=np.float64) for v in raw]
         if self.normalize:
             vectors = [v / n if (n := float(np.linalg.norm(v))) > 0 else v for v in vectors]
         return [[float(x) for x in v] for v in vectors]

@@ -93,7 +93,9 @@ def completion_from_response(body: Mapping[str, Any], *, default_model: str = ""
     choice = _first_choice(body)
     message = choice.get("message")
     text = message.get("content") if isinstance(message, Mapping) else choice.get("text")
-    usage = body.get("usage") if isinstance(body.get("usage"), Mapping) else {}
+    usage = body.get("usage")
+    if not isinstance(usage, Mapping):
+        usage = {}
     return Completion(
         text=str(text or ""),
         prompt_tokens=int(usage.get("prompt_tokens") or 0),

@@ -209,7 +209,9 @@ def model_digest(path: str | os.PathLike[str], *, index_path: Path | None = None
             raise ConfigError(f"model path {target} is neither a file nor a folder", field="model")
         files = _tree_files(target)
         if not files:
-            raise ConfigError(f"model folder {target} holds no files; point 'model' at the model", field="model")
+            raise ConfigError(
+                f"model folder {target} holds no files; point 'model' at the model", field="model"
+            )
         tree = hashlib.sha256(_TREE_HEADER)
         for name, file in files:
             sha = index.file_digest(file, os.stat(file))

@@ -183,6 +183,17 @@ class ArtifactStore:
         files = manifest.get("files")
         if not isinstance(files, dict) or not files:
             raise ArtifactCorrupt("manifest.json lists no files")
+        for name, entry in files.items():
+            parts = name.split("/")
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("sha256"), str)
+                or not isinstance(entry.get("size_bytes"), int)
+                or name in ("", MANIFEST_NAME)
+                or name.startswith("/")
+                or any(part in ("", ".", "..") for part in parts)
+            ):
+                raise ArtifactCorrupt(f"manifest.json has an invalid entry for {name!r}")
         try:
             _profile_from_dict(manifest["profile"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -192,18 +203,16 @@ class ArtifactStore:
     @staticmethod
     def _verify(directory: Path, manifest: Mapping[str, Any]) -> None:
         for name, entry in manifest["files"].items():
-            if not isinstance(entry, dict) or name.startswith("/") or ".." in name.split("/"):
-                raise ArtifactCorrupt(f"manifest.json has an invalid entry for {name!r}")
             path = directory / name
             try:
                 st = os.lstat(path)
                 if not stat.S_ISREG(st.st_mode):
                     raise ArtifactCorrupt(f"{name} is not a regular file")
-                if st.st_size != entry.get("size_bytes"):
+                if st.st_size != entry["size_bytes"]:
                     raise ArtifactCorrupt(
-                        f"{name} has {st.st_size} bytes, the manifest says {entry.get('size_bytes')}"
+                        f"{name} has {st.st_size} bytes, the manifest says {entry['size_bytes']}"
                     )
-                if file_sha256(path) != entry.get("sha256"):
+                if file_sha256(path) != entry["sha256"]:
                     raise ArtifactCorrupt(f"{name} does not match its sha256")
             except FileNotFoundError as exc:
                 raise ArtifactCorrupt(f"{name} is missing") from exc
@@ -267,7 +276,14 @@ class ArtifactStore:
             if progress is not None:
                 progress.start(f"build {label}", None)
             try:
-                artifact = self._build_locked(key, model_id, model_digest, profile, build, start)
+                artifact = self._build_locked(
+                    key=key,
+                    model_id=model_id,
+                    model_digest=model_digest,
+                    profile=profile,
+                    build=build,
+                    start=start,
+                )
             except BaseException:
                 if progress is not None:
                     progress.finish(f"build {label}", "failed")
@@ -278,6 +294,7 @@ class ArtifactStore:
 
     def _build_locked(
         self,
+        *,
         key: str,
         model_id: str,
         model_digest: str,
@@ -292,7 +309,15 @@ class ArtifactStore:
             build_start = time.perf_counter()
             info = build(work)
             build_s = time.perf_counter() - build_start
-            manifest = self._write_manifest(work, key, model_id, model_digest, profile, info, build_s)
+            manifest = self._write_manifest(
+                work=work,
+                key=key,
+                model_id=model_id,
+                model_digest=model_digest,
+                profile=profile,
+                info=info,
+                build_s=build_s,
+            )
             final = self._object_dir(key)
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -318,6 +343,7 @@ class ArtifactStore:
 
     def _write_manifest(
         self,
+        *,
         work: Path,
         key: str,
         model_id: str,
@@ -426,7 +452,9 @@ class ArtifactStore:
         """Delete one artifact. Raises ConfigError when there is no artifact with this id."""
         directory = self._object_dir(artifact_id) if _is_key(artifact_id) else None
         if directory is None or not directory.exists():
-            raise ConfigError(f"no artifact '{artifact_id}' in {self.root}; `xpuflow artifacts ls` lists them")
+            raise ConfigError(
+                f"no artifact '{artifact_id}' in {self.root}; `xpuflow artifacts ls` lists them"
+            )
         with self._lock(artifact_id):
             self._trash(directory, artifact_id)
 
@@ -521,4 +549,3 @@ class ArtifactStore:
                         with contextlib.suppress(FileNotFoundError):
                             lock_file.unlink()
                         os.close(fd)
-

@@ -71,7 +71,10 @@ class AmdProbe:
         except ImportError:
             return None, "amdsmi is not installed; pip install 'xpuflow[amd]' (it needs ROCm's libamd_smi)"
         except Exception as exc:  # the binding imports but its C library does not load
-            return None, f"amdsmi is installed but does not load ({_describe(exc)}); install ROCm's AMD SMI library"
+            return (
+                None,
+                f"amdsmi is installed but does not load ({_describe(exc)}); install ROCm's AMD SMI library",
+            )
         return amdsmi, ""
 
     def probe(self) -> ProbeResult:
@@ -106,7 +109,9 @@ class AmdProbe:
 
         handles = get("system", "amdsmi_get_processor_handles")
         if handles is None:
-            return ProbeResult.none(f"amdsmi started but could not list GPUs ({errors[-1]['error']})", errors=errors)
+            return ProbeResult.none(
+                f"amdsmi started but could not list GPUs ({errors[-1]['error']})", errors=errors
+            )
         if not handles:
             return ProbeResult.none("amdsmi reports no AMD GPUs", errors=errors)
 
@@ -128,7 +133,9 @@ class AmdProbe:
             if isinstance(units, int) and _known(units):
                 attributes["compute_units"] = units
             if vram is None:
-                errors.append({"resource": resource_id, "call": "AmdSmiMemoryType.VRAM", "error": "not in amdsmi"})
+                errors.append(
+                    {"resource": resource_id, "call": "AmdSmiMemoryType.VRAM", "error": "not in amdsmi"}
+                )
             else:
                 total = get(resource_id, "amdsmi_get_gpu_memory_total", handle, vram)
                 if isinstance(total, int):
@@ -138,7 +145,9 @@ class AmdProbe:
                     attributes["used_memory_bytes"] = used
                     if isinstance(total, int):
                         attributes["free_memory_bytes"] = max(total - used, 0)
-            gpus.append(Resource(resource_id, ResourceType.GPU, name or "AMD GPU", attributes, source="amdsmi"))
+            gpus.append(
+                Resource(resource_id, ResourceType.GPU, name or "AMD GPU", attributes, source="amdsmi")
+            )
 
         listed = ", ".join(
             f"{gpu.id} {gpu.name}" + (f" {gpu.memory_bytes / 2**30:.1f} GiB" if gpu.memory_bytes else "")
@@ -146,5 +155,7 @@ class AmdProbe:
         )
         reason = f"{len(gpus)} AMD GPU{'s' if len(gpus) != 1 else ''}: {listed}"
         if errors:
-            reason += f"; {len(errors)} amdsmi call{'s' if len(errors) != 1 else ''} failed (see details.errors)"
+            reason += (
+                f"; {len(errors)} amdsmi call{'s' if len(errors) != 1 else ''} failed (see details.errors)"
+            )
         return ProbeResult.found(gpus, reason, errors=errors)

@@ -75,7 +75,12 @@ INT8_ACCEL_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "dotprod
 #: Features that compute bf16 natively (tag ``bf16-accel``).
 BF16_ACCEL_FEATURES = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
-_X86_VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd", "HygonGenuine": "hygon", "CentaurHauls": "centaur"}
+_X86_VENDORS = {
+    "GenuineIntel": "intel",
+    "AuthenticAMD": "amd",
+    "HygonGenuine": "hygon",
+    "CentaurHauls": "centaur",
+}
 
 # ARM "CPU implementer" codes (Arm ARM, MIDR_EL1.Implementer).
 _ARM_IMPLEMENTERS = {
@@ -109,7 +114,9 @@ _MODEL_GHZ = re.compile(r"@\s*([0-9.]+)\s*GHz", re.IGNORECASE)
 
 def normalise_isa_features(flags: Iterable[str]) -> tuple[str, ...]:
     """The xpuflow names (sorted) of the ISA extensions among raw kernel or py-cpuinfo ``flags``."""
-    return tuple(sorted({_ISA_ALIASES[f] for f in (flag.strip().lower() for flag in flags) if f in _ISA_ALIASES}))
+    return tuple(
+        sorted({_ISA_ALIASES[f] for f in (flag.strip().lower() for flag in flags) if f in _ISA_ALIASES})
+    )
 
 
 def _split_blocks(text: str) -> list[dict[str, str]]:
@@ -192,7 +199,9 @@ def parse_cpuinfo(text: str) -> dict[str, Any]:
         info["arch"] = "aarch64" if arch_version is not None and arch_version >= 8 else "armv7l"
         implementer = _int(first.get("CPU implementer"), 16)
         part = _int(first.get("CPU part"), 16)
-        vendor = _ARM_IMPLEMENTERS.get(implementer, f"arm-{implementer:#x}") if implementer is not None else ""
+        vendor = (
+            _ARM_IMPLEMENTERS.get(implementer, f"arm-{implementer:#x}") if implementer is not None else ""
+        )
         info["vendor"] = vendor
         if first.get("model name"):
             info["model_name"] = first["model name"]
@@ -228,7 +237,9 @@ def read_meminfo(path: str | os.PathLike[str] = "/proc/meminfo") -> dict[str, in
     return fields
 
 
-def host_memory_bytes(meminfo_path: str | os.PathLike[str] = "/proc/meminfo") -> tuple[int | None, int | None]:
+def host_memory_bytes(
+    meminfo_path: str | os.PathLike[str] = "/proc/meminfo",
+) -> tuple[int | None, int | None]:
     """``(total, available)`` host RAM in bytes: ``/proc/meminfo`` first, psutil where it is missing.
 
     Either value is None when neither source can say. Never raises.
@@ -343,7 +354,7 @@ class CpuProbe:
         if BF16_ACCEL_FEATURES.intersection(features):
             tags.add("bf16-accel")
 
-        cpu = Resource("cpu", ResourceType.CPU, attributes["model_name"], attributes, tags, source)
+        cpu = Resource("cpu", ResourceType.CPU, attributes["model_name"], attributes, frozenset(tags), source)
         memory = f"{total / 2**30:.1f} GiB RAM" if total is not None else "RAM size unknown"
         accel = f"; {', '.join(sorted(tags))}" if tags else ""
         reason = f"{cpu.name} ({arch}): {physical} cores / {logical} threads, {memory}{accel}"

@@ -92,7 +92,9 @@ class IntegratedGpuProbe:
                 (int(match.group(1)), entry) for entry in drm.iterdir() if (match := _CARD.match(entry.name))
             )
         except OSError:
-            return ProbeResult.none("no /sys/class/drm: no GPU driver is loaded (or /sys is not visible here)")
+            return ProbeResult.none(
+                "no /sys/class/drm: no GPU driver is loaded (or /sys is not visible here)"
+            )
         if not entries:
             return ProbeResult.none("no GPU cards under /sys/class/drm")
 
@@ -112,7 +114,17 @@ class IntegratedGpuProbe:
             if bdf and bdf in seen:
                 continue
             seen.add(bdf)
-            resources.append(self._resource(card.name, device, device_id, bdf, resources, total, available))
+            resources.append(
+                self._resource(
+                    card.name,
+                    device,
+                    device_id,
+                    bdf=bdf,
+                    earlier=resources,
+                    host_total=total,
+                    host_available=available,
+                )
+            )
 
         skipped_text = "; ".join(skipped)
         if not resources:
@@ -120,15 +132,18 @@ class IntegratedGpuProbe:
                 "no Intel GPU under /sys/class/drm" + (f" ({skipped_text})" if skipped_text else ""),
                 skipped=skipped,
             )
-        found = ", ".join(f"{r.id} {r.name} [{r.attributes.get('driver') or 'no driver bound'}]" for r in resources)
+        found = ", ".join(
+            f"{r.id} {r.name} [{r.attributes.get('driver') or 'no driver bound'}]" for r in resources
+        )
         reason = found + (f"; {skipped_text}" if skipped_text else "")
         return ProbeResult.found(resources, reason, skipped=skipped)
 
+    @staticmethod
     def _resource(
-        self,
         card: str,
         device: Path,
         device_id: int,
+        *,
         bdf: str,
         earlier: list[Resource],
         host_total: int | None,
@@ -157,4 +172,6 @@ class IntegratedGpuProbe:
             if host_available is not None:
                 attributes["free_memory_bytes"] = min(share, host_available)
         name = f"Intel integrated GPU ({device_id:#06x})"
-        return Resource(f"igpu:{index}", ResourceType.IGPU, name, attributes, frozenset({"low-power"}), "sysfs")
+        return Resource(
+            f"igpu:{index}", ResourceType.IGPU, name, attributes, frozenset({"low-power"}), "sysfs"
+        )

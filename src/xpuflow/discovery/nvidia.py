@@ -149,8 +149,13 @@ def _gpu(calls: _Calls, index: int, system: dict[str, Any]) -> Resource | None:
     if limit_mw is not None:
         attributes["power_limit_w"] = round(limit_mw / 1000.0, 1)
     attributes.update(_mig(calls, resource_id, handle))
-    return Resource(resource_id, ResourceType.GPU, _text(name) if name is not None else "NVIDIA GPU", attributes,
-                    source="nvml")
+    return Resource(
+        resource_id,
+        ResourceType.GPU,
+        _text(name) if name is not None else "NVIDIA GPU",
+        attributes,
+        source="nvml",
+    )
 
 
 class NvidiaProbe:
@@ -181,7 +186,9 @@ class NvidiaProbe:
     def probe(self) -> ProbeResult:
         nvml = self._load()
         if nvml is None:
-            return ProbeResult.none("nvidia-ml-py is not installed; pip install 'xpuflow[nvidia]' to see NVIDIA GPUs")
+            return ProbeResult.none(
+                "nvidia-ml-py is not installed; pip install 'xpuflow[nvidia]' to see NVIDIA GPUs"
+            )
         try:
             nvml.nvmlInit()
         except Exception as exc:  # no driver, no library, no permission
@@ -211,7 +218,9 @@ class NvidiaProbe:
         count = calls.get("system", "nvmlDeviceGetCount")
         if not isinstance(count, int):
             return ProbeResult.none(
-                f"NVML started but could not count GPUs ({calls.errors[-1]['error']})", **system, errors=calls.errors
+                f"NVML started but could not count GPUs ({calls.errors[-1]['error']})",
+                **system,
+                errors=calls.errors,
             )
         if count == 0:
             return ProbeResult.none(

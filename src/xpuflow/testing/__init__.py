@@ -1,7 +1,9 @@
-"""Fakes shipped with the contracts they stand in for, used by xpuflow's tests and its simulator.
+"""Fakes shipped with the contracts they stand in for, used by xpuflow's tests and its simulator::
 
     from xpuflow.testing import FakeGpu, FakeNvml
     probe = NvidiaProbe(nvml=FakeNvml([FakeGpu("NVIDIA L4", 24 << 30, cc=(8, 9))]))
+
+Each fake mimics the real library's names and return shapes, so code under test cannot tell them apart.
 """
 
 from __future__ import annotations

@@ -285,80 +285,80 @@ class FakeNvml:
 
     # -- the pynvml API ----------------------------------------------------------------------------
 
-    def nvmlInit(self) -> None:  # noqa: N802 - pynvml's name
+    def nvmlInit(self) -> None:
         if self.fail_init:
             raise NVMLError(self.init_error)
         with self._lock:
             self._refcount += 1
             self.init_count += 1
 
-    def nvmlShutdown(self) -> None:  # noqa: N802
+    def nvmlShutdown(self) -> None:
         with self._lock:
             if self._refcount <= 0:
                 raise NVMLError(NVML_ERROR_UNINITIALIZED)
             self._refcount -= 1
             self.shutdown_count += 1
 
-    def nvmlSystemGetDriverVersion(self) -> str:  # noqa: N802
+    def nvmlSystemGetDriverVersion(self) -> str:
         self._check("nvmlSystemGetDriverVersion")
         return self.driver_version
 
-    def nvmlSystemGetCudaDriverVersion(self) -> int:  # noqa: N802
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
         """The CUDA version the driver supports, as ``major * 1000 + minor * 10`` (12040 is 12.4)."""
         self._check("nvmlSystemGetCudaDriverVersion")
         return self.cuda_driver_version
 
-    def nvmlDeviceGetCount(self) -> int:  # noqa: N802
+    def nvmlDeviceGetCount(self) -> int:
         self._check("nvmlDeviceGetCount")
         return len(self._gpus)
 
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> _Handle:  # noqa: N802
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> _Handle:
         self._check("nvmlDeviceGetHandleByIndex")
         if ("nvmlDeviceGetHandleByIndex", index) in self._failures.per_device:
             raise NVMLError(NVML_ERROR_UNKNOWN)
         self._gpu(index)
         return _Handle(index)
 
-    def nvmlDeviceGetName(self, handle: _Handle) -> str:  # noqa: N802
+    def nvmlDeviceGetName(self, handle: _Handle) -> str:
         gpu = self._device("nvmlDeviceGetName", handle)
         return gpu.name
 
-    def nvmlDeviceGetUUID(self, handle: _Handle) -> str:  # noqa: N802
+    def nvmlDeviceGetUUID(self, handle: _Handle) -> str:
         gpu = self._device("nvmlDeviceGetUUID", handle)
         return gpu.uuid or f"GPU-{handle.index:08x}-0000-4000-8000-{handle.index:012x}"
 
-    def nvmlDeviceGetMemoryInfo(self, handle: _Handle) -> FakeMemoryInfo:  # noqa: N802
+    def nvmlDeviceGetMemoryInfo(self, handle: _Handle) -> FakeMemoryInfo:
         gpu = self._device("nvmlDeviceGetMemoryInfo", handle)
         with self._lock:
             used = gpu.memory_used_bytes
             return FakeMemoryInfo(total=gpu.memory_total_bytes, free=gpu.memory_total_bytes - used, used=used)
 
-    def nvmlDeviceGetCudaComputeCapability(self, handle: _Handle) -> tuple[int, int]:  # noqa: N802
+    def nvmlDeviceGetCudaComputeCapability(self, handle: _Handle) -> tuple[int, int]:
         gpu = self._device("nvmlDeviceGetCudaComputeCapability", handle)
         return gpu.cc
 
-    def nvmlDeviceGetUtilizationRates(self, handle: _Handle) -> FakeUtilization:  # noqa: N802
+    def nvmlDeviceGetUtilizationRates(self, handle: _Handle) -> FakeUtilization:
         gpu = self._device("nvmlDeviceGetUtilizationRates", handle)
         with self._lock:
             return FakeUtilization(gpu=gpu.utilization_pct, memory=gpu.memory_utilization_pct)
 
-    def nvmlDeviceGetTemperature(self, handle: _Handle, sensor: int) -> int:  # noqa: N802
+    def nvmlDeviceGetTemperature(self, handle: _Handle, sensor: int) -> int:
         gpu = self._device("nvmlDeviceGetTemperature", handle)
         if sensor != NVML_TEMPERATURE_GPU:
             raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
         return gpu.temperature_c
 
-    def nvmlDeviceGetPowerUsage(self, handle: _Handle) -> int:  # noqa: N802
+    def nvmlDeviceGetPowerUsage(self, handle: _Handle) -> int:
         """Board power draw in milliwatts."""
         gpu = self._device("nvmlDeviceGetPowerUsage", handle)
         return gpu.power_usage_mw
 
-    def nvmlDeviceGetEnforcedPowerLimit(self, handle: _Handle) -> int:  # noqa: N802
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: _Handle) -> int:
         """The power cap in force, in milliwatts."""
         gpu = self._device("nvmlDeviceGetEnforcedPowerLimit", handle)
         return gpu.power_limit_mw
 
-    def nvmlDeviceGetMigMode(self, handle: _Handle) -> list[int]:  # noqa: N802
+    def nvmlDeviceGetMigMode(self, handle: _Handle) -> list[int]:
         """``[current, pending]`` MIG mode (NVML_DEVICE_MIG_ENABLE or _DISABLE)."""
         gpu = self._device("nvmlDeviceGetMigMode", handle)
         if not gpu.mig_supported:
@@ -366,13 +366,13 @@ class FakeNvml:
         mode = NVML_DEVICE_MIG_ENABLE if gpu.mig_enabled else NVML_DEVICE_MIG_DISABLE
         return [mode, mode]
 
-    def nvmlDeviceGetMaxMigDeviceCount(self, handle: _Handle) -> int:  # noqa: N802
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: _Handle) -> int:
         gpu = self._device("nvmlDeviceGetMaxMigDeviceCount", handle)
         if not gpu.mig_supported:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         return gpu.max_mig_devices
 
-    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: _Handle, index: int) -> _Handle:  # noqa: N802
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: _Handle, index: int) -> _Handle:
         """The MIG device at ``index`` on this GPU; Not Found where no MIG device sits at that index."""
         gpu = self._device("nvmlDeviceGetMigDeviceHandleByIndex", handle)
         if not gpu.mig_supported:

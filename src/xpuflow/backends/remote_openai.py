@@ -1,0 +1,538 @@
+"""The ``remote_openai`` backend: any OpenAI-compatible server (vLLM, TGI, SGLang, llama.cpp, OpenAI).
+
+A session holds one pooled aiohttp client (created lazily inside the running event loop) and speaks
+``/v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``. Streams pass the server's SSE
+events through as they arrive. Failures become ``RemoteError`` with ``retryable`` set for connect
+errors, timeouts, 408, 429 and 5xx, so the router knows when another try may succeed::
+
+    config = ModelConfig(model_id="chat-big", options={"base_url": "http://10.0.0.5:8000",
+                                                       "model": "Qwen/Qwen2.5-7B-Instruct"})
+    session = await RemoteOpenAIPlugin().create_session([], config, artifacts={})
+    async with session:
+        reply = await session.chat([{"role": "user", "content": "Hi"}], GenerationParams(max_tokens=16))
+        healthy = await session.health()        # GET /health or /v1/models: costs no tokens
+
+Batches are sent as concurrent requests (at most ``max_connections`` at once) and the server batches
+them (continuous batching in vLLM, TGI, SGLang): ``BatchMode.NATIVE`` in that sense.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from xpuflow.backends.base import (
+    Availability,
+    BatchMode,
+    ChatMessage,
+    Completion,
+    GenerationParams,
+    ModelConfig,
+    Session,
+    StreamChunk,
+)
+from xpuflow.backends.openai_wire import (
+    DONE,
+    SSEDecoder,
+    chat_request,
+    completion_from_response,
+    completion_request,
+    embedding_request,
+    embeddings_from_response,
+    error_message,
+    stream_chunk,
+)
+from xpuflow.build.profile import BuildArtifact, BuildProfile
+from xpuflow.clock import Clock, SystemClock
+from xpuflow.errors import ConfigError, RemoteError, SessionError
+from xpuflow.types import Capability, OptimizedFor, Resource, ResourceType
+
+__all__ = [
+    "REMOTE_OPTIONS",
+    "RemoteMetrics",
+    "RemoteOpenAIPlugin",
+    "RemoteOpenAISession",
+    "RemoteSettings",
+    "is_retryable_status",
+]
+
+T = TypeVar("T")
+
+#: option name -> what it does; anything else in ``ModelConfig.options`` is a ConfigError.
+REMOTE_OPTIONS: dict[str, str] = {
+    "base_url": "server root, http:// or https:// (required); a trailing /v1 is accepted",
+    "model": "the model name the server knows (default: the deployment name)",
+    "api_key": "bearer token sent as 'Authorization: Bearer ...'",
+    "api_key_env": "name of an environment variable holding the bearer token, read at session creation",
+    "timeout_s": "total seconds for one request, streams included (default 120)",
+    "connect_timeout_s": "seconds to open a TCP/TLS connection (default 10)",
+    "health_timeout_s": "total seconds for one health probe (default 5)",
+    "max_connections": "pooled connections, and so concurrent requests, to the server (default 16)",
+    "headers": "extra HTTP headers sent with every request (a mapping of strings)",
+}
+
+#: Weight of the newest sample in the latency EMA.
+LATENCY_EMA_ALPHA = 0.2
+
+_INSTALL_HINT = "pip install aiohttp"
+
+
+def is_retryable_status(status: int) -> bool:
+    """Whether another try may succeed after this HTTP status: timeouts, rate limits, server errors."""
+    return status in (408, 429) or status >= 500
+
+
+def _positive_number(options: Mapping[str, Any], name: str, default: float) -> float:
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(
+            f"options.{name} must be a positive number of seconds, got {value!r}", field=f"options.{name}"
+        )
+    return float(value)
+
+
+def _base_url(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(
+            "the remote_openai backend needs options.base_url, e.g. http://127.0.0.1:8000",
+            field="options.base_url",
+        )
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"options.base_url must be an http:// or https:// URL with a host, got {value!r}",
+            field="options.base_url",
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(
+            f"options.base_url must not carry a query or fragment: {value!r}", field="options.base_url"
+        )
+    root = value.rstrip("/")
+    # OpenAI clients take ".../v1" as their base URL; accept it so the same value works in both places.
+    return root[: -len("/v1")] if root.endswith("/v1") else root
+
+
+def _api_key(options: Mapping[str, Any]) -> str | None:
+    if options.get("api_key") and options.get("api_key_env"):
+        raise ConfigError("set only one of options.api_key and options.api_key_env", field="options.api_key")
+    env_name = options.get("api_key_env")
+    if env_name:
+        key = os.environ.get(str(env_name))
+        if not key:
+            raise ConfigError(
+                f"environment variable {env_name} (options.api_key_env) is not set; "
+                "export it or use options.api_key",
+                field="options.api_key_env",
+            )
+        return key
+    key = options.get("api_key")
+    return str(key) if key else None
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """The validated options of one remote deployment (see ``REMOTE_OPTIONS``)."""
+
+    base_url: str
+    model: str
+    api_key: str | None = None
+    timeout_s: float = 120.0
+    connect_timeout_s: float = 10.0
+    health_timeout_s: float = 5.0
+    max_connections: int = 16
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headers", MappingProxyType(dict(self.headers)))
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> RemoteSettings:
+        """Validate ``config.options``; raises ConfigError naming the option and the fix."""
+        options = config.options
+        unknown = sorted(set(options) - set(REMOTE_OPTIONS))
+        if unknown:
+            raise ConfigError(
+                f"unknown remote_openai option(s) {', '.join(unknown)}; valid: {', '.join(REMOTE_OPTIONS)}",
+                field=f"options.{unknown[0]}",
+            )
+        max_connections = options.get("max_connections", 16)
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+            raise ConfigError(
+                f"options.max_connections must be a positive integer, got {max_connections!r}",
+                field="options.max_connections",
+            )
+        headers = options.get("headers") or {}
+        if not isinstance(headers, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise ConfigError(
+                "options.headers must map header names to string values", field="options.headers"
+            )
+        return cls(
+            base_url=_base_url(options.get("base_url")),
+            model=str(options.get("model") or config.model_id),
+            api_key=_api_key(options),
+            timeout_s=_positive_number(options, "timeout_s", 120.0),
+            connect_timeout_s=_positive_number(options, "connect_timeout_s", 10.0),
+            health_timeout_s=_positive_number(options, "health_timeout_s", 5.0),
+            max_connections=max_connections,
+            headers=headers,
+        )
+
+
+@dataclass(frozen=True)
+class RemoteMetrics:
+    """What a session has seen of its server: the latency EMA of successful requests (seconds; None
+    before the first), how many succeeded, and failures (in total and in a row)."""
+
+    latency_ema_s: float | None
+    successes: int
+    failures: int
+    consecutive_failures: int
+    last_error: str | None
+
+
+class RemoteOpenAISession(Session):
+    """One OpenAI-compatible server. Use it from one event loop; close it to release its connections."""
+
+    batch_mode = BatchMode.NATIVE
+
+    def __init__(
+        self,
+        model_id: str,
+        resources: Sequence[Resource],
+        settings: RemoteSettings,
+        *,
+        max_batch_size: int = 8,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(model_id, resources)
+        self.settings = settings
+        self.max_batch_size = max_batch_size
+        self._clock = clock or SystemClock()
+        self._http: Any = None  # aiohttp.ClientSession, created in the loop that first uses it
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._health_path: str | None = None
+        self._latency_ema_s: float | None = None
+        self._successes = 0
+        self._failures = 0
+        self._consecutive_failures = 0
+        self._last_error: str | None = None
+
+    # -- connection -------------------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        if self.closed:
+            raise SessionError(f"remote session for model '{self.model_id}' is closed; create a new one")
+        loop = asyncio.get_running_loop()
+        if self._http is not None and self._loop is not loop:
+            raise SessionError(
+                f"remote session for model '{self.model_id}' is bound to the event loop that first used it"
+            )
+        if self._http is None:
+            import aiohttp
+
+            headers = {"Accept": "application/json", **self.settings.headers}
+            if self.settings.api_key:
+                headers.setdefault("Authorization", f"Bearer {self.settings.api_key}")
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.settings.max_connections),
+                timeout=aiohttp.ClientTimeout(
+                    total=self.settings.timeout_s, sock_connect=self.settings.connect_timeout_s
+                ),
+                headers=headers,
+            )
+            self._loop = loop
+        return self._http
+
+    def _url(self, path: str) -> str:
+        return self.settings.base_url + path
+
+    def _status_error(self, method: str, path: str, status: int, body: str) -> RemoteError:
+        hint = {
+            401: "; check options api_key or api_key_env",
+            403: "; check options api_key or api_key_env",
+            404: f"; check options base_url and model ('{self.settings.model}')",
+            429: "; the server is rate limiting, retry later",
+        }.get(status, "")
+        return RemoteError(
+            f"{self.settings.base_url} answered {status} to {method} {path}: {error_message(body)}{hint}",
+            status=status,
+            retryable=is_retryable_status(status),
+        )
+
+    def _transport_error(self, method: str, path: str, exc: Exception) -> RemoteError:
+        import aiohttp
+
+        where = f"{method} {self._url(path)}"
+        if isinstance(exc, asyncio.TimeoutError):
+            return RemoteError(
+                f"{where} timed out (timeout_s {self.settings.timeout_s:g}, connect_timeout_s "
+                f"{self.settings.connect_timeout_s:g}); the server is slow or unreachable",
+                retryable=True,
+            )
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return RemoteError(
+                f"could not connect for {where}: {exc}; is the server running?", retryable=True
+            )
+        if isinstance(exc, aiohttp.ClientError):
+            return RemoteError(f"{where} failed: {type(exc).__name__}: {exc}", retryable=True)
+        return RemoteError(f"{where} returned a malformed response: {exc}", retryable=False)
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    async def _observe(self, work: Awaitable[T]) -> T:
+        start = self._clock.monotonic()
+        try:
+            result = await work
+        except RemoteError as exc:
+            self._record_failure(exc)
+            raise
+        self._record_success(self._clock.monotonic() - start)
+        return result
+
+    def _record_failure(self, error: RemoteError) -> None:
+        self._failures += 1
+        self._consecutive_failures += 1
+        self._last_error = str(error)
+
+    def _record_success(self, latency_s: float) -> None:
+        self._successes += 1
+        self._consecutive_failures = 0
+        previous = self._latency_ema_s
+        self._latency_ema_s = (
+            latency_s
+            if previous is None
+            else LATENCY_EMA_ALPHA * latency_s + (1 - LATENCY_EMA_ALPHA) * previous
+        )
+
+    def metrics(self) -> RemoteMetrics:
+        """A snapshot of latency EMA and failure counts (health probes are not counted)."""
+        return RemoteMetrics(
+            self._latency_ema_s,
+            self._successes,
+            self._failures,
+            self._consecutive_failures,
+            self._last_error,
+        )
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    async def _post_json(self, path: str, body: Mapping[str, Any]) -> Any:
+        http = self._client()
+        try:
+            async with http.post(self._url(path), json=body) as response:
+                text = await response.text()
+                if response.status >= 400:
+                    raise self._status_error("POST", path, response.status, text)
+                return json.loads(text)
+        except RemoteError:
+            raise
+        except Exception as exc:
+            raise self._transport_error("POST", path, exc) from exc
+
+    async def _completion(self, path: str, body: Mapping[str, Any]) -> Completion:
+        async def run() -> Completion:
+            data = await self._post_json(path, body)
+            try:
+                return completion_from_response(data, default_model=self.settings.model)
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise self._transport_error("POST", path, ValueError(str(exc))) from exc
+
+        return await self._observe(run())
+
+    async def generate(self, prompt: str, params: GenerationParams) -> Completion:
+        return await self._completion(
+            "/v1/completions", completion_request(self.settings.model, prompt, params)
+        )
+
+    async def chat(self, messages: Sequence[ChatMessage], params: GenerationParams) -> Completion:
+        body = chat_request(self.settings.model, messages, params)
+        return await self._completion("/v1/chat/completions", body)
+
+    def stream_generate(self, prompt: str, params: GenerationParams) -> AsyncIterator[StreamChunk]:
+        body = completion_request(self.settings.model, prompt, params, stream=True)
+        return self._stream("/v1/completions", body)
+
+    def stream_chat(
+        self, messages: Sequence[ChatMessage], params: GenerationParams
+    ) -> AsyncIterator[StreamChunk]:
+        return self._stream(
+            "/v1/chat/completions", chat_request(self.settings.model, messages, params, stream=True)
+        )
+
+    async def _stream(self, path: str, body: Mapping[str, Any]) -> AsyncIterator[StreamChunk]:
+        """Yield each delta as its SSE event arrives; nothing is buffered beyond one partial line."""
+        http = self._client()
+        start = self._clock.monotonic()
+        finished = False
+        try:
+            async with http.post(
+                self._url(path), json=body, headers={"Accept": "text/event-stream"}
+            ) as response:
+                if response.status >= 400:
+                    raise self._status_error("POST", path, response.status, await response.text())
+                if "text/event-stream" not in response.headers.get("Content-Type", ""):
+                    # A server that ignores "stream": true answers with one JSON body; pass it on whole.
+                    completion = completion_from_response(json.loads(await response.text()))
+                    yield StreamChunk(completion.text, completion.finish_reason)
+                    finished = True
+                else:
+                    decoder = SSEDecoder()
+                    done = False
+                    async for data in response.content.iter_any():
+                        for payload in decoder.feed(data):
+                            if done or payload == DONE:
+                                # Read on to the end so the pooled connection can be reused.
+                                done = True
+                                continue
+                            chunk = self._event_chunk(path, payload)
+                            if chunk is not None:
+                                finished = finished or chunk.finish_reason is not None
+                                yield chunk
+        except RemoteError as exc:
+            self._record_failure(exc)
+            raise
+        except Exception as exc:
+            error = self._transport_error("POST", path, exc)
+            self._record_failure(error)
+            raise error from exc
+        self._record_success(self._clock.monotonic() - start)
+        if not finished:
+            yield StreamChunk("", "stop")
+
+    def _event_chunk(self, path: str, payload: str) -> StreamChunk | None:
+        event = json.loads(payload)
+        if isinstance(event, Mapping) and event.get("error"):
+            # vLLM and others report failures inside an open stream as an error event.
+            error = event["error"]
+            code = error.get("code") if isinstance(error, Mapping) else None
+            status = code if isinstance(code, int) else None
+            raise RemoteError(
+                f"{self.settings.base_url} failed POST {path} mid-stream: {error_message(payload)}",
+                status=status,
+                retryable=status is None or is_retryable_status(status),
+            )
+        return stream_chunk(event) if isinstance(event, Mapping) else None
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if not texts:
+            return []
+
+        async def run() -> list[list[float]]:
+            path = "/v1/embeddings"
+            data = await self._post_json(path, embedding_request(self.settings.model, texts))
+            try:
+                return embeddings_from_response(data, len(texts))
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise self._transport_error("POST", path, ValueError(str(exc))) from exc
+
+        return await self._observe(run())
+
+    # -- batches: concurrent requests, batched by the server ----------------------------------------
+
+    async def _gather(self, works: Sequence[Awaitable[T]]) -> list[T]:
+        limit = asyncio.Semaphore(self.settings.max_connections)
+
+        async def bounded(work: Awaitable[T]) -> T:
+            async with limit:
+                return await work
+
+        results = await asyncio.gather(*(bounded(w) for w in works), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # every request has finished: nothing is left running
+        return list(results)  # type: ignore[arg-type]
+
+    async def generate_batch(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion]:
+        return await self._gather([self.generate(p, params) for p in prompts])
+
+    async def chat_batch(
+        self, conversations: Sequence[Sequence[ChatMessage]], params: GenerationParams
+    ) -> list[Completion]:
+        return await self._gather([self.chat(c, params) for c in conversations])
+
+    async def embed_batch(self, batches: Sequence[Sequence[str]]) -> list[list[list[float]]]:
+        return await self._gather([self.embed(texts) for texts in batches])
+
+    # -- health and lifetime ----------------------------------------------------------------------
+
+    async def health(self) -> bool:
+        """Whether the server answers, at no token cost: ``GET /health`` where the server has it (vLLM,
+        TGI, SGLang), else ``GET /v1/models``. Never raises; bounded by ``health_timeout_s``."""
+        try:
+            import aiohttp
+
+            http = self._client()
+            timeout = aiohttp.ClientTimeout(
+                total=self.settings.health_timeout_s, sock_connect=self.settings.connect_timeout_s
+            )
+            for path in [self._health_path] if self._health_path else ["/health", "/v1/models"]:
+                async with http.get(self._url(path), timeout=timeout) as response:
+                    await response.read()
+                    if response.status in (404, 405) and self._health_path is None:
+                        continue  # no such endpoint here; try the next one
+                    self._health_path = path
+                    return bool(response.status < 400)
+        except Exception:
+            return False
+        return False
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+
+class RemoteOpenAIPlugin:
+    """Sessions on an OpenAI-compatible server named by ``options.base_url``; nothing runs locally."""
+
+    name = "remote_openai"
+
+    def availability(self) -> Availability:
+        try:
+            import aiohttp
+        except Exception as exc:
+            return Availability(False, f"aiohttp is not usable ({exc}); {_INSTALL_HINT}")
+        version = str(getattr(aiohttp, "__version__", "unknown"))
+        return Availability(True, f"aiohttp {version}: any OpenAI-compatible server", version)
+
+    def probe(self, resources: Sequence[Resource]) -> list[Resource]:
+        """The declared remote resources; a remote deployment also runs with none. Never raises."""
+        return [r for r in resources if r.type is ResourceType.REMOTE]
+
+    def required_build_profiles(
+        self, resources: Sequence[Resource], config: ModelConfig
+    ) -> list[BuildProfile]:
+        return []  # the server loads its own model
+
+    def get_capability(
+        self, resources: Sequence[Resource], config: ModelConfig, artifacts: Mapping[str, BuildArtifact]
+    ) -> Capability:
+        return Capability(
+            max_batch_size=config.max_batch_size,
+            max_seq_len=config.max_seq_len,
+            supports_kv_cache=True,
+            supports_streaming=True,
+            supports_embeddings=True,
+            supports_chat=True,
+            dtypes=(config.precision,),
+            optimized_for=OptimizedFor.THROUGHPUT,
+            unsupported={"tensor": "OpenAI-compatible servers take text, not tensors"},
+        )
+
+    async def create_session(
+        self, resources: Sequence[Resource], config: ModelConfig, artifacts: Mapping[str, BuildArtifact]
+    ) -> RemoteOpenAISession:
+        """Validate the options and return a session; no connection is opened until the first request."""
+        settings = RemoteSettings.from_config(config)
+        return RemoteOpenAISession(config.model_id, resources, settings, max_batch_size=config.max_batch_size)
