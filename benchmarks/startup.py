@@ -45,7 +45,9 @@ def advise_us(number: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "0"}
@@ -86,7 +88,14 @@ def main() -> None:
     rows = []
     for key, unit in (("import_ms", "ms"), ("help_ms", "ms"), ("info_ms", "ms"), ("advise_us", "us")):
         target = results["targets"][key]
-        rows.append((key, f"{results[key]:.1f} {unit}", f"<= {target} {unit}", "ok" if results[key] <= target else "MISS"))
+        rows.append(
+            (
+                key,
+                f"{results[key]:.1f} {unit}",
+                f"<= {target} {unit}",
+                "ok" if results[key] <= target else "MISS",
+            )
+        )
     rows.append(("info_with_torch_ms", f"{results['info_with_torch_ms']:.1f} ms", "-", "-"))
     rows.append(("baseline_python_ms", f"{base:.1f} ms", "-", "-"))
     print_table("xpuflow start-up", rows, ("figure", "median", "target", ""))

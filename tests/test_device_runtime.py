@@ -43,7 +43,8 @@ def test_acceptance_auto_runtime_answers_paris(tmp_path: Path) -> None:
         assert rt.device == "cpu"
         assert rt.models[next(iter(rt.models))].backend == "llamacpp"
         text = rt.generate("The capital of France is", max_tokens=8)
-        assert isinstance(text, str) and text
+        assert isinstance(text, str)
+        assert text
         rt.switch("cpu")  # models move with the runtime; still answer the same way
         assert rt.chat(CAPITAL, max_tokens=16) == reply
     finally:

@@ -48,7 +48,39 @@ _EXPORTS: dict[str, str] = {
     "BackendError": "xpuflow.errors",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "Alternative",
+    "BackendError",
+    "BackendPlugin",
+    "BuildArtifact",
+    "BuildProfile",
+    "Capability",
+    "CapabilityError",
+    "ConfigError",
+    "DeviceRouter",
+    "DeviceRuntime",
+    "GenerationParams",
+    "Inventory",
+    "ModelConfig",
+    "OptimizedFor",
+    "Precision",
+    "Resource",
+    "ResourceType",
+    "RoutingDecision",
+    "Session",
+    "Strategy",
+    "Task",
+    "XpuflowError",
+    "__version__",
+    "advise",
+    "deinit",
+    "detect",
+    "get_backend",
+    "init",
+    "list_backends",
+    "load_config",
+    "runtime",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -70,10 +102,10 @@ if TYPE_CHECKING:
     from xpuflow.build.profile import BuildArtifact, BuildProfile
     from xpuflow.config import load_config
     from xpuflow.device_router import DeviceRouter
-    from xpuflow.discovery.inventory import Inventory
-    from xpuflow.migrate import deinit, init
     from xpuflow.device_runtime import DeviceRuntime, runtime
+    from xpuflow.discovery.inventory import Inventory
     from xpuflow.errors import BackendError, CapabilityError, ConfigError, XpuflowError
+    from xpuflow.migrate import deinit, init
     from xpuflow.types import (
         Alternative,
         Capability,

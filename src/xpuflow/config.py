@@ -67,7 +67,7 @@ class DeploymentConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings.")
 
     def to_model_config(self, base_dir: Path | None = None) -> Any:
-        from xpuflow.backends.base import ModelConfig
+        from xpuflow.backends.base import ModelConfig, ModelTask
 
         path = None
         if self.model is not None:
@@ -77,7 +77,7 @@ class DeploymentConfig(_Strict):
         return ModelConfig(
             model_id=self.name,
             path=path,
-            task=self.task,
+            task=ModelTask(self.task),
             precision=self.precision,
             max_batch_size=self.max_batch_size,
             max_seq_len=self.max_seq_len,

@@ -71,7 +71,9 @@ def _model_format(path: Path) -> str:
     if path.is_dir() and (path / "config.json").is_file():
         return "hf"
     if not path.exists():
-        raise ConfigError(f"model path {path} does not exist; pass a .gguf file, an .onnx file or a HF folder")
+        raise ConfigError(
+            f"model path {path} does not exist; pass a .gguf file, an .onnx file or a HF folder"
+        )
     raise ConfigError(
         f"cannot tell the format of {path}; xpuflow loads .gguf files, .onnx files and Hugging Face "
         "folders (with config.json)"
@@ -91,7 +93,11 @@ def _hf_task(path: Path) -> ModelTask:
 def _size_params(path: Path, fmt: str) -> float:
     if fmt == "gguf":
         return path.stat().st_size / _GGUF_BYTES_PER_PARAM
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".onnx")]
+    files = (
+        [path]
+        if path.is_file()
+        else [p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".onnx")]
+    )
     return max(1.0, sum(f.stat().st_size for f in files) / 4.0)  # stored as fp32 unless told otherwise
 
 
@@ -134,7 +140,9 @@ class DeviceRuntime:
         if device != "auto":
             if self._inventory.get(device) is None:
                 known = ", ".join(r.id for r in self._inventory.resources)
-                raise ConfigError(f"device '{device}' is not on this machine; known devices: {known}, or 'auto'")
+                raise ConfigError(
+                    f"device '{device}' is not on this machine; known devices: {known}, or 'auto'"
+                )
             return device
         from xpuflow.workload import advise
 
@@ -209,13 +217,20 @@ class DeviceRuntime:
         return self._models[key]
 
     # -- running ----------------------------------------------------------------------------------
-    def generate(self, prompt: str, max_tokens: int = 128, *, model: str | None = None, **sampling: Any) -> str:
+    def generate(
+        self, prompt: str, max_tokens: int = 128, *, model: str | None = None, **sampling: Any
+    ) -> str:
         """Complete ``prompt``; greedy unless ``temperature`` is given. Returns the text."""
         params = GenerationParams(max_tokens=max_tokens, **sampling)
         return self._loop.run(self._model(model).session.generate(prompt, params), self._timeout_s).text
 
     def chat(
-        self, messages: Sequence[ChatMessage], max_tokens: int = 128, *, model: str | None = None, **sampling: Any
+        self,
+        messages: Sequence[ChatMessage],
+        max_tokens: int = 128,
+        *,
+        model: str | None = None,
+        **sampling: Any,
     ) -> str:
         """Answer a chat with the model's own template; greedy by default. Returns the reply text."""
         params = GenerationParams(max_tokens=max_tokens, **sampling)
@@ -231,7 +246,9 @@ class DeviceRuntime:
         target = self._resolve(device, model_size=None) if device != "auto" else None
         moved: dict[str, LoadedModel] = {}
         for name, loaded in self._models.items():
-            new_device = target or self._resolve("auto", _size_params(loaded.path, _model_format(loaded.path)))
+            new_device = target or self._resolve(
+                "auto", _size_params(loaded.path, _model_format(loaded.path))
+            )
             # open on the new device before closing the old session, so a failed move loses nothing
             moved[name] = self._open(name, loaded.path, loaded.task, None, new_device, loaded.options)
         for loaded in self._models.values():

@@ -230,6 +230,21 @@ def test_context_overflow_is_a_config_error(session: LlamaCppSession) -> None:
 
 
 @pytest.mark.slow
+def test_empty_prompt_is_a_config_error(session: LlamaCppSession) -> None:
+    with pytest.raises(ConfigError, match="prompt is empty"):
+        asyncio.run(session.generate("", GenerationParams(max_tokens=4)))
+
+
+@pytest.mark.slow
+def test_bad_embedding_inputs_are_config_errors_and_harmless(embed_session: LlamaCppSession) -> None:
+    with pytest.raises(ConfigError, match="input 1 is empty"):
+        asyncio.run(embed_session.embed(["fine", ""]))
+    with pytest.raises(ConfigError, match="raise options n_batch"):
+        asyncio.run(embed_session.embed(["word " * 600]))
+    assert len(asyncio.run(embed_session.embed(["still works"]))[0]) == SMOLLM2_EMBEDDING_DIM
+
+
+@pytest.mark.slow
 def test_embeddings_need_embedding_option(session: LlamaCppSession) -> None:
     with pytest.raises(SessionError, match="embedding: true"):
         asyncio.run(session.embed(["hello"]))

@@ -100,4 +100,3 @@ def fake_compiler_spec(tmp_path: Path) -> SpecVariant:
         "FAKE_ENV_FILE": str(tmp_path / "env.txt"),
     }
     return lambda mutate: _write_variant(base, folder, mutate)
-

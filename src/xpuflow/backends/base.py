@@ -173,9 +173,7 @@ class Session:
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         raise self._unsupported("embeddings")
 
-    async def generate_batch(
-        self, prompts: Sequence[str], params: GenerationParams
-    ) -> list[Completion]:
+    async def generate_batch(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion]:
         return [await self.generate(p, params) for p in prompts]
 
     async def chat_batch(
@@ -240,4 +238,3 @@ class BackendPlugin(Protocol):
         config: ModelConfig,
         artifacts: Mapping[str, BuildArtifact],
     ) -> Session: ...
-

@@ -230,12 +230,14 @@ class LlamaCppSession(Session):
             yield StreamChunk("", "stop")
 
     async def generate(self, prompt: str, params: GenerationParams) -> Completion:
+        _check_prompt(prompt)
         response = await self._call(
             "text completion", self._llama.create_completion, prompt, **_sampling(params, self.model_id)
         )
         return completion_from_response(response, default_model=self.model_id)
 
     def stream_generate(self, prompt: str, params: GenerationParams) -> AsyncIterator[StreamChunk]:
+        _check_prompt(prompt)
         sampling = _sampling(params, self.model_id)
         return self._stream(
             "streamed text completion",
@@ -275,22 +277,41 @@ class LlamaCppSession(Session):
     def _embed_blocking(self, texts: list[str]) -> list[list[float]]:
         import numpy as np
 
+        self._check_embedding_inputs(texts)
         if self._llama.pooling_type() == _POOLING_NONE:
             # A generative GGUF declares no pooling: llama.cpp returns one vector per token, and we average
             # them. One text per decode, because llama-cpp-python misplaces the per-token outputs of the
             # second and later sequences of a packed batch (set options pooling: mean to pack them).
-            vectors = [
-                np.asarray(self._llama.embed(text, normalize=False, truncate=False), dtype=np.float64).mean(
-                    axis=0
-                )
-                for text in texts
-            ]
+            vectors = [self._mean_token_vector(text) for text in texts]
         else:
             raw = self._llama.embed(texts, normalize=False, truncate=False)
             vectors = [np.asarray(v, dtype=np.float64) for v in raw]
         if self.normalize:
             vectors = [v / n if (n := float(np.linalg.norm(v))) > 0 else v for v in vectors]
         return [[float(x) for x in v] for v in vectors]
+
+    def _mean_token_vector(self, text: str) -> Any:
+        import numpy as np
+
+        tokens = np.asarray(self._llama.embed(text, normalize=False, truncate=False), dtype=np.float64)
+        return tokens.reshape(-1, tokens.shape[-1]).mean(axis=0)
+
+    def _check_embedding_inputs(self, texts: list[str]) -> None:
+        # Checked before llama.cpp sees them: a text of zero tokens fails the decode and leaves
+        # llama-cpp-python's batch in a state that crashes the process when the model is freed.
+        n_batch = int(self._llama.n_batch)
+        for index, text in enumerate(texts):
+            count = len(self._llama.tokenize(text.encode("utf-8")))
+            if count == 0:
+                raise ConfigError(
+                    f"embedding input {index} is empty; send text with at least one token", field="input"
+                )
+            if count > n_batch:
+                raise ConfigError(
+                    f"embedding input {index} has {count} tokens, more than n_batch {n_batch} of model "
+                    f"'{self.model_id}'; shorten it or raise options n_batch",
+                    field="input",
+                )
 
     async def close(self) -> None:
         if self.closed:
@@ -302,16 +323,16 @@ class LlamaCppSession(Session):
             self._runner.close()
 
 
+def _check_prompt(prompt: str) -> None:
+    if not prompt:
+        raise ConfigError("the prompt is empty; llama.cpp needs at least one prompt token", field="prompt")
+
+
 def _map_error(exc: Exception, what: str, model_id: str) -> XpuflowError:
     message = str(exc)
     if "exceed context window" in message:
         return ConfigError(
             f"{message} of model '{model_id}'; shorten the prompt, lower max_tokens or raise options n_ctx"
-        )
-    if "exceed batch size" in message:
-        return ConfigError(
-            f"{message} for embeddings of model '{model_id}'; shorten the input or raise options n_batch",
-            field="input",
         )
     if type(exc).__module__.startswith("jinja2"):
         return ConfigError(

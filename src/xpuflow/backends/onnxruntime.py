@@ -37,6 +37,7 @@ from xpuflow.backends.onnx_export import (
     EncoderSpec,
     EncoderTokenizer,
     check_pooling,
+    encoder_max_length,
     exporter_version,
     export_encoder,
     resolve_encoder_source,
@@ -283,7 +284,8 @@ class OnnxRuntimePlugin:
     def get_capability(
         self, resources: Sequence[Resource], config: ModelConfig, artifacts: Mapping[str, BuildArtifact]
     ) -> Capability:
-        _check_config(config)
+        source = _check_config(config)
+        max_seq_len = encoder_max_length(source.folder, config.max_seq_len)
         unsupported = {
             "chat": "the onnxruntime backend serves encoder embeddings only",
             "completion": "the onnxruntime backend serves encoder embeddings only",
@@ -304,7 +306,7 @@ class OnnxRuntimePlugin:
         on_accelerator = providers[0][0] != CPU_PROVIDER
         return Capability(
             max_batch_size=config.max_batch_size,
-            max_seq_len=config.max_seq_len,
+            max_seq_len=max_seq_len,
             supports_embeddings=True,
             dtypes=("fp32",),
             optimized_for=OptimizedFor.THROUGHPUT if on_accelerator else OptimizedFor.LATENCY,

@@ -10,8 +10,10 @@ name lists the valid ones::
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
@@ -78,9 +80,9 @@ def _load_target(target: str) -> Any:
 def get_backend(name: str) -> BackendPlugin:
     """The plugin instance for ``name``. Raises ConfigError for an unknown name (listing valid ones)
     and BackendUnavailable when the plugin's module cannot be loaded."""
+    loader: Callable[[], Any]
     if name in BUILTIN_BACKENDS:
-        target: Any = BUILTIN_BACKENDS[name]
-        loader = lambda: _load_target(target)  # noqa: E731
+        loader = functools.partial(_load_target, BUILTIN_BACKENDS[name])
     elif name in _entry_points():
         loader = _entry_points()[name].load
     else:

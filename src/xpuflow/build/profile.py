@@ -1,5 +1,7 @@
 """What a device needs built, and what a build produced.
 
+Example::
+
     profile = BuildProfile(name="engine", target=ResourceType.NPU, compiler="refnpu-compile",
                            compiler_version="1.0", flags=("--opt", "2"), interface="cli")
     profile.key_fields()   # the fields that enter the artifact's content key

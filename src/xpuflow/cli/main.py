@@ -37,7 +37,6 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-
 @app.command()
 def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (see docs/cli.md).")] = False,
@@ -51,7 +50,9 @@ def info(
     if as_json:
         from xpuflow import __version__
 
-        print_json({"xpuflow": __version__, **inventory.to_dict(), "backends": [b.to_dict() for b in backends]})
+        print_json(
+            {"xpuflow": __version__, **inventory.to_dict(), "backends": [b.to_dict() for b in backends]}
+        )
         return
     from xpuflow.cli.render import render_info
 

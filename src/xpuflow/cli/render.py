@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from xpuflow.backends.registry import BackendStatus
@@ -30,14 +31,21 @@ def _resource_summary(resource: Resource) -> str:
     return ", ".join(bits)
 
 
-def render_info(inventory: Inventory, backends: Sequence[BackendStatus], console: Console | None = None) -> None:
+def render_info(
+    inventory: Inventory, backends: Sequence[BackendStatus], console: Console | None = None
+) -> None:
     console = console or Console()
     devices = Table(title="Devices", show_lines=False)
     for column in ("id", "type", "name", "memory", "free", "details"):
         devices.add_column(column, overflow="fold")
     for r in inventory.resources:
         devices.add_row(
-            r.id, r.type.value, r.name, _gib(r.memory_bytes), _gib(r.free_memory_bytes), _resource_summary(r)
+            escape(r.id),
+            r.type.value,
+            r.name,
+            _gib(r.memory_bytes),
+            _gib(r.free_memory_bytes),
+            _resource_summary(r),
         )
     console.print(devices)
 
@@ -45,22 +53,26 @@ def render_info(inventory: Inventory, backends: Sequence[BackendStatus], console
     for column in ("probe", "found", "ms", "reason"):
         probes.add_column(column, overflow="fold")
     for report in inventory.reports:
-        probes.add_row(report.probe, str(report.found), f"{report.elapsed_ms:.1f}", report.reason)
+        probes.add_row(report.probe, str(report.found), f"{report.elapsed_ms:.1f}", escape(report.reason))
     console.print(probes)
 
     table = Table(title="Backends")
     for column in ("backend", "available", "version", "reason"):
         table.add_column(column, overflow="fold")
     for b in backends:
-        table.add_row(b.name, "[green]yes[/]" if b.available else "[red]no[/]", b.version or "-", b.reason)
+        table.add_row(
+            b.name, "[green]yes[/]" if b.available else "[red]no[/]", b.version or "-", escape(b.reason)
+        )
     console.print(table)
 
 
 def render_decision(decision: RoutingDecision, console: Console | None = None) -> None:
     console = console or Console()
     console.print(f"[bold]device[/]      {decision.device}")
-    console.print(f"[bold]reason[/]      {decision.reason}")
-    console.print(f"[bold]precision[/]   {decision.precision}   [bold]AMP[/] {'yes' if decision.use_amp else 'no'}")
+    console.print(f"[bold]reason[/]      {escape(decision.reason)}")
+    console.print(
+        f"[bold]precision[/]   {decision.precision}   [bold]AMP[/] {'yes' if decision.use_amp else 'no'}"
+    )
     console.print(f"[bold]confidence[/]  {decision.confidence:.2f}")
     console.print(f"[bold]memory[/]      {_gib(decision.estimated_memory_bytes)} estimated")
     if decision.alternatives:
@@ -68,5 +80,5 @@ def render_decision(decision: RoutingDecision, console: Console | None = None) -
         for column in ("device", "score", "why not"):
             table.add_column(column, overflow="fold")
         for alt in decision.alternatives:
-            table.add_row(alt.candidate, "-" if alt.score is None else f"{alt.score:.3f}", alt.reason)
+            table.add_row(alt.candidate, "-" if alt.score is None else f"{alt.score:.3f}", escape(alt.reason))
         console.print(table)

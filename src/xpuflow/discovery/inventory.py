@@ -1,8 +1,8 @@
 """The hardware inventory: every probe's resources merged into one list, with each probe's report.
 
-    inv = Inventory.detect()
-    inv.overview()["cpu"]        # [{"id": "cpu", ...}]
-    inv.get("cuda:0")            # Resource or None
+inv = Inventory.detect()
+inv.overview()["cpu"]        # [{"id": "cpu", ...}]
+inv.get("cuda:0")            # Resource or None
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def _merge(existing: Resource, new: Resource) -> Resource:
         existing.name or new.name,
         attributes,
         existing.tags | new.tags,
-        f"{existing.source}+{new.source}" if new.source and new.source not in existing.source else existing.source,
+        f"{existing.source}+{new.source}"
+        if new.source and new.source not in existing.source
+        else existing.source,
     )
 
 
@@ -76,7 +78,7 @@ def _overview_kind(resource: Resource) -> str:
         if resource.id.startswith("rocm"):
             return "rocm"
         return "gpu"
-    return resource.type.value
+    return str(resource.type.value)
 
 
 @dataclass(frozen=True)

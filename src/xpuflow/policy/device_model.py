@@ -293,12 +293,22 @@ def _fmt_gib(num_bytes: float) -> str:
     return f"{num_bytes / GIB:.1f} GiB"
 
 
+def _memory(resource: Resource) -> tuple[int | None, int | None]:
+    """(total, free) bytes; free falls back to total. None where unknown or not a usable number."""
+    total = _num(resource.attributes, "memory_bytes")
+    free = _num(resource.attributes, "free_memory_bytes")
+    if free is None and resource.attributes.get("free_memory_bytes") == 0:
+        free = 0.0
+    if free is None:
+        free = total
+    return (int(total) if total is not None else None), (int(free) if free is not None else None)
+
+
 def _host_memory(host: Resource | None) -> tuple[int | None, int | None, int]:
     """(total, available, safety margin) of host RAM; None where the CPU probe could not tell."""
     if host is None:
         return None, None, HOST_MARGIN_MIN_BYTES
-    total = host.memory_bytes
-    available = host.free_memory_bytes
+    total, available = _memory(host)
     margin = max(HOST_MARGIN_MIN_BYTES, int(HOST_MARGIN_FRACTION * (total or available or 0)))
     return total, available, margin
 
@@ -524,8 +534,7 @@ def profile_resource(resource: Resource, host: Resource | None = None) -> Device
     kind = resource.type
     rid = resource.id
     vendor = resource.vendor.lower()
-    free = resource.free_memory_bytes
-    total = resource.memory_bytes
+    total, free = _memory(resource)
     stated_watts = _num(attrs, "power_limit_w", "tdp_w")
     stated_bw = _num(attrs, "bandwidth_gbps", "memory_bandwidth_gbps")
     dispatch = _DISPATCH_S[kind]

@@ -1,4 +1,6 @@
-"""Fakes shipped with the contracts they stand in for, used by xpuflow's tests and its simulator::
+"""Fakes shipped with the contracts they stand in for, used by xpuflow's tests and its simulator.
+
+Example::
 
     from xpuflow.testing import FakeGpu, FakeNvml
     probe = NvidiaProbe(nvml=FakeNvml([FakeGpu("NVIDIA L4", 24 << 30, cc=(8, 9))]))
@@ -8,6 +10,7 @@ Each fake mimics the real library's names and return shapes, so code under test 
 
 from __future__ import annotations
 
+from xpuflow.testing.fake_backend import FakePlugin, FakeSession
 from xpuflow.testing.fake_nvml import FakeGpu, FakeNvml
 
-__all__ = ["FakeGpu", "FakeNvml"]
+__all__ = ["FakeGpu", "FakeNvml", "FakePlugin", "FakeSession"]

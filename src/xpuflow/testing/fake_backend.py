@@ -116,7 +116,9 @@ class FakePlugin:
     def probe(self, resources: Sequence[Resource]) -> list[Resource]:
         return list(resources)
 
-    def required_build_profiles(self, resources: Sequence[Resource], config: ModelConfig) -> list[BuildProfile]:
+    def required_build_profiles(
+        self, resources: Sequence[Resource], config: ModelConfig
+    ) -> list[BuildProfile]:
         return []
 
     def get_capability(
