@@ -63,12 +63,15 @@ def test_cuda_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     monkeypatch.setitem(sys.modules, "torch", torch)
 
-    result = TorchProbe().probe()
+    result = TorchProbe(query_free_memory=True).probe()
 
     (gpu,) = result.resources
     assert (gpu.id, gpu.type, gpu.vendor) == ("cuda:0", ResourceType.GPU, "nvidia")
     assert gpu.memory_bytes == 80 * GIB
     assert gpu.free_memory_bytes == 76 * GIB
+    # by default no CUDA context is created just to read free memory (NVML reports it)
+    (plain,) = TorchProbe().probe().resources
+    assert "free_memory_bytes" not in plain.attributes
     assert gpu.attributes["compute_capability"] == "9.0"
     assert gpu.attributes["uuid"] == "GPU-58ff6e24-0000-4000-8000-000000000000"
     assert result.details["torch_version"] == "2.13.0+fake"
@@ -165,3 +168,38 @@ def test_on_this_machine_never_raises() -> None:
     assert result.reason
     if importlib.util.find_spec("torch") is not None:
         assert result.details["torch_version"]
+
+
+def test_nvml_and_torch_views_merge_by_uuid_when_their_order_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from xpuflow.discovery.base import ProbeResult
+    from xpuflow.types import Resource
+
+    class Listed:
+        def __init__(self, name: str, resources: list[Resource]) -> None:
+            self.name = name
+            self._resources = resources
+
+        def probe(self) -> ProbeResult:
+            return ProbeResult.found(self._resources)
+
+    nvml = Listed(
+        "nvidia",
+        [
+            Resource("cuda:0", ResourceType.GPU, "L4", {"uuid": "GPU-a", "free_memory_bytes": 1}),
+            Resource("cuda:1", ResourceType.GPU, "H100", {"uuid": "GPU-b", "free_memory_bytes": 2}),
+        ],
+    )
+    # torch sees them in the other order (CUDA_VISIBLE_DEVICES=1,0)
+    torch_view = Listed(
+        "torch",
+        [
+            Resource("cuda:0", ResourceType.GPU, "H100", {"uuid": "GPU-b", "multiprocessor_count": 132}),
+            Resource("cuda:1", ResourceType.GPU, "L4", {"uuid": "GPU-a", "multiprocessor_count": 58}),
+        ],
+    )
+    inventory = Inventory.detect([nvml, torch_view])
+    assert len(inventory.resources) == 2
+    h100 = inventory.get("cuda:1")
+    assert h100 is not None
+    assert h100.name == "H100"
+    assert h100.attributes["multiprocessor_count"] == 132

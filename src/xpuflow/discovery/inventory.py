@@ -71,6 +71,15 @@ def _merge(existing: Resource, new: Resource) -> Resource:
     )
 
 
+def _same_device(merged: Mapping[str, Resource], resource: Resource) -> str:
+    uuid = resource.attributes.get("uuid")
+    if uuid:
+        for key, existing in merged.items():
+            if existing.attributes.get("uuid") == uuid:
+                return key
+    return resource.id
+
+
 def _overview_kind(resource: Resource) -> str:
     if resource.type is ResourceType.GPU:
         if resource.id.startswith("cuda"):
@@ -102,9 +111,10 @@ class Inventory:
         for probe in chosen:
             result, elapsed_ms = _run_probe(probe)
             for resource in result.resources:
-                merged[resource.id] = (
-                    _merge(merged[resource.id], resource) if resource.id in merged else resource
-                )
+                # The same device seen twice (NVML and torch): match by UUID first, because torch numbers
+                # CUDA devices in its own order (CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER), then by id.
+                key = _same_device(merged, resource)
+                merged[key] = _merge(merged[key], resource) if key in merged else resource
             reports.append(
                 ProbeReport(
                     getattr(probe, "name", type(probe).__name__),

@@ -50,7 +50,7 @@ def _vendor_from_name(name: str) -> str:
     return "unknown"
 
 
-def _cuda(torch: Any, errors: list[dict[str, str]]) -> list[Resource]:
+def _cuda(torch: Any, errors: list[dict[str, str]], query_free_memory: bool = False) -> list[Resource]:
     cuda = getattr(torch, "cuda", None)
     if cuda is None or not cuda.is_available():
         return []
@@ -76,11 +76,12 @@ def _cuda(torch: Any, errors: list[dict[str, str]]) -> list[Resource]:
                 attributes["gfx_target"] = arch.split(":", maxsplit=1)[0]
         else:
             attributes["compute_capability"] = f"{props.major}.{props.minor}"
-        try:
-            free, _total = cuda.mem_get_info(index)
-            attributes["free_memory_bytes"] = int(free)
-        except Exception as exc:  # a busy or lost device still counts; free memory stays unknown
-            errors.append({"resource": resource_id, "call": "torch.cuda.mem_get_info", "error": str(exc)})
+        if query_free_memory:
+            try:
+                free, _total = cuda.mem_get_info(index)
+                attributes["free_memory_bytes"] = int(free)
+            except Exception as exc:  # a busy or lost device still counts; free memory stays unknown
+                errors.append({"resource": resource_id, "call": "torch.cuda.mem_get_info", "error": str(exc)})
         found.append(Resource(resource_id, ResourceType.GPU, str(props.name), attributes, source="torch"))
     return found
 
@@ -154,6 +155,11 @@ class TorchProbe:
 
     name = "torch"
 
+    def __init__(self, *, query_free_memory: bool = False) -> None:
+        # torch.cuda.mem_get_info creates a CUDA context on every device it asks (hundreds of MB of VRAM
+        # each, and seconds); NVML reports free memory without that cost, so it is off unless asked.
+        self.query_free_memory = query_free_memory
+
     def probe(self) -> ProbeResult:
         if not _installed("torch"):
             return ProbeResult.none(
@@ -170,7 +176,10 @@ class TorchProbe:
         errors: list[dict[str, str]] = []
         for backend, find in (("cuda", _cuda), ("mps", _mps), ("xpu", _xpu), ("directml", _directml)):
             try:
-                resources.extend(find(torch, errors))
+                if find is _cuda:
+                    resources.extend(_cuda(torch, errors, self.query_free_memory))
+                else:
+                    resources.extend(find(torch, errors))
             except Exception as exc:  # one backend failing (a driver mismatch) must not hide the others
                 log.debug("torch %s probe failed: %s", backend, exc)
                 errors.append({"resource": backend, "call": f"torch {backend} probe", "error": str(exc)})
