@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import tempfile
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def random_mlp(rng: np.random.Generator, widths: list[int]) -> list[tuple[np.nda
             (rng.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in)).astype(np.float32),
             (rng.standard_normal(n_out) * 0.1).astype(np.float32),
         )
-        for n_in, n_out in zip(widths[:-1], widths[1:], strict=True)
+        for n_in, n_out in itertools.pairwise(widths)
     ]
 
 

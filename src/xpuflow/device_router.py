@@ -110,7 +110,7 @@ class DeviceRouter:
 
     # -------------------------------------------------------------------------------------- routing
 
-    def route(  # noqa: PLR0917 - device-router's positional order, kept so that migrating is a rename
+    def route(
         self,
         model_size: float,
         batch_size: int = 1,

@@ -92,7 +92,7 @@ def llama_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             sys.executable, "-m", "llama_cpp.server",
             "--model", str(model), "--model_alias", LLAMA_SERVER_MODEL,
             "--host", "127.0.0.1", "--port", str(port),
-            "--n_ctx", "1024", "--n_threads", "2", "--verbose", "false",
+            "--n_ctx", "1024", "--n_threads", "1", "--verbose", "false",
         ]  # fmt: skip
         with log_path.open("wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

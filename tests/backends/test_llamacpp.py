@@ -33,7 +33,7 @@ def gguf() -> Path:
 
 
 def _open(path: Path, **options: object) -> LlamaCppSession:
-    config = ModelConfig("smollm2", path=path, max_seq_len=1024, options={"n_threads": 2, **options})
+    config = ModelConfig("smollm2", path=path, max_seq_len=1024, options={"n_threads": 1, **options})
     return asyncio.run(LlamaCppPlugin().create_session([CPU], config, {}))
 
 

@@ -9,6 +9,7 @@ stands in for refnpu-compile, recording its argv and environment.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def mlp_layers() -> list[tuple[np.ndarray, np.ndarray]]:
             (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32),
             (rng.standard_normal(n_out) * 0.1).astype(np.float32),
         )
-        for n_in, n_out in zip(widths[:-1], widths[1:], strict=True)
+        for n_in, n_out in itertools.pairwise(widths)
     ]
 
 

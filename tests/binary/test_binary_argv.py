@@ -67,7 +67,9 @@ def test_hostile_model_names_reach_the_compiler_as_one_verbatim_argument(
     "value",
     ["--debug-sleep-s", "-x", "a\nb", "a\rb", "a\0b", ""],
 )
-def test_option_like_or_control_values_are_refused(fake_compiler_spec: Any, tmp_path: Path, value: str) -> None:
+def test_option_like_or_control_values_are_refused(
+    fake_compiler_spec: Any, tmp_path: Path, value: str
+) -> None:
     adapter = BinaryCompilerAdapter(load_spec(fake_compiler_spec(_with_extra_param)))
     model = tmp_path / "m.xpfmlp"
     model.write_bytes(b"model")
@@ -105,7 +107,9 @@ def test_path_values_cannot_escape_the_allowed_folders(fake_compiler_spec: Any, 
         adapter.render_argv(model, tmp_path / "out", {"tag": "t", "calibration": "absent.bin"})
     # The model itself must be inside explicitly given allowed folders.
     with pytest.raises(ConfigError, match="outside") as model_info:
-        adapter.render_argv(model, tmp_path / "out", {"tag": "t", "calibration": "x"}, [tmp_path / "elsewhere"])
+        adapter.render_argv(
+            model, tmp_path / "out", {"tag": "t", "calibration": "x"}, [tmp_path / "elsewhere"]
+        )
     assert model_info.value.field == "model"
 
 
@@ -149,7 +153,9 @@ def test_exit_status_maps_to_compiler_error_with_meaning(fake_compiler_spec: Any
     adapter = BinaryCompilerAdapter(load_spec(spec))
     model = tmp_path / "m.xpfmlp"
     model.write_bytes(b"model")
-    with pytest.raises(CompilerError, match=r"status 3 \(the input is not a valid xpuflow MLP export\)") as info:
+    with pytest.raises(
+        CompilerError, match=r"status 3 \(the input is not a valid xpuflow MLP export\)"
+    ) as info:
         adapter.compile(model, tmp_path / "out")
     assert info.value.returncode == 3
 

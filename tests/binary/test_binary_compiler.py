@@ -84,7 +84,9 @@ def test_invalid_model_gives_compiler_error_with_stderr(refnpu_stack: ReferenceS
     assert not (tmp_path / "out" / "model.rnpu").exists()
 
 
-def test_truncated_model_names_the_problem(refnpu_stack: ReferenceStack, mlp_path: Path, tmp_path: Path) -> None:
+def test_truncated_model_names_the_problem(
+    refnpu_stack: ReferenceStack, mlp_path: Path, tmp_path: Path
+) -> None:
     adapter = BinaryCompilerAdapter(load_spec(refnpu_stack.spec))
     cut = tmp_path / "cut.xpfmlp"
     cut.write_bytes(mlp_path.read_bytes()[:-10])
@@ -100,7 +102,9 @@ def test_argv_mismatch_is_a_usage_error(spec_variant: Any, mlp_path: Path, tmp_p
     assert "unknown argument '--in'" in info.value.stderr
 
 
-def test_hung_compiler_is_killed_with_its_process_group(spec_variant: Any, mlp_path: Path, tmp_path: Path) -> None:
+def test_hung_compiler_is_killed_with_its_process_group(
+    spec_variant: Any, mlp_path: Path, tmp_path: Path
+) -> None:
     pid_file = tmp_path / "pids.txt"
 
     def hang(data: dict[str, Any]) -> None:
@@ -125,7 +129,9 @@ def test_hung_compiler_is_killed_with_its_process_group(spec_variant: Any, mlp_p
     assert not (tmp_path / "out" / "model.rnpu").exists()
 
 
-def test_real_compiler_receives_hostile_names_verbatim(spec_variant: Any, mlp_path: Path, tmp_path: Path) -> None:
+def test_real_compiler_receives_hostile_names_verbatim(
+    spec_variant: Any, mlp_path: Path, tmp_path: Path
+) -> None:
     argv_file = tmp_path / "argv.bin"
     spec = spec_variant(lambda d: d["compiler"]["env"].update(REFNPU_DEBUG_ARGV_FILE=str(argv_file)))
     adapter = BinaryCompilerAdapter(load_spec(spec))

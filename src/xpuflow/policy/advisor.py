@@ -288,7 +288,7 @@ def _params(params: float) -> str:
 _Candidate = tuple[int, DeviceProfile, int, float, float, float, float, PrecisionSupport, str]
 
 
-def advise_workload(  # noqa: PLR0917 - the positional order is device-router's route(), kept for migration
+def advise_workload(
     inventory: Any,
     model_size: float,
     batch_size: int = 1,
@@ -403,10 +403,12 @@ def advise_workload(  # noqa: PLR0917 - the positional order is device-router's 
         raw = [c[6] * c[4] for c in fitting]
     elif strat is Strategy.POWER:
         raw = [c[6] / c[5] for c in fitting]
-    else:  # auto inference: geometric mean of normalised latency and throughput
+    else:  # auto inference: latency and throughput, throughput weighing more as the batch grows
         fastest = min(c[3] for c in fitting)
         most = max(c[4] for c in fitting)
-        raw = [c[6] * math.sqrt((fastest / c[3]) * (c[4] / most)) for c in fitting]
+        log_batch = math.log2(batch)
+        w = log_batch / (1.0 + log_batch)  # 0 at batch 1, 0.5 at 2, 0.75 at 8, 0.86 at 64
+        raw = [c[6] * (fastest / c[3]) ** (1.0 - w) * (c[4] / most) ** w for c in fitting]
     # ---- choose (power keeps discrete GPUs and remotes out while a low-power device fits)
     demote = strat is Strategy.POWER and any(c[1].low_power for c in fitting)
     best = -1
