@@ -17,7 +17,7 @@ from xpuflow.backends.registry import get_backend
 from xpuflow.build.builder import build_all
 from xpuflow.build.profile import BuildArtifact, BuildInterface
 from xpuflow.build.store import ArtifactStore
-from xpuflow.errors import BuildError, ConfigError, SessionError, VendorRuntimeError
+from xpuflow.errors import BuildError, CapabilityError, ConfigError, SessionError, VendorRuntimeError
 from xpuflow.types import Resource, ResourceType
 from xpuflow.vendor_ref import ReferenceStack, mlp_forward
 
@@ -182,6 +182,10 @@ def test_stale_profile_and_missing_artifact_are_build_errors(
         plugin.build(profile, _config(refnpu_stack.spec, mlp_path, compile={"opt_level": 0}), tmp_path / "o")
     with pytest.raises(BuildError, match="build it first"):
         asyncio.run(plugin.create_session([CPU], _config(refnpu_stack.spec, mlp_path), {}))
+    artifacts = build_all(plugin, [CPU], _config(refnpu_stack.spec, mlp_path), ArtifactStore(tmp_path / "s"))
+    with pytest.raises(CapabilityError, match="not cuda:0") as info:
+        asyncio.run(plugin.create_session([GPU], _config(refnpu_stack.spec, mlp_path), artifacts))
+    assert info.value.reasons
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from functools import cache
 from importlib import resources as package_files
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from xpuflow.backends.binary_spec import BinarySpec, DeviceSpec, SpecFile, load_
 from xpuflow.backends.blocking import BlockingRunner
 from xpuflow.build.digest import file_sha256
 from xpuflow.build.profile import BuildArtifact, BuildInterface, BuildProfile
-from xpuflow.errors import BuildError, ConfigError, SessionError, XpuflowError
+from xpuflow.errors import BuildError, CapabilityError, ConfigError, SessionError, XpuflowError
 from xpuflow.types import Capability, OptimizedFor, Resource, ResourceType
 
 __all__ = ["ENGINE_PROFILE", "REFERENCE_SPEC", "BinaryPlugin", "BinarySession"]
@@ -59,6 +60,7 @@ IO_FILE = "io.json"
 _NPU_ID = re.compile(r"^npu:(\d+)$")
 
 
+@cache
 def _packaged_reference_spec() -> BinarySpec:
     """The reference spec as shipped, for questions that need no built stack (devices, limits)."""
     text = package_files.files("xpuflow.vendor_ref").joinpath("refnpu.spec.yaml").read_text("utf-8")
@@ -402,6 +404,11 @@ class BinaryPlugin:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise BuildError(f"artifact {artifact.id} lacks a valid {IO_FILE}; rebuild it") from exc
         capability = self.get_capability(resources, config, artifacts)
+        if "resources" in capability.unsupported:
+            raise CapabilityError(
+                f"model '{config.model_id}' cannot run there: {capability.unsupported['resources']}",
+                reasons=[capability.unsupported["resources"]],
+            )
         session = BinarySession(
             config.model_id,
             resources,

@@ -152,7 +152,11 @@ def encoder_max_length(folder: Path, configured: int, tokenizer_max: int | None 
 def _default_pooling(folder: Path) -> str:
     """The pooling sentence-transformers would use for this model (mean unless it says CLS)."""
     pooling = _read_json(folder / "1_Pooling" / "config.json")
-    return "cls" if pooling.get("pooling_mode_cls_token") and not pooling.get("pooling_mode_mean_tokens") else "mean"
+    return (
+        "cls"
+        if pooling.get("pooling_mode_cls_token") and not pooling.get("pooling_mode_mean_tokens")
+        else "mean"
+    )
 
 
 @dataclass(frozen=True)
@@ -366,7 +370,8 @@ def check_pooling(options: Mapping[str, Any], default: str) -> str:
     pooling = options.get("pooling", default)
     if pooling not in POOLING_MODES:
         raise ConfigError(
-            f"options.pooling must be one of {', '.join(POOLING_MODES)}, got {pooling!r}", field="options.pooling"
+            f"options.pooling must be one of {', '.join(POOLING_MODES)}, got {pooling!r}",
+            field="options.pooling",
         )
     return str(pooling)
 
@@ -405,7 +410,9 @@ class EncoderSession(Session):
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One vector per text, in order. Raises ConfigError for non-text input, SessionError on failure."""
         if self.closed:
-            raise SessionError(f"{self.backend} session for model '{self.model_id}' is closed; create a new one")
+            raise SessionError(
+                f"{self.backend} session for model '{self.model_id}' is closed; create a new one"
+            )
         items = list(texts)
         bad = next((i for i, t in enumerate(items) if not isinstance(t, str)), None)
         if bad is not None:

@@ -38,8 +38,8 @@ from xpuflow.backends.onnx_export import (
     EncoderTokenizer,
     check_pooling,
     encoder_max_length,
-    exporter_version,
     export_encoder,
+    exporter_version,
     resolve_encoder_source,
 )
 from xpuflow.build.profile import BuildArtifact, BuildProfile
@@ -154,9 +154,13 @@ def choose_providers(
 def _parse_provider(entry: Any) -> Provider:
     if isinstance(entry, str):
         return entry, {}
-    if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str):
-        if isinstance(entry[1], Mapping):
-            return entry[0], dict(entry[1])
+    if (
+        isinstance(entry, (list, tuple))
+        and len(entry) == 2
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], Mapping)
+    ):
+        return entry[0], dict(entry[1])
     raise ConfigError(
         f"options.execution_providers entries are names or [name, {{options}}] pairs, got {entry!r}",
         field="options.execution_providers",
@@ -185,7 +189,9 @@ def _check_config(config: ModelConfig) -> EncoderSource:
         )
     threads = config.option("num_threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"options.num_threads must be a positive integer, got {threads!r}", field="options.num_threads")
+        raise ConfigError(
+            f"options.num_threads must be a positive integer, got {threads!r}", field="options.num_threads"
+        )
     level = config.option("graph_optimization", "all")
     if level not in _OPTIMIZATION_LEVELS:
         raise ConfigError(
@@ -208,7 +214,9 @@ def _check_config(config: ModelConfig) -> EncoderSource:
     return source
 
 
-def _model_files(source: EncoderSource, artifacts: Mapping[str, BuildArtifact], model_id: str) -> tuple[Path, Path]:
+def _model_files(
+    source: EncoderSource, artifacts: Mapping[str, BuildArtifact], model_id: str
+) -> tuple[Path, Path]:
     """(folder with the tokenizer, the .onnx file) for a session."""
     if source.kind == "onnx":
         return source.folder, source.path
@@ -251,11 +259,11 @@ class OnnxRuntimePlugin:
             available = _available_providers()
         except Exception:
             return []
-        return [
-            r for r in resources if r.type is ResourceType.CPU or _provider_for(r, available) is not None
-        ]
+        return [r for r in resources if r.type is ResourceType.CPU or _provider_for(r, available) is not None]
 
-    def required_build_profiles(self, resources: Sequence[Resource], config: ModelConfig) -> list[BuildProfile]:
+    def required_build_profiles(
+        self, resources: Sequence[Resource], config: ModelConfig
+    ) -> list[BuildProfile]:
         """One device-independent ``onnx-export`` for a Hugging Face folder; nothing for a .onnx file."""
         source = _check_config(config)
         if source.kind != "hf":
@@ -300,8 +308,9 @@ class OnnxRuntimePlugin:
         for resource in resources:
             if resource.type is not ResourceType.CPU and _provider_for(resource, available) is None:
                 unsupported[resource.id] = (
-                    f"no installed ONNX Runtime execution provider drives {resource.id} ({resource.type.value}, "
-                    f"vendor {resource.vendor or 'unknown'}); available: {', '.join(available) or 'none'}"
+                    f"no installed ONNX Runtime execution provider drives {resource.id} "
+                    f"({resource.type.value}, vendor {resource.vendor or 'unknown'}); "
+                    f"available: {', '.join(available) or 'none'}"
                 )
         on_accelerator = providers[0][0] != CPU_PROVIDER
         return Capability(
@@ -326,7 +335,9 @@ class OnnxRuntimePlugin:
             import onnxruntime as ort
         except ImportError as exc:
             raise BackendUnavailable(f"onnxruntime is not installed ({exc}); {_INSTALL_HINT}") from exc
-        providers = choose_providers(resources, ort.get_available_providers(), config.option("execution_providers"))
+        providers = choose_providers(
+            resources, ort.get_available_providers(), config.option("execution_providers")
+        )
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: provider fallbacks are reported through `providers`
         options.graph_optimization_level = getattr(

@@ -39,7 +39,6 @@ from xpuflow.backends.base import Availability, ModelConfig
 from xpuflow.backends.blocking import BlockingRunner
 from xpuflow.backends.onnx_export import (
     DEFAULT_OPSET,
-    ENCODER_SPEC_NAME,
     ONNX_MODEL_NAME,
     EncoderSession,
     EncoderSource,
@@ -79,7 +78,12 @@ _VIRTUAL_DEVICES = frozenset({"AUTO", "MULTI", "HETERO", "BATCH"})
 _PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 # OpenVINO's GPU and NPU plugins drive Intel parts only.
 _INTEL_ONLY = frozenset({ResourceType.GPU, ResourceType.IGPU, ResourceType.NPU})
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentence_bert_config.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "sentence_bert_config.json",
+)
 
 
 def _gpu_name(core: Any, integrated: bool) -> str:
@@ -102,7 +106,9 @@ def openvino_device(core: Any, resources: Sequence[Resource], config: ModelConfi
     explicit = config.option("device")
     if explicit is not None:
         if not isinstance(explicit, str) or not explicit:
-            raise ConfigError(f"options.device must be a device name such as AUTO, got {explicit!r}", field="options.device")
+            raise ConfigError(
+                f"options.device must be a device name such as AUTO, got {explicit!r}", field="options.device"
+            )
         device = explicit
     else:
         resource = resources[0] if resources else None
@@ -114,8 +120,8 @@ def openvino_device(core: Any, resources: Sequence[Resource], config: ModelConfi
             device = "NPU"
         else:
             raise ConfigError(
-                f"the openvino backend cannot run on {resource.id} ({resource.type.value}); place the model on "
-                "a cpu, gpu, igpu or npu resource",
+                f"the openvino backend cannot run on {resource.id} ({resource.type.value}); place the "
+                "model on a cpu, gpu, igpu or npu resource",
                 field="device",
             )
     available = [str(d) for d in core.available_devices]
@@ -124,8 +130,8 @@ def openvino_device(core: Any, resources: Sequence[Resource], config: ModelConfi
             continue
         if name not in available and not any(d.startswith(f"{name}.") for d in available):
             raise ConfigError(
-                f"OpenVINO device '{name}' is not available here; available: {', '.join(available) or 'none'} "
-                "(set options.device, or install the device's driver)",
+                f"OpenVINO device '{name}' is not available here; available: "
+                f"{', '.join(available) or 'none'} (set options.device, or install the device's driver)",
                 field="options.device",
             )
     return device
@@ -181,7 +187,9 @@ def _check_config(config: ModelConfig) -> EncoderSource:
         )
     threads = config.option("num_threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"options.num_threads must be a positive integer, got {threads!r}", field="options.num_threads")
+        raise ConfigError(
+            f"options.num_threads must be a positive integer, got {threads!r}", field="options.num_threads"
+        )
     hint = config.option("performance_hint")
     if hint is not None and str(hint).upper() not in _PERFORMANCE_HINTS:
         raise ConfigError(
@@ -248,7 +256,12 @@ class OpenVinoPlugin:
             devices = [str(d) for d in self._core().available_devices]
         except Exception:
             return []
-        kinds = {ResourceType.CPU: "CPU", ResourceType.GPU: "GPU", ResourceType.IGPU: "GPU", ResourceType.NPU: "NPU"}
+        kinds = {
+            ResourceType.CPU: "CPU",
+            ResourceType.GPU: "GPU",
+            ResourceType.IGPU: "GPU",
+            ResourceType.NPU: "NPU",
+        }
         found = []
         for resource in resources:
             kind = kinds.get(resource.type)
@@ -259,7 +272,9 @@ class OpenVinoPlugin:
             found.append(resource)
         return found
 
-    def required_build_profiles(self, resources: Sequence[Resource], config: ModelConfig) -> list[BuildProfile]:
+    def required_build_profiles(
+        self, resources: Sequence[Resource], config: ModelConfig
+    ) -> list[BuildProfile]:
         """One ``ov-compile`` for the target device (its name and full name are in the flags, so a
         blob is never imported on another device model)."""
         source = _check_config(config)
@@ -269,7 +284,11 @@ class OpenVinoPlugin:
             device_name = str(core.get_property(device, "FULL_DEVICE_NAME"))
         except Exception:
             device_name = device
-        flags = [f"device={device}", f"device_name={device_name}", f"precision={_PRECISION_HINTS[config.precision]}"]
+        flags = [
+            f"device={device}",
+            f"device_name={device_name}",
+            f"precision={_PRECISION_HINTS[config.precision]}",
+        ]
         version = f"openvino {package_version('openvino')}"
         if source.kind == "hf":
             flags.append(f"opset={int(config.option('opset', DEFAULT_OPSET))}")
@@ -301,7 +320,9 @@ class OpenVinoPlugin:
         try:
             if source.kind == "hf":
                 work.mkdir()
-                info: dict[str, Any] = dict(export_encoder(source.path, work, opset=int(flags.get("opset", DEFAULT_OPSET))))
+                info: dict[str, Any] = dict(
+                    export_encoder(source.path, work, opset=int(flags.get("opset", DEFAULT_OPSET)))
+                )
                 onnx_file, tokenizer_folder = work / ONNX_MODEL_NAME, work
             else:
                 info = {"source": "onnx"}
@@ -310,14 +331,18 @@ class OpenVinoPlugin:
             if source.kind == "hf":
                 spec = EncoderSpec.load(work)
             else:
-                spec = EncoderSpec.derive(source.folder, [p.get_any_name() for p in model.inputs], model.outputs[0].get_any_name())
+                spec = EncoderSpec.derive(
+                    source.folder, [p.get_any_name() for p in model.inputs], model.outputs[0].get_any_name()
+                )
             ov.save_model(model, str(out_dir / IR_NAME), compress_to_fp16=False)
             for name in _TOKENIZER_FILES:
                 if (tokenizer_folder / name).is_file():
                     shutil.copyfile(tokenizer_folder / name, out_dir / name)
             spec.save(out_dir)
             try:
-                compiled = core.compile_model(model, device, _compile_properties(core, device, precision_hint))
+                compiled = core.compile_model(
+                    model, device, _compile_properties(core, device, precision_hint)
+                )
             except RuntimeError as exc:
                 raise BuildError(
                     f"OpenVINO could not compile model '{config.model_id}' for {device}: {exc}; try another "
@@ -331,7 +356,14 @@ class OpenVinoPlugin:
                 blob = True
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        info.update({"device": device, "precision": precision_hint, "blob": blob, "openvino": package_version("openvino")})
+        info.update(
+            {
+                "device": device,
+                "precision": precision_hint,
+                "blob": blob,
+                "openvino": package_version("openvino"),
+            }
+        )
         return info
 
     def get_capability(
@@ -345,8 +377,11 @@ class OpenVinoPlugin:
             max_seq_len=encoder_max_length(source.folder, config.max_seq_len),
             supports_embeddings=True,
             dtypes=(config.precision,),
-            optimized_for=OptimizedFor.LATENCY if device == "CPU" else OptimizedFor.ENERGY
-            if device.startswith("NPU") else OptimizedFor.THROUGHPUT,
+            optimized_for=OptimizedFor.LATENCY
+            if device == "CPU"
+            else OptimizedFor.ENERGY
+            if device.startswith("NPU")
+            else OptimizedFor.THROUGHPUT,
             unsupported={
                 "chat": "the openvino backend serves encoder embeddings only",
                 "completion": "the openvino backend serves encoder embeddings only",
@@ -387,7 +422,9 @@ class OpenVinoPlugin:
                 try:
                     return core.import_model(io.BytesIO(blob.read_bytes()), device, properties), "blob"
                 except RuntimeError as exc:  # another driver or OpenVINO version: compile instead
-                    log.warning("importing %s for %s failed (%s); compiling the IR instead", blob, device, exc)
+                    log.warning(
+                        "importing %s for %s failed (%s); compiling the IR instead", blob, device, exc
+                    )
             return core.compile_model(str(artifact.file(IR_NAME)), device, properties), "ir"
 
         try:

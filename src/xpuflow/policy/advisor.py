@@ -62,6 +62,8 @@ _MAX_CONTEXT_TOKENS = 1 << 27
 _PRECISIONS: dict[str, Precision] = {p.value: p for p in Precision}
 _STRATEGIES: dict[str, Strategy] = {s.value: s for s in Strategy}
 _TASKS: dict[str, Task] = {t.value: t for t in Task}
+# Enum.value is a descriptor (slow on the hot path); a dict lookup is not.
+_VALUES: dict[Precision | Strategy | Task, str] = {m: m.value for m in (*Precision, *Strategy, *Task)}
 
 _BYTES_PER_PARAM: dict[Precision, float] = {p: p.bytes_per_param for p in Precision}
 # KV cache and activation element sizes: quantised weights keep a 16-bit KV cache and 16-bit activations.
@@ -433,6 +435,7 @@ def advise_workload(
 
     metric = _METRICS[strat if not (training and strat is Strategy.AUTO) else Strategy.THROUGHPUT]
     best_text = metric(chosen)
+    runner_text = ""
     alternatives: list[Alternative] = []
     for i in ranked:
         c = fitting[i]
@@ -443,7 +446,10 @@ def advise_workload(
                 f" fits; {bid} fits at ~{bp.watts:.0f} W while {cp.resource_id} draws ~{cp.watts:.0f} W"
             )
         else:
-            reason = f"scored {scores[i]:.2f} vs {scores[best]:.2f} for {bid}: {metric(c)} vs {best_text}"
+            text = metric(c)
+            if i == runner:
+                runner_text = text
+            reason = f"scored {scores[i]:.2f} vs 1.00 for {bid}: {text} vs {best_text}"
             if c[7].note:
                 reason += f" ({c[7].note})"
         alternatives.append(Alternative(cp.resource_id, reason, round(scores[i], 4)))
@@ -455,7 +461,7 @@ def advise_workload(
     claim = _TRAINING_CLAIM if training and strat in _THROUGHPUT_LIKE else _CLAIMS[strat]
     reason = f"{bid} ({bp.name}) {claim}{best_text}"
     if runner >= 0:
-        reason += f" vs {metric(fitting[runner])} on {fitting[runner][1].resource_id}"
+        reason += f" vs {runner_text} on {fitting[runner][1].resource_id}"
     reason += ")"
     if path:
         reason += f", running the {fmt} file through {path}"
@@ -463,12 +469,12 @@ def advise_workload(
         reason += (
             f", training with AMP ({support.amp_dtype} autocast)"
             if use_amp
-            else f", training in {prec.value}"
+            else f", training in {_VALUES[prec]}"
         )
     reason += f"; it needs {_size(need)} of {_size(bp.usable_memory_bytes)} {bp.memory_phrase}"
 
     details: dict[str, Any] = {
-        "task": tsk.value,
+        "task": _VALUES[tsk],
         "model_size": params,
         "batch_size": batch,
         "context_tokens": context,
@@ -504,10 +510,10 @@ def advise_workload(
         reason=reason,
         confidence=confidence,
         alternatives=tuple(alternatives),
-        precision=prec.value,
+        precision=_VALUES[prec],
         use_amp=use_amp,
         estimated_memory_bytes=need,
-        strategy=strat.value,
+        strategy=_VALUES[strat],
         details=details,
     )
 

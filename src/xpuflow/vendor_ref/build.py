@@ -131,6 +131,8 @@ def build_reference_stack(
         _run_cc([*common, "-fPIC", "-shared", "-fvisibility=hidden", "-o", str(work / _LIBRARY_NAME),
                  str(work / "refnpu_runtime.c"), str(work / "refnpu_format.c")])  # fmt: skip
         for name in (_COMPILER_NAME, _LIBRARY_NAME, _SPEC_NAME, "refnpu.h"):
+            # A rename, never an overwrite in place: a process that has the old library mapped
+            # keeps its (unlinked) copy instead of crashing on changed pages.
             os.replace(work / name, root / name)
         (work / _STAMP_NAME).write_text(json.dumps({"digest": stamp, "cc": list(cc)}))
         os.replace(work / _STAMP_NAME, stamp_file)
