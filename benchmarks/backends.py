@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import statistics
 import sys
@@ -25,17 +26,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_results  # noqa: E402
+from _common import print_table, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from xpuflow.backends.base import GenerationParams, ModelConfig  # noqa: E402
-from xpuflow.backends.registry import get_backend  # noqa: E402
-from xpuflow.build.builder import build_all  # noqa: E402
-from xpuflow.build.store import ArtifactStore  # noqa: E402
-from xpuflow.bundled import minilm_path, smollm2_gguf_path  # noqa: E402
-from xpuflow.types import Resource, ResourceType  # noqa: E402
+from xpuflow.backends.base import GenerationParams, ModelConfig
+from xpuflow.backends.registry import get_backend
+from xpuflow.build.builder import build_all
+from xpuflow.build.store import ArtifactStore
+from xpuflow.bundled import minilm_path, smollm2_gguf_path
+from xpuflow.types import Resource, ResourceType
 
 BATCHES = (1, 8, 32)
 CPU = Resource("cpu", ResourceType.CPU, "host CPU")
@@ -104,7 +105,7 @@ def _binary() -> Case:
         widths = [256, 512, 512, 64]
         layers = [
             (rng.standard_normal((a, b)).astype(np.float32) * 0.05, np.zeros(b, np.float32))
-            for a, b in zip(widths, widths[1:], strict=False)
+            for a, b in itertools.pairwise(widths)
         ]
         export_mlp(layers, work / "mlp.xpfmlp")
         return ModelConfig(

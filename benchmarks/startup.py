@@ -19,7 +19,7 @@ import timeit
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, summary, time_process, write_results  # noqa: E402
+from _common import print_table, summary, time_process, write_results
 
 PY = sys.executable
 # `sys.modules["torch"] = None` makes importlib report torch as absent, exactly as on a machine
