@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import enum
+import gc
 import json
 import math
 import re
 import timeit
+import weakref
 
 import pytest
 
@@ -400,6 +402,15 @@ def test_confidence_grows_with_the_margin(workstation: Inventory) -> None:
 def test_profiles_are_computed_once_per_inventory(workstation: Inventory) -> None:
     assert profile_inventory(workstation) is profile_inventory(workstation)
     assert profile_inventory(Inventory.of(workstation.resources)) is not profile_inventory(workstation)
+
+
+def test_the_profile_cache_does_not_keep_inventories_alive() -> None:
+    inventory = Inventory.of([Resource("cpu", ResourceType.CPU, "", {"memory_bytes": 8 * GIB})])
+    advise_workload(inventory, 1e6)
+    ref = weakref.ref(inventory)
+    del inventory
+    gc.collect()
+    assert ref() is None
 
 
 def test_advising_is_fast(workstation: Inventory) -> None:

@@ -304,7 +304,7 @@ def _last_hidden_state_module(torch: Any, model: Any, names: Sequence[str]) -> A
     """A module taking the inputs positionally and returning only last_hidden_state, because the
     exporter traces positional tensors and a single output keeps the graph's contract simple."""
 
-    class LastHiddenState(torch.nn.Module):  # type: ignore[misc, name-defined]
+    class LastHiddenState(torch.nn.Module):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__()
             self.model = model

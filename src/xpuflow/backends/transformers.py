@@ -335,7 +335,7 @@ class _TokenStreamer:
 def _cancel_criteria(event: threading.Event) -> Any:
     from transformers import StoppingCriteria
 
-    class Cancelled(StoppingCriteria):  # type: ignore[misc]
+    class Cancelled(StoppingCriteria):
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
             import torch
 
@@ -376,7 +376,7 @@ class TransformersSession(Session):
         self._model = model
         self._tokenizer = tokenizer
         self._runner = runner
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
         if tokenizer.eos_token_id is not None:
             eos_ids.add(int(tokenizer.eos_token_id))
@@ -450,10 +450,11 @@ class TransformersSession(Session):
 
     def _generate_kwargs(self, encoded: Any, params: GenerationParams, max_new_tokens: int) -> dict[str, Any]:
         import torch
-        from transformers import GenerationConfig
+        import transformers
 
+        generation_config: Any = transformers.GenerationConfig  # untyped in some releases
         sampling = params.temperature > 0
-        config = GenerationConfig(
+        config = generation_config(
             max_new_tokens=max_new_tokens,
             do_sample=sampling,
             eos_token_id=sorted(self._eos_ids) or None,
@@ -799,7 +800,7 @@ class TransformersPlugin:
             kwargs: dict[str, Any] = {"local_files_only": True, **_dtype_kwargs(torch, config.precision)}
             if attention is not None:
                 kwargs["attn_implementation"] = str(attention)
-            model_class = AutoModel if embedding else AutoModelForCausalLM
+            model_class: Any = AutoModel if embedding else AutoModelForCausalLM
             model = model_class.from_pretrained(folder, **kwargs).to(device).eval()
             if not embedding:
                 tokenizer.padding_side = "left"  # a decoder continues every row from its last position
@@ -851,5 +852,5 @@ def _torch_sees(torch: Any, device: str) -> bool:
         return bool(mps is not None and mps.is_available())
     if kind == "xpu":
         xpu = getattr(torch, "xpu", None)
-        return bool(xpu is not None and xpu.is_available()) and int(index or 0) < xpu.device_count()
+        return xpu is not None and bool(xpu.is_available()) and int(index or 0) < xpu.device_count()
     return False

@@ -17,6 +17,7 @@ or ``power_limit_w`` and those win. ``docs/advisor.md`` explains every constant.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import weakref
@@ -720,7 +721,9 @@ def profile_inventory(inventory: _HasResources) -> tuple[DeviceProfile, ...]:
     except TypeError:  # an object that cannot be weakly referenced: no caching, still correct
         return profiles
     if len(_cache) >= _CACHE_MAX:
-        _cache.pop(next(iter(_cache)), None)
+        # Evict the oldest. Another thread may be changing the dict; then eviction waits for the next miss.
+        with contextlib.suppress(RuntimeError, StopIteration, KeyError):
+            del _cache[next(iter(_cache))]
     _cache[key] = (ref, profiles)
     return profiles
 
@@ -728,4 +731,4 @@ def profile_inventory(inventory: _HasResources) -> tuple[DeviceProfile, ...]:
 def _forget(key: int, dead: weakref.ref[Any]) -> None:
     entry = _cache.get(key)
     if entry is not None and entry[0] is dead:
-        del _cache[key]
+        _cache.pop(key, None)
