@@ -60,7 +60,10 @@ def test_missing_accelerator_provider_falls_back_to_cpu() -> None:
 
 def test_npu_gets_openvino_with_the_npu_device_type() -> None:
     available = ["OpenVINOExecutionProvider", "CPUExecutionProvider"]
-    assert choose_providers([INTEL_NPU], available)[0] == ("OpenVINOExecutionProvider", {"device_type": "NPU"})
+    assert choose_providers([INTEL_NPU], available)[0] == (
+        "OpenVINOExecutionProvider",
+        {"device_type": "NPU"},
+    )
 
 
 def test_explicit_providers_win_and_must_be_available() -> None:
@@ -158,7 +161,12 @@ def minilm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace
     again = build_all(plugin, [CPU], config, store)
     session = asyncio.run(plugin.create_session([CPU], config, again))
     yield SimpleNamespace(
-        plugin=plugin, config=config, built=built, artifacts=again, session=session, reference=torch_reference(TEXTS)
+        plugin=plugin,
+        config=config,
+        built=built,
+        artifacts=again,
+        session=session,
+        reference=torch_reference(TEXTS),
     )
     asyncio.run(session.close())
 

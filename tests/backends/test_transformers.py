@@ -258,7 +258,9 @@ def test_stop_strings_and_length_limit(smollm2: SimpleNamespace) -> None:
     async def go() -> tuple[Any, Any, list[Any]]:
         free = await session.generate("1, 2, 3,", GenerationParams(max_tokens=3))
         stopped = await session.generate("1, 2, 3,", GenerationParams(max_tokens=12, stop=("6",)))
-        streamed = [c async for c in session.stream_generate("1, 2, 3,", GenerationParams(max_tokens=12, stop=("6",)))]
+        streamed = [
+            c async for c in session.stream_generate("1, 2, 3,", GenerationParams(max_tokens=12, stop=("6",)))
+        ]
         return free, stopped, streamed
 
     free, stopped, streamed = asyncio.run(go())
