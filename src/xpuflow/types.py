@@ -24,6 +24,7 @@ __all__ = [
     "RoutingDecision",
     "Strategy",
     "Task",
+    "WorkerSnapshot",
 ]
 
 
@@ -252,4 +253,49 @@ class RoutingDecision:
             "strategy": self.strategy,
             "alternatives": [a.to_dict() for a in self.alternatives],
             "details": {k: _jsonable(v) for k, v in self.details.items()},
+        }
+
+
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """A worker's live state at one instant, as the router's pure scorer sees it.
+
+    Workers publish these; ``policy.worker_scorer`` ranks them. ``taken_at_s`` is the monotonic time
+    of the reading, so the scorer can age stale state (a remote worker polled seconds ago) out of its
+    score. Unknown readings are None, never a made-up number.
+    """
+
+    worker_id: str
+    deployment: str
+    device: str
+    healthy: bool = True
+    draining: bool = False
+    queue_depth: int = 0
+    in_flight: int = 0
+    max_batch_size: int = 1
+    ema_latency_ms: float | None = None
+    free_memory_bytes: int | None = None
+    utilization_pct: float | None = None
+    temperature_c: float | None = None
+    max_seq_len: int | None = None
+    taken_at_s: float = 0.0
+    tags: frozenset[str] = frozenset()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "deployment": self.deployment,
+            "device": self.device,
+            "healthy": self.healthy,
+            "draining": self.draining,
+            "queue_depth": self.queue_depth,
+            "in_flight": self.in_flight,
+            "max_batch_size": self.max_batch_size,
+            "ema_latency_ms": self.ema_latency_ms,
+            "free_memory_bytes": self.free_memory_bytes,
+            "utilization_pct": self.utilization_pct,
+            "temperature_c": self.temperature_c,
+            "max_seq_len": self.max_seq_len,
+            "taken_at_s": self.taken_at_s,
+            "tags": sorted(self.tags),
         }

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from xpuflow.backends.base import BatchMode, GenerationParams, ModelConfig
+from xpuflow.backends.base import BackendPlugin, BatchMode, GenerationParams, ModelConfig
 from xpuflow.backends.onnxruntime import CPU_PROVIDER, EXPORT_PROFILE, OnnxRuntimePlugin, choose_providers
 from xpuflow.build import ArtifactStore, build_all
 from xpuflow.bundled import minilm_path
@@ -98,7 +98,7 @@ def test_bad_inputs_are_config_errors(tmp_path: Path) -> None:
 
 def test_onnx_file_without_a_tokenizer_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "model.onnx").write_bytes(b"\0")
-    with pytest.raises(ConfigError, match="tokenizer.json"):
+    with pytest.raises(ConfigError, match=r"tokenizer\.json"):
         OnnxRuntimePlugin().required_build_profiles([CPU], _config(path=tmp_path / "model.onnx"))
 
 
@@ -117,6 +117,7 @@ def test_session_without_the_export_artifact_is_a_build_error() -> None:
 
 def test_availability_and_probe() -> None:
     plugin = OnnxRuntimePlugin()
+    assert isinstance(plugin, BackendPlugin)
     status = plugin.availability()
     assert status.available, status.reason
     assert CPU_PROVIDER in status.reason

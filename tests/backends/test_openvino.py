@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from xpuflow.backends.base import BatchMode, ModelConfig
+from xpuflow.backends.base import BackendPlugin, BatchMode, ModelConfig
 from xpuflow.backends.openvino import BLOB_NAME, COMPILE_PROFILE, OpenVinoPlugin, openvino_device
 from xpuflow.build import ArtifactStore, BuildArtifact, build_all
 from xpuflow.bundled import minilm_path
@@ -108,6 +108,7 @@ def test_session_without_its_artifact_is_a_build_error() -> None:
 
 def test_availability_lists_devices_and_probe_keeps_the_cpu() -> None:
     plugin = OpenVinoPlugin()
+    assert isinstance(plugin, BackendPlugin)
     status = plugin.availability()
     assert status.available, status.reason
     assert "CPU" in status.reason

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from xpuflow.backends.base import BatchMode, GenerationParams, ModelConfig
+from xpuflow.backends.base import BackendPlugin, BatchMode, GenerationParams, ModelConfig
 from xpuflow.backends.transformers import (
     DEQUANT_PROFILE,
     TransformersPlugin,
@@ -115,6 +115,7 @@ def test_torch_device_names() -> None:
 
 def test_availability_and_probe() -> None:
     plugin = TransformersPlugin()
+    assert isinstance(plugin, BackendPlugin)
     status = plugin.availability()
     assert status.available, status.reason
     assert status.version

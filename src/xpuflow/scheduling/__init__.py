@@ -1,0 +1,1 @@
+"""Workers: priority queues, adaptive micro-batching, QoS contexts, admission, model residency."""

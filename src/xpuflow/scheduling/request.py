@@ -1,0 +1,84 @@
+"""One unit of work as the scheduler sees it: what to run, how urgent, and whether anyone still waits.
+
+Example::
+
+    request = WorkRequest.chat([{"role": "user", "content": "hi"}], GenerationParams(max_tokens=16),
+                               priority=Priority.HIGH, deadline_s=clock.monotonic() + 30)
+    result = await worker.submit(request)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+from typing import Any
+
+from xpuflow.backends.base import ChatMessage, GenerationParams
+from xpuflow.errors import ConfigError
+
+__all__ = ["Priority", "RequestKind", "WorkRequest"]
+
+_ids = itertools.count(1)
+
+
+class Priority(IntEnum):
+    """Lower value is served first. Parsed from the ``x-priority`` header."""
+
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+    @classmethod
+    def parse(cls, value: str | int | Priority | None) -> Priority:
+        if value is None or value == "":
+            return cls.NORMAL
+        if isinstance(value, int):
+            return cls(value)
+        try:
+            return cls[str(value).strip().upper()]
+        except KeyError:
+            raise ConfigError(
+                f"unknown priority '{value}'; valid: high, normal, low", field="x-priority"
+            ) from None
+
+
+class RequestKind(str, Enum):
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+
+
+@dataclass(eq=False)
+class WorkRequest:
+    """A request queued on a worker. ``cancelled`` is set when the client goes away, so a queued
+    request is dropped instead of computed for nobody. Identity equality: two requests are never equal."""
+
+    kind: RequestKind
+    payload: Any  # messages (chat), prompt str (completion) or list[str] (embedding)
+    params: GenerationParams = field(default_factory=GenerationParams)
+    priority: Priority = Priority.NORMAL
+    stream: bool = False
+    deadline_s: float | None = None  # monotonic time after which the answer is useless
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def chat(cls, messages: Sequence[ChatMessage], params: GenerationParams, **kw: Any) -> WorkRequest:
+        return cls(RequestKind.CHAT, list(messages), params, **kw)
+
+    @classmethod
+    def completion(cls, prompt: str, params: GenerationParams, **kw: Any) -> WorkRequest:
+        return cls(RequestKind.COMPLETION, prompt, params, **kw)
+
+    @classmethod
+    def embedding(cls, texts: Sequence[str], **kw: Any) -> WorkRequest:
+        return cls(RequestKind.EMBEDDING, list(texts), **kw)
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys may share a batch (same kind, same sampling settings)."""
+        p = self.params
+        return (self.kind, self.stream, p.temperature, p.top_p, p.stop, p.seed)
