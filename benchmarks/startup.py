@@ -34,9 +34,39 @@ def cli(args: list[str], hide_torch: bool) -> list[str]:
 
 
 def advise_us(number: int) -> list[float]:
+    """Per-call time of advise() on this machine's CPU plus two GPUs as NVML would report them
+    (an 80 GiB and a 24 GiB card), so the call weighs three devices whatever the host has."""
     import xpuflow
+    from xpuflow.types import Resource, ResourceType
 
-    inventory = xpuflow.detect()
+    gib = 1 << 30
+    inventory = xpuflow.Inventory.of(
+        [
+            *xpuflow.detect().resources,
+            Resource(
+                "cuda:0",
+                ResourceType.GPU,
+                "NVIDIA H100",
+                {
+                    "memory_bytes": 80 * gib,
+                    "free_memory_bytes": 78 * gib,
+                    "compute_capability": "9.0",
+                    "vendor": "nvidia",
+                },
+            ),
+            Resource(
+                "cuda:1",
+                ResourceType.GPU,
+                "NVIDIA L4",
+                {
+                    "memory_bytes": 24 * gib,
+                    "free_memory_bytes": 22 * gib,
+                    "compute_capability": "8.9",
+                    "vendor": "nvidia",
+                },
+            ),
+        ]
+    )
     xpuflow.advise(7e9, batch_size=8, precision="bf16", strategy="latency", inventory=inventory)
     timer = timeit.Timer(
         lambda: xpuflow.advise(7e9, batch_size=8, precision="bf16", strategy="latency", inventory=inventory)
