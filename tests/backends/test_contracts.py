@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-import time
 
 import pytest
 
@@ -92,25 +92,25 @@ def test_blocking_runner_streams_incrementally_and_stops_early() -> None:
     def items():  # type: ignore[no-untyped-def]
         for i in range(1000):
             produced.append(i)
-            if i == 0:
-                gate.wait(5)  # the consumer must see item 0 before item 1 exists
             yield i
+            if i == 0:
+                assert gate.wait(5), "item 0 never reached the consumer while the producer waited"
 
     async def go() -> None:
         runner = BlockingRunner("t")
         seen = []
-        async for item in runner.iterate(items):
-            seen.append(item)
-            gate.set()
-            if item == 3:
-                break
+        async with contextlib.aclosing(runner.iterate(items)) as stream:
+            async for item in stream:
+                seen.append(item)
+                gate.set()  # item 1 is only produced after item 0 arrived: no buffering
+                if item == 3:
+                    break
         assert seen == [0, 1, 2, 3]
         assert await runner.call(lambda x: x * 2, 21) == 42
         runner.close()
 
     asyncio.run(go())
-    time.sleep(0.05)
-    assert len(produced) < 1000  # the producer was told to stop
+    assert len(produced) < 1000  # closing the stream told the producer to stop
 
 
 def test_blocking_runner_propagates_errors() -> None:
