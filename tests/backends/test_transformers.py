@@ -14,11 +14,10 @@ from typing import Any
 import pytest
 
 from xpuflow.backends.base import BackendPlugin, BatchMode, GenerationParams, ModelConfig
+from xpuflow.backends.token_stream import StopFilter, cut_at_stop
 from xpuflow.backends.transformers import (
     DEQUANT_PROFILE,
     TransformersPlugin,
-    _cut_at_stop,
-    _StopFilter,
     torch_device,
 )
 from xpuflow.build import ArtifactStore, build_all
@@ -124,16 +123,16 @@ def test_availability_and_probe() -> None:
 
 
 def test_stop_filter_holds_back_a_possible_stop_string() -> None:
-    stops = _StopFilter(["</end>"])
+    stops = StopFilter(["</end>"])
     assert stops.feed("hello <") == ("hello ", False)  # "<" may begin the stop string
     assert stops.feed("/e") == ("", False)
     assert stops.feed("nd> more") == ("", True)
-    other = _StopFilter(["\n\n"])
+    other = StopFilter(["\n\n"])
     assert other.feed("a\n") == ("a", False)
     assert other.feed("b") == ("\nb", False)
     assert other.flush() == ""
-    assert _cut_at_stop("one. two. three", [".", "two"]) == ("one", True)
-    assert _cut_at_stop("no stops", []) == ("no stops", False)
+    assert cut_at_stop("one. two. three", [".", "two"]) == ("one", True)
+    assert cut_at_stop("no stops", []) == ("no stops", False)
 
 
 # -- SmolLM2 through the gguf-dequant artifact ---------------------------------------------------------

@@ -27,7 +27,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
-import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +46,13 @@ from xpuflow.backends.base import (
 )
 from xpuflow.backends.blocking import BlockingRunner
 from xpuflow.backends.onnx_export import check_pooling, encoder_max_length, package_version
+from xpuflow.backends.token_stream import (
+    IncrementalDecoder,
+    StopFilter,
+    TokenStreamer,
+    cancel_criteria,
+    cut_at_stop,
+)
 from xpuflow.build.profile import BuildArtifact, BuildProfile
 from xpuflow.errors import BackendUnavailable, BuildError, ConfigError, SessionError, XpuflowError
 from xpuflow.types import Capability, OptimizedFor, Resource, ResourceType
@@ -249,103 +255,6 @@ def _dequantize_gguf(gguf: Path, out_dir: Path) -> dict[str, Any]:
     }
 
 
-def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """``text`` up to the earliest stop string, and whether one was found."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
-
-
-class _StopFilter:
-    """Streams text while holding back any tail that could begin a stop string, so a stop string split
-    across tokens is never half-sent."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = [s for s in stops if s]
-        self._pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """The text safe to send now, and whether a stop string ended the generation."""
-        self._pending += text
-        cut, hit = _cut_at_stop(self._pending, self._stops)
-        if hit:
-            self._pending = ""
-            return cut, True
-        keep = 0
-        for stop in self._stops:
-            for length in range(min(len(stop) - 1, len(self._pending)), keep, -1):
-                if self._pending.endswith(stop[:length]):
-                    keep = length
-                    break
-        ready = self._pending[: len(self._pending) - keep]
-        self._pending = self._pending[len(ready) :]
-        return ready, False
-
-    def flush(self) -> str:
-        ready, self._pending = self._pending, ""
-        return ready
-
-
-class _IncrementalDecoder:
-    """Turns a growing token list into text deltas. Decoding a window that starts a few tokens back
-    keeps word-boundary spaces right, and a delta ending in U+FFFD (a UTF-8 character cut between
-    tokens) waits for the next token."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-
-    def _delta(self) -> tuple[str, str]:
-        prefix = self._tokenizer.decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
-        full = self._tokenizer.decode(self._ids[self._prefix :], skip_special_tokens=True)
-        return prefix, full
-
-    def push(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        prefix, full = self._delta()
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return full[len(prefix) :]
-        return ""
-
-    def flush(self) -> str:
-        prefix, full = self._delta()
-        self._prefix = self._read = len(self._ids)
-        return full[len(prefix) :]
-
-
-class _TokenStreamer:
-    """transformers' streamer protocol (``put``/``end``): queues each step's new token ids."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue[list[int] | None] = queue.Queue()
-        self._prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:  # generate() first puts the prompt itself
-            self._prompt_seen = True
-            return
-        self.queue.put([int(t) for t in value.reshape(-1).tolist()])
-
-    def end(self) -> None:
-        self.queue.put(None)
-
-
-def _cancel_criteria(event: threading.Event) -> Any:
-    from transformers import StoppingCriteria
-
-    class Cancelled(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            import torch
-
-            return torch.full(
-                (input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device
-            )
-
-    return Cancelled()
-
-
 class TransformersSession(Session):
     """One model loaded in torch. Every torch call runs on the session's single model thread."""
 
@@ -505,7 +414,7 @@ class TransformersSession(Session):
             # A row a stop string ended early is filled with pads up to the batch's longest row.
             while tokens and tokens[-1] == pad:
                 tokens = tokens[:-1]
-        text, stopped = _cut_at_stop(self._tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
+        text, stopped = cut_at_stop(self._tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
         # Rows that neither ended nor stopped run to max_new; shorter ones were stopped by a stop string.
         finish = "stop" if stopped or end is not None or len(tokens) < max_new else "length"
         return Completion(text, prompt_tokens, len(tokens), finish, self.model_id)
@@ -520,8 +429,8 @@ class TransformersSession(Session):
         max_new = self._max_new_tokens(int(encoded["input_ids"].shape[1]), params)
         kwargs = self._generate_kwargs(encoded, params, max_new)
         cancel = threading.Event()
-        streamer = _TokenStreamer()
-        kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_cancel_criteria(cancel)]))
+        streamer = TokenStreamer()
+        kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([cancel_criteria(cancel)]))
         failures: list[BaseException] = []
 
         def run() -> None:
@@ -535,7 +444,7 @@ class TransformersSession(Session):
 
         worker = threading.Thread(target=run, name=f"transformers-stream-{self.model_id}", daemon=True)
         worker.start()
-        decoder, stops = _IncrementalDecoder(self._tokenizer), _StopFilter(params.stop)
+        decoder, stops = IncrementalDecoder(self._tokenizer), StopFilter(params.stop)
         count, finish, stopped = 0, None, False
         try:
             while finish is None and (ids := streamer.queue.get()) is not None:

@@ -1,0 +1,402 @@
+"""Which worker inside a tier takes a request: filter -> score -> weighted random among the top k (pure).
+
+The scorer ranks ``WorkerSnapshot``s, the state workers publish; it never calls into a worker. Health
+comes in as a precomputed flag per worker (``available``: healthy, or admitting its half-open probe),
+and time and randomness are injected::
+
+    scorer = WorkerScorer()
+    choice = scorer.choose(snapshots, WorkerNeeds(tokens=900), rng=random.Random(7), now_s=clock.monotonic())
+    choice.chosen.worker_id      # "chat-main/1"
+    choice.ranked                # every candidate that passed the filter, best first, with its terms
+    choice.rejected              # Alternative(candidate, reason) for every worker the filter refused
+
+1. Filter. A worker is refused, with a reason, when it is not available (unhealthy and not admitting a
+   probe), draining, cannot hold the request (``needs.tokens > max_seq_len``) or lacks the memory it
+   needs (``needs.memory_bytes > free_memory_bytes``, checked only when both are known).
+2. Score. Four terms in [0, 1] (1 is best), combined by normalised weights, plus an affinity bonus::
+
+       load_i   = (queue_depth_i + in_flight_i) / max_batch_size_i      batches ahead of this request
+       speed_i  = min_j E_j / E_i,  E_i = ema_latency_i * (1 + load_i)   expected time to serve, vs the best
+       memory_i = free_memory_i / max_j free_memory_j                   headroom for batches and KV cache
+       util_i   = 1 - utilization_pct_i / 100
+       temp_i   = 1 below throttle_start_c, 0 at throttle_limit_c, linear between
+       score_i  = sum_t w_t * term_t / sum_t w_t  +  w_affinity * affinity_i
+
+   A worker with no latency reading yet is assumed as fast as the median of those with one; any other
+   unknown reading scores ``NEUTRAL`` (0.5): worse than a known-good worker, better than a known-bad one.
+   Staleness: a snapshot of age ``a = now_s - taken_at_s`` weighs ``f = 2 ** (-a / staleness_half_life_s)``
+   and every term is blended ``f * term + (1 - f) * NEUTRAL``, so state that has not been refreshed
+   (a remote worker whose poll stalled) ages out toward "nothing known" instead of steering traffic.
+3. Choose. A worker admitting its half-open probe (``probes``) takes the request, so the probe happens.
+   Otherwise one of the ``top_k`` best is drawn with probability proportional to
+   ``exp((score_i - best) / choice_temperature)``: near-equal workers share the traffic (many routers
+   reading the same stale numbers do not herd onto one worker) while a clearly worse one is rarely hit.
+
+``docs/worker_choice.md`` explains the choices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import statistics
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from xpuflow.types import Alternative, WorkerSnapshot
+
+__all__ = [
+    "NEUTRAL",
+    "Affinity",
+    "ScoredWorker",
+    "ScoringWeights",
+    "WorkerChoice",
+    "WorkerNeeds",
+    "WorkerScorer",
+    "session_affinity",
+]
+
+#: The score of a reading nobody has: unknown values and stale state are pulled toward it.
+NEUTRAL = 0.5
+
+Affinity = Mapping[str, float] | Callable[[Sequence[WorkerSnapshot]], Mapping[str, float]]
+"""Affinity bonus in [0, 1] per worker id, or a function of the candidates (after the filter) giving it.
+Use it for prefix-cache or session stickiness; see ``session_affinity``."""
+
+_GIB = float(1 << 30)
+
+
+@dataclass(frozen=True)
+class WorkerNeeds:
+    """What one request needs from a worker. Unknown needs (None) are not checked.
+
+    ``tokens`` is the prompt plus the new tokens it may generate, compared with ``max_seq_len``;
+    ``memory_bytes`` is the extra memory it needs on the device (its KV cache, a large batch).
+    """
+
+    tokens: int | None = None
+    memory_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None and self.tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {self.tokens}")
+        if self.memory_bytes is not None and self.memory_bytes < 0:
+            raise ValueError(f"memory_bytes must be >= 0, got {self.memory_bytes}")
+
+
+@dataclass(frozen=True)
+class ScoringWeights:
+    """Weights of the score's terms. The four state terms are normalised by their sum; ``affinity`` is
+    added on top, so 0.3 lets stickiness outweigh a 30-point difference in load-based score."""
+
+    speed: float = 0.55
+    memory: float = 0.15
+    utilization: float = 0.15
+    temperature: float = 0.15
+    affinity: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name in ("speed", "memory", "utilization", "temperature", "affinity"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"weight {name} must be a finite number >= 0, got {value}")
+        if self.speed + self.memory + self.utilization + self.temperature <= 0:
+            raise ValueError("at least one of the speed, memory, utilization, temperature weights must be > 0")
+
+
+@dataclass(frozen=True)
+class ScoredWorker:
+    """A candidate that passed the filter: its score, each term (after staleness), and its freshness."""
+
+    snapshot: WorkerSnapshot
+    score: float
+    terms: Mapping[str, float] = field(default_factory=dict)
+    freshness: float = 1.0
+    probe: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "terms", MappingProxyType(dict(self.terms)))
+
+    @property
+    def worker_id(self) -> str:
+        return self.snapshot.worker_id
+
+    def explain(self) -> str:
+        """The terms as one line, e.g. ``speed 0.92, memory 0.50, utilization 0.50, temperature 0.50``."""
+        text = ", ".join(f"{name} {value:.2f}" for name, value in self.terms.items())
+        return f"{text}; state {self.freshness:.0%} fresh" if self.freshness < 1.0 else text
+
+
+@dataclass(frozen=True)
+class WorkerChoice:
+    """The outcome of ``WorkerScorer.choose``: the chosen worker (None when none passed the filter),
+    every passing candidate best first, and every refused worker with its reason."""
+
+    chosen: ScoredWorker | None
+    ranked: tuple[ScoredWorker, ...]
+    rejected: tuple[Alternative, ...]
+    probability: float = 0.0
+    reason: str = ""
+
+    def alternatives(self) -> tuple[Alternative, ...]:
+        """Every worker not chosen, with why: the ranked ones with their scores, then the refused ones."""
+        best = self.chosen.score if self.chosen is not None else None
+        lost = tuple(
+            Alternative(c.worker_id, f"scored {c.score:.2f} vs {best:.2f} ({c.explain()})", round(c.score, 4))
+            for c in self.ranked
+            if c is not self.chosen and best is not None
+        )
+        return lost + self.rejected
+
+
+@dataclass(frozen=True)
+class WorkerScorer:
+    """Filter, score and choose workers. Immutable settings; every method is a pure function of its
+    arguments (the RNG passed to ``choose`` is the only source of randomness)."""
+
+    weights: ScoringWeights = field(default_factory=ScoringWeights)
+    top_k: int = 3
+    choice_temperature: float = 0.1
+    staleness_half_life_s: float = 5.0
+    throttle_start_c: float = 75.0
+    throttle_limit_c: float = 90.0
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not self.choice_temperature >= 0:
+            raise ValueError(f"choice_temperature must be >= 0, got {self.choice_temperature}")
+        if not self.staleness_half_life_s > 0:
+            raise ValueError(f"staleness_half_life_s must be > 0, got {self.staleness_half_life_s}")
+        if not self.throttle_limit_c > self.throttle_start_c:
+            raise ValueError(
+                f"throttle_limit_c ({self.throttle_limit_c}) must be above throttle_start_c "
+                f"({self.throttle_start_c})"
+            )
+
+    # -- 1. filter ------------------------------------------------------------------------------------
+
+    def refusal(
+        self, snapshot: WorkerSnapshot, needs: WorkerNeeds | None = None, *, available: bool | None = None
+    ) -> str | None:
+        """Why this worker cannot take the request, or None when it can. ``available`` overrides the
+        snapshot's ``healthy`` flag (pass the health tracker's verdict, probe admission included)."""
+        reasons: list[str] = []
+        if not (snapshot.healthy if available is None else available):
+            reasons.append("unhealthy: it failed recently and gets a probe only after its cooldown")
+        if snapshot.draining:
+            reasons.append("draining: it finishes its queue and takes no new requests")
+        if needs is not None:
+            if needs.tokens is not None and snapshot.max_seq_len is not None and needs.tokens > snapshot.max_seq_len:
+                reasons.append(f"needs {needs.tokens} tokens but its max_seq_len is {snapshot.max_seq_len}")
+            free = snapshot.free_memory_bytes
+            if needs.memory_bytes is not None and free is not None and needs.memory_bytes > free:
+                reasons.append(
+                    f"needs {needs.memory_bytes / _GIB:.2f} GiB but {snapshot.device} has "
+                    f"{free / _GIB:.2f} GiB free"
+                )
+        return "; ".join(reasons) if reasons else None
+
+    def filter(
+        self,
+        snapshots: Sequence[WorkerSnapshot],
+        needs: WorkerNeeds | None = None,
+        *,
+        available: Mapping[str, bool] | None = None,
+    ) -> tuple[list[WorkerSnapshot], list[Alternative]]:
+        """Split the workers into those that can take the request and the refused ones with reasons."""
+        passed: list[WorkerSnapshot] = []
+        rejected: list[Alternative] = []
+        for snapshot in snapshots:
+            flag = None if available is None else available.get(snapshot.worker_id, snapshot.healthy)
+            reason = self.refusal(snapshot, needs, available=flag)
+            if reason is None:
+                passed.append(snapshot)
+            else:
+                rejected.append(Alternative(snapshot.worker_id, reason))
+        return passed, rejected
+
+    # -- 2. score -------------------------------------------------------------------------------------
+
+    def freshness(self, snapshot: WorkerSnapshot, now_s: float | None) -> float:
+        """Weight of the snapshot's readings: 1 when just taken, halving every ``staleness_half_life_s``."""
+        if now_s is None:
+            return 1.0
+        age_s = max(0.0, now_s - snapshot.taken_at_s)
+        return float(2.0 ** (-age_s / self.staleness_half_life_s))
+
+    def _temperature_term(self, temperature_c: float | None) -> float:
+        if temperature_c is None:
+            return NEUTRAL
+        span = self.throttle_limit_c - self.throttle_start_c
+        return _clamp((self.throttle_limit_c - temperature_c) / span)
+
+    def score(
+        self,
+        candidates: Sequence[WorkerSnapshot],
+        *,
+        now_s: float | None = None,
+        affinity: Affinity | None = None,
+        probes: Collection[str] = (),
+    ) -> list[ScoredWorker]:
+        """Score workers that passed the filter; best first (ties keep the input order).
+
+        Terms are relative to the other candidates, so scores compare within one call only.
+        """
+        if not candidates:
+            return []
+        known_ema = [s.ema_latency_ms for s in candidates if s.ema_latency_ms is not None and s.ema_latency_ms > 0]
+        prior_ema = statistics.median(known_ema) if known_ema else 1.0
+        expected = [_ema(s, prior_ema) * (1.0 + _load(s)) for s in candidates]
+        best_expected = min(expected)
+        known_free = [s.free_memory_bytes for s in candidates if s.free_memory_bytes is not None]
+        max_free = max(known_free) if known_free else 0
+        bonus = _affinity_bonus(affinity, candidates)
+        w = self.weights
+        state_weight = w.speed + w.memory + w.utilization + w.temperature
+        scored: list[ScoredWorker] = []
+        for snapshot, expected_i in zip(candidates, expected, strict=True):
+            fresh = self.freshness(snapshot, now_s)
+            raw = {
+                "speed": best_expected / expected_i if expected_i > 0 else 1.0,
+                "memory": _memory_term(snapshot.free_memory_bytes, max_free),
+                "utilization": NEUTRAL
+                if snapshot.utilization_pct is None
+                else 1.0 - _clamp(snapshot.utilization_pct / 100.0),
+                "temperature": self._temperature_term(snapshot.temperature_c),
+            }
+            terms = {name: fresh * value + (1.0 - fresh) * NEUTRAL for name, value in raw.items()}
+            state = (
+                w.speed * terms["speed"]
+                + w.memory * terms["memory"]
+                + w.utilization * terms["utilization"]
+                + w.temperature * terms["temperature"]
+            ) / state_weight
+            sticky = bonus.get(snapshot.worker_id, 0.0)
+            if sticky:
+                terms["affinity"] = sticky
+            scored.append(
+                ScoredWorker(
+                    snapshot, state + w.affinity * sticky, terms, fresh, snapshot.worker_id in probes
+                )
+            )
+        order = sorted(range(len(scored)), key=lambda i: -scored[i].score)
+        return [scored[i] for i in order]
+
+    # -- 3. choose ------------------------------------------------------------------------------------
+
+    def choose(
+        self,
+        snapshots: Sequence[WorkerSnapshot],
+        needs: WorkerNeeds | None = None,
+        *,
+        rng: random.Random,
+        available: Mapping[str, bool] | None = None,
+        probes: Collection[str] = (),
+        now_s: float | None = None,
+        affinity: Affinity | None = None,
+    ) -> WorkerChoice:
+        """Filter, score, then pick: a probe candidate first, else a draw among the ``top_k`` best.
+
+        ``available`` maps worker id to the health verdict (missing ids use ``snapshot.healthy``);
+        ``probes`` names workers that were just admitted for their half-open probe (they must be
+        ``available`` too). ``now_s`` is the same monotonic clock as ``taken_at_s`` (None: all fresh).
+        """
+        passed, rejected = self.filter(snapshots, needs, available=available)
+        ranked = tuple(self.score(passed, now_s=now_s, affinity=affinity, probes=probes))
+        if not ranked:
+            return WorkerChoice(None, (), tuple(rejected), 0.0, "no worker passed the filter")
+        probe = next((c for c in ranked if c.probe), None)
+        if probe is not None:
+            return WorkerChoice(
+                probe,
+                ranked,
+                tuple(rejected),
+                1.0,
+                f"{probe.worker_id} takes the half-open probe after its cooldown",
+            )
+        top = ranked[: self.top_k]
+        weights = self.selection_weights([c.score for c in top])
+        index = _draw(rng, weights)
+        chosen = top[index]
+        probability = weights[index] / sum(weights)
+        if len(top) == 1:
+            reason = f"{chosen.worker_id} is the only worker that can take it ({chosen.explain()})"
+        else:
+            reason = (
+                f"{chosen.worker_id} scored {chosen.score:.2f} ({chosen.explain()}); drawn among the "
+                f"top {len(top)} with probability {probability:.2f}"
+            )
+        return WorkerChoice(chosen, ranked, tuple(rejected), probability, reason)
+
+    def selection_weights(self, scores: Sequence[float]) -> list[float]:
+        """Relative draw weights for scores (best first): ``exp((s - best) / choice_temperature)``.
+        A temperature of 0 draws uniformly among the workers tied for the best score."""
+        best = max(scores)
+        if self.choice_temperature == 0:
+            return [1.0 if s >= best else 0.0 for s in scores]
+        return [math.exp((s - best) / self.choice_temperature) for s in scores]
+
+
+def session_affinity(key: str) -> Callable[[Sequence[WorkerSnapshot]], Mapping[str, float]]:
+    """Sticky routing for a session or prompt prefix by rendezvous (highest-random-weight) hashing.
+
+    Of the candidates that passed the filter, the one with the highest ``hash(key, worker_id)`` gets a
+    bonus of 1. Adding or losing a worker moves only the keys that hashed to it, so prefix caches stay
+    warm; when the favourite is filtered out, the key moves to its runner-up, still deterministically.
+    """
+
+    def affinity(candidates: Sequence[WorkerSnapshot]) -> Mapping[str, float]:
+        if not candidates:
+            return {}
+        favourite = max(candidates, key=lambda s: _hrw(key, s.worker_id))
+        return {favourite.worker_id: 1.0}
+
+    return affinity
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+
+def _clamp(value: float) -> float:
+    return 0.0 if value < 0.0 else 1.0 if value > 1.0 else value
+
+
+def _load(snapshot: WorkerSnapshot) -> float:
+    return max(0, snapshot.queue_depth + snapshot.in_flight) / max(1, snapshot.max_batch_size)
+
+
+def _ema(snapshot: WorkerSnapshot, prior_ms: float) -> float:
+    ema = snapshot.ema_latency_ms
+    return ema if ema is not None and ema > 0 else prior_ms
+
+
+def _memory_term(free: int | None, max_free: int) -> float:
+    if free is None:
+        return NEUTRAL
+    return _clamp(free / max_free) if max_free > 0 else 0.0
+
+
+def _affinity_bonus(affinity: Affinity | None, candidates: Sequence[WorkerSnapshot]) -> Mapping[str, float]:
+    if affinity is None:
+        return {}
+    values: Mapping[str, Any] = affinity(candidates) if callable(affinity) else affinity
+    return {worker: _clamp(float(v)) for worker, v in values.items() if math.isfinite(float(v))}
+
+
+def _hrw(key: str, worker_id: str) -> int:
+    digest = hashlib.blake2b(f"{key}\x00{worker_id}".encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(digest.digest(), "big")
+
+
+def _draw(rng: random.Random, weights: Sequence[float]) -> int:
+    total = sum(weights)
+    point = rng.random() * total
+    for index, weight in enumerate(weights):
+        point -= weight
+        if point < 0:
+            return index
+    return max(range(len(weights)), key=lambda i: weights[i])  # rounding left a sliver: take the heaviest
