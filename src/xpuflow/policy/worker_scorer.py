@@ -104,7 +104,9 @@ class ScoringWeights:
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"weight {name} must be a finite number >= 0, got {value}")
         if self.speed + self.memory + self.utilization + self.temperature <= 0:
-            raise ValueError("at least one of the speed, memory, utilization, temperature weights must be > 0")
+            raise ValueError(
+                "at least one of the speed, memory, utilization, temperature weights must be > 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,11 @@ class WorkerScorer:
         if snapshot.draining:
             reasons.append("draining: it finishes its queue and takes no new requests")
         if needs is not None:
-            if needs.tokens is not None and snapshot.max_seq_len is not None and needs.tokens > snapshot.max_seq_len:
+            if (
+                needs.tokens is not None
+                and snapshot.max_seq_len is not None
+                and needs.tokens > snapshot.max_seq_len
+            ):
                 reasons.append(f"needs {needs.tokens} tokens but its max_seq_len is {snapshot.max_seq_len}")
             free = snapshot.free_memory_bytes
             if needs.memory_bytes is not None and free is not None and needs.memory_bytes > free:
@@ -248,7 +254,9 @@ class WorkerScorer:
         """
         if not candidates:
             return []
-        known_ema = [s.ema_latency_ms for s in candidates if s.ema_latency_ms is not None and s.ema_latency_ms > 0]
+        known_ema = [
+            s.ema_latency_ms for s in candidates if s.ema_latency_ms is not None and s.ema_latency_ms > 0
+        ]
         prior_ema = statistics.median(known_ema) if known_ema else 1.0
         expected = [_ema(s, prior_ema) * (1.0 + _load(s)) for s in candidates]
         best_expected = min(expected)

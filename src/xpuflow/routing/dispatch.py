@@ -1,0 +1,634 @@
+"""Send a request to a worker of its tier, retry on others with backoff, then fall to the next tier.
+
+The tier router decides the order of tiers; the ``Dispatcher`` picks a worker inside each with the
+``WorkerScorer`` and sees the request through::
+
+    dispatcher = Dispatcher(policy=RetryPolicy(max_retries=2, attempt_timeout_s=30))
+    done = await dispatcher.dispatch([("tier_high", high_workers), ("tier_low", low_workers)], request)
+    done.result                 # the Completion (or embeddings)
+    done.decision.worker        # "chat-main/2": tier, worker, device, reason, failed attempts, ...
+
+    stream = await dispatcher.open_stream(tiers, request)   # returns once the first chunk has arrived
+    async with stream:
+        async for chunk in stream: ...                       # may raise StreamInterrupted
+
+The contract:
+
+- A retryable failure (a session or backend error, ``RemoteError(retryable=True)``, a full queue, an
+  attempt that ran past ``attempt_timeout_s``) moves the request to the next-best *other* worker of the
+  same tier after an exponential backoff with jitter, at most ``max_retries`` times per tier; then to
+  the next tier. ``max_attempts`` bounds the whole request.
+- A non-retryable error (``ConfigError``, ``RemoteError(retryable=False)``, anything carrying a 4xx
+  status other than 408/429, ``CapabilityError``) is the client's problem: it is raised at once, as is.
+- Nothing accepted is lost: every call ends with a result or a ``DispatchError`` naming each worker
+  tried and why it failed, and each worker refused and why (``DispatchTimeout`` when the request's
+  ``deadline_s`` passed; ``AdmissionRejected`` when every worker tried had a full queue).
+- Health: workers record their own successes and failures; the dispatcher only asks
+  ``health.available()`` (spending a half-open probe on a worker only when the scorer will choose it),
+  records the timeouts it enforces itself (a hung worker never reports), and settles a probe the worker
+  left open.
+- Streams: a stream that fails before its first chunk is retried like any request, invisibly to the
+  client. After the first chunk the client has seen output, so a failure ends the stream with
+  ``StreamInterrupted`` (which names the worker and how many chunks got through).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from xpuflow.backends.base import Completion, StreamChunk
+from xpuflow.clock import Clock, SystemClock
+from xpuflow.errors import (
+    AdmissionRejected,
+    CapabilityError,
+    ConfigError,
+    RemoteError,
+    RoutingError,
+    XpuflowError,
+)
+from xpuflow.policy.worker_scorer import Affinity, WorkerChoice, WorkerNeeds, WorkerScorer
+from xpuflow.scheduling.health import HealthState, HealthTracker
+from xpuflow.scheduling.request import WorkRequest
+from xpuflow.types import Alternative, RoutingDecision, WorkerSnapshot
+
+__all__ = [
+    "Attempt",
+    "DispatchError",
+    "DispatchTarget",
+    "DispatchTimeout",
+    "Dispatched",
+    "DispatchedStream",
+    "Dispatcher",
+    "RetryPolicy",
+    "StreamInterrupted",
+    "Tiers",
+    "is_retryable",
+]
+
+T = TypeVar("T")
+Result = Completion | list[list[float]]
+
+
+class DispatchTarget(Protocol):
+    """What the dispatcher needs of a worker (``scheduling.worker.Worker`` and remote workers have it)."""
+
+    @property
+    def worker_id(self) -> str: ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def health(self) -> HealthTracker: ...
+
+    async def submit(self, request: WorkRequest) -> Result: ...
+
+    def stream(self, request: WorkRequest) -> AsyncIterator[StreamChunk]: ...
+
+    def snapshot(self) -> WorkerSnapshot: ...
+
+
+Tiers = Sequence[tuple[str, Sequence[DispatchTarget]]] | Mapping[str, Sequence[DispatchTarget]]
+"""Tiers in the order to try them (the preferred one first), each with its workers."""
+
+
+class DispatchError(RoutingError):
+    """No worker served the request. ``attempts`` lists what was tried; ``reasons`` (from
+    ``RoutingError``) has one line per failed attempt and per refused worker."""
+
+    def __init__(
+        self, message: str, *, reasons: Sequence[str] = (), attempts: Sequence[Attempt] = ()
+    ) -> None:
+        super().__init__(message, reasons=reasons)
+        self.attempts = tuple(attempts)
+
+
+class DispatchTimeout(DispatchError, TimeoutError):
+    """The request's ``deadline_s`` passed before any worker answered (a gateway answers 504). Also a
+    ``TimeoutError``, like the queue's ``DeadlineExceeded``."""
+
+
+class StreamInterrupted(XpuflowError):
+    """A stream failed after its first chunk reached the client, so it could not be moved to another
+    worker. The client holds a partial answer; ``chunks_delivered`` says how much. Retry the request."""
+
+    def __init__(self, message: str, *, worker: str, tier: str, chunks_delivered: int) -> None:
+        super().__init__(message)
+        self.worker = worker
+        self.tier = tier
+        self.chunks_delivered = chunks_delivered
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounds on retries, backoff and waiting. Backoff before the n-th retry is
+    ``min(backoff_max_s, backoff_base_s * 2 ** (n - 1))`` scaled by a uniform draw in [0.5, 1]."""
+
+    max_retries: int = 2  # per tier: a tier is given up after 1 + max_retries workers failed
+    max_attempts: int = 6  # over all tiers
+    backoff_base_s: float = 0.05
+    backoff_max_s: float = 1.0
+    attempt_timeout_s: float | None = 60.0  # one worker's time to answer (to the first chunk for streams)
+    stream_idle_timeout_s: float | None = 60.0  # longest gap between chunks once a stream has started
+    record_timeouts: bool = True  # count an attempt timeout as a failure in the worker's health
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}", field="max_retries")
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}", field="max_attempts")
+        if self.backoff_base_s < 0 or self.backoff_max_s < self.backoff_base_s:
+            raise ConfigError(
+                f"need 0 <= backoff_base_s <= backoff_max_s, got {self.backoff_base_s} and "
+                f"{self.backoff_max_s}",
+                field="backoff_base_s",
+            )
+        for name in ("attempt_timeout_s", "stream_idle_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be > 0 seconds or None, got {value}", field=name)
+
+    def backoff_s(self, retry: int, rng: random.Random) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based). Jitter keeps the retries of many
+        requests that failed together from arriving together."""
+        cap = min(self.backoff_max_s, self.backoff_base_s * 2.0 ** (retry - 1))
+        return cap * (0.5 + 0.5 * rng.random())
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try on one worker: where, how long, the backoff before it, and its error (None: it served)."""
+
+    tier: str
+    worker: str
+    device: str
+    elapsed_s: float
+    backoff_s: float = 0.0
+    error: str | None = None
+    probe: bool = False
+
+    def describe(self) -> str:
+        where = f"{self.tier}/{self.worker} on {self.device}"
+        return f"{where}: {self.error}" if self.error else f"{where}: served"
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """A served request: the result, the explained decision and every attempt (the last one served)."""
+
+    result: Result
+    decision: RoutingDecision
+    attempts: tuple[Attempt, ...] = ()
+
+
+class _AttemptTimeout(Exception):
+    """An attempt ran past its timeout (internal: becomes a retry or a DispatchTimeout)."""
+
+
+@dataclass
+class _Pick:
+    tier: str
+    target: DispatchTarget
+    choice: WorkerChoice
+
+    @property
+    def probe(self) -> bool:
+        return self.choice.chosen is not None and self.choice.chosen.probe
+
+
+@dataclass
+class _Progress:
+    """What one request has been through so far."""
+
+    attempts: list[Attempt] = field(default_factory=list)
+    rejected: dict[str, Alternative] = field(default_factory=dict)
+    errors: list[BaseException] = field(default_factory=list)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether another worker may succeed where this one failed. Input errors and 4xx are final."""
+    if isinstance(exc, (ConfigError, CapabilityError, ValueError, TypeError)):
+        return False
+    if isinstance(exc, RemoteError):
+        return exc.retryable
+    status = getattr(exc, "status", None)
+    client_error = isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+    return not client_error
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or "no message"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    # An abandoned attempt may still finish with an error; fetch it so asyncio does not log it as lost.
+    if not task.cancelled():
+        task.exception()
+
+
+async def _race(work: Awaitable[T], timeout_s: float | None, cancelled: asyncio.Event) -> T:
+    """``work``'s result, or ``_AttemptTimeout`` past ``timeout_s``, or CancelledError once ``cancelled``
+    is set (the client went away). The work is cancelled whenever it is abandoned."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(cancelled.wait())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    task.add_done_callback(_consume)
+    if cancelled.is_set():
+        raise asyncio.CancelledError("the client cancelled the request")
+    raise _AttemptTimeout(f"no answer within {timeout_s:g} s")
+
+
+class Dispatcher:
+    """Worker choice, retries and failover for one request at a time (it keeps no per-request state,
+    so one dispatcher serves any number of concurrent requests)."""
+
+    def __init__(
+        self,
+        *,
+        scorer: WorkerScorer | None = None,
+        policy: RetryPolicy | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        snapshot_of: Callable[[DispatchTarget], WorkerSnapshot] | None = None,
+    ) -> None:
+        """``snapshot_of`` reads a worker's state for the scorer (default ``worker.snapshot()``); pass
+        one that overlays a remote deployment's polled state (``routing.remote_state``)."""
+        self.scorer = scorer or WorkerScorer()
+        self.policy = policy or RetryPolicy()
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        self._snapshot_of = snapshot_of or (lambda worker: worker.snapshot())
+
+    # -- public API -----------------------------------------------------------------------------------
+
+    async def dispatch(
+        self,
+        tiers: Tiers,
+        request: WorkRequest,
+        *,
+        needs: WorkerNeeds | None = None,
+        affinity: Affinity | None = None,
+        tier_decision: RoutingDecision | None = None,
+    ) -> Dispatched:
+        """Serve ``request`` on the best available worker, retrying and failing over as documented above.
+
+        ``tier_decision`` (the tier router's) is folded into the returned decision's reason and
+        alternatives. Raises the worker's error for non-retryable failures, else ``DispatchError``.
+        """
+        progress = _Progress()
+
+        async def attempt(
+            target: DispatchTarget, attempt_request: WorkRequest, timeout_s: float | None
+        ) -> Result:
+            return await _race(target.submit(attempt_request), timeout_s, request.cancelled)
+
+        pick, result = await self._run(tiers, request, needs, affinity, progress, attempt)
+        return Dispatched(result, self._decision(pick, progress, tier_decision), tuple(progress.attempts))
+
+    async def open_stream(
+        self,
+        tiers: Tiers,
+        request: WorkRequest,
+        *,
+        needs: WorkerNeeds | None = None,
+        affinity: Affinity | None = None,
+        tier_decision: RoutingDecision | None = None,
+    ) -> DispatchedStream:
+        """Start a streamed generation; returns once the first chunk has arrived (so the decision is
+        known before the client sees a byte). Failures before that are retried like ``dispatch``."""
+        progress = _Progress()
+
+        async def attempt(
+            target: DispatchTarget, attempt_request: WorkRequest, timeout_s: float | None
+        ) -> tuple[StreamChunk | None, AsyncIterator[StreamChunk]]:
+            iterator = target.stream(attempt_request)
+            try:
+                first = await _race(_first(iterator), timeout_s, request.cancelled)
+            except BaseException:
+                await _aclose(iterator)
+                raise
+            return first, iterator
+
+        pick, (first, iterator) = await self._run(tiers, request, needs, affinity, progress, attempt)
+        decision = self._decision(pick, progress, tier_decision)
+        return DispatchedStream(
+            decision,
+            first,
+            iterator,
+            pick,
+            request,
+            tuple(progress.attempts),
+            self.policy.stream_idle_timeout_s,
+        )
+
+    # -- the retry loop -------------------------------------------------------------------------------
+
+    async def _run(
+        self,
+        tiers: Tiers,
+        request: WorkRequest,
+        needs: WorkerNeeds | None,
+        affinity: Affinity | None,
+        progress: _Progress,
+        attempt: Callable[[DispatchTarget, WorkRequest, float | None], Awaitable[T]],
+    ) -> tuple[_Pick, T]:
+        policy = self.policy
+        tier_list = list(tiers.items()) if isinstance(tiers, Mapping) else list(tiers)
+        backoff_due = False
+        for tier, workers in tier_list:
+            tried: set[str] = set()
+            while len(tried) <= policy.max_retries and len(progress.attempts) < policy.max_attempts:
+                if request.cancelled.is_set():
+                    raise asyncio.CancelledError("the client cancelled the request")
+                backoff = 0.0
+                if backoff_due:
+                    backoff = policy.backoff_s(len(progress.attempts), self.rng)
+                    remaining = self._remaining_s(request)
+                    await self.clock.sleep(
+                        backoff if remaining is None else max(0.0, min(backoff, remaining))
+                    )
+                    backoff_due = False
+                remaining = self._remaining_s(request)
+                if remaining is not None and remaining <= 0:
+                    raise self._failure(request, progress, deadline=True)
+                untried = [w for w in workers if w.worker_id not in tried]
+                pick, rejected = self._pick(tier, untried, needs, affinity)
+                for alternative in rejected:
+                    progress.rejected.setdefault(f"{tier}/{alternative.candidate}", alternative)
+                if pick is None:
+                    break
+                target = pick.target
+                tried.add(target.worker_id)
+                probe = pick.probe
+                timeout_s, by_deadline = _attempt_timeout(policy.attempt_timeout_s, remaining)
+                attempt_request = dataclasses.replace(
+                    request,
+                    cancelled=asyncio.Event(),
+                    metadata={**request.metadata, "attempt": len(progress.attempts) + 1},
+                )
+                start = self.clock.monotonic()
+                try:
+                    result = await attempt(target, attempt_request, timeout_s)
+                except asyncio.CancelledError:
+                    attempt_request.cancelled.set()
+                    if probe:
+                        self._settle_probe(target, "the client went away during the probe")
+                    raise
+                except Exception as exc:
+                    attempt_request.cancelled.set()
+                    if isinstance(exc, _AttemptTimeout) and policy.record_timeouts and not by_deadline:
+                        # A hung worker never reports its own failure; the timeout is the evidence.
+                        target.health.record_failure(f"timed out: {exc}")
+                    if probe:
+                        self._settle_probe(target, _describe(exc))
+                    elapsed = self.clock.monotonic() - start
+                    progress.attempts.append(
+                        Attempt(
+                            tier, target.worker_id, target.device, elapsed, backoff, _describe(exc), probe
+                        )
+                    )
+                    progress.errors.append(exc)
+                    if not isinstance(exc, _AttemptTimeout) and not is_retryable(exc):
+                        raise
+                    backoff_due = True
+                    continue
+                if probe:
+                    self._settle_probe(target, None)
+                elapsed = self.clock.monotonic() - start
+                progress.attempts.append(
+                    Attempt(tier, target.worker_id, target.device, elapsed, backoff, None, probe)
+                )
+                return pick, result
+        raise self._failure(request, progress, deadline=False)
+
+    def _pick(
+        self,
+        tier: str,
+        workers: Sequence[DispatchTarget],
+        needs: WorkerNeeds | None,
+        affinity: Affinity | None,
+    ) -> tuple[_Pick | None, tuple[Alternative, ...]]:
+        """Score the workers not tried yet; spend a half-open probe only on a worker the scorer will take."""
+        snapshots = [self._snapshot_of(w) for w in workers]
+        available: dict[str, bool] = {}
+        probes: set[str] = set()
+        for worker, snapshot in zip(workers, snapshots, strict=True):
+            health = worker.health
+            if health.state is HealthState.HEALTHY:
+                available[worker.worker_id] = health.available()
+            elif probes or self.scorer.refusal(snapshot, needs, available=True) is not None:
+                # available() may move it to PROBING: allow one probe per pick, and only on a worker
+                # that can take this request, or the probe would never be sent and it would stay shut.
+                available[worker.worker_id] = False
+            else:
+                available[worker.worker_id] = health.available()
+                if available[worker.worker_id] and health.state is HealthState.PROBING:
+                    probes.add(worker.worker_id)
+        choice = self.scorer.choose(
+            snapshots,
+            needs,
+            rng=self.rng,
+            available=available,
+            probes=probes,
+            now_s=self.clock.monotonic(),
+            affinity=affinity,
+        )
+        if choice.chosen is None:
+            return None, choice.rejected
+        by_id = {w.worker_id: w for w in workers}
+        return _Pick(tier, by_id[choice.chosen.worker_id], choice), choice.rejected
+
+    @staticmethod
+    def _settle_probe(target: DispatchTarget, error: str | None) -> None:
+        """A probe must end healthy or unhealthy: settle the one sent here if the worker did not."""
+        health = target.health
+        if health.state is HealthState.PROBING:
+            if error is None:
+                health.record_success()
+            else:
+                health.record_failure(error)
+
+    def _remaining_s(self, request: WorkRequest) -> float | None:
+        if request.deadline_s is None:
+            return None
+        return request.deadline_s - self.clock.monotonic()
+
+    # -- outcomes -------------------------------------------------------------------------------------
+
+    def _failure(self, request: WorkRequest, progress: _Progress, *, deadline: bool) -> XpuflowError:
+        attempts = [a.describe() for a in progress.attempts]
+        refused = [f"{key}: {alt.reason}" for key, alt in progress.rejected.items()]
+        reasons = attempts + refused
+        detail = "; ".join(reasons) if reasons else "no tier has workers"
+        if deadline:
+            error: XpuflowError = DispatchTimeout(
+                f"request {request.request_id} passed its deadline after {len(attempts)} attempt(s): "
+                f"{detail}",
+                reasons=reasons,
+                attempts=progress.attempts,
+            )
+        elif progress.errors and all(isinstance(e, AdmissionRejected) for e in progress.errors):
+            retry_after = min(e.retry_after_s for e in progress.errors if isinstance(e, AdmissionRejected))
+            error = AdmissionRejected(
+                f"every worker tried for request {request.request_id} is full ({detail}); "
+                f"retry after {retry_after:g} s",
+                retry_after_s=retry_after,
+            )
+        elif progress.attempts:
+            error = DispatchError(
+                f"request {request.request_id} failed on every worker tried: {detail}",
+                reasons=reasons,
+                attempts=progress.attempts,
+            )
+        else:
+            error = DispatchError(
+                f"no worker can take request {request.request_id}: {detail}", reasons=reasons
+            )
+        if progress.errors:
+            error.__cause__ = progress.errors[-1]
+        return error
+
+    def _decision(
+        self, pick: _Pick, progress: _Progress, tier_decision: RoutingDecision | None
+    ) -> RoutingDecision:
+        chosen = pick.choice.chosen
+        assert chosen is not None  # a _Pick always has a chosen worker
+        failed = [a for a in progress.attempts if a.error is not None]
+        reason = pick.choice.reason
+        if failed:
+            reason += f", after {len(failed)} failed attempt(s): " + "; ".join(a.describe() for a in failed)
+        if tier_decision is not None:
+            reason = f"tier {pick.tier}: {tier_decision.reason}; worker {reason}"
+        alternatives = [Alternative(a.worker, f"attempt failed in {a.tier}: {a.error}") for a in failed]
+        alternatives += pick.choice.alternatives()
+        listed = {a.candidate for a in alternatives}
+        alternatives += [a for a in progress.rejected.values() if a.candidate not in listed]
+        if tier_decision is not None:
+            alternatives += tier_decision.alternatives
+        return RoutingDecision(
+            device=pick.target.device,
+            reason=reason,
+            confidence=max(0.0, min(1.0, chosen.score)),
+            alternatives=tuple(alternatives),
+            tier=pick.tier,
+            worker=pick.target.worker_id,
+            details={
+                "score": round(chosen.score, 4),
+                "probability": round(pick.choice.probability, 4),
+                "attempts": len(progress.attempts),
+                "probe": chosen.probe,
+                "terms": {k: round(v, 4) for k, v in chosen.terms.items()},
+            },
+        )
+
+
+class DispatchedStream:
+    """A started stream: ``decision`` says where it runs; iterate it for the chunks (the first one has
+    already arrived). Raises ``StreamInterrupted`` if the worker fails or stalls past
+    ``stream_idle_timeout_s`` after the first chunk. Close it (or use ``async with``) when done early."""
+
+    def __init__(
+        self,
+        decision: RoutingDecision,
+        first: StreamChunk | None,
+        iterator: AsyncIterator[StreamChunk],
+        pick: _Pick,
+        request: WorkRequest,
+        attempts: tuple[Attempt, ...],
+        idle_timeout_s: float | None,
+    ) -> None:
+        self.decision = decision
+        self.attempts = attempts
+        self.chunks_delivered = 0
+        self._first = first
+        self._iterator = iterator
+        self._pick = pick
+        self._request = request
+        self._idle_timeout_s = idle_timeout_s
+        self._done = first is None
+
+    def __aiter__(self) -> DispatchedStream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        if self._first is not None:
+            first, self._first = self._first, None
+            self.chunks_delivered += 1
+            return first
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            chunk = await _race(_first(self._iterator), self._idle_timeout_s, self._request.cancelled)
+        except Exception as exc:
+            self._done = True
+            await _aclose(self._iterator)
+            target = self._pick.target
+            raise StreamInterrupted(
+                f"the stream from {self._pick.tier}/{target.worker_id} on {target.device} failed after "
+                f"{self.chunks_delivered} chunk(s): {_describe(exc)}; the answer is incomplete, retry "
+                "the request",
+                worker=target.worker_id,
+                tier=self._pick.tier,
+                chunks_delivered=self.chunks_delivered,
+            ) from exc
+        except BaseException:
+            self._done = True
+            await _aclose(self._iterator)
+            raise
+        if chunk is None:
+            self._done = True
+            raise StopAsyncIteration
+        self.chunks_delivered += 1
+        return chunk
+
+    async def aclose(self) -> None:
+        self._done = True
+        self._first = None
+        await _aclose(self._iterator)
+
+    async def __aenter__(self) -> DispatchedStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def _first(iterator: AsyncIterator[StreamChunk]) -> StreamChunk | None:
+    """The next chunk, or None at the end of the stream."""
+    try:
+        return await iterator.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _aclose(iterator: AsyncIterator[StreamChunk]) -> None:
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()
+
+
+def _attempt_timeout(attempt_s: float | None, remaining_s: float | None) -> tuple[float | None, bool]:
+    """The attempt's time limit, and whether the request's deadline (not the attempt limit) sets it."""
+    if remaining_s is None:
+        return attempt_s, False
+    if attempt_s is None or remaining_s < attempt_s:
+        return max(0.0, remaining_s), True
+    return attempt_s, False

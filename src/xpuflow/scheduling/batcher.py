@@ -1,0 +1,308 @@
+"""The micro-batcher: when to send the next batch to the device, and how big.
+
+A state machine with explicit inputs and outputs and an injected clock (time is passed in as
+``now_s``). The worker tells it about arrivals, dispatches and completions, and asks ``decide``::
+
+    batcher = make_batcher(BatchPolicy.ADAPTIVE, BatcherConfig(max_batch_size=16))
+    batcher.on_arrival(now_s)
+    decision = batcher.decide(now_s, queued=3, oldest_enqueued_s=t0)
+    # Decision(action=DISPATCH, size=3, ...) or Decision(action=WAIT, until_s=..., ...)
+    batcher.on_dispatch(now_s, 3)
+    ...
+    batcher.on_complete(now_s, 3, service_s=0.41, units=32)
+
+Inputs: the number of queued requests that may share the next batch, when the oldest of them was
+queued, the measured service time per batch size (``ServiceTimeTable``, an EMA per size), the arrival
+rate (``ArrivalRate``, over the last arrivals) and how many batches are running. Output: ``IDLE``
+(nothing queued), ``BUSY`` (the device runs ``max_concurrent_batches`` already; requests accumulate and
+the next batch takes up to ``max_batch_size`` of them: continuous batching), ``DISPATCH n`` or
+``WAIT until t``.
+
+The adaptive policy, when the device is free and ``n`` requests (fewer than the cap) are queued:
+dispatch now, unless waiting ``w`` for the ``k = rate * w`` requests expected meanwhile lowers the
+total latency of the ``n + k`` requests. With ``S(b)`` the predicted service time of a batch of ``b``:
+
+- dispatch now: the ``n`` finish at ``S(n)``; the ``k`` arrivals wait for the device, then run as
+  their own batch: on average ``S(n) + S(k) - w/2`` each;
+- wait: all finish at ``w + S(n+k)``; the ``n`` waited ``w``, the ``k`` on average ``w/2``;
+
+  gain(w) = n * (S(n) - S(n+k) - w) + k * (S(n) + S(k) - S(n+k) - w)
+
+The batcher waits for the ``w`` (one per expected arrival, up to the cap) with the largest positive
+gain, re-deciding at every arrival, and never adds more than ``min(max_wait_s, max_wait_fraction *
+S(n))`` of its own delay to a request (counted from when the device was free and the request queued).
+
+Why this shape: the gain is positive only when more requests are expected during the batch's
+service time than are queued now (for a flat ``S``: ``rate * (S - w) > n``). One client that waits for
+each answer before it sends again has ``rate * S <= 1``, so it never waits: single-client latency is
+the unbatched latency. Many clients push ``rate`` up, so the window opens just as far as batches fill.
+Batch sizes never measured are predicted pessimistically (linear growth from the largest measured
+size), so the batcher only waits for a benefit it has seen; larger batches are first measured when
+load forms them anyway. Service times are kept per work unit (``units``: e.g. ``max_tokens`` of a
+generation), so requests of different lengths share one table.
+
+Policies, chosen by ``BatchPolicy``: ``ADAPTIVE`` (above), ``GREEDY`` (send what is queued as soon as
+the device is free: continuous batching without waiting), ``FIXED_WINDOW`` (Triton-style: wait up to
+``max_wait_s`` after the oldest request for a full batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+__all__ = [
+    "Action",
+    "ArrivalRate",
+    "BatchPolicy",
+    "Batcher",
+    "BatcherConfig",
+    "Decision",
+    "ServiceTimeTable",
+    "make_batcher",
+]
+
+
+class BatchPolicy(str, Enum):
+    ADAPTIVE = "adaptive"
+    GREEDY = "greedy"
+    FIXED_WINDOW = "fixed_window"
+
+
+class Action(str, Enum):
+    IDLE = "idle"  # nothing queued: wait for an arrival
+    BUSY = "busy"  # every batch slot is running: wait for a completion
+    WAIT = "wait"  # wait for more requests until ``until_s`` (or an arrival)
+    DISPATCH = "dispatch"  # send ``size`` requests now
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    size: int = 0
+    until_s: float | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """Settings of the micro-batcher.
+
+    ``max_batch_size``: requests per batch at most. ``max_wait_s`` and ``max_wait_fraction``: the
+    adaptive wait never adds more than ``min(max_wait_s, max_wait_fraction * S(n))`` to a request,
+    with ``S(n)`` the predicted service time of the batch it would join now (``FIXED_WINDOW`` waits
+    ``max_wait_s``). ``max_concurrent_batches``: batches running at once (1 for a local device; more
+    for a remote server that batches itself). ``rate_window``: arrivals the rate estimate spans.
+    ``ema_alpha``: weight of a new service-time measurement.
+    """
+
+    max_batch_size: int = 8
+    max_wait_s: float = 0.05
+    max_wait_fraction: float = 0.1
+    max_concurrent_batches: int = 1
+    rate_window: int = 32
+    ema_alpha: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_wait_s < 0 or self.max_wait_fraction < 0:
+            raise ValueError("max_wait_s and max_wait_fraction must be >= 0")
+        if self.max_concurrent_batches < 1:
+            raise ValueError(f"max_concurrent_batches must be >= 1, got {self.max_concurrent_batches}")
+        if self.rate_window < 2:
+            raise ValueError(f"rate_window must be >= 2, got {self.rate_window}")
+        if not 0 < self.ema_alpha <= 1:
+            raise ValueError(f"ema_alpha must be in (0, 1], got {self.ema_alpha}")
+
+
+class ServiceTimeTable:
+    """Measured service seconds per work unit, as an EMA per batch size, with interpolation.
+
+    ``predict`` interpolates linearly between measured sizes, uses the smallest measured size below
+    it, and above the largest measured size ``k`` assumes no further batching gain:
+    ``S(b) = S(k) * b / k``.
+    """
+
+    def __init__(self, ema_alpha: float = 0.3) -> None:
+        self.ema_alpha = ema_alpha
+        self._per_unit_s: dict[int, float] = {}
+        self._samples: dict[int, int] = {}
+        self._sizes: list[int] = []
+
+    def observe(self, batch_size: int, service_s: float, units: float = 1.0) -> None:
+        if batch_size < 1 or service_s < 0 or units <= 0:
+            return
+        value = service_s / units
+        old = self._per_unit_s.get(batch_size)
+        if old is None:
+            self._per_unit_s[batch_size] = value
+            self._sizes = sorted(self._per_unit_s)
+        else:
+            self._per_unit_s[batch_size] = old + self.ema_alpha * (value - old)
+        self._samples[batch_size] = self._samples.get(batch_size, 0) + 1
+
+    def predict(self, batch_size: int, units: float = 1.0) -> float | None:
+        """Predicted seconds for a batch of ``batch_size`` of ``units`` each; None before any
+        measurement."""
+        sizes = self._sizes
+        if not sizes or batch_size < 1:
+            return None
+        table = self._per_unit_s
+        if batch_size in table:
+            per_unit = table[batch_size]
+        elif batch_size < sizes[0]:
+            per_unit = table[sizes[0]]
+        elif batch_size > sizes[-1]:
+            per_unit = table[sizes[-1]] * batch_size / sizes[-1]
+        else:
+            upper = next(s for s in sizes if s > batch_size)
+            lower = max(s for s in sizes if s < batch_size)
+            frac = (batch_size - lower) / (upper - lower)
+            per_unit = table[lower] + frac * (table[upper] - table[lower])
+        return per_unit * units
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            str(b): {"per_unit_ms": self._per_unit_s[b] * 1000.0, "samples": self._samples[b]}
+            for b in self._sizes
+        }
+
+
+class ArrivalRate:
+    """Requests per second over the last ``window`` arrivals. Measured up to ``now``, so the estimate
+    decays while nothing arrives."""
+
+    def __init__(self, window: int = 32) -> None:
+        self._times: deque[float] = deque(maxlen=window)
+
+    def observe(self, now_s: float) -> None:
+        self._times.append(now_s)
+
+    def rate_per_s(self, now_s: float) -> float:
+        if len(self._times) < 2:
+            return 0.0
+        span = now_s - self._times[0]
+        if span <= 0:
+            return math.inf
+        return (len(self._times) - 1) / span
+
+
+class Batcher:
+    """The batching state machine; see the module docstring for the policies."""
+
+    def __init__(self, config: BatcherConfig | None = None, policy: BatchPolicy = BatchPolicy.ADAPTIVE) -> None:
+        self.config = config or BatcherConfig()
+        self.policy = BatchPolicy(policy)
+        self.service_times = ServiceTimeTable(self.config.ema_alpha)
+        self.arrivals = ArrivalRate(self.config.rate_window)
+        self.running_batches = 0
+        self._device_free_since_s = -math.inf
+
+    # -- inputs -------------------------------------------------------------------------------------
+
+    def on_arrival(self, now_s: float) -> None:
+        self.arrivals.observe(now_s)
+
+    def on_dispatch(self, now_s: float, size: int) -> None:
+        self.running_batches += 1
+
+    def on_complete(self, now_s: float, size: int, service_s: float | None, units: float = 1.0) -> None:
+        """A batch finished; ``service_s`` None when it failed (failures teach nothing about speed)."""
+        self.running_batches = max(0, self.running_batches - 1)
+        if self.running_batches < self.config.max_concurrent_batches:
+            self._device_free_since_s = now_s
+        if service_s is not None:
+            self.service_times.observe(size, service_s, units)
+
+    # -- output -------------------------------------------------------------------------------------
+
+    def decide(
+        self,
+        now_s: float,
+        queued: int,
+        oldest_enqueued_s: float | None,
+        *,
+        cap: int | None = None,
+        units: float = 1.0,
+        draining: bool = False,
+    ) -> Decision:
+        """What to do with the next group of ``queued`` compatible requests.
+
+        ``cap`` lowers the batch limit for this group (e.g. 1 for a streamed request); ``units`` is the
+        work per request of the group; ``draining`` sends everything without waiting.
+        """
+        if queued <= 0:
+            return Decision(Action.IDLE, reason="queue empty")
+        if self.running_batches >= self.config.max_concurrent_batches:
+            return Decision(Action.BUSY, reason="device busy; requests accumulate for the next batch")
+        limit = self.config.max_batch_size if cap is None else max(1, min(cap, self.config.max_batch_size))
+        if queued >= limit:
+            return Decision(Action.DISPATCH, limit, reason="full batch")
+        if draining:
+            return Decision(Action.DISPATCH, queued, reason="draining")
+        if self.policy is BatchPolicy.GREEDY:
+            return Decision(Action.DISPATCH, queued, reason="greedy")
+        oldest = now_s if oldest_enqueued_s is None else oldest_enqueued_s
+        if self.policy is BatchPolicy.FIXED_WINDOW:
+            deadline = oldest + self.config.max_wait_s
+            if now_s >= deadline:
+                return Decision(Action.DISPATCH, queued, reason="wait window over")
+            return Decision(Action.WAIT, until_s=deadline, reason="fixed window")
+        return self._adaptive(now_s, queued, oldest, limit, units)
+
+    def _adaptive(self, now_s: float, n: int, oldest_s: float, limit: int, units: float) -> Decision:
+        s_now = self.service_times.predict(n, units)
+        if s_now is None:
+            return Decision(Action.DISPATCH, n, reason="no service time measured yet")
+        rate = self.arrivals.rate_per_s(now_s)
+        if rate <= 0:
+            return Decision(Action.DISPATCH, n, reason="no arrival rate yet")
+        # Only the batcher's own delay counts against the budget: time spent waiting for a busy
+        # device is not made worse by forming the batch then.
+        started = max(oldest_s, self._device_free_since_s)
+        budget = min(self.config.max_wait_s, self.config.max_wait_fraction * s_now)
+        remaining = started + budget - now_s
+        if remaining <= 0:
+            return Decision(Action.DISPATCH, n, reason="wait budget spent")
+        best_gain, best_wait, best_k = 0.0, 0.0, 0
+        for k in range(1, limit - n + 1):
+            wait = k / rate
+            if wait > remaining:
+                break
+            gain = self.wait_gain(n, k, wait, units)
+            if gain > best_gain:
+                best_gain, best_wait, best_k = gain, wait, k
+        if best_k == 0:
+            return Decision(Action.DISPATCH, n, reason="waiting is not predicted to pay")
+        return Decision(
+            Action.WAIT,
+            until_s=now_s + best_wait,
+            reason=f"expect {best_k} more within {best_wait * 1000:.1f} ms (gain {best_gain * 1000:.0f} req*ms)",
+        )
+
+    def wait_gain(self, n: int, k: int, wait_s: float, units: float = 1.0) -> float:
+        """Total latency saved (request-seconds) by waiting ``wait_s`` for ``k`` more requests before
+        sending ``n`` queued ones; negative when waiting costs more."""
+        predict = self.service_times.predict
+        s_n, s_k, s_nk = predict(n, units), predict(k, units), predict(n + k, units)
+        if s_n is None or s_k is None or s_nk is None:
+            return -math.inf
+        return n * (s_n - s_nk - wait_s) + k * (s_n + s_k - s_nk - wait_s)
+
+    def to_dict(self, now_s: float) -> dict[str, Any]:
+        return {
+            "policy": self.policy.value,
+            "max_batch_size": self.config.max_batch_size,
+            "running_batches": self.running_batches,
+            "arrival_rate_per_s": self.arrivals.rate_per_s(now_s),
+            "service_times": self.service_times.to_dict(),
+        }
+
+
+def make_batcher(policy: BatchPolicy | str = BatchPolicy.ADAPTIVE, config: BatcherConfig | None = None) -> Batcher:
+    """The batcher for ``policy`` (``adaptive``, ``greedy`` or ``fixed_window``)."""
+    return Batcher(config, BatchPolicy(policy))
