@@ -83,12 +83,11 @@ def _transformers(threads: int) -> Case:
 
 
 def _onnx(name: str, threads: int) -> Case:
-    key = "intra_op_num_threads" if name == "onnxruntime" else "num_threads"
     return Case(
         name,
         "embed",
         lambda _: ModelConfig(
-            "minilm", minilm_path(), "embedding", max_batch_size=32, options={key: threads}
+            "minilm", minilm_path(), "embedding", max_batch_size=32, options={"num_threads": threads}
         ),
         "emb/s",
     )

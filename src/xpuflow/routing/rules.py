@@ -84,13 +84,14 @@ class TierSpec:
     latency_sla_ms: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class RouteContext:
-    """Everything a rule may read about one request.
+class RouteContext(NamedTuple):
+    """Everything a rule may read about one request (an immutable record, cheap to build per request).
 
     ``prompt`` is the request text (decoded, and cut to the router's scoring limit); ``score`` is its
     complexity in [0, 1], or None when scoring failed (``score_error`` says why); ``wanted`` is the index
     in ``tiers`` of the tier the request asks for; ``now_s`` is the router clock's monotonic time.
+    ``explain`` is False on the hot path (``AdaptiveRouter.route``), where no one reads abstention
+    reasons: a rule may then return a short constant reason instead of formatting one.
     """
 
     prompt: str
@@ -101,6 +102,7 @@ class RouteContext:
     override: str | None = None
     vram: VramSnapshot | None = None
     score_error: str | None = None
+    explain: bool = True
 
     @property
     def wanted_tier(self) -> TierSpec:
@@ -156,13 +158,18 @@ def margin_confidence(score: float | None, ctx: RouteContext) -> float:
     if score is None:
         return 0.5
     tiers, wanted = ctx.tiers, ctx.wanted
-    gaps = []
+    gap = 0.25
     if wanted < len(tiers) - 1:
-        gaps.append(abs(score - tiers[wanted].min_score))
+        gap = abs(score - tiers[wanted].min_score)
     if wanted > 0:
-        gaps.append(abs(tiers[wanted - 1].min_score - score))
-    gap = min(gaps) if gaps else 0.25
+        gap = min(gap, abs(tiers[wanted - 1].min_score - score))
     return 0.5 + min(0.5, 2.0 * gap)
+
+
+_NO_OVERRIDE = RuleOutcome.abstain("no tier override")
+_QUIET_WANTS_STRONGER = RuleOutcome.abstain("the score reaches a stronger tier's threshold")
+_QUIET_HEADROOM_OK = RuleOutcome.abstain("enough free VRAM")
+_QUIET_SLA_OK = RuleOutcome.abstain("latency within the SLA")
 
 
 class OverrideRule:
@@ -173,7 +180,7 @@ class OverrideRule:
     def decide(self, ctx: RouteContext) -> RuleOutcome:
         override = ctx.override
         if override is None:
-            return RuleOutcome.abstain("no tier override")
+            return _NO_OVERRIDE
         if ctx.index_of(override) is None:
             return RuleOutcome.abstain(
                 f"override {override[:64]!r} is not a tier here (tiers: {', '.join(ctx.tier_names)}); ignored"
@@ -248,6 +255,8 @@ class ComplexityRule:
                 f"score {score:.3f} < {bar.min_score:.3f} ({bar.name}'s threshold): {weakest.name} serves it",
                 margin_confidence(score, ctx),
             )
+        if not ctx.explain:
+            return _QUIET_WANTS_STRONGER
         asked = tiers[tier_for_score(score, tiers)]
         return RuleOutcome.abstain(f"score {score:.3f} >= {asked.min_score:.3f}: wants {asked.name}")
 
@@ -277,11 +286,13 @@ class VramHeadroomRule:
         age_s = ctx.now_s - reading.taken_at_s
         if age_s > self.max_age_s:
             return RuleOutcome.abstain(
-                f"the reading for {device} is {age_s * 1000:.0f} ms old (limit {self.max_age_s * 1000:.0f} ms); "
-                "ignored"
+                f"the reading for {device} is {age_s * 1000:.0f} ms old "
+                f"(limit {self.max_age_s * 1000:.0f} ms); ignored"
             )
         headroom = tier.vram_headroom_bytes
         if reading.free_bytes >= headroom:
+            if not ctx.explain:
+                return _QUIET_HEADROOM_OK
             return RuleOutcome.abstain(
                 f"{device} has {reading.free_bytes / GIB:.2f} GiB free >= {headroom / GIB:.2f} GiB headroom"
             )
@@ -307,6 +318,8 @@ class LatencySlaRule:
             return RuleOutcome.abstain(f"{tier.name} has no latency SLA")
         now = ctx.now_s
         if circuit.state(now) is CircuitState.CLOSED:  # the common case, kept cheap
+            if not ctx.explain:
+                return _QUIET_SLA_OK
             return RuleOutcome.abstain(
                 f"{tier.name} EMA {circuit.ema_ms:.0f} ms <= SLA {circuit.policy.latency_sla_ms:.0f} ms"
             )
@@ -327,6 +340,7 @@ class DefaultRule:
         tier = ctx.wanted_tier.name
         if ctx.score is None:
             return RuleOutcome.choose(tier, f"no score; the default tier is {tier}", 0.5)
-        return RuleOutcome.choose(
-            tier, f"no rule objected; the score asks for {tier}", margin_confidence(ctx.score, ctx)
-        )
+        confidence = margin_confidence(ctx.score, ctx)
+        if not ctx.explain:
+            return RuleOutcome(tier, "no rule objected", confidence, False)
+        return RuleOutcome.choose(tier, f"no rule objected; the score asks for {tier}", confidence)

@@ -72,7 +72,9 @@ class SlaPolicy:
             if not ok:
                 raise ConfigError(f"{name} must be {want}", field=name)
         if self.probe_timeout_s is not None and self.probe_timeout_s <= 0:
-            raise ConfigError("sla_probe_timeout_s must be a positive number of seconds", field="sla_probe_timeout_s")
+            raise ConfigError(
+                "sla_probe_timeout_s must be a positive number of seconds", field="sla_probe_timeout_s"
+            )
 
     @property
     def effective_probe_timeout_s(self) -> float:

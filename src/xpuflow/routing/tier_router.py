@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from xpuflow.errors import ConfigError
@@ -77,7 +77,8 @@ class TierRouter:
         self._rules = tuple(rules)
         if default_tier is not None and default_tier not in self._names:
             raise ConfigError(
-                f"default_tier {default_tier!r} is not a tier; tiers: {', '.join(names)}", field="default_tier"
+                f"default_tier {default_tier!r} is not a tier; tiers: {', '.join(names)}",
+                field="default_tier",
             )
         self._default_index = names.index(default_tier) if default_tier is not None else 0
         self._logged: set[str] = set()
@@ -99,25 +100,37 @@ class TierRouter:
         override: str | None = None,
         vram: VramSnapshot | None = None,
         score_error: str | None = None,
+        explain: bool = True,
     ) -> RouteContext:
         """The context for one request; the wanted tier follows from the score."""
         wanted = self._default_index if score is None else tier_for_score(score, self._tiers)
-        return RouteContext(prompt, score, self._tiers, wanted, now_s, override, vram, score_error)
+        return RouteContext(prompt, score, self._tiers, wanted, now_s, override, vram, score_error, explain)
 
     def choose(self, ctx: RouteContext) -> Walk:
-        """Run the chain. Never raises for a rule's failure."""
+        """Run the chain. Never raises for a rule's failure. With ``ctx.explain`` False the abstentions
+        are not collected (the hot path needs only the tier)."""
         diverted: list[tuple[str, str, str]] = []
+        abstained: list[tuple[str, str]] = []
         names = self._names
+        explain = ctx.explain
         for _ in range(len(self._tiers)):
-            abstained: list[tuple[str, str]] = []
+            abstained = []
             for rule in self._rules:
-                outcome = self._ask(rule, ctx)
+                try:
+                    outcome = rule.decide(ctx)
+                except Exception as exc:  # built-in rules do not raise; this keeps routing alive if one does
+                    outcome = self._broken(rule, exc)
+                if type(outcome) is not RuleOutcome and not isinstance(outcome, RuleOutcome):
+                    outcome = RuleOutcome.abstain(
+                        f"returned {type(outcome).__name__}, not a RuleOutcome; skipped"
+                    )
                 tier = outcome.tier
                 if tier is None:
-                    abstained.append((rule.name, outcome.reason))
+                    if explain:
+                        abstained.append((rule.name, outcome.reason))
                     continue
                 if tier not in names:
-                    abstained.append((rule.name, f"chose unknown tier {tier[:64]!r}; ignored"))
+                    abstained.append((rule.name, f"chose unknown tier {str(tier)[:64]!r}; ignored"))
                     continue
                 if outcome.divert:
                     index = ctx.index_of(tier)
@@ -125,7 +138,7 @@ class TierRouter:
                         abstained.append((rule.name, f"diverted to {tier}, which is not weaker; ignored"))
                         continue
                     diverted.append((ctx.wanted_tier.name, rule.name, outcome.reason))
-                    ctx = replace(ctx, wanted=index)
+                    ctx = ctx._replace(wanted=index)
                     break
                 return Walk(tier, rule.name, outcome, ctx, abstained, diverted)
             else:
@@ -178,13 +191,18 @@ class TierRouter:
     def _ask(self, rule: Rule, ctx: RouteContext) -> RuleOutcome:
         try:
             outcome = rule.decide(ctx)
-        except Exception as exc:  # built-in rules do not raise; this guard keeps routing alive if one does
-            name = getattr(rule, "name", type(rule).__name__)
-            reason = f"raised {type(exc).__name__}: {str(exc)[:200]}; skipped"
-            if name not in self._logged:
-                self._logged.add(name)
-                log.warning("routing rule %r %s", name, reason, exc_info=exc)
-            return RuleOutcome.abstain(reason)
+        except Exception as exc:
+            return self._broken(rule, exc)
         if not isinstance(outcome, RuleOutcome):
             return RuleOutcome.abstain(f"returned {type(outcome).__name__}, not a RuleOutcome; skipped")
         return outcome
+
+    def _broken(self, rule: Rule, exc: Exception) -> RuleOutcome:
+        name = getattr(rule, "name", type(rule).__name__)
+        reason = f"raised {type(exc).__name__}: {str(exc)[:200]}; skipped"
+        if name not in self._logged:
+            self._logged.add(name)
+            log.warning("routing rule %r %s", name, reason, exc_info=exc)
+        else:
+            log.debug("routing rule %r %s", name, reason)
+        return RuleOutcome.abstain(reason)

@@ -12,11 +12,11 @@ A state machine with explicit inputs and outputs and an injected clock (time is 
     batcher.on_complete(now_s, 3, service_s=0.41, units=32)
 
 Inputs: the number of queued requests that may share the next batch, when the oldest of them was
-queued, the measured service time per batch size (``ServiceTimeTable``, an EMA per size), the arrival
-rate (``ArrivalRate``, over the last arrivals) and how many batches are running. Output: ``IDLE``
-(nothing queued), ``BUSY`` (the device runs ``max_concurrent_batches`` already; requests accumulate and
-the next batch takes up to ``max_batch_size`` of them: continuous batching), ``DISPATCH n`` or
-``WAIT until t``.
+queued, how many requests are outstanding (queued or running), the measured service time per batch
+size (``ServiceTimeTable``, an EMA per size), the arrival rate (``ArrivalRate``, from the median gap of
+the last arrivals) and how many batches are running. Output: ``IDLE`` (nothing queued), ``BUSY`` (the
+device runs ``max_concurrent_batches`` already; requests accumulate and the next batch takes up to
+``max_batch_size`` of them: continuous batching), ``DISPATCH n`` or ``WAIT until t``.
 
 The adaptive policy, when the device is free and ``n`` requests (fewer than the cap) are queued:
 dispatch now, unless waiting ``w`` for the ``k = rate * w`` requests expected meanwhile lowers the
@@ -28,18 +28,26 @@ total latency of the ``n + k`` requests. With ``S(b)`` the predicted service tim
 
   gain(w) = n * (S(n) - S(n+k) - w) + k * (S(n) + S(k) - S(n+k) - w)
 
-The batcher waits for the ``w`` (one per expected arrival, up to the cap) with the largest positive
-gain, re-deciding at every arrival, and never adds more than ``min(max_wait_s, max_wait_fraction *
-S(n))`` of its own delay to a request (counted from when the device was free and the request queued).
+The batcher waits for the ``w`` (one per expected arrival) with the largest positive gain, and looks
+again at every arrival and after at most two expected gaps. Three bounds keep it honest:
+
+- ``k`` never exceeds the cap, nor the recent peak of outstanding requests minus those outstanding
+  now: clients that wait for their answers come back, so after a batch of 16 answers 15 more are
+  worth a moment's wait, while a lone client has nobody to wait for;
+- the batcher never adds more than ``min(max_wait_s, max_wait_fraction * S(n))`` of its own delay
+  to a request (counted from when both the device was free and the request was queued);
+- with no measured service time, no arrival rate, or arrivals all at one instant, it dispatches.
 
 Why this shape: the gain is positive only when more requests are expected during the batch's
-service time than are queued now (for a flat ``S``: ``rate * (S - w) > n``). One client that waits for
-each answer before it sends again has ``rate * S <= 1``, so it never waits: single-client latency is
-the unbatched latency. Many clients push ``rate`` up, so the window opens just as far as batches fill.
-Batch sizes never measured are predicted pessimistically (linear growth from the largest measured
-size), so the batcher only waits for a benefit it has seen; larger batches are first measured when
-load forms them anyway. Service times are kept per work unit (``units``: e.g. ``max_tokens`` of a
-generation), so requests of different lengths share one table.
+service time than are queued now (for a flat ``S``: ``rate * (S - w) > n``). At low load latency stays
+the unbatched latency; with many clients the window opens just as far as batches fill; under
+overload the device is never idle and batches form while it is busy. Greedy dispatch (no waiting)
+falls into a trap with clients that send again after each answer: whoever comes back first leaves
+alone, the rest wait a whole batch, and batches of 1 and n-1 alternate for ever; the wait above
+merges them. Batch sizes past the largest measured one follow the measured trend (with one measured
+size: no gain at all), so a wrong guess costs at most the budget once and the batch it forms is then
+measured. Service times are kept per work unit (``units``: e.g. ``max_tokens`` of a generation), so
+requests of different lengths share one table.
 
 Policies, chosen by ``BatchPolicy``: ``ADAPTIVE`` (above), ``GREEDY`` (send what is queued as soon as
 the device is free: continuous batching without waiting), ``FIXED_WINDOW`` (Triton-style: wait up to
@@ -96,7 +104,9 @@ class BatcherConfig:
     with ``S(n)`` the predicted service time of the batch it would join now (``FIXED_WINDOW`` waits
     ``max_wait_s``). ``max_concurrent_batches``: batches running at once (1 for a local device; more
     for a remote server that batches itself). ``rate_window``: arrivals the rate estimate spans.
-    ``ema_alpha``: weight of a new service-time measurement.
+    ``peak_history``: batch completions over which the peak number of outstanding requests is kept
+    (it bounds how many arrivals a wait may expect). ``ema_alpha``: weight of a new service-time
+    measurement.
     """
 
     max_batch_size: int = 8
@@ -104,6 +114,7 @@ class BatcherConfig:
     max_wait_fraction: float = 0.1
     max_concurrent_batches: int = 1
     rate_window: int = 32
+    peak_history: int = 3
     ema_alpha: float = 0.3
 
     def __post_init__(self) -> None:
@@ -115,6 +126,8 @@ class BatcherConfig:
             raise ValueError(f"max_concurrent_batches must be >= 1, got {self.max_concurrent_batches}")
         if self.rate_window < 2:
             raise ValueError(f"rate_window must be >= 2, got {self.rate_window}")
+        if self.peak_history < 1:
+            raise ValueError(f"peak_history must be >= 1, got {self.peak_history}")
         if not 0 < self.ema_alpha <= 1:
             raise ValueError(f"ema_alpha must be in (0, 1], got {self.ema_alpha}")
 
@@ -122,9 +135,9 @@ class BatcherConfig:
 class ServiceTimeTable:
     """Measured service seconds per work unit, as an EMA per batch size, with interpolation.
 
-    ``predict`` interpolates linearly between measured sizes, uses the smallest measured size below
-    it, and above the largest measured size ``k`` assumes no further batching gain:
-    ``S(b) = S(k) * b / k``.
+    ``predict`` interpolates linearly between measured sizes and uses the smallest measured size
+    below them. Above the largest measured size it continues the line through the two largest sizes
+    (never falling); with one size measured it assumes no batching gain, ``S(b) = S(k) * b / k``.
     """
 
     def __init__(self, ema_alpha: float = 0.3) -> None:
@@ -157,7 +170,13 @@ class ServiceTimeTable:
         elif batch_size < sizes[0]:
             per_unit = table[sizes[0]]
         elif batch_size > sizes[-1]:
-            per_unit = table[sizes[-1]] * batch_size / sizes[-1]
+            top = sizes[-1]
+            if len(sizes) == 1:
+                per_unit = table[top] * batch_size / top
+            else:
+                below = sizes[-2]
+                slope = max(0.0, (table[top] - table[below]) / (top - below))
+                per_unit = table[top] + slope * (batch_size - top)
         else:
             upper = next(s for s in sizes if s > batch_size)
             lower = max(s for s in sizes if s < batch_size)
@@ -173,8 +192,16 @@ class ServiceTimeTable:
 
 
 class ArrivalRate:
-    """Requests per second over the last ``window`` arrivals. Measured up to ``now``, so the estimate
-    decays while nothing arrives."""
+    """Arrivals per second, from the median gap between the last ``window`` arrivals.
+
+    The median, not the mean: clients that wait for their answers arrive in bursts (many arrivals a
+    moment apart, then a pause as long as a batch), and within a burst the next arrival is a gap of
+    the burst away, not the average gap. For Poisson arrivals ``ln 2 / median gap`` estimates the rate
+    without bias. The estimate is capped by ``1 / silence``, the time since the last arrival (or since
+    ``active_since_s``, when later; the batcher passes the last completion, because answers are what
+    such clients send again after), so a burst that has ended stops promising arrivals. The cap only
+    lowers the estimate: it errs towards dispatching, never towards waiting.
+    """
 
     def __init__(self, window: int = 32) -> None:
         self._times: deque[float] = deque(maxlen=window)
@@ -182,25 +209,34 @@ class ArrivalRate:
     def observe(self, now_s: float) -> None:
         self._times.append(now_s)
 
-    def rate_per_s(self, now_s: float) -> float:
-        if len(self._times) < 2:
+    def rate_per_s(self, now_s: float, active_since_s: float = -math.inf) -> float:
+        times = self._times
+        if len(times) < 2:
             return 0.0
-        span = now_s - self._times[0]
-        if span <= 0:
-            return math.inf
-        return (len(self._times) - 1) / span
+        gaps = sorted(b - a for a, b in zip(times, list(times)[1:], strict=False))
+        median = (
+            gaps[len(gaps) // 2] if len(gaps) % 2 else (gaps[len(gaps) // 2 - 1] + gaps[len(gaps) // 2]) / 2
+        )
+        rate = math.inf if median <= 0 else math.log(2) / median
+        silence = now_s - max(times[-1], active_since_s)
+        return min(rate, 1.0 / silence) if silence > 0 else rate
 
 
 class Batcher:
     """The batching state machine; see the module docstring for the policies."""
 
-    def __init__(self, config: BatcherConfig | None = None, policy: BatchPolicy = BatchPolicy.ADAPTIVE) -> None:
+    def __init__(
+        self, config: BatcherConfig | None = None, policy: BatchPolicy = BatchPolicy.ADAPTIVE
+    ) -> None:
         self.config = config or BatcherConfig()
         self.policy = BatchPolicy(policy)
         self.service_times = ServiceTimeTable(self.config.ema_alpha)
         self.arrivals = ArrivalRate(self.config.rate_window)
         self.running_batches = 0
         self._device_free_since_s = -math.inf
+        self._last_completion_s = -math.inf
+        self._peaks: deque[int] = deque(maxlen=self.config.peak_history)
+        self._cycle_peak = 0
 
     # -- inputs -------------------------------------------------------------------------------------
 
@@ -213,6 +249,9 @@ class Batcher:
     def on_complete(self, now_s: float, size: int, service_s: float | None, units: float = 1.0) -> None:
         """A batch finished; ``service_s`` None when it failed (failures teach nothing about speed)."""
         self.running_batches = max(0, self.running_batches - 1)
+        self._last_completion_s = now_s
+        self._peaks.append(self._cycle_peak)
+        self._cycle_peak = 0
         if self.running_batches < self.config.max_concurrent_batches:
             self._device_free_since_s = now_s
         if service_s is not None:
@@ -229,12 +268,16 @@ class Batcher:
         cap: int | None = None,
         units: float = 1.0,
         draining: bool = False,
+        outstanding: int | None = None,
     ) -> Decision:
         """What to do with the next group of ``queued`` compatible requests.
 
         ``cap`` lowers the batch limit for this group (e.g. 1 for a streamed request); ``units`` is the
-        work per request of the group; ``draining`` sends everything without waiting.
+        work per request of the group; ``draining`` sends everything without waiting; ``outstanding``
+        is every request queued or running on the worker now (default: ``queued``).
         """
+        now_outstanding = queued if outstanding is None else outstanding
+        self._cycle_peak = max(self._cycle_peak, now_outstanding)
         if queued <= 0:
             return Decision(Action.IDLE, reason="queue empty")
         if self.running_batches >= self.config.max_concurrent_batches:
@@ -252,15 +295,33 @@ class Batcher:
             if now_s >= deadline:
                 return Decision(Action.DISPATCH, queued, reason="wait window over")
             return Decision(Action.WAIT, until_s=deadline, reason="fixed window")
-        return self._adaptive(now_s, queued, oldest, limit, units)
+        return self._adaptive(now_s, queued, oldest, limit, units, now_outstanding)
 
-    def _adaptive(self, now_s: float, n: int, oldest_s: float, limit: int, units: float) -> Decision:
+    def expected_arrivals(self, outstanding: int) -> int | None:
+        """How many more requests may come soon: the recent peak of outstanding requests minus those
+        outstanding now (clients that wait for their answers come back; a lone client has nobody to
+        wait for). None before the first completion."""
+        if not self._peaks:
+            return None
+        return max(*self._peaks, self._cycle_peak) - outstanding
+
+    def _adaptive(
+        self, now_s: float, n: int, oldest_s: float, limit: int, units: float, outstanding: int
+    ) -> Decision:
         s_now = self.service_times.predict(n, units)
         if s_now is None:
             return Decision(Action.DISPATCH, n, reason="no service time measured yet")
-        rate = self.arrivals.rate_per_s(now_s)
+        rate = self.arrivals.rate_per_s(now_s, self._last_completion_s)
         if rate <= 0:
             return Decision(Action.DISPATCH, n, reason="no arrival rate yet")
+        if math.isinf(rate):  # every recent arrival at one instant: a burst that has fully arrived
+            return Decision(Action.DISPATCH, n, reason="burst complete")
+        room = limit - n
+        expected = self.expected_arrivals(outstanding)
+        if expected is not None:
+            room = min(room, expected)
+        if room <= 0:
+            return Decision(Action.DISPATCH, n, reason="no more arrivals expected")
         # Only the batcher's own delay counts against the budget: time spent waiting for a busy
         # device is not made worse by forming the batch then.
         started = max(oldest_s, self._device_free_since_s)
@@ -269,19 +330,23 @@ class Batcher:
         if remaining <= 0:
             return Decision(Action.DISPATCH, n, reason="wait budget spent")
         best_gain, best_wait, best_k = 0.0, 0.0, 0
-        for k in range(1, limit - n + 1):
+        for k in range(1, room + 1):
             wait = k / rate
             if wait > remaining:
                 break
             gain = self.wait_gain(n, k, wait, units)
             if gain > best_gain:
                 best_gain, best_wait, best_k = gain, wait, k
-        if best_k == 0:
+        # Look again after at most two expected inter-arrival gaps: if the arrivals do not come, the
+        # rate estimate falls and the next decision dispatches.
+        until_s = now_s + min(best_wait, 2.0 / rate, remaining)
+        if best_k == 0 or until_s <= now_s:
             return Decision(Action.DISPATCH, n, reason="waiting is not predicted to pay")
         return Decision(
             Action.WAIT,
-            until_s=now_s + best_wait,
-            reason=f"expect {best_k} more within {best_wait * 1000:.1f} ms (gain {best_gain * 1000:.0f} req*ms)",
+            until_s=until_s,
+            reason=f"expect {best_k} more within {best_wait * 1000:.1f} ms "
+            f"(saves {best_gain * 1000:.0f} request-ms)",
         )
 
     def wait_gain(self, n: int, k: int, wait_s: float, units: float = 1.0) -> float:
@@ -298,11 +363,14 @@ class Batcher:
             "policy": self.policy.value,
             "max_batch_size": self.config.max_batch_size,
             "running_batches": self.running_batches,
-            "arrival_rate_per_s": self.arrivals.rate_per_s(now_s),
+            "arrival_rate_per_s": self.arrivals.rate_per_s(now_s, self._last_completion_s),
+            "recent_peak_outstanding": max(self._peaks, default=0),
             "service_times": self.service_times.to_dict(),
         }
 
 
-def make_batcher(policy: BatchPolicy | str = BatchPolicy.ADAPTIVE, config: BatcherConfig | None = None) -> Batcher:
+def make_batcher(
+    policy: BatchPolicy | str = BatchPolicy.ADAPTIVE, config: BatcherConfig | None = None
+) -> Batcher:
     """The batcher for ``policy`` (``adaptive``, ``greedy`` or ``fixed_window``)."""
     return Batcher(config, BatchPolicy(policy))

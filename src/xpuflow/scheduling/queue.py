@@ -285,7 +285,8 @@ class RequestQueue:
 
     def remove(self, ticket: Ticket) -> bool:
         """Take a ticket out without answering it; False when it is not queued (any more)."""
-        if ticket.lane is None or self._lanes.get(ticket.lane, {}).get(ticket.seq) is not ticket:
+        lane = None if ticket.lane is None else self._lanes.get(ticket.lane)
+        if lane is None or lane.get(ticket.seq) is not ticket:
             return False
         self._unlink(ticket)
         return True

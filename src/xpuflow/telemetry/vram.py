@@ -96,7 +96,7 @@ class VramSnapshot:
     ``taken_at_s`` shows how old) or why there is no source at all.
     """
 
-    readings: Mapping[str, GpuMemory] = _NO_READINGS
+    readings: Mapping[str, GpuMemory] = field(default_factory=lambda: _NO_READINGS)
     taken_at_s: float | None = None
     source: str = "none"
     error: str | None = None
@@ -154,7 +154,7 @@ class NvmlSource:
     name = "nvml"
 
     def __init__(self, nvml: Any | None = None) -> None:
-        self._nvml = nvml
+        self._nvml: Any = nvml
         self._handles: list[tuple[str, Any]] = []
         self._no_utilization: set[str] = set()
         self._failing: set[str] = set()
@@ -403,7 +403,7 @@ class VRAMMonitor:
                 log.info("VRAM monitor uses %s (%s)", candidate.name, "; ".join(reasons))
             return monitor
         if source == "auto" and not try_torch:
-            reasons.append("torch.cuda not tried (torch is not loaded; choose the 'torch' source to force it)")
+            reasons.append("torch.cuda not tried (torch is not loaded; choose the 'torch' source to force)")
         reason = "no VRAM source: " + ("; ".join(reasons) if reasons else "disabled by configuration")
         return cls(None, poll_interval_ms=poll_interval_ms, clock=clock, unavailable_reason=reason)
 

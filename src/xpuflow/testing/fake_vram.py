@@ -99,8 +99,9 @@ class FakeVramSource:
                     self._failures_left -= 1
                 raise RuntimeError("fake VRAM read failure")
             return [
-                GpuMemory(device, total - self._used[device], self._used[device], total, self._util[device], now_s)
+                GpuMemory(device, total - used, used, total, self._util[device], now_s)
                 for device, total in self._totals.items()
+                for used in (self._used[device],)
             ]
 
     def close(self) -> None:

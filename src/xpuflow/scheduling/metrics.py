@@ -1,0 +1,182 @@
+"""A worker's live metrics: what the scorer, the dashboard and ``/metrics`` read.
+
+The worker records events; readers take plain numbers or ``to_dict()``. Time comes from an injected
+clock, so tests drive it::
+
+    metrics = WorkerMetrics(clock=FakeClock(), window_s=10.0)
+    metrics.record_batch_start(4)
+    metrics.record_batch_end(4, service_s=0.2, ok=True)
+    metrics.record_request(latency_s=0.25, queue_wait_s=0.05, tokens=32)
+    metrics.tokens_per_s()   # tokens finished in the last window_s, per second
+
+Latency EMAs weight a new sample by ``ema_alpha``; tokens/s and utilisation cover a sliding window of
+``window_s`` (or the time since the metrics started, when that is shorter).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from typing import Any
+
+from xpuflow.clock import Clock, SystemClock
+from xpuflow.scheduling.request import Priority
+
+__all__ = ["WorkerMetrics"]
+
+_RECENT = 1024  # latencies kept for percentiles
+
+
+def _ema(old: float | None, sample: float, alpha: float) -> float:
+    return sample if old is None else old + alpha * (sample - old)
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class WorkerMetrics:
+    """Counters, gauges and EMAs of one worker. Single event loop; not thread-safe."""
+
+    def __init__(self, clock: Clock | None = None, *, ema_alpha: float = 0.2, window_s: float = 10.0) -> None:
+        if not 0 < ema_alpha <= 1:
+            raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha}")
+        if window_s <= 0:
+            raise ValueError(f"window_s must be > 0, got {window_s}")
+        self._clock = clock or SystemClock()
+        self.ema_alpha = ema_alpha
+        self.window_s = window_s
+        self.started_at_s = self._clock.monotonic()
+        self.queue_depth: dict[Priority, int] = dict.fromkeys(Priority, 0)
+        self.in_flight = 0  # requests running on the device
+        self.running_batches = 0
+        self.ema_latency_ms: float | None = None  # queued -> answered, per request
+        self.ema_queue_wait_ms: float | None = None
+        self.ema_service_ms: float | None = None  # per batch
+        self.batch_sizes: Counter[int] = Counter()
+        self.completed = 0
+        self.failed = 0
+        self.rejected = 0
+        self.cancelled = 0
+        self.expired = 0
+        self.tokens_total = 0
+        self._tokens: deque[tuple[float, int]] = deque()
+        self._busy: deque[tuple[float, float]] = deque()  # finished busy intervals in the window
+        self._busy_since_s: float | None = None
+        self._recent_latency_s: deque[float] = deque(maxlen=_RECENT)
+
+    # -- recording ----------------------------------------------------------------------------------
+
+    def set_queue_depth(self, depths: dict[Priority, int]) -> None:
+        self.queue_depth = {p: int(depths.get(p, 0)) for p in Priority}
+
+    def record_rejected(self) -> None:
+        self.rejected += 1
+
+    def record_dropped(self, reason: str) -> None:
+        """A queued request left without running: ``cancelled`` or ``expired`` (else counted failed)."""
+        if reason == "cancelled":
+            self.cancelled += 1
+        elif reason == "expired":
+            self.expired += 1
+        else:
+            self.failed += 1
+
+    def record_batch_start(self, size: int) -> None:
+        if self.running_batches == 0:
+            self._busy_since_s = self._clock.monotonic()
+        self.running_batches += 1
+        self.in_flight += size
+        self.batch_sizes[size] += 1
+
+    def record_batch_end(self, size: int, service_s: float, ok: bool) -> None:
+        self.running_batches = max(0, self.running_batches - 1)
+        self.in_flight = max(0, self.in_flight - size)
+        if ok:
+            self.ema_service_ms = _ema(self.ema_service_ms, service_s * 1000.0, self.ema_alpha)
+        if self.running_batches == 0 and self._busy_since_s is not None:
+            self._busy.append((self._busy_since_s, self._clock.monotonic()))
+            self._busy_since_s = None
+            self._prune(self._clock.monotonic())
+
+    def record_request(self, latency_s: float, queue_wait_s: float, tokens: int = 0) -> None:
+        """One request answered with a result."""
+        now = self._clock.monotonic()
+        self.completed += 1
+        self.ema_latency_ms = _ema(self.ema_latency_ms, latency_s * 1000.0, self.ema_alpha)
+        self.ema_queue_wait_ms = _ema(self.ema_queue_wait_ms, queue_wait_s * 1000.0, self.ema_alpha)
+        self._recent_latency_s.append(latency_s)
+        if tokens:
+            self.tokens_total += tokens
+            self._tokens.append((now, tokens))
+        self._prune(now)
+
+    def record_failure(self, count: int = 1) -> None:
+        """Requests answered with an error by the session."""
+        self.failed += count
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def _prune(self, now_s: float) -> None:
+        horizon = now_s - self.window_s
+        while self._tokens and self._tokens[0][0] < horizon:
+            self._tokens.popleft()
+        while self._busy and self._busy[0][1] < horizon:
+            self._busy.popleft()
+
+    def _span_s(self, now_s: float) -> float:
+        return max(1e-9, min(self.window_s, now_s - self.started_at_s))
+
+    def tokens_per_s(self) -> float:
+        now = self._clock.monotonic()
+        self._prune(now)
+        return sum(t for _, t in self._tokens) / self._span_s(now)
+
+    def utilization(self) -> float:
+        """Share of the window during which at least one batch ran, in [0, 1]."""
+        now = self._clock.monotonic()
+        self._prune(now)
+        start = now - self._span_s(now)
+        busy = sum(max(0.0, end - max(begin, start)) for begin, end in self._busy)
+        if self._busy_since_s is not None:
+            busy += now - max(self._busy_since_s, start)
+        return min(1.0, busy / self._span_s(now))
+
+    @property
+    def queued(self) -> int:
+        return sum(self.queue_depth.values())
+
+    def mean_batch_size(self) -> float | None:
+        batches = sum(self.batch_sizes.values())
+        return sum(s * c for s, c in self.batch_sizes.items()) / batches if batches else None
+
+    def latency_percentiles_ms(self) -> dict[str, float | None]:
+        ordered = sorted(self._recent_latency_s)
+        return {
+            f"p{int(q * 100)}": (None if (v := _percentile(ordered, q)) is None else v * 1000.0)
+            for q in (0.5, 0.9, 0.99)
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "queue_depth": {p.name.lower(): n for p, n in self.queue_depth.items()},
+            "queued": self.queued,
+            "in_flight": self.in_flight,
+            "running_batches": self.running_batches,
+            "ema_latency_ms": self.ema_latency_ms,
+            "ema_queue_wait_ms": self.ema_queue_wait_ms,
+            "ema_service_ms": self.ema_service_ms,
+            "latency_ms": self.latency_percentiles_ms(),
+            "tokens_per_s": self.tokens_per_s(),
+            "tokens_total": self.tokens_total,
+            "utilization": self.utilization(),
+            "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "mean_batch_size": self.mean_batch_size(),
+            "completed": self.completed,
+            "failed": self.failed,
+            "rejected": self.rejected,
+            "cancelled": self.cancelled,
+            "expired": self.expired,
+            "window_s": self.window_s,
+        }

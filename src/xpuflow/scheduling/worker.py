@@ -1,0 +1,642 @@
+"""A worker: one session behind a priority queue and an adaptive micro-batcher.
+
+One dispatch loop per worker asks the batcher what to do with the head of the queue and runs batches
+on the session: sessions that batch natively get the batch forms (``chat_batch``, ``generate_batch``,
+one ``embed`` over every text of the batch); others get one request at a time. Every accepted request
+ends with a result or an error, also when the worker stops::
+
+    async with Worker(session, worker_id="chat-0", deployment="chat-main") as worker:
+        reply = await worker.submit(WorkRequest.chat(messages, GenerationParams(max_tokens=32)))
+        async for chunk in worker.stream(WorkRequest.chat(messages, params, stream=True)):
+            print(chunk.text, end="")
+        worker.snapshot()          # WorkerSnapshot for the router's scorer
+        worker.metrics.to_dict()   # queue depth per priority, in flight, EMA latency, tokens/s, ...
+
+Errors: ``submit`` raises the session's error (``SessionError``, ``RemoteError``, ...),
+``QueueFull`` when the queue has no room, ``WorkerStopped`` when the worker is not running,
+``DeadlineExceeded`` (a ``TimeoutError``) past ``request.deadline_s`` and ``RequestCancelled`` when
+``request.cancelled`` is set before the result arrives. The worker does not retry; it records every
+batch's success or failure in ``health`` (request errors such as a bad prompt are not the worker's
+failure and are not recorded), and the router reads ``health`` to choose and fail over.
+
+A batch the session rejects with ``ConfigError`` (one bad request, such as a prompt longer than the
+context) is re-run one request at a time, so only the bad request fails. Streamed requests run alone,
+one per batch slot. Requests with different ``max_tokens`` never share a batch: a session returns text,
+not tokens, so a result generated to a larger limit cannot be cut back exactly, and a short request
+would wait for the longest one in its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+from xpuflow.backends.base import BatchMode, Completion, Session, StreamChunk
+from xpuflow.clock import Clock, SystemClock
+from xpuflow.errors import AdmissionRejected, ConfigError, SessionError, XpuflowError
+from xpuflow.scheduling.batcher import Action, Batcher, BatcherConfig, BatchPolicy, make_batcher
+from xpuflow.scheduling.health import HealthTracker
+from xpuflow.scheduling.metrics import WorkerMetrics
+from xpuflow.scheduling.queue import (
+    STREAM_END,
+    DeadlineExceeded,
+    QueuePolicy,
+    RequestCancelled,
+    RequestQueue,
+    Ticket,
+    make_queue,
+)
+from xpuflow.scheduling.request import RequestKind, WorkRequest
+from xpuflow.types import WorkerSnapshot
+
+__all__ = ["Worker", "WorkerStopped"]
+
+log = logging.getLogger(__name__)
+_worker_ids = itertools.count()
+
+Result = Completion | list[list[float]]
+
+
+class WorkerStopped(AdmissionRejected):
+    """The worker is not running (not started, stopping or stopped); send the request elsewhere."""
+
+
+class Worker:
+    """A session with its queue, batcher, health and metrics. See the module docstring.
+
+    ``max_batch_size`` defaults to the session's; sessions that do not batch natively run one request
+    at a time. ``queue_policy``, ``queue_capacity``, ``aging_s`` and ``high_reserve_fraction`` shape the
+    queue (``scheduling.queue``); ``batch_policy``, ``max_wait_s``, ``max_wait_fraction`` and
+    ``max_concurrent_batches`` the batcher (``scheduling.batcher``). ``device_state``, when given,
+    returns live device readings for ``snapshot()`` (``free_memory_bytes``, ``utilization_pct``,
+    ``temperature_c``); without it the snapshot reports the worker's own busy share as utilisation.
+    ``stop_timeout_s`` bounds how long ``stop`` waits for queued and running work; ``close_session``
+    closes the session after ``stop``.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        worker_id: str | None = None,
+        deployment: str = "",
+        device: str | None = None,
+        max_batch_size: int | None = None,
+        queue_policy: QueuePolicy | str = QueuePolicy.PRIORITY,
+        queue_capacity: int = 256,
+        aging_s: float = 5.0,
+        high_reserve_fraction: float = 0.2,
+        batch_policy: BatchPolicy | str = BatchPolicy.ADAPTIVE,
+        max_wait_s: float = 0.05,
+        max_wait_fraction: float = 0.1,
+        max_concurrent_batches: int = 1,
+        health: HealthTracker | None = None,
+        clock: Clock | None = None,
+        metrics_window_s: float = 10.0,
+        device_state: Callable[[], Mapping[str, Any]] | None = None,
+        stop_timeout_s: float = 60.0,
+        close_session: bool = False,
+        tags: frozenset[str] = frozenset(),
+    ) -> None:
+        self.session = session
+        self.worker_id = worker_id or f"{session.model_id}-{next(_worker_ids)}"
+        self.deployment = deployment or session.model_id
+        self.device = device or (session.resources[0].id if session.resources else "unknown")
+        self.native_batching = session.batch_mode is BatchMode.NATIVE
+        cap = max_batch_size if max_batch_size is not None else max(1, session.max_batch_size)
+        if cap < 1:
+            raise ConfigError(f"max_batch_size must be >= 1, got {cap}", field="max_batch_size")
+        self.max_batch_size = cap if self.native_batching else 1
+        self._clock = clock or SystemClock()
+        self.health = health or HealthTracker(clock=self._clock)
+        self.metrics = WorkerMetrics(self._clock, window_s=metrics_window_s)
+        self.tags = frozenset(tags)
+        self._queue = make_queue(
+            queue_policy,
+            capacity=queue_capacity,
+            aging_s=aging_s,
+            high_reserve_fraction=high_reserve_fraction,
+            name=f"worker '{self.worker_id}'",
+        )
+        self._batcher = make_batcher(
+            batch_policy,
+            BatcherConfig(
+                max_batch_size=self.max_batch_size,
+                max_wait_s=max_wait_s,
+                max_wait_fraction=max_wait_fraction,
+                max_concurrent_batches=max_concurrent_batches,
+            ),
+        )
+        self._device_state = device_state
+        self._stop_timeout_s = stop_timeout_s
+        self._close_session = close_session
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
+        self._accepting = False
+        self._closing = False
+        self._drain_rate_ema: float | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._accepting
+
+    @property
+    def queue(self) -> RequestQueue:
+        """The request queue (for reading: depth, head, policy)."""
+        return self._queue
+
+    @property
+    def batcher(self) -> Batcher:
+        return self._batcher
+
+    async def start(self) -> None:
+        """Start the dispatch loop; idempotent."""
+        if self._loop_task is not None:
+            return
+        self._accepting = True
+        self._closing = False
+        self._loop_task = asyncio.create_task(self._dispatch_loop(), name=f"worker-{self.worker_id}")
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop accepting requests. With ``drain`` the queued requests still run (without batching
+        waits); without it they fail with ``WorkerStopped``. Running batches finish either way. Work
+        still unanswered after ``stop_timeout_s`` fails with ``WorkerStopped``."""
+        self._accepting = False
+        if self._loop_task is None:
+            return
+        self._closing = True
+        if not drain:
+            self._fail_queued("stopped without draining")
+        self._wakeup.set()
+        loop_task = self._loop_task
+        deadline = self._clock.monotonic() + self._stop_timeout_s
+        # The loop ends once the queue is empty; batches it launched meanwhile are awaited after it.
+        await asyncio.wait({loop_task}, timeout=self._stop_timeout_s)
+        if self._batches:
+            remaining = max(0.0, deadline - self._clock.monotonic())
+            await asyncio.wait(set(self._batches), timeout=remaining)
+        if not loop_task.done() or self._batches:
+            log.warning(
+                "worker %s: stop timed out after %.1f s; failing what is left",
+                self.worker_id,
+                self._stop_timeout_s,
+            )
+            tasks = [loop_task, *self._batches]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._fail_queued("stopped before this request ran")
+        self._loop_task = None
+        if self._close_session:
+            await self.session.close()
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop(drain=True)
+
+    def _fail_queued(self, why: str) -> None:
+        gone = self._queue.clear(
+            lambda t: WorkerStopped(
+                f"worker '{self.worker_id}' {why} (request {t.request.request_id}); "
+                "send it to another worker",
+                retry_after_s=0.0,
+            )
+        )
+        for _ in gone:
+            self.metrics.record_dropped("stopped")
+        self._update_depths()
+
+    # -- submission ---------------------------------------------------------------------------------
+
+    async def submit(self, request: WorkRequest) -> Result:
+        """Queue ``request`` and wait for its result (a ``Completion``, or the vectors of an
+        embedding request). Raises as described in the module docstring."""
+        if request.stream:
+            raise ConfigError(
+                f"request {request.request_id} asks for a stream; use Worker.stream()", field="stream"
+            )
+        ticket = self._admit(request, streaming=False)
+        watcher = asyncio.ensure_future(request.cancelled.wait())
+        try:
+            await asyncio.wait(
+                {ticket.future, watcher},
+                timeout=self._timeout_s(request),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        except asyncio.CancelledError:
+            self._withdraw(ticket, self._cancelled_error(request, "its caller was cancelled"))
+            raise
+        finally:
+            watcher.cancel()
+        if not ticket.future.done():
+            if request.cancelled.is_set():
+                self._withdraw(ticket, self._cancelled_error(request, "its client went away"))
+            else:
+                self._withdraw(ticket, self._deadline_error(request))
+        result: Result = ticket.future.result()
+        return result
+
+    async def stream(self, request: WorkRequest) -> AsyncIterator[StreamChunk]:
+        """Queue ``request`` and yield its chunks as the session produces them; the last chunk carries
+        ``finish_reason``. Admission errors (``QueueFull``, ``WorkerStopped``) are raised before the
+        first chunk. A consumer that stops iterating withdraws the request and stops its generation."""
+        ticket = self._admit(request, streaming=True)
+        chunks = ticket.chunks
+        assert chunks is not None
+        finished = False
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(chunks.get(), self._timeout_s(request))
+                except asyncio.TimeoutError:
+                    finished = True
+                    self._withdraw(ticket, self._deadline_error(request))
+                    raise self._deadline_error(request) from None
+                if item is STREAM_END:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            if not finished:
+                self._withdraw(ticket, self._cancelled_error(request, "its consumer stopped reading"))
+
+    def _timeout_s(self, request: WorkRequest) -> float | None:
+        if request.deadline_s is None:
+            return None
+        return max(0.0, request.deadline_s - self._clock.monotonic())
+
+    def _admit(self, request: WorkRequest, *, streaming: bool) -> Ticket:
+        if not self._accepting:
+            state = "is stopping" if self._closing else "is not running (call start())"
+            raise WorkerStopped(
+                f"worker '{self.worker_id}' {state}; send request {request.request_id} to another worker",
+                retry_after_s=0.0,
+            )
+        if request.cancelled.is_set():
+            raise self._cancelled_error(request, "it was cancelled before it was queued")
+        now = self._clock.monotonic()
+        if request.deadline_s is not None and now >= request.deadline_s:
+            raise self._deadline_error(request)
+        ticket = Ticket(
+            request,
+            enqueued_at_s=now,
+            group=self._group(request, streaming),
+            future=asyncio.get_running_loop().create_future(),
+            chunks=asyncio.Queue() if streaming else None,
+        )
+        try:
+            self._queue.push(ticket, now)
+        except AdmissionRejected:
+            self.metrics.record_rejected()
+            raise
+        self._batcher.on_arrival(now)
+        self._update_depths()
+        self._wakeup.set()
+        return ticket
+
+    def _group(self, request: WorkRequest, streaming: bool) -> Hashable:
+        if streaming:
+            return ("stream", request.request_id)  # streams run alone
+        if request.kind is RequestKind.EMBEDDING:
+            return (request.kind,)
+        return (*request.batch_key(), request.params.max_tokens)
+
+    def _withdraw(self, ticket: Ticket, error: XpuflowError) -> None:
+        """Answer ``ticket`` with ``error`` unless it is answered already, and take it out of the queue."""
+        if self._queue.remove(ticket):
+            self.metrics.record_dropped("expired" if isinstance(error, DeadlineExceeded) else "cancelled")
+            self._update_depths()
+            self._wakeup.set()
+        ticket.fail(error)
+
+    def _cancelled_error(self, request: WorkRequest, why: str) -> RequestCancelled:
+        return RequestCancelled(
+            f"request {request.request_id} on worker '{self.worker_id}' was withdrawn: {why}"
+        )
+
+    def _deadline_error(self, request: WorkRequest) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"request {request.request_id} passed its deadline on worker '{self.worker_id}'; raise its "
+            "timeout or send it to a less loaded worker"
+        )
+
+    def _update_depths(self) -> None:
+        self.metrics.set_queue_depth(self._queue.depth_by_priority())
+
+    # -- dispatch -----------------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        try:
+            while True:
+                self._wakeup.clear()
+                try:
+                    if not await self._step():
+                        return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a scheduler bug must not strand the queued requests
+                    log.exception(
+                        "worker %s: dispatch loop error; failing the queued requests", self.worker_id
+                    )
+                    self._queue.clear(
+                        lambda t: SessionError(
+                            f"worker '{self.worker_id}' hit an internal error before running request "
+                            f"{t.request.request_id}; retry it"
+                        )
+                    )
+                    self._update_depths()
+        finally:
+            self._fail_queued("stopped before this request ran")
+
+    async def _step(self) -> bool:
+        """One decision; False when the loop should end (closing and nothing left to dispatch)."""
+        now = self._clock.monotonic()
+        for ticket in self._queue.purge(now):
+            self.metrics.record_dropped("cancelled" if ticket.request.cancelled.is_set() else "expired")
+            self._update_depths()
+        head = self._queue.head(now)
+        if head is None:
+            if self._closing:
+                return False
+            await self._sleep(None)
+            return True
+        group = head.group
+        streaming = head.chunks is not None
+        decision = self._batcher.decide(
+            now,
+            self._queue.group_size(group),
+            self._queue.group_oldest_s(group),
+            cap=1 if streaming else self.max_batch_size,
+            units=self._units(head.request),
+            draining=self._closing,
+            outstanding=len(self._queue) + self.metrics.in_flight,
+        )
+        if decision.action is Action.DISPATCH:
+            self._launch(self._queue.take_batch(now, decision.size, group), now)
+        elif decision.action is Action.WAIT:
+            await self._sleep(decision.until_s)
+        else:
+            await self._sleep(None)
+        return True
+
+    async def _sleep(self, until_s: float | None) -> None:
+        """Until something changes (arrival, completion, withdrawal, stop) or ``until_s``."""
+        if until_s is None:
+            await self._wakeup.wait()
+            return
+        delay = until_s - self._clock.monotonic()
+        if delay <= 0:
+            return
+        waker = asyncio.ensure_future(self._wakeup.wait())
+        timer = asyncio.ensure_future(self._clock.sleep(delay))
+        try:
+            await asyncio.wait({waker, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waker.cancel()
+            timer.cancel()
+
+    @staticmethod
+    def _units(request: WorkRequest) -> float:
+        if request.kind is RequestKind.EMBEDDING:
+            return 1.0
+        return float(request.params.max_tokens)
+
+    def _launch(self, tickets: list[Ticket], now: float) -> None:
+        if not tickets:
+            return
+        for ticket in tickets:
+            ticket.dispatched_at_s = now
+        self._update_depths()
+        self._batcher.on_dispatch(now, len(tickets))
+        self.metrics.record_batch_start(len(tickets))
+        runner = self._run_stream(tickets[0]) if tickets[0].chunks is not None else self._run_batch(tickets)
+        task = asyncio.create_task(runner, name=f"worker-{self.worker_id}-batch")
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    def _finish_batch(self, tickets: Sequence[Ticket], started: float, ok: bool) -> None:
+        now = self._clock.monotonic()
+        service_s = now - started
+        self._batcher.on_complete(
+            now, len(tickets), service_s if ok else None, self._units(tickets[0].request)
+        )
+        self.metrics.record_batch_end(len(tickets), service_s, ok)
+        if ok and service_s > 0:
+            rate = len(tickets) / service_s
+            old = self._drain_rate_ema
+            self._drain_rate_ema = rate if old is None else old + 0.2 * (rate - old)
+            self._queue.drain_rate_per_s = self._drain_rate_ema
+        self._wakeup.set()
+
+    async def _run_batch(self, tickets: list[Ticket]) -> None:
+        started = self._clock.monotonic()
+        ok = False
+        try:
+            live = [t for t in tickets if not t.done]  # withdrawn while dispatching: skip
+            if not live:
+                ok = True
+                return
+            try:
+                results = await self._call(live)
+            except ConfigError as exc:
+                if len(live) == 1:
+                    self._fail(live, exc, device_fault=False)
+                    ok = True
+                    return
+                # One bad request must not fail its batch-mates: run each alone.
+                for ticket in live:
+                    try:
+                        self._deliver([ticket], await self._call([ticket]))
+                    except ConfigError as single:
+                        self._fail([ticket], single, device_fault=False)
+                ok = True
+                self.health.record_success()
+                return
+            self._deliver(live, results)
+            self.health.record_success()
+            ok = True
+        except asyncio.CancelledError:
+            self._fail(
+                tickets,
+                WorkerStopped(
+                    f"worker '{self.worker_id}' stopped while running this request; retry it elsewhere",
+                    retry_after_s=0.0,
+                ),
+                device_fault=False,
+            )
+            raise
+        except Exception as exc:
+            self._fail(tickets, self._as_xpuflow(exc), device_fault=True)
+        finally:
+            self._finish_batch(tickets, started, ok)
+
+    def _deliver(self, tickets: Sequence[Ticket], results: Sequence[Result]) -> None:
+        if len(results) != len(tickets):
+            raise SessionError(
+                f"session of worker '{self.worker_id}' returned {len(results)} results for "
+                f"{len(tickets)} requests"
+            )
+        now = self._clock.monotonic()
+        for ticket, result in zip(tickets, results, strict=True):
+            if ticket.finish(result):
+                tokens = result.completion_tokens if isinstance(result, Completion) else 0
+                self.metrics.record_request(
+                    now - ticket.enqueued_at_s,
+                    (ticket.dispatched_at_s or now) - ticket.enqueued_at_s,
+                    tokens,
+                )
+
+    def _fail(self, tickets: Sequence[Ticket], exc: BaseException, *, device_fault: bool) -> None:
+        failed = sum(1 for t in tickets if t.fail(exc))
+        self.metrics.record_failure(failed)
+        if device_fault:
+            self.health.record_failure(f"{type(exc).__name__}: {exc}")
+
+    def _as_xpuflow(self, exc: Exception) -> XpuflowError:
+        if isinstance(exc, XpuflowError):
+            return exc
+        error = SessionError(f"session of worker '{self.worker_id}' failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+
+    async def _call(self, tickets: Sequence[Ticket]) -> list[Result]:
+        """Run one batch on the session; results in the tickets' order."""
+        session = self.session
+        first = tickets[0].request
+        params = first.params
+        payloads = [t.request.payload for t in tickets]
+        if first.kind is RequestKind.EMBEDDING:
+            if self.native_batching and len(tickets) > 1:
+                flat = [text for texts in payloads for text in texts]
+                vectors = await session.embed(flat)
+                if len(vectors) != len(flat):
+                    raise SessionError(
+                        f"session of worker '{self.worker_id}' returned {len(vectors)} vectors for "
+                        f"{len(flat)} texts"
+                    )
+                out: list[Result] = []
+                start = 0
+                for texts in payloads:
+                    out.append(vectors[start : start + len(texts)])
+                    start += len(texts)
+                return out
+            return [await session.embed(texts) for texts in payloads]
+        if first.kind is RequestKind.CHAT:
+            if self.native_batching:
+                return list(await session.chat_batch(payloads, params))
+            return [await session.chat(p, params) for p in payloads]
+        if self.native_batching:
+            return list(await session.generate_batch(payloads, params))
+        return [await session.generate(p, params) for p in payloads]
+
+    async def _run_stream(self, ticket: Ticket) -> None:
+        started = self._clock.monotonic()
+        request = ticket.request
+        chunks = ticket.chunks
+        assert chunks is not None
+        ok = False
+        tokens = 0
+        try:
+            if ticket.done:  # withdrawn before it started
+                ok = True
+                return
+            if request.kind is RequestKind.CHAT:
+                source = self.session.stream_chat(request.payload, request.params)
+            elif request.kind is RequestKind.COMPLETION:
+                source = self.session.stream_generate(request.payload, request.params)
+            else:
+                raise ConfigError("embedding requests cannot be streamed", field="stream")
+            aclose = getattr(source, "aclose", None)
+            try:
+                async for chunk in source:
+                    if ticket.done or request.cancelled.is_set():
+                        break  # the consumer went away: stop the generation
+                    chunks.put_nowait(chunk)
+                    tokens += 1 if chunk.text else 0
+            finally:
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await aclose()
+            if ticket.finish(None):
+                now = self._clock.monotonic()
+                self.metrics.record_request(
+                    now - ticket.enqueued_at_s, (ticket.dispatched_at_s or now) - ticket.enqueued_at_s, tokens
+                )
+            self.health.record_success()
+            ok = True
+        except asyncio.CancelledError:
+            ticket.fail(
+                WorkerStopped(
+                    f"worker '{self.worker_id}' stopped during this stream; retry it elsewhere",
+                    retry_after_s=0.0,
+                )
+            )
+            raise
+        except ConfigError as exc:
+            self._fail([ticket], exc, device_fault=False)
+            ok = True
+        except Exception as exc:
+            self._fail([ticket], self._as_xpuflow(exc), device_fault=True)
+        finally:
+            self._finish_batch([ticket], started, ok)
+
+    # -- state --------------------------------------------------------------------------------------
+
+    def snapshot(self) -> WorkerSnapshot:
+        """The worker's state now, for the router's scorer. Never raises."""
+        state: Mapping[str, Any] = {}
+        if self._device_state is not None:
+            try:
+                state = self._device_state()
+            except Exception:  # a failing telemetry read must not break routing
+                log.debug("worker %s: device_state failed", self.worker_id, exc_info=True)
+        free = state.get("free_memory_bytes")
+        if free is None and self.session.resources:
+            free = self.session.resources[0].free_memory_bytes
+        utilization = state.get("utilization_pct")
+        if utilization is None:
+            utilization = self.metrics.utilization() * 100.0
+        max_seq_len = getattr(self.session, "max_seq_len", None)
+        return WorkerSnapshot(
+            worker_id=self.worker_id,
+            deployment=self.deployment,
+            device=self.device,
+            healthy=self.health.healthy,
+            draining=self._closing or not self._accepting,
+            queue_depth=len(self._queue),
+            in_flight=self.metrics.in_flight,
+            max_batch_size=self.max_batch_size,
+            ema_latency_ms=self.metrics.ema_latency_ms,
+            free_memory_bytes=None if free is None else int(free),
+            utilization_pct=float(utilization),
+            temperature_c=state.get("temperature_c"),
+            max_seq_len=max_seq_len if isinstance(max_seq_len, int) else None,
+            taken_at_s=self._clock.monotonic(),
+            tags=self.tags,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything the dashboard shows about this worker."""
+        return {
+            "worker_id": self.worker_id,
+            "deployment": self.deployment,
+            "device": self.device,
+            "health": self.health.state.value,
+            "running": self.running,
+            "queue_policy": self._queue.policy.value,
+            "batching": self._batcher.to_dict(self._clock.monotonic()),
+            "metrics": self.metrics.to_dict(),
+        }

@@ -1,0 +1,512 @@
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, cast
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from xpuflow.backends.base import BatchMode, Completion, GenerationParams, StreamChunk
+from xpuflow.clock import FakeClock
+from xpuflow.errors import ConfigError, SessionError
+from xpuflow.scheduling.health import HealthState, HealthTracker
+from xpuflow.scheduling.metrics import WorkerMetrics
+from xpuflow.scheduling.queue import DeadlineExceeded, QueueFull, QueuePolicy, RequestCancelled
+from xpuflow.scheduling.request import Priority, RequestKind, WorkRequest
+from xpuflow.scheduling.worker import Worker, WorkerStopped
+from xpuflow.testing import FakeSession
+from xpuflow.types import Resource, ResourceType, WorkerSnapshot
+
+CPU = Resource("cpu", ResourceType.CPU, attributes={"memory_bytes": 8 << 30})
+
+
+def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run an async test on a fresh event loop, bounded so a hang fails instead of stalling."""
+
+    @functools.wraps(test)
+    def wrapper(*args: object, **kwargs: object) -> None:
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout=20))
+
+    return wrapper
+
+
+def completion(prompt: str, max_tokens: int = 16, **kw: Any) -> WorkRequest:
+    return WorkRequest.completion(prompt, GenerationParams(max_tokens=max_tokens), **kw)
+
+
+def chat(prompt: str, **kw: Any) -> WorkRequest:
+    return WorkRequest.chat([{"role": "user", "content": prompt}], GenerationParams(max_tokens=16), **kw)
+
+
+def reversed_words(prompt: str) -> str:
+    return " ".join(prompt.split()[::-1])
+
+
+class Gate(FakeSession):
+    """A fake device whose batches wait until the test opens the gate, so queues fill on cue."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.started = asyncio.Event()
+        self.prompts: list[list[str]] = []
+
+    async def generate_batch(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion]:
+        self.prompts.append(list(prompts))
+        self.started.set()
+        await self.gate.wait()
+        return await super().generate_batch(prompts, params)
+
+
+class Picky(FakeSession):
+    """Rejects any batch that holds the prompt "bad" as a bad request, as a real session does with a
+    prompt longer than its context."""
+
+    async def generate_batch(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion]:
+        if "bad" in prompts:
+            self.batch_sizes.append(len(prompts))
+            raise ConfigError("the prompt is too long", field="prompt")
+        return await super().generate_batch(prompts, params)
+
+
+class Sequential(FakeSession):
+    batch_mode = BatchMode.SEQUENTIAL
+
+
+async def blocked_worker(**kw: object) -> tuple[Worker, Gate]:
+    """A started worker whose device is busy (gate closed) with one request, ``blocker``."""
+    session = Gate(max_batch_size=8)
+    worker = Worker(session, worker_id="w", **kw)  # type: ignore[arg-type]
+    await worker.start()
+    session.gate.clear()
+    worker._blocker = asyncio.create_task(worker.submit(completion("blocker")))  # type: ignore[attr-defined]
+    await session.started.wait()
+    return worker, session
+
+
+# -- results, batching, order --------------------------------------------------------------------------
+
+
+@run_async
+async def test_results_go_to_their_own_requests_in_batches() -> None:
+    session = FakeSession(service_time_s=0.005, max_batch_size=8)
+    async with Worker(session, worker_id="w0", deployment="chat-main") as worker:
+        prompts = [f"prompt number {i}" for i in range(30)]
+        results = await asyncio.gather(*(worker.submit(completion(p)) for p in prompts))
+        chats = await asyncio.gather(*(worker.submit(chat(p)) for p in prompts[:5]))
+    assert [r.text for r in results] == [reversed_words(p) for p in prompts]  # type: ignore[union-attr]
+    assert [r.text for r in chats] == [reversed_words(p) for p in prompts[:5]]  # type: ignore[union-attr]
+    assert max(session.batch_sizes) == 8
+    assert sum(session.batch_sizes) == 35
+    assert worker.metrics.completed == 35
+    assert worker.metrics.batch_sizes[8] >= 3
+
+
+@run_async
+async def test_queued_requests_run_by_priority_while_the_device_is_busy() -> None:
+    worker, session = await blocked_worker(max_batch_size=2, aging_s=60.0)
+    low = asyncio.create_task(worker.submit(completion("low", priority=Priority.LOW)))
+    normal = asyncio.create_task(worker.submit(completion("normal")))
+    high = asyncio.create_task(worker.submit(completion("high", priority=Priority.HIGH)))
+    await asyncio.sleep(0)
+    assert worker.metrics.queue_depth == {Priority.HIGH: 1, Priority.NORMAL: 1, Priority.LOW: 1}
+    session.gate.set()
+    await asyncio.gather(low, normal, high, worker._blocker)  # type: ignore[attr-defined]
+    assert session.prompts == [["blocker"], ["high", "normal"], ["low"]]
+    await worker.stop()
+
+
+@run_async
+async def test_fifo_worker_ignores_priority() -> None:
+    worker, session = await blocked_worker(max_batch_size=1, queue_policy=QueuePolicy.FIFO)
+    tasks = [
+        asyncio.create_task(worker.submit(completion(name, priority=p)))
+        for name, p in (("low", Priority.LOW), ("high", Priority.HIGH))
+    ]
+    await asyncio.sleep(0)
+    session.gate.set()
+    await asyncio.gather(*tasks)
+    assert session.prompts[1:] == [["low"], ["high"]]
+    await worker.stop()
+
+
+@run_async
+async def test_different_max_tokens_and_kinds_never_share_a_batch() -> None:
+    worker, session = await blocked_worker(max_batch_size=8)
+    tasks = [
+        asyncio.create_task(worker.submit(completion(f"a{i}", max_tokens=4 if i % 2 else 8)))
+        for i in range(6)
+    ]
+    await asyncio.sleep(0)
+    session.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert sorted(len(b) for b in session.prompts[1:]) == [3, 3]
+    assert [r.text for r in results] == [f"a{i}" for i in range(6)]  # type: ignore[union-attr]
+    await worker.stop()
+
+
+@run_async
+async def test_embedding_requests_share_one_embed_call() -> None:
+    session = FakeSession(max_batch_size=8, embedding_dim=4)
+    worker = Worker(session, worker_id="emb")
+    await worker.start()
+    requests = [WorkRequest.embedding([f"text {i}", f"more {i}"]) for i in range(3)]
+    results = [cast(list[list[float]], r) for r in await asyncio.gather(*map(worker.submit, requests))]
+    await worker.stop()
+    assert [len(r) for r in results] == [2, 2, 2]
+    assert all(len(v) == 4 for r in results for v in r)
+    assert session.batch_sizes == [6]  # three requests, one call with all six texts
+    alone = FakeSession(embedding_dim=4)
+    assert results[1] == await alone.embed(["text 1", "more 1"])
+
+
+@run_async
+async def test_sessions_that_do_not_batch_natively_get_one_request_at_a_time() -> None:
+    session = Sequential(service_time_s=0.002, max_batch_size=8)
+    async with Worker(session, max_batch_size=8) as worker:
+        assert worker.max_batch_size == 1
+        await asyncio.gather(*(worker.submit(completion(f"p{i}")) for i in range(5)))
+    assert session.batch_sizes == [1] * 5
+
+
+# -- errors and health ---------------------------------------------------------------------------------
+
+
+@run_async
+async def test_session_errors_reach_every_request_and_mark_the_worker_unhealthy() -> None:
+    clock = FakeClock()
+    session = FakeSession(max_batch_size=4, fail_next=3)
+    health = HealthTracker(failure_threshold=3, cooldown_s=5.0, clock=clock)
+    async with Worker(session, health=health) as worker:
+        for _ in range(3):
+            with pytest.raises(SessionError, match="failed on purpose"):
+                await worker.submit(completion("x"))
+        assert health.state.value == "unhealthy"
+        assert not worker.snapshot().healthy
+        clock.advance(5.0)
+        assert health.available()  # the probe
+        assert (await worker.submit(completion("ok"))).text == "ok"  # type: ignore[union-attr]
+        assert health.state is HealthState.HEALTHY
+    assert worker.metrics.failed == 3
+
+
+@run_async
+async def test_a_bad_request_fails_alone_not_its_batch() -> None:
+    session = Picky(max_batch_size=8)
+    worker = Worker(session, worker_id="picky")
+    await worker.start()
+    prompts = ["good one", "bad", "good two"]
+    results = await asyncio.gather(*(worker.submit(completion(p)) for p in prompts), return_exceptions=True)
+    await worker.stop()
+    assert isinstance(results[1], ConfigError)
+    assert [results[0].text, results[2].text] == ["one good", "two good"]  # type: ignore[union-attr]
+    assert worker.health.healthy  # a bad request is not the worker's failure
+
+
+@run_async
+async def test_queue_full_and_stopped_workers_reject_with_admission_errors() -> None:
+    worker, session = await blocked_worker(queue_capacity=2, high_reserve_fraction=0.0)
+    tasks = [asyncio.create_task(worker.submit(completion(f"q{i}"))) for i in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull) as caught:
+        await worker.submit(completion("one too many"))
+    assert caught.value.retry_after_s > 0
+    assert worker.metrics.rejected == 1
+    session.gate.set()
+    await asyncio.gather(*tasks)
+    await worker.stop()
+    with pytest.raises(WorkerStopped):
+        await worker.submit(completion("late"))
+    fresh = Worker(FakeSession())
+    with pytest.raises(WorkerStopped, match="not running"):
+        await fresh.submit(completion("early"))
+    with pytest.raises(ConfigError, match="stream"):
+        await worker.submit(completion("s", stream=True))
+
+
+# -- cancellation and deadlines ------------------------------------------------------------------------
+
+
+@run_async
+async def test_cancelled_queued_request_is_answered_and_never_computed() -> None:
+    worker, session = await blocked_worker()
+    request = completion("gone")
+    task = asyncio.create_task(worker.submit(request))
+    await asyncio.sleep(0)
+    request.cancelled.set()
+    with pytest.raises(RequestCancelled, match=request.request_id):
+        await task
+    assert len(worker.queue) == 0
+    session.gate.set()
+    await worker.stop()
+    assert all("gone" not in batch for batch in session.prompts)
+    assert worker.metrics.cancelled == 1
+
+
+@run_async
+async def test_caller_cancellation_withdraws_the_request() -> None:
+    worker, session = await blocked_worker()
+    task = asyncio.create_task(worker.submit(completion("abandoned")))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(worker.queue) == 0
+    session.gate.set()
+    await worker.stop()
+    assert all("abandoned" not in batch for batch in session.prompts)
+
+
+@run_async
+async def test_deadline_passes_while_queued() -> None:
+    worker, session = await blocked_worker()
+    loop_time = asyncio.get_running_loop().time
+    start = loop_time()
+    request = completion("slow", deadline_s=worker._clock.monotonic() + 0.05)
+    with pytest.raises(DeadlineExceeded) as caught:
+        await worker.submit(request)
+    assert isinstance(caught.value, asyncio.TimeoutError)
+    assert loop_time() - start < 1.0
+    assert worker.metrics.expired == 1
+    with pytest.raises(DeadlineExceeded):
+        await worker.submit(completion("late", deadline_s=0.0))
+    session.gate.set()
+    await worker.stop()
+
+
+# -- streaming -----------------------------------------------------------------------------------------
+
+
+@run_async
+async def test_stream_yields_chunks_and_records_tokens() -> None:
+    session = FakeSession(max_batch_size=4)
+    async with Worker(session) as worker:
+        chunks = [c async for c in worker.stream(completion("one two three", stream=True))]
+        chat_chunks = [c async for c in worker.stream(chat("hello world", stream=True))]
+    assert "".join(c.text for c in chunks) == "three two one"
+    assert chunks[-1].finish_reason == "stop"
+    assert "".join(c.text for c in chat_chunks) == "world hello"
+    assert worker.metrics.tokens_total == 3 + 1  # chunks with text
+
+
+class SlowStream(FakeSession):
+    def __init__(self) -> None:
+        super().__init__(max_batch_size=4)
+        self.produced = 0
+        self.closed_early = False
+
+    async def stream_generate(self, prompt: str, params: GenerationParams) -> AsyncIterator[StreamChunk]:
+        try:
+            for i in range(1000):
+                self.produced += 1
+                await asyncio.sleep(0.001)
+                yield StreamChunk(f" t{i}")
+            yield StreamChunk("", "length")
+        finally:
+            self.closed_early = self.produced < 1000
+
+
+@run_async
+async def test_consumer_that_stops_reading_stops_the_generation() -> None:
+    session = SlowStream()
+    async with Worker(session) as worker:
+        got = []
+        stream = worker.stream(completion("x", stream=True))
+        async for chunk in stream:
+            got.append(chunk)
+            if len(got) == 3:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+        await asyncio.sleep(0.05)
+        assert session.closed_early
+        assert session.produced < 100
+        assert (await worker.submit(completion("after"))).text == "after"  # type: ignore[union-attr]
+
+
+@run_async
+async def test_stream_failure_before_the_first_chunk_raises_the_session_error() -> None:
+    session = FakeSession(fail_next=1)
+    async with Worker(session) as worker:
+        with pytest.raises(SessionError):
+            async for _ in worker.stream(completion("x", stream=True)):
+                pass
+        with pytest.raises(ConfigError, match="cannot be streamed"):
+            async for _ in worker.stream(WorkRequest.embedding(["x"], stream=True)):
+                pass
+
+
+# -- stopping ------------------------------------------------------------------------------------------
+
+
+@run_async
+async def test_stop_with_drain_answers_everything_queued() -> None:
+    worker, session = await blocked_worker(max_batch_size=2)
+    tasks = [asyncio.create_task(worker.submit(completion(f"d{i}"))) for i in range(5)]
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(worker.stop(drain=True))
+    await asyncio.sleep(0)
+    with pytest.raises(WorkerStopped, match="stopping"):
+        await worker.submit(completion("too late"))
+    session.gate.set()
+    await stopping
+    results = await asyncio.gather(*tasks)
+    assert [r.text for r in results] == [f"d{i}" for i in range(5)]  # type: ignore[union-attr]
+    assert not worker.running
+
+
+@run_async
+async def test_stop_without_drain_fails_queued_requests_clearly() -> None:
+    worker, session = await blocked_worker()
+    tasks = [asyncio.create_task(worker.submit(completion(f"d{i}"))) for i in range(3)]
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(worker.stop(drain=False))
+    await asyncio.sleep(0)
+    session.gate.set()
+    await stopping
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, WorkerStopped) and "another worker" in str(r) for r in results)
+    assert (await worker._blocker).text == "blocker"  # type: ignore[attr-defined]  # the running batch finished
+
+
+@run_async
+async def test_stop_timeout_fails_running_work() -> None:
+    worker, _ = await blocked_worker(stop_timeout_s=0.05)
+    await worker.stop()
+    with pytest.raises(WorkerStopped, match="while running"):
+        await worker._blocker  # type: ignore[attr-defined]
+
+
+# -- state ---------------------------------------------------------------------------------------------
+
+
+@run_async
+async def test_snapshot_and_dict_describe_the_worker() -> None:
+    session = FakeSession("m", [CPU], service_time_s=0.001, max_batch_size=4)
+    worker = Worker(
+        session,
+        worker_id="cpu-0",
+        deployment="chat-main",
+        tags=frozenset({"low-latency"}),
+        device_state=lambda: {"temperature_c": 55.0},
+    )
+    async with worker:
+        await asyncio.gather(*(worker.submit(completion(f"p {i}")) for i in range(6)))
+        snap = worker.snapshot()
+    assert isinstance(snap, WorkerSnapshot)
+    assert (snap.worker_id, snap.deployment, snap.device) == ("cpu-0", "chat-main", "cpu")
+    assert snap.max_batch_size == 4
+    assert snap.free_memory_bytes == 8 << 30
+    assert snap.temperature_c == 55.0
+    assert snap.ema_latency_ms is not None
+    assert snap.ema_latency_ms > 0
+    assert snap.utilization_pct is not None
+    assert 0 <= snap.utilization_pct <= 100
+    assert snap.tags == frozenset({"low-latency"})
+    assert worker.snapshot().draining
+    info = worker.to_dict()
+    assert info["metrics"]["completed"] == 6
+    assert info["batching"]["policy"] == "adaptive"
+    assert set(info["metrics"]["queue_depth"]) == {"high", "normal", "low"}
+
+
+def test_metrics_windows_and_emas_follow_the_clock() -> None:
+    clock = FakeClock()
+    metrics = WorkerMetrics(clock, ema_alpha=0.5, window_s=10.0)
+    clock.advance(1.0)
+    metrics.record_batch_start(4)
+    assert metrics.in_flight == 4
+    clock.advance(1.0)
+    metrics.record_batch_end(4, service_s=1.0, ok=True)
+    for latency in (0.2, 0.4):
+        metrics.record_request(latency, queue_wait_s=0.1, tokens=10)
+    assert metrics.ema_latency_ms == pytest.approx(300.0)
+    assert metrics.tokens_per_s() == pytest.approx(20 / 2.0)  # 2 s since the metrics started
+    assert metrics.utilization() == pytest.approx(0.5)
+    clock.advance(20.0)
+    assert metrics.tokens_per_s() == 0.0
+    assert metrics.utilization() == 0.0
+    data = metrics.to_dict()
+    assert data["batch_size_histogram"] == {"4": 1}
+    assert data["latency_ms"]["p50"] == pytest.approx(400.0)
+    metrics.record_dropped("cancelled")
+    metrics.record_dropped("expired")
+    metrics.record_dropped("stopped")
+    assert (metrics.cancelled, metrics.expired, metrics.failed) == (1, 1, 1)
+
+
+# -- properties ----------------------------------------------------------------------------------------
+
+REQUESTS = st.lists(
+    st.tuples(
+        st.sampled_from(list(Priority)),
+        st.sampled_from([RequestKind.COMPLETION, RequestKind.CHAT, RequestKind.EMBEDDING]),
+        st.sampled_from([4, 8]),  # max_tokens
+        st.booleans(),  # cancelled right after submission
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    requests=REQUESTS,
+    cap=st.integers(1, 8),
+    policy=st.sampled_from(["adaptive", "greedy", "fixed_window"]),
+    fail_next=st.integers(0, 2),
+)
+def test_every_request_is_answered_exactly_once_and_batches_stay_within_the_cap(
+    requests: list[tuple[Priority, RequestKind, int, bool]], cap: int, policy: str, fail_next: int
+) -> None:
+    async def scenario() -> None:
+        session = FakeSession(service_time_s=0.0005, max_batch_size=8, fail_next=fail_next)
+        worker = Worker(session, max_batch_size=cap, batch_policy=policy, max_wait_s=0.002)
+        await worker.start()
+        made = []
+        for i, (priority, kind, max_tokens, _) in enumerate(requests):
+            if kind is RequestKind.EMBEDDING:
+                made.append(WorkRequest.embedding([f"t{i}"], priority=priority))
+            else:
+                params = GenerationParams(max_tokens=max_tokens)
+                text = f"w{i} x{i}"
+                made.append(
+                    WorkRequest.completion(text, params, priority=priority)
+                    if kind is RequestKind.COMPLETION
+                    else WorkRequest.chat([{"role": "user", "content": text}], params, priority=priority)
+                )
+        tasks = [asyncio.create_task(worker.submit(r)) for r in made]
+        await asyncio.sleep(0)
+        for request, (*_, cancel) in zip(made, requests, strict=True):
+            if cancel:
+                request.cancelled.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
+        await worker.stop()
+        assert len(outcomes) == len(made)
+        answered = 0
+        for i, (request, outcome) in enumerate(zip(made, outcomes, strict=True)):
+            if isinstance(outcome, BaseException):
+                assert isinstance(outcome, (RequestCancelled, SessionError)), outcome
+                if isinstance(outcome, RequestCancelled):
+                    assert request.cancelled.is_set()
+                continue
+            answered += 1
+            if request.kind is RequestKind.EMBEDDING:
+                assert isinstance(outcome, list)
+                assert len(outcome) == 1
+            else:
+                assert isinstance(outcome, Completion)
+                assert outcome.text == f"x{i} w{i}"  # its own answer, not a batch-mate's
+        assert max(session.batch_sizes, default=0) <= max(cap, 1) or any(
+            r.kind is RequestKind.EMBEDDING for r in made
+        )
+        assert all(size <= cap for size in worker.metrics.batch_sizes)
+        # Each request was computed at most once (cancelled ones may have run before the cancel).
+        assert worker.metrics.completed == answered
+        assert sum(s * c for s, c in worker.metrics.batch_sizes.items()) <= len(made)
+        assert len(worker.queue) == 0
+
+    asyncio.run(scenario())
