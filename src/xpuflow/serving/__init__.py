@@ -1,0 +1,1 @@
+"""The HTTP gateway: OpenAI-compatible API, auth, metrics, dashboard and admin API."""
