@@ -266,3 +266,15 @@ def test_concurrent_route_and_observe_are_safe() -> None:
     for thread in threads:
         thread.join()
     assert errors == []
+
+
+def test_the_yaml_example_in_the_docs_is_valid(tmp_path: Path) -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs" / "routing.md"
+    text = docs.read_text(encoding="utf-8")
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "routing.yaml"
+    path.write_text(block)
+    config = load_config(path)
+    assert [t.name for t in config.tiers] == ["big", "mid", "small"]
+    with AdaptiveRouter(config, scorer=FixedScorer(0.5), clock=FakeClock()) as router:
+        assert router.route("x") == "mid"

@@ -235,9 +235,7 @@ def simulate(
         seq += 1
         heapq.heappush(events, _Event(time_s, seq, kind, payload))
 
-    quota = (
-        requests_per_client if isinstance(requests_per_client, list) else [requests_per_client] * clients
-    )
+    quota = requests_per_client if isinstance(requests_per_client, list) else [requests_per_client] * clients
     next_id = 0
     owner: dict[int, int] = {}
     sent = dict.fromkeys(range(clients), 0)

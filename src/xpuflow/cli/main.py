@@ -93,16 +93,15 @@ def advise(
     render_decision(decision)
 
 
-def _register_optional() -> None:
-    """Sub-commands that live in their own modules."""
-    try:
-        from xpuflow.cli.artifacts import register
-    except ImportError:  # the build commands are optional until their module lands
-        return
-    register(app)
+def _register_subcommands() -> None:
+    """Sub-commands that live in their own modules (each imports its heavy parts lazily)."""
+    from xpuflow.cli import artifacts, score
+
+    artifacts.register(app)
+    score.register(app)
 
 
-_register_optional()
+_register_subcommands()
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from xpuflow.backends.remote_openai import RemoteMetrics
 from xpuflow.clock import Clock, SystemClock
@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RemoteStateSource(Protocol):
@@ -225,11 +226,11 @@ class RemoteStatePoller:
         """Read health, client-side metrics and (if configured) the server's load; never raises."""
         healthy = False
         with contextlib.suppress(Exception):
-            healthy = bool(await asyncio.wait_for(self.source.health(), self.poll_timeout_s))
+            healthy = bool(await _bounded(self.source.health(), self.poll_timeout_s))
         if self._load_probe is not None:
             load = None
             with contextlib.suppress(Exception):
-                load = await asyncio.wait_for(self._load_probe(), self.poll_timeout_s)
+                load = await _bounded(self._load_probe(), self.poll_timeout_s)
             if load is not None:
                 self._load, self._load_at_s = load, self._clock.monotonic()
         now = self._clock.monotonic()
@@ -285,6 +286,20 @@ class RemoteStatePoller:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+async def _bounded(work: Awaitable[T], timeout_s: float) -> T:
+    """``work``'s result, or TimeoutError after ``timeout_s`` (the work is cancelled). Unlike
+    ``asyncio.wait_for`` before Python 3.12, it never swallows a cancellation of the caller."""
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    finally:
+        if not task.done():
+            task.cancel()
+    if task not in done:
+        raise TimeoutError(f"no answer within {timeout_s:g} s")
+    return task.result()
 
 
 def overlay_remote(local: WorkerSnapshot, remote: WorkerSnapshot) -> WorkerSnapshot:

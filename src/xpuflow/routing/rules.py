@@ -340,6 +340,8 @@ class DefaultRule:
         tier = ctx.wanted_tier.name
         if ctx.score is None:
             return RuleOutcome.choose(tier, f"no score; the default tier is {tier}", 0.5)
+        if ctx.wanted != tier_for_score(ctx.score, ctx.tiers):
+            return RuleOutcome.choose(tier, f"{tier} is the strongest tier left after the diversions")
         confidence = margin_confidence(ctx.score, ctx)
         if not ctx.explain:
             return RuleOutcome(tier, "no rule objected", confidence, False)

@@ -129,7 +129,7 @@ class TierRouter:
                     if explain:
                         abstained.append((rule.name, outcome.reason))
                     continue
-                if tier not in names:
+                if type(tier) is not str or tier not in names:
                     abstained.append((rule.name, f"chose unknown tier {str(tier)[:64]!r}; ignored"))
                     continue
                 if outcome.divert:

@@ -349,7 +349,7 @@ class VRAMMonitor:
         if not MIN_POLL_INTERVAL_MS <= poll_interval_ms <= MAX_POLL_INTERVAL_MS:
             raise ConfigError(
                 f"poll_interval_ms must be within {MIN_POLL_INTERVAL_MS:g}..{MAX_POLL_INTERVAL_MS:g}, "
-                f"got {poll_interval_ms}; 10-20 ms keeps free VRAM fresh at well under 1 % of a core",
+                f"got {poll_interval_ms}; 10-20 ms keeps free VRAM fresh for about 1 % of one core",
                 field="vram_poll_interval_ms",
             )
         self._source = source

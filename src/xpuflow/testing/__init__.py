@@ -12,5 +12,6 @@ from __future__ import annotations
 
 from xpuflow.testing.fake_backend import FakePlugin, FakeSession
 from xpuflow.testing.fake_nvml import FakeGpu, FakeNvml
+from xpuflow.testing.fake_vram import FakeVramSource
 
-__all__ = ["FakeGpu", "FakeNvml", "FakePlugin", "FakeSession"]
+__all__ = ["FakeGpu", "FakeNvml", "FakePlugin", "FakeSession", "FakeVramSource"]

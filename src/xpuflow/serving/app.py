@@ -1,0 +1,229 @@
+"""The HTTP gateway: an ASGI app (Starlette routes, served by uvicorn) in front of an ``Engine``.
+
+    app = create_app(engine, GatewaySettings(api_keys={"sk-team-a": "team-a"}))
+    uvicorn.run(app, host="127.0.0.1", port=8000, loop="uvloop", http="httptools", access_log=False)
+
+Endpoints (docs/api.md has them all, with headers and errors):
+
+- ``POST /v1/chat/completions``, ``/v1/completions`` (SSE when ``stream`` is true), ``/v1/embeddings``:
+  the hot path, in ``serving.inference``.
+- ``GET /v1/models``, ``/v1/models/{model}``: the engine's logical models.
+- ``GET /health`` (the process answers), ``/ready`` (the engine's ``is_ready()``; an engine without one
+  is ready), ``/metrics`` (Prometheus text).
+- Admin, with an admin key only: ``GET /admin/workers`` (``engine.status()``),
+  ``POST /admin/workers/{id}/drain``, ``/undrain``, ``POST /admin/reload``.
+
+Every error, including unknown paths and wrong methods, is OpenAI-shaped JSON.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, TypeVar
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from xpuflow.errors import XpuflowError
+from xpuflow.scheduling.request import RequestKind
+from xpuflow.serving.auth import Authenticator
+from xpuflow.serving.engine import Engine
+from xpuflow.serving.inference import DECISION_HEADERS, InferenceEndpoints, ModelCatalog, to_api_error
+from xpuflow.serving.metrics import GatewayMetrics
+from xpuflow.serving.openai_schema import APIError, error_body
+from xpuflow.serving.settings import GatewaySettings
+
+__all__ = ["Gateway", "create_app"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _jsonable(value: Any) -> Any:
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return str(value)
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    body = json.dumps(data, default=_jsonable).encode()
+    return Response(body, status_code=status, media_type="application/json")
+
+
+def _authorization(request: Request) -> bytes | None:
+    value = request.headers.get("authorization")
+    return value.encode("latin-1") if value is not None else None
+
+
+async def _engine_call(work: Awaitable[T]) -> T:
+    try:
+        return await work
+    except XpuflowError as exc:
+        raise to_api_error(exc) from exc
+
+
+class Gateway:
+    """The gateway's parts over one engine: auth, metrics, the model catalog, the inference endpoints,
+    and the handlers of the other endpoints. ``create_app`` mounts them."""
+
+    def __init__(self, engine: Engine, settings: GatewaySettings | None = None) -> None:
+        self.engine = engine
+        self.settings = settings or GatewaySettings()
+        self.auth = Authenticator(self.settings)
+        self.metrics = GatewayMetrics(engine.status)
+        self.catalog = ModelCatalog(engine, self.settings.owned_by)
+        self.inference = InferenceEndpoints(engine, self.settings, self.auth, self.metrics, self.catalog)
+
+    # -- models, health, metrics --------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        self.auth.check_api_key(_authorization(request))
+        return Response(self.catalog.body, media_type="application/json")
+
+    async def get_model(self, request: Request) -> Response:
+        self.auth.check_api_key(_authorization(request))
+        return _json(self.catalog.describe(self.catalog.get(request.path_params["model"])))
+
+    async def health(self, request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        is_ready = getattr(self.engine, "is_ready", None)
+        ready = True
+        if callable(is_ready):
+            answer = is_ready()
+            ready = bool(await answer if inspect.isawaitable(answer) else answer)
+        return _json({"status": "ready" if ready else "starting"}, 200 if ready else 503)
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        if self.settings.metrics_require_key:
+            self.auth.check_api_key(_authorization(request), right="metrics")
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+    # -- admin --------------------------------------------------------------------------------------
+
+    def _control(self, request: Request, operation: str) -> Any:
+        self.auth.check_admin_key(_authorization(request))
+        if not callable(getattr(self.engine, operation, None)):
+            raise APIError(501, f"this engine does not support {operation}", code="not_implemented")
+        return self.engine
+
+    async def admin_workers(self, request: Request) -> Response:
+        self.auth.check_admin_key(_authorization(request))
+        return _json(self.engine.status())
+
+    async def admin_drain(self, request: Request) -> Response:
+        worker = request.path_params["worker_id"]
+        await _engine_call(self._control(request, "drain").drain(worker))
+        return _json({"worker": worker, "draining": True})
+
+    async def admin_undrain(self, request: Request) -> Response:
+        worker = request.path_params["worker_id"]
+        await _engine_call(self._control(request, "undrain").undrain(worker))
+        return _json({"worker": worker, "draining": False})
+
+    async def admin_reload(self, request: Request) -> Response:
+        changes = await _engine_call(self._control(request, "reload").reload())
+        self.catalog.refresh()
+        return _json({"reloaded": True, "changes": changes})
+
+    # -- assembly -----------------------------------------------------------------------------------
+
+    def routes(self) -> list[BaseRoute]:
+        """The gateway's routes, hot ones first (the router tries them in order)."""
+        infer = self.inference.asgi
+        return [
+            Route("/v1/chat/completions", infer(RequestKind.CHAT), methods=["POST"]),
+            Route("/v1/completions", infer(RequestKind.COMPLETION), methods=["POST"]),
+            Route("/v1/embeddings", infer(RequestKind.EMBEDDING), methods=["POST"]),
+            Route("/v1/models", self.list_models),
+            Route("/v1/models/{model:path}", self.get_model),
+            Route("/health", self.health),
+            Route("/ready", self.ready),
+            Route("/metrics", self.metrics_endpoint),
+            Route("/admin/workers", self.admin_workers),
+            Route("/admin/workers/{worker_id:path}/drain", self.admin_drain, methods=["POST"]),
+            Route("/admin/workers/{worker_id:path}/undrain", self.admin_undrain, methods=["POST"]),
+            Route("/admin/reload", self.admin_reload, methods=["POST"]),
+        ]
+
+
+def _error_response(error: APIError) -> Response:
+    return Response(error.body(), error.status, error.headers, media_type="application/json")
+
+
+async def _on_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return _error_response(exc)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message, code = (
+            f"no endpoint {request.method} {request.url.path}; docs/api.md lists them",
+            "not_found",
+        )
+    elif exc.status_code == 405:
+        message, code = f"{request.method} is not allowed on {request.url.path}", "method_not_allowed"
+    else:
+        message, code = str(exc.detail), None
+    body = error_body(message, "invalid_request_error", None, code)
+    return Response(body, exc.status_code, exc.headers, media_type="application/json")
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error_response(to_api_error(exc))
+
+
+def create_app(
+    engine: Engine,
+    settings: GatewaySettings | None = None,
+    *,
+    routes: Sequence[BaseRoute] = (),
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+) -> Starlette:
+    """The gateway's ASGI app over ``engine``. ``routes`` are mounted after the gateway's own (the
+    dashboard, for one); ``lifespan`` runs around the server's life (to start and close the engine).
+    The ``Gateway`` is at ``app.state.gateway``."""
+    gateway = Gateway(engine, settings)
+    middleware = []
+    if gateway.settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(gateway.settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["*"],
+                expose_headers=list(DECISION_HEADERS),
+            )
+        )
+    app = Starlette(
+        routes=[*gateway.routes(), *routes],
+        middleware=middleware,
+        exception_handlers={
+            APIError: _on_api_error,
+            HTTPException: _on_http_error,
+            Exception: _on_unexpected,
+        },
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,509 @@
+"""The gateway's hot path: ``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``.
+
+Each endpoint is a plain ASGI callable: it reads the few headers it needs in one pass, checks the key,
+reads the body under the size limit, validates it by hand (``openai_schema``), calls the engine and
+sends a pre-built header list. The gateway's own cost is what every request pays on top of the model,
+so nothing here allocates a framework request or response object::
+
+    endpoints = InferenceEndpoints(engine, settings, auth, metrics, ModelCatalog(engine, "xpuflow"))
+    Route("/v1/chat/completions", endpoints.asgi(RequestKind.CHAT), methods=["POST"])
+
+A client mistake is always a 4xx in OpenAI's error shape (``to_api_error`` maps engine errors); a 500
+means a bug here. When the client disconnects, the call's ``cancelled`` event is set and the handler is
+cancelled, so queued work is dropped instead of computed for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from starlette.types import Message, Receive, Scope, Send
+
+from xpuflow.errors import (
+    AdmissionRejected,
+    BackendError,
+    CapabilityError,
+    ConfigError,
+    RemoteError,
+    RoutingError,
+    XpuflowError,
+)
+from xpuflow.scheduling.request import Priority, RequestKind
+from xpuflow.serving.auth import Authenticator
+from xpuflow.serving.engine import Engine, InferenceCall, ModelInfo
+from xpuflow.serving.metrics import GatewayMetrics
+from xpuflow.serving.openai_schema import (
+    SSE_DONE,
+    APIError,
+    ChatStream,
+    ParsedRequest,
+    chat_response,
+    completion_response,
+    embeddings_response,
+    load_json,
+    model_object,
+    parse_chat,
+    parse_completion,
+    parse_embeddings,
+)
+from xpuflow.serving.settings import GatewaySettings
+from xpuflow.types import RoutingDecision
+
+__all__ = ["DECISION_HEADERS", "InferenceEndpoints", "ModelCatalog", "to_api_error"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Response headers that say where a request ran and why.
+DECISION_HEADERS = ("x-xpuflow-tier", "x-xpuflow-worker", "x-xpuflow-device", "x-xpuflow-route-reason")
+
+_JSON = (b"content-type", b"application/json")
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # proxies (nginx) must not hold the stream back
+]
+_WANTED = frozenset({b"authorization", b"content-length", b"x-priority", b"x-qos-class", b"x-xpuflow-tier"})
+_PRIORITIES = {b"": Priority.NORMAL, b"high": Priority.HIGH, b"normal": Priority.NORMAL, b"low": Priority.LOW}
+_MAX_HEADER_CHARS = 200
+# Header values must not carry control characters (CR/LF would split the response).
+_HEADER_SAFE = bytes(b if 32 <= b < 127 else 32 for b in range(256))
+_ID_PREFIX = {RequestKind.CHAT: "chatcmpl-", RequestKind.COMPLETION: "cmpl-", RequestKind.EMBEDDING: "emb-"}
+_PARSERS: dict[RequestKind, Callable[[Mapping[str, Any], GatewaySettings], ParsedRequest]] = {
+    RequestKind.CHAT: parse_chat,
+    RequestKind.COMPLETION: parse_completion,
+    RequestKind.EMBEDDING: parse_embeddings,
+}
+
+if sys.version_info >= (3, 11):
+
+    async def _bounded(work: Awaitable[T], timeout_s: float | None) -> T:
+        async with asyncio.timeout(timeout_s):
+            return await work
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _bounded(work: Awaitable[T], timeout_s: float | None) -> T:
+        return await asyncio.wait_for(work, timeout_s)
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its body was being read: there is nobody to answer."""
+
+
+def _header(value: str) -> bytes:
+    return value[:_MAX_HEADER_CHARS].encode("ascii", "replace").translate(_HEADER_SAFE)
+
+
+def decision_headers(decision: RoutingDecision | None) -> list[tuple[bytes, bytes]]:
+    """The ``x-xpuflow-*`` response headers for ``decision`` (none without one)."""
+    if decision is None:
+        return []
+    return [
+        (b"x-xpuflow-tier", _header(decision.tier or "")),
+        (b"x-xpuflow-worker", _header(decision.worker or "")),
+        (b"x-xpuflow-device", _header(decision.device or "")),
+        (b"x-xpuflow-route-reason", _header(decision.reason)),
+    ]
+
+
+def _token(raw: bytes | None, name: str) -> str | None:
+    if not raw:
+        return None
+    if len(raw) > 64 or not raw.replace(b"-", b"").replace(b"_", b"").replace(b".", b"").isalnum():
+        raise APIError(
+            400,
+            f"header {name} must be 1-64 letters, digits, '-', '_' or '.'",
+            param=name,
+            code="invalid_header",
+        )
+    return raw.decode("ascii")
+
+
+async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    headers = [_JSON, (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
+    too_large = APIError(413, f"request body exceeds {limit} bytes; send less", code="request_too_large")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise APIError(400, "invalid Content-Length header", param="content-length") from None
+        if size > limit:
+            raise too_large
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise _ClientGone
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body"):
+        if len(body) > limit:
+            raise too_large
+        return body
+    parts, size = [body], len(body)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        parts.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+def to_api_error(exc: BaseException, models: Sequence[str] = ()) -> APIError:
+    """The HTTP answer for an error the engine raised (docs/api.md, "Errors", has the table)."""
+    if isinstance(exc, APIError):
+        return exc
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, ConfigError):
+        field = exc.field
+        if field == "model":
+            message = f"{message} (available models: {', '.join(models) or 'none'})"
+            return APIError(404, message, param="model", code="model_not_found")
+        if field == "worker":
+            return APIError(404, message, param="worker", code="worker_not_found")
+        if field is not None and field.startswith("x-"):
+            return APIError(400, message, param=field, code="invalid_header")
+        return APIError(422 if field else 400, message, param=field, code="invalid_value")
+    if isinstance(exc, AdmissionRejected):
+        retry = max(1, math.ceil(exc.retry_after_s))
+        return APIError(429, message, code="rate_limited", headers={"retry-after": str(retry)})
+    if isinstance(exc, TimeoutError):  # DispatchTimeout, and the gateway's own request timeout
+        return APIError(504, f"the request timed out: {message}", code="timeout")
+    if isinstance(exc, RoutingError):
+        return APIError(503, message, code="no_worker_available", headers={"retry-after": "1"})
+    if isinstance(exc, CapabilityError):
+        return APIError(400, message, code="unsupported")
+    if isinstance(exc, RemoteError):
+        if exc.status == 429:
+            return APIError(429, message, code="upstream_rate_limited", headers={"retry-after": "1"})
+        if exc.status in (400, 413, 422):  # the upstream refused the client's input (e.g. too long)
+            return APIError(exc.status, message, code="upstream_rejected")
+        return APIError(502, message, code="upstream_error")
+    if isinstance(exc, BackendError):
+        return APIError(503, message, code="backend_error", headers={"retry-after": "1"})
+    if isinstance(exc, XpuflowError):
+        return APIError(500, message, code="internal_error")
+    return APIError(500, "internal error; the server log has the details", code="internal_error")
+
+
+class ModelCatalog:
+    """The engine's models, cached; re-read on a miss and after a reload. ``body`` is the ready-made
+    ``GET /v1/models`` answer."""
+
+    def __init__(self, engine: Engine, owned_by: str) -> None:
+        self._engine = engine
+        self._owned_by = owned_by
+        self.models: dict[str, ModelInfo] = {}
+        self.body = b""
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.models = {m.name: m for m in self._engine.models()}
+        data = [self.describe(m) for m in self.models.values()]
+        self.body = json.dumps({"object": "list", "data": data}).encode()
+
+    def describe(self, info: ModelInfo) -> dict[str, Any]:
+        return model_object(info.name, info.created_s, self._owned_by, task=info.task, tiers=list(info.tiers))
+
+    def get(self, name: str) -> ModelInfo:
+        """The model called ``name``; raises APIError 404 listing the models."""
+        info = self.models.get(name)
+        if info is None:
+            self.refresh()
+            info = self.models.get(name)
+            if info is None:
+                raise to_api_error(ConfigError(f"model '{name}' not found", field="model"), list(self.models))
+        return info
+
+    def for_kind(self, name: str, kind: RequestKind) -> ModelInfo:
+        info = self.get(name)
+        if (kind is RequestKind.EMBEDDING) != (info.task == "embedding"):
+            use = "POST /v1/embeddings" if info.task == "embedding" else "POST /v1/chat/completions"
+            raise APIError(
+                400,
+                f"model '{name}' serves {info.task}; use {use}",
+                param="model",
+                code="model_task_mismatch",
+            )
+        return info
+
+
+class _DisconnectWatch:
+    """Waits for ``http.disconnect`` while a request is answered; on it, cancels the call and its
+    handler. ``finish()`` before the last send so a normal end is never mistaken for a disconnect."""
+
+    __slots__ = ("call", "done", "fired", "handler", "started", "task")
+
+    def __init__(self, receive: Receive, call: InferenceCall) -> None:
+        self.call = call
+        self.started = False  # the response has begun: an error can no longer become an HTTP status
+        self.done = False
+        self.fired = False
+        self.handler = asyncio.current_task()
+        self.task = asyncio.ensure_future(receive())
+        self.task.add_done_callback(self._on_message)
+
+    def _on_message(self, task: asyncio.Future[Message]) -> None:
+        if self.done or task.cancelled() or task.exception() is not None:
+            return
+        if task.result().get("type") == "http.disconnect":
+            self.fired = True
+            self.call.cancelled.set()
+            if self.handler is not None:
+                self.handler.cancel()
+
+    def finish(self) -> None:
+        self.done = True
+        if not self.task.done():
+            self.task.cancel()
+
+
+class _Endpoint:
+    """An ASGI app for one request kind (an object, so Starlette mounts it as a raw ASGI app)."""
+
+    __slots__ = ("endpoints", "kind")
+
+    def __init__(self, endpoints: InferenceEndpoints, kind: RequestKind) -> None:
+        self.endpoints = endpoints
+        self.kind = kind
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.endpoints.handle(self.kind, scope, receive, send)
+
+
+class InferenceEndpoints:
+    """The three inference endpoints over one engine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: GatewaySettings,
+        auth: Authenticator,
+        metrics: GatewayMetrics,
+        catalog: ModelCatalog,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.auth = auth
+        self.metrics = metrics
+        self.catalog = catalog
+
+    def asgi(self, kind: RequestKind) -> _Endpoint:
+        return _Endpoint(self, kind)
+
+    async def handle(self, kind: RequestKind, scope: Scope, receive: Receive, send: Send) -> None:
+        start = time.perf_counter()
+        headers = {k: v for k, v in scope["headers"] if k in _WANTED}
+        request_id = _ID_PREFIX[kind] + os.urandom(12).hex()
+        model = tier = device = ""
+        watch: _DisconnectWatch | None = None
+        self.metrics.in_flight.inc()
+        try:
+            key = self.auth.check_api_key(headers.get(b"authorization"))
+            body = await _read_body(receive, headers.get(b"content-length"), self.settings.max_body_bytes)
+            parsed = _PARSERS[kind](load_json(body), self.settings)
+            info = self.catalog.for_kind(parsed.model, kind)
+            model = info.name
+            call = self._call(kind, parsed, info, headers, request_id, key.name if key else None)
+            watch = _DisconnectWatch(receive, call)
+            if parsed.stream:
+                await self._stream(call, parsed, start, send, watch)
+                return
+            result = await _bounded(self.engine.complete(call), self.settings.request_timeout_s)
+            decision = result.decision
+            tier, device = decision.tier or "", decision.device or ""
+            prompt_tokens, completion_tokens = result.prompt_tokens, 0
+            if kind is RequestKind.EMBEDDING:
+                vectors = result.embeddings or []
+                if parsed.dimensions is not None and vectors and len(vectors[0]) != parsed.dimensions:
+                    n = len(vectors[0])
+                    message = (
+                        f"dimensions: model '{model}' returns {n}-dimensional vectors; omit it or set {n}"
+                    )
+                    raise APIError(422, message, param="dimensions", code="unsupported_value")
+                out = embeddings_response(model, vectors, prompt_tokens, parsed.encoding_format)
+            else:
+                completion = result.completion
+                if completion is None:
+                    raise XpuflowError(f"the engine returned no completion for request {request_id}")
+                build = chat_response if kind is RequestKind.CHAT else completion_response
+                out = build(request_id, model, int(time.time()), completion, prompt_tokens)
+                prompt_tokens = prompt_tokens or completion.prompt_tokens
+                completion_tokens = completion.completion_tokens
+            watch.finish()
+            await _send_json(
+                send, 200, out, [(b"x-request-id", request_id.encode()), *decision_headers(decision)]
+            )
+            self.metrics.observe_decision(model, decision)
+            self.metrics.observe_request(
+                model,
+                tier,
+                device,
+                200,
+                time.perf_counter() - start,
+                queue_s=result.queue_ms / 1000.0,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+            )
+        except _ClientGone:
+            return
+        except asyncio.CancelledError:
+            if watch is None or not watch.fired:
+                raise
+            task = asyncio.current_task()
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()  # we cancelled ourselves because the client left: nobody to answer
+            self.metrics.observe_request(model, tier, device, 499, time.perf_counter() - start)
+        except Exception as exc:
+            if watch is not None:
+                watch.finish()
+                if watch.started:
+                    log.warning("stream %s broke off: %s", request_id, exc, exc_info=True)
+                    return
+            if isinstance(exc, TimeoutError) and not isinstance(exc, XpuflowError):
+                exc = TimeoutError(f"no answer within request_timeout_s={self.settings.request_timeout_s:g}")
+            error = to_api_error(exc, list(self.catalog.models))
+            if error.status >= 500:
+                log.warning("request %s failed: %s", request_id, exc, exc_info=error.status == 500)
+            extra = [(b"x-request-id", request_id.encode())]
+            extra += [(k.encode(), v.encode()) for k, v in error.headers.items()]
+            await _send_json(send, error.status, error.body(), extra)
+            self.metrics.observe_request(model, tier, device, error.status, time.perf_counter() - start)
+        finally:
+            self.metrics.in_flight.dec()
+
+    def _call(
+        self,
+        kind: RequestKind,
+        parsed: ParsedRequest,
+        info: ModelInfo,
+        headers: Mapping[bytes, bytes],
+        request_id: str,
+        key_name: str | None,
+    ) -> InferenceCall:
+        raw_priority = headers.get(b"x-priority", b"")
+        priority = _PRIORITIES.get(raw_priority.strip().lower())
+        if priority is None:
+            raise APIError(
+                400,
+                f"unknown priority {raw_priority.decode('latin-1')!r}; valid: high, normal, low",
+                param="x-priority",
+                code="invalid_header",
+            )
+        tier = _token(headers.get(b"x-xpuflow-tier"), "x-xpuflow-tier")
+        if tier is not None and info.tiers and tier not in info.tiers:
+            raise APIError(
+                400,
+                f"model '{info.name}' has no tier '{tier}'; tiers: {', '.join(info.tiers)}",
+                param="x-xpuflow-tier",
+                code="invalid_header",
+            )
+        return InferenceCall(
+            model=info.name,
+            kind=kind,
+            payload=parsed.payload,
+            params=parsed.params,
+            priority=priority,
+            qos_class=_token(headers.get(b"x-qos-class"), "x-qos-class"),
+            tier_override=tier,
+            api_key_name=key_name,
+            request_id=request_id,
+            timeout_s=self.settings.request_timeout_s,
+        )
+
+    async def _stream(
+        self, call: InferenceCall, parsed: ParsedRequest, start: float, send: Send, watch: _DisconnectWatch
+    ) -> None:
+        """Send the engine's events as SSE. Errors before the first event are ordinary HTTP errors
+        (raised to ``handle``); after it, an error event ends the stream."""
+        events = self.engine.stream(call).__aiter__()
+        model, tier, device = call.model, "", ""
+        try:
+            try:
+                first = await _bounded(events.__anext__(), self.settings.request_timeout_s)
+            except StopAsyncIteration:
+                raise XpuflowError(f"the engine ended stream {call.request_id} before any event") from None
+            decision = first.decision
+            if decision is not None:
+                tier, device = decision.tier or "", decision.device or ""
+                self.metrics.observe_decision(model, decision)
+            headers = [
+                *_SSE_HEADERS,
+                (b"x-request-id", call.request_id.encode()),
+                *decision_headers(decision),
+            ]
+            watch.started = True
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            out = ChatStream(call.request_id, model, int(time.time()), chat=call.kind is RequestKind.CHAT)
+            if out.chat:
+                await send({"type": "http.response.body", "body": out.role(), "more_body": True})
+            sent, ttft_s, failed = 0, None, None
+            usage: Mapping[str, Any] | None = None
+            event: Any = first
+            while True:
+                chunk = event.chunk
+                if chunk is not None and (chunk.text or chunk.finish_reason is not None):
+                    if chunk.text:
+                        sent += 1
+                        if ttft_s is None:
+                            ttft_s = time.perf_counter() - start
+                    data = out.chunk(chunk.text, chunk.finish_reason)
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                # an engine may put token counts on its last event; else chunks are counted
+                usage = getattr(event, "usage", None) or usage
+                if event.error is not None:
+                    failed = str(event.error)
+                    break
+                try:
+                    event = await events.__anext__()
+                except StopAsyncIteration:
+                    break
+                except (XpuflowError, TimeoutError) as exc:  # e.g. the worker failed mid-stream
+                    failed = str(exc)
+                    break
+                except Exception:
+                    log.exception("stream %s failed", call.request_id)
+                    failed = "internal error; the server log has the details"
+                    break
+            prompt_tokens = int(usage.get("prompt_tokens", 0)) if usage else 0
+            completion_tokens = int(usage.get("completion_tokens", sent)) if usage else sent
+            if failed is not None:
+                tail = ChatStream.error(
+                    f"the stream failed after it started: {failed}", code="stream_interrupted"
+                )
+            else:
+                tail = out.usage(prompt_tokens, completion_tokens) if parsed.include_usage else b""
+                tail += SSE_DONE
+            watch.finish()
+            await send({"type": "http.response.body", "body": tail})
+            self.metrics.observe_request(
+                model,
+                tier,
+                device,
+                200 if failed is None else 502,
+                time.perf_counter() - start,
+                ttft_s=ttft_s,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+            )
+        finally:
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()

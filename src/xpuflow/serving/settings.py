@@ -1,0 +1,130 @@
+"""What the HTTP gateway needs to know besides its engine: keys, limits and timeouts.
+
+Plain frozen data; the YAML config (or the embedded default) builds it::
+
+    settings = GatewaySettings(
+        api_keys={"sk-team-a": "team-a", "sk-ops": ApiKey("ops", frozenset({"infer", "metrics"}))},
+        admin_keys={"adm-9f2c...": "ops"},
+        max_body_bytes=1 << 20,
+    )
+    app = create_app(engine, settings)
+
+With no ``api_keys`` the inference endpoints are open (the local default, bound to 127.0.0.1); with no
+``admin_keys`` the admin API refuses every request, since it can drain workers and reload the config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from xpuflow.errors import ConfigError
+
+__all__ = ["RIGHTS", "ApiKey", "GatewaySettings"]
+
+#: right -> what a key holding it may do. Admin rights come only from ``admin_keys``.
+RIGHTS: dict[str, str] = {
+    "infer": "call /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models",
+    "metrics": "read /metrics when metrics_require_key is set",
+}
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """Who a key belongs to (``name``, reported in metrics and logs, never the secret) and its rights."""
+
+    name: str
+    rights: frozenset[str] = frozenset({"infer"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rights", frozenset(self.rights))
+        unknown = sorted(self.rights - set(RIGHTS))
+        if unknown:
+            raise ConfigError(
+                f"api key '{self.name}' has unknown right(s) {', '.join(unknown)}; "
+                f"valid: {', '.join(RIGHTS)}",
+                field="api_keys.rights",
+            )
+
+
+def _api_key(secret: str, value: Any) -> ApiKey:
+    if isinstance(value, ApiKey):
+        return value
+    if isinstance(value, str):
+        return ApiKey(value)
+    if isinstance(value, Mapping) and isinstance(value.get("name"), str):
+        rights = value.get("rights", ("infer",))
+        if isinstance(rights, str) or not isinstance(rights, Iterable):
+            raise ConfigError(
+                "api_keys.rights must be a list such as [infer, metrics]", field="api_keys.rights"
+            )
+        return ApiKey(value["name"], frozenset(str(r) for r in rights))
+    raise ConfigError(
+        "each api_keys entry maps a secret to a name or to {name: ..., rights: [infer, metrics]}",
+        field="api_keys",
+    )
+
+
+def _check_secret(secret: Any, where: str) -> None:
+    if not isinstance(secret, str) or not secret.strip():
+        raise ConfigError(f"{where} holds an empty or non-string key; use a long random string", field=where)
+    if secret != secret.strip() or any(c in secret for c in "\r\n"):
+        raise ConfigError(f"a key in {where} has surrounding whitespace or a line break", field=where)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Gateway settings. ``api_keys`` maps each secret to its ``ApiKey`` (a plain name means the
+    "infer" right); ``admin_keys`` maps each admin secret to a name and must not reuse an API key."""
+
+    api_keys: Mapping[str, ApiKey] = field(default_factory=dict)
+    admin_keys: Mapping[str, str] = field(default_factory=dict)
+    max_body_bytes: int = 1 << 20  # larger bodies get 413
+    request_timeout_s: float | None = 600.0  # a non-streamed answer, or a stream's first event (504)
+    default_max_tokens: int = 256  # when a request names neither max_tokens nor max_completion_tokens
+    max_tokens_limit: int = 32768  # larger max_tokens values get 422
+    max_embedding_inputs: int = 2048  # inputs in one embeddings request, as in the OpenAI API
+    metrics_require_key: bool = False  # /metrics open to scrapers by default
+    cors_origins: tuple[str, ...] = ()  # empty: CORS off
+    owned_by: str = "xpuflow"  # reported by /v1/models
+
+    def __post_init__(self) -> None:
+        api_keys: dict[str, ApiKey] = {}
+        for secret, value in dict(self.api_keys).items():
+            _check_secret(secret, "api_keys")
+            api_keys[secret] = _api_key(secret, value)
+        admin_keys: dict[str, str] = {}
+        for secret, name in dict(self.admin_keys).items():
+            _check_secret(secret, "admin_keys")
+            if secret in api_keys:
+                raise ConfigError(
+                    f"admin key '{name}' is also an API key; the admin API needs a separate key",
+                    field="admin_keys",
+                )
+            admin_keys[secret] = str(name)
+        object.__setattr__(self, "api_keys", MappingProxyType(api_keys))
+        object.__setattr__(self, "admin_keys", MappingProxyType(admin_keys))
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        for name in ("max_body_bytes", "default_max_tokens", "max_tokens_limit", "max_embedding_inputs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}", field=name)
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ConfigError(
+                f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit "
+                f"({self.max_tokens_limit}); lower it or raise the limit",
+                field="default_max_tokens",
+            )
+        timeout = self.request_timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+            raise ConfigError(
+                f"request_timeout_s must be a positive number of seconds or None, got {timeout!r}",
+                field="request_timeout_s",
+            )
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether the inference endpoints ask for a key."""
+        return bool(self.api_keys)

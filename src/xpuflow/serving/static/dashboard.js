@@ -1,0 +1,225 @@
+// xpuflow dashboard: renders the snapshots that GET dashboard/events pushes (Server-Sent Events).
+// Every value from the server is written with textContent, never as HTML.
+"use strict";
+
+(function () {
+  const COLORS = { rate: "#4ea1ff", errors: "#e5534b", p50: "#3fb97f", p99: "#e0a93b" };
+  let updates = 0;
+  let rateChart = null;
+  let latencyChart = null;
+
+  function $(id) {
+    return document.getElementById(id);
+  }
+
+  function el(tag, attrs, children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (key === "text") node.textContent = value;
+      else if (key === "class") node.className = value;
+      else if (key.startsWith("data-")) node.setAttribute(key, value);
+      else node[key] = value;
+    }
+    for (const child of children || []) node.appendChild(child);
+    return node;
+  }
+
+  function fmtInt(v) {
+    return v === null || v === undefined ? "–" : Math.round(v).toLocaleString("en-US");
+  }
+
+  function fmtNum(v, digits) {
+    if (v === null || v === undefined) return "–";
+    return v.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits });
+  }
+
+  function fmtMs(v) {
+    if (v === null || v === undefined) return "–";
+    return v >= 1000 ? fmtNum(v / 1000, 2) + " s" : fmtNum(v, v < 10 ? 2 : 1) + " ms";
+  }
+
+  function fmtBytes(v) {
+    if (v === null || v === undefined) return "–";
+    const gib = v / 1024 ** 3;
+    return gib >= 1 ? fmtNum(gib, 1) + " GiB" : fmtNum(v / 1024 ** 2, 0) + " MiB";
+  }
+
+  function fmtTime(ts) {
+    if (ts === null || ts === undefined) return "–";
+    return new Date(ts * 1000).toLocaleTimeString("en-GB", { hour12: false });
+  }
+
+  function chartSize(target) {
+    const width = Math.max(300, target.clientWidth || 400);
+    return { width: width, height: 220 };
+  }
+
+  function makeChart(target, series) {
+    if (typeof uPlot === "undefined") return null; // the page still shows numbers and tables
+    const opts = Object.assign(chartSize(target), {
+      scales: { x: { time: true } },
+      series: [{}].concat(series),
+      axes: [
+        { stroke: "#8593a3", grid: { stroke: "#2a3440" }, ticks: { stroke: "#2a3440" } },
+        { stroke: "#8593a3", grid: { stroke: "#2a3440" }, ticks: { stroke: "#2a3440" }, size: 60 },
+      ],
+      legend: { live: false },
+    });
+    return new uPlot(opts, [[]].concat(series.map(() => [])), target);
+  }
+
+  function ensureCharts() {
+    if (!rateChart) {
+      rateChart = makeChart($("chart-rate"), [
+        { label: "requests/s", stroke: COLORS.rate, width: 2, spanGaps: true },
+        { label: "errors/s", stroke: COLORS.errors, width: 2, spanGaps: true },
+      ]);
+    }
+    if (!latencyChart) {
+      latencyChart = makeChart($("chart-latency"), [
+        { label: "p50 ms", stroke: COLORS.p50, width: 2, spanGaps: true },
+        { label: "p99 ms", stroke: COLORS.p99, width: 2, spanGaps: true },
+      ]);
+    }
+  }
+
+  function renderCharts(series) {
+    ensureCharts();
+    if (!series) return;
+    if (rateChart) rateChart.setData([series.t, series.requests_per_s, series.errors_per_s]);
+    if (latencyChart) latencyChart.setData([series.t, series.p50_ms, series.p99_ms]);
+  }
+
+  function renderTotals(totals) {
+    $("requests-total").textContent = fmtInt(totals.requests_total);
+    $("errors-total").textContent = fmtInt(totals.errors_total);
+    $("requests-per-s").textContent = fmtNum(totals.requests_per_s, 1);
+    $("p50-ms").textContent = fmtMs(totals.p50_ms);
+    $("p99-ms").textContent = fmtMs(totals.p99_ms);
+    $("tokens-per-s").textContent = fmtNum(totals.tokens_per_s, 1);
+    $("workers-healthy").textContent = fmtInt(totals.healthy_workers) + " / " + fmtInt(totals.workers);
+  }
+
+  function vram(device) {
+    const free = device.free_memory_bytes;
+    const total = device.total_memory_bytes;
+    if (free === null && total === null) return el("div", { class: "vram vram-text", text: "memory: –" });
+    const used = total !== null && free !== null ? Math.max(0, total - free) : null;
+    const pct = used !== null && total > 0 ? (100 * used) / total : 0;
+    const bar = el("div", { class: "vram-bar" }, [el("div", { class: "vram-used" })]);
+    bar.firstChild.style.width = pct.toFixed(1) + "%";
+    const text = "memory free " + fmtBytes(free) + " of " + fmtBytes(total);
+    return el("div", { class: "vram" }, [bar, el("div", { class: "vram-text", text: text })]);
+  }
+
+  function batchText(worker) {
+    const sizes = Object.keys(worker.batch_sizes || {});
+    if (!sizes.length) return "–";
+    const max = Math.max.apply(null, sizes.map(Number));
+    return fmtNum(worker.mean_batch_size, 1) + " / " + max;
+  }
+
+  function workerRow(w) {
+    const health = w.draining && w.health === "healthy" ? "draining" : w.health;
+    const cells = [
+      el("td", { text: w.worker_id, title: w.deployment || "" }),
+      el("td", { text: [w.model, w.tier].filter(Boolean).join(" / ") || w.deployment || "–" }),
+      el("td", { class: "health health-" + health, text: health }),
+      el("td", { class: "num", text: fmtInt(w.queue_depth) }),
+      el("td", { class: "num", text: fmtInt(w.in_flight) }),
+      el("td", { class: "num", text: fmtMs(w.ema_latency_ms) }),
+      el("td", { class: "num", text: fmtNum(w.tokens_per_s, 1) }),
+      el("td", { class: "num", text: batchText(w) }),
+    ];
+    return el("tr", { class: "worker-row", "data-worker-id": w.worker_id }, cells);
+  }
+
+  function renderDevices(devices) {
+    const root = $("devices");
+    const cards = devices.map(function (d) {
+      const head = el("tr", {}, [
+        "worker", "model / tier", "health", "queue", "in flight", "EMA latency", "tokens/s", "batch (mean / max)",
+      ].map(function (name, i) {
+        return el("th", { class: i >= 3 ? "num" : "", text: name });
+      }));
+      const table = el("table", {}, [
+        el("thead", {}, [head]),
+        el("tbody", {}, d.workers.map(workerRow)),
+      ]);
+      const title = el("div", { class: "device-head" }, [
+        el("span", { class: "device-name", text: d.device }),
+        el("span", { class: "muted", text: d.healthy_workers + " of " + d.workers.length + " workers healthy" }),
+      ]);
+      return el("div", { class: "device", "data-device": d.device }, [title, vram(d), table]);
+    });
+    if (!cards.length) cards.push(el("p", { class: "muted", text: "no workers yet" }));
+    root.replaceChildren.apply(root, cards);
+  }
+
+  function renderDecisions(decisions) {
+    const body = $("decisions").tBodies[0];
+    const rows = decisions.map(function (d) {
+      return el("tr", { class: "decision-row", "data-request-id": d.request_id || "" }, [
+        el("td", { text: fmtTime(d.ts) }),
+        el("td", { text: d.model || "–" }),
+        el("td", { text: d.tier || "–" }),
+        el("td", { text: d.worker || "–" }),
+        el("td", { text: d.device || "–" }),
+        el("td", { class: "reason", text: d.reason || "" }),
+      ]);
+    });
+    if (!rows.length) {
+      rows.push(el("tr", { class: "empty" }, [el("td", { colSpan: 6, class: "muted", text: "no decisions yet" })]));
+    }
+    body.replaceChildren.apply(body, rows);
+  }
+
+  function render(snapshot) {
+    const banner = $("error");
+    banner.hidden = !snapshot.error;
+    banner.textContent = snapshot.error || "";
+    renderTotals(snapshot.totals || {});
+    renderDevices(snapshot.devices || []);
+    renderDecisions(snapshot.decisions || []);
+    renderCharts(snapshot.series);
+    $("updated").textContent = "updated " + fmtTime(snapshot.ts);
+    updates += 1;
+    document.body.dataset.updates = String(updates);
+  }
+
+  function setConnection(state, text, cls) {
+    const badge = $("connection");
+    badge.dataset.state = state;
+    badge.textContent = text;
+    badge.className = "badge " + cls;
+  }
+
+  function connect() {
+    const source = new EventSource(new URL("dashboard/events", document.baseURI));
+    source.addEventListener("open", function () {
+      setConnection("open", "live", "badge-ok");
+    });
+    source.addEventListener("error", function () {
+      // EventSource reconnects by itself; the badge says so meanwhile.
+      setConnection("reconnecting", "reconnecting", "badge-bad");
+    });
+    source.addEventListener("snapshot", function (event) {
+      try {
+        render(JSON.parse(event.data));
+      } catch (err) {
+        console.error("dashboard: bad snapshot", err);
+      }
+    });
+  }
+
+  window.addEventListener("resize", function () {
+    for (const chart of [rateChart, latencyChart]) {
+      if (chart) chart.setSize(chartSize(chart.root.parentNode));
+    }
+  });
+
+  document.addEventListener("DOMContentLoaded", function () {
+    ensureCharts();
+    connect();
+  });
+})();
