@@ -5,6 +5,7 @@ with ``raise ... from exc``. Messages say what to do next.
 
     XpuflowError
     ├── ConfigError            invalid user input or config (also a ValueError); names the field and the fix
+    │   └── ModelNotFound          a request named a model that is not served (HTTP 404)
     ├── DiscoveryError         a probe could not run (probes record this instead of raising it)
     ├── CapabilityError        no device or backend can run the workload; carries the reasons
     ├── BackendError           a backend or its session failed
@@ -35,6 +36,7 @@ __all__ = [
     "CompilerTimeout",
     "ConfigError",
     "DiscoveryError",
+    "ModelNotFound",
     "RemoteError",
     "RoutingError",
     "SessionError",
@@ -53,6 +55,16 @@ class ConfigError(XpuflowError, ValueError):
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class ModelNotFound(ConfigError):
+    """A request named a model that is not served; ``available`` lists the ones that are."""
+
+    def __init__(self, model: str, available: Sequence[str]) -> None:
+        names = ", ".join(sorted(available)) or "none"
+        super().__init__(f"model '{model}' is not served here; available models: {names}", field="model")
+        self.model = model
+        self.available = tuple(sorted(available))
 
 
 class DiscoveryError(XpuflowError):
