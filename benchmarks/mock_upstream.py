@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from typing import Any
 
 COMPLETION = json.dumps(
     {
@@ -69,11 +70,10 @@ class MockOpenAI(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.buffer = b""
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport  # uvloop's transports are not asyncio.Transport subclasses
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -92,7 +92,6 @@ class MockOpenAI(asyncio.Protocol):
                 return
             body = self.buffer[end + 4 : total]
             self.buffer = self.buffer[total:]
-            assert self.transport is not None
             if head.startswith(b"POST"):
                 streaming = b'"stream":true' in body.replace(b" ", b"")
                 self.transport.write(STREAM_RESPONSE if streaming else POST_RESPONSE)

@@ -27,11 +27,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xpuflow.errors import ConfigError
 
-__all__ = ["DeclaredResource", "DeploymentConfig", "XpuflowConfig", "load_config", "parse_config"]
+__all__ = [
+    "ApiKeyConfig",
+    "BatchingConfig",
+    "DeclaredResource",
+    "DeploymentConfig",
+    "GatewayConfig",
+    "LogicalModelConfig",
+    "TierRef",
+    "XpuflowConfig",
+    "load_config",
+    "parse_config",
+]
 
 
 class _Strict(BaseModel):
@@ -50,6 +61,18 @@ class DeclaredResource(_Strict):
     tags: list[str] = Field(default_factory=list, description="Hints such as 'low-power'.")
 
 
+class BatchingConfig(_Strict):
+    """How a deployment's workers queue and batch requests (see docs/scheduling.md)."""
+
+    policy: Literal["adaptive", "greedy", "fixed_window"] = Field(
+        "adaptive", description="Batch policy: adaptive wait window, dispatch at once, or a fixed window."
+    )
+    max_wait_ms: float = Field(50.0, ge=0.0, description="Longest a request waits for a batch to fill.")
+    queue_capacity: int = Field(256, ge=1, description="Requests a worker holds queued before 429.")
+    aging_s: float = Field(5.0, gt=0.0, description="Seconds after which a queued request moves up a class.")
+    queue_policy: Literal["priority", "fifo"] = Field("priority", description="Queue order.")
+
+
 class DeploymentConfig(_Strict):
     """One model on one backend."""
 
@@ -64,6 +87,8 @@ class DeploymentConfig(_Strict):
     max_batch_size: int = Field(8, ge=1, description="Largest batch the session runs at once.")
     max_seq_len: int = Field(2048, ge=1, description="Context length in tokens.")
     replicas: int = Field(1, ge=1, description="Workers to start for this deployment.")
+    timeout_s: float = Field(120.0, gt=0.0, description="Longest one attempt of a request may take.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Queueing and batching.")
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings.")
 
     def to_model_config(self, base_dir: Path | None = None) -> Any:
@@ -85,12 +110,92 @@ class DeploymentConfig(_Strict):
         )
 
 
+class TierRef(_Strict):
+    """One tier of a logical model: the deployments that serve it, and its routing overrides."""
+
+    name: str = Field(min_length=1, max_length=64, description="Tier name, e.g. tier_high.")
+    deployments: list[str] = Field(min_length=1, description="Deployments whose workers serve this tier.")
+    min_score: float | None = Field(None, ge=0.0, le=1.0, description="Middle tiers: lowest score taken.")
+    vram_headroom_gb: float | None = Field(None, ge=0.0, description="Free GiB its GPU must keep.")
+    latency_sla_ms: float | None = Field(None, gt=0.0, description="Latency SLA of this tier.")
+
+
+class LogicalModelConfig(_Strict):
+    """A name clients use ("chat-main") and its tiers, strongest first."""
+
+    name: str = Field(min_length=1, description="The model name in API requests.")
+    tiers: list[TierRef] = Field(min_length=1, description="Tiers, strongest first.")
+    routing: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Routing settings (complexity_threshold, vram_headroom_gb, latency_sla_ms, ...; "
+        "see docs/routing.md); tiers come from `tiers`.",
+    )
+    max_retries: int = Field(2, ge=0, description="Retries on other workers of a tier before the next tier.")
+
+
+class ApiKeyConfig(_Strict):
+    """A client key. Give the key itself (``key``) or the environment variable holding it (``key_env``)."""
+
+    name: str = Field(min_length=1, description="Who holds the key (shown in metrics, never the key).")
+    key: str | None = Field(None, min_length=8, description="The bearer token.")
+    key_env: str | None = Field(None, description="Environment variable that holds the token.")
+    rights: list[Literal["infer", "admin"]] = Field(
+        default_factory=lambda: ["infer"], description="What the key may do."
+    )
+    qos_class: str | None = Field(None, description="QoS class for requests made with this key.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeyConfig:
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError(f"api key '{self.name}': give exactly one of key or key_env")
+        return self
+
+
+class GatewayConfig(_Strict):
+    """The HTTP server."""
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+
+
 class XpuflowConfig(_Strict):
     """The whole file."""
 
     resources: list[DeclaredResource] = Field(default_factory=list, description="Declared devices.")
     deployments: list[DeploymentConfig] = Field(default_factory=list, description="Models to run.")
+    models: list[LogicalModelConfig] = Field(
+        default_factory=list,
+        description="Logical models; when empty, each deployment is served under its own name.",
+    )
+    api_keys: list[ApiKeyConfig] = Field(
+        default_factory=list, description="Client keys; when empty the API is open (bind to 127.0.0.1)."
+    )
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="HTTP server settings.")
     artifact_dir: str | None = Field(None, description="Artifact store folder; default: user cache.")
+
+    @model_validator(mode="after")
+    def _models_reference_deployments(self) -> XpuflowConfig:
+        known = {d.name: d for d in self.deployments}
+        names: set[str] = set()
+        for model in self.models:
+            if model.name in names:
+                raise ValueError(f"model name '{model.name}' appears twice; names must be unique")
+            names.add(model.name)
+            tasks = set()
+            for tier in model.tiers:
+                for dep in tier.deployments:
+                    if dep not in known:
+                        raise ValueError(
+                            f"model '{model.name}' tier '{tier.name}' names deployment '{dep}', which is "
+                            f"not defined; deployments: {', '.join(known) or 'none'}"
+                        )
+                    tasks.add("embedding" if known[dep].task == "embedding" else "generation")
+            if len(tasks) > 1:
+                raise ValueError(
+                    f"model '{model.name}' mixes embedding and generation deployments; split it in two"
+                )
+        return self
 
     @field_validator("deployments")
     @classmethod

@@ -23,13 +23,13 @@ from typing import Any, TypeVar
 from xpuflow.backends.base import ChatMessage, GenerationParams, ModelConfig, ModelTask, Session
 from xpuflow.discovery.inventory import Inventory
 from xpuflow.errors import CapabilityError, ConfigError
+from xpuflow.model_files import estimate_params, model_format
 from xpuflow.types import Resource, ResourceType
 
 __all__ = ["DeviceRuntime", "LoadedModel", "runtime"]
 
 T = TypeVar("T")
 
-_GGUF_BYTES_PER_PARAM = 0.6  # Q4-class files; only used to size a model for device choice
 _EMBEDDING_ARCHITECTURES = ("BertModel", "XLMRobertaModel", "MPNetModel", "RobertaModel", "NomicBertModel")
 
 
@@ -63,23 +63,6 @@ class LoadedModel:
     options: Mapping[str, Any]
 
 
-def _model_format(path: Path) -> str:
-    if path.is_file() and path.suffix == ".gguf":
-        return "gguf"
-    if path.is_file() and path.suffix == ".onnx":
-        return "onnx"
-    if path.is_dir() and (path / "config.json").is_file():
-        return "hf"
-    if not path.exists():
-        raise ConfigError(
-            f"model path {path} does not exist; pass a .gguf file, an .onnx file or a HF folder"
-        )
-    raise ConfigError(
-        f"cannot tell the format of {path}; xpuflow loads .gguf files, .onnx files and Hugging Face "
-        "folders (with config.json)"
-    )
-
-
 def _hf_task(path: Path) -> ModelTask:
     import json
 
@@ -88,17 +71,6 @@ def _hf_task(path: Path) -> ModelTask:
     if any(a in _EMBEDDING_ARCHITECTURES for a in architectures) or (path / "modules.json").is_file():
         return ModelTask.EMBEDDING
     return ModelTask.CHAT
-
-
-def _size_params(path: Path, fmt: str) -> float:
-    if fmt == "gguf":
-        return path.stat().st_size / _GGUF_BYTES_PER_PARAM
-    files = (
-        [path]
-        if path.is_file()
-        else [p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".onnx")]
-    )
-    return max(1.0, sum(f.stat().st_size for f in files) / 4.0)  # stored as fp32 unless told otherwise
 
 
 def _choose_backend(fmt: str, task: ModelTask, device: Resource) -> str:
@@ -165,11 +137,11 @@ class DeviceRuntime:
         The first model loaded is the default for ``generate``/``chat``/``embed``.
         """
         model_path = Path(path).expanduser().resolve()
-        fmt = _model_format(model_path)
+        fmt = model_format(model_path)
         model_task = ModelTask(task) if task else (_hf_task(model_path) if fmt == "hf" else ModelTask.CHAT)
         if fmt == "onnx" and not task:
             model_task = ModelTask.EMBEDDING
-        device = self.device or self._resolve("auto", _size_params(model_path, fmt))
+        device = self.device or self._resolve("auto", estimate_params(model_path, fmt))
         loaded = self._open(name or model_path.stem, model_path, model_task, backend, device, options)
         self._models[loaded.name] = loaded
         self._default = self._default or loaded.name
@@ -192,7 +164,7 @@ class DeviceRuntime:
 
         resource = self._inventory.get(device)
         assert resource is not None
-        fmt = _model_format(path)
+        fmt = model_format(path)
         backend_name = backend or _choose_backend(fmt, task, resource)
         plugin = get_backend(backend_name)
         availability = plugin.availability()
@@ -247,7 +219,7 @@ class DeviceRuntime:
         moved: dict[str, LoadedModel] = {}
         for name, loaded in self._models.items():
             new_device = target or self._resolve(
-                "auto", _size_params(loaded.path, _model_format(loaded.path))
+                "auto", estimate_params(loaded.path, model_format(loaded.path))
             )
             # open on the new device before closing the old session, so a failed move loses nothing
             moved[name] = self._open(name, loaded.path, loaded.task, None, new_device, loaded.options)

@@ -32,6 +32,7 @@ from xpuflow.errors import (
     BackendError,
     CapabilityError,
     ConfigError,
+    ModelNotFound,
     RemoteError,
     RoutingError,
     XpuflowError,
@@ -174,7 +175,8 @@ def to_api_error(exc: BaseException, models: Sequence[str] = ()) -> APIError:
     if isinstance(exc, ConfigError):
         field = exc.field
         if field == "model":
-            message = f"{message} (available models: {', '.join(models) or 'none'})"
+            if not isinstance(exc, ModelNotFound):
+                message = f"{message}; available models: {', '.join(sorted(models)) or 'none'}"
             return APIError(404, message, param="model", code="model_not_found")
         if field == "worker":
             return APIError(404, message, param="worker", code="worker_not_found")
@@ -229,7 +231,7 @@ class ModelCatalog:
             self.refresh()
             info = self.models.get(name)
             if info is None:
-                raise to_api_error(ConfigError(f"model '{name}' not found", field="model"), list(self.models))
+                raise to_api_error(ModelNotFound(name, list(self.models)))
         return info
 
     def for_kind(self, name: str, kind: RequestKind) -> ModelInfo:
