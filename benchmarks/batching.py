@@ -3,21 +3,26 @@ batched generate, and Ray Serve's ``@serve.batch``.
 
 SmolLM2-135M-Instruct through the ``transformers`` backend on the CPU (GGUF -> ``gguf-dequant``
 artifact -> session), greedy decoding, ``--new-tokens`` (32) new tokens per request, one torch thread
-everywhere for repeatable figures. Client requests are chat messages with open-ended prompts.
+in every process, open-ended chat prompts. ``--clients`` (16) clients each send a request, wait for
+the answer, pause a random 0..``--think-ms`` ms (a client's own turnaround), and send again.
 
 - ``offline``: the session's own ``chat_batch`` at batch 8, 16 and 32, no serving (the limit);
-- ``unbatched``: a ``Worker`` with ``max_batch_size=1`` under ``--clients`` (16) concurrent clients, each
-  sending its next request when the last one is answered;
-- ``adaptive``: the same worker with the adaptive batcher (default settings, cap 32) under the same load;
-- ``single client``: one client alternating requests between the two workers (ABBA order, so drift
-  cancels): ``single_client_latency_ratio`` = adaptive p50 / unbatched p50. The adaptive worker is the
-  one that just served the 16 clients, so this is the harder case of a load that drops;
-- ``ray_serve``: a Ray Serve deployment (local Ray on 127.0.0.1, no HTTP proxy) whose batched method
-  runs the same model's batched ``generate`` (loaded from the same artifact folder with transformers,
-  left padding, greedy), called through its deployment handle by the same clients, over a grid of
-  ``max_batch_size`` (8, 16) and ``batch_wait_timeout_s`` (0.01, 0.05); the best setting is reported.
+- ``unbatched``: a ``Worker`` with ``max_batch_size=1`` under the clients;
+- ``adaptive``: the same kind of worker with the adaptive batcher (default settings) under the clients;
+- ``ray_serve``: a Ray Serve deployment (local Ray on 127.0.0.1, no HTTP proxy) whose ``@serve.batch``
+  method runs the same model's batched ``generate`` (loaded from the same artifact folder with
+  transformers: chat template, left padding, greedy), on a thread as the session does, called through
+  its deployment handle by the same clients. A first pass over ``max_batch_size`` (8, 16) x
+  ``batch_wait_timeout_s`` (0.01, 0.05) picks its best setting;
+- ``single client``: one client alternating requests between the unbatched and the adaptive worker
+  (ABBA order): ``single_client_latency_ratio`` = adaptive p50 / unbatched p50. The adaptive worker has
+  just served the 16 clients: the harder case of a load that drops.
 
-    python benchmarks/batching.py [--quick] [--no-ray] [--rounds 3]
+Other work on a small machine moves timings a lot, so the measurements are interleaved: each of
+``--repetitions`` passes runs one slice of every configuration, in a rotating order, and each
+configuration's rate is its tokens over its time summed over its slices.
+
+    python benchmarks/batching.py [--quick] [--no-ray] [--repetitions 3]
 
 Writes benchmarks/results/batching.json. Goals: adaptive >= 0.85 x offline, >= 5 x unbatched,
 single-client latency ratio <= 1.1, >= 1.2 x Ray Serve at equal or lower p99.
@@ -29,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -67,6 +73,8 @@ PROMPTS = [
 OFFLINE_SIZES = (8, 16, 32)
 RAY_GRID = ((8, 0.01), (8, 0.05), (16, 0.01), (16, 0.05))
 
+Call = Callable[[int], Awaitable[int]]
+
 
 def messages(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
@@ -77,37 +85,82 @@ def pct(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def load_summary(tokens: int, seconds: float, latencies: list[float]) -> dict[str, Any]:
-    return {
-        "tok_s": tokens / seconds,
-        "seconds": seconds,
-        "requests": len(latencies),
-        "tokens": tokens,
-        "p50_ms": pct(latencies, 0.5) * 1000,
-        "p99_ms": pct(latencies, 0.99) * 1000,
-    }
+class Tally:
+    """Tokens, busy seconds and request latencies of one configuration, over all its slices."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.seconds = 0.0
+        self.latencies: list[float] = []
+        self.slices: list[float] = []  # tok/s of each slice
+
+    def add(self, tokens: int, seconds: float, latencies: Sequence[float] = ()) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+        self.latencies.extend(latencies)
+        self.slices.append(tokens / seconds)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "tok_s": self.tokens / self.seconds,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "slice_tok_s": self.slices,
+        }
+        if self.latencies:
+            out.update(
+                requests=len(self.latencies),
+                p50_ms=pct(self.latencies, 0.5) * 1000,
+                p99_ms=pct(self.latencies, 0.99) * 1000,
+            )
+        return out
 
 
-async def closed_loop(call: Callable[[int], Awaitable[int]], clients: int, rounds: int) -> dict[str, Any]:
-    """``clients`` clients, each sending ``rounds`` requests one after another; ``call(i)`` returns the
-    completion tokens of request ``i``."""
+async def closed_loop(
+    call: Call,
+    clients: int,
+    think_s: float,
+    seed: int,
+    *,
+    rounds: int | None = None,
+    seconds: float | None = None,
+) -> tuple[int, float, list[float]]:
+    """Clients that send, wait for the answer, pause up to ``think_s``, and send again: ``rounds``
+    requests each, or for ``seconds`` (then tokens and time run to the last answer inside the window,
+    and unanswered requests are withdrawn). Returns (tokens, seconds, latencies)."""
     latencies: list[float] = []
     tokens = 0
+    last_answer = 0.0
+    started = time.perf_counter()
+    stop_at = None if seconds is None else started + seconds
 
     async def client(c: int) -> None:
-        nonlocal tokens
-        for r in range(rounds):
-            started = time.perf_counter()
+        nonlocal tokens, last_answer
+        rng = random.Random(seed * 1000 + c)
+        r = 0
+        while (rounds is None or r < rounds) and (stop_at is None or time.perf_counter() < stop_at):
+            await asyncio.sleep(rng.uniform(0.0, think_s))
+            sent = time.perf_counter()
             got = await call(c + r * clients)  # not `tokens += await ...`: that reads tokens first
-            latencies.append(time.perf_counter() - started)
-            tokens += got
+            now = time.perf_counter()
+            if stop_at is None or now <= stop_at:
+                tokens += got
+                latencies.append(now - sent)
+                last_answer = now
+            r += 1
 
-    started = time.perf_counter()
-    await asyncio.gather(*(client(c) for c in range(clients)))
-    return load_summary(tokens, time.perf_counter() - started, latencies)
+    tasks = [asyncio.ensure_future(client(c)) for c in range(clients)]
+    if stop_at is None:
+        await asyncio.gather(*tasks)
+        return tokens, time.perf_counter() - started, latencies
+    await asyncio.wait(tasks, timeout=seconds)
+    for task in tasks:
+        task.cancel()  # withdraws queued requests from the worker
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return tokens, max(last_answer - started, 1e-9), latencies
 
 
-def worker_call(worker: Worker, params: GenerationParams) -> Callable[[int], Awaitable[int]]:
+def worker_call(worker: Worker, params: GenerationParams) -> Call:
     async def call(i: int) -> int:
         result = await worker.submit(WorkRequest.chat(messages(i), params))
         assert isinstance(result, Completion)
@@ -116,25 +169,17 @@ def worker_call(worker: Worker, params: GenerationParams) -> Callable[[int], Awa
     return call
 
 
-async def offline(session: Any, params: GenerationParams, sizes: Sequence[int], reps: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for size in sizes:
-        runs = []
-        tokens = 0
-        for _ in range(reps):
-            started = time.perf_counter()
-            completions = await session.chat_batch([messages(i) for i in range(size)], params)
-            runs.append(time.perf_counter() - started)
-            tokens = sum(c.completion_tokens for c in completions)
-        out[str(size)] = {"tok_s": tokens / statistics.mean(runs), "runs_s": runs, "tokens": tokens}
-    return out
+async def settle(worker: Worker) -> None:
+    """Wait until the worker's device is idle (a withdrawn request may still be running)."""
+    while worker.metrics.in_flight or len(worker.queue):
+        await asyncio.sleep(0.02)
 
 
 async def single_client(
-    unbatched: Worker, adaptive: Worker, params: GenerationParams, requests: int
+    unbatched: Worker, adaptive: Worker, params: GenerationParams, n: int
 ) -> dict[str, Any]:
     samples: dict[str, list[float]] = {"unbatched": [], "adaptive": []}
-    for i in range(requests):
+    for i in range(n):
         order = [("unbatched", unbatched), ("adaptive", adaptive)]
         if i % 2:
             order.reverse()  # ABBA: slow drift of the machine hits both alike
@@ -143,50 +188,14 @@ async def single_client(
             await worker.submit(WorkRequest.chat(messages(i), params))
             samples[name].append(time.perf_counter() - started)
     p50 = {k: statistics.median(v) for k, v in samples.items()}
-    mean = {k: statistics.mean(v) for k, v in samples.items()}
     return {
         "unbatched_p50_ms": p50["unbatched"] * 1000,
         "adaptive_p50_ms": p50["adaptive"] * 1000,
         "ratio_p50": p50["adaptive"] / p50["unbatched"],
-        "ratio_mean": mean["adaptive"] / mean["unbatched"],
+        "ratio_mean": statistics.mean(samples["adaptive"]) / statistics.mean(samples["unbatched"]),
         "adaptive_ms": [s * 1000 for s in samples["adaptive"]],
         "unbatched_ms": [s * 1000 for s in samples["unbatched"]],
     }
-
-
-async def xpuflow_part(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
-    import torch
-
-    torch.set_num_threads(1)
-    plugin = TransformersPlugin()
-    config = ModelConfig(
-        "smollm2", smollm2_gguf_path(), "chat", max_batch_size=32, options={"num_threads": 1}
-    )
-    artifacts = build_all(plugin, [CPU], config, ArtifactStore())
-    folder = artifacts[DEQUANT_PROFILE].path
-    session = await plugin.create_session([CPU], config, artifacts)
-    params = GenerationParams(max_tokens=args.new_tokens)
-    out: dict[str, Any] = {}
-    try:
-        await session.chat_batch([messages(0)], params)  # warm-up
-        print("... offline", flush=True)
-        out["offline"] = await offline(session, params, args.offline_sizes, args.offline_reps)
-        unbatched = Worker(session, worker_id="unbatched", max_batch_size=1)
-        adaptive = Worker(session, worker_id="adaptive")
-        async with unbatched, adaptive:
-            print("... unbatched", flush=True)
-            out["unbatched"] = await closed_loop(
-                worker_call(unbatched, params), args.clients, args.unbatched_rounds
-            )
-            print("... adaptive", flush=True)
-            await closed_loop(worker_call(adaptive, params), args.clients, 1)  # warm-up round
-            out["adaptive"] = await closed_loop(worker_call(adaptive, params), args.clients, args.rounds)
-            out["adaptive"]["worker"] = adaptive.to_dict()
-            print("... single client", flush=True)
-            out["single_client"] = await single_client(unbatched, adaptive, params, args.single_requests)
-    finally:
-        await session.close()
-    return out, folder
 
 
 # -- Ray Serve ------------------------------------------------------------------------------------------
@@ -240,8 +249,7 @@ def _ray_app(folder: str, new_tokens: int) -> Any:
             width = encoded["input_ids"].shape[1]
             counts = []
             for row in output[:, width:].tolist():
-                end = next((i for i, t in enumerate(row) if t in self.eos), len(row))
-                counts.append(end)
+                counts.append(next((i for i, t in enumerate(row) if t in self.eos), len(row)))
             return counts
 
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
@@ -253,60 +261,141 @@ def _ray_app(folder: str, new_tokens: int) -> Any:
     return SmolGenerator.bind()
 
 
-def ray_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Ray Serve on the same model and load; every failure is recorded, never raised."""
-    try:
-        import ray
-        from ray import serve
-    except Exception as exc:
-        return {"error": f"ray[serve] is not importable: {type(exc).__name__}: {exc}"}
-    tmp = tempfile.mkdtemp(prefix="xpf-ray-")
-    os.environ["RAY_TMPDIR"] = tmp
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    result: dict[str, Any] = {"ray_version": ray.__version__, "grid": {}}
-    try:
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            num_cpus=2,
-            _temp_dir=tmp,
-            log_to_driver=False,
-        )
-        serve.start(proxy_location="Disabled")
-        handle = serve.run(_ray_app(str(folder), args.new_tokens), name="smol", route_prefix=None)
+class RayServe:
+    """Local Ray on 127.0.0.1 with one Serve replica; ``error`` says why it is unusable."""
 
+    def __init__(self, folder: Path, new_tokens: int) -> None:
+        self.handle: Any = None
+        self.error: str | None = None
+        self.version: str | None = None
+        try:
+            import ray
+            from ray import serve
+        except Exception as exc:
+            self.error = f"ray[serve] is not importable: {type(exc).__name__}: {exc}"
+            return
+        self.version = ray.__version__
+        tmp = tempfile.mkdtemp(prefix="xpf-ray-")
+        os.environ["RAY_TMPDIR"] = tmp
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        try:
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                num_cpus=2,
+                _temp_dir=tmp,
+                log_to_driver=False,
+            )
+            serve.start(proxy_location="Disabled")
+            self.handle = serve.run(_ray_app(str(folder), new_tokens), name="smol", route_prefix=None)
+        except Exception as exc:
+            self.error = f"Ray Serve did not start: {type(exc).__name__}: {exc}"
+            self.close()
+
+    def call(self) -> Call:
         async def call(i: int) -> int:
-            return int(await handle.remote(messages(i)))
+            return int(await self.handle.remote(messages(i)))
 
-        async def sweep() -> None:
-            for max_batch_size, wait_s in args.ray_grid:
-                print(
-                    f"... ray serve max_batch_size={max_batch_size} batch_wait_timeout_s={wait_s}", flush=True
-                )
-                await handle.configure.remote(max_batch_size, wait_s)
-                await closed_loop(call, args.clients, 1)  # warm-up round
-                summary = await closed_loop(call, args.clients, args.ray_rounds)
-                result["grid"][f"{max_batch_size}/{wait_s}"] = {
-                    "max_batch_size": max_batch_size,
-                    "batch_wait_timeout_s": wait_s,
-                    **summary,
-                }
+        return call
 
-        asyncio.run(sweep())
-        best = max(result["grid"].values(), key=lambda r: r["tok_s"])
-        result["best"] = best
-    except Exception as exc:  # Ray failing must not lose the other figures
-        result["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
+    async def configure(self, max_batch_size: int, wait_s: float) -> None:
+        await self.handle.configure.remote(max_batch_size, wait_s)
+
+    def close(self) -> None:
+        try:
+            import ray
+            from ray import serve
+        except Exception:
+            return
         with contextlib.suppress(Exception):
             serve.shutdown()
         with contextlib.suppress(Exception):
             ray.shutdown()
-    return result
 
 
-# -- main -----------------------------------------------------------------------------------------------
+# -- the run --------------------------------------------------------------------------------------------
+
+
+async def measure(args: argparse.Namespace, session: Any, ray: RayServe | None) -> dict[str, Any]:
+    params = GenerationParams(max_tokens=args.new_tokens)
+    think_s = args.think_ms / 1000.0
+    out: dict[str, Any] = {}
+    await session.chat_batch([messages(0)], params)  # warm-up
+
+    ray_ok = ray is not None and ray.handle is not None
+    if ray_ok:
+        assert ray is not None
+        grid: dict[str, Any] = {}
+        for max_batch_size, wait_s in args.ray_grid:
+            print(f"... ray serve setting max_batch_size={max_batch_size} wait={wait_s}", flush=True)
+            await ray.configure(max_batch_size, wait_s)
+            await closed_loop(ray.call(), args.clients, think_s, 0, rounds=1)  # warm-up
+            tokens, seconds, lat = await closed_loop(ray.call(), args.clients, think_s, 1, rounds=args.rounds)
+            grid[f"{max_batch_size}/{wait_s}"] = {
+                "max_batch_size": max_batch_size,
+                "batch_wait_timeout_s": wait_s,
+                "tok_s": tokens / seconds,
+                "p99_ms": pct(lat, 0.99) * 1000,
+            }
+        best_key = max(grid, key=lambda k: grid[k]["tok_s"])
+        out["ray_grid"] = grid
+        out["ray_setting"] = grid[best_key]
+        await ray.configure(grid[best_key]["max_batch_size"], grid[best_key]["batch_wait_timeout_s"])
+
+    unbatched = Worker(session, worker_id="unbatched", max_batch_size=1)
+    adaptive = Worker(session, worker_id="adaptive")
+    tallies: dict[str, Tally] = {}
+    async with unbatched, adaptive:
+        await closed_loop(worker_call(adaptive, params), args.clients, think_s, 0, rounds=1)  # warm-up
+
+        async def run_slice(name: str, rep: int) -> None:
+            tally = tallies.setdefault(name, Tally())
+            if name.startswith("offline_"):
+                size = int(name.split("_")[1])
+                started = time.perf_counter()
+                done = await session.chat_batch([messages(i) for i in range(size)], params)
+                tally.add(sum(c.completion_tokens for c in done), time.perf_counter() - started)
+            elif name == "unbatched":
+                worker_tokens, seconds, lat = await closed_loop(
+                    worker_call(unbatched, params), args.clients, think_s, rep, seconds=args.unbatched_s
+                )
+                tally.add(worker_tokens, seconds, lat)
+                await settle(unbatched)
+            elif name == "adaptive":
+                tally.add(
+                    *await closed_loop(
+                        worker_call(adaptive, params), args.clients, think_s, rep, rounds=args.rounds
+                    )
+                )
+            else:
+                assert ray is not None
+                tally.add(*await closed_loop(ray.call(), args.clients, think_s, rep, rounds=args.rounds))
+
+        names = [f"offline_{s}" for s in args.offline_sizes] + ["unbatched", "adaptive"]
+        if ray_ok:
+            names.append("ray_serve")
+        for rep in range(args.repetitions):
+            shift = rep % len(names)
+            order = names[shift:] + names[:shift]
+            print(f"... pass {rep + 1}/{args.repetitions}: {', '.join(order)}", flush=True)
+            for name in order:
+                await run_slice(name, rep + 1)
+        out["adaptive_worker"] = adaptive.to_dict()
+        print("... single client", flush=True)
+        out["single_client"] = await single_client(unbatched, adaptive, params, args.single_requests)
+    out["configs"] = {name: tally.summary() for name, tally in tallies.items()}
+    return out
+
+
+async def open_session() -> tuple[Any, Path]:
+    plugin = TransformersPlugin()
+    config = ModelConfig(
+        "smollm2", smollm2_gguf_path(), "chat", max_batch_size=32, options={"num_threads": 1}
+    )
+    artifacts = build_all(plugin, [CPU], config, ArtifactStore())
+    session = await plugin.create_session([CPU], config, artifacts)
+    return session, artifacts[DEQUANT_PROFILE].path
 
 
 def main() -> None:
@@ -315,97 +404,104 @@ def main() -> None:
     )
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3, help="timed requests per client (adaptive)")
-    parser.add_argument("--ray-rounds", type=int, default=2, help="timed requests per client per Ray setting")
+    parser.add_argument("--think-ms", type=float, default=2.0, help="client pause before each request")
+    parser.add_argument("--repetitions", type=int, default=3, help="interleaved passes")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client per serving slice")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray Serve comparison")
-    parser.add_argument("--quick", action="store_true", help="a short run: fewer rounds, one Ray setting")
+    parser.add_argument("--quick", action="store_true", help="one pass, fewer settings (about 3 minutes)")
     args = parser.parse_args()
-    args.offline_sizes = OFFLINE_SIZES
-    args.offline_reps = 2
-    args.unbatched_rounds = 1
-    args.single_requests = 8
-    args.ray_grid = RAY_GRID
+    args.offline_sizes, args.ray_grid = OFFLINE_SIZES, RAY_GRID
+    args.unbatched_s, args.single_requests = 12.0, 8
     if args.quick:
-        args.offline_sizes, args.offline_reps, args.rounds = (16,), 1, 1
-        args.single_requests, args.ray_rounds, args.ray_grid = 4, 1, ((16, 0.01),)
+        args.repetitions, args.rounds, args.offline_sizes = 1, 1, (16, 32)
+        args.ray_grid, args.unbatched_s, args.single_requests = ((16, 0.01),), 6.0, 4
 
+    import torch
+
+    torch.set_num_threads(1)
     started = time.perf_counter()
-    ours, folder = asyncio.run(xpuflow_part(args))
-    ray = {"skipped": "--no-ray"} if args.no_ray else ray_part(folder, args)
 
-    offline_best_size, offline_best = max(ours["offline"].items(), key=lambda kv: kv[1]["tok_s"])
-    adaptive = ours["adaptive"]
-    unbatched = ours["unbatched"]
+    async def setup() -> tuple[Any, Path]:
+        return await open_session()
+
+    loop = asyncio.new_event_loop()
+    session, folder = loop.run_until_complete(setup())
+    ray = None if args.no_ray else RayServe(folder, args.new_tokens)
+    try:
+        ours = loop.run_until_complete(measure(args, session, ray))
+    finally:
+        loop.run_until_complete(session.close())
+        loop.close()
+        if ray is not None:
+            ray.close()
+
+    configs = ours["configs"]
+    offline = {k: v for k, v in configs.items() if k.startswith("offline_")}
+    best_name = max(offline, key=lambda k: offline[k]["tok_s"])
+    adaptive, unbatched = configs["adaptive"], configs["unbatched"]
+    ray_cfg = configs.get("ray_serve")
+    same_batch = offline.get(f"offline_{args.clients}")
     data: dict[str, Any] = {
         "model": "SmolLM2-135M-Instruct (GGUF dequantised to fp32), transformers backend, CPU",
         "torch_threads": 1,
         "clients": args.clients,
         "new_tokens": args.new_tokens,
+        "think_ms": args.think_ms,
         "greedy": True,
         "quick": args.quick,
+        "repetitions": args.repetitions,
         "unbatched_tok_s": unbatched["tok_s"],
         "adaptive_tok_s": adaptive["tok_s"],
-        "offline_tok_s": offline_best["tok_s"],
-        "offline_best_batch": int(offline_best_size),
-        "adaptive_vs_offline": adaptive["tok_s"] / offline_best["tok_s"],
-        # With N clients no server can batch more than N requests: the limit at that batch size.
-        "adaptive_vs_offline_at_client_count": (
-            adaptive["tok_s"] / ours["offline"][str(args.clients)]["tok_s"]
-            if str(args.clients) in ours["offline"]
-            else None
-        ),
+        "offline_tok_s": offline[best_name]["tok_s"],
+        "offline_best_batch": int(best_name.split("_")[1]),
+        "adaptive_vs_offline": adaptive["tok_s"] / offline[best_name]["tok_s"],
+        # With N clients no server batches more than N requests: the limit at that batch size.
+        "adaptive_vs_offline_at_client_count": adaptive["tok_s"] / same_batch["tok_s"]
+        if same_batch
+        else None,
         "adaptive_vs_unbatched": adaptive["tok_s"] / unbatched["tok_s"],
         "single_client_latency_ratio": ours["single_client"]["ratio_p50"],
-        "ray_serve_tok_s": ray.get("best", {}).get("tok_s"),
-        "adaptive_vs_ray_serve": (adaptive["tok_s"] / ray["best"]["tok_s"]) if "best" in ray else None,
+        "ray_serve_tok_s": ray_cfg["tok_s"] if ray_cfg else None,
+        "adaptive_vs_ray_serve": adaptive["tok_s"] / ray_cfg["tok_s"] if ray_cfg else None,
         "adaptive_p99_ms": adaptive["p99_ms"],
-        "ray_serve_p99_ms": ray.get("best", {}).get("p99_ms"),
+        "ray_serve_p99_ms": ray_cfg["p99_ms"] if ray_cfg else None,
+        "ray_serve_setting": ours.get("ray_setting"),
+        "ray_serve_error": None if ray is None else ray.error,
+        "ray_version": None if ray is None else ray.version,
         "goals": {
             "adaptive_vs_offline": ">= 0.85",
             "adaptive_vs_unbatched": ">= 5",
             "single_client_latency_ratio": "<= 1.1",
             "adaptive_vs_ray_serve": ">= 1.2 at equal or lower p99",
         },
-        "details": {**ours, "ray_serve": ray},
+        "details": ours,
         "total_s": time.perf_counter() - started,
     }
     rows = [
-        ("offline (limit)", f"{offline_best['tok_s']:.1f}", f"batch {offline_best_size}", "-", "-"),
-        (
-            "unbatched",
-            f"{unbatched['tok_s']:.1f}",
-            "1",
-            f"{unbatched['p50_ms']:.0f}",
-            f"{unbatched['p99_ms']:.0f}",
-        ),
-        (
-            "xpuflow adaptive",
-            f"{adaptive['tok_s']:.1f}",
-            f"{adaptive['worker']['metrics']['mean_batch_size']:.1f} (mean)",
-            f"{adaptive['p50_ms']:.0f}",
-            f"{adaptive['p99_ms']:.0f}",
-        ),
+        (name, f"{cfg['tok_s']:.1f}", "-", "-", " ".join(f"{x:.0f}" for x in cfg["slice_tok_s"]))
+        for name, cfg in sorted(offline.items(), key=lambda kv: int(kv[0].split("_")[1]))
     ]
-    if "best" in ray:
-        best = ray["best"]
-        rows.append(
-            (
-                "ray serve (best)",
-                f"{best['tok_s']:.1f}",
-                f"max {best['max_batch_size']}, wait {best['batch_wait_timeout_s']} s",
-                f"{best['p50_ms']:.0f}",
-                f"{best['p99_ms']:.0f}",
+    for name, cfg in (("unbatched", unbatched), ("xpuflow adaptive", adaptive), ("ray serve", ray_cfg)):
+        if cfg:
+            rows.append(
+                (
+                    name,
+                    f"{cfg['tok_s']:.1f}",
+                    f"{cfg['p50_ms']:.0f}",
+                    f"{cfg['p99_ms']:.0f}",
+                    " ".join(f"{x:.0f}" for x in cfg["slice_tok_s"]),
+                )
             )
-        )
-    else:
-        rows.append(("ray serve", "-", ray.get("error") or ray.get("skipped", ""), "-", "-"))
     print_table(
         f"SmolLM2-135M on CPU, {args.clients} clients, {args.new_tokens} new tokens, 1 torch thread",
         rows,
-        ("server", "tok/s", "batch", "p50 ms", "p99 ms"),
+        ("config", "tok/s", "p50 ms", "p99 ms", "tok/s per slice"),
     )
+    if ray is not None and ray.error:
+        print("ray serve:", ray.error)
     print(
-        f"adaptive/offline {data['adaptive_vs_offline']:.2f}  adaptive/unbatched "
+        f"adaptive/offline {data['adaptive_vs_offline']:.2f} (at batch {args.clients}: "
+        f"{data['adaptive_vs_offline_at_client_count'] or float('nan'):.2f})  adaptive/unbatched "
         f"{data['adaptive_vs_unbatched']:.2f}  single-client latency ratio "
         f"{data['single_client_latency_ratio']:.3f}"
         + (f"  adaptive/ray {data['adaptive_vs_ray_serve']:.2f}" if data["adaptive_vs_ray_serve"] else "")

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import secrets
 import signal
 import socket
 import subprocess
@@ -52,11 +53,15 @@ LITELLM_SPEC = "litellm[proxy]"
 # -- client (runs in its own process) ---------------------------------------------------------------
 
 
-async def _client_latency(url: str, requests: int, warmup: int) -> dict[str, Any]:
+def _headers(api_key: str) -> dict[str, str]:
+    return {"content-type": "application/json", "authorization": f"Bearer {api_key}"}
+
+
+async def _client_latency(url: str, api_key: str, requests: int, warmup: int) -> dict[str, Any]:
     import aiohttp
 
     samples, errors = [], 0
-    headers = {"content-type": "application/json", "authorization": "Bearer sk-bench"}
+    headers = _headers(api_key)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
         for i in range(warmup + requests):
             start = time.perf_counter()
@@ -70,10 +75,12 @@ async def _client_latency(url: str, requests: int, warmup: int) -> dict[str, Any
     return {"samples_ms": samples, "errors": errors}
 
 
-async def _client_rps(url: str, concurrency: int, duration_s: float, warmup_s: float) -> dict[str, Any]:
+async def _client_rps(
+    url: str, api_key: str, concurrency: int, duration_s: float, warmup_s: float
+) -> dict[str, Any]:
     import aiohttp
 
-    headers = {"content-type": "application/json", "authorization": "Bearer sk-bench"}
+    headers = _headers(api_key)
     counts = {"ok": 0, "errors": 0}
     measuring = False
 
@@ -96,7 +103,12 @@ async def _client_rps(url: str, concurrency: int, duration_s: float, warmup_s: f
         start = time.perf_counter()
         await asyncio.gather(*(worker(http, start + duration_s) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return {"ok": counts["ok"], "errors": counts["errors"], "elapsed_s": elapsed, "rps": counts["ok"] / elapsed}
+    return {
+        "ok": counts["ok"],
+        "errors": counts["errors"],
+        "elapsed_s": elapsed,
+        "rps": counts["ok"] / elapsed,
+    }
 
 
 def _client_main(args: argparse.Namespace) -> None:
@@ -105,16 +117,16 @@ def _client_main(args: argparse.Namespace) -> None:
     except ImportError:
         run = asyncio.run
     if args.client == "latency":
-        result = run(_client_latency(args.url, args.requests, args.warmup))
+        result = run(_client_latency(args.url, args.api_key, args.requests, args.warmup))
     else:
-        result = run(_client_rps(args.url, args.concurrency, args.duration, 2.0))
+        result = run(_client_rps(args.url, args.api_key, args.concurrency, args.duration, 2.0))
     print(json.dumps(result))
 
 
 # -- the xpuflow gateway (runs in its own process) ---------------------------------------------------
 
 
-def _serve_xpuflow(port: int, upstream: str) -> None:
+def _serve_xpuflow(port: int, upstream: str, api_key: str) -> None:
     import uvicorn
 
     from xpuflow.serving.app import create_app
@@ -122,9 +134,15 @@ def _serve_xpuflow(port: int, upstream: str) -> None:
     from xpuflow.serving.settings import GatewaySettings
 
     engine = RemoteEngine.from_urls({"chat": (upstream, "mock")}, options={"max_connections": 64})
-    app = create_app(engine, GatewaySettings(), lifespan=engine.lifespan)
+    app = create_app(engine, GatewaySettings(api_keys={api_key: "bench"}), lifespan=engine.lifespan)
     uvicorn.run(
-        app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", access_log=False, log_level="warning"
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
     )
 
 
@@ -147,14 +165,18 @@ def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def _start(argv: list[str], ready_url: str, timeout_s: float, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def _start(
+    argv: list[str], ready_url: str, timeout_s: float, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     log = tempfile.NamedTemporaryFile(prefix="gateway-bench-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     proc.log_path = log.name  # type: ignore[attr-defined]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{argv[0]} exited with {proc.returncode}; log: {Path(log.name).read_text()[-2000:]}")
+            raise RuntimeError(
+                f"{argv[0]} exited with {proc.returncode}; log: {Path(log.name).read_text()[-2000:]}"
+            )
         if _http_ok(ready_url):
             return proc
         time.sleep(0.25)
@@ -182,7 +204,7 @@ def _rss_mb(pid: int) -> float:
 
 
 def _client(mode: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
-    argv = [sys.executable, __file__, "--client", mode, "--url", url]
+    argv = [sys.executable, __file__, "--client", mode, "--url", url, "--api-key", args.api_key]
     argv += ["--requests", str(args.requests), "--warmup", str(args.warmup)]
     argv += ["--concurrency", str(args.concurrency), "--duration", str(args.duration)]
     out = subprocess.run(argv, check=True, capture_output=True, timeout=args.duration * 3 + 300)
@@ -242,6 +264,8 @@ model_list:
       api_base: {upstream}/v1
       api_key: sk-mock
       max_retries: 0
+general_settings:
+  master_key: {master_key}
 litellm_settings:
   num_retries: 0
   request_timeout: 30
@@ -256,7 +280,7 @@ def _run_litellm(upstream: str, args: argparse.Namespace) -> dict[str, Any]:
     binary, version = _litellm_venv(args)
     port = _free_port()
     config = Path(tempfile.mkdtemp(prefix="litellm-bench-")) / "config.yaml"
-    config.write_text(LITELLM_CONFIG.format(upstream=upstream))
+    config.write_text(LITELLM_CONFIG.format(upstream=upstream, master_key=args.api_key))
     env = {
         **os.environ,
         "LITELLM_LOG": "ERROR",
@@ -273,7 +297,8 @@ def _run_litellm(upstream: str, args: argparse.Namespace) -> dict[str, Any]:
         result = _measure("litellm", f"http://127.0.0.1:{port}/v1/chat/completions", args)
     finally:
         _stop(proc)
-    return {**result, "idle_rss_mb": rss, "version": version, "config": LITELLM_CONFIG, "argv": argv[1:]}
+    shown = LITELLM_CONFIG.replace("{master_key}", "<random per run>")
+    return {**result, "idle_rss_mb": rss, "version": version, "config": shown, "argv": argv[1:]}
 
 
 def main() -> None:
@@ -289,12 +314,13 @@ def main() -> None:
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--serve-xpuflow", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
+    parser.add_argument("--api-key", default="sk-bench-" + secrets.token_hex(24), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         _client_main(args)
         return
     if args.serve_xpuflow:
-        _serve_xpuflow(args.serve_xpuflow, args.upstream)
+        _serve_xpuflow(args.serve_xpuflow, args.upstream, args.api_key)
         return
 
     upstream_port = _free_port()
@@ -313,6 +339,7 @@ def main() -> None:
         print("through xpuflow", flush=True)
         port = _free_port()
         argv = [sys.executable, __file__, "--serve-xpuflow", str(port), "--upstream", upstream]
+        argv += ["--api-key", args.api_key]
         gateway = _start(argv, f"http://127.0.0.1:{port}/health", timeout_s=60)
         try:
             time.sleep(1.0)
@@ -368,7 +395,7 @@ def _report(results: dict[str, Any], litellm: dict[str, Any], args: argparse.Nam
         "xpuflow": {
             "server": f"uvicorn {uvicorn.__version__} (uvloop, httptools, 1 worker, access log off)",
             "engine": "RemoteEngine -> remote_openai (aiohttp, max_connections 64)",
-            "auth": "no API keys (LiteLLM runs without a master key too)",
+            "auth": "one bearer API key (LiteLLM: the same key as its master key)",
         },
         "litellm": litellm,
         "client": f"aiohttp {aiohttp.__version__}, one process per measurement, keep-alive",
@@ -387,7 +414,8 @@ def _report(results: dict[str, Any], litellm: dict[str, Any], args: argparse.Nam
     RESULTS.write_text(json.dumps({**figures, "samples": samples, "method": method}, indent=2) + "\n")
 
     print()
-    print(f"{'path':<10}{'p50 ms':>10}{'p99 ms':>10}{'added p50':>12}{'added p99':>12}{'RPS @32':>10}{'idle RSS':>11}")
+    columns = ("p50 ms", 10), ("p99 ms", 10), ("added p50", 12), ("added p99", 12), ("RPS @32", 10)
+    print(f"{'path':<10}" + "".join(f"{name:>{width}}" for name, width in columns) + f"{'idle RSS':>11}")
     for name, run in results.items():
         a50 = None if name == "direct" else run["p50_ms"] - direct["p50_ms"]
         a99 = None if name == "direct" else run["p99_ms"] - direct["p99_ms"]
@@ -399,7 +427,8 @@ def _report(results: dict[str, Any], litellm: dict[str, Any], args: argparse.Nam
         )
     if lite is not None:
         ratio_p50 = (lite["p50_ms"] - direct["p50_ms"]) / max(1e-9, xpuflow["p50_ms"] - direct["p50_ms"])
-        print(f"\nLiteLLM adds {ratio_p50:.1f}x xpuflow's p50; xpuflow serves {xpuflow['rps'] / lite['rps']:.1f}x its RPS")
+        ratio_rps = xpuflow["rps"] / lite["rps"]
+        print(f"\nLiteLLM adds {ratio_p50:.1f}x xpuflow's p50; xpuflow serves {ratio_rps:.1f}x its RPS")
     else:
         print(f"\nLiteLLM: {litellm.get('error')}")
     print(f"wrote {RESULTS}")

@@ -37,16 +37,22 @@ _CHUNK = '{"id":"chatcmpl-mock","object":"chat.completion.chunk","created":17000
 STREAM = b"".join(
     [
         b"data: "
-        + (_CHUNK + '"choices":[{"index":0,"delta":{"content":"' + word + '"},"finish_reason":null}]}').encode()
+        + (
+            _CHUNK + '"choices":[{"index":0,"delta":{"content":"' + word + '"},"finish_reason":null}]}'
+        ).encode()
         + b"\n\n"
         for word in ("Hello!", " How", " can", " I", " help?")
     ]
     + [
-        b"data: " + (_CHUNK + '"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}').encode() + b"\n\n",
+        b"data: "
+        + (_CHUNK + '"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}').encode()
+        + b"\n\n",
         b"data: [DONE]\n\n",
     ]
 )
-MODELS = json.dumps({"object": "list", "data": [{"id": "mock", "object": "model", "owned_by": "mock"}]}).encode()
+MODELS = json.dumps(
+    {"object": "list", "data": [{"id": "mock", "object": "model", "owned_by": "mock"}]}
+).encode()
 
 
 def _response(body: bytes, content_type: bytes = b"application/json") -> bytes:

@@ -6,7 +6,7 @@ rate; each policy gets fresh workers and the same arrival times. Reported per po
 latency (arrival to answer, ms), the share of requests sent to slow workers, and completions. The
 first ``--warmup`` requests are not counted (every policy starts with cold EMAs).
 
-    python benchmarks/worker_choice.py [--rate 220] [--requests 2500] [--seeds 2]
+    python benchmarks/worker_choice.py [--rate 400] [--requests 3000] [--seeds 2]
 
 Writes benchmarks/results/worker_choice.json. Baselines read only queue lengths, as their systems do
 (least-loaded: join the shortest queue; power-of-two: Ray Serve's default, two random workers, the
@@ -113,8 +113,14 @@ def make_workers() -> list[Worker]:
                 max_batch_size=MAX_BATCH_SIZE,
             )
             workers.append(
-                Worker(session, worker_id=f"{kind.name}-{i}", deployment="chat", device=f"fake:{kind.name}-{i}",
-                       queue_capacity=100_000, stop_timeout_s=5.0)
+                Worker(
+                    session,
+                    worker_id=f"{kind.name}-{i}",
+                    deployment="chat",
+                    device=f"fake:{kind.name}-{i}",
+                    queue_capacity=100_000,
+                    stop_timeout_s=5.0,
+                )
             )
     return workers
 
@@ -192,9 +198,9 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, default=220.0, help="arrivals per second (default 220)")
-    parser.add_argument("--requests", type=int, default=2500, help="requests per policy and seed")
-    parser.add_argument("--warmup", type=int, default=250, help="first requests left out of the figures")
+    parser.add_argument("--rate", type=float, default=400.0, help="arrivals per second (default 400)")
+    parser.add_argument("--requests", type=int, default=3000, help="requests per policy and seed")
+    parser.add_argument("--warmup", type=int, default=300, help="first requests left out of the figures")
     parser.add_argument("--seeds", type=int, default=2, help="arrival sequences per policy")
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset")
     args = parser.parse_args()
@@ -266,9 +272,11 @@ def main() -> None:
                 "best_baseline_p50": best_p50,
                 "xpuflow_p50_vs_best_baseline": results["xpuflow"]["p50_ms"] / baselines[best_p50]["p50_ms"],
             }
+            p99_ratio = summary["xpuflow_p99_vs_best_baseline"]
+            p50_ratio = summary["xpuflow_p50_vs_best_baseline"]
             print(
-                f"\nxpuflow p99 / best baseline p99 ({best_p99}): {summary['xpuflow_p99_vs_best_baseline']:.2f}; "
-                f"p50 / best baseline p50 ({best_p50}): {summary['xpuflow_p50_vs_best_baseline']:.2f}"
+                f"\nxpuflow p99 / best baseline p99 ({best_p99}): {p99_ratio:.2f}; "
+                f"p50 / best baseline p50 ({best_p50}): {p50_ratio:.2f}"
             )
     path = write_results(
         "worker_choice",
@@ -281,7 +289,12 @@ def main() -> None:
                 "capacity_per_s": capacity,
                 "max_batch_size": MAX_BATCH_SIZE,
                 "workers": [
-                    {"kind": k.name, "count": k.count, "service_time_s": k.service_time_s, "per_item_s": k.per_item_s}
+                    {
+                        "kind": k.name,
+                        "count": k.count,
+                        "service_time_s": k.service_time_s,
+                        "per_item_s": k.per_item_s,
+                    }
                     for k in (FAST, SLOW)
                 ],
             },

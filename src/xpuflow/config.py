@@ -215,7 +215,9 @@ def _format_validation(exc: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {where}: {err['msg']}")
+        value = err.get("input")
+        got = "" if isinstance(value, (dict, list)) or err["type"] == "missing" else f" (got {value!r})"
+        lines.append(f"  {where}: {err['msg']}{got}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from xpuflow.serving.app import create_app
 from xpuflow.serving.settings import GatewaySettings
 from xpuflow.testing.fake_engine import FakeEngine
 
+
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[Gateway]:
     """One gateway for the module; tests read ``engine.calls`` from the index they started at."""

@@ -63,7 +63,9 @@ def test_mooncake_trace_first_rows() -> None:
     rows = read_mooncake_trace(path, limit=ROWS)
     with path.open() as handle:
         raw = [json.loads(line) for line in itertools.islice(handle, ROWS)]
-    assert [(r.input_tokens, r.output_tokens) for r in rows] == [(x["input_length"], x["output_length"]) for x in raw]
+    assert [(r.input_tokens, r.output_tokens) for r in rows] == [
+        (x["input_length"], x["output_length"]) for x in raw
+    ]
     assert [r.offset_s for r in rows] == [(x["timestamp"] - raw[0]["timestamp"]) / 1000.0 for x in raw]
     assert rows == read_trace(path, limit=ROWS)
 
@@ -75,7 +77,7 @@ def test_trace_format_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
         read_trace(wrong_columns)
     bad_row = tmp_path / "b.csv"
     bad_row.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,1,2\n")
-    with pytest.raises(ConfigError, match="b.csv:2: bad trace row"):
+    with pytest.raises(ConfigError, match=r"b\.csv:2: bad trace row"):
         read_trace(bad_row)
     bad_json = tmp_path / "c.jsonl"
     bad_json.write_text('{"timestamp": 0, "input_length": 3}\n')
@@ -87,7 +89,9 @@ def test_trace_format_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
 
 def test_trace_specs_scale_time_and_map_tokens() -> None:
     rows = [TraceRow(0.0, 5, 0), TraceRow(2.0, 5000, 40), TraceRow(10.0, 3, 7)]
-    specs = list(trace_specs(rows, speedup=4.0, rng=random.Random(1), max_prompt_tokens=100, max_tokens_cap=20))
+    specs = list(
+        trace_specs(rows, speedup=4.0, rng=random.Random(1), max_prompt_tokens=100, max_tokens_cap=20)
+    )
     assert [s.offset_s for s in specs] == [0.0, 0.5, 2.5]
     assert [s.max_tokens for s in specs] == [1, 20, 7]
     assert [len(s.prompt.text.split()) for s in specs] == [5, 100, 3]
@@ -104,17 +108,29 @@ def test_synthetic_prompts_differ_and_have_the_length_asked() -> None:
 
 
 def test_poisson_arrivals_average_the_rate() -> None:
-    specs = list(itertools.islice(rate_specs(DEFAULT_PROMPTS, rate_per_s=50.0, max_tokens=8, rng=random.Random(7)), 4001))
-    gaps = [b.offset_s - a.offset_s for a, b in itertools.pairwise(specs)]  # type: ignore[operator]
+    specs = list(
+        itertools.islice(
+            rate_specs(DEFAULT_PROMPTS, rate_per_s=50.0, max_tokens=8, rng=random.Random(7)), 4001
+        )
+    )
+    gaps = [b.offset_s - a.offset_s for a, b in itertools.pairwise(specs)]
     assert statistics.fmean(gaps) == pytest.approx(1 / 50.0, rel=0.05)
     assert statistics.pstdev(gaps) == pytest.approx(1 / 50.0, rel=0.1)  # exponential: sd == mean
     assert specs[0].offset_s == 0.0
-    again = list(itertools.islice(rate_specs(DEFAULT_PROMPTS, rate_per_s=50.0, max_tokens=8, rng=random.Random(7)), 4001))
+    again = list(
+        itertools.islice(
+            rate_specs(DEFAULT_PROMPTS, rate_per_s=50.0, max_tokens=8, rng=random.Random(7)), 4001
+        )
+    )
     assert again == specs
 
 
 def test_constant_arrivals_and_closed_loop_specs() -> None:
-    specs = list(itertools.islice(rate_specs([Prompt.of("x")], rate_per_s=4.0, max_tokens=2, rng=random.Random(), poisson=False), 4))
+    specs = list(
+        itertools.islice(
+            rate_specs([Prompt.of("x")], rate_per_s=4.0, max_tokens=2, rng=random.Random(), poisson=False), 4
+        )
+    )
     assert [s.offset_s for s in specs] == [0.0, 0.25, 0.5, 0.75]
     closed = list(itertools.islice(closed_loop_specs(DEFAULT_PROMPTS, 9), len(DEFAULT_PROMPTS) + 1))
     assert all(s.offset_s is None and s.max_tokens == 9 for s in closed)

@@ -35,7 +35,8 @@ def bench_json(cli: typer.Typer, tmp_path: Path, *args: str) -> dict[str, Any]:
 def max_overlap(requests: list[dict[str, Any]]) -> int:
     """Most requests that were in flight at one instant, from their start and latency."""
     edges = sorted(
-        [(r["start_s"], 1) for r in requests] + [(r["start_s"] + r["latency_ms"] / 1000.0, -1) for r in requests],
+        [(r["start_s"], 1) for r in requests]
+        + [(r["start_s"] + r["latency_ms"] / 1000.0, -1) for r in requests],
         key=lambda e: (e[0], e[1]),
     )
     running = best = 0
@@ -45,9 +46,13 @@ def max_overlap(requests: list[dict[str, Any]]) -> int:
     return best
 
 
-def test_streaming_closed_loop_measures_ttft_and_itl(cli: typer.Typer, gateway: Gateway, tmp_path: Path) -> None:
+def test_streaming_closed_loop_measures_ttft_and_itl(
+    cli: typer.Typer, gateway: Gateway, tmp_path: Path
+) -> None:
     before = len(gateway.engine.calls)
-    data = bench_json(cli, tmp_path, gateway.url, "--concurrency", "4", "--requests", "40", "--max-tokens", "6")
+    data = bench_json(
+        cli, tmp_path, gateway.url, "--concurrency", "4", "--requests", "40", "--max-tokens", "6"
+    )
     summary = data["summary"]
     assert (summary["requests"], summary["ok"], summary["errors"]) == (40, 40, 0)
     assert summary["errors_by_status"] == {}
@@ -80,12 +85,15 @@ def test_the_table_names_every_measure(cli: typer.Typer, gateway: Gateway) -> No
         assert text in result.output
 
 
-def test_fixed_rate_for_a_duration_stops_by_itself(cli: typer.Typer, gateway: Gateway, tmp_path: Path) -> None:
+def test_fixed_rate_for_a_duration_stops_by_itself(
+    cli: typer.Typer, gateway: Gateway, tmp_path: Path
+) -> None:
     data = bench_json(cli, tmp_path, gateway.url, "--rate", "40", "--duration-s", "0.75", "--no-stream")
     summary, requests = data["summary"], data["requests"]
     assert 10 <= summary["requests"] <= 70  # Poisson around 30
     assert summary["ok"] == summary["requests"]
-    assert summary["ttft_ms"] is None and summary["itl_ms"] is None
+    assert summary["ttft_ms"] is None
+    assert summary["itl_ms"] is None
     assert all(r["start_s"] < 0.75 + 0.1 and r["scheduled_s"] < 0.75 for r in requests)
     assert summary["wall_s"] < 5
     assert summary["send_lateness_ms"] is not None
@@ -101,7 +109,9 @@ def test_completions_url_sends_prompts(cli: typer.Typer, gateway: Gateway, tmp_p
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("alpha beta gamma\n\n  delta epsilon  \n")
     before = len(gateway.engine.calls)
-    data = bench_json(cli, tmp_path, gateway.url + "/v1/completions", "--prompts", str(prompts), "--requests", "4")
+    data = bench_json(
+        cli, tmp_path, gateway.url + "/v1/completions", "--prompts", str(prompts), "--requests", "4"
+    )
     assert data["summary"]["ok"] == 4
     assert [c.payload for c in gateway.engine.calls[before:]] == ["alpha beta gamma", "delta epsilon"] * 2
 
@@ -109,13 +119,17 @@ def test_completions_url_sends_prompts(cli: typer.Typer, gateway: Gateway, tmp_p
 def test_prompts_from_json_lines(cli: typer.Typer, gateway: Gateway, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
-        json.dumps({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one two"}]})
+        json.dumps(
+            {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one two"}]}
+        )
         + "\n"
         + json.dumps({"prompt": "three four"})
         + "\n"
     )
     before = len(gateway.engine.calls)
-    data = bench_json(cli, tmp_path, gateway.url, "--prompts", str(prompts), "--requests", "2", "--concurrency", "1")
+    data = bench_json(
+        cli, tmp_path, gateway.url, "--prompts", str(prompts), "--requests", "2", "--concurrency", "1"
+    )
     assert data["summary"]["ok"] == 2
     first, second = gateway.engine.calls[before:]
     assert [m["content"] for m in first.payload] == ["be brief", "one two"]
@@ -125,7 +139,10 @@ def test_prompts_from_json_lines(cli: typer.Typer, gateway: Gateway, tmp_path: P
 @pytest.mark.skipif(not TRACES.is_dir(), reason="the shared traces folder is not present")
 @pytest.mark.parametrize(
     ("name", "expected_offsets_s"),
-    [("AzureLLMInferenceTrace_code.csv", [0.0, 0.052, 0.098189]), ("mooncake_conversation_trace.jsonl", [0.0, 0.0, 0.0])],
+    [
+        ("AzureLLMInferenceTrace_code.csv", [0.0, 0.052, 0.098189]),
+        ("mooncake_conversation_trace.jsonl", [0.0, 0.0, 0.0]),
+    ],
 )
 def test_trace_replay_maps_token_counts(
     cli: typer.Typer, gateway: Gateway, tmp_path: Path, name: str, expected_offsets_s: list[float]
@@ -140,7 +157,9 @@ def test_trace_replay_maps_token_counts(
 
     rows = read_trace(TRACES / name, limit=12)
     calls = gateway.engine.calls[before:]
-    assert sorted(c.params.max_tokens for c in calls) == sorted(min(12, max(1, r.output_tokens)) for r in rows)
+    assert sorted(c.params.max_tokens for c in calls) == sorted(
+        min(12, max(1, r.output_tokens)) for r in rows
+    )
     assert sorted(len(c.payload[0]["content"].split()) for c in calls) == sorted(
         min(300, max(1, r.input_tokens)) for r in rows
     )
@@ -153,7 +172,9 @@ def test_api_key_is_sent_as_a_bearer_token(cli: typer.Typer, keyed_gateway: Gate
     assert API_KEY not in (tmp_path / "run.json").read_text()
 
 
-def test_a_missing_key_fails_every_request_with_401_and_exit_1(cli: typer.Typer, keyed_gateway: Gateway) -> None:
+def test_a_missing_key_fails_every_request_with_401_and_exit_1(
+    cli: typer.Typer, keyed_gateway: Gateway
+) -> None:
     result = invoke(cli, keyed_gateway.url, "--requests", "3")
     assert result.exit_code == 1
     assert "no request to" in result.output

@@ -15,7 +15,7 @@ from typing import Any
 
 from xpuflow.backends.base import Completion, StreamChunk
 from xpuflow.clock import Clock
-from xpuflow.errors import AdmissionRejected, SessionError
+from xpuflow.errors import AdmissionRejected, ConfigError, SessionError
 from xpuflow.scheduling.health import HealthTracker
 from xpuflow.scheduling.request import RequestKind, WorkRequest
 from xpuflow.testing import FakeSession
@@ -77,6 +77,8 @@ class FakeWorker:
         self.in_flight += 1
         try:
             result = await self._run(request)
+        except ConfigError:
+            raise  # the request's fault, not the worker's: not a health failure (as in Worker)
         except Exception as exc:
             self.health.record_failure(str(exc))
             raise

@@ -396,6 +396,18 @@ def test_only_one_probe_per_pick() -> None:
     assert other.health.state is HealthState.UNHEALTHY  # its probe is still to come
 
 
+def test_a_probe_refused_for_bad_input_still_shows_the_worker_alive() -> None:
+    clock = FakeClock()
+    a, b = workers("a", "b", clock=clock, cooldown_s=1.0, failure_threshold=1)
+    a.health.record_failure("down")
+    a.error = ConfigError("prompt too long", field="prompt")
+    clock.advance(1.0)
+    with pytest.raises(ConfigError):
+        run(lambda: dispatcher(clock).dispatch([("t", [a, b])], request()))
+    assert a.health.state is HealthState.HEALTHY
+    assert b.calls == 0
+
+
 def test_a_probe_left_open_by_a_full_queue_is_settled() -> None:
     clock = FakeClock()
     a, b = workers("a", "b", clock=clock, cooldown_s=1.0, failure_threshold=1)

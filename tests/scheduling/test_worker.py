@@ -406,11 +406,22 @@ async def test_snapshot_and_dict_describe_the_worker() -> None:
     assert snap.utilization_pct is not None
     assert 0 <= snap.utilization_pct <= 100
     assert snap.tags == frozenset({"low-latency"})
-    assert worker.snapshot().draining
+    assert worker.snapshot().draining  # stopped
     info = worker.to_dict()
     assert info["metrics"]["completed"] == 6
     assert info["batching"]["policy"] == "adaptive"
     assert set(info["metrics"]["queue_depth"]) == {"high", "normal", "low"}
+
+
+@run_async
+async def test_an_operator_drain_hides_the_worker_but_still_serves() -> None:
+    async with Worker(FakeSession(max_batch_size=4)) as worker:
+        assert not worker.snapshot().draining
+        worker.draining = True
+        assert worker.snapshot().draining
+        assert (await worker.submit(completion("still served"))).text == "served still"  # type: ignore[union-attr]
+        worker.draining = False
+        assert not worker.snapshot().draining
 
 
 def test_metrics_windows_and_emas_follow_the_clock() -> None:

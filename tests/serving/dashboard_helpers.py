@@ -35,6 +35,7 @@ def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
 
     return wrapper
 
+
 WORKERS: tuple[dict[str, Any], ...] = (
     {"worker_id": "chat-gpu-0", "deployment": "chat-high", "model": "chat", "tier": "tier_high",
      "device": "cuda:0", "free_memory_bytes": 18 * GIB, "total_memory_bytes": 24 * GIB},
@@ -121,7 +122,10 @@ class StatusEngine:
             )  # fmt: skip
         ordered = sorted(self._latencies_ms[-500:])
         latency = (
-            {"p50": ordered[len(ordered) // 2], "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]}
+            {
+                "p50": ordered[len(ordered) // 2],
+                "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+            }
             if ordered
             else {"p50": None, "p99": None}
         )
@@ -142,10 +146,14 @@ def dashboard_app(engine: StatusEngine, interval_s: float = 0.2) -> Starlette:
         result = await engine.complete(call)
         return JSONResponse({"worker": result.decision.worker})
 
-    return Starlette(routes=[*dashboard_routes(engine, interval_s=interval_s), Route("/chat", chat, methods=["POST"])])
+    return Starlette(
+        routes=[*dashboard_routes(engine, interval_s=interval_s), Route("/chat", chat, methods=["POST"])]
+    )
 
 
-async def asgi_get(app: Any, path: str, query: str = "", *, disconnect_after_bytes: int | None = None) -> tuple[int, dict[str, str], bytes]:
+async def asgi_get(
+    app: Any, path: str, query: str = "", *, disconnect_after_bytes: int | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """GET ``path`` in-process. The client goes away once ``disconnect_after_bytes`` were received
     (for endless streams); otherwise it waits for the response to finish."""
     status = 0
@@ -169,9 +177,8 @@ async def asgi_get(app: Any, path: str, query: str = "", *, disconnect_after_byt
             headers.update({k.decode(): v.decode() for k, v in message["headers"]})
         elif message["type"] == "http.response.body":
             body.extend(message.get("body", b""))
-            if not message.get("more_body", False):
-                gone.set()
-            elif disconnect_after_bytes is not None and len(body) >= disconnect_after_bytes:
+            finished = not message.get("more_body", False)
+            if finished or (disconnect_after_bytes is not None and len(body) >= disconnect_after_bytes):
                 gone.set()
 
     scope = {

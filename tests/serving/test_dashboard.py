@@ -16,8 +16,11 @@ import pytest
 from dashboard_helpers import StatusEngine, asgi_get, dashboard_app, live_server, parse_sse, run_async
 
 from xpuflow.scheduling.request import RequestKind
+from xpuflow.serving.app import create_app
 from xpuflow.serving.dashboard import DashboardFeed, dashboard_routes
 from xpuflow.serving.engine import InferenceCall
+from xpuflow.serving.settings import GatewaySettings
+from xpuflow.testing.fake_engine import FakeEngine
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -209,7 +212,9 @@ async def test_event_stream_ends_when_the_client_leaves() -> None:
 @pytest.mark.parametrize("value", ["0", "-1", "many", "100001"])
 @run_async
 async def test_a_bad_max_events_is_a_400_that_says_why(value: str) -> None:
-    status, _, body = await asgi_get(dashboard_app(StatusEngine()), "/dashboard/events", f"max_events={value}")
+    status, _, body = await asgi_get(
+        dashboard_app(StatusEngine()), "/dashboard/events", f"max_events={value}"
+    )
     assert status == 400
     assert b"max_events must be an integer from 1 to 100000" in body
 
@@ -253,15 +258,55 @@ async def test_static_route_serves_nothing_outside_its_files(name: str) -> None:
     assert status == 404
 
 
+# -- over the gateway and its FakeEngine --------------------------------------------------------------
+
+
+@run_async
+async def test_fake_engine_status_gives_the_dashboard_every_documented_key() -> None:
+    engine = FakeEngine()
+    app = create_app(engine, GatewaySettings(), routes=dashboard_routes(engine))
+    for _ in range(3):
+        await engine.complete(call())
+    status, _, body = await asgi_get(app, "/dashboard/snapshot")
+    assert status == 200
+    snapshot = json.loads(body)
+    assert snapshot["error"] is None
+    totals = snapshot["totals"]
+    assert (totals["requests_total"], totals["errors_total"], totals["workers"]) == (3, 0, 3)
+    assert totals["p50_ms"] is not None
+    assert totals["p99_ms"] is not None
+    decision = snapshot["decisions"][0]
+    assert decision["ts"] is not None
+    assert all(decision[key] for key in ("model", "tier", "worker", "device", "reason"))
+    gpu = next(d for d in snapshot["devices"] if d["device"] == "cuda:0")
+    assert gpu["free_memory_bytes"] is not None
+    assert gpu["total_memory_bytes"] is not None
+    (worker,) = gpu["workers"]
+    assert worker["batch_sizes"] == {"1": 3}
+    assert worker["deployment"]
+    assert worker["ema_latency_ms"] is not None
+    assert worker["tokens_per_s"] is not None
+
+
 # -- a real browser -----------------------------------------------------------------------------------
 
+ADMIN_KEY = "adm-dashboard-test-0123456789"
 
-def _post(url: str) -> None:
+
+def _post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
     request = urllib.request.Request(
-        url, data=b'{"model": "chat"}', headers={"content-type": "application/json"}, method="POST"
+        url,
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json", **(headers or {})},
+        method="POST",
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
+
+
+def _chat(base: str, tier: str | None = None) -> None:
+    body = {"model": "chat", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 8}
+    _post(f"{base}/v1/chat/completions", body, {"x-xpuflow-tier": tier} if tier else None)
 
 
 @pytest.mark.e2e
@@ -273,8 +318,10 @@ def test_dashboard_in_headless_chromium_updates_while_requests_flow(tmp_path: Pa
     if not CHROMIUM.exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install -y chromium)")
 
-    engine = StatusEngine(latency_s=0.01)
-    with live_server(dashboard_app(engine, interval_s=0.2)) as base, sync_api.sync_playwright() as pw:
+    engine = FakeEngine(service_time_s=0.01)
+    settings = GatewaySettings(admin_keys={ADMIN_KEY: "ops"})
+    app = create_app(engine, settings, routes=dashboard_routes(engine, interval_s=0.2))
+    with live_server(app) as base, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1360, "height": 1000})
@@ -287,26 +334,38 @@ def test_dashboard_in_headless_chromium_updates_while_requests_flow(tmp_path: Pa
             page.goto(f"{base}/dashboard", wait_until="load")
             page.wait_for_function("Number(document.body.dataset.updates) >= 1", timeout=10_000)
             assert page.locator(".worker-row").count() == 3
-            assert page.locator(".device[data-device='cuda:0'] .worker-row").count() == 2
+            assert page.locator(".device[data-device='cpu'] .worker-row").count() == 2
             assert page.locator("#connection").get_attribute("data-state") == "open"
             assert page.locator("#requests-total").inner_text() == "0"
-            assert "memory free 18.0 GiB of 24.0 GiB" in page.locator(".device[data-device='cuda:0']").inner_text()
+            gpu_card = page.locator(".device[data-device='cuda:0']").inner_text()
+            assert "memory free 6.0 GiB of 8.0 GiB" in gpu_card
 
             for round_ in range(6):  # a few seconds of traffic, so the charts have a shape
-                for _ in range(2 + 2 * round_):
-                    _post(f"{base}/chat")
+                for i in range(2 + 2 * round_):
+                    _chat(base, tier="tier_low" if i % 3 == 0 else None)
                 page.wait_for_timeout(250)
+            _post(f"{base}/admin/workers/chat/tier_low/0/drain", {}, {"authorization": f"Bearer {ADMIN_KEY}"})
             total = engine.requests_total
             page.wait_for_function(
                 f"document.getElementById('requests-total').textContent === '{total}'", timeout=10_000
             )
+            draining = page.locator(".worker-row[data-worker-id='chat/tier_low/0'] .health")
+            page.wait_for_function(
+                "document.querySelector(\"[data-worker-id='chat/tier_low/0'] .health\").textContent"
+                " === 'draining'",
+                timeout=10_000,
+            )
+            assert draining.inner_text() == "draining"
             rows = page.locator("#decisions tbody tr.decision-row")
-            assert rows.count() == 20
-            assert "routes to tier_" in rows.first.inner_text()
+            assert rows.count() == 25
+            decisions = page.locator("#decisions tbody").inner_text()
+            assert "tier_low" in decisions
+            assert "override: the client asked for tier_low" in decisions
             assert page.locator("#chart-rate canvas").count() == 1
             assert page.locator("#chart-latency canvas").count() == 1
             assert page.locator("#p50-ms").inner_text().endswith("ms")
-            assert page.locator(".worker-row[data-worker-id='chat-gpu-0'] td.num").nth(3).inner_text() != "–"
+            ema = page.locator(".worker-row[data-worker-id='chat/tier_high/0'] td.num").nth(2)
+            assert ema.inner_text().endswith("ms")
 
             screenshot = tmp_path / "dashboard.png"
             page.screenshot(path=str(screenshot), full_page=True)
@@ -321,4 +380,3 @@ def test_dashboard_in_headless_chromium_updates_while_requests_flow(tmp_path: Pa
             assert not outside, f"the page reached outside the gateway: {outside}"
         finally:
             browser.close()
-

@@ -71,9 +71,13 @@ def _specs(
         if prompts_path is not None:
             raise ConfigError("use --prompts or --trace, not both", field="--trace")
         if plan.rate_per_s is not None:
-            raise ConfigError("a trace sets its own arrival times; use --speedup instead of --rate", field="--rate")
+            raise ConfigError(
+                "a trace sets its own arrival times; use --speedup instead of --rate", field="--rate"
+            )
         if max_prompt_tokens < 1:
-            raise ConfigError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}", field="--max-prompt-tokens")
+            raise ConfigError(
+                f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}", field="--max-prompt-tokens"
+            )
         rows = read_trace(trace_path, limit=plan.num_requests)
         if not rows:
             raise ConfigError(f"{trace_path} holds no requests", field="--trace")
@@ -82,7 +86,9 @@ def _specs(
         )
     prompts = load_prompts(prompts_path) if prompts_path is not None else DEFAULT_PROMPTS
     if plan.rate_per_s is not None:
-        return rate_specs(prompts, rate_per_s=plan.rate_per_s, max_tokens=plan.max_tokens, rng=rng, poisson=poisson)
+        return rate_specs(
+            prompts, rate_per_s=plan.rate_per_s, max_tokens=plan.max_tokens, rng=rng, poisson=poisson
+        )
     return closed_loop_specs(prompts, plan.max_tokens)
 
 
@@ -93,7 +99,7 @@ async def _run_with_progress(plan: BenchPlan, specs: Iterator[RequestSpec], cons
 
     by_count = plan.num_requests is not None
     total = float(plan.num_requests) if plan.num_requests is not None else plan.duration_s
-    counts = {"done": 0, "errors": 0}
+    done = failed = 0
     progress = Progress(
         SpinnerColumn(),
         TextColumn("[bold]bench[/]"),
@@ -104,9 +110,10 @@ async def _run_with_progress(plan: BenchPlan, specs: Iterator[RequestSpec], cons
     )
 
     def on_record(record: RequestRecord) -> None:
-        counts["done"] += 1
-        counts["errors"] += 0 if record.ok else 1
-        progress.update(task, advance=1 if by_count else 0, **counts)
+        nonlocal done, failed
+        done += 1
+        failed += 0 if record.ok else 1
+        progress.update(task, advance=1 if by_count else 0, done=done, errors=failed)
 
     async def tick() -> None:  # a duration-bound run fills its bar with time
         started = time.monotonic()
@@ -115,56 +122,84 @@ async def _run_with_progress(plan: BenchPlan, specs: Iterator[RequestSpec], cons
             await asyncio.sleep(0.2)
 
     with progress:
-        task = progress.add_task("bench", total=total, **counts)
+        task = progress.add_task("bench", total=total, done=0, errors=0)
         ticker = None if by_count else asyncio.create_task(tick())
         try:
             result = await run_bench(plan, specs, on_record=on_record)
         finally:
             if ticker is not None:
                 ticker.cancel()
-        progress.update(task, completed=total, **counts)
+        progress.update(task, completed=total, done=done, errors=failed)
     return result
 
 
 def bench(
-    url: Annotated[str, typer.Argument(help="The server: http://HOST:PORT, .../v1, or a full .../v1/chat/completions URL.")],
+    url: Annotated[
+        str,
+        typer.Argument(help="The server: http://HOST:PORT, .../v1, or a full .../v1/chat/completions URL."),
+    ],
     model: Annotated[str, typer.Option(help="Model name sent in each request.")] = "chat",
     concurrency: Annotated[
         int | None,
-        typer.Option(help="Clients sending back to back (default 1); with --rate or --trace, the most in flight."),
+        typer.Option(
+            help="Clients sending back to back (default 1); with --rate or --trace, the most in flight."
+        ),
     ] = None,
     rate: Annotated[float | None, typer.Option("--rate", help="Requests per second, open loop.")] = None,
     constant_rate: Annotated[
         bool, typer.Option("--constant-rate", help="Even gaps at --rate instead of Poisson arrivals.")
     ] = False,
     requests: Annotated[
-        int | None, typer.Option("--requests", help=f"Requests to send (default {DEFAULT_REQUESTS} without --duration-s).")
+        int | None,
+        typer.Option(
+            "--requests", help=f"Requests to send (default {DEFAULT_REQUESTS} without --duration-s)."
+        ),
     ] = None,
-    duration_s: Annotated[float | None, typer.Option("--duration-s", help="Stop starting requests after this many seconds.")] = None,
+    duration_s: Annotated[
+        float | None, typer.Option("--duration-s", help="Stop starting requests after this many seconds.")
+    ] = None,
     prompts: Annotated[
-        Path | None, typer.Option("--prompts", help="Prompts: one per line, or JSON lines with prompt or messages.", dir_okay=False)
+        Path | None,
+        typer.Option(
+            "--prompts", help="Prompts: one per line, or JSON lines with prompt or messages.", dir_okay=False
+        ),
     ] = None,
     trace: Annotated[
         Path | None,
-        typer.Option("--trace", help="Replay arrivals from an Azure trace (.csv) or a Mooncake trace (.jsonl).", dir_okay=False),
+        typer.Option(
+            "--trace",
+            help="Replay arrivals from an Azure trace (.csv) or a Mooncake trace (.jsonl).",
+            dir_okay=False,
+        ),
     ] = None,
     speedup: Annotated[float, typer.Option(help="Replay a trace this many times faster.")] = 1.0,
     max_prompt_tokens: Annotated[
         int, typer.Option("--max-prompt-tokens", help="Cap on a trace row's synthetic prompt length.")
     ] = 2048,
-    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Stream responses (measures TTFT and ITL).")] = True,
+    stream: Annotated[
+        bool, typer.Option("--stream/--no-stream", help="Stream responses (measures TTFT and ITL).")
+    ] = True,
     max_tokens: Annotated[
         int | None,
-        typer.Option("--max-tokens", help=f"max_tokens per request (default {DEFAULT_MAX_TOKENS}); with --trace, a cap on the trace's."),
+        typer.Option(
+            "--max-tokens",
+            help=f"max_tokens per request (default {DEFAULT_MAX_TOKENS}); with --trace, caps the trace's.",
+        ),
     ] = None,
     api_key: Annotated[
-        str | None, typer.Option("--api-key", envvar="XPUFLOW_API_KEY", help="Bearer key (or $XPUFLOW_API_KEY).")
+        str | None,
+        typer.Option("--api-key", envvar="XPUFLOW_API_KEY", help="Bearer key (or $XPUFLOW_API_KEY)."),
     ] = None,
-    timeout_s: Annotated[float, typer.Option("--timeout-s", help="Give up on one request after this long.")] = 60.0,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout-s", help="Give up on one request after this long.")
+    ] = 60.0,
     seed: Annotated[int, typer.Option(help="Seed for arrivals and synthetic prompts.")] = 0,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the summary and every request here.", dir_okay=False)] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the summary and every request here.", dir_okay=False)
+    ] = None,
     plot_out: Annotated[
-        Path | None, typer.Option("--plot", help="Write a PNG of latency over time and its histogram.", dir_okay=False)
+        Path | None,
+        typer.Option("--plot", help="Write a PNG of latency over time and its histogram.", dir_okay=False),
     ] = None,
 ) -> None:
     """Load an OpenAI-compatible endpoint; print latency, TTFT and ITL percentiles, throughput and errors."""

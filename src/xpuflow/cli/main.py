@@ -95,8 +95,9 @@ def advise(
 
 def _register_subcommands() -> None:
     """Sub-commands that live in their own modules (each imports its heavy parts lazily)."""
-    from xpuflow.cli import artifacts, score
+    from xpuflow.cli import artifacts, score, serve
 
+    serve.register(app)
     artifacts.register(app)
     score.register(app)
 

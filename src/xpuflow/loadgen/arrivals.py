@@ -94,11 +94,13 @@ DEFAULT_PROMPTS: tuple[Prompt, ...] = tuple(
 
 # Short common words: each is one token with its leading space for most tokenizers, so a prompt of N
 # words is close to N tokens.
-_WORDS = (
-    "the of and to in is for on that with as it be at by this from or an are was have not but all can "
-    "new more one time use data work model system will about two first over each any make may such way "
-    "part day well how back long high open small large light fast water point case group world number"
-).split()
+_WORD_TEXT = (
+    "the of and to in is for on that with as it be at by this from or an are was have not but all "
+    "can new more one time use data work model system will about two first over each any make may "
+    "such way part day well how back long high open small large light fast water point case group "
+    "world number"
+)
+_WORDS = tuple(_WORD_TEXT.split())
 
 
 def synthetic_prompt(num_tokens: int, rng: random.Random) -> Prompt:
@@ -175,13 +177,20 @@ def read_azure_trace(path: Path, limit: int | None = None) -> list[TraceRow]:
             missing = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} - set(reader.fieldnames or ())
             if missing:
                 raise ConfigError(
-                    f"{path} is not an Azure trace: no column(s) {', '.join(sorted(missing))}", field="--trace"
+                    f"{path} is not an Azure trace: no column(s) {', '.join(sorted(missing))}",
+                    field="--trace",
                 )
             for number, row in enumerate(reader, start=2):
                 try:
-                    yield _azure_time_s(row["TIMESTAMP"]), int(row["ContextTokens"]), int(row["GeneratedTokens"])
+                    yield (
+                        _azure_time_s(row["TIMESTAMP"]),
+                        int(row["ContextTokens"]),
+                        int(row["GeneratedTokens"]),
+                    )
                 except (TypeError, ValueError) as exc:
-                    raise ConfigError(f"{path}:{number}: bad trace row {row}: {exc}", field="--trace") from exc
+                    raise ConfigError(
+                        f"{path}:{number}: bad trace row {row}: {exc}", field="--trace"
+                    ) from exc
 
     return _read(path, parse, limit)
 
@@ -256,10 +265,14 @@ def rate_specs(
     clients arrive) or, with ``poisson=False``, evenly spaced ones."""
     if rate_per_s <= 0:
         raise ConfigError(f"--rate must be > 0 requests per second, got {rate_per_s}", field="--rate")
-    offset_s = 0.0
-    for prompt in itertools.cycle(prompts):
-        yield RequestSpec(prompt, max_tokens, offset_s)
-        offset_s += rng.expovariate(rate_per_s) if poisson else 1.0 / rate_per_s
+
+    def specs() -> Iterator[RequestSpec]:
+        offset_s = 0.0
+        for prompt in itertools.cycle(prompts):
+            yield RequestSpec(prompt, max_tokens, offset_s)
+            offset_s += rng.expovariate(rate_per_s) if poisson else 1.0 / rate_per_s
+
+    return specs()
 
 
 def trace_specs(
@@ -275,9 +288,13 @@ def trace_specs(
     (at most ``max_tokens_cap`` when given)."""
     if speedup <= 0:
         raise ConfigError(f"--speedup must be > 0, got {speedup}", field="--speedup")
-    for row in rows:
-        max_tokens = max(1, row.output_tokens)
-        if max_tokens_cap is not None:
-            max_tokens = min(max_tokens, max_tokens_cap)
-        prompt = synthetic_prompt(min(row.input_tokens, max_prompt_tokens), rng)
-        yield RequestSpec(prompt, max_tokens, row.offset_s / speedup)
+
+    def specs() -> Iterator[RequestSpec]:
+        for row in rows:
+            max_tokens = max(1, row.output_tokens)
+            if max_tokens_cap is not None:
+                max_tokens = min(max_tokens, max_tokens_cap)
+            prompt = synthetic_prompt(min(row.input_tokens, max_prompt_tokens), rng)
+            yield RequestSpec(prompt, max_tokens, row.offset_s / speedup)
+
+    return specs()

@@ -1,9 +1,9 @@
-"""What a load run measured: percentiles, rates and errors, as a table, as JSON and as a PNG plot.
+"""What a load run measured: percentiles, rates and errors, as a table, as JSON and as a PNG plot::
 
-    summary = summarize(result)            # plain data, documented in docs/bench.md
-    render_summary(summary, console)       # the percentile table
-    write_json(Path("run.json"), result, summary)
-    write_plot(Path("run.png"), result)    # needs matplotlib (the "bench" extra)
+summary = summarize(result)            # plain data, documented in docs/bench.md
+render_summary(summary, console)       # the percentile table
+write_json(Path("run.json"), result, summary)
+write_plot(Path("run.png"), result)    # needs matplotlib (the "bench" extra)
 """
 
 from __future__ import annotations
@@ -50,9 +50,7 @@ def summarize(result: BenchResult) -> dict[str, Any]:
     records = result.records
     ok = [r for r in records if r.ok]
     wall_s = max(result.wall_s, 1e-9)
-    lateness = [
-        max(0.0, r.start_s - r.scheduled_s) * 1000.0 for r in records if r.scheduled_s is not None
-    ]
+    lateness = [max(0.0, r.start_s - r.scheduled_s) * 1000.0 for r in records if r.scheduled_s is not None]
     errors = Counter(r.outcome for r in records if not r.ok)
     return {
         "requests": len(records),
@@ -136,7 +134,8 @@ def write_plot(path: Path, result: BenchResult) -> None:
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise ConfigError(
-            "--plot needs matplotlib: pip install 'xpuflow[bench]' (or pip install matplotlib)", field="--plot"
+            "--plot needs matplotlib: pip install 'xpuflow[bench]' (or pip install matplotlib)",
+            field="--plot",
         ) from exc
 
     ok = [r for r in result.records if r.ok]
@@ -159,7 +158,9 @@ def write_plot(path: Path, result: BenchResult) -> None:
     if ok:
         stats = percentiles([r.latency_s * 1000 for r in ok]) or {}
         for name, style in (("p50", "--"), ("p99", ":")):
-            over_time.axhline(stats[name], color="tab:blue", linestyle=style, linewidth=1, label=f"latency {name}")
+            over_time.axhline(
+                stats[name], color="tab:blue", linestyle=style, linewidth=1, label=f"latency {name}"
+            )
     over_time.set_xlabel("request start (s since the run began)")
     over_time.set_ylabel("ms")
     over_time.set_title("Latency over time")
@@ -182,7 +183,9 @@ def write_plot(path: Path, result: BenchResult) -> None:
     histogram.set_ylabel("requests")
     histogram.set_title("Latency histogram")
     histogram.grid(alpha=0.3)
-    figure.suptitle(f"xpuflow bench: {result.plan.endpoint} ({len(ok)} ok, {len(failed)} failed)", fontsize="medium")
+    figure.suptitle(
+        f"xpuflow bench: {result.plan.endpoint} ({len(ok)} ok, {len(failed)} failed)", fontsize="medium"
+    )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, format="png")

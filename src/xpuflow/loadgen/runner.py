@@ -46,6 +46,21 @@ def endpoint_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
+def _check(
+    name: str,
+    value: float | None,
+    low: float,
+    expected: str,
+    *,
+    high: float | None = None,
+    exclusive: bool = False,
+) -> None:
+    if value is None:
+        return
+    if value < low or (exclusive and value == low) or (high is not None and value > high):
+        raise ConfigError(f"{name} must be {expected}, got {value}", field=name)
+
+
 @dataclass(frozen=True)
 class BenchPlan:
     """How to load one endpoint. At least one of ``num_requests`` and ``duration_s`` bounds the run.
@@ -70,17 +85,12 @@ class BenchPlan:
         endpoint_url(self.url)
         if self.num_requests is None and self.duration_s is None:
             raise ConfigError("bound the run with --requests N or --duration-s S", field="--requests")
-        checks = (
-            ("--concurrency", self.concurrency, lambda v: 1 <= v <= 100_000, "from 1 to 100000"),
-            ("--rate", self.rate_per_s, lambda v: v > 0, "> 0 requests per second"),
-            ("--requests", self.num_requests, lambda v: v >= 1, ">= 1"),
-            ("--duration-s", self.duration_s, lambda v: v > 0, "> 0 seconds"),
-            ("--max-tokens", self.max_tokens, lambda v: v >= 1, ">= 1"),
-            ("--timeout-s", self.timeout_s, lambda v: v > 0, "> 0 seconds"),
-        )
-        for name, value, ok, expected in checks:
-            if value is not None and not ok(value):
-                raise ConfigError(f"{name} must be {expected}, got {value}", field=name)
+        _check("--concurrency", self.concurrency, 1, "from 1 to 100000", high=100_000)
+        _check("--rate", self.rate_per_s, 0, "> 0 requests per second", exclusive=True)
+        _check("--requests", self.num_requests, 1, ">= 1")
+        _check("--duration-s", self.duration_s, 0, "> 0 seconds", exclusive=True)
+        _check("--max-tokens", self.max_tokens, 1, ">= 1")
+        _check("--timeout-s", self.timeout_s, 0, "> 0 seconds", exclusive=True)
 
     @property
     def endpoint(self) -> str:
@@ -132,7 +142,7 @@ class RequestRecord:
 
     @property
     def outcome(self) -> str:
-        """"ok", the HTTP status ("503"), or the kind of failure ("timeout", "connection", "stream")."""
+        """``ok``, the HTTP status (``503``), or how it failed (``timeout``, ``connection``, ``stream``)."""
         if self.ok:
             return "ok"
         if self.error_kind in (None, "http"):
@@ -326,7 +336,9 @@ async def run_bench(
         return None if index is None or spec is None else (index, spec)
 
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+    ) as session:
         client = _Client(plan, session, clock, start)
         if open_loop:
             await _open_loop(client, next_spec, finish, limit, clock, start, deadline)

@@ -22,8 +22,10 @@ and time and randomness are injected::
        temp_i   = 1 below throttle_start_c, 0 at throttle_limit_c, linear between
        score_i  = sum_t w_t * term_t / sum_t w_t  +  w_affinity * affinity_i
 
-   A worker with no latency reading yet is assumed as fast as the median of those with one; any other
-   unknown reading scores ``NEUTRAL`` (0.5): worse than a known-good worker, better than a known-bad one.
+   ``ema_latency_ms`` is read as the time one batch takes to serve (queue wait excluded: the queue is
+   counted by ``load``). A worker with no latency reading yet is assumed as fast as the median of those
+   with one; any other unknown reading scores ``NEUTRAL`` (0.5): worse than a known-good worker,
+   better than a known-bad one.
    Staleness: a snapshot of age ``a = now_s - taken_at_s`` weighs ``f = 2 ** (-a / staleness_half_life_s)``
    and every term is blended ``f * term + (1 - f) * NEUTRAL``, so state that has not been refreshed
    (a remote worker whose poll stalled) ages out toward "nothing known" instead of steering traffic.
@@ -90,12 +92,16 @@ class WorkerNeeds:
 @dataclass(frozen=True)
 class ScoringWeights:
     """Weights of the score's terms. The four state terms are normalised by their sum; ``affinity`` is
-    added on top, so 0.3 lets stickiness outweigh a 30-point difference in load-based score."""
+    added on top, so 0.3 lets stickiness outweigh a 0.3 difference in the state score.
 
-    speed: float = 0.55
-    memory: float = 0.15
-    utilization: float = 0.15
-    temperature: float = 0.15
+    Speed (the expected time to serve) is what the client feels, so it dominates; memory headroom,
+    utilisation (which sees other tenants of a shared device) and throttling risk are early warnings
+    and tie-breakers between workers of similar speed."""
+
+    speed: float = 0.7
+    memory: float = 0.1
+    utilization: float = 0.1
+    temperature: float = 0.1
     affinity: float = 0.3
 
     def __post_init__(self) -> None:

@@ -396,8 +396,10 @@ class Dispatcher:
                     if isinstance(exc, _AttemptTimeout) and policy.record_timeouts and not by_deadline:
                         # A hung worker never reports its own failure; the timeout is the evidence.
                         target.health.record_failure(f"timed out: {exc}")
+                    retryable = isinstance(exc, _AttemptTimeout) or is_retryable(exc)
                     if probe:
-                        self._settle_probe(target, _describe(exc))
+                        # A refused request (bad input) still shows the worker answering.
+                        self._settle_probe(target, _describe(exc) if retryable else None)
                     elapsed = self.clock.monotonic() - start
                     progress.attempts.append(
                         Attempt(
@@ -405,7 +407,7 @@ class Dispatcher:
                         )
                     )
                     progress.errors.append(exc)
-                    if not isinstance(exc, _AttemptTimeout) and not is_retryable(exc):
+                    if not retryable:
                         raise
                     backoff_due = True
                     continue

@@ -139,6 +139,7 @@ class Worker:
         self._batches: set[asyncio.Task[None]] = set()
         self._accepting = False
         self._closing = False
+        self._drained = False
         self._drain_rate_ema: float | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -146,6 +147,17 @@ class Worker:
     @property
     def running(self) -> bool:
         return self._accepting
+
+    @property
+    def draining(self) -> bool:
+        """True while the worker should get no new requests: an operator drained it, or it is
+        stopping. The router's scorer skips draining workers (``snapshot().draining``); requests that
+        still reach a drained (not stopping) worker are served, so a race with the drain loses none."""
+        return self._drained or self._closing or not self._accepting
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._drained = bool(value)
 
     @property
     def queue(self) -> RequestQueue:
@@ -615,7 +627,7 @@ class Worker:
             deployment=self.deployment,
             device=self.device,
             healthy=self.health.healthy,
-            draining=self._closing or not self._accepting,
+            draining=self.draining,
             queue_depth=len(self._queue),
             in_flight=self.metrics.in_flight,
             max_batch_size=self.max_batch_size,

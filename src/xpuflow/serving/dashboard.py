@@ -18,6 +18,7 @@ sampled at most once per ``interval_s`` however many browsers watch.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -26,7 +27,6 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from importlib import resources
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -333,25 +333,30 @@ def _rate(values: list[int | None], window: list[_Sample]) -> float | None:
     window (a reset: the engine restarted its counters)."""
     elapsed_s = window[-1].monotonic_s - window[0].monotonic_s
     known = [v for v in values if v is not None]
-    if (
-        len(known) != len(values)
-        or elapsed_s <= 0
-        or any(b < a for a, b in zip(known, known[1:], strict=False))
-    ):
+    if len(known) != len(values) or elapsed_s <= 0 or any(b < a for a, b in itertools.pairwise(known)):
         return None
     return (known[-1] - known[0]) / elapsed_s
 
 
-@lru_cache(maxsize=32)
+# Files found are kept (a handful, ~60 KB); names not found are not, so probes cannot grow it.
+_static_cache: dict[str, bytes] = {}
+
+
 def _static_bytes(name: str) -> bytes | None:
     """A packaged dashboard file by its name under static/; None for any other name (no traversal)."""
+    if name in _static_cache:
+        return _static_cache[name]
     if not _STATIC_NAME.match(name) or PurePosixPath(name).suffix not in _CONTENT_TYPES:
         return None
     resource = resources.files("xpuflow.serving").joinpath("static", *name.split("/"))
     try:
-        return resource.read_bytes() if resource.is_file() else None
+        if not resource.is_file():
+            return None
+        body = resource.read_bytes()
     except OSError:
         return None
+    _static_cache[name] = body
+    return body
 
 
 def _static_response(name: str) -> Response:
@@ -359,7 +364,9 @@ def _static_response(name: str) -> Response:
 
     body = _static_bytes(name)
     if body is None:
-        return PlainTextResponse(f"no dashboard file '{name}'", status_code=404)
+        return PlainTextResponse(
+            f"no dashboard file '{name}'", status_code=404, headers={"X-Content-Type-Options": "nosniff"}
+        )
     # Vendored files carry their version in the name, so they never change under one URL.
     cache = "public, max-age=86400, immutable" if name.startswith("vendor/") else "no-cache"
     return Response(

@@ -316,7 +316,7 @@ class InferenceEndpoints:
         request_id = _ID_PREFIX[kind] + os.urandom(12).hex()
         model = tier = device = ""
         watch: _DisconnectWatch | None = None
-        self.metrics.in_flight.inc()
+        self.metrics.in_flight += 1
         try:
             key = self.auth.check_api_key(headers.get(b"authorization"))
             body = await _read_body(receive, headers.get(b"content-length"), self.settings.max_body_bytes)
@@ -389,7 +389,7 @@ class InferenceEndpoints:
             await _send_json(send, error.status, error.body(), extra)
             self.metrics.observe_request(model, tier, device, error.status, time.perf_counter() - start)
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight -= 1
 
     def _call(
         self,

@@ -1,8 +1,8 @@
 """Prometheus metrics of one gateway, in its own registry (so a process, or a test, can hold many apps).
 
-The request path records through ``GatewayMetrics.observe_*``, which keep their labelled children in
-plain dicts so a request costs a few dict lookups and increments, not a ``labels()`` call per metric.
-Worker and device state (health, free memory, batch sizes) is read from ``engine.status()`` when
+The request path records through ``GatewayMetrics.observe_*`` into plain dicts and lists (a request
+costs a few dict lookups and increments, no locks), turned into Prometheus families when ``/metrics`` is
+scraped. Worker and device state (health, free memory, batch sizes) is read from ``engine.status()`` when
 ``/metrics`` is scraped, so it costs the hot path nothing::
 
     metrics = GatewayMetrics(engine.status)
@@ -15,19 +15,15 @@ Names follow Prometheus conventions: base units (seconds, bytes), ``_total`` cou
 from __future__ import annotations
 
 import logging
+import math
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
+from functools import lru_cache
 from typing import Any
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from xpuflow.types import RoutingDecision
@@ -48,11 +44,16 @@ def reason_label(decision: RoutingDecision) -> str:
     """A low-cardinality name for why a route was chosen: ``details["rule"]`` when the router sets it,
     else the first word of ``reason`` (routers write "rule: explanation"), so the label set stays small."""
     rule = decision.details.get("rule")
-    if not isinstance(rule, str) or not rule:
-        reason = decision.reason
-        if reason.startswith("tier ") and ": " in reason:
-            reason = reason.split(": ", 1)[1]  # the dispatcher's "tier X: <tier reason>; worker ..."
-        rule = re.split(r"[:;,(\s]", reason.strip(), maxsplit=1)[0]
+    if isinstance(rule, str) and rule:
+        return _label(rule)
+    reason = decision.reason
+    if reason.startswith("tier ") and ": " in reason:
+        reason = reason.split(": ", 1)[1]  # the dispatcher's "tier X: <tier reason>; worker ..."
+    return _label(re.split(r"[:;,(\s]", reason.strip(), maxsplit=1)[0])
+
+
+@lru_cache(maxsize=1024)
+def _label(rule: str) -> str:
     label = _REASON_RE.sub("_", rule.strip().lower()).strip("_")
     return label[:_MAX_REASON_CHARS] or "unknown"
 
@@ -105,25 +106,55 @@ class _EngineCollector(Collector):
             draining.add_metric([worker, device], 1.0 if w.get("draining") else 0.0)
             queued.add_metric([worker], float(w.get("queue_depth") or 0))
             in_flight.add_metric([worker], float(w.get("in_flight") or 0))
-            hist = w.get("batch_size_histogram")
-            if isinstance(hist, Mapping) and hist:
+            sizes = _batch_sizes(w.get("batch_sizes"))
+            if sizes:
                 model = str(w.get("model") or w.get("deployment") or "")
-                buckets, total = _cumulative(hist)
-                batches.add_metric([model, worker], buckets, sum_value=total)
-            devices.setdefault(device, w)
+                buckets, size_sum = _cumulative(sizes)
+                batches.add_metric([model, worker], buckets, sum_value=size_sum)
+            if device not in devices or _memory(devices[device], "free_memory_bytes") is None:
+                devices[device] = w
         for d in status.get("devices") or ():
             if isinstance(d, Mapping) and d.get("id"):
                 devices[str(d["id"])] = d
         for device, reading in devices.items():
-            if isinstance(reading.get("free_memory_bytes"), (int, float)):
-                memory_free.add_metric([device], float(reading["free_memory_bytes"]))
-            if isinstance(reading.get("memory_bytes"), (int, float)):
-                memory_total.add_metric([device], float(reading["memory_bytes"]))
+            free, total = _memory(reading, "free_memory_bytes"), _memory(reading, "total_memory_bytes")
+            if free is not None:
+                memory_free.add_metric([device], free)
+            if total is not None:
+                memory_total.add_metric([device], total)
         yield from (healthy, draining, queued, in_flight, batches, memory_free, memory_total)
 
 
-def _cumulative(hist: Mapping[Any, Any]) -> tuple[list[tuple[str, float]], float]:
-    sizes = sorted((int(k), int(v)) for k, v in hist.items())
+def _memory(reading: Mapping[str, Any], key: str) -> float | None:
+    value = reading.get(key)
+    if value is None and key == "total_memory_bytes":
+        value = reading.get("memory_bytes")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _batch_sizes(value: Any) -> dict[int, int]:
+    """``{size: batches}`` from a mapping ``{"4": 31}`` or a list of recent sizes; junk is skipped."""
+    counts: dict[int, int] = {}
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = [(size, 1) for size in value]
+    else:
+        return counts
+    for size, count in items:
+        try:
+            s, c = int(float(size)), int(count)
+        except (TypeError, ValueError, OverflowError):
+            continue
+        if s > 0 and c > 0:
+            counts[s] = counts.get(s, 0) + c
+    return counts
+
+
+def _cumulative(counts: Mapping[int, int]) -> tuple[list[tuple[str, float]], float]:
+    sizes = sorted(counts.items())
     buckets: list[tuple[str, float]] = []
     for bound in BATCH_SIZE_BUCKETS:
         buckets.append((str(float(bound)), float(sum(c for s, c in sizes if s <= bound))))
@@ -131,57 +162,107 @@ def _cumulative(hist: Mapping[Any, Any]) -> tuple[list[tuple[str, float]], float
     return buckets, float(sum(s * c for s, c in sizes))
 
 
+class _Histogram:
+    """A histogram without locks: the gateway records from its one event loop thread."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # "le": a value on a bound counts in it
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, float(running)))
+        return out
+
+
+class _Series:
+    """What is recorded for one (model, tier, device)."""
+
+    __slots__ = ("duration", "queue", "statuses", "ttft")
+
+    def __init__(self) -> None:
+        self.statuses: dict[int, int] = {}
+        self.duration = _Histogram(LATENCY_BUCKETS_S)
+        self.ttft = _Histogram(LATENCY_BUCKETS_S)
+        self.queue = _Histogram(QUEUE_BUCKETS_S)
+
+
+class _RequestCollector(Collector):
+    """Exports what ``GatewayMetrics`` recorded, as Prometheus families, at scrape time."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        labels = ["model", "tier", "device"]
+        requests = CounterMetricFamily(
+            "xpuflow_requests", "Requests answered, by HTTP status", labels=[*labels, "status"]
+        )
+        families = {
+            "duration": HistogramMetricFamily(
+                "xpuflow_request_duration_seconds",
+                "Time from request received to last byte sent",
+                labels=labels,
+            ),
+            "ttft": HistogramMetricFamily(
+                "xpuflow_time_to_first_token_seconds",
+                "Time from request received to the first streamed token",
+                labels=labels,
+            ),
+            "queue": HistogramMetricFamily(
+                "xpuflow_queue_time_seconds", "Time a request waited in a worker queue", labels=labels
+            ),
+        }
+        for key, series in list(m._series.items()):
+            for status, count in sorted(series.statuses.items()):
+                requests.add_metric([*key, str(status)], float(count))
+            for name, family in families.items():
+                hist: _Histogram = getattr(series, name)
+                if any(hist.counts):
+                    family.add_metric(list(key), hist.buckets(), sum_value=hist.total)
+        tokens = CounterMetricFamily("xpuflow_tokens", "Tokens processed", labels=["model", "kind"])
+        for (model, kind), count in sorted(m._tokens.items()):
+            tokens.add_metric([model, kind], float(count))
+        decisions = CounterMetricFamily(
+            "xpuflow_route_decisions",
+            "Routing decisions, by tier and rule",
+            labels=["model", "tier", "reason"],
+        )
+        for key, count in sorted(m._decisions.items()):
+            decisions.add_metric(list(key), float(count))
+        in_flight = GaugeMetricFamily("xpuflow_requests_in_flight", "Requests being answered now")
+        in_flight.add_metric([], float(m.in_flight))
+        yield from (requests, *families.values(), tokens, decisions, in_flight)
+
+
 class GatewayMetrics:
-    """The gateway's metrics. ``status`` (usually ``engine.status``) feeds the scrape-time gauges."""
+    """The gateway's metrics. ``status`` (usually ``engine.status``) feeds the scrape-time gauges.
+
+    Recording is plain dict and list arithmetic, without locks: call it from the event loop thread
+    that serves the requests (``render()`` too, as the ``/metrics`` handler does)."""
 
     def __init__(self, status: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        r = self.registry
-        self.requests = Counter(
-            "xpuflow_requests",
-            "Requests answered, by HTTP status",
-            ["model", "tier", "device", "status"],
-            registry=r,
-        )
-        self.duration = Histogram(
-            "xpuflow_request_duration_seconds",
-            "Time from request received to last byte sent",
-            ["model", "tier", "device"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "xpuflow_time_to_first_token_seconds",
-            "Time from request received to the first streamed token",
-            ["model", "tier", "device"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
-        )
-        self.queue = Histogram(
-            "xpuflow_queue_time_seconds",
-            "Time a request waited in a worker queue",
-            ["model", "tier", "device"],
-            buckets=QUEUE_BUCKETS_S,
-            registry=r,
-        )
-        self.tokens = Counter("xpuflow_tokens", "Tokens processed", ["model", "kind"], registry=r)
-        self.route_decisions = Counter(
-            "xpuflow_route_decisions",
-            "Routing decisions, by tier and rule",
-            ["model", "tier", "reason"],
-            registry=r,
-        )
-        self.in_flight = Gauge("xpuflow_requests_in_flight", "Requests being answered now", registry=r)
+        self.registry.register(_RequestCollector(self))
         if status is not None:
-            r.register(_EngineCollector(status))
-        self._children: dict[tuple[Any, ...], Any] = {}
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+            self.registry.register(_EngineCollector(status))
+        self.in_flight = 0
+        self._series: dict[tuple[str, str, str], _Series] = {}
+        self._tokens: dict[tuple[str, str], int] = {}
+        self._decisions: dict[tuple[str, str, str], int] = {}
 
     def observe_request(
         self,
@@ -197,19 +278,25 @@ class GatewayMetrics:
         completion_tokens: int = 0,
     ) -> None:
         """One answered request (any status). Tier and device are "" when routing never happened."""
-        self._child(self.requests, model, tier, device, str(status)).inc()
-        self._child(self.duration, model, tier, device).observe(duration_s)
+        key = (model, tier, device)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series()
+        series.statuses[status] = series.statuses.get(status, 0) + 1
+        series.duration.observe(duration_s)
         if queue_s is not None:
-            self._child(self.queue, model, tier, device).observe(queue_s)
+            series.queue.observe(queue_s)
         if ttft_s is not None:
-            self._child(self.ttft, model, tier, device).observe(ttft_s)
+            series.ttft.observe(ttft_s)
+        tokens = self._tokens
         if prompt_tokens:
-            self._child(self.tokens, model, "prompt").inc(prompt_tokens)
+            tokens[model, "prompt"] = tokens.get((model, "prompt"), 0) + prompt_tokens
         if completion_tokens:
-            self._child(self.tokens, model, "completion").inc(completion_tokens)
+            tokens[model, "completion"] = tokens.get((model, "completion"), 0) + completion_tokens
 
     def observe_decision(self, model: str, decision: RoutingDecision) -> None:
-        self._child(self.route_decisions, model, decision.tier or "", reason_label(decision)).inc()
+        key = (model, decision.tier or "", reason_label(decision))
+        self._decisions[key] = self._decisions.get(key, 0) + 1
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

@@ -35,14 +35,17 @@ class RemoteEngine:
     """``Engine`` over remote sessions, one per logical model. Use it from one event loop and close it
     (``aclose()`` or ``lifespan``) to release its connections."""
 
-    def __init__(self, sessions: Mapping[str, RemoteOpenAISession], tasks: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, sessions: Mapping[str, RemoteOpenAISession], tasks: Mapping[str, str] | None = None
+    ) -> None:
         if not sessions:
             raise ConfigError("a remote engine needs at least one model", field="models")
         self._sessions = dict(sessions)
         tasks = dict(tasks or {})
         created = int(time.time())
         self._models = {
-            name: ModelInfo(name, tasks.get(name, "chat"), (_TIER,), created_s=created) for name in self._sessions
+            name: ModelInfo(name, tasks.get(name, "chat"), (_TIER,), created_s=created)
+            for name in self._sessions
         }
         self._decisions = {}
         for name, session in self._sessions.items():
@@ -96,7 +99,9 @@ class RemoteEngine:
         else:
             completion = await session.generate(call.payload, call.params)
         total_ms = (time.perf_counter() - start) * 1e3
-        return InferenceResult(decision, completion, prompt_tokens=completion.prompt_tokens, total_ms=total_ms)
+        return InferenceResult(
+            decision, completion, prompt_tokens=completion.prompt_tokens, total_ms=total_ms
+        )
 
     async def stream(self, call: InferenceCall) -> AsyncIterator[StreamEvent]:
         session = self._session(call)

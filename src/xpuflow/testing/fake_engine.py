@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xpuflow.backends.base import Completion
-from xpuflow.errors import ConfigError, RoutingError, XpuflowError
+from xpuflow.errors import ConfigError, ModelNotFound, RoutingError, XpuflowError
 from xpuflow.scheduling.request import RequestKind
 from xpuflow.serving.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
 from xpuflow.testing.fake_backend import FakeSession
@@ -42,7 +42,7 @@ class FakeWorker:
     tier: str
     device: str
     session: FakeSession
-    memory_bytes: int = 8 * _GIB
+    total_memory_bytes: int = 8 * _GIB
     free_memory_bytes: int = 6 * _GIB
     healthy: bool = True
     draining: bool = False
@@ -73,20 +73,22 @@ class FakeWorker:
 
         return {
             "worker_id": self.worker_id,
+            "deployment": f"{self.model}-{self.tier}",
             "model": self.model,
             "tier": self.tier,
             "device": self.device,
             "healthy": self.healthy,
             "draining": self.draining,
+            "health": "draining" if self.draining else "healthy" if self.healthy else "unhealthy",
             "queue_depth": 0,
             "in_flight": self.in_flight,
             "ema_latency_ms": self.ema_latency_ms,
             "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)},
             "tokens_total": self.tokens_total,
             "tokens_per_s": self.tokens_total / max(1e-9, time.monotonic() - started_s),
-            "memory_bytes": self.memory_bytes,
+            "total_memory_bytes": self.total_memory_bytes,
             "free_memory_bytes": self.free_memory_bytes,
-            "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "completed": self.completed,
             "failed": self.failed,
         }
@@ -137,7 +139,9 @@ class FakeEngine:
                 ),
             )
         }
-        self.requests: Counter[str] = Counter()
+        self.requests_total = 0
+        self.errors_total = 0
+        self._latencies_ms: deque[float] = deque(maxlen=512)
 
     # -- test controls ------------------------------------------------------------------------------
 
@@ -155,15 +159,14 @@ class FakeEngine:
 
     def _route(self, call: InferenceCall) -> tuple[FakeWorker, RoutingDecision]:
         self.calls.append(call)
-        self.requests["total"] += 1
+        self.requests_total += 1
         if self._failures:
-            self.requests["failed"] += 1
+            self.errors_total += 1
             raise self._failures.popleft()
         info = self._models.get(call.model)
         if info is None:
-            raise ConfigError(
-                f"unknown model '{call.model}'; available: {', '.join(self._models)}", field="model"
-            )
+            self.errors_total += 1
+            raise ModelNotFound(call.model, list(self._models))
         tiers = info.tiers
         if call.tier_override is not None:
             if call.tier_override not in tiers:
@@ -199,11 +202,11 @@ class FakeEngine:
                         **decision.to_dict(),
                         "model": call.model,
                         "request_id": call.request_id,
-                        "at_s": time.time(),
+                        "ts": time.time(),
                     }
                 )
                 return worker, decision
-        self.requests["failed"] += 1
+        self.errors_total += 1
         raise RoutingError(
             f"no worker can take model '{call.model}'",
             reasons=[f"{a.candidate}: {a.reason}" for a in rejected],
@@ -238,13 +241,13 @@ class FakeEngine:
                 tokens = completion.completion_tokens
         except XpuflowError:
             worker.record(0.0, 0, ok=False)
-            self.requests["failed"] += 1
+            self.errors_total += 1
             raise
         finally:
             worker.in_flight -= 1
         total_ms = (time.perf_counter() - start) * 1000.0
         worker.record(total_ms, tokens, ok=True)
-        self.requests["ok"] += 1
+        self._latencies_ms.append(total_ms)
         return InferenceResult(
             result.decision,
             result.completion,
@@ -269,27 +272,38 @@ class FakeEngine:
                 if call.cancelled.is_set():
                     return
                 if self.stream_error_after is not None and sent >= self.stream_error_after:
-                    yield StreamEvent(error=f"worker {worker.worker_id} failed after {sent} chunks")
                     worker.record(0.0, 0, ok=False)
+                    self.errors_total += 1
+                    yield StreamEvent(error=f"worker {worker.worker_id} failed after {sent} chunks")
                     return
                 if self.chunk_interval_s:
                     await asyncio.sleep(self.chunk_interval_s)
                 sent += 1 if chunk.text else 0
                 yield StreamEvent(chunk=chunk)
-            worker.record((time.perf_counter() - start) * 1000.0, sent, ok=True)
-            self.requests["ok"] += 1
+            total_ms = (time.perf_counter() - start) * 1000.0
+            worker.record(total_ms, sent, ok=True)
+            self._latencies_ms.append(total_ms)
         finally:
             worker.in_flight -= 1
 
     def status(self) -> Mapping[str, Any]:
+        """The documented status keys (docs/dashboard.md), plus ``ready``, ``models`` and ``devices``."""
         devices: dict[str, dict[str, Any]] = {}
         for w in self.workers.values():
-            devices[w.device] = {
-                "id": w.device,
-                "type": "gpu" if w.device.startswith("cuda") else "cpu",
-                "memory_bytes": w.memory_bytes,
-                "free_memory_bytes": w.free_memory_bytes,
-            }
+            devices.setdefault(
+                w.device,
+                {
+                    "id": w.device,
+                    "type": "gpu" if w.device.startswith("cuda") else "cpu",
+                    "total_memory_bytes": w.total_memory_bytes,
+                    "free_memory_bytes": w.free_memory_bytes,
+                },
+            )
+        ordered = sorted(self._latencies_ms)
+        latency = {
+            name: ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+            for name, q in (("p50", 0.5), ("p99", 0.99))
+        }
         return {
             "ready": self.ready,
             "models": [
@@ -298,7 +312,8 @@ class FakeEngine:
             "workers": [w.to_dict(self._started_s) for w in self.workers.values()],
             "devices": list(devices.values()),
             "decisions": list(self.decisions),
-            "requests": dict(self.requests),
+            "counters": {"requests_total": self.requests_total, "errors_total": self.errors_total},
+            "latency_ms": latency,
         }
 
     # -- AdminControl -------------------------------------------------------------------------------

@@ -1,0 +1,471 @@
+"""The orchestrator: config -> inventory -> placement -> builds -> workers -> routers, behind the
+gateway's ``Engine`` contract.
+
+    orchestrator = Orchestrator(load_config("xpuflow.yaml"))
+    await orchestrator.start()                   # places, builds (cached), loads, starts workers
+    result = await orchestrator.complete(call)   # tier rule chain -> worker scorer -> retries/failover
+    await orchestrator.stop()
+
+Placement: a deployment with ``device: auto`` goes where the workload advisor puts a model of its size
+among the devices its backend can use; an explicit device must be one of those, or start-up fails
+naming the devices that would work. Every logical model gets an ``AdaptiveRouter`` (tier choice, with
+one VRAM monitor shared by all) and the shared ``Dispatcher`` (worker choice, retries, failover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xpuflow.backends.base import Completion
+from xpuflow.backends.registry import get_backend
+from xpuflow.build.builder import BuildProgress, build_all
+from xpuflow.build.store import ArtifactStore
+from xpuflow.clock import Clock, SystemClock
+from xpuflow.config import DeploymentConfig, LogicalModelConfig, TierRef, XpuflowConfig
+from xpuflow.discovery.inventory import Inventory
+from xpuflow.errors import CapabilityError, ConfigError, ModelNotFound, XpuflowError
+from xpuflow.model_files import estimate_params, model_format
+from xpuflow.routing.adaptive import AdaptiveRouter, RoutingConfig, TierConfig
+from xpuflow.routing.dispatch import Dispatcher, RetryPolicy, StreamInterrupted
+from xpuflow.scheduling.request import RequestKind, WorkRequest
+from xpuflow.scheduling.worker import Worker
+from xpuflow.serving.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
+from xpuflow.telemetry.vram import VRAMMonitor
+from xpuflow.types import Resource, ResourceType, RoutingDecision
+
+__all__ = ["Orchestrator", "Placement"]
+
+log = logging.getLogger(__name__)
+
+_GENERATIVE = (RequestKind.CHAT, RequestKind.COMPLETION)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a deployment runs and why."""
+
+    deployment: str
+    backend: str
+    resources: tuple[Resource, ...]
+    reason: str
+
+
+@dataclass
+class _LogicalModel:
+    config: LogicalModelConfig
+    task: str
+    router: AdaptiveRouter | None  # None for a single tier: nothing to choose, no scoring cost
+    dispatcher: Dispatcher
+    tiers: list[tuple[str, list[Worker]]] = field(default_factory=list)
+    created_s: int = 0
+
+
+class Orchestrator:
+    """Runs a config: implements the gateway's ``Engine`` and ``AdminControl`` contracts."""
+
+    def __init__(
+        self,
+        config: XpuflowConfig,
+        *,
+        inventory: Inventory | None = None,
+        store: ArtifactStore | None = None,
+        progress: BuildProgress | None = None,
+        config_path: Path | None = None,
+        clock: Clock | None = None,
+        monitor: VRAMMonitor | None = None,
+    ) -> None:
+        self.config = config
+        self._config_path = config_path
+        self._base_dir = config_path.parent if config_path else Path.cwd()
+        self._inventory = inventory
+        self._store = store
+        self._progress = progress
+        self._clock = clock or SystemClock()
+        self._monitor = monitor
+        self._owns_monitor = monitor is None
+        self.placements: dict[str, Placement] = {}
+        self.workers: dict[str, Worker] = {}
+        self._models: dict[str, _LogicalModel] = {}
+        self._ready = False
+        self._decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
+        self._latencies_ms: collections.deque[float] = collections.deque(maxlen=512)
+        self._counters = {"requests_total": 0, "errors_total": 0, "completion_tokens_total": 0}
+        self._started_s = time.time()
+
+    # -- start-up -----------------------------------------------------------------------------------
+
+    @property
+    def inventory(self) -> Inventory:
+        if self._inventory is None:
+            self._inventory = Inventory.detect(declared=self.config.declared_resources())
+        return self._inventory
+
+    def place(self, dep: DeploymentConfig) -> Placement:
+        """Choose the resources of one deployment (pure given the inventory). Raises CapabilityError
+        naming the devices that would work."""
+        plugin = get_backend(dep.backend)
+        availability = plugin.availability()
+        if not availability.available:
+            raise CapabilityError(
+                f"deployment '{dep.name}': backend '{dep.backend}' is not usable here: {availability.reason}"
+            )
+        usable = plugin.probe(list(self.inventory.resources))
+        if dep.backend == "remote_openai" and not usable:
+            usable = [Resource(f"remote:{dep.name}", ResourceType.REMOTE, dep.name, source="config")]
+        if not usable:
+            raise CapabilityError(
+                f"deployment '{dep.name}': backend '{dep.backend}' can use none of the devices found "
+                f"({', '.join(r.id for r in self.inventory.resources)})"
+            )
+        if dep.device != "auto":
+            chosen = next((r for r in usable if r.id == dep.device), None)
+            if chosen is None:
+                raise CapabilityError(
+                    f"deployment '{dep.name}': device '{dep.device}' is not usable by backend "
+                    f"'{dep.backend}'; usable: {', '.join(r.id for r in usable)}, or device: auto"
+                )
+            return Placement(dep.name, dep.backend, (chosen,), f"{dep.device} as configured")
+        if len(usable) == 1 or dep.model is None:
+            return Placement(dep.name, dep.backend, (usable[0],), f"{usable[0].id}: the only choice")
+        from xpuflow.policy.advisor import advise_workload
+
+        path = self._model_path(dep)
+        decision = advise_workload(
+            Inventory.of(usable),
+            estimate_params(path, model_format(path)),
+            batch_size=dep.max_batch_size,
+            precision=dep.precision,
+        )
+        chosen = next(r for r in usable if r.id == decision.device)
+        return Placement(dep.name, dep.backend, (chosen,), decision.reason)
+
+    def _model_path(self, dep: DeploymentConfig) -> Path:
+        assert dep.model is not None
+        path = Path(dep.model).expanduser()
+        return path if path.is_absolute() else self._base_dir / path
+
+    async def start(self) -> None:
+        """Place, build, load and start every deployment, then wire the logical models."""
+        self._monitor = self._monitor or VRAMMonitor.auto(clock=self._clock)
+        if self._owns_monitor:
+            self._monitor.start()
+        store = self._store or ArtifactStore(
+            (self._base_dir / self.config.artifact_dir) if self.config.artifact_dir else None
+        )
+        try:
+            for dep in self.config.deployments:
+                await self._start_deployment(dep, store)
+            for model in self._logical_models():
+                self._models[model.name] = self._wire(model)
+        except BaseException:
+            await self.stop()
+            raise
+        self._ready = True
+
+    async def _start_deployment(self, dep: DeploymentConfig, store: ArtifactStore) -> None:
+        placement = self.place(dep)
+        self.placements[dep.name] = placement
+        plugin = get_backend(dep.backend)
+        model_config = dep.to_model_config(self._base_dir)
+        artifacts = await asyncio.to_thread(
+            build_all, plugin, list(placement.resources), model_config, store, progress=self._progress
+        )
+        device = placement.resources[0].id
+        for index in range(dep.replicas):
+            session = await plugin.create_session(list(placement.resources), model_config, artifacts)
+            worker = Worker(
+                session,
+                worker_id=f"{dep.name}/{index}",
+                deployment=dep.name,
+                device=device,
+                max_batch_size=dep.max_batch_size,
+                queue_policy=dep.batching.queue_policy,
+                queue_capacity=dep.batching.queue_capacity,
+                aging_s=dep.batching.aging_s,
+                batch_policy=dep.batching.policy,
+                max_wait_s=dep.batching.max_wait_ms / 1000.0,
+                clock=self._clock,
+                device_state=self._device_state(device),
+                close_session=True,
+            )
+            await worker.start()
+            self.workers[worker.worker_id] = worker
+            log.info("worker %s started on %s (%s)", worker.worker_id, device, placement.reason)
+
+    def _device_state(self, device: str) -> Any:
+        monitor = self._monitor
+
+        def read() -> Mapping[str, Any]:
+            reading = monitor.snapshot().get(device) if monitor is not None else None
+            if reading is None:
+                return {}
+            return {"free_memory_bytes": reading.free_bytes, "utilization_pct": reading.utilization_pct}
+
+        return read
+
+    def _logical_models(self) -> list[LogicalModelConfig]:
+        if self.config.models:
+            return list(self.config.models)
+        return [
+            LogicalModelConfig(name=d.name, tiers=[TierRef(name="default", deployments=[d.name])])
+            for d in self.config.deployments
+        ]
+
+    def _wire(self, model: LogicalModelConfig) -> _LogicalModel:
+        deployments = {d.name: d for d in self.config.deployments}
+        tiers: list[tuple[str, list[Worker]]] = []
+        tier_configs = []
+        for index, tier in enumerate(model.tiers):
+            workers = [w for w in self.workers.values() if w.deployment in tier.deployments]
+            gpus = [w.device for w in workers if w.device.startswith(("cuda", "rocm"))]
+            tiers.append((tier.name, workers))
+            last = index == len(model.tiers) - 1
+            tier_configs.append(
+                TierConfig(
+                    name=tier.name,
+                    device=gpus[0] if gpus else None,
+                    min_score=tier.min_score if index > 0 and not last else None,
+                    vram_headroom_gb=tier.vram_headroom_gb,
+                    latency_sla_ms=tier.latency_sla_ms,
+                )
+            )
+        try:
+            routing = RoutingConfig(**{**model.routing, "tiers": tier_configs})
+        except Exception as exc:
+            raise ConfigError(
+                f"model '{model.name}' routing: {exc}", field=f"models.{model.name}.routing"
+            ) from exc
+        first = deployments[model.tiers[0].deployments[0]]
+        task = "embedding" if first.task == "embedding" else "chat"
+        router = (
+            AdaptiveRouter(routing, monitor=self._monitor, clock=self._clock) if len(tiers) > 1 else None
+        )
+        timeout_s = max(deployments[d].timeout_s for t in model.tiers for d in t.deployments)
+        dispatcher = Dispatcher(
+            policy=RetryPolicy(
+                max_retries=model.max_retries, attempt_timeout_s=timeout_s, stream_idle_timeout_s=timeout_s
+            ),
+            clock=self._clock,
+        )
+        return _LogicalModel(model, task, router, dispatcher, tiers, int(self._started_s))
+
+    async def stop(self) -> None:
+        """Stop every worker (draining queued work) and the routers."""
+        self._ready = False
+        workers, self.workers = list(self.workers.values()), {}
+        await asyncio.gather(*(w.stop(drain=True) for w in workers), return_exceptions=True)
+        for model in self._models.values():
+            if model.router is not None:
+                model.router.shutdown()
+        self._models.clear()
+        if self._monitor is not None and self._owns_monitor:
+            self._monitor.stop()
+
+    async def __aenter__(self) -> Orchestrator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- Engine -------------------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(name, m.task, tuple(t for t, _ in m.tiers), m.created_s)
+            for name, m in self._models.items()
+        ]
+
+    def _model(self, call: InferenceCall) -> _LogicalModel:
+        model = self._models.get(call.model)
+        if model is None:
+            raise ModelNotFound(call.model, list(self._models))
+        if model.task == "embedding" and call.kind in _GENERATIVE:
+            raise ConfigError(
+                f"model '{call.model}' serves embeddings; use /v1/embeddings or a chat model", field="model"
+            )
+        if model.task != "embedding" and call.kind is RequestKind.EMBEDDING:
+            raise ConfigError(
+                f"model '{call.model}' generates text; use an embedding model for /v1/embeddings",
+                field="model",
+            )
+        return model
+
+    def _route(self, model: _LogicalModel, call: InferenceCall) -> tuple[RoutingDecision, list[Any]]:
+        if model.router is None:
+            only = model.tiers[0][0]
+            if call.tier_override not in (None, only):
+                raise ConfigError(
+                    f"model '{call.model}' has no tier '{call.tier_override}'; tiers: {only}",
+                    field="x-xpuflow-tier",
+                )
+            return RoutingDecision(None, "the model has one tier", 1.0, tier=only), model.tiers
+        decision = model.router.route_decision(call.payload, override=call.tier_override)
+        chosen = decision.tier or model.tiers[0][0]
+        ordered = [t for t in model.tiers if t[0] == chosen] + [t for t in model.tiers if t[0] != chosen]
+        return decision, ordered
+
+    def _request(self, call: InferenceCall, stream: bool) -> WorkRequest:
+        deadline = self._clock.monotonic() + call.timeout_s if call.timeout_s else None
+        return WorkRequest(
+            call.kind,
+            call.payload,
+            call.params,
+            priority=call.priority,
+            stream=stream,
+            deadline_s=deadline,
+            request_id=call.request_id,
+            cancelled=call.cancelled,
+        )
+
+    def _record(self, model: str, decision: RoutingDecision, latency_ms: float | None, ok: bool) -> None:
+        self._counters["requests_total"] += 1
+        if not ok:
+            self._counters["errors_total"] += 1
+        if latency_ms is not None:
+            self._latencies_ms.append(latency_ms)
+        self._decisions.append(
+            {
+                "ts": time.time(),
+                "model": model,
+                "tier": decision.tier,
+                "worker": decision.worker,
+                "device": decision.device,
+                "reason": decision.reason,
+                "latency_ms": latency_ms,
+                "ok": ok,
+            }
+        )
+
+    async def complete(self, call: InferenceCall) -> InferenceResult:
+        model = self._model(call)
+        tier_decision, tiers = self._route(model, call)
+        started = self._clock.monotonic()
+        try:
+            done = await model.dispatcher.dispatch(
+                tiers, self._request(call, stream=False), tier_decision=tier_decision
+            )
+        except XpuflowError:
+            self._record(call.model, tier_decision, None, ok=False)
+            raise
+        latency_ms = (self._clock.monotonic() - started) * 1000.0
+        if model.router is not None and done.decision.tier is not None:
+            model.router.observe(done.decision.tier, latency_ms)
+        self._record(call.model, done.decision, latency_ms, ok=True)
+        if isinstance(done.result, Completion):
+            self._counters["completion_tokens_total"] += done.result.completion_tokens
+            return InferenceResult(
+                done.decision,
+                completion=done.result,
+                prompt_tokens=done.result.prompt_tokens,
+                total_ms=latency_ms,
+            )
+        return InferenceResult(done.decision, embeddings=list(done.result), total_ms=latency_ms)
+
+    async def stream(self, call: InferenceCall) -> AsyncIterator[StreamEvent]:
+        model = self._model(call)
+        tier_decision, tiers = self._route(model, call)
+        started = self._clock.monotonic()
+        try:
+            opened = await model.dispatcher.open_stream(
+                tiers, self._request(call, stream=True), tier_decision=tier_decision
+            )
+        except XpuflowError:
+            self._record(call.model, tier_decision, None, ok=False)
+            raise
+        yield StreamEvent(decision=opened.decision)
+        ok = True
+        try:
+            async with opened:
+                async for chunk in opened:
+                    yield StreamEvent(chunk=chunk)
+        except StreamInterrupted as exc:
+            ok = False
+            yield StreamEvent(error=str(exc))
+        finally:
+            latency_ms = (self._clock.monotonic() - started) * 1000.0
+            if ok and model.router is not None and opened.decision.tier is not None:
+                model.router.observe(opened.decision.tier, latency_ms)
+            self._record(call.model, opened.decision, latency_ms, ok=ok)
+
+    def status(self) -> Mapping[str, Any]:
+        """Live state for the dashboard and the admin API (keys documented in docs/dashboard.md)."""
+        workers = []
+        vram = self._monitor.snapshot() if self._monitor is not None else None
+        for worker in self.workers.values():
+            snap = worker.snapshot().to_dict()
+            metrics = worker.metrics.to_dict()
+            reading = vram.get(worker.device) if vram is not None else None
+            workers.append(
+                {
+                    **snap,
+                    "backend": self.placements[worker.deployment].backend
+                    if worker.deployment in self.placements
+                    else "",
+                    "tokens_per_s": metrics.get("tokens_per_s"),
+                    "batch_sizes": metrics.get("batch_size_histogram", metrics.get("batch_sizes")),
+                    "total_memory_bytes": reading.total_bytes if reading is not None else None,
+                    "health": worker.health.state.value,
+                    "metrics": metrics,
+                }
+            )
+        latencies = sorted(self._latencies_ms)
+        pick = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]) if latencies else None
+        return {
+            "ready": self._ready,
+            "workers": workers,
+            "decisions": list(self._decisions)[::-1],
+            "counters": dict(self._counters),
+            "latency_ms": {"p50": pick(0.5), "p99": pick(0.99)} if pick else {"p50": None, "p99": None},
+            "models": [m.__dict__ for m in self.models()],
+            "placements": {
+                name: {"backend": p.backend, "devices": [r.id for r in p.resources], "reason": p.reason}
+                for name, p in self.placements.items()
+            },
+        }
+
+    # -- AdminControl -------------------------------------------------------------------------------
+
+    def _worker(self, worker_id: str) -> Worker:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            raise ConfigError(
+                f"no worker '{worker_id}'; workers: {', '.join(self.workers) or 'none'}", field="worker_id"
+            )
+        return worker
+
+    async def drain(self, worker_id: str) -> None:
+        self._worker(worker_id).draining = True
+
+    async def undrain(self, worker_id: str) -> None:
+        self._worker(worker_id).draining = False
+
+    async def reload(self) -> Mapping[str, Any]:
+        """Re-read the config file and restart with it; the old workers drain first."""
+        if self._config_path is None:
+            raise ConfigError("this server was started without a config file; nothing to reload")
+        from xpuflow.config import load_config
+
+        new = load_config(self._config_path)
+        old_names = {d.name for d in self.config.deployments}
+        new_names = {d.name for d in new.deployments}
+        await self.stop()
+        self.config = new
+        self._inventory = None
+        self.placements.clear()
+        await self.start()
+        return {
+            "added": sorted(new_names - old_names),
+            "removed": sorted(old_names - new_names),
+            "kept": sorted(new_names & old_names),
+        }

@@ -1,0 +1,196 @@
+"""Prompt features for the complexity scorer: a few dozen hand-built cues plus a set of lexical tokens.
+
+``extract(prompt)`` turns one prompt into a ``Features`` value: ``values``, a tuple of floats in the order
+of ``FEATURE_NAMES`` (each feature belongs to one of ``DIMENSIONS``, see ``FEATURE_DIMENSION``), and
+``tokens``, the set of distinct lower-cased words (bytes) that the scorer looks up in its learned
+vocabulary. Everything here is a pure function of the text.
+
+Cost is the point of this module: the router scores every request, so extraction runs in a few
+microseconds for a 1 KB prompt. It works on the UTF-8 bytes and uses only C-level primitives
+(``bytes.translate``, ``bytes.split``, ``bytes.count``, set intersections): CPython's ``re`` takes ~20 us
+just to tokenise 1 KB. Long prompts are analysed on a bounded window, the first ``HEAD_CHARS`` and the
+last ``TAIL_CHARS`` characters (a question usually sits at the end of a long context, its framing at
+the start), so a 1 MB prompt costs the same as a 5 KB one; the length feature alone uses the full
+length, which is O(1).
+
+Any ``str`` is accepted: empty, binary junk, NUL bytes, lone surrogates (encoded with
+``errors="replace"``). ``bytes`` are decoded as UTF-8 with replacement first.
+
+Example::
+
+    f = extract("Prove step by step that the square root of 2 is irrational.")
+    dict(zip(FEATURE_NAMES, f.values))["reasoning_cues"]   # 2.0 ("prove", "step by step")
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "DIMENSIONS",
+    "FEATURE_DIMENSION",
+    "FEATURE_NAMES",
+    "HEAD_CHARS",
+    "TAIL_CHARS",
+    "Features",
+    "as_text",
+    "extract",
+]
+
+HEAD_CHARS: Final = 4096
+"""Characters analysed from the start of a long prompt."""
+TAIL_CHARS: Final = 1024
+"""Characters analysed from the end of a long prompt."""
+CHARS_PER_TOKEN: Final = 4.0
+"""The usual English estimate for BPE tokenisers; the length feature counts tokens this way."""
+
+DIMENSIONS: Final = ("length", "math", "code", "reasoning", "entities", "negation", "format", "subject")
+"""What ``ComplexityScorer.explain`` reports; ``subject`` holds the learned lexical (topic) cues."""
+
+# (feature name, dimension), in the order of Features.values
+_FEATURES: Final = (
+    ("log_tokens", "length"),
+    ("log_tokens_choice", "length"),
+    ("log_numbers", "math"),
+    ("log_numbers_choice", "math"),
+    ("decimals", "math"),
+    ("big_numbers", "math"),
+    ("fractions", "math"),
+    ("percent", "math"),
+    ("currency", "math"),
+    ("equations", "math"),
+    ("math_terms", "math"),
+    ("code_blocks", "code"),
+    ("code_symbols", "code"),
+    ("code_terms", "code"),
+    ("reasoning_cues", "reasoning"),
+    ("conditionals", "reasoning"),
+    ("questions", "reasoning"),
+    ("sentences", "reasoning"),
+    ("lines", "reasoning"),
+    ("capitalised_words", "entities"),
+    ("acronyms", "entities"),
+    ("negations", "negation"),
+    ("constraints", "negation"),
+    ("emphatic_negation", "negation"),
+    ("multiple_choice", "format"),
+)
+FEATURE_NAMES: Final = tuple(name for name, _ in _FEATURES)
+FEATURE_DIMENSION: Final = dict(_FEATURES)
+
+# bytes.translate tables. _WORDS: letters lower-cased, other ASCII -> space, non-ASCII bytes kept so that
+# words in other scripts stay tokens. _SHAPE: digits -> '0', capitals -> 'A', lower case -> 'a', rest kept.
+# _DIGITS: digits -> '0', everything else -> space, so that split() yields one item per number.
+_WORDS: Final = bytes(
+    c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or c >= 128 else 32 for c in range(256)
+)
+_SHAPE: Final = bytes(
+    48 if 48 <= c <= 57 else 65 if 65 <= c <= 90 else 97 if 97 <= c <= 122 else c for c in range(256)
+)
+_DIGITS: Final = bytes(48 if 48 <= c <= 57 else 32 for c in range(256))
+
+
+def _words(*items: str) -> frozenset[bytes]:
+    return frozenset(w.encode() for item in items for w in item.split())
+
+
+_MATH_TERMS: Final = _words(
+    "equation equations solve solution integral integrate derivative differentiate polynomial matrix",
+    "matrices vector eigenvalue probability expected variance theorem lemma prime primes sqrt root roots",
+    "logarithm log exponent factor factorial modulo mod divisible remainder ratio proportion percentage",
+    "sum product quotient calculate compute evaluate simplify function functions variable variables",
+    "algebra geometry calculus triangle circle radius area volume angle perimeter sequence series limit",
+    "inequality integer integers rational irrational real complex infinite finite convergent",
+)
+_CODE_TERMS: Final = _words(
+    "def return import class function const var let public private static void int float bool",
+    "printf println print elif lambda async await struct fn impl func namespace include template",
+    "typedef nullptr null none true false self this new delete malloc free array list dict tuple",
+    "python java javascript typescript rust golang sql select regex compile compiler runtime debug bug",
+    "exception stack recursion recursive algorithm complexity pointer pointers iterator loop",
+)
+_REASONING_TERMS: Final = _words(
+    "prove proof proofs derive derivation justify explain explanation reasoning reason why analyze",
+    "analyse analysis compare contrast evaluate critique demonstrate infer deduce conclude hypothesis",
+    "implies implication therefore hence consequently argument argue strategy optimal optimize plan",
+)
+_CONDITIONAL_TERMS: Final = _words("if then suppose assume assuming given unless whenever otherwise when")
+_NEGATION_TERMS: Final = _words(
+    "not no never none neither nor without except cannot nothing nobody isn aren wasn weren don doesn",
+    "didn won wouldn shouldn couldn can hasn haven hadn false incorrect",
+)
+_CONSTRAINT_TERMS: Final = _words(
+    "must exactly least most only require required requires limit maximum minimum within between",
+    "constraint constraints condition conditions ensure guarantee always each every all both",
+)
+_FRACTION_TERMS: Final = _words("half halves third thirds quarter quarters fifth fifths twice double triple")
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """One prompt's cues: ``values`` in the order of ``FEATURE_NAMES``; ``tokens`` for the vocabulary."""
+
+    values: tuple[float, ...]
+    tokens: frozenset[bytes]
+
+
+def as_text(prompt: str | bytes | bytearray | memoryview) -> str:
+    """The prompt as ``str``: bytes are decoded as UTF-8 with replacement, so no input is rejected.
+
+    Raises ``TypeError`` for anything that is neither text nor bytes (a caller bug, not bad input).
+    """
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, bytes | bytearray | memoryview):
+        return bytes(prompt).decode("utf-8", errors="replace")
+    raise TypeError(f"a prompt must be str or bytes, not {type(prompt).__name__}")
+
+
+def _window(text: str) -> bytes:
+    if len(text) > HEAD_CHARS + TAIL_CHARS:
+        text = text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
+    # "replace" turns lone surrogates (which str allows and UTF-8 does not) into '?'
+    return text.encode("utf-8", errors="replace")
+
+
+def extract(prompt: str) -> Features:
+    """The features of ``prompt`` (see the module docstring); never raises for any ``str``."""
+    raw = _window(prompt)
+    words = raw.translate(_WORDS)
+    word_set = frozenset(words.split())
+    shape = raw.translate(_SHAPE)
+    log1p = math.log1p
+
+    choice = 1.0 if (b"\nA. " in raw or b"\nA) " in raw or b"(A)" in raw) and b"B" in raw else 0.0
+    log_tokens = log1p(len(prompt) / CHARS_PER_TOKEN)
+    log_numbers = log1p(len(raw.translate(_DIGITS).split()))
+    values = (
+        log_tokens,
+        log_tokens * choice,
+        log_numbers,
+        log_numbers * choice,
+        log1p(shape.count(b"0.0")),
+        log1p(shape.count(b"0000") + shape.count(b"0,000")),
+        log1p(shape.count(b"0/0") + len(word_set & _FRACTION_TERMS)),
+        log1p(raw.count(b"%") + (b"percent" in word_set)),
+        log1p(raw.count(b"$")),
+        log1p(raw.count(b"=")),
+        log1p(len(word_set & _MATH_TERMS)),
+        log1p(raw.count(b"```")),
+        log1p(raw.count(b"{") + raw.count(b";")),
+        log1p(len(word_set & _CODE_TERMS)),
+        log1p(len(word_set & _REASONING_TERMS) + words.count(b"step by step")),
+        log1p(len(word_set & _CONDITIONAL_TERMS)),
+        log1p(raw.count(b"?")),
+        log1p(raw.count(b". ")),
+        log1p(raw.count(b"\n")),
+        log1p(shape.count(b" Aa")),
+        log1p(shape.count(b" AA")),
+        log1p(len(word_set & _NEGATION_TERMS)),
+        log1p(len(word_set & _CONSTRAINT_TERMS)),
+        log1p(raw.count(b"NOT ") + raw.count(b"EXCEPT")),
+        choice,
+    )
+    return Features(values, word_set)
