@@ -94,7 +94,7 @@ def test_fixed_rate_for_a_duration_stops_by_itself(
     assert summary["ok"] == summary["requests"]
     assert summary["ttft_ms"] is None
     assert summary["itl_ms"] is None
-    assert all(r["start_s"] < 0.75 + 0.1 and r["scheduled_s"] < 0.75 for r in requests)
+    assert all(r["start_s"] < 0.75 + 0.5 and r["scheduled_s"] < 0.75 for r in requests)
     assert summary["wall_s"] < 5
     assert summary["send_lateness_ms"] is not None
 

@@ -102,7 +102,7 @@ async def _serve(config: Any, config_path: Path | None, host: str, port: int) ->
         app = create_app(orchestrator, settings, routes=routes)
         server = uvicorn.Server(
             uvicorn.Config(
-                app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=10
+                app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3
             )
         )
         shown_host = f"[{host}]" if ":" in host else host
