@@ -1,27 +1,37 @@
-"""What a gateway adds on top of a model server: xpuflow against the LiteLLM proxy, one mock upstream.
+"""What a gateway adds on top of a model server: xpuflow next to the LiteLLM proxy, one mock upstream.
 
-One mock OpenAI server (``mock_upstream.py``: raw asyncio, answers every request at once) serves all
-three paths, each measured by a client in its own process (aiohttp, keep-alive):
+One mock OpenAI server (``mock_upstream.py``: raw asyncio, answers every request at once) serves three
+paths, in one run:
 
 - direct: client -> upstream;
-- xpuflow: client -> xpuflow gateway (its own process: uvicorn with uvloop and httptools, one worker;
-  the engine is ``RemoteEngine``, which forwards through the ``remote_openai`` backend) -> upstream;
-- LiteLLM: client -> ``litellm --config`` proxy (its own process, one worker; installed by this script
-  into its own virtual environment under the cache folder; one model, one upstream, retries off,
-  logging at error level) -> upstream.
+- xpuflow: client -> xpuflow gateway (its own process: uvicorn with uvloop and httptools, one worker,
+  access log off; the engine is ``RemoteEngine``, which forwards through the ``remote_openai`` backend)
+  -> upstream;
+- LiteLLM: client -> ``litellm --config ... --num_workers 1`` (its own process; installed by this
+  script into its own virtual environment under the cache folder on first use; one model, one upstream,
+  retries off, logging at error level) -> upstream.
 
-Latency: concurrency 1, ``--requests`` sequential requests after ``--warmup`` unmeasured ones; the
-added p50/p99 is the gateway's percentile minus the direct one. Throughput: concurrency 32 for
-``--duration`` seconds after a 2 s warm-up. The gateways run one at a time (the other is stopped), and
-the gateway's idle RSS is read (psutil, its process tree) once it answers ``/health``, before any load.
+Both gateways check the same bearer key (LiteLLM refuses to start without a master key).
 
-    python benchmarks/gateway_overhead.py [--requests 500] [--duration 10] [--skip-litellm]
+Latency, concurrency 1: one client process sends ``--warmup`` unmeasured requests per path, then
+``--requests`` per path in blocks of ``--block`` consecutive requests, the paths taking turns block by
+block in a rotating order (each path on its own keep-alive connection). Blocks keep each path's
+processes as warm as a run of its own would, while background load on a shared machine falls on all
+three alike. The added p50 and p99 are a gateway's percentile minus the direct one.
+
+Throughput, concurrency 32: one client process per run, ``--duration`` seconds after a 2 s warm-up,
+``--rounds`` rounds in turn over the paths; the RPS is the mean over rounds. The CPU time the gateway
+process spent per request in those runs is recorded too (a figure that background load barely moves).
+
+Idle RSS: the gateway's process tree (psutil) once it answers its health check, before any request.
+
+    python benchmarks/gateway_overhead.py [--requests 500] [--duration 10] [--rounds 2] [--skip-litellm]
 
 Writes benchmarks/results/gateway_overhead.json: ``direct_p50_ms``, ``xpuflow_added_p50_ms``,
 ``xpuflow_added_p99_ms``, ``litellm_added_p50_ms``, ``litellm_added_p99_ms``, ``xpuflow_rps``,
-``litellm_rps``, ``xpuflow_idle_rss_mb``, plus ``samples`` (raw latencies in ms) and ``method``. Goals:
-xpuflow adds <= 1 ms at p50 and <= 1/15 of LiteLLM's, serves >= 10x LiteLLM's requests per second, and
-idles in <= 150 MB.
+``litellm_rps``, ``xpuflow_idle_rss_mb``, then ``samples`` (raw latencies in ms per path) and ``method``.
+Goals: xpuflow adds <= 1 ms at p50 and <= 1/15 of LiteLLM's, serves >= 10x LiteLLM's requests per second
+and idles in <= 150 MB.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import platform
 import secrets
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,30 +59,64 @@ BODY = json.dumps(
     {"model": "chat", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
 ).encode()
 LITELLM_SPEC = "litellm[proxy]"
+LITELLM_CONFIG = """\
+model_list:
+  - model_name: chat
+    litellm_params:
+      model: openai/mock
+      api_base: {upstream}/v1
+      api_key: sk-mock
+      max_retries: 0
+general_settings:
+  master_key: {master_key}
+litellm_settings:
+  num_retries: 0
+  request_timeout: 30
+  set_verbose: false
+  telemetry: false
+router_settings:
+  num_retries: 0
+"""
 
 
-# -- client (runs in its own process) ---------------------------------------------------------------
+# -- clients (each runs in its own process) ----------------------------------------------------------
 
 
 def _headers(api_key: str) -> dict[str, str]:
     return {"content-type": "application/json", "authorization": f"Bearer {api_key}"}
 
 
-async def _client_latency(url: str, api_key: str, requests: int, warmup: int) -> dict[str, Any]:
+async def _client_latency(
+    urls: dict[str, str], api_key: str, requests: int, warmup: int, block: int
+) -> dict[str, Any]:
     import aiohttp
 
-    samples, errors = [], 0
     headers = _headers(api_key)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
-        for i in range(warmup + requests):
-            start = time.perf_counter()
-            async with http.post(url, data=BODY, headers=headers) as response:
-                await response.read()
-                ok = response.status == 200
-            elapsed_ms = (time.perf_counter() - start) * 1000.0
-            if i >= warmup:
-                samples.append(elapsed_ms)
-                errors += 0 if ok else 1
+    names = list(urls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    errors = dict.fromkeys(names, 0)
+    sessions = {name: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for name in names}
+
+    async def one(name: str) -> tuple[float, bool]:
+        start = time.perf_counter()
+        async with sessions[name].post(urls[name], data=BODY, headers=headers) as response:
+            await response.read()
+            return (time.perf_counter() - start) * 1000.0, response.status == 200
+
+    try:
+        for name in names:
+            for _ in range(warmup):
+                await one(name)
+        for i in range(math.ceil(requests / block)):
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:  # rotate, so no path always goes first
+                for _ in range(min(block, requests - len(samples[name]))):
+                    elapsed_ms, ok = await one(name)
+                    samples[name].append(elapsed_ms)
+                    errors[name] += 0 if ok else 1
+    finally:
+        for session in sessions.values():
+            await session.close()
     return {"samples_ms": samples, "errors": errors}
 
 
@@ -81,7 +126,7 @@ async def _client_rps(
     import aiohttp
 
     headers = _headers(api_key)
-    counts = {"ok": 0, "errors": 0}
+    counts = {"ok": 0, "errors": 0, "warmup": 0}
     measuring = False
 
     async def worker(http: Any, deadline: float) -> None:
@@ -92,8 +137,7 @@ async def _client_rps(
                     ok = response.status == 200
             except aiohttp.ClientError:
                 ok = False
-            if measuring:
-                counts["ok" if ok else "errors"] += 1
+            counts["warmup" if not measuring else "ok" if ok else "errors"] += 1
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
@@ -103,12 +147,7 @@ async def _client_rps(
         start = time.perf_counter()
         await asyncio.gather(*(worker(http, start + duration_s) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return {
-        "ok": counts["ok"],
-        "errors": counts["errors"],
-        "elapsed_s": elapsed,
-        "rps": counts["ok"] / elapsed,
-    }
+    return {**counts, "elapsed_s": elapsed, "rps": counts["ok"] / elapsed}
 
 
 def _client_main(args: argparse.Namespace) -> None:
@@ -117,9 +156,10 @@ def _client_main(args: argparse.Namespace) -> None:
     except ImportError:
         run = asyncio.run
     if args.client == "latency":
-        result = run(_client_latency(args.url, args.api_key, args.requests, args.warmup))
+        urls = dict(item.split("=", 1) for item in args.url)
+        result = run(_client_latency(urls, args.api_key, args.requests, args.warmup, args.block))
     else:
-        result = run(_client_rps(args.url, args.api_key, args.concurrency, args.duration, 2.0))
+        result = run(_client_rps(args.url[0], args.api_key, args.concurrency, args.duration, 2.0))
     print(json.dumps(result))
 
 
@@ -146,7 +186,7 @@ def _serve_xpuflow(port: int, upstream: str, api_key: str) -> None:
     )
 
 
-# -- orchestration ----------------------------------------------------------------------------------
+# -- processes --------------------------------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -168,15 +208,15 @@ def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
 def _start(
     argv: list[str], ready_url: str, timeout_s: float, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own session (so it can be stopped with its children) and wait, bounded,
+    until ``ready_url`` answers 200."""
     log = tempfile.NamedTemporaryFile(prefix="gateway-bench-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    proc.log_path = log.name  # type: ignore[attr-defined]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(
-                f"{argv[0]} exited with {proc.returncode}; log: {Path(log.name).read_text()[-2000:]}"
-            )
+            tail = Path(log.name).read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{Path(argv[0]).name} exited with {proc.returncode}: {tail}")
         if _http_ok(ready_url):
             return proc
         time.sleep(0.25)
@@ -187,7 +227,7 @@ def _start(
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is not None:
         return
-    os.killpg(proc.pid, signal.SIGTERM)  # the group of the process we started, and only that
+    os.killpg(proc.pid, signal.SIGTERM)  # the session of the process this script started, only that
     try:
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
@@ -195,48 +235,36 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=15)
 
 
-def _rss_mb(pid: int) -> float:
+def _tree(pid: int) -> list[Any]:
     import psutil
 
     root = psutil.Process(pid)
-    procs = [root, *root.children(recursive=True)]
-    return sum(p.memory_info().rss for p in procs) / (1 << 20)
+    return [root, *root.children(recursive=True)]
 
 
-def _client(mode: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
-    argv = [sys.executable, __file__, "--client", mode, "--url", url, "--api-key", args.api_key]
-    argv += ["--requests", str(args.requests), "--warmup", str(args.warmup)]
+def _rss_mb(pid: int) -> float:
+    return sum(p.memory_info().rss for p in _tree(pid)) / (1 << 20)
+
+
+def _cpu_s(pid: int) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in _tree(pid))
+
+
+def _client(args: argparse.Namespace, mode: str, *urls: str) -> dict[str, Any]:
+    argv = [sys.executable, __file__, "--client", mode, "--api-key", args.api_key]
+    argv += [a for url in urls for a in ("--url", url)]
+    argv += ["--requests", str(args.requests), "--warmup", str(args.warmup), "--block", str(args.block)]
     argv += ["--concurrency", str(args.concurrency), "--duration", str(args.duration)]
-    out = subprocess.run(argv, check=True, capture_output=True, timeout=args.duration * 3 + 300)
+    out = subprocess.run(
+        argv, check=True, capture_output=True, timeout=args.requests * 3 + args.duration * 3 + 300
+    )
     return dict(json.loads(out.stdout))
-
-
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
-
-
-def _measure(name: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
-    print(f"  {name}: latency at concurrency 1 ({args.requests} requests) ...", flush=True)
-    latency = _client("latency", url, args)
-    print(f"  {name}: throughput at concurrency {args.concurrency} ({args.duration:g} s) ...", flush=True)
-    rps = _client("rps", url, args)
-    samples = latency["samples_ms"]
-    return {
-        "p50_ms": _percentile(samples, 0.5),
-        "p99_ms": _percentile(samples, 0.99),
-        "samples_ms": [round(s, 4) for s in samples],
-        "latency_errors": latency["errors"],
-        "rps": rps["rps"],
-        "rps_errors": rps["errors"],
-    }
 
 
 def _litellm_venv(args: argparse.Namespace) -> tuple[Path, str]:
     """The LiteLLM proxy binary (installed on first use) and its version."""
     venv = Path(args.litellm_venv).expanduser()
-    binary = venv / "bin" / "litellm"
-    python = venv / "bin" / "python"
+    binary, python = venv / "bin" / "litellm", venv / "bin" / "python"
     if not binary.exists():
         print(f"installing {LITELLM_SPEC} into {venv} (first run only) ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
@@ -256,27 +284,9 @@ def _litellm_venv(args: argparse.Namespace) -> tuple[Path, str]:
     return binary, version
 
 
-LITELLM_CONFIG = """\
-model_list:
-  - model_name: chat
-    litellm_params:
-      model: openai/mock
-      api_base: {upstream}/v1
-      api_key: sk-mock
-      max_retries: 0
-general_settings:
-  master_key: {master_key}
-litellm_settings:
-  num_retries: 0
-  request_timeout: 30
-  set_verbose: false
-  telemetry: false
-router_settings:
-  num_retries: 0
-"""
-
-
-def _run_litellm(upstream: str, args: argparse.Namespace) -> dict[str, Any]:
+def _start_litellm(
+    upstream: str, args: argparse.Namespace
+) -> tuple[subprocess.Popen[bytes], int, dict[str, Any]]:
     binary, version = _litellm_venv(args)
     port = _free_port()
     config = Path(tempfile.mkdtemp(prefix="litellm-bench-")) / "config.yaml"
@@ -286,32 +296,51 @@ def _run_litellm(upstream: str, args: argparse.Namespace) -> dict[str, Any]:
         "LITELLM_LOG": "ERROR",
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no fetch of the price list from the internet
         "LITELLM_TELEMETRY": "False",
-        "DISABLE_ADMIN_UI": "True",
     }
-    argv = [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--num_workers", "1"]
-    proc = _start(argv, f"http://127.0.0.1:{port}/health/liveliness", timeout_s=180, env=env)
-    try:
-        time.sleep(1.0)
-        rss = _rss_mb(proc.pid)
-        result = _measure("litellm", f"http://127.0.0.1:{port}/v1/chat/completions", args)
-    finally:
-        _stop(proc)
-    shown = LITELLM_CONFIG.replace("{master_key}", "<random per run>")
-    return {**result, "idle_rss_mb": rss, "version": version, "config": shown, "argv": argv[1:]}
+    argv = [
+        str(binary),
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num_workers",
+        "1",
+    ]
+    proc = _start(argv, f"http://127.0.0.1:{port}/health/liveliness", timeout_s=240, env=env)
+    info = {
+        "version": version,
+        "config": LITELLM_CONFIG.replace("{master_key}", "<the run's key>"),
+        "argv": ["litellm", *argv[1:]],
+        "env": {k: env[k] for k in ("LITELLM_LOG", "LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_TELEMETRY")},
+    }
+    return proc, port, info
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=500, help="measured requests at concurrency 1")
-    parser.add_argument("--warmup", type=int, default=100, help="unmeasured requests first")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds of the throughput run")
+    parser.add_argument(
+        "--requests", type=int, default=500, help="measured requests per path at concurrency 1"
+    )
+    parser.add_argument("--warmup", type=int, default=100, help="unmeasured requests per path first")
+    parser.add_argument("--block", type=int, default=50, help="consecutive latency requests per path")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of each throughput run")
+    parser.add_argument("--rounds", type=int, default=2, help="throughput runs per path, in turn")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--skip-litellm", action="store_true")
     cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
     parser.add_argument("--litellm-venv", default=str(cache / "xpuflow-bench" / "litellm-venv"))
     parser.add_argument("--client", choices=["latency", "rps"], help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--url", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--serve-xpuflow", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
     parser.add_argument("--api-key", default="sk-bench-" + secrets.token_hex(24), help=argparse.SUPPRESS)
@@ -323,57 +352,93 @@ def main() -> None:
         _serve_xpuflow(args.serve_xpuflow, args.upstream, args.api_key)
         return
 
-    upstream_port = _free_port()
-    upstream = f"http://127.0.0.1:{upstream_port}"
-    mock = _start(
-        [sys.executable, str(HERE / "mock_upstream.py"), "--port", str(upstream_port)],
-        f"{upstream}/v1/models",
-        timeout_s=30,
-    )
-    results: dict[str, Any] = {}
+    load_before = os.getloadavg()
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    urls: dict[str, str] = {}
+    runs: dict[str, dict[str, Any]] = {}
     litellm: dict[str, Any] = {}
     try:
-        print("direct to the mock upstream", flush=True)
-        results["direct"] = _measure("direct", f"{upstream}/v1/chat/completions", args)
+        port = _free_port()
+        upstream = f"http://127.0.0.1:{port}"
+        procs["mock"] = _start(
+            [sys.executable, str(HERE / "mock_upstream.py"), "--port", str(port)], f"{upstream}/v1/models", 30
+        )
+        urls["direct"] = f"{upstream}/v1/chat/completions"
+        runs["direct"] = {}
 
-        print("through xpuflow", flush=True)
         port = _free_port()
         argv = [sys.executable, __file__, "--serve-xpuflow", str(port), "--upstream", upstream]
-        argv += ["--api-key", args.api_key]
-        gateway = _start(argv, f"http://127.0.0.1:{port}/health", timeout_s=60)
-        try:
-            time.sleep(1.0)
-            idle_rss = _rss_mb(gateway.pid)
-            results["xpuflow"] = _measure("xpuflow", f"http://127.0.0.1:{port}/v1/chat/completions", args)
-            results["xpuflow"]["idle_rss_mb"] = idle_rss
-            results["xpuflow"]["rss_after_load_mb"] = _rss_mb(gateway.pid)
-        finally:
-            _stop(gateway)
+        procs["xpuflow"] = _start([*argv, "--api-key", args.api_key], f"http://127.0.0.1:{port}/health", 60)
+        time.sleep(1.0)
+        runs["xpuflow"] = {"idle_rss_mb": _rss_mb(procs["xpuflow"].pid)}
+        urls["xpuflow"] = f"http://127.0.0.1:{port}/v1/chat/completions"
 
         if args.skip_litellm:
             litellm = {"error": "skipped (--skip-litellm)"}
         else:
-            print("through the LiteLLM proxy", flush=True)
+            print("starting the LiteLLM proxy (installing it on first use) ...", flush=True)
             try:
-                results["litellm"] = _run_litellm(upstream, args)
-                litellm = {k: results["litellm"][k] for k in ("version", "config", "argv")}
+                procs["litellm"], port, litellm = _start_litellm(upstream, args)
+                time.sleep(1.0)
+                runs["litellm"] = {"idle_rss_mb": _rss_mb(procs["litellm"].pid)}
+                urls["litellm"] = f"http://127.0.0.1:{port}/v1/chat/completions"
             except Exception as exc:  # report xpuflow's figures even when LiteLLM cannot run here
-                litellm = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-                print(f"  LiteLLM could not be measured: {litellm['error'][:300]}", flush=True)
+                litellm = {"error": f"{type(exc).__name__}: {exc}"[:3000]}
+                print(f"  LiteLLM could not be measured: {litellm['error'][:500]}", flush=True)
+
+        print(f"latency at concurrency 1: {args.requests} requests per path, interleaved ...", flush=True)
+        latency = _client(args, "latency", *(f"{name}={url}" for name, url in urls.items()))
+        for name, samples in latency["samples_ms"].items():
+            runs[name].update(
+                p50_ms=_percentile(samples, 0.5),
+                p99_ms=_percentile(samples, 0.99),
+                mean_ms=statistics.fmean(samples),
+                samples_ms=[round(s, 4) for s in samples],
+                latency_errors=latency["errors"][name],
+            )
+
+        for round_ in range(args.rounds):
+            for name, url in urls.items():
+                print(
+                    f"throughput, round {round_ + 1}: {name} at concurrency {args.concurrency} ...",
+                    flush=True,
+                )
+                pid = procs["mock" if name == "direct" else name].pid
+                others = {n: _cpu_s(p.pid) for n, p in procs.items() if n not in ("mock", name)}
+                cpu = _cpu_s(pid)
+                result = _client(args, "rps", url)
+                sent = result["ok"] + result["errors"] + result["warmup"]
+                result["gateway_cpu_ms_per_request"] = (_cpu_s(pid) - cpu) * 1000.0 / max(1, sent)
+                result["idle_cpu_s_of_the_others"] = {n: _cpu_s(procs[n].pid) - c for n, c in others.items()}
+                runs[name].setdefault("rps_rounds", []).append(result)
+        for run in runs.values():
+            run["rps"] = statistics.fmean(r["rps"] for r in run["rps_rounds"])
+            run["cpu_ms_per_request"] = statistics.fmean(
+                r["gateway_cpu_ms_per_request"] for r in run["rps_rounds"]
+            )
+        if "xpuflow" in procs:
+            runs["xpuflow"]["rss_after_load_mb"] = _rss_mb(procs["xpuflow"].pid)
+        if "litellm" in procs:
+            runs["litellm"]["rss_after_load_mb"] = _rss_mb(procs["litellm"].pid)
     finally:
-        _stop(mock)
+        for proc in procs.values():
+            _stop(proc)
+    _report(runs, litellm, args, (load_before, os.getloadavg()))
 
-    _report(results, litellm, args)
 
+def _report(
+    runs: dict[str, dict[str, Any]],
+    litellm: dict[str, Any],
+    args: argparse.Namespace,
+    load: tuple[tuple[float, ...], tuple[float, ...]],
+) -> None:
+    import aiohttp
+    import uvicorn
 
-def _report(results: dict[str, Any], litellm: dict[str, Any], args: argparse.Namespace) -> None:
-    direct, xpuflow, lite = results["direct"], results["xpuflow"], results.get("litellm")
+    direct, xpuflow, lite = runs["direct"], runs["xpuflow"], runs.get("litellm")
 
     def added(run: dict[str, Any] | None, key: str) -> float | None:
         return None if run is None else round(run[key] - direct[key], 4)
-
-    import aiohttp
-    import uvicorn
 
     figures: dict[str, Any] = {
         "direct_p50_ms": round(direct["p50_ms"], 4),
@@ -387,43 +452,44 @@ def _report(results: dict[str, Any], litellm: dict[str, Any], args: argparse.Nam
     }
     method = {
         "description": __doc__,
-        "requests_at_concurrency_1": args.requests,
-        "warmup_requests": args.warmup,
+        "requests_per_path_at_concurrency_1": args.requests,
+        "warmup_requests_per_path": args.warmup,
+        "latency_block": args.block,
         "rps_concurrency": args.concurrency,
         "rps_duration_s": args.duration,
+        "rps_rounds": args.rounds,
         "request_body": json.loads(BODY),
         "xpuflow": {
-            "server": f"uvicorn {uvicorn.__version__} (uvloop, httptools, 1 worker, access log off)",
-            "engine": "RemoteEngine -> remote_openai (aiohttp, max_connections 64)",
-            "auth": "one bearer API key (LiteLLM: the same key as its master key)",
+            "server": f"uvicorn {uvicorn.__version__}: uvloop, httptools, 1 worker, access log off",
+            "engine": "RemoteEngine -> remote_openai backend (aiohttp, max_connections 64)",
+            "auth": "one bearer API key",
         },
         "litellm": litellm,
-        "client": f"aiohttp {aiohttp.__version__}, one process per measurement, keep-alive",
-        "per_path": {
-            name: {k: v for k, v in run.items() if k != "samples_ms"} for name, run in results.items()
-        },
+        "client": f"aiohttp {aiohttp.__version__}, keep-alive, one process per measurement",
+        "per_path": {name: {k: v for k, v in run.items() if k != "samples_ms"} for name, run in runs.items()},
         "machine": {
             "python": platform.python_version(),
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
+            "load_average_before": [round(x, 2) for x in load[0]],
+            "load_average_after": [round(x, 2) for x in load[1]],
         },
         "measured_at": time.time(),
     }
-    samples = {name: run["samples_ms"] for name, run in results.items()}
+    samples = {name: run["samples_ms"] for name, run in runs.items()}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({**figures, "samples": samples, "method": method}, indent=2) + "\n")
 
+    columns = ("p50 ms", 9), ("p99 ms", 9), ("+p50 ms", 9), ("+p99 ms", 9), ("RPS @32", 9), ("CPU ms/req", 11)
     print()
-    columns = ("p50 ms", 10), ("p99 ms", 10), ("added p50", 12), ("added p99", 12), ("RPS @32", 10)
-    print(f"{'path':<10}" + "".join(f"{name:>{width}}" for name, width in columns) + f"{'idle RSS':>11}")
-    for name, run in results.items():
-        a50 = None if name == "direct" else run["p50_ms"] - direct["p50_ms"]
-        a99 = None if name == "direct" else run["p99_ms"] - direct["p99_ms"]
-        rss = run.get("idle_rss_mb")
+    print(f"{'path':<9}" + "".join(f"{name:>{width}}" for name, width in columns) + f"{'idle RSS':>10}")
+    for name, run in runs.items():
+        a50 = "-" if name == "direct" else f"{run['p50_ms'] - direct['p50_ms']:.3f}"
+        a99 = "-" if name == "direct" else f"{run['p99_ms'] - direct['p99_ms']:.3f}"
+        rss = f"{run['idle_rss_mb']:.0f} MB" if "idle_rss_mb" in run else "-"
         print(
-            f"{name:<10}{run['p50_ms']:>10.3f}{run['p99_ms']:>10.3f}"
-            f"{'-' if a50 is None else f'{a50:.3f}':>12}{'-' if a99 is None else f'{a99:.3f}':>12}"
-            f"{run['rps']:>10,.0f}{'-' if rss is None else f'{rss:.0f} MB':>11}"
+            f"{name:<9}{run['p50_ms']:>9.3f}{run['p99_ms']:>9.3f}{a50:>9}{a99:>9}"
+            f"{run['rps']:>9,.0f}{run['cpu_ms_per_request']:>11.3f}{rss:>10}"
         )
     if lite is not None:
         ratio_p50 = (lite["p50_ms"] - direct["p50_ms"]) / max(1e-9, xpuflow["p50_ms"] - direct["p50_ms"])
@@ -431,7 +497,7 @@ def _report(results: dict[str, Any], litellm: dict[str, Any], args: argparse.Nam
         print(f"\nLiteLLM adds {ratio_p50:.1f}x xpuflow's p50; xpuflow serves {ratio_rps:.1f}x its RPS")
     else:
         print(f"\nLiteLLM: {litellm.get('error')}")
-    print(f"wrote {RESULTS}")
+    print(f"load average before/after: {load[0][0]:.2f} / {load[1][0]:.2f}; wrote {RESULTS}")
 
 
 if __name__ == "__main__":

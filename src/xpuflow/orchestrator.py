@@ -244,9 +244,7 @@ class Orchestrator:
             ) from exc
         first = deployments[model.tiers[0].deployments[0]]
         task = "embedding" if first.task == "embedding" else "chat"
-        router = (
-            AdaptiveRouter(routing, monitor=self._monitor, clock=self._clock) if len(tiers) > 1 else None
-        )
+        router = AdaptiveRouter(routing, monitor=self._monitor, clock=self._clock) if len(tiers) > 1 else None
         timeout_s = max(deployments[d].timeout_s for t in model.tiers for d in t.deployments)
         dispatcher = Dispatcher(
             policy=RetryPolicy(
@@ -309,7 +307,12 @@ class Orchestrator:
                     f"model '{call.model}' has no tier '{call.tier_override}'; tiers: {only}",
                     field="x-xpuflow-tier",
                 )
-            return RoutingDecision(None, "the model has one tier", 1.0, tier=only), model.tiers
+            return (
+                RoutingDecision(
+                    None, "the model has one tier", 1.0, tier=only, details={"rule": "single-tier"}
+                ),
+                model.tiers,
+            )
         decision = model.router.route_decision(call.payload, override=call.tier_override)
         chosen = decision.tier or model.tiers[0][0]
         ordered = [t for t in model.tiers if t[0] == chosen] + [t for t in model.tiers if t[0] != chosen]

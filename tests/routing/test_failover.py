@@ -24,7 +24,7 @@ from xpuflow.testing import FakeSession
 
 NUM_REQUESTS = 200
 NUM_CLIENTS = 16
-KILL_AFTER = 50  # completed requests before the victim dies
+KILL_AFTER = 30  # completed requests before the victim dies
 FAILURE_THRESHOLD = 3
 COOLDOWN_S = 0.3
 ATTEMPT_TIMEOUT_S = 0.25
@@ -52,7 +52,7 @@ class RecordingHealth(HealthTracker):
 
 
 def real_worker(name: str) -> tuple[Worker, FakeSession]:
-    session = FakeSession(name, service_time_s=0.004, per_item_s=0.0005, max_batch_size=8)
+    session = FakeSession(name, service_time_s=0.01, per_item_s=0.0005, max_batch_size=8)
     worker = Worker(
         session,
         worker_id=name,
@@ -65,7 +65,7 @@ def real_worker(name: str) -> tuple[Worker, FakeSession]:
 
 
 def fake_worker(name: str) -> tuple[FakeWorker, FakeSession]:
-    session = FakeSession(name, service_time_s=0.004, max_batch_size=8)
+    session = FakeSession(name, service_time_s=0.01, max_batch_size=8)
     worker = FakeWorker(name, session, device=f"cpu:{name}")
     worker.health = RecordingHealth()
     return worker, session
@@ -82,7 +82,7 @@ def kill(worker: Any, session: FakeSession, mode: str) -> None:
 
 async def revive(worker: Any, session: FakeSession, mode: str) -> None:
     session.fail_next = 0
-    session.service_time_s = 0.004
+    session.service_time_s = 0.01
     if isinstance(worker, FakeWorker):
         worker.hang = False
     elif mode == "hangs":

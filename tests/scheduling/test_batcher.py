@@ -38,19 +38,33 @@ def linear(base_s: float, per_item_s: float) -> Callable[[int], float]:
 # -- service times and arrival rate -------------------------------------------------------------------
 
 
-def test_service_table_interpolates_and_follows_the_measured_trend() -> None:
+def test_service_table_fits_a_line_through_the_measurements() -> None:
     table = ServiceTimeTable(ema_alpha=1.0)
     assert table.predict(4) is None
     table.observe(8, 0.24)
-    assert table.predict(16) == pytest.approx(0.48)  # one size seen: no batching gain assumed
+    assert table.line == (0.0, pytest.approx(0.03))  # one size seen: no batching gain assumed
+    assert table.predict(16) == pytest.approx(0.48)
     table.observe(1, 0.10)
-    assert table.predict(1) == pytest.approx(0.10)
-    assert table.predict(4) == pytest.approx(0.10 + 3 / 7 * 0.14)
-    assert table.predict(15) == pytest.approx(0.24 + 7 * 0.02)  # the line through sizes 1 and 8
-    table.observe(4, 3.2, units=32)  # 0.1 s per unit; the trend past 8 now runs through 4 and 8
-    assert table.predict(4, units=2) == pytest.approx(0.2)
-    assert table.predict(16) == pytest.approx(0.24 + 8 * (0.24 - 0.1) / 4)
-    assert set(table.to_dict()) == {"1", "4", "8"}
+    assert table.line == (pytest.approx(0.08), pytest.approx(0.02))  # through sizes 1 and 8
+    assert table.predict(15) == pytest.approx(0.38)
+    table.observe(4, 6.4, units=32)  # 0.2 s per unit: above the line, so the line moves up
+    fixed, per_request = table.line  # type: ignore[misc]
+    assert fixed > 0.08
+    assert table.predict(4, units=2) == pytest.approx(2 * (fixed + 4 * per_request))
+    assert set(table.to_dict()["measured"]) == {"1", "4", "8"}
+
+
+def test_service_table_keeps_both_terms_non_negative() -> None:
+    falling = ServiceTimeTable(ema_alpha=1.0)
+    falling.observe(1, 0.3)
+    falling.observe(8, 0.1)  # bigger measured faster: noise, so flat
+    assert falling.line == (pytest.approx(0.2), 0.0)
+    steep = ServiceTimeTable(ema_alpha=1.0)
+    steep.observe(2, 0.1)
+    steep.observe(4, 0.4)  # the line would cross below zero: through the origin instead
+    fixed, per_request = steep.line  # type: ignore[misc]
+    assert fixed == 0.0
+    assert per_request > 0
 
 
 def test_service_table_ema() -> None:

@@ -11,7 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx2 as httpx
+try:  # the maintained fork the openai client depends on here; plain httpx has the same API
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx  # type: ignore[no-redef]
 import pytest
 
 from xpuflow.errors import (
@@ -449,6 +452,22 @@ async def test_request_timeout_gives_504() -> None:
     assert "request_timeout_s" in error_of(response)["message"]
 
 
+class _SilentStreamEngine(FakeEngine):
+    async def stream(self, call: InferenceCall) -> AsyncIterator[Any]:
+        self.calls.append(call)
+        await asyncio.sleep(5.0)
+        yield  # never reached: the gateway gives up first
+
+
+@run_async
+async def test_a_stream_without_a_first_event_in_time_gives_504() -> None:
+    engine = _SilentStreamEngine()
+    async with gateway(engine, request_timeout_s=0.05) as client:
+        response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
+    assert response.status_code == 504
+    assert engine.calls[-1].cancelled.is_set()
+
+
 # -- auth -------------------------------------------------------------------------------------------
 
 
@@ -472,6 +491,20 @@ async def test_inference_keys(headers: dict[str, str], status: int, code: str) -
     assert response.status_code == status
     assert error_of(response)["code"] == code
     assert models.status_code == status
+
+
+@run_async
+async def test_a_keys_qos_class_wins_over_the_header() -> None:
+    engine = FakeEngine()
+    keys = {KEY: "team-a", "sk-batch-0123": ApiKey("jobs", qos_class="batch")}
+    async with gateway(engine, api_keys=keys) as client:
+        headers = {"authorization": "Bearer sk-batch-0123", "x-qos-class": "interactive"}
+        await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+        await client.post("/v1/chat/completions", json=CHAT, headers={**AUTH, "x-qos-class": "interactive"})
+    assert [(c.api_key_name, c.qos_class) for c in engine.calls] == [
+        ("jobs", "batch"),
+        ("team-a", "interactive"),
+    ]
 
 
 @run_async
@@ -499,6 +532,8 @@ def test_settings_validate_keys_and_limits() -> None:
     assert info.value.field == "max_body_bytes"
     with pytest.raises(ConfigError):
         GatewaySettings(api_keys={" padded ": "a"})
+    with pytest.raises(ConfigError, match="separate key"):
+        GatewaySettings(api_keys={"k-123456": ApiKey("both", frozenset({"infer", "admin"}))})
     parsed = GatewaySettings(api_keys={"k-1": "a", "k-2": {"name": "b", "rights": ["metrics"]}})
     assert parsed.api_keys["k-1"] == ApiKey("a")
     assert parsed.api_keys["k-2"].rights == {"metrics"}

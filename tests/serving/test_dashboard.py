@@ -324,7 +324,8 @@ def test_dashboard_in_headless_chromium_updates_while_requests_flow(tmp_path: Pa
     with live_server(app) as base, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1360, "height": 1000})
+            # bypass_csp: the page forbids eval, which wait_for_function needs; the page itself is unchanged
+            page = browser.new_context(bypass_csp=True, viewport={"width": 1360, "height": 1000}).new_page()
             requested: list[str] = []
             problems: list[str] = []
             page.on("request", lambda r: requested.append(r.url))

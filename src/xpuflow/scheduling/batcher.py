@@ -19,35 +19,35 @@ device runs ``max_concurrent_batches`` already; requests accumulate and the next
 ``max_batch_size`` of them: continuous batching), ``DISPATCH n`` or ``WAIT until t``.
 
 The adaptive policy, when the device is free and ``n`` requests (fewer than the cap) are queued:
-dispatch now, unless waiting ``w`` for the ``k = rate * w`` requests expected meanwhile lowers the
-total latency of the ``n + k`` requests. With ``S(b)`` the predicted service time of a batch of ``b``:
+dispatch now, unless waiting ``w`` for the ``k = rate * w`` requests expected meanwhile raises the
+device's throughput, counting the time it idles while waiting. With ``S(b)`` the predicted service
+time of a batch of ``b``, it waits for the ``k`` with the best
 
-- dispatch now: the ``n`` finish at ``S(n)``; the ``k`` arrivals wait for the device, then run as
-  their own batch: on average ``S(n) + S(k) - w/2`` each;
-- wait: all finish at ``w + S(n+k)``; the ``n`` waited ``w``, the ``k`` on average ``w/2``;
+    (n + k) / (w + S(n + k))    against    n / S(n)    (requests per device-second)
 
-  gain(w) = n * (S(n) - S(n+k) - w) + k * (S(n) + S(k) - S(n+k) - w)
-
-The batcher waits for the ``w`` (one per expected arrival) with the largest positive gain, and looks
-again at every arrival and after at most two expected gaps. Three bounds keep it honest:
+if that is at least ``MIN_GAIN`` (1%) better, and looks again at every arrival and after at most two
+expected inter-arrival gaps. For a linear ``S(b) = fixed + per_request * b`` this is simply
+``w < (k / n) * fixed``: waiting pays while the idle time is less than the share of a batch's fixed
+cost that the newcomers save. Three bounds keep it honest:
 
 - ``k`` never exceeds the cap, nor the recent peak of outstanding requests minus those outstanding
   now: clients that wait for their answers come back, so after a batch of 16 answers 15 more are
-  worth a moment's wait, while a lone client has nobody to wait for;
+  worth a moment's wait, while a lone client has nobody to wait for and never waits;
 - the batcher never adds more than ``min(max_wait_s, max_wait_fraction * S(n))`` of its own delay
   to a request (counted from when both the device was free and the request was queued);
-- with no measured service time, no arrival rate, or arrivals all at one instant, it dispatches.
+- with no measured service time, no arrival rate, or arrivals all at one instant, it dispatches; with
+  one batch size measured it assumes no batching gain, so it waits only for a gain it has measured.
 
-Why this shape: the gain is positive only when more requests are expected during the batch's
-service time than are queued now (for a flat ``S``: ``rate * (S - w) > n``). At low load latency stays
-the unbatched latency; with many clients the window opens just as far as batches fill; under
-overload the device is never idle and batches form while it is busy. Greedy dispatch (no waiting)
-falls into a trap with clients that send again after each answer: whoever comes back first leaves
-alone, the rest wait a whole batch, and batches of 1 and n-1 alternate for ever; the wait above
-merges them. Batch sizes past the largest measured one follow the measured trend (with one measured
-size: no gain at all), so a wrong guess costs at most the budget once and the batch it forms is then
-measured. Service times are kept per work unit (``units``: e.g. ``max_tokens`` of a generation), so
-requests of different lengths share one table.
+Why throughput and not the latency of the requests at hand: with clients that wait for their
+answers (chat users, agents, benchmarks) latency is clients / throughput, so throughput is latency;
+and a batch split in two costs the device a second fixed cost that every later request waits for.
+The budget caps what a wait can cost the requests at hand. At low load the next arrival is further
+away than the budget, so latency stays the unbatched latency; with many clients the window opens
+just as far as batches fill; under overload the device is never idle and batches form while it is
+busy. Greedy dispatch (no waiting) falls into a trap with clients that send again after each answer:
+whoever comes back first leaves alone, the rest wait a whole batch, and batches of 1 and n-1
+alternate for ever; the wait above merges them. Service times are kept per work unit (``units``:
+e.g. ``max_tokens`` of a generation), so requests of different lengths share one table.
 
 Policies, chosen by ``BatchPolicy``: ``ADAPTIVE`` (above), ``GREEDY`` (send what is queued as soon as
 the device is free: continuous batching without waiting), ``FIXED_WINDOW`` (Triton-style: wait up to
@@ -61,6 +61,9 @@ from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+
+#: Smallest relative throughput gain worth a wait: below it, noise in the measurements decides.
+MIN_GAIN = 0.01
 
 __all__ = [
     "Action",
@@ -133,61 +136,72 @@ class BatcherConfig:
 
 
 class ServiceTimeTable:
-    """Measured service seconds per work unit, as an EMA per batch size, with interpolation.
+    """Measured service seconds per work unit, as an EMA per batch size, and the line through them.
 
-    ``predict`` interpolates linearly between measured sizes and uses the smallest measured size
-    below them. Above the largest measured size it continues the line through the two largest sizes
-    (never falling); with one size measured it assumes no batching gain, ``S(b) = S(k) * b / k``.
+    ``predict`` uses the weighted least-squares line ``S(b) = fixed + per_request * b`` over the
+    measured sizes (weights: samples, capped at 8), with both terms kept >= 0: one line, not the
+    points, because single measurements on a shared machine are noisy and the decision compares
+    sizes next to each other. With one size measured it assumes no batching gain at all
+    (``fixed = 0``), so the batcher waits only for a benefit it has measured.
     """
 
     def __init__(self, ema_alpha: float = 0.3) -> None:
         self.ema_alpha = ema_alpha
         self._per_unit_s: dict[int, float] = {}
         self._samples: dict[int, int] = {}
-        self._sizes: list[int] = []
+        self._line: tuple[float, float] | None = None
 
     def observe(self, batch_size: int, service_s: float, units: float = 1.0) -> None:
         if batch_size < 1 or service_s < 0 or units <= 0:
             return
         value = service_s / units
         old = self._per_unit_s.get(batch_size)
-        if old is None:
-            self._per_unit_s[batch_size] = value
-            self._sizes = sorted(self._per_unit_s)
-        else:
-            self._per_unit_s[batch_size] = old + self.ema_alpha * (value - old)
+        self._per_unit_s[batch_size] = value if old is None else old + self.ema_alpha * (value - old)
         self._samples[batch_size] = self._samples.get(batch_size, 0) + 1
+        self._line = self._fit()
+
+    def _fit(self) -> tuple[float, float]:
+        sizes = sorted(self._per_unit_s)
+        ys = [self._per_unit_s[b] for b in sizes]
+        if len(sizes) == 1:
+            return 0.0, ys[0] / sizes[0]
+        ws = [float(min(self._samples[b], 8)) for b in sizes]
+        total = sum(ws)
+        mean_x = sum(w * x for w, x in zip(ws, sizes, strict=True)) / total
+        mean_y = sum(w * y for w, y in zip(ws, ys, strict=True)) / total
+        sxx = sum(w * (x - mean_x) ** 2 for w, x in zip(ws, sizes, strict=True))
+        sxy = sum(w * (x - mean_x) * (y - mean_y) for w, x, y in zip(ws, sizes, ys, strict=True))
+        slope = sxy / sxx
+        fixed = mean_y - slope * mean_x
+        if slope < 0:  # bigger batches measured faster: noise; call it flat
+            return mean_y, 0.0
+        if fixed < 0:  # no fixed cost to share: the line through the origin
+            sxy0 = sum(w * x * y for w, x, y in zip(ws, sizes, ys, strict=True))
+            sxx0 = sum(w * x * x for w, x in zip(ws, sizes, strict=True))
+            return 0.0, sxy0 / sxx0
+        return fixed, slope
+
+    @property
+    def line(self) -> tuple[float, float] | None:
+        """(fixed, per_request) seconds per work unit, or None before any measurement."""
+        return self._line
 
     def predict(self, batch_size: int, units: float = 1.0) -> float | None:
-        """Predicted seconds for a batch of ``batch_size`` of ``units`` each; None before any
+        """Predicted seconds for a batch of ``batch_size`` requests of ``units`` each; None before any
         measurement."""
-        sizes = self._sizes
-        if not sizes or batch_size < 1:
+        if self._line is None or batch_size < 1:
             return None
-        table = self._per_unit_s
-        if batch_size in table:
-            per_unit = table[batch_size]
-        elif batch_size < sizes[0]:
-            per_unit = table[sizes[0]]
-        elif batch_size > sizes[-1]:
-            top = sizes[-1]
-            if len(sizes) == 1:
-                per_unit = table[top] * batch_size / top
-            else:
-                below = sizes[-2]
-                slope = max(0.0, (table[top] - table[below]) / (top - below))
-                per_unit = table[top] + slope * (batch_size - top)
-        else:
-            upper = next(s for s in sizes if s > batch_size)
-            lower = max(s for s in sizes if s < batch_size)
-            frac = (batch_size - lower) / (upper - lower)
-            per_unit = table[lower] + frac * (table[upper] - table[lower])
-        return per_unit * units
+        fixed, per_request = self._line
+        return (fixed + per_request * batch_size) * units
 
     def to_dict(self) -> dict[str, Any]:
+        fixed, per_request = self._line or (0.0, 0.0)
         return {
-            str(b): {"per_unit_ms": self._per_unit_s[b] * 1000.0, "samples": self._samples[b]}
-            for b in self._sizes
+            "line_per_unit_ms": {"fixed": fixed * 1000.0, "per_request": per_request * 1000.0},
+            "measured": {
+                str(b): {"per_unit_ms": self._per_unit_s[b] * 1000.0, "samples": self._samples[b]}
+                for b in sorted(self._per_unit_s)
+            },
         }
 
 
@@ -329,34 +343,40 @@ class Batcher:
         remaining = started + budget - now_s
         if remaining <= 0:
             return Decision(Action.DISPATCH, n, reason="wait budget spent")
-        best_gain, best_wait, best_k = 0.0, 0.0, 0
+        # Throughput of the batch sent now against waiting ``w`` for ``k`` more (the device idles
+        # meanwhile): requests per device-second. The best k wins if it beats now by MIN_GAIN.
+        now_rate = n / s_now
+        best_rate, best_wait, best_k = now_rate * (1.0 + MIN_GAIN), 0.0, 0
         for k in range(1, room + 1):
             wait = k / rate
             if wait > remaining:
                 break
-            gain = self.wait_gain(n, k, wait, units)
-            if gain > best_gain:
-                best_gain, best_wait, best_k = gain, wait, k
+            s_later = self.service_times.predict(n + k, units)
+            assert s_later is not None
+            later_rate = (n + k) / (wait + s_later)
+            if later_rate > best_rate:
+                best_rate, best_wait, best_k = later_rate, wait, k
         # Look again after at most two expected inter-arrival gaps: if the arrivals do not come, the
         # rate estimate falls and the next decision dispatches.
         until_s = now_s + min(best_wait, 2.0 / rate, remaining)
         if best_k == 0 or until_s <= now_s:
-            return Decision(Action.DISPATCH, n, reason="waiting is not predicted to pay")
+            return Decision(Action.DISPATCH, n, reason="waiting is not predicted to raise throughput")
         return Decision(
             Action.WAIT,
             until_s=until_s,
             reason=f"expect {best_k} more within {best_wait * 1000:.1f} ms "
-            f"(saves {best_gain * 1000:.0f} request-ms)",
+            f"(+{(best_rate / now_rate - 1.0) * 100:.0f}% throughput)",
         )
 
     def wait_gain(self, n: int, k: int, wait_s: float, units: float = 1.0) -> float:
-        """Total latency saved (request-seconds) by waiting ``wait_s`` for ``k`` more requests before
-        sending ``n`` queued ones; negative when waiting costs more."""
-        predict = self.service_times.predict
-        s_n, s_k, s_nk = predict(n, units), predict(k, units), predict(n + k, units)
-        if s_n is None or s_k is None or s_nk is None:
+        """Relative throughput gained by waiting ``wait_s`` (device idle) for ``k`` more requests
+        before sending ``n`` queued ones: ``((n+k) / (wait + S(n+k))) / (n / S(n)) - 1``; negative when
+        waiting loses throughput."""
+        s_n = self.service_times.predict(n, units)
+        s_nk = self.service_times.predict(n + k, units)
+        if s_n is None or s_nk is None or s_n <= 0:
             return -math.inf
-        return n * (s_n - s_nk - wait_s) + k * (s_n + s_k - s_nk - wait_s)
+        return ((n + k) / (wait_s + s_nk)) / (n / s_n) - 1.0
 
     def to_dict(self, now_s: float) -> dict[str, Any]:
         return {

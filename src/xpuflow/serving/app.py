@@ -92,11 +92,11 @@ class Gateway:
     # -- models, health, metrics --------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> Response:
-        self.auth.check_api_key(_authorization(request))
+        self.auth.check(_authorization(request))
         return Response(self.catalog.body, media_type="application/json")
 
     async def get_model(self, request: Request) -> Response:
-        self.auth.check_api_key(_authorization(request))
+        self.auth.check(_authorization(request))
         return _json(self.catalog.describe(self.catalog.get(request.path_params["model"])))
 
     async def health(self, request: Request) -> Response:
@@ -106,26 +106,30 @@ class Gateway:
         is_ready = getattr(self.engine, "is_ready", None)
         ready = True
         if callable(is_ready):
-            answer = is_ready()
-            ready = bool(await answer if inspect.isawaitable(answer) else answer)
+            try:
+                answer = is_ready()
+                ready = bool(await answer if inspect.isawaitable(answer) else answer)
+            except Exception as exc:  # a readiness probe answers; it never fails with a 500
+                log.warning("engine.is_ready() failed: %s", exc)
+                return _json({"status": "error", "reason": str(exc)}, 503)
         return _json({"status": "ready" if ready else "starting"}, 200 if ready else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
         if self.settings.metrics_require_key:
-            self.auth.check_api_key(_authorization(request), right="metrics")
+            self.auth.check(_authorization(request), "metrics")
         body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
 
     # -- admin --------------------------------------------------------------------------------------
 
     def _control(self, request: Request, operation: str) -> Any:
-        self.auth.check_admin_key(_authorization(request))
+        self.auth.check(_authorization(request), "admin")
         if not callable(getattr(self.engine, operation, None)):
             raise APIError(501, f"this engine does not support {operation}", code="not_implemented")
         return self.engine
 
     async def admin_workers(self, request: Request) -> Response:
-        self.auth.check_admin_key(_authorization(request))
+        self.auth.check(_authorization(request), "admin")
         return _json(self.engine.status())
 
     async def admin_drain(self, request: Request) -> Response:

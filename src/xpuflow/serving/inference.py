@@ -20,10 +20,9 @@ import json
 import logging
 import math
 import os
-import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -55,14 +54,12 @@ from xpuflow.serving.openai_schema import (
     parse_completion,
     parse_embeddings,
 )
-from xpuflow.serving.settings import GatewaySettings
+from xpuflow.serving.settings import ApiKey, GatewaySettings
 from xpuflow.types import RoutingDecision
 
 __all__ = ["DECISION_HEADERS", "InferenceEndpoints", "ModelCatalog", "to_api_error"]
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: Response headers that say where a request ran and why.
 DECISION_HEADERS = ("x-xpuflow-tier", "x-xpuflow-worker", "x-xpuflow-device", "x-xpuflow-route-reason")
@@ -84,17 +81,6 @@ _PARSERS: dict[RequestKind, Callable[[Mapping[str, Any], GatewaySettings], Parse
     RequestKind.COMPLETION: parse_completion,
     RequestKind.EMBEDDING: parse_embeddings,
 }
-
-if sys.version_info >= (3, 11):
-
-    async def _bounded(work: Awaitable[T], timeout_s: float | None) -> T:
-        async with asyncio.timeout(timeout_s):
-            return await work
-
-else:  # pragma: no cover - Python 3.10
-
-    async def _bounded(work: Awaitable[T], timeout_s: float | None) -> T:
-        return await asyncio.wait_for(work, timeout_s)
 
 
 class _ClientGone(Exception):
@@ -247,32 +233,54 @@ class ModelCatalog:
         return info
 
 
-class _DisconnectWatch:
-    """Waits for ``http.disconnect`` while a request is answered; on it, cancels the call and its
-    handler. ``finish()`` before the last send so a normal end is never mistaken for a disconnect."""
+class _Guard:
+    """Watches one request while the engine works on it: the client leaving (``http.disconnect``) and
+    the deadline for the answer (``request_timeout_s``; for a stream, its first event). Either sets the
+    call's ``cancelled`` event and cancels the handler; ``reason`` then says which. One task and one
+    timer per request, cheaper than ``asyncio.timeout`` plus a separate watcher."""
 
-    __slots__ = ("call", "done", "fired", "handler", "started", "task")
+    __slots__ = ("call", "done", "handler", "reason", "started", "task", "timer")
 
-    def __init__(self, receive: Receive, call: InferenceCall) -> None:
+    def __init__(self, receive: Receive, call: InferenceCall, timeout_s: float | None) -> None:
         self.call = call
-        self.started = False  # the response has begun: an error can no longer become an HTTP status
         self.done = False
-        self.fired = False
+        self.started = False  # the response has begun: an error can no longer become an HTTP status
+        self.reason: str | None = None  # "disconnect" or "timeout" once fired
         self.handler = asyncio.current_task()
         self.task = asyncio.ensure_future(receive())
         self.task.add_done_callback(self._on_message)
+        self.timer = (
+            None
+            if timeout_s is None
+            else asyncio.get_running_loop().call_later(timeout_s, self._fire, "timeout")
+        )
 
     def _on_message(self, task: asyncio.Future[Message]) -> None:
-        if self.done or task.cancelled() or task.exception() is not None:
+        if (
+            not task.cancelled()
+            and task.exception() is None
+            and task.result().get("type") == "http.disconnect"
+        ):
+            self._fire("disconnect")
+
+    def _fire(self, reason: str) -> None:
+        if self.done or self.reason is not None:
             return
-        if task.result().get("type") == "http.disconnect":
-            self.fired = True
-            self.call.cancelled.set()
-            if self.handler is not None:
-                self.handler.cancel()
+        self.reason = reason
+        self.call.cancelled.set()
+        if self.handler is not None:
+            self.handler.cancel()
+
+    def answered(self) -> None:
+        """The engine has answered (a stream: its first event); the deadline no longer applies."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def finish(self) -> None:
+        """Call before the last send, so that a normal end is never taken for a disconnect."""
         self.done = True
+        self.answered()
         if not self.task.done():
             self.task.cancel()
 
@@ -315,20 +323,21 @@ class InferenceEndpoints:
         headers = {k: v for k, v in scope["headers"] if k in _WANTED}
         request_id = _ID_PREFIX[kind] + os.urandom(12).hex()
         model = tier = device = ""
-        watch: _DisconnectWatch | None = None
+        guard: _Guard | None = None
         self.metrics.in_flight += 1
         try:
-            key = self.auth.check_api_key(headers.get(b"authorization"))
+            key = self.auth.check(headers.get(b"authorization"))
             body = await _read_body(receive, headers.get(b"content-length"), self.settings.max_body_bytes)
             parsed = _PARSERS[kind](load_json(body), self.settings)
             info = self.catalog.for_kind(parsed.model, kind)
             model = info.name
-            call = self._call(kind, parsed, info, headers, request_id, key.name if key else None)
-            watch = _DisconnectWatch(receive, call)
+            call = self._call(kind, parsed, info, headers, request_id, key)
+            guard = _Guard(receive, call, self.settings.request_timeout_s)
             if parsed.stream:
-                await self._stream(call, parsed, start, send, watch)
+                await self._stream(call, parsed, start, send, guard)
                 return
-            result = await _bounded(self.engine.complete(call), self.settings.request_timeout_s)
+            result = await self.engine.complete(call)
+            guard.answered()
             decision = result.decision
             tier, device = decision.tier or "", decision.device or ""
             prompt_tokens, completion_tokens = result.prompt_tokens, 0
@@ -349,7 +358,7 @@ class InferenceEndpoints:
                 out = build(request_id, model, int(time.time()), completion, prompt_tokens)
                 prompt_tokens = prompt_tokens or completion.prompt_tokens
                 completion_tokens = completion.completion_tokens
-            watch.finish()
+            guard.finish()
             await _send_json(
                 send, 200, out, [(b"x-request-id", request_id.encode()), *decision_headers(decision)]
             )
@@ -367,29 +376,37 @@ class InferenceEndpoints:
         except _ClientGone:
             return
         except asyncio.CancelledError:
-            if watch is None or not watch.fired:
+            if guard is None or guard.reason is None:
                 raise
             task = asyncio.current_task()
             if task is not None and hasattr(task, "uncancel"):
-                task.uncancel()  # we cancelled ourselves because the client left: nobody to answer
-            self.metrics.observe_request(model, tier, device, 499, time.perf_counter() - start)
+                task.uncancel()  # the guard cancelled us, not the server
+            guard.finish()
+            if guard.reason == "disconnect" or guard.started:
+                self.metrics.observe_request(model, tier, device, 499, time.perf_counter() - start)
+                return  # the client left: nobody to answer
+            timeout = TimeoutError(f"no answer within request_timeout_s={self.settings.request_timeout_s:g}")
+            await self._fail(send, timeout, request_id, (model, tier, device), start)
         except Exception as exc:
-            if watch is not None:
-                watch.finish()
-                if watch.started:
+            if guard is not None:
+                guard.finish()
+                if guard.started:
                     log.warning("stream %s broke off: %s", request_id, exc, exc_info=True)
                     return
-            if isinstance(exc, TimeoutError) and not isinstance(exc, XpuflowError):
-                exc = TimeoutError(f"no answer within request_timeout_s={self.settings.request_timeout_s:g}")
-            error = to_api_error(exc, list(self.catalog.models))
-            if error.status >= 500:
-                log.warning("request %s failed: %s", request_id, exc, exc_info=error.status == 500)
-            extra = [(b"x-request-id", request_id.encode())]
-            extra += [(k.encode(), v.encode()) for k, v in error.headers.items()]
-            await _send_json(send, error.status, error.body(), extra)
-            self.metrics.observe_request(model, tier, device, error.status, time.perf_counter() - start)
+            await self._fail(send, exc, request_id, (model, tier, device), start)
         finally:
             self.metrics.in_flight -= 1
+
+    async def _fail(
+        self, send: Send, exc: BaseException, request_id: str, labels: tuple[str, str, str], start: float
+    ) -> None:
+        error = to_api_error(exc, list(self.catalog.models))
+        if error.status >= 500:
+            log.warning("request %s failed: %s", request_id, exc, exc_info=error.status == 500)
+        extra = [(b"x-request-id", request_id.encode())]
+        extra += [(k.encode(), v.encode()) for k, v in error.headers.items()]
+        await _send_json(send, error.status, error.body(), extra)
+        self.metrics.observe_request(*labels, error.status, time.perf_counter() - start)
 
     def _call(
         self,
@@ -398,7 +415,7 @@ class InferenceEndpoints:
         info: ModelInfo,
         headers: Mapping[bytes, bytes],
         request_id: str,
-        key_name: str | None,
+        key: ApiKey | None,
     ) -> InferenceCall:
         raw_priority = headers.get(b"x-priority", b"")
         priority = _PRIORITIES.get(raw_priority.strip().lower())
@@ -417,21 +434,24 @@ class InferenceEndpoints:
                 param="x-xpuflow-tier",
                 code="invalid_header",
             )
+        qos_class = _token(headers.get(b"x-qos-class"), "x-qos-class")
+        if key is not None and key.qos_class is not None:
+            qos_class = key.qos_class  # the key's class: a client cannot talk itself into another one
         return InferenceCall(
             model=info.name,
             kind=kind,
             payload=parsed.payload,
             params=parsed.params,
             priority=priority,
-            qos_class=_token(headers.get(b"x-qos-class"), "x-qos-class"),
+            qos_class=qos_class,
             tier_override=tier,
-            api_key_name=key_name,
+            api_key_name=key.name if key else None,
             request_id=request_id,
             timeout_s=self.settings.request_timeout_s,
         )
 
     async def _stream(
-        self, call: InferenceCall, parsed: ParsedRequest, start: float, send: Send, watch: _DisconnectWatch
+        self, call: InferenceCall, parsed: ParsedRequest, start: float, send: Send, guard: _Guard
     ) -> None:
         """Send the engine's events as SSE. Errors before the first event are ordinary HTTP errors
         (raised to ``handle``); after it, an error event ends the stream."""
@@ -439,7 +459,8 @@ class InferenceEndpoints:
         model, tier, device = call.model, "", ""
         try:
             try:
-                first = await _bounded(events.__anext__(), self.settings.request_timeout_s)
+                first = await events.__anext__()
+                guard.answered()
             except StopAsyncIteration:
                 raise XpuflowError(f"the engine ended stream {call.request_id} before any event") from None
             decision = first.decision
@@ -451,7 +472,7 @@ class InferenceEndpoints:
                 (b"x-request-id", call.request_id.encode()),
                 *decision_headers(decision),
             ]
-            watch.started = True
+            guard.started = True
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             out = ChatStream(call.request_id, model, int(time.time()), chat=call.kind is RequestKind.CHAT)
             if out.chat:
@@ -493,7 +514,7 @@ class InferenceEndpoints:
             else:
                 tail = out.usage(prompt_tokens, completion_tokens) if parsed.include_usage else b""
                 tail += SSE_DONE
-            watch.finish()
+            guard.finish()
             await send({"type": "http.response.body", "body": tail})
             self.metrics.observe_request(
                 model,

@@ -3,14 +3,19 @@
 Plain frozen data; the YAML config (or the embedded default) builds it::
 
     settings = GatewaySettings(
-        api_keys={"sk-team-a": "team-a", "sk-ops": ApiKey("ops", frozenset({"infer", "metrics"}))},
-        admin_keys={"adm-9f2c...": "ops"},
+        api_keys={
+            "sk-team-a": "team-a",                                        # the "infer" right
+            "sk-batch": ApiKey("batch-jobs", qos_class="batch"),          # its requests get this QoS class
+            "sk-prom": ApiKey("prometheus", frozenset({"metrics"})),
+            "adm-9f2c": ApiKey("ops", frozenset({"admin"})),              # the admin API only
+        },
         max_body_bytes=1 << 20,
     )
     app = create_app(engine, settings)
 
-With no ``api_keys`` the inference endpoints are open (the local default, bound to 127.0.0.1); with no
-``admin_keys`` the admin API refuses every request, since it can drain workers and reload the config.
+With no key holding "infer" the inference endpoints are open (the local default, bound to 127.0.0.1);
+with no key holding "admin" the admin API refuses every request, since it can drain workers and reload
+the config. The admin API needs a key of its own: a key may not hold both "infer" and "admin".
 """
 
 from __future__ import annotations
@@ -24,19 +29,22 @@ from xpuflow.errors import ConfigError
 
 __all__ = ["RIGHTS", "ApiKey", "GatewaySettings"]
 
-#: right -> what a key holding it may do. Admin rights come only from ``admin_keys``.
+#: right -> what a key holding it may do.
 RIGHTS: dict[str, str] = {
     "infer": "call /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models",
+    "admin": "call the admin API (/admin/...): list, drain and undrain workers, reload the config",
     "metrics": "read /metrics when metrics_require_key is set",
 }
 
 
 @dataclass(frozen=True)
 class ApiKey:
-    """Who a key belongs to (``name``, reported in metrics and logs, never the secret) and its rights."""
+    """Who a key belongs to (``name``: reported in metrics and logs, never the secret), what it may do,
+    and the QoS class its requests get (which then takes precedence over the ``x-qos-class`` header)."""
 
     name: str
     rights: frozenset[str] = frozenset({"infer"})
+    qos_class: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rights", frozenset(self.rights))
@@ -47,9 +55,15 @@ class ApiKey:
                 f"valid: {', '.join(RIGHTS)}",
                 field="api_keys.rights",
             )
+        if {"infer", "admin"} <= self.rights:
+            raise ConfigError(
+                f"api key '{self.name}' holds both infer and admin; the admin API needs a separate key, "
+                "so give this one infer and create another with admin",
+                field="api_keys.rights",
+            )
 
 
-def _api_key(secret: str, value: Any) -> ApiKey:
+def _api_key(value: Any) -> ApiKey:
     if isinstance(value, ApiKey):
         return value
     if isinstance(value, str):
@@ -60,9 +74,10 @@ def _api_key(secret: str, value: Any) -> ApiKey:
             raise ConfigError(
                 "api_keys.rights must be a list such as [infer, metrics]", field="api_keys.rights"
             )
-        return ApiKey(value["name"], frozenset(str(r) for r in rights))
+        qos = value.get("qos_class")
+        return ApiKey(value["name"], frozenset(str(r) for r in rights), None if qos is None else str(qos))
     raise ConfigError(
-        "each api_keys entry maps a secret to a name or to {name: ..., rights: [infer, metrics]}",
+        "each api_keys entry maps a secret to a name, an ApiKey or {name, rights, qos_class}",
         field="api_keys",
     )
 
@@ -76,8 +91,8 @@ def _check_secret(secret: Any, where: str) -> None:
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    """Gateway settings. ``api_keys`` maps each secret to its ``ApiKey`` (a plain name means the
-    "infer" right); ``admin_keys`` maps each admin secret to a name and must not reuse an API key."""
+    """Gateway settings. ``api_keys`` maps each secret to its ``ApiKey`` (a plain name means the "infer"
+    right); ``admin_keys`` is a shorthand for keys with only the "admin" right (secret -> name)."""
 
     api_keys: Mapping[str, ApiKey] = field(default_factory=dict)
     admin_keys: Mapping[str, str] = field(default_factory=dict)
@@ -91,21 +106,20 @@ class GatewaySettings:
     owned_by: str = "xpuflow"  # reported by /v1/models
 
     def __post_init__(self) -> None:
-        api_keys: dict[str, ApiKey] = {}
+        keys: dict[str, ApiKey] = {}
         for secret, value in dict(self.api_keys).items():
             _check_secret(secret, "api_keys")
-            api_keys[secret] = _api_key(secret, value)
-        admin_keys: dict[str, str] = {}
+            keys[secret] = _api_key(value)
         for secret, name in dict(self.admin_keys).items():
             _check_secret(secret, "admin_keys")
-            if secret in api_keys:
+            if secret in keys:
                 raise ConfigError(
                     f"admin key '{name}' is also an API key; the admin API needs a separate key",
                     field="admin_keys",
                 )
-            admin_keys[secret] = str(name)
-        object.__setattr__(self, "api_keys", MappingProxyType(api_keys))
-        object.__setattr__(self, "admin_keys", MappingProxyType(admin_keys))
+            keys[secret] = ApiKey(str(name), frozenset({"admin"}))
+        object.__setattr__(self, "api_keys", MappingProxyType(keys))
+        object.__setattr__(self, "admin_keys", MappingProxyType({}))
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
         for name in ("max_body_bytes", "default_max_tokens", "max_tokens_limit", "max_embedding_inputs"):
             value = getattr(self, name)
@@ -124,7 +138,11 @@ class GatewaySettings:
                 field="request_timeout_s",
             )
 
+    def holders(self, right: str) -> list[ApiKey]:
+        """The keys that hold ``right``."""
+        return [key for key in self.api_keys.values() if right in key.rights]
+
     @property
     def auth_enabled(self) -> bool:
-        """Whether the inference endpoints ask for a key."""
-        return bool(self.api_keys)
+        """Whether the inference endpoints ask for a key (some key holds "infer")."""
+        return bool(self.holders("infer"))

@@ -11,7 +11,8 @@ Each fake mimics the real library's names and return shapes, so code under test 
 from __future__ import annotations
 
 from xpuflow.testing.fake_backend import FakePlugin, FakeSession
+from xpuflow.testing.fake_engine import FakeEngine
 from xpuflow.testing.fake_nvml import FakeGpu, FakeNvml
 from xpuflow.testing.fake_vram import FakeVramSource
 
-__all__ = ["FakeGpu", "FakeNvml", "FakePlugin", "FakeSession", "FakeVramSource"]
+__all__ = ["FakeEngine", "FakeGpu", "FakeNvml", "FakePlugin", "FakeSession", "FakeVramSource"]
