@@ -29,6 +29,7 @@ from xpuflow.routing.dispatch import (
     RetryPolicy,
     StreamInterrupted,
     is_retryable,
+    service_time_snapshot,
 )
 from xpuflow.scheduling.health import HealthState
 from xpuflow.scheduling.request import WorkRequest
@@ -525,3 +526,36 @@ def test_policy_validation() -> None:
         RetryPolicy(backoff_base_s=2.0, backoff_max_s=1.0)
     with pytest.raises(ConfigError, match="attempt_timeout_s"):
         RetryPolicy(attempt_timeout_s=0)
+
+
+def test_the_scorer_reads_service_time_not_end_to_end_latency() -> None:
+    class Metrics:
+        ema_service_ms: float | None = 12.0
+
+    (a,) = workers("a")
+    a.ema_latency_ms = 900.0  # queued -> answered: inflated by a queue that is gone
+    assert service_time_snapshot(a).ema_latency_ms == 900.0  # no metrics: the snapshot as it is
+    a.metrics = Metrics()  # type: ignore[attr-defined]
+    assert service_time_snapshot(a).ema_latency_ms == 12.0
+    a.metrics.ema_service_ms = None  # type: ignore[attr-defined]
+    assert service_time_snapshot(a).ema_latency_ms == 900.0
+
+
+def test_service_time_of_a_real_worker() -> None:
+    from xpuflow.scheduling.worker import Worker
+
+    async def scenario() -> tuple[float | None, float | None, float | None]:
+        session = FakeSession("s", service_time_s=0.02)
+        async with Worker(session, worker_id="w", device="cpu") as worker:
+            await worker.submit(request())
+            return (
+                worker.snapshot().ema_latency_ms,
+                worker.metrics.ema_service_ms,
+                service_time_snapshot(worker).ema_latency_ms,
+            )
+
+    end_to_end, service, seen = run(scenario)
+    assert service is not None
+    assert end_to_end is not None
+    assert end_to_end >= service  # the end-to-end figure includes the queue wait
+    assert seen == service

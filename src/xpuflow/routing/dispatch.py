@@ -69,6 +69,7 @@ __all__ = [
     "StreamInterrupted",
     "Tiers",
     "is_retryable",
+    "service_time_snapshot",
 ]
 
 T = TypeVar("T")
@@ -211,6 +212,22 @@ class _Progress:
     errors: list[BaseException] = field(default_factory=list)
 
 
+def service_time_snapshot(worker: DispatchTarget) -> WorkerSnapshot:
+    """``worker.snapshot()`` with ``ema_latency_ms`` set to the worker's per-batch service time when its
+    metrics have one (``metrics.ema_service_ms``). The default ``snapshot_of`` of the dispatcher.
+
+    The scorer multiplies the latency by the batches queued ahead (docs/worker_choice.md), so it wants
+    the time to serve a batch, without queue wait. An end-to-end latency counts the queue twice, and
+    worse: a worker that was briefly swamped keeps a high latency EMA, gets little traffic because of
+    it, and so gets no new samples to bring it down, while the others take its share.
+    """
+    snapshot = worker.snapshot()
+    service_ms = getattr(getattr(worker, "metrics", None), "ema_service_ms", None)
+    if isinstance(service_ms, (int, float)) and service_ms > 0 and service_ms != snapshot.ema_latency_ms:
+        return dataclasses.replace(snapshot, ema_latency_ms=float(service_ms))
+    return snapshot
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Whether another worker may succeed where this one failed. Input errors and 4xx are final."""
     if isinstance(exc, (ConfigError, CapabilityError, ValueError, TypeError)):
@@ -268,13 +285,13 @@ class Dispatcher:
         rng: random.Random | None = None,
         snapshot_of: Callable[[DispatchTarget], WorkerSnapshot] | None = None,
     ) -> None:
-        """``snapshot_of`` reads a worker's state for the scorer (default ``worker.snapshot()``); pass
-        one that overlays a remote deployment's polled state (``routing.remote_state``)."""
+        """``snapshot_of`` reads a worker's state for the scorer (default ``service_time_snapshot``);
+        pass one that overlays a remote deployment's polled state (``routing.remote_state``)."""
         self.scorer = scorer or WorkerScorer()
         self.policy = policy or RetryPolicy()
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
-        self._snapshot_of = snapshot_of or (lambda worker: worker.snapshot())
+        self._snapshot_of = snapshot_of or service_time_snapshot
 
     # -- public API -----------------------------------------------------------------------------------
 

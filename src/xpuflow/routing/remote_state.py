@@ -10,8 +10,8 @@ requests waiting and running, KV-cache use, for vLLM, SGLang, TGI and llama.cpp'
                                load_probe=PrometheusLoadProbe(session.settings.base_url),
                                health=worker.health)
     async with poller:                        # start() ... stop(): one background task
-        dispatcher = Dispatcher(snapshot_of=lambda w: poller.overlay(w.snapshot()) if w is worker
-                                else w.snapshot())
+        dispatcher = Dispatcher(snapshot_of=lambda w: poller.overlay(service_time_snapshot(w))
+                                if w is worker else service_time_snapshot(w))
 
 Every snapshot carries ``taken_at_s`` (the injected clock's time of the reading it reports), so when
 polls stall the scorer's staleness decay pulls the remote's load toward "unknown" instead of trusting

@@ -20,10 +20,8 @@ batch's success or failure in ``health`` (request errors such as a bad prompt ar
 failure and are not recorded), and the router reads ``health`` to choose and fail over.
 
 A batch the session rejects with ``ConfigError`` (one bad request, such as a prompt longer than the
-context) is re-run one request at a time, so only the bad request fails. Streamed requests run alone,
-one per batch slot. Requests with different ``max_tokens`` never share a batch: a session returns text,
-not tokens, so a result generated to a larger limit cannot be cut back exactly, and a short request
-would wait for the longest one in its batch.
+context) is re-run one request at a time, so only the bad request fails. Which requests share a batch
+and which session calls run it is ``scheduling.session_calls``; streamed requests run alone.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from xpuflow.backends.base import BatchMode, Completion, Session, StreamChunk
@@ -50,15 +48,14 @@ from xpuflow.scheduling.queue import (
     Ticket,
     make_queue,
 )
-from xpuflow.scheduling.request import RequestKind, WorkRequest
+from xpuflow.scheduling.request import WorkRequest
+from xpuflow.scheduling.session_calls import Result, batch_group, open_stream, run_batch, work_units
 from xpuflow.types import WorkerSnapshot
 
 __all__ = ["Worker", "WorkerStopped"]
 
 log = logging.getLogger(__name__)
 _worker_ids = itertools.count()
-
-Result = Completion | list[list[float]]
 
 
 class WorkerStopped(AdmissionRejected):
@@ -305,7 +302,7 @@ class Worker:
         ticket = Ticket(
             request,
             enqueued_at_s=now,
-            group=self._group(request, streaming),
+            group=batch_group(request, streaming),
             future=asyncio.get_running_loop().create_future(),
             chunks=asyncio.Queue() if streaming else None,
         )
@@ -318,13 +315,6 @@ class Worker:
         self._update_depths()
         self._wakeup.set()
         return ticket
-
-    def _group(self, request: WorkRequest, streaming: bool) -> Hashable:
-        if streaming:
-            return ("stream", request.request_id)  # streams run alone
-        if request.kind is RequestKind.EMBEDDING:
-            return (request.kind,)
-        return (*request.batch_key(), request.params.max_tokens)
 
     def _withdraw(self, ticket: Ticket, error: XpuflowError) -> None:
         """Answer ``ticket`` with ``error`` unless it is answered already, and take it out of the queue."""
@@ -392,7 +382,7 @@ class Worker:
             self._queue.group_size(group),
             self._queue.group_oldest_s(group),
             cap=1 if streaming else self.max_batch_size,
-            units=self._units(head.request),
+            units=work_units(head.request),
             draining=self._closing,
             outstanding=len(self._queue) + self.metrics.in_flight,
         )
@@ -420,12 +410,6 @@ class Worker:
             waker.cancel()
             timer.cancel()
 
-    @staticmethod
-    def _units(request: WorkRequest) -> float:
-        if request.kind is RequestKind.EMBEDDING:
-            return 1.0
-        return float(request.params.max_tokens)
-
     def _launch(self, tickets: list[Ticket], now: float) -> None:
         if not tickets:
             return
@@ -443,7 +427,7 @@ class Worker:
         now = self._clock.monotonic()
         service_s = now - started
         self._batcher.on_complete(
-            now, len(tickets), service_s if ok else None, self._units(tickets[0].request)
+            now, len(tickets), service_s if ok else None, work_units(tickets[0].request)
         )
         self.metrics.record_batch_end(len(tickets), service_s, ok)
         if ok and service_s > 0:
@@ -525,34 +509,10 @@ class Worker:
         return error
 
     async def _call(self, tickets: Sequence[Ticket]) -> list[Result]:
-        """Run one batch on the session; results in the tickets' order."""
-        session = self.session
-        first = tickets[0].request
-        params = first.params
-        payloads = [t.request.payload for t in tickets]
-        if first.kind is RequestKind.EMBEDDING:
-            if self.native_batching and len(tickets) > 1:
-                flat = [text for texts in payloads for text in texts]
-                vectors = await session.embed(flat)
-                if len(vectors) != len(flat):
-                    raise SessionError(
-                        f"session of worker '{self.worker_id}' returned {len(vectors)} vectors for "
-                        f"{len(flat)} texts"
-                    )
-                out: list[Result] = []
-                start = 0
-                for texts in payloads:
-                    out.append(vectors[start : start + len(texts)])
-                    start += len(texts)
-                return out
-            return [await session.embed(texts) for texts in payloads]
-        if first.kind is RequestKind.CHAT:
-            if self.native_batching:
-                return list(await session.chat_batch(payloads, params))
-            return [await session.chat(p, params) for p in payloads]
-        if self.native_batching:
-            return list(await session.generate_batch(payloads, params))
-        return [await session.generate(p, params) for p in payloads]
+        requests = [t.request for t in tickets]
+        return await run_batch(
+            self.session, requests, native=self.native_batching, owner=f"worker '{self.worker_id}'"
+        )
 
     async def _run_stream(self, ticket: Ticket) -> None:
         started = self._clock.monotonic()
@@ -565,12 +525,7 @@ class Worker:
             if ticket.done:  # withdrawn before it started
                 ok = True
                 return
-            if request.kind is RequestKind.CHAT:
-                source = self.session.stream_chat(request.payload, request.params)
-            elif request.kind is RequestKind.COMPLETION:
-                source = self.session.stream_generate(request.payload, request.params)
-            else:
-                raise ConfigError("embedding requests cannot be streamed", field="stream")
+            source = open_stream(self.session, request)
             aclose = getattr(source, "aclose", None)
             try:
                 async for chunk in source:
