@@ -2,9 +2,10 @@
 
 It has the same surface the dispatcher uses (``worker_id``, ``device``, ``health``, ``submit``,
 ``stream``, ``snapshot``) and the same health rule as the real worker: it records the success or
-failure of every request in its own ``HealthTracker``. No queue and no batching: each request runs
-straight on the session. Switches make it misbehave: ``hang`` (never answers), ``reject`` (queue
-full), ``stream_fail_after`` (breaks a stream after that many chunks).
+failure of every request in its own ``HealthTracker`` (not request errors, nor withdrawals). No queue
+and no batching: each request runs straight on the session. Switches make it misbehave: ``hang``
+(answers only when the request's ``cancelled`` event is set, with ``RequestCancelled``, as the real
+worker does), ``reject`` (queue full), ``stream_fail_after`` (breaks a stream after that many chunks).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from xpuflow.backends.base import Completion, StreamChunk
 from xpuflow.clock import Clock
 from xpuflow.errors import AdmissionRejected, ConfigError, SessionError
 from xpuflow.scheduling.health import HealthTracker
+from xpuflow.scheduling.queue import RequestCancelled
 from xpuflow.scheduling.request import RequestKind, WorkRequest
 from xpuflow.testing import FakeSession
 from xpuflow.types import WorkerSnapshot
@@ -59,7 +61,9 @@ class FakeWorker:
 
     async def _run(self, request: WorkRequest) -> Any:
         if self.hang:
-            await asyncio.Event().wait()
+            # Like the real worker: a request whose client went away is answered with an error.
+            await request.cancelled.wait()
+            raise RequestCancelled(f"{request.request_id} withdrawn: its client went away")
         if self.error is not None:
             await asyncio.sleep(0)
             raise self.error
@@ -77,8 +81,8 @@ class FakeWorker:
         self.in_flight += 1
         try:
             result = await self._run(request)
-        except ConfigError:
-            raise  # the request's fault, not the worker's: not a health failure (as in Worker)
+        except (ConfigError, RequestCancelled):
+            raise  # not the worker's fault: not a health failure (as in Worker)
         except Exception as exc:
             self.health.record_failure(str(exc))
             raise
@@ -93,7 +97,8 @@ class FakeWorker:
         self.in_flight += 1
         try:
             if self.hang:
-                await asyncio.Event().wait()
+                await request.cancelled.wait()
+                raise RequestCancelled(f"{request.request_id} withdrawn: its client went away")
             if self.error is not None:
                 raise self.error
             sent = 0

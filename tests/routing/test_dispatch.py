@@ -268,9 +268,9 @@ def test_a_hung_worker_times_out_is_marked_and_the_request_moves_on() -> None:
     assert done.decision.worker == "b"
     assert "no answer within 0.05 s" in (done.attempts[0].error or "")
     assert a.health.consecutive_failures == 1  # recorded by the dispatcher: a hung worker cannot
-    assert a.requests[0].cancelled.is_set()  # the abandoned copy is withdrawn from the hung worker
-    assert a.requests[0].metadata["attempt"] == 1
-    assert b.requests[0].metadata["attempt"] == 2
+    assert a.in_flight == 0  # the abandoned attempt was cancelled, not left running
+    assert a.requests[0] is b.requests[0]
+    assert not a.requests[0].cancelled.is_set()  # the client is still there
 
 
 def test_timeouts_can_be_left_out_of_health() -> None:
@@ -318,7 +318,7 @@ def test_the_client_going_away_cancels_the_attempt() -> None:
             await task
 
     run(scenario)
-    assert a.requests[0].cancelled.is_set()
+    assert a.calls == 1  # not retried for nobody
     assert a.health.consecutive_failures == 0
 
 
@@ -334,7 +334,7 @@ def test_cancelling_the_dispatch_task_withdraws_the_attempt() -> None:
             await task
 
     run(scenario)
-    assert a.requests[0].cancelled.is_set()
+    assert a.in_flight == 0
 
 
 # -- health: probes ----------------------------------------------------------------------------------------

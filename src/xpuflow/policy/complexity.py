@@ -248,7 +248,7 @@ class ComplexityScorer:
         """A scorer with parameters from a file written by ``ComplexityParams.save`` (``ConfigError`` if bad)."""
         return cls(ComplexityParams.load(path))
 
-    def logit(self, prompt: str) -> float:
+    def logit(self, prompt: str | bytes) -> float:
         """The log-odds behind ``score``; any real number."""
         features = extract(as_text(prompt))
         values = features.values
@@ -260,13 +260,13 @@ class ComplexityScorer:
             total += sum(map(expert.weights.__getitem__, found)) / math.sqrt(norm)
         return total
 
-    def score(self, prompt: str) -> float:
+    def score(self, prompt: str | bytes) -> float:
         """How much ``prompt`` needs the strong tier, in [0, 1]; never raises for ``str`` or ``bytes``."""
         z = self.logit(prompt)
         z = min(max(z, -_LOGIT_LIMIT), _LOGIT_LIMIT)
         return 1.0 / (1.0 + math.exp(-z))
 
-    def explain(self, prompt: str) -> Explanation:
+    def explain(self, prompt: str | bytes) -> Explanation:
         """The score with each dimension's contribution (see ``Explanation``)."""
         features = extract(as_text(prompt))
         values = features.values

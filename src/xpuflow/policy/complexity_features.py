@@ -25,8 +25,7 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 __all__ = [
     "DIMENSIONS",
@@ -53,8 +52,10 @@ DIMENSIONS: Final = ("length", "math", "code", "reasoning", "entities", "negatio
 _FEATURES: Final = (
     ("log_tokens", "length"),
     ("log_tokens_choice", "length"),
+    ("log_tokens_squared", "length"),
     ("log_numbers", "math"),
     ("log_numbers_choice", "math"),
+    ("longest_number", "math"),
     ("decimals", "math"),
     ("big_numbers", "math"),
     ("fractions", "math"),
@@ -90,6 +91,8 @@ _SHAPE: Final = bytes(
     48 if 48 <= c <= 57 else 65 if 65 <= c <= 90 else 97 if 97 <= c <= 122 else c for c in range(256)
 )
 _DIGITS: Final = bytes(48 if 48 <= c <= 57 else 32 for c in range(256))
+_MARKS: Final = b"%$={;?\n`"
+_NOT_MARKS: Final = bytes(c for c in range(256) if c not in _MARKS)
 
 
 def _words(*items: str) -> frozenset[bytes]:
@@ -127,9 +130,24 @@ _CONSTRAINT_TERMS: Final = _words(
 )
 _FRACTION_TERMS: Final = _words("half halves third thirds quarter quarters fifth fifths twice double triple")
 
+# one lexicon for all word cues: a single set intersection per prompt, then a tally over the few hits
+_CUE_SETS: Final = (
+    _FRACTION_TERMS,
+    _MATH_TERMS,
+    _CODE_TERMS,
+    _REASONING_TERMS,
+    _CONDITIONAL_TERMS,
+    _NEGATION_TERMS,
+    _CONSTRAINT_TERMS,
+)
+_CUE_INDEX: Final = {
+    word: tuple(i for i, cue_set in enumerate(_CUE_SETS) if word in cue_set)
+    for word in frozenset().union(*_CUE_SETS)
+}
+_CUE_WORDS: Final = frozenset(_CUE_INDEX)
 
-@dataclass(frozen=True, slots=True)
-class Features:
+
+class Features(NamedTuple):
     """One prompt's cues: ``values`` in the order of ``FEATURE_NAMES``; ``tokens`` for the vocabulary."""
 
     values: tuple[float, ...]
@@ -161,36 +179,47 @@ def extract(prompt: str) -> Features:
     words = raw.translate(_WORDS)
     word_set = frozenset(words.split())
     shape = raw.translate(_SHAPE)
+    # the few ASCII symbols we count, extracted in one pass so that each count scans a short string
+    marks = raw.translate(None, _NOT_MARKS)
+    numbers = raw.translate(_DIGITS).split()
     log1p = math.log1p
+    hits = [0, 0, 0, 0, 0, 0, 0]
+    for word in word_set & _CUE_WORDS:
+        for i in _CUE_INDEX[word]:
+            hits[i] += 1
+    fraction_hits, math_hits, code_hits, reasoning_hits, conditional_hits, negation_hits, constraint_hits = hits
 
     choice = 1.0 if (b"\nA. " in raw or b"\nA) " in raw or b"(A)" in raw) and b"B" in raw else 0.0
     log_tokens = log1p(len(prompt) / CHARS_PER_TOKEN)
-    log_numbers = log1p(len(raw.translate(_DIGITS).split()))
+    log_numbers = log1p(len(numbers))
     values = (
         log_tokens,
         log_tokens * choice,
+        log_tokens * log_tokens / 10.0,
         log_numbers,
         log_numbers * choice,
+        # digit runs are all b"0...0" here, so the greatest is the longest
+        log1p(len(max(numbers)) if numbers else 0),
         log1p(shape.count(b"0.0")),
-        log1p(shape.count(b"0000") + shape.count(b"0,000")),
-        log1p(shape.count(b"0/0") + len(word_set & _FRACTION_TERMS)),
-        log1p(raw.count(b"%") + (b"percent" in word_set)),
-        log1p(raw.count(b"$")),
-        log1p(raw.count(b"=")),
-        log1p(len(word_set & _MATH_TERMS)),
-        log1p(raw.count(b"```")),
-        log1p(raw.count(b"{") + raw.count(b";")),
-        log1p(len(word_set & _CODE_TERMS)),
-        log1p(len(word_set & _REASONING_TERMS) + words.count(b"step by step")),
-        log1p(len(word_set & _CONDITIONAL_TERMS)),
-        log1p(raw.count(b"?")),
+        log1p(shape.count(b"0000")),
+        log1p(shape.count(b"0/0") + fraction_hits),
+        log1p(marks.count(b"%") + (b"percent" in word_set)),
+        log1p(marks.count(b"$")),
+        log1p(marks.count(b"=")),
+        log1p(math_hits),
+        log1p(marks.count(b"```")),
+        log1p(marks.count(b"{") + marks.count(b";")),
+        log1p(code_hits),
+        log1p(reasoning_hits + words.count(b"step by step")),
+        log1p(conditional_hits),
+        log1p(marks.count(b"?")),
         log1p(raw.count(b". ")),
-        log1p(raw.count(b"\n")),
+        log1p(marks.count(b"\n")),
         log1p(shape.count(b" Aa")),
         log1p(shape.count(b" AA")),
-        log1p(len(word_set & _NEGATION_TERMS)),
-        log1p(len(word_set & _CONSTRAINT_TERMS)),
-        log1p(raw.count(b"NOT ") + raw.count(b"EXCEPT")),
+        log1p(negation_hits),
+        log1p(constraint_hits),
+        log1p(raw.count(b"NOT ")),
         choice,
     )
     return Features(values, word_set)

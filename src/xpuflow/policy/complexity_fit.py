@@ -100,8 +100,8 @@ class FitConfig:
 
 
 DEFAULT_CONFIGS: Final[Mapping[str, FitConfig]] = {
-    "open": FitConfig(alpha_cues=30.0, alpha_lexical=30.0),
-    "choice": FitConfig(alpha_cues=300.0, alpha_lexical=10.0),
+    "open": FitConfig(alpha_cues=3000.0, alpha_lexical=100.0),
+    "choice": FitConfig(alpha_cues=3000.0, alpha_lexical=3.0, group_blend=0.25),
 }
 """Per-expert defaults chosen by 5-fold cross-validation on the RouteLLM calibration set."""
 

@@ -42,10 +42,8 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import statistics
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 from xpuflow.types import Alternative, WorkerSnapshot
@@ -115,7 +113,7 @@ class ScoringWeights:
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScoredWorker:
     """A candidate that passed the filter: its score, each term (after staleness), and its freshness."""
 
@@ -124,9 +122,6 @@ class ScoredWorker:
     terms: Mapping[str, float] = field(default_factory=dict)
     freshness: float = 1.0
     probe: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "terms", MappingProxyType(dict(self.terms)))
 
     @property
     def worker_id(self) -> str:
@@ -263,7 +258,7 @@ class WorkerScorer:
         known_ema = [
             s.ema_latency_ms for s in candidates if s.ema_latency_ms is not None and s.ema_latency_ms > 0
         ]
-        prior_ema = statistics.median(known_ema) if known_ema else 1.0
+        prior_ema = _median(known_ema) if known_ema else 1.0
         expected = [_ema(s, prior_ema) * (1.0 + _load(s)) for s in candidates]
         best_expected = min(expected)
         known_free = [s.free_memory_bytes for s in candidates if s.free_memory_bytes is not None]
@@ -274,22 +269,25 @@ class WorkerScorer:
         scored: list[ScoredWorker] = []
         for snapshot, expected_i in zip(candidates, expected, strict=True):
             fresh = self.freshness(snapshot, now_s)
-            raw = {
-                "speed": best_expected / expected_i if expected_i > 0 else 1.0,
-                "memory": _memory_term(snapshot.free_memory_bytes, max_free),
-                "utilization": NEUTRAL
-                if snapshot.utilization_pct is None
-                else 1.0 - _clamp(snapshot.utilization_pct / 100.0),
-                "temperature": self._temperature_term(snapshot.temperature_c),
-            }
-            terms = {name: fresh * value + (1.0 - fresh) * NEUTRAL for name, value in raw.items()}
+            speed = best_expected / expected_i if expected_i > 0 else 1.0
+            memory = _memory_term(snapshot.free_memory_bytes, max_free)
+            util = snapshot.utilization_pct
+            utilization = NEUTRAL if util is None else 1.0 - _clamp(util / 100.0)
+            temperature = self._temperature_term(snapshot.temperature_c)
+            if fresh < 1.0:
+                stale = (1.0 - fresh) * NEUTRAL
+                speed = fresh * speed + stale
+                memory = fresh * memory + stale
+                utilization = fresh * utilization + stale
+                temperature = fresh * temperature + stale
             state = (
-                w.speed * terms["speed"]
-                + w.memory * terms["memory"]
-                + w.utilization * terms["utilization"]
-                + w.temperature * terms["temperature"]
+                w.speed * speed
+                + w.memory * memory
+                + w.utilization * utilization
+                + w.temperature * temperature
             ) / state_weight
-            sticky = bonus.get(snapshot.worker_id, 0.0)
+            terms = {"speed": speed, "memory": memory, "utilization": utilization, "temperature": temperature}
+            sticky = bonus.get(snapshot.worker_id, 0.0) if bonus else 0.0
             if sticky:
                 terms["affinity"] = sticky
             scored.append(
@@ -373,6 +371,12 @@ def session_affinity(key: str) -> Callable[[Sequence[WorkerSnapshot]], Mapping[s
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2.0
 
 
 def _clamp(value: float) -> float:

@@ -27,6 +27,8 @@ The contract:
   ``health.available()`` (spending a half-open probe on a worker only when the scorer will choose it),
   records the timeouts it enforces itself (a hung worker never reports), and settles a probe the worker
   left open.
+- A client that goes away (the task is cancelled, or ``request.cancelled`` is set, which the worker
+  answers with ``RequestCancelled``) ends the call with ``CancelledError``: nothing is retried for nobody.
 - Streams: a stream that fails before its first chunk is retried like any request, invisibly to the
   client. After the first chunk the client has seen output, so a failure ends the stream with
   ``StreamInterrupted`` (which names the worker and how many chunks got through).
@@ -38,9 +40,10 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from xpuflow.backends.base import Completion, StreamChunk
 from xpuflow.clock import Clock, SystemClock
@@ -244,32 +247,28 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def _consume(task: asyncio.Future[Any]) -> None:
-    # An abandoned attempt may still finish with an error; fetch it so asyncio does not log it as lost.
-    if not task.cancelled():
-        task.exception()
+_CLIENT_GONE = "the client cancelled the request"
 
 
-async def _race(work: Awaitable[T], timeout_s: float | None, cancelled: asyncio.Event) -> T:
-    """``work``'s result, or ``_AttemptTimeout`` past ``timeout_s``, or CancelledError once ``cancelled``
-    is set (the client went away). The work is cancelled whenever it is abandoned."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(cancelled.wait())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        task.add_done_callback(_consume)
-        raise
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    task.add_done_callback(_consume)
-    if cancelled.is_set():
-        raise asyncio.CancelledError("the client cancelled the request")
-    raise _AttemptTimeout(f"no answer within {timeout_s:g} s")
+async def _within(work: Awaitable[T], timeout_s: float | None) -> T:
+    """``work``'s result, or ``_AttemptTimeout`` past ``timeout_s`` (the work is cancelled, which makes a
+    worker withdraw the request). Runs in the caller's task: no task per attempt or per chunk. A
+    ``TimeoutError`` the work raises itself (a worker's deadline) passes through unchanged."""
+    if timeout_s is None:
+        return await work
+    if sys.version_info >= (3, 11):
+        scope = asyncio.timeout(timeout_s)
+        try:
+            async with scope:
+                return await work
+        except TimeoutError:
+            if scope.expired():
+                raise _AttemptTimeout(f"no answer within {timeout_s:g} s") from None
+            raise
+    try:  # pragma: no cover - Python 3.10, where asyncio.TimeoutError is not the builtin TimeoutError
+        return await asyncio.wait_for(work, timeout_s)
+    except asyncio.TimeoutError:  # pragma: no cover
+        raise _AttemptTimeout(f"no answer within {timeout_s:g} s") from None
 
 
 class Dispatcher:
@@ -311,10 +310,8 @@ class Dispatcher:
         """
         progress = _Progress()
 
-        async def attempt(
-            target: DispatchTarget, attempt_request: WorkRequest, timeout_s: float | None
-        ) -> Result:
-            return await _race(target.submit(attempt_request), timeout_s, request.cancelled)
+        async def attempt(target: DispatchTarget, timeout_s: float | None) -> Result:
+            return await _within(target.submit(request), timeout_s)
 
         pick, result = await self._run(tiers, request, needs, affinity, progress, attempt)
         return Dispatched(result, self._decision(pick, progress, tier_decision), tuple(progress.attempts))
@@ -333,11 +330,11 @@ class Dispatcher:
         progress = _Progress()
 
         async def attempt(
-            target: DispatchTarget, attempt_request: WorkRequest, timeout_s: float | None
+            target: DispatchTarget, timeout_s: float | None
         ) -> tuple[StreamChunk | None, AsyncIterator[StreamChunk]]:
-            iterator = target.stream(attempt_request)
+            iterator = target.stream(request)
             try:
-                first = await _race(_first(iterator), timeout_s, request.cancelled)
+                first = await _within(_first(iterator), timeout_s)
             except BaseException:
                 await _aclose(iterator)
                 raise
@@ -364,7 +361,7 @@ class Dispatcher:
         needs: WorkerNeeds | None,
         affinity: Affinity | None,
         progress: _Progress,
-        attempt: Callable[[DispatchTarget, WorkRequest, float | None], Awaitable[T]],
+        attempt: Callable[[DispatchTarget, float | None], Awaitable[T]],
     ) -> tuple[_Pick, T]:
         policy = self.policy
         tier_list = list(tiers.items()) if isinstance(tiers, Mapping) else list(tiers)
@@ -373,7 +370,7 @@ class Dispatcher:
             tried: set[str] = set()
             while len(tried) <= policy.max_retries and len(progress.attempts) < policy.max_attempts:
                 if request.cancelled.is_set():
-                    raise asyncio.CancelledError("the client cancelled the request")
+                    raise asyncio.CancelledError(_CLIENT_GONE)
                 backoff = 0.0
                 if backoff_due:
                     backoff = policy.backoff_s(len(progress.attempts), self.rng)
@@ -395,21 +392,19 @@ class Dispatcher:
                 tried.add(target.worker_id)
                 probe = pick.probe
                 timeout_s, by_deadline = _attempt_timeout(policy.attempt_timeout_s, remaining)
-                attempt_request = dataclasses.replace(
-                    request,
-                    cancelled=asyncio.Event(),
-                    metadata={**request.metadata, "attempt": len(progress.attempts) + 1},
-                )
                 start = self.clock.monotonic()
                 try:
-                    result = await attempt(target, attempt_request, timeout_s)
+                    result = await attempt(target, timeout_s)
                 except asyncio.CancelledError:
-                    attempt_request.cancelled.set()
                     if probe:
                         self._settle_probe(target, "the client went away during the probe")
                     raise
                 except Exception as exc:
-                    attempt_request.cancelled.set()
+                    if request.cancelled.is_set():
+                        # The worker dropped it because the client went away: nobody to retry for.
+                        if probe:
+                            self._settle_probe(target, "the client went away during the probe")
+                        raise asyncio.CancelledError(_CLIENT_GONE) from exc
                     if isinstance(exc, _AttemptTimeout) and policy.record_timeouts and not by_deadline:
                         # A hung worker never reports its own failure; the timeout is the evidence.
                         target.health.record_failure(f"timed out: {exc}")
@@ -579,7 +574,7 @@ class DispatchedStream:
         self._first = first
         self._iterator = iterator
         self._pick = pick
-        self._request = request
+        self.request = request
         self._idle_timeout_s = idle_timeout_s
         self._done = first is None
 
@@ -594,7 +589,7 @@ class DispatchedStream:
         if self._done:
             raise StopAsyncIteration
         try:
-            chunk = await _race(_first(self._iterator), self._idle_timeout_s, self._request.cancelled)
+            chunk = await _within(_first(self._iterator), self._idle_timeout_s)
         except Exception as exc:
             self._done = True
             await _aclose(self._iterator)
