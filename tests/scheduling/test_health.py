@@ -63,3 +63,15 @@ def test_never_locked_out_for_good(events: list[str]) -> None:
     assert health.available()
     health.record_success()
     assert health.healthy
+
+
+def test_a_probe_never_reported_stops_blocking_after_its_timeout() -> None:
+    clock = FakeClock()
+    health = HealthTracker(failure_threshold=1, cooldown_s=2, clock=clock, probe_timeout_s=5)
+    health.record_failure("down")
+    clock.advance(2)
+    assert health.available()  # probe handed out; its caller vanishes and never reports
+    clock.advance(4.9)
+    assert not health.available()
+    clock.advance(0.1)
+    assert health.available()  # a new probe

@@ -544,6 +544,7 @@ class Dispatcher:
             tier=pick.tier,
             worker=pick.target.worker_id,
             details={
+                "rule": tier_decision.details.get("rule") if tier_decision is not None else None,
                 "score": round(chosen.score, 4),
                 "probability": round(pick.choice.probability, 4),
                 "attempts": len(progress.attempts),

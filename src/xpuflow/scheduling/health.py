@@ -2,7 +2,8 @@
 
 ``failure_threshold`` consecutive failures make a worker unhealthy; after ``cooldown_s`` one request
 is let through as a probe (half-open); its success makes the worker healthy again, its failure
-starts a new cooldown. Time is injected::
+starts a new cooldown. A probe whose outcome is never reported (its caller went away) stops blocking
+after ``probe_timeout_s``, so a worker can never be stuck half-open. Time is injected::
 
     health = HealthTracker(clock=FakeClock())
     for _ in range(3):
@@ -30,7 +31,11 @@ class HealthTracker:
     """Consecutive-failure health tracking with a half-open probe after a cooldown."""
 
     def __init__(
-        self, failure_threshold: int = 3, cooldown_s: float = 10.0, clock: Clock | None = None
+        self,
+        failure_threshold: int = 3,
+        cooldown_s: float = 10.0,
+        clock: Clock | None = None,
+        probe_timeout_s: float | None = None,
     ) -> None:
         if failure_threshold < 1:
             raise ValueError(f"failure_threshold must be >= 1, got {failure_threshold}")
@@ -38,11 +43,13 @@ class HealthTracker:
             raise ValueError(f"cooldown_s must be >= 0, got {cooldown_s}")
         self.failure_threshold = failure_threshold
         self.cooldown_s = cooldown_s
+        self.probe_timeout_s = cooldown_s if probe_timeout_s is None else probe_timeout_s
         self._clock = clock or SystemClock()
         self._lock = threading.Lock()
         self._state = HealthState.HEALTHY
         self._consecutive_failures = 0
         self._opened_at_s = 0.0
+        self._probe_started_s = 0.0
         self.last_error = ""
         self.total_failures = 0
 
@@ -63,10 +70,13 @@ class HealthTracker:
         with self._lock:
             if self._state is HealthState.HEALTHY:
                 return True
-            if self._state is HealthState.UNHEALTHY and (
-                self._clock.monotonic() - self._opened_at_s >= self.cooldown_s
-            ):
+            now = self._clock.monotonic()
+            due = (self._state is HealthState.UNHEALTHY and now - self._opened_at_s >= self.cooldown_s) or (
+                self._state is HealthState.PROBING and now - self._probe_started_s >= self.probe_timeout_s
+            )
+            if due:
                 self._state = HealthState.PROBING
+                self._probe_started_s = now
                 return True
             return False
 
