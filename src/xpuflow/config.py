@@ -140,7 +140,7 @@ class ApiKeyConfig(_Strict):
     key: str | None = Field(None, min_length=8, description="The bearer token.")
     key_env: str | None = Field(None, description="Environment variable that holds the token.")
     rights: list[Literal["infer", "admin"]] = Field(
-        default_factory=lambda: ["infer"], description="What the key may do."
+        default_factory=lambda: list[Literal["infer", "admin"]](["infer"]), description="What the key may do."
     )
     qos_class: str | None = Field(None, description="QoS class for requests made with this key.")
 
@@ -211,14 +211,39 @@ class XpuflowConfig(_Strict):
         return [r.model_dump() for r in self.resources]
 
 
-def _format_validation(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+def format_validation_error(exc: ValidationError, source: str, what: str = "config") -> str:
+    """One line per bad field: where it is, what is wrong, and the value that was given."""
+    lines = [f"invalid {what} {source}:"]
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         value = err.get("input")
         got = "" if isinstance(value, (dict, list)) or err["type"] == "missing" else f" (got {value!r})"
         lines.append(f"  {where}: {err['msg']}{got}")
     return "\n".join(lines)
+
+
+def first_error_field(exc: ValidationError) -> str | None:
+    errors = exc.errors()
+    return ".".join(map(str, errors[0]["loc"])) or None if errors else None
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """Parse a YAML file; ConfigError saying what is wrong with the file otherwise."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{what} {file} does not exist; pass the path of a YAML file") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{what} {file} is a folder; pass the path of a YAML file") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {file} is not UTF-8 text") from exc
+    except OSError as exc:
+        raise ConfigError(f"{what} {file} cannot be read: {exc.strerror or exc}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {file} is not valid YAML: {exc}") from exc
 
 
 def parse_config(data: Any, source: str = "<data>") -> XpuflowConfig:
@@ -230,21 +255,9 @@ def parse_config(data: Any, source: str = "<data>") -> XpuflowConfig:
     try:
         return XpuflowConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]["loc"] if exc.errors() else ()
-        raise ConfigError(_format_validation(exc, source), field=".".join(map(str, first))) from exc
+        raise ConfigError(format_validation_error(exc, source), field=first_error_field(exc)) from exc
 
 
 def load_config(path: str | Path) -> XpuflowConfig:
     """Read and validate a YAML config file."""
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {file} does not exist; pass the path of a YAML file") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {file} is not UTF-8 text") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {file} is not valid YAML: {exc}") from exc
-    return parse_config(data, str(file))
+    return parse_config(read_yaml(path), str(path))

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from xpuflow.clock import Clock, SystemClock
+from xpuflow.config import first_error_field, format_validation_error, read_yaml
 from xpuflow.errors import ConfigError
 from xpuflow.routing.rules import (
     ComplexityRule,
@@ -218,14 +218,6 @@ class RoutingConfig(_Strict):
         }
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid routing config {source}:"]
-    for err in exc.errors():
-        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
-        lines.append(f"  {where}: {err['msg']}")
-    return "\n".join(lines)
-
-
 def parse_config(data: Any, source: str = "<data>") -> RoutingConfig:
     """Validate parsed YAML/JSON. The fields may sit at the top level or under a ``routing:`` key."""
     if data is None:
@@ -237,27 +229,14 @@ def parse_config(data: Any, source: str = "<data>") -> RoutingConfig:
     try:
         return RoutingConfig.model_validate(dict(data))
     except ValidationError as exc:
-        first = exc.errors()[0]["loc"] if exc.errors() else ()
-        raise ConfigError(_format_errors(exc, source), field=".".join(map(str, first)) or None) from exc
+        message = format_validation_error(exc, source, "routing config")
+        raise ConfigError(message, field=first_error_field(exc)) from exc
 
 
 def load_config(path: str | Path) -> RoutingConfig:
     """Read a routing config from YAML. Raises ``ConfigError`` naming the file, the field and the fix."""
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ConfigError(f"routing config {file} does not exist; pass the path of a YAML file") from exc
-    except IsADirectoryError as exc:
-        raise ConfigError(f"routing config {file} is a folder; pass the path of a YAML file") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"routing config {file} is not UTF-8 text") from exc
-    except OSError as exc:
-        raise ConfigError(f"routing config {file} cannot be read: {exc.strerror or exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"routing config {file} is not valid YAML: {exc}") from exc
+    data = read_yaml(file, "routing config")
     return parse_config(data, str(file))
 
 
@@ -463,7 +442,8 @@ class AdaptiveRouter:
         except ValidationError as exc:
             raise ConfigError(
                 f"a threshold of {threshold:.4f} for a {strong_share:.0%} strong share conflicts with the "
-                f"middle tiers' min_score; lower them or ask for a smaller share ({_format_errors(exc, '')})",
+                "middle tiers' min_score; lower them or ask for a smaller share "
+                f"({format_validation_error(exc, '')})",
                 field="complexity_threshold",
             ) from exc
         with self._lock:
