@@ -7,12 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 import typer
-from bench_helpers import API_KEY, Gateway, live_server
+from bench_helpers import API_KEY, Gateway
 
 from xpuflow.cli.bench import register
 from xpuflow.serving.app import create_app
 from xpuflow.serving.settings import GatewaySettings
 from xpuflow.testing.fake_engine import FakeEngine
+from xpuflow.testing.live_server import live_server
 
 
 @pytest.fixture(scope="module")
