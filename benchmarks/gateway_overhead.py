@@ -166,15 +166,52 @@ def _client_main(args: argparse.Namespace) -> None:
 # -- the xpuflow gateway (runs in its own process) ---------------------------------------------------
 
 
-def _serve_xpuflow(port: int, upstream: str, api_key: str) -> None:
+def _serve_xpuflow(port: int, upstream: str, api_key: str, engine_kind: str) -> None:
+    """The gateway as users run it. ``orchestrator``: ``xpuflow serve``'s whole path (a remote_openai
+    deployment behind a worker queue, the dispatcher and the logical-model router); ``remote``: the
+    pure-gateway ``RemoteEngine`` (no queue, no worker)."""
+    import contextlib
+
     import uvicorn
 
     from xpuflow.serving.app import create_app
-    from xpuflow.serving.remote_engine import RemoteEngine
     from xpuflow.serving.settings import GatewaySettings
 
-    engine = RemoteEngine.from_urls({"chat": (upstream, "mock")}, options={"max_connections": 64})
-    app = create_app(engine, GatewaySettings(api_keys={api_key: "bench"}), lifespan=engine.lifespan)
+    settings = GatewaySettings(api_keys={api_key: "bench"})
+    if engine_kind == "remote":
+        from xpuflow.serving.remote_engine import RemoteEngine
+
+        engine: Any = RemoteEngine.from_urls({"chat": (upstream, "mock")}, options={"max_connections": 64})
+        lifespan = engine.lifespan
+    else:
+        from xpuflow.config import parse_config
+        from xpuflow.orchestrator import Orchestrator
+
+        config = parse_config(
+            {
+                "deployments": [
+                    {
+                        "name": "chat",
+                        "backend": "remote_openai",
+                        "task": "chat",
+                        "max_batch_size": 64,
+                        "batching": {"policy": "greedy", "queue_capacity": 1024},
+                        "options": {"base_url": upstream, "model": "mock", "max_connections": 64},
+                    }
+                ]
+            }
+        )
+        engine = Orchestrator(config)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Any) -> Any:
+            await engine.start()
+            try:
+                yield
+            finally:
+                await engine.stop()
+
+    app = create_app(engine, settings, lifespan=lifespan)
     uvicorn.run(
         app,
         host="127.0.0.1",
@@ -342,6 +379,12 @@ def main() -> None:
     parser.add_argument("--client", choices=["latency", "rps"], help=argparse.SUPPRESS)
     parser.add_argument("--url", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--serve-xpuflow", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--xpuflow-engine",
+        choices=("orchestrator", "remote"),
+        default="orchestrator",
+        help="orchestrator: the full `xpuflow serve` path (worker queue, dispatcher); remote: pure gateway",
+    )
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
     parser.add_argument("--api-key", default="sk-bench-" + secrets.token_hex(24), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -349,7 +392,7 @@ def main() -> None:
         _client_main(args)
         return
     if args.serve_xpuflow:
-        _serve_xpuflow(args.serve_xpuflow, args.upstream, args.api_key)
+        _serve_xpuflow(args.serve_xpuflow, args.upstream, args.api_key, args.xpuflow_engine)
         return
 
     load_before = os.getloadavg()
@@ -368,6 +411,7 @@ def main() -> None:
 
         port = _free_port()
         argv = [sys.executable, __file__, "--serve-xpuflow", str(port), "--upstream", upstream]
+        argv += ["--xpuflow-engine", args.xpuflow_engine]
         procs["xpuflow"] = _start([*argv, "--api-key", args.api_key], f"http://127.0.0.1:{port}/health", 60)
         time.sleep(1.0)
         runs["xpuflow"] = {"idle_rss_mb": _rss_mb(procs["xpuflow"].pid)}
@@ -461,7 +505,12 @@ def _report(
         "request_body": json.loads(BODY),
         "xpuflow": {
             "server": f"uvicorn {uvicorn.__version__}: uvloop, httptools, 1 worker, access log off",
-            "engine": "RemoteEngine -> remote_openai backend (aiohttp, max_connections 64)",
+            "engine": (
+                "Orchestrator (xpuflow serve's path: worker queue + dispatcher) -> remote_openai backend"
+                if args.xpuflow_engine == "orchestrator"
+                else "RemoteEngine (pure gateway) -> remote_openai backend"
+            )
+            + " (aiohttp, max_connections 64)",
             "auth": "one bearer API key",
         },
         "litellm": litellm,

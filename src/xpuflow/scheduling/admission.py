@@ -171,7 +171,9 @@ class AdmissionController:
                 field="max_vram",
             )
         reserved = sum(s.reserved_bytes for s in self._specs.values())
-        if reserved + spec.reserved_bytes > self.capacity_bytes:
+        in_use = self._committed() + self._best_effort_unsheddable(())
+        limit = self.capacity_bytes - self.external_bytes
+        if reserved + spec.reserved_bytes > self.capacity_bytes or in_use + spec.reserved_bytes > limit:
             raise ConfigError(
                 f"context '{spec.name}' reserves {_fmt(spec.reserved_bytes)} but only "
                 f"{_fmt(self.capacity_bytes - reserved)} of {_fmt(self.capacity_bytes)} is unreserved; "
@@ -185,7 +187,8 @@ class AdmissionController:
             return self._specs[name]
         except KeyError:
             raise ConfigError(
-                f"unknown context '{name}'; known: {', '.join(sorted(self._specs)) or 'none'}", field="context"
+                f"unknown context '{name}'; known: {', '.join(sorted(self._specs)) or 'none'}",
+                field="context",
             ) from None
 
     @property
@@ -213,7 +216,7 @@ class AdmissionController:
         return sorted(self._queue.values(), key=lambda t: (t.qos.rank, t.ticket_id))
 
     def _committed(self, extra: dict[str, int] | None = None) -> int:
-        """Non-BestEffort usage plus every idle reservation: bytes that must stay available to their owners."""
+        """Non-BestEffort usage plus every idle reservation: bytes that must stay available to owners."""
         total = 0
         for name, spec in self._specs.items():
             used = self._used[name] + (extra or {}).get(name, 0)
@@ -222,12 +225,15 @@ class AdmissionController:
         return total
 
     # ---------------------------------------------------------------- admission
-    def _plan(self, context: str, nbytes: int, sheddable: bool, releasing: Iterable[Grant] = ()) -> list[Grant]:
+    def _plan(
+        self, context: str, nbytes: int, sheddable: bool, releasing: Iterable[Grant] = ()
+    ) -> list[Grant]:
         """Grants to shed so the request fits, or raise AdmissionRejected (``_CapacityShort`` as cause
         when waiting may help). ``releasing`` are grants assumed already gone (eviction planning)."""
         spec = self.spec(context)
         if nbytes < 0:
             raise ConfigError("nbytes must be >= 0", field="nbytes")
+        releasing = list(releasing)
         gone: dict[str, int] = Counter()
         for g in releasing:
             gone[g.context] -= g.nbytes
@@ -256,18 +262,19 @@ class AdmissionController:
                 what = "unreserved device memory"
             if need > limit:
                 raise AdmissionRejected(
-                    f"best-effort context '{context}' needs {_fmt(nbytes)} but only {_fmt(max(0, limit - need + nbytes))} "
-                    f"of {what} is left; retry later",
+                    f"best-effort context '{context}' needs {_fmt(nbytes)} but only "
+                    f"{_fmt(max(0, limit - need + nbytes))} of {what} is left; retry later",
                     retry_after_s=self.retry_after_s,
                 ) from _CapacityShort()
             return []
         extra = dict(gone)
         extra[context] = extra.get(context, 0) + nbytes
-        committed = self._committed(extra) + self._best_effort_unsheddable(gone)
+        committed = self._committed(extra) + self._best_effort_unsheddable(releasing)
         if committed > limit:
             raise AdmissionRejected(
                 f"{spec.qos.value} context '{context}' cannot burst by {_fmt(nbytes)}: only "
-                f"{_fmt(max(0, limit - committed + nbytes))} of unreserved device memory is free; retry later",
+                f"{_fmt(max(0, limit - committed + nbytes))} of unreserved device memory is free; "
+                "retry later",
                 retry_after_s=self.retry_after_s,
             ) from _CapacityShort()
         shed: list[Grant] = []
@@ -290,10 +297,17 @@ class AdmissionController:
             self._used[n] + gone.get(n, 0) for n, s in self._specs.items() if s.qos is QoSPolicy.BEST_EFFORT
         )
 
-    def _best_effort_unsheddable(self, gone: dict[str, int]) -> int:
-        return sum(g.nbytes for g in self._grants.values() if g.qos is QoSPolicy.BEST_EFFORT and not g.sheddable)
+    def _best_effort_unsheddable(self, releasing: Iterable[Grant]) -> int:
+        skip = {g.grant_id for g in releasing}
+        return sum(
+            g.nbytes
+            for g in self._grants.values()
+            if g.qos is QoSPolicy.BEST_EFFORT and not g.sheddable and g.grant_id not in skip
+        )
 
-    def check(self, context: str, nbytes: int, *, sheddable: bool = True, releasing: Iterable[Grant] = ()) -> str | None:
+    def check(
+        self, context: str, nbytes: int, *, sheddable: bool = True, releasing: Iterable[Grant] = ()
+    ) -> str | None:
         """The reason the request would be refused now (assuming ``releasing`` were gone), or None."""
         try:
             self._plan(context, nbytes, sheddable, releasing)
@@ -310,9 +324,16 @@ class AdmissionController:
         return outcome
 
     def enqueue(
-        self, context: str, nbytes: int, *, now_s: float, timeout_s: float | None = None, sheddable: bool = True
+        self,
+        context: str,
+        nbytes: int,
+        *,
+        now_s: float,
+        timeout_s: float | None = None,
+        sheddable: bool = True,
     ) -> tuple[Ticket | None, AdmissionOutcome]:
-        """Admit now if nothing of the same or a better class waits and it fits; else queue a ticket.
+        """Admit now if nothing of the same or a better class waits and it fits (ticket None, the grant in
+        the outcome); else queue a ticket, which the returned outcome's ``served`` may already hold.
         Requests that can never fit (over the context's max) are rejected at once."""
         spec = self.spec(context)
         if nbytes > spec.max_bytes:
@@ -326,12 +347,13 @@ class AdmissionController:
         if len(self._queue) >= self.max_queue:
             self.stats["rejected"] += 1
             raise AdmissionRejected(
-                f"admission queue is full ({self.max_queue} waiting); retry later", retry_after_s=self.retry_after_s
+                f"admission queue is full ({self.max_queue} waiting); retry later",
+                retry_after_s=self.retry_after_s,
             )
         deadline = None if timeout_s is None else now_s + timeout_s
         ticket = Ticket(next(self._ids), context, spec.qos, nbytes, sheddable, now_s, deadline)
         self._queue[ticket.ticket_id] = ticket
-        return ticket, AdmissionOutcome()
+        return ticket, self.pump(now_s=now_s)
 
     def withdraw(self, ticket: Ticket) -> bool:
         """Drop a waiting ticket (its waiter was cancelled). True if it was still queued."""
@@ -397,7 +419,9 @@ class AdmissionController:
                 continue
             del self._queue[ticket.ticket_id]
             outcome.shed.extend(self._take_back(g, "shed") for g in shed)
-            outcome.served.append((ticket, self._grant(ticket.context, ticket.nbytes, ticket.sheddable, now_s)))
+            outcome.served.append(
+                (ticket, self._grant(ticket.context, ticket.nbytes, ticket.sheddable, now_s))
+            )
         return outcome
 
     # ---------------------------------------------------------------- internals
