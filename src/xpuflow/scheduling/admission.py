@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -158,6 +158,8 @@ class AdmissionController:
         self._queue: dict[int, Ticket] = {}
         self._ids = itertools.count(1)
         self.stats: Counter[str] = Counter()
+        # Told about every shed grant, whichever input caused it, so its holder can cancel the work.
+        self.on_shed: Callable[[Grant], None] | None = None
 
     # ---------------------------------------------------------------- contexts
     def add_context(self, spec: ContextSpec) -> None:
@@ -441,4 +443,6 @@ class AdmissionController:
         del self._grants[grant.grant_id]
         self._used[grant.context] -= grant.nbytes
         self.stats[reason] += 1
+        if reason == "shed" and self.on_shed is not None:
+            self.on_shed(grant)
         return grant
