@@ -160,6 +160,10 @@ class AdmissionController:
         self.stats: Counter[str] = Counter()
         # Told about every shed grant, whichever input caused it, so its holder can cancel the work.
         self.on_shed: Callable[[Grant], None] | None = None
+        # Told about every ticket served or expired, whichever input caused it (a release, an eviction,
+        # a re-measurement), so no waiter is forgotten.
+        self.on_served: Callable[[Ticket, Grant], None] | None = None
+        self.on_expired: Callable[[Ticket, AdmissionRejected], None] | None = None
 
     # ---------------------------------------------------------------- contexts
     def add_context(self, spec: ContextSpec) -> None:
@@ -340,7 +344,7 @@ class AdmissionController:
         spec = self.spec(context)
         if nbytes > spec.max_bytes:
             self._plan(context, nbytes, sheddable)  # raises with the reason
-        ahead = any(t.qos.rank <= spec.qos.rank for t in self._queue.values())
+        ahead = any(t.qos.rank <= spec.qos.rank or t.context == context for t in self._queue.values())
         if not ahead:
             try:
                 return None, self.admit(context, nbytes, now_s=now_s, sheddable=sheddable)
@@ -393,37 +397,39 @@ class AdmissionController:
 
     def pump(self, *, now_s: float) -> AdmissionOutcome:
         """Expire tickets past their deadline, then serve the rest by class and arrival order. A ticket
-        blocked by device capacity blocks those after it, so big requests are not starved by small."""
+        blocked by device capacity blocks those after it, and one blocked by its context's limit blocks
+        its context's later tickets, so big requests are not starved by small ones."""
         outcome = AdmissionOutcome()
-        blocked = False
+        blocked = False  # device capacity is short: later tickets wait their turn
+        blocked_contexts: set[str] = set()  # a context's own limit is short: its later tickets wait
         for ticket in self.queued:
             if ticket.deadline_s is not None and now_s >= ticket.deadline_s:
                 del self._queue[ticket.ticket_id]
                 self.stats["expired"] += 1
                 waited = now_s - ticket.enqueued_at_s
-                outcome.rejected.append(
-                    (
-                        ticket,
-                        AdmissionRejected(
-                            f"context '{ticket.context}' waited {waited:.2f} s for {_fmt(ticket.nbytes)} "
-                            "of device memory; retry later",
-                            retry_after_s=self.retry_after_s,
-                        ),
-                    )
+                error = AdmissionRejected(
+                    f"context '{ticket.context}' waited {waited:.2f} s for {_fmt(ticket.nbytes)} "
+                    "of device memory; retry later",
+                    retry_after_s=self.retry_after_s,
                 )
+                outcome.rejected.append((ticket, error))
+                if self.on_expired is not None:
+                    self.on_expired(ticket, error)
                 continue
-            if blocked:
+            if blocked or ticket.context in blocked_contexts:
                 continue
             try:
                 shed = self._plan(ticket.context, ticket.nbytes, ticket.sheddable)
             except AdmissionRejected as exc:
                 blocked = isinstance(exc.__cause__, _CapacityShort)
+                blocked_contexts.add(ticket.context)
                 continue
             del self._queue[ticket.ticket_id]
             outcome.shed.extend(self._take_back(g, "shed") for g in shed)
-            outcome.served.append(
-                (ticket, self._grant(ticket.context, ticket.nbytes, ticket.sheddable, now_s))
-            )
+            grant = self._grant(ticket.context, ticket.nbytes, ticket.sheddable, now_s)
+            outcome.served.append((ticket, grant))
+            if self.on_served is not None:
+                self.on_served(ticket, grant)
         return outcome
 
     # ---------------------------------------------------------------- internals

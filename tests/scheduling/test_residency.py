@@ -1,0 +1,136 @@
+"""Model residency: load on demand, LRU eviction by bytes, pinned and Guaranteed models stay, memory is
+re-measured after unloads, and a model that cannot fit fails naming the sizes."""
+
+from __future__ import annotations
+
+import pytest
+
+from xpuflow.errors import ConfigError
+from xpuflow.scheduling.admission import GB, MB, AdmissionController, ContextSpec, QoSPolicy
+from xpuflow.scheduling.residency import ModelDoesNotFit, ModelResidency
+
+
+class FakeDevice:
+    """Loads and unloads by name; the allocator keeps ``keep_on_unload_bytes`` of each unload cached."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.sizes: dict[str, int] = {}
+        self.loaded: dict[str, int] = {}
+        self.cached = 0
+        self.keep_on_unload_bytes = 0
+        self.unloads: list[str] = []
+
+    def load(self, name: str) -> str:
+        self.loaded[name] = self.sizes[name]
+        return f"session:{name}"
+
+    def unload(self, name: str, handle: object) -> None:
+        assert handle == f"session:{name}"
+        self.loaded.pop(name)
+        self.unloads.append(name)
+        self.cached += self.keep_on_unload_bytes
+
+    def free_bytes(self) -> int:
+        return self.capacity - sum(self.loaded.values()) - self.cached
+
+
+def setup(capacity: int = 10 * GB) -> tuple[AdmissionController, ModelResidency, FakeDevice]:
+    ctrl = AdmissionController(capacity)
+    ctrl.add_context(ContextSpec("gold", QoSPolicy.GUARANTEED, max_bytes=3 * GB))
+    ctrl.add_context(ContextSpec("shared", QoSPolicy.BURSTABLE, max_bytes=7 * GB, base_bytes=0))
+    device = FakeDevice(capacity)
+    residency = ModelResidency(ctrl, load=device.load, unload=device.unload, free_bytes=device.free_bytes)
+    return ctrl, residency, device
+
+
+def ensure(
+    residency: ModelResidency, device: FakeDevice, name: str, size: int, ctx: str = "shared"
+) -> object:
+    device.sizes[name] = size
+    return residency.ensure(name, size, context=ctx)
+
+
+def test_loads_on_demand_and_reuses_the_loaded_model() -> None:
+    ctrl, residency, device = setup()
+    assert ensure(residency, device, "a", 2 * GB) == "session:a"
+    assert ensure(residency, device, "a", 2 * GB) == "session:a"
+    assert residency.loads == 1
+    assert ctrl.used_bytes("shared") == 2 * GB
+
+
+def test_evicts_least_recently_used_first_and_only_what_is_needed() -> None:
+    _, residency, device = setup()
+    for name in ("a", "b", "c"):
+        ensure(residency, device, name, 2 * GB)
+    ensure(residency, device, "a", 2 * GB)  # touch: b is now the least recently used
+    ensure(residency, device, "d", 3 * GB)  # 7 GiB budget with 6 used: one 2 GiB model must go
+    assert device.unloads == ["b"]
+    assert residency.resident == ["c", "a", "d"]
+    ensure(residency, device, "e", 4 * GB)  # 4 GiB needs c and a out (LRU), not d
+    assert device.unloads == ["b", "c", "a"]
+    assert residency.resident == ["d", "e"]
+
+
+def test_pinned_in_use_and_guaranteed_models_are_never_evicted() -> None:
+    _ctrl, residency, device = setup()
+    device.sizes["g"] = 3 * GB
+    residency.ensure("g", 3 * GB, context="gold")
+    device.sizes["pinned"] = 2 * GB
+    residency.ensure("pinned", 2 * GB, context="shared", pinned=True)
+    ensure(residency, device, "busy", 2 * GB)
+    ensure(residency, device, "idle", 2 * GB)
+    with residency.use("busy"):
+        ensure(residency, device, "new", 3 * GB)
+    assert device.unloads == ["idle"]
+    assert {"g", "pinned", "busy", "new"} == set(residency.resident)
+    with pytest.raises(ConfigError, match="pinned or in use"):
+        residency.evict("pinned")
+
+
+def test_model_that_cannot_fit_fails_naming_sizes_and_evicts_nothing() -> None:
+    _, residency, device = setup()
+    device.sizes["pinned"] = 4 * GB
+    residency.ensure("pinned", 4 * GB, context="shared", pinned=True)
+    ensure(residency, device, "small", 1 * GB)
+    with pytest.raises(ModelDoesNotFit, match=r"model 'huge' needs 4\.00 GiB in context 'shared'") as info:
+        ensure(residency, device, "huge", 4 * GB)
+    assert "4.00 GiB is held by pinned" in str(info.value)
+    assert info.value.reasons
+    assert device.unloads == []  # nothing evicted in vain
+
+
+def test_free_memory_is_measured_again_after_an_unload() -> None:
+    ctrl, residency, device = setup()
+    device.keep_on_unload_bytes = 512 * MB  # the allocator keeps part of what it freed
+    ensure(residency, device, "a", 3 * GB)
+    ensure(residency, device, "b", 3 * GB)
+    residency.evict("a")
+    assert ctrl.external_bytes == 512 * MB
+    assert ctrl.available_bytes() == 10 * GB - 3 * GB - 512 * MB
+    device.cached = 0  # the cache was trimmed
+    residency.remeasure()
+    assert ctrl.external_bytes == 0
+
+
+def test_failed_load_gives_the_bytes_back() -> None:
+    ctrl, residency, device = setup()
+
+    def broken(name: str) -> object:
+        raise RuntimeError("out of memory")
+
+    residency = ModelResidency(ctrl, load=broken, unload=device.unload)
+    with pytest.raises(RuntimeError):
+        residency.ensure("a", GB, context="shared")
+    assert ctrl.used_bytes() == 0
+    assert residency.resident == []
+
+
+def test_close_unloads_everything() -> None:
+    ctrl, residency, device = setup()
+    device.sizes["p"] = GB
+    residency.ensure("p", GB, context="shared", pinned=True)
+    ensure(residency, device, "q", GB, ctx="gold")
+    residency.close()
+    assert ctrl.used_bytes() == 0
+    assert device.loaded == {}
