@@ -31,6 +31,8 @@ def test_every_field_is_documented() -> None:
         cfg.ApiKeyConfig,
         cfg.GatewayConfig,
         cfg.DeclaredResource,
+        cfg.QoSConfig,
+        cfg.QoSContextConfig,
     ):
         for name in model.model_fields:
             assert f"| `{name}` |" in text, f"{model.__name__}.{name} is missing from docs/config.md"

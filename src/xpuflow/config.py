@@ -38,6 +38,8 @@ __all__ = [
     "DeploymentConfig",
     "GatewayConfig",
     "LogicalModelConfig",
+    "QoSConfig",
+    "QoSContextConfig",
     "TierRef",
     "XpuflowConfig",
     "load_config",
@@ -159,6 +161,68 @@ class GatewayConfig(_Strict):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
 
 
+class QoSContextConfig(_Strict):
+    """A QoS execution context: a named memory budget on one device (see docs/qos.md)."""
+
+    name: str = Field(min_length=1, max_length=64, description="Context name; also a value of x-qos-class.")
+    device: str = Field("cpu", description="Resource id of the device whose memory it budgets.")
+    max_vram_gb: float = Field(gt=0.0, description="Most memory (GiB) the context's requests hold at once.")
+    base_vram_gb: float | None = Field(
+        None, ge=0.0, description="Burstable: GiB reserved for it (guaranteed reserves max_vram_gb)."
+    )
+    qos: Literal["guaranteed", "burstable", "best_effort"] = Field(
+        "guaranteed", description="Class: guaranteed, burstable or best_effort."
+    )
+    request_vram_mb: float = Field(
+        64.0, gt=0.0, description="Memory (MiB) one request of this context holds while it runs."
+    )
+    admission_timeout_s: float | None = Field(
+        None, gt=0.0, description="Longest a request waits for memory before 429; default: its timeout."
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> QoSContextConfig:
+        if self.base_vram_gb is not None:
+            if self.qos == "best_effort" and self.base_vram_gb > 0:
+                raise ValueError(
+                    f"qos context '{self.name}': best_effort contexts reserve nothing; drop base_vram_gb"
+                )
+            if self.base_vram_gb > self.max_vram_gb:
+                raise ValueError(
+                    f"qos context '{self.name}': base_vram_gb {self.base_vram_gb} exceeds max_vram_gb "
+                    f"{self.max_vram_gb}"
+                )
+        if self.request_vram_mb > self.max_vram_gb * 1024:
+            raise ValueError(
+                f"qos context '{self.name}': request_vram_mb {self.request_vram_mb} exceeds max_vram_gb "
+                f"{self.max_vram_gb}; no request could ever be admitted"
+            )
+        return self
+
+
+class QoSConfig(_Strict):
+    """QoS contexts requests map to (by API key ``qos_class`` or the ``x-qos-class`` header)."""
+
+    contexts: list[QoSContextConfig] = Field(default_factory=list, description="The contexts.")
+    default_context: str | None = Field(
+        None, description="Context for requests that name none; default: no admission control for them."
+    )
+
+    @model_validator(mode="after")
+    def _names(self) -> QoSConfig:
+        seen: set[str] = set()
+        for ctx in self.contexts:
+            if ctx.name in seen:
+                raise ValueError(f"qos context name '{ctx.name}' appears twice; names must be unique")
+            seen.add(ctx.name)
+        if self.default_context is not None and self.default_context not in seen:
+            raise ValueError(
+                f"qos.default_context '{self.default_context}' is not a context; contexts: "
+                f"{', '.join(c.name for c in self.contexts) or 'none'}"
+            )
+        return self
+
+
 class XpuflowConfig(_Strict):
     """The whole file."""
 
@@ -173,6 +237,7 @@ class XpuflowConfig(_Strict):
     )
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="HTTP server settings.")
     artifact_dir: str | None = Field(None, description="Artifact store folder; default: user cache.")
+    qos: QoSConfig = Field(default_factory=QoSConfig, description="QoS contexts and their budgets.")
 
     @model_validator(mode="after")
     def _models_reference_deployments(self) -> XpuflowConfig:

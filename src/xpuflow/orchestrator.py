@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -30,10 +31,11 @@ from xpuflow.build.store import ArtifactStore
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.config import DeploymentConfig, LogicalModelConfig, TierRef, XpuflowConfig
 from xpuflow.discovery.inventory import Inventory
-from xpuflow.errors import CapabilityError, ConfigError, ModelNotFound, XpuflowError
+from xpuflow.errors import AdmissionRejected, CapabilityError, ConfigError, ModelNotFound, XpuflowError
 from xpuflow.model_files import estimate_params, model_format
 from xpuflow.routing.adaptive import AdaptiveRouter, RoutingConfig, TierConfig
 from xpuflow.routing.dispatch import Dispatcher, RetryPolicy, StreamInterrupted
+from xpuflow.scheduling.qos_gate import QoSGate
 from xpuflow.scheduling.request import RequestKind, WorkRequest
 from xpuflow.scheduling.worker import Worker
 from xpuflow.serving.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
@@ -94,6 +96,7 @@ class Orchestrator:
         self.workers: dict[str, Worker] = {}
         self._models: dict[str, _LogicalModel] = {}
         self._ready = False
+        self._qos: QoSGate | None = None
         self._decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self._latencies_ms: collections.deque[float] = collections.deque(maxlen=512)
         self._counters = {"requests_total": 0, "errors_total": 0, "completion_tokens_total": 0}
@@ -160,6 +163,7 @@ class Orchestrator:
             (self._base_dir / self.config.artifact_dir) if self.config.artifact_dir else None
         )
         try:
+            self._qos = QoSGate(self.config.qos, self.inventory, monitor=self._monitor, clock=self._clock)
             for dep in self.config.deployments:
                 await self._start_deployment(dep, store)
             for model in self._logical_models():
@@ -350,14 +354,25 @@ class Orchestrator:
             }
         )
 
+    def _admission(self, call: InferenceCall) -> contextlib.AbstractAsyncContextManager[Any]:
+        """The QoS guard of a call: holds its context's memory while it runs (no-op without contexts).
+        ConfigError for a class that matches no context; entering raises AdmissionRejected (429)."""
+        if self._qos is None:
+            return contextlib.nullcontext()
+        return self._qos.admit(call.qos_class, call.timeout_s)
+
     async def complete(self, call: InferenceCall) -> InferenceResult:
         model = self._model(call)
+        admission = self._admission(call)
         tier_decision, tiers = self._route(model, call)
         started = self._clock.monotonic()
         try:
-            done = await model.dispatcher.dispatch(
-                tiers, self._request(call, stream=False), tier_decision=tier_decision
-            )
+            async with admission:
+                done = await model.dispatcher.dispatch(
+                    tiers, self._request(call, stream=False), tier_decision=tier_decision
+                )
+        except AdmissionRejected:
+            raise
         except XpuflowError:
             self._record(call.model, tier_decision, None, ok=False)
             raise
@@ -376,30 +391,33 @@ class Orchestrator:
         return InferenceResult(done.decision, embeddings=list(done.result), total_ms=latency_ms)
 
     async def stream(self, call: InferenceCall) -> AsyncIterator[StreamEvent]:
+        """Admission happens before the first event (a refusal is an ordinary 429); the context's
+        memory is held until the stream ends, is closed early, or fails."""
         model = self._model(call)
-        tier_decision, tiers = self._route(model, call)
-        started = self._clock.monotonic()
-        try:
-            opened = await model.dispatcher.open_stream(
-                tiers, self._request(call, stream=True), tier_decision=tier_decision
-            )
-        except XpuflowError:
-            self._record(call.model, tier_decision, None, ok=False)
-            raise
-        yield StreamEvent(decision=opened.decision)
-        ok = True
-        try:
-            async with opened:
-                async for chunk in opened:
-                    yield StreamEvent(chunk=chunk)
-        except StreamInterrupted as exc:
-            ok = False
-            yield StreamEvent(error=str(exc))
-        finally:
-            latency_ms = (self._clock.monotonic() - started) * 1000.0
-            if ok and model.router is not None and opened.decision.tier is not None:
-                model.router.observe(opened.decision.tier, latency_ms)
-            self._record(call.model, opened.decision, latency_ms, ok=ok)
+        async with self._admission(call):
+            tier_decision, tiers = self._route(model, call)
+            started = self._clock.monotonic()
+            try:
+                opened = await model.dispatcher.open_stream(
+                    tiers, self._request(call, stream=True), tier_decision=tier_decision
+                )
+            except XpuflowError:
+                self._record(call.model, tier_decision, None, ok=False)
+                raise
+            yield StreamEvent(decision=opened.decision)
+            ok = True
+            try:
+                async with opened:
+                    async for chunk in opened:
+                        yield StreamEvent(chunk=chunk)
+            except StreamInterrupted as exc:
+                ok = False
+                yield StreamEvent(error=str(exc))
+            finally:
+                latency_ms = (self._clock.monotonic() - started) * 1000.0
+                if ok and model.router is not None and opened.decision.tier is not None:
+                    model.router.observe(opened.decision.tier, latency_ms)
+                self._record(call.model, opened.decision, latency_ms, ok=ok)
 
     def status(self) -> Mapping[str, Any]:
         """Live state for the dashboard and the admin API (keys documented in docs/dashboard.md)."""
@@ -435,6 +453,7 @@ class Orchestrator:
                 name: {"backend": p.backend, "devices": [r.id for r in p.resources], "reason": p.reason}
                 for name, p in self.placements.items()
             },
+            "qos": self._qos.snapshot() if self._qos is not None else [],
         }
 
     # -- AdminControl -------------------------------------------------------------------------------

@@ -382,3 +382,20 @@ def test_dashboard_in_headless_chromium_updates_while_requests_flow(tmp_path: Pa
             assert not outside, f"the page reached outside the gateway: {outside}"
         finally:
             browser.close()
+
+
+def test_qos_contexts_reach_the_snapshot_normalised() -> None:
+    engine = FakeEngine()
+    engine.qos = [
+        {"name": "interactive", "device": "cpu", "qos": "guaranteed", "used_bytes": 64, "max_bytes": 1024},
+        {"name": "batch", "qos": "best_effort", "used_bytes": float("nan"), "rejected": 4},
+        {"no": "name"},
+    ]
+    rows = DashboardFeed(engine).snapshot()["qos"]
+    assert [r["name"] for r in rows] == ["interactive", "batch"]  # a row without a name is dropped
+    assert rows[0]["used_bytes"] == 64
+    assert rows[0]["max_bytes"] == 1024
+    assert rows[1]["used_bytes"] is None  # junk is shown as "-", never as a number
+    assert rows[1]["rejected"] == 4
+    json.dumps(rows, allow_nan=False)
+    assert DashboardFeed(RawEngine({})).snapshot()["qos"] == []  # type: ignore[arg-type]

@@ -18,7 +18,8 @@ How it scores (``docs/complexity.md`` has the details and the measured figures):
 2. The format (a multiple-choice question or an open prompt) picks one of two experts, each a linear
    model fitted by ``complexity_fit`` with cross-validated ridge regression of the strong tier's quality
    gain: a weight per cue plus a weight per word of a learned vocabulary (the ``subject`` dimension:
-   which topics the weak model finds hard), the words' sum L2-normalised as in TF-IDF.
+   which topics the weak model finds hard), the words' sum divided by the square root of their number
+   (binary bag of words, L2-normalised).
 3. A per-expert logistic map (Platt scaling, fitted out of fold) turns that into a probability.
 
 ``explain`` reports each dimension's contribution to the logit relative to an average calibration prompt
@@ -76,21 +77,20 @@ class ExpertParams:
     """One expert's linear model, in the units of the raw features.
 
     ``raw = intercept + sum(cue_weights[j] * (x[j] - cue_means[j])) + (lexical - lexical_mean)`` where
-    ``lexical = sum(word_weights[w] for w in words) / sqrt(sum(word_norms[w] for w in words))`` over the
-    prompt's words found in the vocabulary (0 when none is). ``logit = scale * raw + offset``.
+    ``lexical = sum(word_weights[w] for w in found) / sqrt(len(found))`` over the distinct words of the
+    prompt found in the vocabulary (0 when none is). ``logit = scale * raw + offset``.
     """
 
     intercept: float
     cue_weights: tuple[float, ...]
     cue_means: tuple[float, ...]
     word_weights: Mapping[str, float]
-    word_norms: Mapping[str, float]
     lexical_mean: float
     scale: float
     offset: float
 
     def to_dict(self) -> dict[str, Any]:
-        words = {w: [round(self.word_weights[w], 6), round(self.word_norms[w], 4)] for w in self.word_weights}
+        words = {w: round(v, 6) for w, v in self.word_weights.items()}
         return {
             "intercept": self.intercept,
             "cue_weights": dict(zip(FEATURE_NAMES, self.cue_weights, strict=True)),
@@ -108,13 +108,12 @@ class ExpertParams:
         missing = [n for n in FEATURE_NAMES if n not in weights or n not in means]
         if missing:
             raise ConfigError(f"complexity parameters lack the features {missing}; refit them with this version")
-        words: Mapping[str, list[float]] = data["words"]
+        words: Mapping[str, float] = data["words"]
         return cls(
             intercept=float(data["intercept"]),
             cue_weights=tuple(float(weights[n]) for n in FEATURE_NAMES),
             cue_means=tuple(float(means[n]) for n in FEATURE_NAMES),
-            word_weights={w: float(v[0]) for w, v in words.items()},
-            word_norms={w: float(v[1]) for w, v in words.items()},
+            word_weights={w: float(v) for w, v in words.items()},
             lexical_mean=float(data["lexical_mean"]),
             scale=float(data["scale"]),
             offset=float(data["offset"]),
@@ -215,14 +214,13 @@ class Explanation:
 class _Expert:
     """ExpertParams folded into what the hot path needs: scaled weights and one constant."""
 
-    __slots__ = ("constant", "cue_weights", "keys", "norms", "params", "weights")
+    __slots__ = ("constant", "cue_weights", "keys", "params", "weights")
 
     def __init__(self, params: ExpertParams) -> None:
         self.params = params
         s = params.scale
         self.cue_weights = tuple(s * w for w in params.cue_weights)
         self.weights = {w.encode("utf-8"): s * v for w, v in params.word_weights.items()}
-        self.norms = {w.encode("utf-8"): v for w, v in params.word_norms.items()}
         self.keys = frozenset(self.weights)
         self.constant = params.offset + s * (
             params.intercept
@@ -256,8 +254,7 @@ class ComplexityScorer:
         total = expert.constant + sum(map(operator.mul, expert.cue_weights, values))
         found = expert.keys & features.tokens
         if found:
-            norm = sum(map(expert.norms.__getitem__, found))
-            total += sum(map(expert.weights.__getitem__, found)) / math.sqrt(norm)
+            total += sum(map(expert.weights.__getitem__, found)) / math.sqrt(len(found))
         return total
 
     def score(self, prompt: str | bytes) -> float:
@@ -281,8 +278,7 @@ class ComplexityScorer:
         lexical = 0.0
         words: list[tuple[str, float]] = []
         if found:
-            norm = math.sqrt(sum(expert.norms[w] for w in found))
-            lexical = sum(expert.weights[w] for w in found) / norm
+            lexical = sum(expert.weights[w] for w in found) / math.sqrt(len(found))
             words = [(w.decode("utf-8", errors="replace"), expert.weights[w]) for w in found]
             words.sort(key=lambda item: -abs(item[1]))
         contributions["subject"] += lexical - p.scale * p.lexical_mean

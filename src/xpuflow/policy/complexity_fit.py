@@ -16,7 +16,9 @@ more data would. At scoring time the scorer sees the prompt text only.
 The method, per expert (multiple-choice prompts and open prompts, see ``complexity``):
 
 1. features: the cues of ``complexity_features`` standardised on the training rows, and the words with
-   document frequency >= ``min_df`` (at most ``max_vocab``) as binary TF-IDF, each row L2-normalised;
+   document frequency >= ``min_df`` (at most ``max_vocab``) as a binary bag of words, each row divided by
+   the square root of its number of words (L2 normalisation); with ``idf`` each word's column is also
+   scaled by its inverse document frequency, which lowers the penalty on rare, specific words;
 2. ridge regression of the (blended) gain, with penalty ``alpha_cues`` on the standardised cues and
    ``alpha_lexical`` on the words, shrinking each cue towards a prior weight (``CUE_PRIORS``: cues the
    calibration data never exercises, such as code fences, keep their prior), solved by preconditioned
@@ -79,6 +81,8 @@ class FitConfig:
     """A word joins the vocabulary when at least this many training prompts contain it."""
     max_vocab: int = 8000
     """At most this many words (the most frequent), to keep the parameter file small."""
+    idf: bool = True
+    """Scale word columns by inverse document frequency before the fit (see the module docstring)."""
     group_blend: float = 0.5
     """Weight of a prompt's own gain against its group's mean gain, when groups are given."""
     group_smoothing: float = 20.0
@@ -143,7 +147,7 @@ def fold_ids(strata: Sequence[Any], num_folds: int, seed: int = 0) -> IntArray:
 
 @dataclass(frozen=True)
 class _Lexical:
-    """Binary TF-IDF rows as CSR arrays: ``data`` is idf / row norm."""
+    """Bag-of-words rows as CSR arrays: ``data`` is the column scale / sqrt(words in the row)."""
 
     indptr: IntArray
     indices: IntArray
@@ -180,7 +184,7 @@ def _vocabulary(features: Sequence[Features], cfg: FitConfig) -> tuple[list[byte
     return vocab, idf
 
 
-def _lexical(features: Sequence[Features], vocab: Sequence[bytes], idf: FloatArray) -> _Lexical:
+def _lexical(features: Sequence[Features], vocab: Sequence[bytes], scale: FloatArray) -> _Lexical:
     index = {t: j for j, t in enumerate(vocab)}
     indptr = [0]
     indices: list[int] = []
@@ -191,9 +195,8 @@ def _lexical(features: Sequence[Features], vocab: Sequence[bytes], idf: FloatArr
     ind = np.array(indices, dtype=np.int64)
     ptr = np.array(indptr, dtype=np.int64)
     rows = np.repeat(np.arange(len(features), dtype=np.int64), np.diff(ptr))
-    squares = np.bincount(rows, weights=idf[ind] ** 2, minlength=len(features)) if len(ind) else np.zeros(0)
-    norms = np.sqrt(squares)
-    data = idf[ind] / norms[rows] if len(ind) else np.zeros(0)
+    counts = np.diff(ptr).astype(np.float64)
+    data = scale[ind] / np.sqrt(counts[rows]) if len(ind) else np.zeros(0)
     return _Lexical(ptr, ind, data, rows, len(vocab))
 
 
@@ -226,15 +229,15 @@ class _Linear:
     """A fitted expert before calibration; ``predict`` gives the raw ridge output."""
 
     vocab: list[bytes]
-    idf: FloatArray
+    scale: FloatArray  # per word: idf, or 1 without idf weighting
     cue_weights: FloatArray  # raw units
     cue_means: FloatArray
-    word_coef: FloatArray  # per word, on the normalised TF-IDF value
+    word_coef: FloatArray  # per word, on the scaled and normalised column
     lexical_mean: float
     intercept: float
 
     def predict(self, cues: FloatArray, features: Sequence[Features]) -> FloatArray:
-        lex = _lexical(features, self.vocab, self.idf)
+        lex = _lexical(features, self.vocab, self.scale)
         lexical = lex.matvec(self.word_coef)
         return self.intercept + (cues - self.cue_means) @ self.cue_weights + (lexical - self.lexical_mean)
 
@@ -249,7 +252,8 @@ def _ridge(cues: FloatArray, features: Sequence[Features], target: FloatArray, c
     u0 = prior_raw[live] * stds[live]
 
     vocab, idf = _vocabulary(features, cfg)
-    lex = _lexical(features, vocab, idf)
+    scale = idf if cfg.idf else np.ones_like(idf)
+    lex = _lexical(features, vocab, scale)
     lex_means = lex.rmatvec(np.ones(n)) / n
     y = target - target.mean()
     num_cues = hs.shape[1]
@@ -275,7 +279,7 @@ def _ridge(cues: FloatArray, features: Sequence[Features], target: FloatArray, c
     weights[live] = z[:num_cues] / stds[live]
     return _Linear(
         vocab=vocab,
-        idf=idf,
+        scale=scale,
         cue_weights=weights,
         cue_means=means,
         word_coef=z[num_cues:],
@@ -350,13 +354,12 @@ def _fit_expert(
             raw[held] = part.predict(cues[held], [f for f, h in zip(features, held, strict=True) if h])
     scale, offset = _platt(raw, positive)
     words = [t.decode("utf-8") for t in model.vocab]
-    word_weights = model.word_coef * model.idf
+    word_weights = model.word_coef * model.scale
     params = ExpertParams(
         intercept=model.intercept,
         cue_weights=tuple(float(w) for w in model.cue_weights),
         cue_means=tuple(float(m) for m in model.cue_means),
         word_weights={w: float(v) for w, v in zip(words, word_weights, strict=True)},
-        word_norms={w: float(v) for w, v in zip(words, model.idf**2, strict=True)},
         lexical_mean=model.lexical_mean,
         scale=scale,
         offset=offset,

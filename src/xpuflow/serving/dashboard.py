@@ -176,6 +176,20 @@ def _decision(raw: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _qos_context(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "name": _text(raw.get("name")) or "",
+        "device": _text(raw.get("device")),
+        "qos": _text(raw.get("qos")),
+        "used_bytes": _int(raw.get("used_bytes")),
+        "max_bytes": _int(raw.get("max_bytes")),
+        "base_bytes": _int(raw.get("base_bytes")),
+        "admitted": _int(raw.get("admitted")),
+        "rejected": _int(raw.get("rejected")),
+        "shed": _int(raw.get("shed")),
+    }
+
+
 def _mappings(value: Any) -> list[Mapping[str, Any]]:
     if isinstance(value, Mapping):  # keyed by id is as good as a list
         value = list(value.values())
@@ -268,6 +282,7 @@ class DashboardFeed:
             },
             "devices": _devices(workers),
             "decisions": decisions[: self._max_decisions],
+            "qos": [_qos_context(c) for c in _mappings(status.get("qos")) if _text(c.get("name"))],
             "series": series,
         }
 

@@ -123,6 +123,37 @@ class _EngineCollector(Collector):
             if total is not None:
                 memory_total.add_metric([device], total)
         yield from (healthy, draining, queued, in_flight, batches, memory_free, memory_total)
+        yield from _qos_families(status.get("qos"))
+
+
+def _qos_families(contexts: Any) -> Iterator[Metric]:
+    """Per-context budgets, usage and admission outcomes from ``status()["qos"]``; junk rows are skipped."""
+    if not isinstance(contexts, (list, tuple)) or not contexts:
+        return
+    labels = ["context", "device", "qos"]
+    used = GaugeMetricFamily(
+        "xpuflow_qos_context_used_bytes", "Memory the QoS context's running requests hold", labels=labels
+    )
+    limit = GaugeMetricFamily(
+        "xpuflow_qos_context_max_bytes", "The QoS context's memory budget", labels=labels
+    )
+    outcomes = CounterMetricFamily(
+        "xpuflow_qos_admissions",
+        "QoS admissions by outcome: admitted, rejected (429) or shed for a higher class",
+        labels=["context", "outcome"],
+    )
+    for row in contexts:
+        if not isinstance(row, Mapping) or not row.get("name"):
+            continue
+        key = [str(row["name"]), str(row.get("device", "")), str(row.get("qos", ""))]
+        for family, field in ((used, "used_bytes"), (limit, "max_bytes")):
+            value = _memory(row, field)
+            if value is not None:
+                family.add_metric(key, value)
+        for outcome in ("admitted", "rejected", "shed"):
+            count = _memory(row, outcome)
+            outcomes.add_metric([key[0], outcome], count or 0.0)
+    yield from (used, limit, outcomes)
 
 
 def _memory(reading: Mapping[str, Any], key: str) -> float | None:

@@ -117,6 +117,7 @@ class FakeEngine:
         self.calls: list[InferenceCall] = []
         self.reloads = 0
         self.decisions: deque[dict[str, Any]] = deque(maxlen=100)
+        self.qos: list[dict[str, Any]] = []  # status()["qos"] rows a test sets (docs/dashboard.md)
         self._failures: deque[XpuflowError] = deque()
         self._started_s = time.monotonic()
         self._models = {
@@ -314,6 +315,7 @@ class FakeEngine:
             "decisions": list(self.decisions),
             "counters": {"requests_total": self.requests_total, "errors_total": self.errors_total},
             "latency_ms": latency,
+            "qos": [dict(c) for c in self.qos],
         }
 
     # -- AdminControl -------------------------------------------------------------------------------

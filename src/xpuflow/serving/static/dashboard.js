@@ -174,6 +174,30 @@
     body.replaceChildren.apply(body, rows);
   }
 
+  function renderQos(contexts) {
+    const section = $("qos-section");
+    section.hidden = !contexts.length;
+    const body = $("qos").tBodies[0];
+    const rows = contexts.map(function (c) {
+      const used = c.used_bytes;
+      const max = c.max_bytes;
+      const pct = used !== null && max ? Math.min(100, (100 * used) / max) : 0;
+      const bar = el("div", { class: "vram-bar" }, [el("div", { class: "vram-used" })]);
+      bar.firstChild.style.width = pct.toFixed(1) + "%";
+      const usage = el("td", {}, [bar, el("div", { class: "vram-text", text: fmtBytes(used) + " / " + fmtBytes(max) })]);
+      return el("tr", { class: "qos-row", "data-context": c.name }, [
+        el("td", { text: c.name }),
+        el("td", { text: c.qos || "–" }),
+        el("td", { text: c.device || "–" }),
+        usage,
+        el("td", { class: "num", text: fmtInt(c.admitted) }),
+        el("td", { class: "num", text: fmtInt(c.rejected) }),
+        el("td", { class: "num", text: fmtInt(c.shed) }),
+      ]);
+    });
+    body.replaceChildren.apply(body, rows);
+  }
+
   function render(snapshot) {
     const banner = $("error");
     banner.hidden = !snapshot.error;
@@ -181,6 +205,7 @@
     renderTotals(snapshot.totals || {});
     renderDevices(snapshot.devices || []);
     renderDecisions(snapshot.decisions || []);
+    renderQos(snapshot.qos || []);
     renderCharts(snapshot.series);
     $("updated").textContent = "updated " + fmtTime(snapshot.ts);
     updates += 1;
