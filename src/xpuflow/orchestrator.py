@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -107,7 +108,11 @@ class Orchestrator:
     @property
     def inventory(self) -> Inventory:
         if self._inventory is None:
-            self._inventory = Inventory.detect(declared=self.config.declared_resources())
+            # torch (seconds and ~150 MB to import) is probed only when a torch backend will run
+            needs_torch = any(d.backend == "transformers" for d in self.config.deployments)
+            self._inventory = Inventory.detect(
+                declared=self.config.declared_resources(), torch=needs_torch or "torch" in sys.modules
+            )
         return self._inventory
 
     def place(self, dep: DeploymentConfig) -> Placement:

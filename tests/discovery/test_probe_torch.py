@@ -203,3 +203,17 @@ def test_nvml_and_torch_views_merge_by_uuid_when_their_order_differs(monkeypatch
     assert h100 is not None
     assert h100.name == "H100"
     assert h100.attributes["multiprocessor_count"] == 132
+
+
+def test_detect_without_the_torch_probe_never_imports_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from xpuflow.discovery.inventory import Inventory; "
+        "inv = Inventory.detect(torch=False); "
+        "assert 'torch' not in sys.modules; "
+        "assert [r.probe for r in inv.reports if r.probe == 'torch'] == []; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert out.stdout.strip() == "ok", out.stderr

@@ -24,8 +24,12 @@ log = logging.getLogger(__name__)
 OVERVIEW_KINDS = ("cuda", "rocm", "gpu", "igpu", "npu", "pim", "cpu", "remote")
 
 
-def default_probes(declared: Sequence[Mapping[str, Any]] = ()) -> list[Probe]:
-    """The built-in probes in merge order: vendor management libraries first, torch last."""
+def default_probes(declared: Sequence[Mapping[str, Any]] = (), *, torch: bool = True) -> list[Probe]:
+    """The built-in probes in merge order: vendor management libraries first, torch last.
+
+    ``torch=False`` leaves the torch probe out: importing torch costs seconds and ~150 MB, and only the
+    torch-based backends need the devices only torch sees (MPS, XPU, DirectML); NVML finds NVIDIA GPUs.
+    """
     from xpuflow.discovery.amd import AmdProbe
     from xpuflow.discovery.cpu import CpuProbe
     from xpuflow.discovery.declared import DeclaredProbe
@@ -34,15 +38,11 @@ def default_probes(declared: Sequence[Mapping[str, Any]] = ()) -> list[Probe]:
     from xpuflow.discovery.nvidia import NvidiaProbe
     from xpuflow.discovery.torch_devices import TorchProbe
 
-    return [
-        CpuProbe(),
-        NvidiaProbe(),
-        AmdProbe(),
-        IntegratedGpuProbe(),
-        NpuProbe(),
-        TorchProbe(),
-        DeclaredProbe(declared),
-    ]
+    probes: list[Probe] = [CpuProbe(), NvidiaProbe(), AmdProbe(), IntegratedGpuProbe(), NpuProbe()]
+    if torch:
+        probes.append(TorchProbe())
+    probes.append(DeclaredProbe(declared))
+    return probes
 
 
 def _run_probe(probe: Probe) -> tuple[ProbeResult, float]:
@@ -103,9 +103,11 @@ class Inventory:
         probes: Iterable[Probe] | None = None,
         *,
         declared: Sequence[Mapping[str, Any]] = (),
+        torch: bool = True,
     ) -> Inventory:
-        """Run every probe (never raises) and merge what they found, first probe first."""
-        chosen = list(probes) if probes is not None else default_probes(declared)
+        """Run every probe (never raises) and merge what they found, first probe first.
+        ``torch=False`` skips the torch probe (see ``default_probes``)."""
+        chosen = list(probes) if probes is not None else default_probes(declared, torch=torch)
         merged: dict[str, Resource] = {}
         reports: list[ProbeReport] = []
         for probe in chosen:

@@ -19,7 +19,7 @@ __all__ = ["live_server"]
 
 
 @contextmanager
-def live_server(app: Any, *, start_timeout_s: float = 15.0, grace_s: float = 1.0) -> Iterator[str]:
+def live_server(app: Any, *, start_timeout_s: float = 15.0, grace_s: int = 1) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1 (a free port, bound before the thread starts) and yield its base URL.
 
     A short graceful-shutdown window ends open event streams (dashboards) instead of waiting on them.
