@@ -63,6 +63,9 @@ class WorkerMetrics:
         self.tokens_total = 0
         self._tokens: deque[tuple[float, int]] = deque()
         self._busy: deque[tuple[float, float]] = deque()  # finished busy intervals in the window
+        # running sums over the deques, so reading a snapshot is O(1) at thousands of requests/s
+        self._busy_sum_s = 0.0
+        self._tokens_sum = 0
         self._busy_since_s: float | None = None
         self._recent_latency_s: deque[float] = deque(maxlen=_RECENT)
 
@@ -96,7 +99,9 @@ class WorkerMetrics:
         if ok:
             self.ema_service_ms = _ema(self.ema_service_ms, service_s * 1000.0, self.ema_alpha)
         if self.running_batches == 0 and self._busy_since_s is not None:
-            self._busy.append((self._busy_since_s, self._clock.monotonic()))
+            end = self._clock.monotonic()
+            self._busy.append((self._busy_since_s, end))
+            self._busy_sum_s += end - self._busy_since_s
             self._busy_since_s = None
             self._prune(self._clock.monotonic())
 
@@ -110,6 +115,7 @@ class WorkerMetrics:
         if tokens:
             self.tokens_total += tokens
             self._tokens.append((now, tokens))
+            self._tokens_sum += tokens
         self._prune(now)
 
     def record_failure(self, count: int = 1) -> None:
@@ -121,9 +127,10 @@ class WorkerMetrics:
     def _prune(self, now_s: float) -> None:
         horizon = now_s - self.window_s
         while self._tokens and self._tokens[0][0] < horizon:
-            self._tokens.popleft()
+            self._tokens_sum -= self._tokens.popleft()[1]
         while self._busy and self._busy[0][1] < horizon:
-            self._busy.popleft()
+            begin, end = self._busy.popleft()
+            self._busy_sum_s -= end - begin
 
     def _span_s(self, now_s: float) -> float:
         return max(1e-9, min(self.window_s, now_s - self.started_at_s))
@@ -131,14 +138,18 @@ class WorkerMetrics:
     def tokens_per_s(self) -> float:
         now = self._clock.monotonic()
         self._prune(now)
-        return sum(t for _, t in self._tokens) / self._span_s(now)
+        return self._tokens_sum / self._span_s(now)
 
     def utilization(self) -> float:
         """Share of the window during which at least one batch ran, in [0, 1]."""
         now = self._clock.monotonic()
         self._prune(now)
         start = now - self._span_s(now)
-        busy = sum(max(0.0, end - max(begin, start)) for begin, end in self._busy)
+        busy = self._busy_sum_s
+        if self._busy:  # only the oldest interval can reach back before the window
+            begin, end = self._busy[0]
+            busy -= max(0.0, min(end, start) - begin)
+        busy = max(0.0, busy)
         if self._busy_since_s is not None:
             busy += now - max(self._busy_since_s, start)
         return min(1.0, busy / self._span_s(now))
