@@ -31,6 +31,7 @@ def test_every_field_is_documented() -> None:
         cfg.ApiKeyConfig,
         cfg.GatewayConfig,
         cfg.DeclaredResource,
+        cfg.PartitionConfig,
         cfg.QoSConfig,
         cfg.QoSContextConfig,
     ):

@@ -38,6 +38,7 @@ __all__ = [
     "DeploymentConfig",
     "GatewayConfig",
     "LogicalModelConfig",
+    "PartitionConfig",
     "QoSConfig",
     "QoSContextConfig",
     "TierRef",
@@ -200,12 +201,36 @@ class QoSContextConfig(_Strict):
         return self
 
 
+class PartitionConfig(_Strict):
+    """A device partition: a compute share (and memory limit) for some deployments (see docs/qos.md)."""
+
+    name: str = Field(min_length=1, max_length=64, description="Partition name, unique in the file.")
+    device: str = Field("cpu", description="Resource id of the device it partitions.")
+    compute_share: float = Field(
+        gt=0.0, le=1.0, description="Fraction (0-1] of the device's compute tokens it gets under contention."
+    )
+    memory_gb: float | None = Field(
+        None,
+        gt=0.0,
+        description="Memory (GiB) set aside for it; a device's partitions must fit its memory.",
+    )
+    deployments: list[str] = Field(
+        min_length=1, description="Deployments whose workers run in it (each in at most one partition)."
+    )
+
+
 class QoSConfig(_Strict):
     """QoS contexts requests map to (by API key ``qos_class`` or the ``x-qos-class`` header)."""
 
     contexts: list[QoSContextConfig] = Field(default_factory=list, description="The contexts.")
     default_context: str | None = Field(
         None, description="Context for requests that name none; default: no admission control for them."
+    )
+    partitions: list[PartitionConfig] = Field(
+        default_factory=list, description="Device partitions: compute shares for groups of deployments."
+    )
+    compute_tokens: int = Field(
+        1, ge=1, description="Batches that run at once on a partitioned device; shared by compute_share."
     )
 
     @model_validator(mode="after")
@@ -220,6 +245,19 @@ class QoSConfig(_Strict):
                 f"qos.default_context '{self.default_context}' is not a context; contexts: "
                 f"{', '.join(c.name for c in self.contexts) or 'none'}"
             )
+        names: set[str] = set()
+        shares: dict[str, float] = {}
+        for part in self.partitions:
+            if part.name in names:
+                raise ValueError(f"partition name '{part.name}' appears twice; names must be unique")
+            names.add(part.name)
+            shares[part.device] = shares.get(part.device, 0.0) + part.compute_share
+        for device, total in shares.items():
+            if total > 1.0 + 1e-9:
+                raise ValueError(
+                    f"the compute_share of the partitions on '{device}' add up to {total:.2f}; "
+                    "they must not exceed 1.0"
+                )
         return self
 
 
@@ -260,6 +298,20 @@ class XpuflowConfig(_Strict):
                 raise ValueError(
                     f"model '{model.name}' mixes embedding and generation deployments; split it in two"
                 )
+        owner: dict[str, str] = {}
+        for part in self.qos.partitions:
+            for dep in part.deployments:
+                if dep not in known:
+                    raise ValueError(
+                        f"partition '{part.name}' names deployment '{dep}', which is not defined; "
+                        f"deployments: {', '.join(known) or 'none'}"
+                    )
+                if dep in owner:
+                    raise ValueError(
+                        f"deployment '{dep}' is in partitions '{owner[dep]}' and '{part.name}'; "
+                        "a deployment belongs to at most one partition"
+                    )
+                owner[dep] = part.name
         return self
 
     @field_validator("deployments")

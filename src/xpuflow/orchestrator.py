@@ -36,6 +36,7 @@ from xpuflow.errors import AdmissionRejected, CapabilityError, ConfigError, Mode
 from xpuflow.model_files import estimate_params, model_format
 from xpuflow.routing.adaptive import AdaptiveRouter, RoutingConfig, TierConfig
 from xpuflow.routing.dispatch import Dispatcher, RetryPolicy, StreamInterrupted
+from xpuflow.scheduling.partitions import ComputeTokens
 from xpuflow.scheduling.qos_gate import QoSGate
 from xpuflow.scheduling.request import RequestKind, WorkRequest
 from xpuflow.scheduling.worker import Worker
@@ -98,6 +99,7 @@ class Orchestrator:
         self._models: dict[str, _LogicalModel] = {}
         self._ready = False
         self._qos: QoSGate | None = None
+        self._tokens: dict[str, ComputeTokens] = {}  # device -> its partitions' compute tokens
         self._decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self._latencies_ms: collections.deque[float] = collections.deque(maxlen=512)
         self._counters = {"requests_total": 0, "errors_total": 0, "completion_tokens_total": 0}
@@ -169,6 +171,7 @@ class Orchestrator:
         )
         try:
             self._qos = QoSGate(self.config.qos, self.inventory, monitor=self._monitor, clock=self._clock)
+            self._tokens = self._partition_tokens()
             for dep in self.config.deployments:
                 await self._start_deployment(dep, store)
             for model in self._logical_models():
@@ -178,9 +181,52 @@ class Orchestrator:
             raise
         self._ready = True
 
+    def _partition_tokens(self) -> dict[str, ComputeTokens]:
+        """One ``ComputeTokens`` per partitioned device (``qos.compute_tokens`` tokens, weighted by the
+        partitions' ``compute_share``). ConfigError when a partition's device is not here or the
+        ``memory_gb`` of a device's partitions exceeds its memory."""
+        tokens: dict[str, ComputeTokens] = {}
+        memory: dict[str, float] = {}
+        for part in self.config.qos.partitions:
+            resource = self.inventory.get(part.device)
+            if resource is None:
+                known = ", ".join(r.id for r in self.inventory.resources) or "none"
+                raise ConfigError(
+                    f"partition '{part.name}' names device '{part.device}', which is not here; "
+                    f"devices: {known}",
+                    field="qos.partitions.device",
+                )
+            device_tokens = tokens.setdefault(part.device, ComputeTokens(self.config.qos.compute_tokens))
+            device_tokens.add(part.name, part.compute_share)
+            if part.memory_gb is not None:
+                memory[part.device] = memory.get(part.device, 0.0) + part.memory_gb
+                capacity = resource.memory_bytes
+                if capacity and memory[part.device] * (1 << 30) > capacity:
+                    raise ConfigError(
+                        f"the memory_gb of the partitions on '{part.device}' add up to "
+                        f"{memory[part.device]:.2f} GiB, more than its {capacity / (1 << 30):.2f} GiB",
+                        field="qos.partitions.memory_gb",
+                    )
+        return tokens
+
+    def _compute_gate(self, dep: DeploymentConfig, device: str) -> Any:
+        """The ``Worker.compute_gate`` of a deployment's workers: its partition's token, or None."""
+        part = next((p for p in self.config.qos.partitions if dep.name in p.deployments), None)
+        if part is None:
+            return None
+        if part.device != device:
+            raise ConfigError(
+                f"deployment '{dep.name}' runs on '{device}' but its partition '{part.name}' is on "
+                f"'{part.device}'; set the deployment's device or the partition's",
+                field="qos.partitions.device",
+            )
+        tokens, name = self._tokens[part.device], part.name
+        return lambda: tokens.hold(name)
+
     async def _start_deployment(self, dep: DeploymentConfig, store: ArtifactStore) -> None:
         placement = self.place(dep)
         self.placements[dep.name] = placement
+        compute_gate = self._compute_gate(dep, placement.resources[0].id)
         plugin = get_backend(dep.backend)
         model_config = dep.to_model_config(self._base_dir)
         artifacts = await asyncio.to_thread(
@@ -203,6 +249,10 @@ class Orchestrator:
                 clock=self._clock,
                 device_state=self._device_state(device),
                 close_session=True,
+                # a gated worker keeps one batch waiting at the gate beside the one running, so its
+                # partition is backlogged when a token frees and the fair queue can honour the shares
+                max_concurrent_batches=1 if compute_gate is None else self.config.qos.compute_tokens + 1,
+                compute_gate=compute_gate,
             )
             await worker.start()
             self.workers[worker.worker_id] = worker
@@ -272,6 +322,7 @@ class Orchestrator:
             if model.router is not None:
                 model.router.shutdown()
         self._models.clear()
+        self._tokens = {}
         if self._monitor is not None and self._owns_monitor:
             self._monitor.stop()
 
@@ -459,7 +510,32 @@ class Orchestrator:
                 for name, p in self.placements.items()
             },
             "qos": self._qos.snapshot() if self._qos is not None else [],
+            "partitions": self._partitions_status(),
         }
+
+    def _partitions_status(self) -> list[dict[str, Any]]:
+        """Each partition's configured share, measured busy share (its fraction of the device's
+        token-seconds so far), grants and tokens in use."""
+        rows = []
+        for part in self.config.qos.partitions:
+            tokens = self._tokens.get(part.device)
+            if tokens is None:
+                continue
+            rows.append(
+                {
+                    "name": part.name,
+                    "device": part.device,
+                    "compute_share": part.compute_share,
+                    "memory_gb": part.memory_gb,
+                    "deployments": list(part.deployments),
+                    "busy_share": tokens.busy_shares().get(part.name, 0.0),
+                    "busy_s": tokens.busy_s.get(part.name, 0.0),
+                    "granted": tokens.granted[part.name],
+                    "tokens_in_use": tokens.held(part.name),
+                    "device_tokens": tokens.num_tokens,
+                }
+            )
+        return rows
 
     # -- AdminControl -------------------------------------------------------------------------------
 

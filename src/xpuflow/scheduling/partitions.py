@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,6 +44,7 @@ class ComputeTokens:
         self._waiting: dict[str, deque[tuple[int, asyncio.Future[None], bool]]] = {}
         self._seq = itertools.count()
         self.granted: Counter[str] = Counter()
+        self.busy_s: dict[str, float] = {}  # seconds each partition held tokens in ``hold``
         self._held: Counter[str] = Counter()
         self._virtual_now = 0.0
         for name, share in (shares or {}).items():
@@ -114,12 +116,24 @@ class ComputeTokens:
             self._charge(name, was_idle)
             future.set_result(None)
 
+    def held(self, name: str) -> int:
+        """Tokens partition ``name`` holds now."""
+        return self._held[name]
+
+    def busy_shares(self) -> dict[str, float]:
+        """Each partition's fraction of the token-seconds held through ``hold`` so far."""
+        total = sum(self.busy_s.values())
+        return {n: (self.busy_s.get(n, 0.0) / total if total > 0 else 0.0) for n in self._shares}
+
     @asynccontextmanager
     async def hold(self, name: str) -> AsyncIterator[None]:
+        """Hold one token of partition ``name`` for a block of work; its time adds to ``busy_s``."""
         await self.acquire(name)
+        started = time.monotonic()
         try:
             yield
         finally:
+            self.busy_s[name] = self.busy_s.get(name, 0.0) + time.monotonic() - started
             self.release(name)
 
 

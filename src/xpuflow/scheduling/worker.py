@@ -31,6 +31,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from xpuflow.backends.base import BatchMode, Completion, Session, StreamChunk
@@ -72,7 +73,9 @@ class Worker:
     returns live device readings for ``snapshot()`` (``free_memory_bytes``, ``utilization_pct``,
     ``temperature_c``); without it the snapshot reports the worker's own busy share as utilisation.
     ``stop_timeout_s`` bounds how long ``stop`` waits for queued and running work; ``close_session``
-    closes the session after ``stop``.
+    closes the session after ``stop``. ``compute_gate``, when given, is entered around every batch's
+    session call and every streamed generation (for example ``lambda: tokens.hold("chat")`` of a
+    device's ``ComputeTokens``), so the workers of one device share its compute by partition weights.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class Worker:
         stop_timeout_s: float = 60.0,
         close_session: bool = False,
         tags: frozenset[str] = frozenset(),
+        compute_gate: Callable[[], AbstractAsyncContextManager[Any]] | None = None,
     ) -> None:
         self.session = session
         self.worker_id = worker_id or f"{session.model_id}-{next(_worker_ids)}"
@@ -129,6 +133,7 @@ class Worker:
             ),
         )
         self._device_state = device_state
+        self._compute_gate = compute_gate
         self._stop_timeout_s = stop_timeout_s
         self._close_session = close_session
         self._wakeup = asyncio.Event()
@@ -510,9 +515,11 @@ class Worker:
 
     async def _call(self, tickets: Sequence[Ticket]) -> list[Result]:
         requests = [t.request for t in tickets]
-        return await run_batch(
-            self.session, requests, native=self.native_batching, owner=f"worker '{self.worker_id}'"
-        )
+        owner = f"worker '{self.worker_id}'"
+        if self._compute_gate is None:
+            return await run_batch(self.session, requests, native=self.native_batching, owner=owner)
+        async with self._compute_gate():  # the device's compute share: wait for this partition's turn
+            return await run_batch(self.session, requests, native=self.native_batching, owner=owner)
 
     async def _run_stream(self, ticket: Ticket) -> None:
         started = self._clock.monotonic()
@@ -525,18 +532,20 @@ class Worker:
             if ticket.done:  # withdrawn before it started
                 ok = True
                 return
-            source = open_stream(self.session, request)
-            aclose = getattr(source, "aclose", None)
-            try:
-                async for chunk in source:
-                    if ticket.done or request.cancelled.is_set():
-                        break  # the consumer went away: stop the generation
-                    chunks.put_nowait(chunk)
-                    tokens += 1 if chunk.text else 0
-            finally:
-                if aclose is not None:
-                    with contextlib.suppress(Exception):
-                        await aclose()
+            gate = self._compute_gate() if self._compute_gate is not None else contextlib.nullcontext()
+            async with gate:  # a generation holds the partition's compute token from start to end
+                source = open_stream(self.session, request)
+                aclose = getattr(source, "aclose", None)
+                try:
+                    async for chunk in source:
+                        if ticket.done or request.cancelled.is_set():
+                            break  # the consumer went away: stop the generation
+                        chunks.put_nowait(chunk)
+                        tokens += 1 if chunk.text else 0
+                finally:
+                    if aclose is not None:
+                        with contextlib.suppress(Exception):
+                            await aclose()
             if ticket.finish(None):
                 now = self._clock.monotonic()
                 self.metrics.record_request(
