@@ -5,10 +5,12 @@ to be needed. With the shipped parameters it is a calibrated probability that on
 answers well (on the calibration data: GPT-4 right and Mixtral-8x7B wrong)::
 
     scorer = ComplexityScorer()                  # the shipped default parameters
-    scorer.score("hi")                           # 0.08
+    scorer.score("hi")                           # 0.07
     why = scorer.explain("Prove that sqrt(2) is irrational, step by step.")
+    why.score, why.contributions["reasoning"]    # 0.35, +0.97 (logit units)
     why.bias + sum(why.contributions.values()) == why.logit     # up to float rounding
-    scorer.threshold_for_strong_share(0.3)       # the score that sent 30% of calibration prompts strong
+    scorer.threshold_for_strong_share(0.3)       # 0.19: the score above which 30% of calibration
+                                                 # prompts fell, i.e. about 30% strong calls
 
 How it scores (``docs/complexity.md`` has the details and the measured figures):
 
@@ -27,7 +29,7 @@ of the same expert: ``logit = bias + sum(contributions)`` and ``score = 1 / (1 +
 ``bias`` is the logit of that average prompt.
 
 Scoring is pure and never raises for any ``str`` (or ``bytes``); long prompts are analysed on a bounded
-window (see ``complexity_features``), so a 1 MB prompt costs about what a 5 KB one does.
+window (see ``complexity_features``), so a 1 MB prompt costs about what a 3 KB one does.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ __all__ = [
     "EXPERTS",
     "ComplexityParams",
     "ComplexityScorer",
-    "Explanation",
     "ExpertParams",
+    "Explanation",
 ]
 
 DEFAULT_PARAMS_FILE: Final = "complexity_default.json"
@@ -107,7 +109,9 @@ class ExpertParams:
         means = data["cue_means"]
         missing = [n for n in FEATURE_NAMES if n not in weights or n not in means]
         if missing:
-            raise ConfigError(f"complexity parameters lack the features {missing}; refit them with this version")
+            raise ConfigError(
+                f"complexity parameters lack the features {missing}; refit them with this version"
+            )
         words: Mapping[str, float] = data["words"]
         return cls(
             intercept=float(data["intercept"]),
@@ -220,13 +224,23 @@ class _Expert:
         self.params = params
         s = params.scale
         self.cue_weights = tuple(s * w for w in params.cue_weights)
-        self.weights = {w.encode("utf-8"): s * v for w, v in params.word_weights.items()}
+        self.weights = {w.encode("utf-8", "surrogatepass"): s * v for w, v in params.word_weights.items()}
         self.keys = frozenset(self.weights)
         self.constant = params.offset + s * (
             params.intercept
             - sum(w * m for w, m in zip(params.cue_weights, params.cue_means, strict=True))
             - params.lexical_mean
         )
+
+
+def _compile(params: ComplexityParams) -> tuple[_Expert, ...]:
+    return tuple(_Expert(params.experts[name]) for name in EXPERTS)
+
+
+@lru_cache(maxsize=1)
+def _default_compiled() -> tuple[ComplexityParams, tuple[_Expert, ...]]:
+    params = _default_params()
+    return params, _compile(params)
 
 
 class ComplexityScorer:
@@ -238,12 +252,19 @@ class ComplexityScorer:
     __slots__ = ("_experts", "params")
 
     def __init__(self, params: ComplexityParams | None = None) -> None:
-        self.params = params if params is not None else _default_params()
-        self._experts = tuple(_Expert(self.params.experts[name]) for name in EXPERTS)
+        if params is None:
+            # the default is read and compiled once per process, so constructing one per request is free
+            self.params, self._experts = _default_compiled()
+        else:
+            self.params = params
+            self._experts = _compile(params)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ComplexityScorer:
-        """A scorer with parameters from a file written by ``ComplexityParams.save`` (``ConfigError`` if bad)."""
+        """A scorer with parameters from a file written by ``ComplexityParams.save``.
+
+        Raises ``ConfigError`` naming the file when it is missing, unreadable or not such parameters.
+        """
         return cls(ComplexityParams.load(path))
 
     def logit(self, prompt: str | bytes) -> float:
@@ -251,11 +272,11 @@ class ComplexityScorer:
         features = extract(as_text(prompt))
         values = features.values
         expert = self._experts[1] if values[_CHOICE_INDEX] else self._experts[0]
-        total = expert.constant + sum(map(operator.mul, expert.cue_weights, values))
+        total: float = expert.constant + sum(map(operator.mul, expert.cue_weights, values))
         found = expert.keys & features.tokens
         if found:
             total += sum(map(expert.weights.__getitem__, found)) / math.sqrt(len(found))
-        return total
+        return float(total)
 
     def score(self, prompt: str | bytes) -> float:
         """How much ``prompt`` needs the strong tier, in [0, 1]; never raises for ``str`` or ``bytes``."""

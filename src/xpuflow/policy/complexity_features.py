@@ -5,13 +5,13 @@ of ``FEATURE_NAMES`` (each feature belongs to one of ``DIMENSIONS``, see ``FEATU
 ``tokens``, the set of distinct lower-cased words (bytes) that the scorer looks up in its learned
 vocabulary. Everything here is a pure function of the text.
 
-Cost is the point of this module: the router scores every request, so extraction runs in a few
-microseconds for a 1 KB prompt. It works on the UTF-8 bytes and uses only C-level primitives
-(``bytes.translate``, ``bytes.split``, ``bytes.count``, set intersections): CPython's ``re`` takes ~20 us
-just to tokenise 1 KB. Long prompts are analysed on a bounded window, the first ``HEAD_CHARS`` and the
-last ``TAIL_CHARS`` characters (a question usually sits at the end of a long context, its framing at
-the start), so a 1 MB prompt costs the same as a 5 KB one; the length feature alone uses the full
-length, which is O(1).
+Cost is the point of this module: the router scores every request, so extraction takes about 10 us
+for a typical 300-character prompt and 20 us for 1 KB on one CPU core. It works on the UTF-8 bytes and
+uses only C-level primitives (``bytes.translate``, ``bytes.split``, ``bytes.count``, set intersections):
+CPython's ``re`` alone takes about as long to split 1 KB into words. Long prompts are analysed on a
+bounded window, the first ``HEAD_CHARS`` and the last ``TAIL_CHARS`` characters (a question usually
+sits at the end of a long context, its framing at the start), so a 1 MB prompt costs about what a 3 KB
+one does; the length feature alone uses the full length, which is O(1).
 
 Any ``str`` is accepted: empty, binary junk, NUL bytes, lone surrogates (encoded with
 ``errors="replace"``). ``bytes`` are decoded as UTF-8 with replacement first.
@@ -19,7 +19,7 @@ Any ``str`` is accepted: empty, binary junk, NUL bytes, lone surrogates (encoded
 Example::
 
     f = extract("Prove step by step that the square root of 2 is irrational.")
-    dict(zip(FEATURE_NAMES, f.values))["reasoning_cues"]   # 2.0 ("prove", "step by step")
+    dict(zip(FEATURE_NAMES, f.values))["reasoning_cues"]   # log1p(2): "prove" and "step by step"
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ __all__ = [
     "extract",
 ]
 
-HEAD_CHARS: Final = 4096
+HEAD_CHARS: Final = 2048
 """Characters analysed from the start of a long prompt."""
 TAIL_CHARS: Final = 1024
 """Characters analysed from the end of a long prompt."""
@@ -72,7 +72,6 @@ _FEATURES: Final = (
     ("sentences", "reasoning"),
     ("lines", "reasoning"),
     ("capitalised_words", "entities"),
-    ("acronyms", "entities"),
     ("negations", "negation"),
     ("constraints", "negation"),
     ("emphatic_negation", "negation"),
@@ -91,7 +90,7 @@ _SHAPE: Final = bytes(
     48 if 48 <= c <= 57 else 65 if 65 <= c <= 90 else 97 if 97 <= c <= 122 else c for c in range(256)
 )
 _DIGITS: Final = bytes(48 if 48 <= c <= 57 else 32 for c in range(256))
-_MARKS: Final = b"%$={;?\n`"
+_MARKS: Final = b"%$={;?\n`.!/"
 _NOT_MARKS: Final = bytes(c for c in range(256) if c not in _MARKS)
 
 
@@ -187,22 +186,30 @@ def extract(prompt: str) -> Features:
     for word in word_set & _CUE_WORDS:
         for i in _CUE_INDEX[word]:
             hits[i] += 1
-    fraction_hits, math_hits, code_hits, reasoning_hits, conditional_hits, negation_hits, constraint_hits = hits
+    fraction_hits, math_hits, code_hits, reasoning_hits, conditional_hits, negation_hits, constraint_hits = (
+        hits
+    )
 
     choice = 1.0 if (b"\nA. " in raw or b"\nA) " in raw or b"(A)" in raw) and b"B" in raw else 0.0
     log_tokens = log1p(len(prompt) / CHARS_PER_TOKEN)
     log_numbers = log1p(len(numbers))
+    # each count scans the whole window: skip those that a cheap test shows would be zero
+    longest = len(max(numbers)) if numbers else 0  # digit runs are all b"0...0", so max is the longest
+    decimals = shape.count(b"0.0") if numbers else 0
+    big_numbers = shape.count(b"0000") if longest >= 4 else 0
+    fractions = shape.count(b"0/0") if numbers and b"/" in marks else 0
+    step_by_step = words.count(b"step by step") if b"step" in word_set else 0
+    emphatic = raw.count(b"NOT ") if b"not" in word_set else 0
     values = (
         log_tokens,
         log_tokens * choice,
         log_tokens * log_tokens / 10.0,
         log_numbers,
         log_numbers * choice,
-        # digit runs are all b"0...0" here, so the greatest is the longest
-        log1p(len(max(numbers)) if numbers else 0),
-        log1p(shape.count(b"0.0")),
-        log1p(shape.count(b"0000")),
-        log1p(shape.count(b"0/0") + fraction_hits),
+        log1p(longest),
+        log1p(decimals),
+        log1p(big_numbers),
+        log1p(fractions + fraction_hits),
         log1p(marks.count(b"%") + (b"percent" in word_set)),
         log1p(marks.count(b"$")),
         log1p(marks.count(b"=")),
@@ -210,16 +217,15 @@ def extract(prompt: str) -> Features:
         log1p(marks.count(b"```")),
         log1p(marks.count(b"{") + marks.count(b";")),
         log1p(code_hits),
-        log1p(reasoning_hits + words.count(b"step by step")),
+        log1p(reasoning_hits + step_by_step),
         log1p(conditional_hits),
         log1p(marks.count(b"?")),
-        log1p(raw.count(b". ")),
+        log1p(marks.count(b".") + marks.count(b"!")),
         log1p(marks.count(b"\n")),
-        log1p(shape.count(b" Aa")),
-        log1p(shape.count(b" AA")),
+        log1p(shape.count(b" A")),
         log1p(negation_hits),
         log1p(constraint_hits),
-        log1p(raw.count(b"NOT ")),
+        log1p(emphatic),
         choice,
     )
     return Features(values, word_set)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -104,8 +104,8 @@ class FitConfig:
 
 
 DEFAULT_CONFIGS: Final[Mapping[str, FitConfig]] = {
-    "open": FitConfig(alpha_cues=3000.0, alpha_lexical=100.0),
-    "choice": FitConfig(alpha_cues=3000.0, alpha_lexical=3.0, group_blend=0.25),
+    "open": FitConfig(alpha_cues=3000.0, alpha_lexical=100.0, idf=False),
+    "choice": FitConfig(alpha_cues=3000.0, alpha_lexical=100.0, group_blend=0.25),
 }
 """Per-expert defaults chosen by 5-fold cross-validation on the RouteLLM calibration set."""
 
@@ -157,10 +157,12 @@ class _Lexical:
 
     def matvec(self, v: FloatArray) -> FloatArray:
         n = len(self.indptr) - 1
-        return np.bincount(self.rows, weights=self.data * v[self.indices], minlength=n)
+        out = np.bincount(self.rows, weights=self.data * v[self.indices], minlength=n)
+        return out.astype(np.float64, copy=False)
 
     def rmatvec(self, u: FloatArray) -> FloatArray:
-        return np.bincount(self.indices, weights=self.data * u[self.rows], minlength=self.num_cols)
+        out = np.bincount(self.indices, weights=self.data * u[self.rows], minlength=self.num_cols)
+        return out.astype(np.float64, copy=False)
 
 
 def _vocabulary(features: Sequence[Features], cfg: FitConfig) -> tuple[list[bytes], FloatArray]:
@@ -201,7 +203,11 @@ def _lexical(features: Sequence[Features], vocab: Sequence[bytes], scale: FloatA
 
 
 def _cg(
-    apply: Any, rhs: FloatArray, precond: FloatArray, tol: float = 1e-8, max_iter: int = 2000
+    apply: Callable[[FloatArray], FloatArray],
+    rhs: FloatArray,
+    precond: FloatArray,
+    tol: float = 1e-8,
+    max_iter: int = 2000,
 ) -> FloatArray:
     """Preconditioned conjugate gradients for a symmetric positive definite ``apply``."""
     x = np.zeros_like(rhs)
@@ -260,7 +266,8 @@ def _ridge(cues: FloatArray, features: Sequence[Features], target: FloatArray, c
 
     def a_mul(z: FloatArray) -> FloatArray:
         u, b = z[:num_cues], z[num_cues:]
-        return hs @ u + lex.matvec(b) - float(lex_means @ b)
+        out: FloatArray = hs @ u + lex.matvec(b) - float(lex_means @ b)
+        return out
 
     def at_mul(r: FloatArray) -> FloatArray:
         return np.concatenate([hs.T @ r, lex.rmatvec(r) - lex_means * float(r.sum())])
@@ -333,7 +340,11 @@ def _group_target(
 
 
 def _fit_expert(
-    cues: FloatArray, features: Sequence[Features], gains: FloatArray, groups: Sequence[str] | None, cfg: FitConfig
+    cues: FloatArray,
+    features: Sequence[Features],
+    gains: FloatArray,
+    groups: Sequence[str] | None,
+    cfg: FitConfig,
 ) -> tuple[ExpertParams, FloatArray]:
     """The expert's parameters and its out-of-fold calibrated scores on its own rows."""
     n = len(gains)
@@ -348,9 +359,9 @@ def _fit_expert(
         for k in range(cfg.calibration_folds):
             held = inner == k
             train = np.flatnonzero(~held)
-            sub_groups = None if groups is None else [groups[i] for i in train]
+            sub_groups = None if groups is None else [groups[i] for i in train.tolist()]
             sub_target = _group_target(gains[train], sub_groups, inner[train], cfg)
-            part = _ridge(cues[train], [features[i] for i in train], sub_target, cfg)
+            part = _ridge(cues[train], [features[i] for i in train.tolist()], sub_target, cfg)
             raw[held] = part.predict(cues[held], [f for f, h in zip(features, held, strict=True) if h])
     scale, offset = _platt(raw, positive)
     words = [t.decode("utf-8") for t in model.vocab]
@@ -375,7 +386,9 @@ def _configs(config: FitConfig | Mapping[str, FitConfig] | None) -> Mapping[str,
         return dict.fromkeys(EXPERTS, config)
     unknown = set(config) - set(EXPERTS)
     if unknown:
-        raise ConfigError(f"unknown experts {sorted(unknown)} in config; valid: {list(EXPERTS)}", field="config")
+        raise ConfigError(
+            f"unknown experts {sorted(unknown)} in config; valid: {list(EXPERTS)}", field="config"
+        )
     return {name: config.get(name, DEFAULT_CONFIGS[name]) for name in EXPERTS}
 
 
@@ -414,8 +427,11 @@ def _fit_features(
                 "pass prompts where the strong tier helped and prompts where it did not",
                 field="labels",
             )
-        sub_groups = None if groups is None else [groups[i] for i in rows]
-        params, calibrated = _fit_expert(cues[rows], [features[i] for i in rows], gains[rows], sub_groups, cfg)
+        picked = rows.tolist()
+        sub_groups = None if groups is None else [groups[i] for i in picked]
+        params, calibrated = _fit_expert(
+            cues[rows], [features[i] for i in picked], gains[rows], sub_groups, cfg
+        )
         experts[name] = params
         used[name] = len(rows)
         scores[mask] = calibrated[mask] if fallback else calibrated
@@ -482,12 +498,13 @@ def cross_validate(
     for k in range(num_folds):
         train = np.flatnonzero(folds != k)
         test = np.flatnonzero(folds == k)
-        sub_groups = None if groups is None else [groups[i] for i in train]
+        picked = train.tolist()
+        sub_groups = None if groups is None else [groups[i] for i in picked]
         params, _ = _fit_features(
-            [features[i] for i in train], cues[train], gains[train], sub_groups, configs
+            [features[i] for i in picked], cues[train], gains[train], sub_groups, configs
         )
         scorer = ComplexityScorer(params)
-        for i in test:
+        for i in test.tolist():
             z = scorer.logit(prompts[i])
             logits[i] = z
             scores[i] = 1.0 / (1.0 + math.exp(-min(max(z, -30.0), 30.0)))

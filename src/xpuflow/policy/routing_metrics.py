@@ -48,7 +48,9 @@ def _as_arrays(scores: ArrayLike, weak_scores: ArrayLike, strong_scores: ArrayLi
     w = np.asarray(weak_scores, dtype=np.float64).ravel()
     g = np.asarray(strong_scores, dtype=np.float64).ravel()
     if not (len(s) == len(w) == len(g)):
-        raise ValueError(f"scores, weak_scores and strong_scores differ in length: {len(s)}, {len(w)}, {len(g)}")
+        raise ValueError(
+            f"scores, weak_scores and strong_scores differ in length: {len(s)}, {len(w)}, {len(g)}"
+        )
     if len(s) == 0:
         raise ValueError("no prompts to evaluate: pass at least one score")
     return s, w, g
@@ -90,9 +92,7 @@ def pgr_curve(
     return [(share, (q - weak_q) / gap) for share, q in quality_curve(scores, w, g, num_points)]
 
 
-def apgr(
-    scores: ArrayLike, weak_scores: ArrayLike, strong_scores: ArrayLike, num_points: int = 10
-) -> float:
+def apgr(scores: ArrayLike, weak_scores: ArrayLike, strong_scores: ArrayLike, num_points: int = 10) -> float:
     """Average performance gap recovered: trapezoid area under the PGR curve over strong share in [0, 1]."""
     curve = pgr_curve(scores, weak_scores, strong_scores, num_points)
     shares = np.array([p[0] for p in curve])
