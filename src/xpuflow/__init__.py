@@ -29,6 +29,9 @@ _EXPORTS: dict[str, str] = {
     "detect": "xpuflow.workload",
     "advise": "xpuflow.workload",
     "DeviceRouter": "xpuflow.device_router",
+    "ComplexityScorer": "xpuflow.policy.complexity",
+    "AdaptiveRouter": "xpuflow.routing.adaptive",
+    "RoutingConfig": "xpuflow.routing.adaptive",
     "DeviceRuntime": "xpuflow.device_runtime",
     "runtime": "xpuflow.device_runtime",
     "init": "xpuflow.migrate",
@@ -49,6 +52,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "AdaptiveRouter",
     "Alternative",
     "BackendError",
     "BackendPlugin",
@@ -56,6 +60,7 @@ __all__ = [
     "BuildProfile",
     "Capability",
     "CapabilityError",
+    "ComplexityScorer",
     "ConfigError",
     "DeviceRouter",
     "DeviceRuntime",
@@ -66,6 +71,7 @@ __all__ = [
     "Precision",
     "Resource",
     "ResourceType",
+    "RoutingConfig",
     "RoutingDecision",
     "Session",
     "Strategy",
@@ -106,6 +112,8 @@ if TYPE_CHECKING:
     from xpuflow.discovery.inventory import Inventory
     from xpuflow.errors import BackendError, CapabilityError, ConfigError, XpuflowError
     from xpuflow.migrate import deinit, init
+    from xpuflow.policy.complexity import ComplexityScorer
+    from xpuflow.routing.adaptive import AdaptiveRouter, RoutingConfig
     from xpuflow.types import (
         Alternative,
         Capability,

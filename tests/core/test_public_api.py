@@ -7,6 +7,7 @@ import sys
 import xpuflow
 
 PINNED = [
+    "AdaptiveRouter",
     "Alternative",
     "BackendError",
     "BackendPlugin",
@@ -14,6 +15,7 @@ PINNED = [
     "BuildProfile",
     "Capability",
     "CapabilityError",
+    "ComplexityScorer",
     "ConfigError",
     "DeviceRouter",
     "DeviceRuntime",
@@ -24,6 +26,7 @@ PINNED = [
     "Precision",
     "Resource",
     "ResourceType",
+    "RoutingConfig",
     "RoutingDecision",
     "Session",
     "Strategy",

@@ -16,7 +16,7 @@ from routing_helpers import EASY, HARD, FixedScorer, StandInScorer, calibration_
 from xpuflow.clock import FakeClock
 from xpuflow.errors import ConfigError
 from xpuflow.routing import AdaptiveRouter, CircuitState, RoutingConfig, load_config
-from xpuflow.routing.adaptive import as_prompt_text
+from xpuflow.routing.adaptive import DEFAULT_COMPLEXITY_THRESHOLD, as_prompt_text
 from xpuflow.telemetry import VRAMMonitor
 from xpuflow.testing.fake_vram import FakeVramSource
 
@@ -32,7 +32,7 @@ def plain_router(scorer: object | None = None, **config: object) -> AdaptiveRout
 
 def test_defaults_mirror_the_gemma4_adaptive_router() -> None:
     config = RoutingConfig()
-    assert config.complexity_threshold == 0.65
+    assert config.complexity_threshold == DEFAULT_COMPLEXITY_THRESHOLD
     assert config.vram_headroom_gb == 1.5
     assert config.latency_sla_ms == 2000.0
     assert config.sla_warmup_seed_ms == 800.0
@@ -211,12 +211,12 @@ def test_calibrate_edges_and_errors() -> None:
 def test_calibrate_refuses_a_threshold_below_a_middle_tier() -> None:
     config = RoutingConfig(
         vram_source="none",
-        tiers=[{"name": "a"}, {"name": "m", "min_score": 0.5}, {"name": "z"}],  # type: ignore[list-item]
+        tiers=[{"name": "a"}, {"name": "m", "min_score": 0.1}, {"name": "z"}],  # type: ignore[list-item]
     )
-    router = AdaptiveRouter(config, scorer=FixedScorer(0.2), clock=FakeClock())
+    router = AdaptiveRouter(config, scorer=FixedScorer(0.05), clock=FakeClock())
     with pytest.raises(ConfigError, match="conflicts with the middle tiers"):
         router.calibrate(["x", "y"], strong_share=1.0)
-    assert router.config.complexity_threshold == 0.65  # unchanged
+    assert router.config.complexity_threshold == DEFAULT_COMPLEXITY_THRESHOLD  # unchanged
 
 
 def test_observe_rejects_unknown_tiers_and_reports_state() -> None:

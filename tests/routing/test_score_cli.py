@@ -52,7 +52,7 @@ def test_json_has_score_dimensions_tier_and_every_rule(runner: CliRunner) -> Non
     ]
     assert all(r["reason"] for r in data["rules"])
     assert data["decision"]["tier"] == "tier_high"
-    assert data["config"]["complexity_threshold"] == 0.65
+    assert data["config"]["complexity_threshold"] == 0.19
     assert data["vram"]["error"] == "no VRAM source: disabled by configuration"
 
 

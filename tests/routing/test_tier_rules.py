@@ -53,7 +53,7 @@ def test_a_hard_prompt_passes_every_rule_and_each_says_why(router: AdaptiveRoute
     ]
     why = reasons(decision)
     assert why["rule:override"] == "no tier override"
-    assert why["rule:complexity"].endswith(">= 0.650: wants tier_high")
+    assert why["rule:complexity"].endswith(">= 0.190: wants tier_high")
     assert why["rule:vram_headroom"] == "cuda:0 has 24.00 GiB free >= 1.50 GiB headroom"
     assert why["rule:latency_sla"] == "tier_high EMA 800 ms <= SLA 2000 ms"
     assert decision.details["rule"] == "default"
@@ -64,8 +64,8 @@ def test_an_easy_prompt_is_decided_by_the_complexity_rule(router: AdaptiveRouter
     decision = router.route_decision(EASY)
     assert decision.tier == "tier_low"
     assert decision.device is None
-    assert decision.reason.startswith("complexity: score 0.001 < 0.650 (tier_high's threshold)")
-    assert decision.confidence == 1.0  # far from the threshold
+    assert decision.reason.startswith("complexity: score 0.001 < 0.190 (tier_high's threshold)")
+    assert decision.confidence > 0.85  # far below the threshold
     assert [a.candidate for a in decision.alternatives] == ["rule:override"]
     assert router.route(EASY) == "tier_low"
 

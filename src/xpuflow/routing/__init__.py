@@ -2,7 +2,7 @@
 
     from xpuflow.routing import AdaptiveRouter, RoutingConfig
 
-    with AdaptiveRouter(RoutingConfig(complexity_threshold=0.65, vram_headroom_gb=1.5)) as router:
+    with AdaptiveRouter(RoutingConfig(complexity_threshold=0.19, vram_headroom_gb=1.5)) as router:
         tier = router.route("Prove the Riemann hypothesis step by step")   # "tier_high"
         router.observe(tier, latency_ms=840.0)
 
