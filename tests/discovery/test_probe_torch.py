@@ -215,5 +215,7 @@ def test_detect_without_the_torch_probe_never_imports_torch() -> None:
         "assert 'torch' not in sys.modules; "
         "assert [r.probe for r in inv.reports if r.probe == 'torch'] == []; print('ok')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.stdout.strip() == "ok", out.stderr

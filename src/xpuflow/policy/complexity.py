@@ -273,7 +273,7 @@ class ComplexityScorer:
         values = features.values
         expert = self._experts[1] if values[_CHOICE_INDEX] else self._experts[0]
         total: float = expert.constant + sum(map(operator.mul, expert.cue_weights, values))
-        found = expert.keys & features.tokens
+        found = expert.keys.intersection(features.words)
         if found:
             total += sum(map(expert.weights.__getitem__, found)) / math.sqrt(len(found))
         return float(total)
@@ -295,7 +295,7 @@ class ComplexityScorer:
         contributions = dict.fromkeys(DIMENSIONS, 0.0)
         for feature, w, x, m in zip(FEATURE_NAMES, p.cue_weights, values, p.cue_means, strict=True):
             contributions[FEATURE_DIMENSION[feature]] += p.scale * w * (x - m)
-        found = sorted(expert.keys & features.tokens)
+        found = sorted(expert.keys.intersection(features.words))
         lexical = 0.0
         words: list[tuple[str, float]] = []
         if found:

@@ -144,13 +144,22 @@ _CUE_INDEX: Final = {
     for word in frozenset().union(*_CUE_SETS)
 }
 _CUE_WORDS: Final = frozenset(_CUE_INDEX)
+# words whose presence gates a more expensive count; looked up in the same single pass as the cues
+_LOOKUP_WORDS: Final = _CUE_WORDS | {b"step", b"not", b"percent"}
 
 
 class Features(NamedTuple):
-    """One prompt's cues: ``values`` in the order of ``FEATURE_NAMES``; ``tokens`` for the vocabulary."""
+    """One prompt's cues: ``values`` in the order of ``FEATURE_NAMES``; ``words`` (in order, with
+    repeats) for the vocabulary. Scoring intersects the vocabulary with ``words`` directly: building a
+    set of every word first costs more than the whole lookup."""
 
     values: tuple[float, ...]
-    tokens: frozenset[bytes]
+    words: list[bytes]
+
+    @property
+    def tokens(self) -> frozenset[bytes]:
+        """The distinct words (for fitting)."""
+        return frozenset(self.words)
 
 
 def as_text(prompt: str | bytes | bytearray | memoryview) -> str:
@@ -176,15 +185,16 @@ def extract(prompt: str) -> Features:
     """The features of ``prompt`` (see the module docstring); never raises for any ``str``."""
     raw = _window(prompt)
     words = raw.translate(_WORDS)
-    word_set = frozenset(words.split())
+    word_list = words.split()
+    present = _LOOKUP_WORDS.intersection(word_list)
     shape = raw.translate(_SHAPE)
     # the few ASCII symbols we count, extracted in one pass so that each count scans a short string
     marks = raw.translate(None, _NOT_MARKS)
     numbers = raw.translate(_DIGITS).split()
     log1p = math.log1p
     hits = [0, 0, 0, 0, 0, 0, 0]
-    for word in word_set & _CUE_WORDS:
-        for i in _CUE_INDEX[word]:
+    for word in present:
+        for i in _CUE_INDEX.get(word, ()):
             hits[i] += 1
     fraction_hits, math_hits, code_hits, reasoning_hits, conditional_hits, negation_hits, constraint_hits = (
         hits
@@ -198,8 +208,8 @@ def extract(prompt: str) -> Features:
     decimals = shape.count(b"0.0") if numbers else 0
     big_numbers = shape.count(b"0000") if longest >= 4 else 0
     fractions = shape.count(b"0/0") if numbers and b"/" in marks else 0
-    step_by_step = words.count(b"step by step") if b"step" in word_set else 0
-    emphatic = raw.count(b"NOT ") if b"not" in word_set else 0
+    step_by_step = words.count(b"step by step") if b"step" in present else 0
+    emphatic = raw.count(b"NOT ") if b"not" in present else 0
     values = (
         log_tokens,
         log_tokens * choice,
@@ -210,7 +220,7 @@ def extract(prompt: str) -> Features:
         log1p(decimals),
         log1p(big_numbers),
         log1p(fractions + fraction_hits),
-        log1p(marks.count(b"%") + (b"percent" in word_set)),
+        log1p(marks.count(b"%") + (b"percent" in present)),
         log1p(marks.count(b"$")),
         log1p(marks.count(b"=")),
         log1p(math_hits),
@@ -228,4 +238,4 @@ def extract(prompt: str) -> Features:
         log1p(emphatic),
         choice,
     )
-    return Features(values, word_set)
+    return Features(values, word_list)
