@@ -182,7 +182,14 @@ class Session:
         return [await self.chat(c, params) for c in conversations]
 
     async def embed_batch(self, batches: Sequence[Sequence[str]]) -> list[list[list[float]]]:
-        return [await self.embed(texts) for texts in batches]
+        """Every request's texts in one ``embed`` call (a padded batch where the session batches),
+        split back per request."""
+        vectors = await self.embed([text for texts in batches for text in texts])
+        out, start = [], 0
+        for texts in batches:
+            out.append(vectors[start : start + len(texts)])
+            start += len(texts)
+        return out
 
     async def run(self, inputs: Any) -> Any:
         """Run a numeric model on an array (tensor models only)."""

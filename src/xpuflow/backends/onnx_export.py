@@ -428,16 +428,6 @@ class EncoderSession(Session):
                 f"{self.backend} failed embeddings for model '{self.model_id}': {type(exc).__name__}: {exc}"
             ) from exc
 
-    async def embed_batch(self, batches: Sequence[Sequence[str]]) -> list[list[list[float]]]:
-        """All requests' texts in one pass, split back per request."""
-        flat = [text for texts in batches for text in texts]
-        vectors = await self.embed(flat)
-        out, start = [], 0
-        for texts in batches:
-            out.append(vectors[start : start + len(texts)])
-            start += len(texts)
-        return out
-
     def _embed_blocking(self, texts: list[str]) -> list[list[float]]:
         import numpy as np
 

@@ -535,15 +535,6 @@ class TransformersSession(Session):
             return []
         return await self._call("embeddings", self._embed_blocking, items)
 
-    async def embed_batch(self, batches: Sequence[Sequence[str]]) -> list[list[list[float]]]:
-        flat = [text for texts in batches for text in texts]
-        vectors = await self.embed(flat)
-        out, start = [], 0
-        for texts in batches:
-            out.append(vectors[start : start + len(texts)])
-            start += len(texts)
-        return out
-
     def _embed_blocking(self, texts: list[str]) -> list[list[float]]:
         import torch
 
