@@ -274,8 +274,11 @@ class ComplexityScorer:
         expert = self._experts[1] if values[_CHOICE_INDEX] else self._experts[0]
         total: float = expert.constant + sum(map(operator.mul, expert.cue_weights, values))
         found = expert.keys.intersection(features.words)
-        if found:
-            total += sum(map(expert.weights.__getitem__, found)) / math.sqrt(len(found))
+        n = len(found)
+        if n:
+            # one C call fetches every weight (a Python-level loop over ~60 words costs ~2 us more)
+            got = operator.itemgetter(*found)(expert.weights)
+            total += (got if n == 1 else sum(got)) / math.sqrt(n)
         return float(total)
 
     def score(self, prompt: str | bytes) -> float:
