@@ -13,6 +13,18 @@ from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+# Open-ended requests, so greedy decoding runs to the token limit instead of stopping early.
+PROMPTS = [
+    "Write a long story about the sea.",
+    "Describe in detail how a CPU cache works.",
+    "Write a long essay about the history of Rome.",
+    "Explain in detail how airplanes fly.",
+    "Describe your favourite city in great detail.",
+    "Write a long poem about mountains.",
+    "Explain in detail how vaccines work.",
+    "Describe the water cycle in great detail.",
+]
+
 
 def time_process(argv: list[str], runs: int, env: dict[str, str] | None = None) -> list[float]:
     """Wall-clock milliseconds of each of ``runs`` executions of ``argv`` (after one warm-up run)."""

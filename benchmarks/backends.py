@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_results
+from _common import PROMPTS, print_table, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,17 +40,6 @@ from xpuflow.types import Resource, ResourceType
 
 BATCHES = (1, 8, 32)
 CPU = Resource("cpu", ResourceType.CPU, "host CPU")
-# Open-ended requests, so greedy decoding runs to the token limit instead of stopping early.
-PROMPTS = [
-    "Write a long story about the sea.",
-    "Describe in detail how a CPU cache works.",
-    "Write a long essay about the history of Rome.",
-    "Explain in detail how airplanes fly.",
-    "Describe your favourite city in great detail.",
-    "Write a long poem about mountains.",
-    "Explain in detail how vaccines work.",
-    "Describe the water cycle in great detail.",
-]
 TEXTS = [f"sentence number {i} about heterogeneous hardware and model serving" for i in range(64)]
 
 
