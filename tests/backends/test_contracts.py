@@ -99,10 +99,11 @@ def test_blocking_runner_streams_incrementally_and_stops_early() -> None:
     async def go() -> None:
         runner = BlockingRunner("t")
         seen = []
-        async with contextlib.aclosing(runner.iterate(items)) as stream:
+        async with contextlib.aclosing(runner.iterate(items, max_buffered=4)) as stream:
             async for item in stream:
                 seen.append(item)
                 gate.set()  # item 1 is only produced after item 0 arrived: no buffering
+                await asyncio.sleep(0.01)  # a slow reader: the producer waits for room
                 if item == 3:
                     break
         assert seen == [0, 1, 2, 3]
@@ -110,7 +111,19 @@ def test_blocking_runner_streams_incrementally_and_stops_early() -> None:
         runner.close()
 
     asyncio.run(go())
-    assert len(produced) < 1000  # closing the stream told the producer to stop
+    # the four items read, at most four more buffered, one more pulled before seeing the stop
+    assert len(produced) <= 9, produced
+
+
+def test_blocking_runner_rejects_an_empty_buffer() -> None:
+    async def go() -> None:
+        runner = BlockingRunner("t")
+        with pytest.raises(ValueError, match="max_buffered"):
+            async for _ in runner.iterate(lambda: iter([1]), max_buffered=0):
+                pass
+        runner.close()
+
+    asyncio.run(go())
 
 
 def test_blocking_runner_propagates_errors() -> None:

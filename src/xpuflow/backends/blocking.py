@@ -36,21 +36,31 @@ class BlockingRunner:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
-    async def iterate(self, make_iter: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+    async def iterate(
+        self, make_iter: Callable[[], Iterator[T]], *, max_buffered: int = 64
+    ) -> AsyncIterator[T]:
         """Yield items of a blocking iterator as they are produced.
 
-        If the consumer stops early (client went away), the producer is told to stop at its next
-        item, so the model thread is freed instead of generating tokens nobody reads.
+        At most ``max_buffered`` items wait between the producer and the consumer: a slow reader
+        slows the producer down instead of growing an unbounded buffer. If the consumer stops early
+        (client went away), the producer is told to stop at its next item, so the model thread is
+        freed instead of generating tokens nobody reads.
         """
+        if max_buffered < 1:
+            raise ValueError(f"max_buffered must be at least 1, got {max_buffered}")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()
+        room = threading.Semaphore(max_buffered)
 
         def produce() -> None:
             try:
                 for item in make_iter():
+                    while not room.acquire(timeout=0.05):
+                        if stop.is_set():
+                            return
                     if stop.is_set():
-                        break
+                        return
                     loop.call_soon_threadsafe(queue.put_nowait, item)
             except BaseException as exc:  # delivered to the consumer, re-raised there
                 loop.call_soon_threadsafe(queue.put_nowait, _Failure(exc))
@@ -61,6 +71,7 @@ class BlockingRunner:
         try:
             while True:
                 item = await queue.get()
+                room.release()
                 if item is _DONE:
                     break
                 if isinstance(item, _Failure):
