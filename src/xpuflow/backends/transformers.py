@@ -24,6 +24,7 @@ and partial): use bf16 or fp32 there. Options are listed in ``TRANSFORMERS_OPTIO
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import inspect
 import json
@@ -46,6 +47,7 @@ from xpuflow.backends.base import (
 )
 from xpuflow.backends.blocking import BlockingRunner
 from xpuflow.backends.onnx_export import check_pooling, encoder_max_length, package_version
+from xpuflow.backends.prefix_cache import PrefixCache, common_prefix_length, middle_padded
 from xpuflow.backends.token_stream import (
     IncrementalDecoder,
     StopFilter,
@@ -67,6 +69,8 @@ TRANSFORMERS_OPTIONS: dict[str, str] = {
     "attn_implementation": "attention kernel: eager, sdpa, ... (default: transformers' choice)",
     "pooling": "embeddings: mean or cls (default mean)",
     "normalize": "embeddings: scale to unit length, as OpenAI does (default true)",
+    "prefix_cache": "generation: reuse the keys and values of shared prompt prefixes (default true)",
+    "prefix_cache_entries": "generation: how many prefixes the prefix cache keeps (default 8)",
 }
 
 DEQUANT_PROFILE = "gguf-dequant"
@@ -176,6 +180,17 @@ def _check_config(config: ModelConfig, resources: Sequence[Resource]) -> _Source
             f"options.num_threads must be a positive integer, got {threads!r}", field="options.num_threads"
         )
     check_pooling(config.options, "mean")
+    if not isinstance(config.option("prefix_cache", True), bool):
+        raise ConfigError(
+            f"options.prefix_cache must be true or false, got {config.option('prefix_cache')!r}",
+            field="options.prefix_cache",
+        )
+    entries = config.option("prefix_cache_entries", 8)
+    if not isinstance(entries, int) or isinstance(entries, bool) or entries < 1:
+        raise ConfigError(
+            f"options.prefix_cache_entries must be a positive integer, got {entries!r}",
+            field="options.prefix_cache_entries",
+        )
     return source
 
 
@@ -274,8 +289,11 @@ class TransformersSession(Session):
         max_batch_size: int,
         pooling: str = "mean",
         normalize: bool = True,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         super().__init__(model_id, resources)
+        self.prefix_cache = prefix_cache
+        self._template_seeded = False
         self.device = device
         self.embedding = embedding
         self.max_seq_len = max_seq_len
@@ -341,11 +359,57 @@ class TransformersSession(Session):
         )
         return str(rendered)
 
-    def _encode(self, texts: list[str], add_special_tokens: bool) -> Any:
-        # Rendered chat templates already hold their special tokens (BOS included).
-        return self._tokenizer(
-            texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
-        ).to(self.device)
+    def _inputs(self, texts: list[str], add_special_tokens: bool) -> tuple[dict[str, Any], list[int]]:
+        """Model inputs for a batch of prompts and each prompt's length in tokens.
+
+        Rows are left-padded; with the prefix cache on, the prefix the rows share is taken from the
+        cache (computed once) and each row laid out as ``prefix + pads + rest`` (see
+        ``prefix_cache.middle_padded``), so that only the rest is computed.
+        """
+        import torch
+
+        rows = [list(r) for r in self._tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+        if any(not r for r in rows):
+            raise ConfigError("a prompt encodes to no tokens; send some text", field="prompt")
+        pad = self._tokenizer.pad_token_id
+        prefix: tuple[int, ...] = ()
+        kv: Any = None
+        if self.prefix_cache is not None:
+            if not add_special_tokens:
+                self._seed_template()
+            prefix, kv = self.prefix_cache.plan(rows)
+            if prefix and kv is None:
+                with torch.inference_mode():
+                    head = torch.tensor([list(prefix)], device=self.device)
+                    kv = self._model(input_ids=head, use_cache=True).past_key_values
+                self.prefix_cache.put(prefix, kv)
+        ids, mask = middle_padded(rows, len(prefix), pad)
+        inputs: dict[str, Any] = {
+            "input_ids": torch.tensor(ids, device=self.device),
+            "attention_mask": torch.tensor(mask, device=self.device),
+        }
+        if prefix:
+            cache = copy.deepcopy(kv)  # generation extends the cache in place
+            if len(rows) > 1:
+                cache.batch_repeat_interleave(len(rows))
+            inputs["past_key_values"] = cache
+        return inputs, [len(r) for r in rows]
+
+    def _seed_template(self) -> None:
+        """Teach the prefix cache the chat template's opening (system prompt, start of the user turn)."""
+        if self._template_seeded or self.prefix_cache is None:
+            return
+        self._template_seeded = True
+        try:
+            rows = [
+                self._tokenizer(self._render([{"role": "user", "content": text}]), add_special_tokens=False)[
+                    "input_ids"
+                ]
+                for text in ("Hi", "What?")
+            ]
+        except Exception:  # a template that rejects these: the cache still learns from batches
+            return
+        self.prefix_cache.add_seed(rows[0][: common_prefix_length(rows)])
 
     def _max_new_tokens(self, longest_prompt: int, params: GenerationParams) -> int:
         room = self.max_seq_len - longest_prompt
@@ -389,8 +453,7 @@ class TransformersSession(Session):
         results: list[Completion] = []
         for start in range(0, len(texts), self.max_batch_size):
             chunk = texts[start : start + self.max_batch_size]
-            encoded = self._encode(chunk, add_special_tokens)
-            prompt_lengths = [int(n) for n in encoded["attention_mask"].sum(dim=1).tolist()]
+            encoded, prompt_lengths = self._inputs(chunk, add_special_tokens)
             max_new = self._max_new_tokens(max(prompt_lengths), params)
             kwargs = self._generate_kwargs(encoded, params, max_new)
             if params.stop:
@@ -425,8 +488,8 @@ class TransformersSession(Session):
         import torch
         from transformers import StoppingCriteriaList
 
-        encoded = self._encode([text], add_special_tokens)
-        max_new = self._max_new_tokens(int(encoded["input_ids"].shape[1]), params)
+        encoded, prompt_lengths = self._inputs([text], add_special_tokens)
+        max_new = self._max_new_tokens(prompt_lengths[0], params)
         kwargs = self._generate_kwargs(encoded, params, max_new)
         cancel = threading.Event()
         streamer = TokenStreamer()
@@ -740,6 +803,9 @@ class TransformersPlugin:
             max_batch_size=config.max_batch_size,
             pooling=check_pooling(config.options, "mean"),
             normalize=bool(config.option("normalize", True)),
+            prefix_cache=None
+            if embedding or not config.option("prefix_cache", True)
+            else PrefixCache(capacity=int(config.option("prefix_cache_entries", 8))),
         )
 
 
