@@ -7,6 +7,8 @@ in every process, open-ended chat prompts. ``--clients`` (16) clients each send 
 the answer, pause a random 0..``--think-ms`` ms (a client's own turnaround), and send again.
 
 - ``offline``: the session's own ``chat_batch`` at batch 8, 16 and 32, no serving (the limit);
+- ``model_generate``: transformers' ``model.generate`` on the same model at the client count, as the
+  Ray Serve deployment runs it: no serving, and none of the session's own work (its prefix cache);
 - ``unbatched``: a ``Worker`` with ``max_batch_size=1`` under the clients;
 - ``adaptive``: the same kind of worker with the adaptive batcher (default settings) under the clients;
 - ``ray_serve``: a Ray Serve deployment (local Ray on 127.0.0.1, no HTTP proxy) whose ``@serve.batch``
@@ -190,6 +192,30 @@ async def single_client(
 # -- Ray Serve ------------------------------------------------------------------------------------------
 
 
+def model_generate(
+    model: Any, tokenizer: Any, eos: set[int], conversations: list[list[dict[str, str]]], new_tokens: int
+) -> list[int]:
+    """The model's own batched ``generate`` (chat template, left padding, greedy), no xpuflow: the new
+    tokens of each row up to its first end-of-sequence token."""
+    import torch
+    from transformers import GenerationConfig
+
+    texts = [
+        tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations
+    ]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=sorted(eos),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.inference_mode():
+        output = model.generate(**encoded, generation_config=config)
+    width = encoded["input_ids"].shape[1]
+    return [next((i for i, t in enumerate(row) if t in eos), len(row)) for row in output[:, width:].tolist()]
+
+
 def _ray_app(folder: str, new_tokens: int) -> Any:
     from ray import serve
 
@@ -220,26 +246,7 @@ def _ray_app(folder: str, new_tokens: int) -> Any:
             self.__call__.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
 
         def _generate(self, conversations: list[list[dict[str, str]]]) -> list[int]:
-            from transformers import GenerationConfig
-
-            texts = [
-                self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                for c in conversations
-            ]
-            encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            config = GenerationConfig(
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                eos_token_id=sorted(self.eos),
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-            with self.torch.inference_mode():
-                output = self.model.generate(**encoded, generation_config=config)
-            width = encoded["input_ids"].shape[1]
-            counts = []
-            for row in output[:, width:].tolist():
-                counts.append(next((i for i, t in enumerate(row) if t in self.eos), len(row)))
-            return counts
+            return model_generate(self.model, self.tokenizer, self.eos, conversations, new_tokens)
 
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
         async def __call__(self, conversations: list[list[dict[str, str]]]) -> list[int]:
@@ -340,7 +347,20 @@ async def measure(args: argparse.Namespace, session: Any, ray: RayServe | None) 
 
         async def run_slice(name: str, rep: int) -> None:
             tally = tallies.setdefault(name, Tally())
-            if name.startswith("offline_"):
+            if name == "model_generate":
+                # the same model through transformers' own batched generate at the client count
+                convs = [messages(i) for i in range(args.clients)]
+                started = time.perf_counter()
+                counts = await session._runner.call(
+                    model_generate,
+                    session._model,
+                    session._tokenizer,
+                    set(session._eos_ids),
+                    convs,
+                    args.new_tokens,
+                )
+                tally.add(sum(counts), time.perf_counter() - started)
+            elif name.startswith("offline_"):
                 size = int(name.split("_")[1])
                 started = time.perf_counter()
                 done = await session.chat_batch([messages(i) for i in range(size)], params)
@@ -361,7 +381,7 @@ async def measure(args: argparse.Namespace, session: Any, ray: RayServe | None) 
                 assert ray is not None
                 tally.add(*await closed_loop(ray.call(), args.clients, think_s, rep, rounds=args.rounds))
 
-        names = [f"offline_{s}" for s in args.offline_sizes] + ["unbatched", "adaptive"]
+        names = [f"offline_{s}" for s in args.offline_sizes] + ["model_generate", "unbatched", "adaptive"]
         if ray_ok:
             names.append("ray_serve")
         for rep in range(args.repetitions):
@@ -426,6 +446,7 @@ def main() -> None:
 
     configs = ours["configs"]
     offline = {k: v for k, v in configs.items() if k.startswith("offline_")}
+    plain = configs["model_generate"]
     best_name = max(offline, key=lambda k: offline[k]["tok_s"])
     adaptive, unbatched = configs["adaptive"], configs["unbatched"]
     ray_cfg = configs.get("ray_serve")
@@ -448,6 +469,10 @@ def main() -> None:
         "adaptive_vs_offline_at_client_count": adaptive["tok_s"] / same_batch["tok_s"]
         if same_batch
         else None,
+        # transformers' own generate on the same model at the client count, without xpuflow's session
+        # (no prefix cache): what the engine adds, apart from the serving
+        "model_generate_tok_s": plain["tok_s"],
+        "adaptive_vs_model_generate": adaptive["tok_s"] / plain["tok_s"],
         "adaptive_vs_unbatched": adaptive["tok_s"] / unbatched["tok_s"],
         "single_client_latency_ratio": ours["single_client"]["ratio_p50"],
         "ray_serve_tok_s": ray_cfg["tok_s"] if ray_cfg else None,
@@ -470,14 +495,19 @@ def main() -> None:
         (name, f"{cfg['tok_s']:.1f}", "-", "-", " ".join(f"{x:.0f}" for x in cfg["slice_tok_s"]))
         for name, cfg in sorted(offline.items(), key=lambda kv: int(kv[0].split("_")[1]))
     ]
-    for name, cfg in (("unbatched", unbatched), ("xpuflow adaptive", adaptive), ("ray serve", ray_cfg)):
+    for name, cfg in (
+        ("model generate", plain),
+        ("unbatched", unbatched),
+        ("xpuflow adaptive", adaptive),
+        ("ray serve", ray_cfg),
+    ):
         if cfg:
             rows.append(
                 (
                     name,
                     f"{cfg['tok_s']:.1f}",
-                    f"{cfg['p50_ms']:.0f}",
-                    f"{cfg['p99_ms']:.0f}",
+                    f"{cfg['p50_ms']:.0f}" if "p50_ms" in cfg else "-",
+                    f"{cfg['p99_ms']:.0f}" if "p99_ms" in cfg else "-",
                     " ".join(f"{x:.0f}" for x in cfg["slice_tok_s"]),
                 )
             )
