@@ -81,6 +81,9 @@ class FitConfig:
     """A word joins the vocabulary when at least this many training prompts contain it."""
     max_vocab: int = 8000
     """At most this many words (the most frequent), to keep the parameter file small."""
+    max_df: float = 1.0
+    """A word in more than this share of the training prompts is left out (stop words such as "the":
+    nearly every prompt has them, so they say little, and each one costs a lookup when scoring)."""
     idf: bool = True
     """Scale word columns by inverse document frequency before the fit (see the module docstring)."""
     group_blend: float = 0.5
@@ -97,6 +100,8 @@ class FitConfig:
     def __post_init__(self) -> None:
         if self.alpha_cues <= 0 or self.alpha_lexical <= 0:
             raise ConfigError("alpha_cues and alpha_lexical must be > 0", field="alpha_cues")
+        if not 0.0 < self.max_df <= 1.0:
+            raise ConfigError("max_df must be in (0, 1]", field="max_df")
         if not 0.0 <= self.group_blend <= 1.0:
             raise ConfigError("group_blend must be in [0, 1]", field="group_blend")
         if self.calibration_folds == 1 or self.calibration_folds < 0:
@@ -105,9 +110,12 @@ class FitConfig:
 
 DEFAULT_CONFIGS: Final[Mapping[str, FitConfig]] = {
     "open": FitConfig(alpha_cues=3000.0, alpha_lexical=100.0, idf=False),
-    "choice": FitConfig(alpha_cues=3000.0, alpha_lexical=100.0, group_blend=0.25),
+    "choice": FitConfig(alpha_cues=3000.0, alpha_lexical=100.0, group_blend=0.25, max_df=0.1),
 }
-"""Per-expert defaults chosen by 5-fold cross-validation on the RouteLLM calibration set."""
+"""Per-expert defaults chosen by 5-fold cross-validation on the RouteLLM calibration set. ``max_df`` 0.1
+drops the stop words from the multiple-choice expert: MMLU's APGR over five fold splits went from 0.659
+to 0.661 (mean), with about 30 fewer vocabulary lookups per 1 KB prompt. On the open expert it cost
+GSM8K 0.004 (0.663 -> 0.659), so that one keeps them."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +179,7 @@ def _vocabulary(features: Sequence[Features], cfg: FitConfig) -> tuple[list[byte
         df.update(f.tokens)
     eligible = []
     for token, count in df.items():
-        if count < cfg.min_df:
+        if count < cfg.min_df or count > cfg.max_df * len(features):
             continue
         try:
             token.decode("utf-8")
