@@ -5,6 +5,10 @@ every rule (override, complexity, VRAM headroom, latency SLA, default). Prompts 
 calibration prompts (../shared/data/routing/) each padded with the following prompts, then cut to
 1024 bytes. The router runs as in production: its VRAM monitor thread polls every 15 ms meanwhile.
 
+Each path runs in its own pass over the distinct prompts (passes rotate from round to round), so no
+call finds its prompt warm from the call before. The scorer's pure-Python path (``accelerated=False``,
+no C word lookups) is measured in the same run.
+
 Also measured: the chain alone (a constant score: the full chain for a hard prompt, the short one for an
 easy prompt), ``route_decision`` (the explained path), a baseline (``str.lower`` on the same prompt, so
 the numbers can be compared across machines as ratios), and the VRAM monitor's CPU cost at 15 ms polling
@@ -173,27 +177,38 @@ def main() -> None:
             )
 
         if scorer is not None:
-            router = make_router(scorer, monitor)
-            time_calls(router.route, prompts[:500], 2)
+            from xpuflow.policy.complexity import ComplexityScorer
+
+            pure = ComplexityScorer(accelerated=False)
+            routers = {"c": make_router(scorer, monitor), "pure": make_router(pure, monitor)}
+            scorers = {"c": scorer, "pure": pure}
+            for router in routers.values():
+                time_calls(router.route, prompts[:500], 2)
             gc.collect()
-            score_ns: list[int] = []
-            route_ns: list[int] = []
+            # Separate passes over the distinct prompts, so that no call finds its prompt warm from
+            # the call before; the order of the passes rotates from round to round.
+            passes = [(kind, path) for kind in ("c", "pure") for path in ("score", "route")]
+            samples: dict[tuple[str, str], list[int]] = {key: [] for key in passes}
+            for r in range(args.rounds):
+                for kind, path in passes[r % len(passes) :] + passes[: r % len(passes)]:
+                    fn = scorers[kind].score if path == "score" else routers[kind].route
+                    samples[(kind, path)] += time_calls(fn, prompts, 1)
             tiers: dict[str, int] = {}
-            clock = time.perf_counter_ns
-            for _ in range(args.rounds):
-                for prompt in prompts:
-                    start = clock()
-                    scorer.score(prompt)
-                    middle = clock()
-                    tier = router.route(prompt)
-                    end = clock()
-                    score_ns.append(middle - start)
-                    route_ns.append(end - middle)
-                    tiers[tier] = tiers.get(tier, 0) + 1
-            score_stats, route_stats = percentiles(score_ns), percentiles(route_ns)
-            decision_stats = percentiles(time_calls(router.route_decision, prompts, 1))
+            for prompt in prompts:
+                tier = routers["c"].route(prompt)
+                tiers[tier] = tiers.get(tier, 0) + 1
+            score_stats, route_stats = (
+                percentiles(samples[("c", "score")]),
+                percentiles(samples[("c", "route")]),
+            )
+            pure_score, pure_route = (
+                percentiles(samples[("pure", "score")]),
+                percentiles(samples[("pure", "route")]),
+            )
+            decision_stats = percentiles(time_calls(routers["c"].route_decision, prompts, 1))
             results.update(
                 {
+                    "scorer_accelerated": scorer.accelerated,
                     "score_p50_us": score_stats["p50_us"],
                     "score_p99_us": score_stats["p99_us"],
                     "route_p50_us": route_stats["p50_us"],
@@ -203,19 +218,28 @@ def main() -> None:
                     "route_decision_p50_us": decision_stats["p50_us"],
                     "route_decision_p99_us": decision_stats["p99_us"],
                     "route_vs_baseline_p50": route_stats["p50_us"] / baseline["p50_us"],
-                    "tier_share": {tier: count / len(route_ns) for tier, count in sorted(tiers.items())},
+                    # the same scorer without its C word lookups, measured in the same run
+                    "pure_python_score_p50_us": pure_score["p50_us"],
+                    "pure_python_score_p99_us": pure_score["p99_us"],
+                    "pure_python_route_p50_us": pure_route["p50_us"],
+                    "pure_python_route_p99_us": pure_route["p99_us"],
+                    "route_pure_python_vs_c_p50": pure_route["p50_us"] / route_stats["p50_us"],
+                    "tier_share": {tier: count / len(prompts) for tier, count in sorted(tiers.items())},
                     "meets_targets": route_stats["p50_us"] <= TARGET_P50_US
                     and route_stats["p99_us"] <= TARGET_P99_US,
                 }
             )
+            label = "C word lookups" if scorer.accelerated else "pure Python: the C extension is not built"
             rows += [
-                ("score (ComplexityScorer)", f"{score_stats['p50_us']:.2f}", f"{score_stats['p99_us']:.2f}"),
+                (f"score ({label})", f"{score_stats['p50_us']:.2f}", f"{score_stats['p99_us']:.2f}"),
                 ("route = score + chain", f"{route_stats['p50_us']:.2f}", f"{route_stats['p99_us']:.2f}"),
                 (
                     "route_decision (explained)",
                     f"{decision_stats['p50_us']:.2f}",
                     f"{decision_stats['p99_us']:.2f}",
                 ),
+                ("score, pure Python", f"{pure_score['p50_us']:.2f}", f"{pure_score['p99_us']:.2f}"),
+                ("route, pure Python", f"{pure_route['p50_us']:.2f}", f"{pure_route['p99_us']:.2f}"),
             ]
         else:
             results.update(dict.fromkeys(("score_p50_us", "score_p99_us", "route_p50_us", "route_p99_us")))

@@ -38,7 +38,7 @@ import gzip
 import json
 import math
 import operator
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -52,6 +52,8 @@ from xpuflow.policy.complexity_features import (
     FEATURE_NAMES,
     as_text,
     extract,
+    lexicon_masks,
+    scan_with,
 )
 
 __all__ = [
@@ -237,27 +239,65 @@ def _compile(params: ComplexityParams) -> tuple[_Expert, ...]:
     return tuple(_Expert(params.experts[name]) for name in EXPERTS)
 
 
+def _lexicon_class() -> Any:
+    """The C ``Lexicon`` when the extension was built (it is optional), else ``None``."""
+    try:
+        from xpuflow.policy._lexicon import Lexicon
+    except ImportError:
+        return None
+    return Lexicon
+
+
+def _build_lexicon(experts: Sequence[_Expert]) -> Any:
+    """One C table for the cue words and every expert's vocabulary, or ``None`` without the extension."""
+    lexicon_class = _lexicon_class()
+    if lexicon_class is None:
+        return None
+    masks = lexicon_masks()
+    words = sorted(masks.keys() | set().union(*(e.weights for e in experts)))
+    nan = math.nan
+    weights = [e.weights.get(w, nan) for w in words for e in experts]
+    return lexicon_class(words, [masks.get(w, 0) for w in words], weights, len(experts))
+
+
 @lru_cache(maxsize=1)
-def _default_compiled() -> tuple[ComplexityParams, tuple[_Expert, ...]]:
+def _default_compiled() -> tuple[ComplexityParams, tuple[_Expert, ...], Any]:
     params = _default_params()
-    return params, _compile(params)
+    experts = _compile(params)
+    return params, experts, _build_lexicon(experts)
 
 
 class ComplexityScorer:
     """Scores prompts with ``params`` (default: the shipped ``data/complexity_default.json``).
 
-    Instances are immutable and safe to share between threads.
+    The word lookups run in a small C extension when it was built at install time (``accelerated``:
+    ``None`` uses it when present, ``False`` never, ``True`` requires it); the pure-Python path gives the
+    same scores (to rounding) about twice as slowly. Instances are immutable and safe to share between
+    threads (the C lookup holds the GIL).
     """
 
-    __slots__ = ("_experts", "params")
+    __slots__ = ("_experts", "_lexicon", "params")
 
-    def __init__(self, params: ComplexityParams | None = None) -> None:
+    def __init__(self, params: ComplexityParams | None = None, *, accelerated: bool | None = None) -> None:
         if params is None:
             # the default is read and compiled once per process, so constructing one per request is free
-            self.params, self._experts = _default_compiled()
+            self.params, self._experts, self._lexicon = _default_compiled()
         else:
             self.params = params
             self._experts = _compile(params)
+            self._lexicon = None if accelerated is False else _build_lexicon(self._experts)
+        if accelerated is False:
+            self._lexicon = None
+        elif accelerated and self._lexicon is None:
+            raise ConfigError(
+                "the complexity scorer's C extension (xpuflow.policy._lexicon) is not built; reinstall "
+                "xpuflow with a C compiler present (pip install -e .), or pass accelerated=None"
+            )
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether the word lookups run in the C extension."""
+        return self._lexicon is not None
 
     @classmethod
     def from_file(cls, path: str | Path) -> ComplexityScorer:
@@ -269,10 +309,18 @@ class ComplexityScorer:
 
     def logit(self, prompt: str | bytes) -> float:
         """The log-odds behind ``score``; any real number."""
+        if self._lexicon is not None:
+            values, sums, counts = scan_with(as_text(prompt), self._lexicon)
+            e = 1 if values[_CHOICE_INDEX] else 0
+            expert = self._experts[e]
+            total: float = expert.constant + sum(map(operator.mul, expert.cue_weights, values))
+            if counts[e]:
+                total += sums[e] / math.sqrt(counts[e])
+            return total
         features = extract(as_text(prompt))
         values = features.values
         expert = self._experts[1] if values[_CHOICE_INDEX] else self._experts[0]
-        total: float = expert.constant + sum(map(operator.mul, expert.cue_weights, values))
+        total = expert.constant + sum(map(operator.mul, expert.cue_weights, values))
         found = expert.keys.intersection(features.words)
         n = len(found)
         if n:

@@ -25,7 +25,11 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Final, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final, NamedTuple
+
+if TYPE_CHECKING:
+    from xpuflow.policy._lexicon import Lexicon
 
 __all__ = [
     "DIMENSIONS",
@@ -36,6 +40,8 @@ __all__ = [
     "Features",
     "as_text",
     "extract",
+    "lexicon_masks",
+    "scan_with",
 ]
 
 HEAD_CHARS: Final = 2048
@@ -145,7 +151,9 @@ _CUE_INDEX: Final = {
 }
 _CUE_WORDS: Final = frozenset(_CUE_INDEX)
 # words whose presence gates a more expensive count; looked up in the same single pass as the cues
-_LOOKUP_WORDS: Final = _CUE_WORDS | {b"step", b"not", b"percent"}
+_FLAG_WORDS: Final = (b"step", b"not", b"percent")
+_LOOKUP_WORDS: Final = _CUE_WORDS | frozenset(_FLAG_WORDS)
+_LEXICON_BITS: Final = len(_CUE_SETS) + len(_FLAG_WORDS)
 
 
 class Features(NamedTuple):
@@ -187,18 +195,59 @@ def extract(prompt: str) -> Features:
     words = raw.translate(_WORDS)
     word_list = words.split()
     present = _LOOKUP_WORDS.intersection(word_list)
+    hits = [0] * _LEXICON_BITS
+    for word in present:
+        for i in _CUE_INDEX.get(word, ()):
+            hits[i] += 1
+    for i, word in enumerate(_FLAG_WORDS, len(_CUE_SETS)):
+        hits[i] = word in present
+    return Features(_values(prompt, raw, words, hits), word_list)
+
+
+def lexicon_masks() -> dict[bytes, int]:
+    """Each cue word's bit mask, for a word-lookup table such as the scorer's C ``Lexicon``: bit ``i``
+    for the cue set ``i`` (fractions, math, code, reasoning, conditional, negation, constraint), then
+    one bit each for "step", "not" and "percent"."""
+    masks: dict[bytes, int] = {}
+    for word in _LOOKUP_WORDS:
+        bits = 0
+        for i in _CUE_INDEX.get(word, ()):
+            bits |= 1 << i
+        for i, flag in enumerate(_FLAG_WORDS, len(_CUE_SETS)):
+            if word == flag:
+                bits |= 1 << i
+        masks[word] = bits
+    return masks
+
+
+def scan_with(prompt: str, lexicon: Lexicon) -> tuple[tuple[float, ...], tuple[float, ...], tuple[int, ...]]:
+    """``extract``'s values with the word lookups done by ``lexicon`` (built from ``lexicon_masks`` plus
+    the experts' vocabularies): ``(values, sums, counts)``, the last two per expert (see ``Lexicon``)."""
+    raw = _window(prompt)
+    words = raw.translate(_WORDS)
+    hits, sums, counts = lexicon.scan(words)
+    return _values(prompt, raw, words, hits), sums, counts
+
+
+def _values(prompt: str, raw: bytes, words: bytes, hits: Sequence[int]) -> tuple[float, ...]:
+    """The cue values from the window and the counts of distinct cue words per bit of ``lexicon_masks``."""
     shape = raw.translate(_SHAPE)
     # the few ASCII symbols we count, extracted in one pass so that each count scans a short string
     marks = raw.translate(None, _NOT_MARKS)
     numbers = raw.translate(_DIGITS).split()
     log1p = math.log1p
-    hits = [0, 0, 0, 0, 0, 0, 0]
-    for word in present:
-        for i in _CUE_INDEX.get(word, ()):
-            hits[i] += 1
-    fraction_hits, math_hits, code_hits, reasoning_hits, conditional_hits, negation_hits, constraint_hits = (
-        hits
-    )
+    (
+        fraction_hits,
+        math_hits,
+        code_hits,
+        reasoning_hits,
+        conditional_hits,
+        negation_hits,
+        constraint_hits,
+        has_step,
+        has_not,
+        has_percent,
+    ) = hits[:10]
 
     choice = 1.0 if (b"\nA. " in raw or b"\nA) " in raw or b"(A)" in raw) and b"B" in raw else 0.0
     log_tokens = log1p(len(prompt) / CHARS_PER_TOKEN)
@@ -208,9 +257,9 @@ def extract(prompt: str) -> Features:
     decimals = shape.count(b"0.0") if numbers else 0
     big_numbers = shape.count(b"0000") if longest >= 4 else 0
     fractions = shape.count(b"0/0") if numbers and b"/" in marks else 0
-    step_by_step = words.count(b"step by step") if b"step" in present else 0
-    emphatic = raw.count(b"NOT ") if b"not" in present else 0
-    values = (
+    step_by_step = words.count(b"step by step") if has_step else 0
+    emphatic = raw.count(b"NOT ") if has_not else 0
+    return (
         log_tokens,
         log_tokens * choice,
         log_tokens * log_tokens / 10.0,
@@ -220,7 +269,7 @@ def extract(prompt: str) -> Features:
         log1p(decimals),
         log1p(big_numbers),
         log1p(fractions + fraction_hits),
-        log1p(marks.count(b"%") + (b"percent" in present)),
+        log1p(marks.count(b"%") + (1 if has_percent else 0)),
         log1p(marks.count(b"$")),
         log1p(marks.count(b"=")),
         log1p(math_hits),
@@ -238,4 +287,3 @@ def extract(prompt: str) -> Features:
         log1p(emphatic),
         choice,
     )
-    return Features(values, word_list)
