@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from xpuflow.backends.base import BatchMode, Completion, GenerationParams, ModelConfig
+from xpuflow.backends.base import BatchMode, Completion, GenerationParams, ModelConfig, StreamChunk
 from xpuflow.backends.llamacpp import LlamaCppPlugin, LlamaCppSession, llama_kwargs
 from xpuflow.errors import ConfigError, SessionError
 from xpuflow.types import Resource, ResourceType
@@ -158,19 +158,22 @@ def test_chat_answers_paris_greedily(session: LlamaCppSession) -> None:
 
 @pytest.mark.slow
 def test_streamed_chat_equals_the_greedy_reply(session: LlamaCppSession) -> None:
-    async def run() -> tuple[str, list[str], str | None]:
+    async def run() -> tuple[Completion, list[str], str | None, StreamChunk]:
         whole = await session.chat(PARIS, GenerationParams(max_tokens=16))
-        pieces, finish = [], None
+        pieces, finish, last = [], None, None
         async for chunk in session.stream_chat(PARIS, GenerationParams(max_tokens=16)):
             assert finish is None, "nothing may follow the chunk that carries finish_reason"
             pieces.append(chunk.text)
-            finish = chunk.finish_reason
-        return whole.text, pieces, finish
+            finish, last = chunk.finish_reason, chunk
+        assert last is not None
+        return whole, pieces, finish, last
 
-    text, pieces, finish = asyncio.run(run())
+    whole, pieces, finish, last = asyncio.run(run())
     assert len([p for p in pieces if p]) >= 3
-    assert "".join(pieces) == text
+    assert "".join(pieces) == whole.text
     assert finish == "stop"
+    # llama.cpp's stream has no usage: the session counts, as its non-streamed usage does
+    assert (last.prompt_tokens, last.completion_tokens) == (whole.prompt_tokens, whole.completion_tokens)
 
 
 @pytest.mark.slow
@@ -181,6 +184,7 @@ def test_completion_stops_at_max_tokens(session: LlamaCppSession) -> None:
             c async for c in session.stream_generate("Once upon a time", GenerationParams(max_tokens=4))
         ]
         assert streamed[-1].finish_reason == "length"
+        assert (streamed[-1].prompt_tokens, streamed[-1].completion_tokens) == (done.prompt_tokens, 4)
         return done, "".join(c.text for c in streamed)
 
     done, streamed_text = asyncio.run(run())

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from xpuflow.backends.base import GenerationParams
+from xpuflow.backends.base import GenerationParams, StreamChunk
 from xpuflow.backends.openai_wire import (
     DONE,
     SSEDecoder,
@@ -65,7 +65,10 @@ def test_completion_from_chat_and_text_responses() -> None:
 
 def test_stream_chunks_skip_empty_events() -> None:
     assert stream_chunk({"choices": [{"delta": {"role": "assistant"}}]}) is None
-    assert stream_chunk({"choices": [], "usage": {"completion_tokens": 3}}) is None
+    # a usage-only event (stream_options.include_usage) carries the token counts
+    usage = stream_chunk({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3}})
+    assert usage == StreamChunk("", None, prompt_tokens=5, completion_tokens=3)
+    assert stream_chunk({"choices": [], "usage": {"completion_tokens": "x", "prompt_tokens": -1}}) is None
     chunk = stream_chunk({"choices": [{"delta": {"content": "Hi"}, "finish_reason": None}]})
     assert chunk is not None
     assert (chunk.text, chunk.finish_reason) == ("Hi", None)

@@ -249,6 +249,10 @@ def test_streamed_chat_equals_the_whole_reply(smollm2: SimpleNamespace) -> None:
     assert "".join(c.text for c in chunks) == whole.text
     assert chunks[-1].finish_reason == whole.finish_reason
     assert all(c.finish_reason is None for c in chunks[:-1])
+    assert (chunks[-1].prompt_tokens, chunks[-1].completion_tokens) == (
+        whole.prompt_tokens,
+        whole.completion_tokens,
+    )
 
 
 @pytest.mark.slow

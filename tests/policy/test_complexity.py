@@ -267,7 +267,9 @@ def test_fit_recovers_a_planted_word() -> None:
 def test_max_df_leaves_out_words_that_nearly_every_prompt_has() -> None:
     prompts, gains, _ = synthetic(400, seed=1)  # every prompt says "Tell me about"
     kept = fit(prompts, gains, config=FitConfig(calibration_folds=0)).experts["open"].word_weights
-    pruned = fit(prompts, gains, config=FitConfig(calibration_folds=0, max_df=0.5)).experts["open"].word_weights
+    pruned = (
+        fit(prompts, gains, config=FitConfig(calibration_folds=0, max_df=0.5)).experts["open"].word_weights
+    )
     assert {"tell", "me", "about"} <= set(kept)
     assert not {"tell", "me", "about"} & set(pruned)
     assert "zebra" in pruned  # in about 40% of the prompts

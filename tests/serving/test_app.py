@@ -168,7 +168,8 @@ async def test_chat_stream_sends_role_deltas_finish_usage_and_done() -> None:
     assert text == "three two one"
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
     assert events[-1]["choices"] == []
-    assert events[-1]["usage"]["completion_tokens"] == 3
+    # the session's own counts on its last chunk, as a non-streamed call reports them
+    assert events[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
 
 
 @run_async
@@ -642,7 +643,7 @@ async def test_metrics_count_requests_tokens_decisions_and_engine_state() -> Non
         'xpuflow_time_to_first_token_seconds_count{device="cuda:0",model="chat",tier="tier_high"} 1.0',
         'xpuflow_queue_time_seconds_count{device="cuda:0",model="chat",tier="tier_high"} 2.0',
         'xpuflow_tokens_total{kind="completion",model="chat"} 9.0',
-        'xpuflow_tokens_total{kind="prompt",model="chat"} 6.0',
+        'xpuflow_tokens_total{kind="prompt",model="chat"} 9.0',  # the stream's too
         'xpuflow_route_decisions_total{model="chat",reason="default",tier="tier_high"} 2.0',
         'xpuflow_route_decisions_total{model="chat",reason="override",tier="tier_high"} 1.0',
         'xpuflow_worker_healthy{device="cpu",worker="chat/tier_low/0"} 0.0',

@@ -114,10 +114,17 @@ class Completion:
 
 @dataclass(frozen=True)
 class StreamChunk:
-    """One piece of a streamed generation; the last chunk carries ``finish_reason``."""
+    """One piece of a streamed generation; the last chunk carries ``finish_reason``.
+
+    A chunk may also carry the call's token counts (``prompt_tokens``, ``completion_tokens``): sessions
+    that know them put them on their last chunk, or on a text-less chunk after it, as OpenAI's
+    ``stream_options.include_usage`` does.
+    """
 
     text: str
     finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 class BatchMode(str, Enum):

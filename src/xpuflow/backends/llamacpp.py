@@ -178,6 +178,33 @@ def _sampling(params: GenerationParams, model: str) -> dict[str, Any]:
     return kwargs
 
 
+class _TokenCounter:
+    """A llama.cpp logits processor that only watches: it is called once per sampled token with every
+    token so far, so its first call sees the prompt's length and its calls count the sampled tokens."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens: int | None = None
+        self.sampled = 0
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if self.prompt_tokens is None:
+            self.prompt_tokens = len(input_ids)
+        self.sampled += 1
+        return scores
+
+    def processors(self) -> Any:
+        from llama_cpp import LogitsProcessorList
+
+        return LogitsProcessorList([self])
+
+    def completion_tokens(self, finish: str) -> int:
+        """Tokens generated, as llama.cpp's non-streamed usage counts them (an end-of-sequence token is
+        sampled but not part of the completion)."""
+        if finish == "length" or self.sampled == 0:
+            return self.sampled
+        return self.sampled - 1  # the last sampled token was the end (or a stop string's last token)
+
+
 class LlamaCppSession(Session):
     """One loaded GGUF model. Every llama.cpp call runs on the session's single model thread."""
 
@@ -213,21 +240,35 @@ class LlamaCppSession(Session):
         except Exception as exc:
             raise _map_error(exc, what, self.model_id) from exc
 
-    async def _stream(self, what: str, make_iter: Callable[[], Iterator[Any]]) -> AsyncIterator[StreamChunk]:
+    async def _stream(
+        self, what: str, make_iter: Callable[[Any], Iterator[Any]]
+    ) -> AsyncIterator[StreamChunk]:
+        """Chunks as llama.cpp makes them; the last one carries the token counts, which llama.cpp's
+        stream does not report: a logits processor sees the prompt's length and each sampled token."""
         self._check_open()
-        finished = False
+        counter = _TokenCounter()
+        finish: str | None = None
         try:
-            async for event in self._runner.iterate(make_iter):
+            async for event in self._runner.iterate(lambda: make_iter(counter.processors())):
                 chunk = stream_chunk(event)
-                if chunk is not None:
-                    finished = finished or chunk.finish_reason is not None
+                if chunk is None:
+                    continue
+                if chunk.finish_reason is not None:
+                    finish = chunk.finish_reason
+                    if chunk.text:
+                        yield StreamChunk(chunk.text)
+                elif chunk.text:
                     yield chunk
         except XpuflowError:
             raise
         except Exception as exc:
             raise _map_error(exc, what, self.model_id) from exc
-        if not finished:
-            yield StreamChunk("", "stop")
+        yield StreamChunk(
+            "",
+            finish or "stop",
+            prompt_tokens=counter.prompt_tokens,
+            completion_tokens=counter.completion_tokens(finish or "stop"),
+        )
 
     async def generate(self, prompt: str, params: GenerationParams) -> Completion:
         _check_prompt(prompt)
@@ -241,7 +282,9 @@ class LlamaCppSession(Session):
         sampling = _sampling(params, self.model_id)
         return self._stream(
             "streamed text completion",
-            lambda: self._llama.create_completion(prompt, stream=True, **sampling),
+            lambda processors: self._llama.create_completion(
+                prompt, stream=True, logits_processor=processors, **sampling
+            ),
         )
 
     async def chat(self, messages: Sequence[ChatMessage], params: GenerationParams) -> Completion:
@@ -259,7 +302,9 @@ class LlamaCppSession(Session):
         sampling, conversation = _sampling(params, self.model_id), [dict(m) for m in messages]
         return self._stream(
             "streamed chat",
-            lambda: self._llama.create_chat_completion(conversation, stream=True, **sampling),
+            lambda processors: self._llama.create_chat_completion(
+                conversation, stream=True, logits_processor=processors, **sampling
+            ),
         )
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:

@@ -107,18 +107,26 @@ def completion_from_response(body: Mapping[str, Any], *, default_model: str = ""
 
 def stream_chunk(event: Mapping[str, Any]) -> StreamChunk | None:
     """The ``StreamChunk`` in one chat or text completion stream event, or None when it carries nothing
-    (a role-only delta, a usage-only event)."""
+    (a role-only delta). A ``usage`` object on the event (the usage-only last event of
+    ``stream_options.include_usage``, or servers that always send it) becomes the chunk's token counts."""
+    usage = event.get("usage")
+    counts: dict[str, int] = {}
+    if isinstance(usage, Mapping):
+        for key in ("prompt_tokens", "completion_tokens"):
+            value = usage.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                counts[key] = value
     choices = event.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
-        return None
+        return StreamChunk("", None, **counts) if counts else None
     choice = choices[0]
     delta = choice.get("delta")
     text = delta.get("content") if isinstance(delta, Mapping) else choice.get("text")
     raw_finish = choice.get("finish_reason")
     finish = _finish_reason(raw_finish) if raw_finish else None
-    if not text and finish is None:
+    if not text and finish is None and not counts:
         return None
-    return StreamChunk(str(text or ""), finish)
+    return StreamChunk(str(text or ""), finish, **counts)
 
 
 def embeddings_from_response(body: Mapping[str, Any], expected: int) -> list[list[float]]:

@@ -532,7 +532,12 @@ class TransformersSession(Session):
             tail += "" if stopped else stops.flush()
             if tail:
                 yield StreamChunk(tail)
-        yield StreamChunk("", finish or ("stop" if stopped or count < max_new else "length"))
+        yield StreamChunk(
+            "",
+            finish or ("stop" if stopped or count < max_new else "length"),
+            prompt_tokens=prompt_lengths[0],
+            completion_tokens=count,
+        )
 
     async def _stream(
         self, what: str, make_text: Callable[[], str], params: GenerationParams, special: bool

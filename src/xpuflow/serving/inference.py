@@ -489,8 +489,11 @@ class InferenceEndpoints:
                             ttft_s = time.perf_counter() - start
                     data = out.chunk(chunk.text, chunk.finish_reason)
                     await send({"type": "http.response.body", "body": data, "more_body": True})
-                # an engine may put token counts on its last event; else chunks are counted
-                usage = getattr(event, "usage", None) or usage
+                # sessions put token counts on their last chunk; else chunks are counted
+                if chunk is not None and chunk.prompt_tokens is not None:
+                    usage = {"prompt_tokens": chunk.prompt_tokens}
+                    if chunk.completion_tokens is not None:
+                        usage["completion_tokens"] = chunk.completion_tokens
                 if event.error is not None:
                     failed = str(event.error)
                     break

@@ -94,7 +94,12 @@ class FakeSession(Session):
         completion = await self.generate(prompt, params)
         for i, word in enumerate(completion.text.split()):
             yield StreamChunk(word if i == 0 else " " + word)
-        yield StreamChunk("", completion.finish_reason)
+        yield StreamChunk(
+            "",
+            completion.finish_reason,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+        )
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         await self._serve(len(texts))
