@@ -501,7 +501,8 @@ def main() -> None:
     }
     rows = [
         (name, f"{cfg['tok_s']:.1f}", "-", "-", " ".join(f"{x:.0f}" for x in cfg["slice_tok_s"]))
-        for name, cfg in sorted(offline.items(), key=lambda kv: int(kv[0].split("_")[1]))
+        for group in (offline, engine)
+        for name, cfg in sorted(group.items(), key=lambda kv: int(kv[0].split("_")[1]))
     ]
     for name, cfg in (
         ("unbatched", unbatched),

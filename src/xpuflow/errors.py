@@ -142,9 +142,18 @@ class AdmissionRejected(XpuflowError):
 
 
 class RemoteError(XpuflowError):
-    """A remote model server failed. ``retryable`` is true for connect errors, 429 and 5xx."""
+    """A remote model server failed. ``retryable`` is true for connect errors, 429 and 5xx;
+    ``retry_after_s`` is the server's ``Retry-After`` (429, 503), when it sent one."""
 
-    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.retryable = retryable
+        self.retry_after_s = retry_after_s

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from xpuflow.backends.base import BatchMode, GenerationParams, ModelConfig
+from xpuflow.backends.openai_wire import parse_retry_after
 from xpuflow.backends.remote_openai import RemoteOpenAIPlugin, RemoteOpenAISession, RemoteSettings
 from xpuflow.clock import FakeClock
 from xpuflow.errors import ConfigError, RemoteError, SessionError
@@ -307,6 +308,35 @@ def test_http_errors_are_classified(
         asyncio.run(run())
     assert info.value.status == status
     assert info.value.retryable is retryable
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_rate_limit_carries_the_servers_retry_after(streaming: bool) -> None:
+    async def chat(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"error": {"message": "slow down"}}, status=429, headers={"Retry-After": "7"}
+        )
+
+    async def run() -> None:
+        async with serve({("POST", "/v1/chat/completions"): chat}) as url, await session_for(url) as session:
+            if streaming:
+                async for _chunk in session.stream_chat(HI, SHORT):
+                    pass
+            else:
+                await session.chat(HI, SHORT)
+
+    with pytest.raises(RemoteError, match="slow down") as info:
+        asyncio.run(run())
+    assert (info.value.status, info.value.retryable, info.value.retry_after_s) == (429, True, 7.0)
+
+
+def test_retry_after_reads_seconds_and_http_dates_and_ignores_junk() -> None:
+    assert parse_retry_after("12") == 12.0
+    assert parse_retry_after(" 0.5 ") == 0.5
+    assert parse_retry_after("-3") == 0.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now=1445412500.0) == 10.0
+    for junk in (None, "", "soon", "nan", "inf", "Wed, 99 Foo 2015"):
+        assert parse_retry_after(junk) is None
 
 
 def test_a_stalled_server_times_out_as_retryable() -> None:

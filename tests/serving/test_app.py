@@ -398,6 +398,7 @@ async def test_unknown_path_and_wrong_method_are_json_errors() -> None:
         (SessionError("llama.cpp session failed"), 503, "1"),
         (RemoteError("upstream answered 500", status=500, retryable=True), 502, None),
         (RemoteError("upstream answered 429", status=429, retryable=True), 429, "1"),
+        (RemoteError("upstream 429", status=429, retryable=True, retry_after_s=7.2), 429, "8"),
         (RemoteError("prompt is too long", status=400), 400, None),
         (CapabilityError("no worker streams"), 400, None),
         (ConfigError("tier is draining", field="x-xpuflow-tier"), 400, None),

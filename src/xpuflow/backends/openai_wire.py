@@ -12,6 +12,7 @@ Python API returns OpenAI-shaped dicts) share one reading of the format::
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "embedding_request",
     "embeddings_from_response",
     "error_message",
+    "parse_retry_after",
     "sampling_fields",
     "stream_chunk",
 ]
@@ -137,6 +139,31 @@ def embeddings_from_response(body: Mapping[str, Any], expected: int) -> list[lis
         raise ValueError(f"embeddings response has {got} vectors for {expected} inputs")
     ordered = sorted(data, key=lambda item: int(item.get("index", 0)))
     return [[float(x) for x in item["embedding"]] for item in ordered]
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header: delay-seconds or an HTTP date; None when absent or
+    unreadable (a malformed header must not turn a clear upstream error into a crash)."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        import time
+
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
 
 
 def error_message(text: str) -> str:

@@ -46,6 +46,7 @@ from xpuflow.backends.openai_wire import (
     embedding_request,
     embeddings_from_response,
     error_message,
+    parse_retry_after,
     stream_chunk,
 )
 from xpuflow.build.profile import BuildArtifact, BuildProfile
@@ -254,7 +255,9 @@ class RemoteOpenAISession(Session):
     def _url(self, path: str) -> str:
         return self.settings.base_url + path
 
-    def _status_error(self, method: str, path: str, status: int, body: str) -> RemoteError:
+    def _status_error(
+        self, method: str, path: str, status: int, body: str, retry_after: str | None = None
+    ) -> RemoteError:
         hint = {
             401: "; check options api_key or api_key_env",
             403: "; check options api_key or api_key_env",
@@ -265,6 +268,7 @@ class RemoteOpenAISession(Session):
             f"{self.settings.base_url} answered {status} to {method} {path}: {error_message(body)}{hint}",
             status=status,
             retryable=is_retryable_status(status),
+            retry_after_s=parse_retry_after(retry_after),
         )
 
     def _transport_error(self, method: str, path: str, exc: Exception) -> RemoteError:
@@ -330,7 +334,9 @@ class RemoteOpenAISession(Session):
             async with http.post(self._url(path), json=body) as response:
                 text = await response.text()
                 if response.status >= 400:
-                    raise self._status_error("POST", path, response.status, text)
+                    raise self._status_error(
+                        "POST", path, response.status, text, response.headers.get("Retry-After")
+                    )
                 return json.loads(text)
         except RemoteError:
             raise
@@ -377,7 +383,13 @@ class RemoteOpenAISession(Session):
                 self._url(path), json=body, headers={"Accept": "text/event-stream"}
             ) as response:
                 if response.status >= 400:
-                    raise self._status_error("POST", path, response.status, await response.text())
+                    raise self._status_error(
+                        "POST",
+                        path,
+                        response.status,
+                        await response.text(),
+                        response.headers.get("Retry-After"),
+                    )
                 if "text/event-stream" not in response.headers.get("Content-Type", ""):
                     # A server that ignores "stream": true answers with one JSON body; pass it on whole.
                     completion = completion_from_response(json.loads(await response.text()))

@@ -180,7 +180,9 @@ def to_api_error(exc: BaseException, models: Sequence[str] = ()) -> APIError:
         return APIError(400, message, code="unsupported")
     if isinstance(exc, RemoteError):
         if exc.status == 429:
-            return APIError(429, message, code="upstream_rate_limited", headers={"retry-after": "1"})
+            # the upstream's own Retry-After when it sent one, so clients back off as long as it asks
+            retry = 1 if exc.retry_after_s is None else max(1, math.ceil(exc.retry_after_s))
+            return APIError(429, message, code="upstream_rate_limited", headers={"retry-after": str(retry)})
         if exc.status in (400, 413, 422):  # the upstream refused the client's input (e.g. too long)
             return APIError(exc.status, message, code="upstream_rejected")
         return APIError(502, message, code="upstream_error")
