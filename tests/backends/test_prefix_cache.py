@@ -189,6 +189,45 @@ def test_reusing_prefixes_changes_no_output_on_smollm2() -> None:
     assert plain[3] == {}
 
 
+@pytest.mark.slow
+def test_a_model_that_cannot_start_from_a_cached_prefix_is_served_without_the_cache(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import torch
+
+    from xpuflow.backends.base import GenerationParams, ModelConfig
+    from xpuflow.backends.transformers import TransformersPlugin
+    from xpuflow.build.builder import build_all
+    from xpuflow.build.store import ArtifactStore
+    from xpuflow.bundled import smollm2_gguf_path
+    from xpuflow.types import Resource, ResourceType
+
+    torch.set_num_threads(1)
+    cpu = Resource("cpu", ResourceType.CPU, "host CPU")
+    plugin = TransformersPlugin()
+    config = ModelConfig("smollm2", smollm2_gguf_path(), "chat", max_batch_size=4)
+
+    async def run() -> list[str]:
+        artifacts = build_all(plugin, [cpu], config, ArtifactStore())
+        session = await plugin.create_session([cpu], config, artifacts)
+        real = session._model.generate
+
+        def refuses_cached_prefixes(**kwargs: object) -> object:
+            if "past_key_values" in kwargs:
+                raise RuntimeError("this cache cannot be extended")
+            return real(**kwargs)
+
+        session._model.generate = refuses_cached_prefixes
+        try:
+            return [c.text for c in await session.chat_batch(CHATS[:2], GenerationParams(max_tokens=6))]
+        finally:
+            await session.close()
+
+    texts = asyncio.run(run())
+    assert all(texts)
+    assert "prefix caching is off" in caplog.text
+
+
 def test_bad_prefix_cache_options_are_config_errors() -> None:
     from xpuflow.backends.base import ModelConfig
     from xpuflow.backends.transformers import TransformersPlugin
