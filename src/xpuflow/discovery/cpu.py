@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from xpuflow.discovery.base import ProbeResult
+from xpuflow.discovery.cgroup import CgroupLimits, affinity_cpus, read_cgroup_limits
 from xpuflow.types import Resource, ResourceType
 
 __all__ = [
@@ -299,13 +300,31 @@ class CpuProbe:
     ``cpuinfo_path`` does not exist, py-cpuinfo answers instead. Physical cores come from the
     ``(physical id, core id)`` pairs; where the kernel does not print them (ARM), from psutil when the
     probe reads this machine's own ``/proc/cpuinfo``, else the processor count.
+
+    Inside a container the CPU quota, the affinity mask and the memory limit (``discovery/cgroup.py``)
+    cap ``physical_cores``, ``logical_cores``, ``memory_bytes`` and ``free_memory_bytes``: what this
+    process can use, which is what thread pools and placement need. The host's own figures stay in
+    ``host_physical_cores``, ``host_logical_cores`` and ``host_memory_bytes``. ``cgroup_root`` and
+    ``affinity_cpus`` default to this process's own (``/sys/fs/cgroup``, its affinity mask) when the
+    probe reads this machine's ``/proc/cpuinfo``; tests pass fixtures.
     """
 
     name = "cpu"
 
-    def __init__(self, cpuinfo_path: str = _PROC_CPUINFO, meminfo_path: str = "/proc/meminfo") -> None:
+    def __init__(
+        self,
+        cpuinfo_path: str = _PROC_CPUINFO,
+        meminfo_path: str = "/proc/meminfo",
+        *,
+        cgroup_root: str | None = None,
+        proc_cgroup: str = "/proc/self/cgroup",
+        affinity_cpus: int | None = None,
+    ) -> None:
         self.cpuinfo_path = cpuinfo_path
         self.meminfo_path = meminfo_path
+        self.cgroup_root = cgroup_root
+        self.proc_cgroup = proc_cgroup
+        self.affinity_cpus = affinity_cpus
 
     def _read(self) -> tuple[dict[str, Any], str, list[str]]:
         notes: list[str] = []
@@ -332,6 +351,23 @@ class CpuProbe:
         arch = info["arch"] or platform.machine() or "unknown"
         features: tuple[str, ...] = info["isa_features"]
         total, available = host_memory_bytes(self.meminfo_path)
+        host = {"host_physical_cores": physical, "host_logical_cores": logical, "host_memory_bytes": total}
+        root = self.cgroup_root or ("/sys/fs/cgroup" if live else None)
+        limits = read_cgroup_limits(root, self.proc_cgroup) if root else CgroupLimits()
+        allowed = (
+            self.affinity_cpus if self.affinity_cpus is not None else (affinity_cpus() if live else None)
+        )
+        caps = [n for n in (allowed, limits.usable_cpus) if n is not None]
+        limited: list[str] = []
+        if caps and min(caps) < logical:
+            logical = min(caps)
+            limited.append(f"{logical} CPUs ({'quota' if limits.usable_cpus == logical else 'affinity'})")
+        physical = min(physical, logical)
+        if limits.memory_limit_bytes is not None and (total is None or limits.memory_limit_bytes < total):
+            total = limits.memory_limit_bytes
+            free = limits.memory_available_bytes
+            available = free if available is None or free is None else min(available, free)
+            limited.append(f"{total / 2**30:.1f} GiB memory")
 
         attributes: dict[str, Any] = {
             "arch": arch,
@@ -341,6 +377,8 @@ class CpuProbe:
             "logical_cores": logical,
             "isa_features": features,
         }
+        if limited:
+            attributes.update({k: v for k, v in host.items() if v is not None})
         if info["frequency_mhz"] is not None:
             attributes["frequency_mhz"] = info["frequency_mhz"]
         if total is not None:
@@ -358,6 +396,8 @@ class CpuProbe:
         memory = f"{total / 2**30:.1f} GiB RAM" if total is not None else "RAM size unknown"
         accel = f"; {', '.join(sorted(tags))}" if tags else ""
         reason = f"{cpu.name} ({arch}): {physical} cores / {logical} threads, {memory}{accel}"
+        if limited:
+            reason += f"; this process may use {' and '.join(limited)} (cgroup limits / affinity)"
         if notes:
             reason += "; " + "; ".join(notes)
         return ProbeResult.found([cpu], reason, source=source)
