@@ -142,8 +142,9 @@ class ApiKeyConfig(_Strict):
     name: str = Field(min_length=1, description="Who holds the key (shown in metrics, never the key).")
     key: str | None = Field(None, min_length=8, description="The bearer token.")
     key_env: str | None = Field(None, description="Environment variable that holds the token.")
-    rights: list[Literal["infer", "admin"]] = Field(
-        default_factory=lambda: list[Literal["infer", "admin"]](["infer"]), description="What the key may do."
+    rights: list[Literal["infer", "admin", "metrics", "dashboard"]] = Field(
+        default_factory=lambda: list[Literal["infer", "admin", "metrics", "dashboard"]](["infer"]),
+        description="What the key may do: infer, admin (on a key of its own), metrics, dashboard.",
     )
     qos_class: str | None = Field(None, description="QoS class for requests made with this key.")
 
@@ -160,6 +161,14 @@ class GatewayConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    metrics_require_key: bool = Field(
+        False, description="Require a key with the metrics right for /metrics (open by default)."
+    )
+    dashboard_require_key: bool = Field(
+        False,
+        description="Require a key with the dashboard right for the dashboard's data (open by default; "
+        "turn it on when the gateway listens beyond 127.0.0.1).",
+    )
 
 
 class QoSContextConfig(_Strict):

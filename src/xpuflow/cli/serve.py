@@ -34,12 +34,16 @@ def _settings(config: Any) -> Any:
                 f"api key '{entry.name}' has both infer and admin rights; the admin API needs its own key",
                 field="api_keys.rights",
             )
-        if "admin" in rights:
+        if rights == {"admin"}:
             admin_keys[secret] = entry.name
-        else:
-            api_keys[secret] = ApiKey(entry.name, frozenset(rights))
+        else:  # an operator's key may hold admin with metrics and dashboard
+            api_keys[secret] = ApiKey(entry.name, frozenset(rights), entry.qos_class)
     return GatewaySettings(
-        api_keys=api_keys, admin_keys=admin_keys, max_body_bytes=config.gateway.max_body_bytes
+        api_keys=api_keys,
+        admin_keys=admin_keys,
+        max_body_bytes=config.gateway.max_body_bytes,
+        metrics_require_key=config.gateway.metrics_require_key,
+        dashboard_require_key=config.gateway.dashboard_require_key,
     )
 
 
@@ -74,6 +78,7 @@ async def _serve(config: Any, config_path: Path | None, host: str, port: int) ->
     from xpuflow.build.builder import RichProgress
     from xpuflow.orchestrator import Orchestrator
     from xpuflow.serving.app import create_app
+    from xpuflow.serving.auth import Authenticator
 
     console = Console(stderr=True)
     settings = _settings(config)
@@ -96,7 +101,8 @@ async def _serve(config: Any, config_path: Path | None, host: str, port: int) ->
         try:
             from xpuflow.serving.dashboard import dashboard_routes
 
-            routes = list(dashboard_routes(orchestrator))
+            auth = Authenticator(settings) if settings.dashboard_require_key else None
+            routes = list(dashboard_routes(orchestrator, auth=auth))
         except ImportError:
             pass
         app = create_app(orchestrator, settings, routes=routes)

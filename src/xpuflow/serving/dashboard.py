@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response
     from starlette.routing import Route
 
+    from xpuflow.serving.auth import Authenticator
     from xpuflow.serving.engine import Engine
 
 __all__ = ["DashboardFeed", "dashboard_routes"]
@@ -391,10 +392,14 @@ def _static_response(name: str) -> Response:
     )
 
 
-def dashboard_routes(engine: Engine, *, interval_s: float = 0.5) -> list[Route]:
+def dashboard_routes(
+    engine: Engine, *, interval_s: float = 0.5, auth: Authenticator | None = None
+) -> list[Route]:
     """The dashboard's routes over ``engine``; one snapshot is pushed every ``interval_s`` seconds.
 
-    The routes carry no authentication: the gateway decides who may reach them (it binds to
+    With ``auth`` the data feeds (``/dashboard/events``, ``/dashboard/snapshot``) need a bearer key with
+    the "dashboard" right (401/403 otherwise); the page and its scripts stay open, since they hold no
+    data, and the page asks for the key. Without ``auth`` everything is open (the gateway binds to
     127.0.0.1 by default).
     """
     from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -407,7 +412,14 @@ def dashboard_routes(engine: Engine, *, interval_s: float = 0.5) -> list[Route]:
     async def page(request: Request) -> Response:
         return _static_response_with_csp("dashboard.html")
 
+    def authorize(request: Request) -> None:
+        # the page and its scripts hold no data: only the feeds need the "dashboard" right
+        if auth is not None:
+            value = request.headers.get("authorization")
+            auth.check(value.encode("latin-1") if value is not None else None, "dashboard")
+
     async def events(request: Request) -> Response:
+        authorize(request)
         raw = request.query_params.get("max_events")
         max_events: int | None = None
         if raw is not None:
@@ -423,6 +435,7 @@ def dashboard_routes(engine: Engine, *, interval_s: float = 0.5) -> list[Route]:
         )
 
     async def snapshot(request: Request) -> Response:
+        authorize(request)
         body = json.dumps(feed.snapshot(), separators=(",", ":"), allow_nan=False, default=str)
         return Response(body, media_type="application/json", headers={"Cache-Control": "no-cache"})
 

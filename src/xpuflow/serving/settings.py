@@ -34,6 +34,8 @@ RIGHTS: dict[str, str] = {
     "infer": "call /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models",
     "admin": "call the admin API (/admin/...): list, drain and undrain workers, reload the config",
     "metrics": "read /metrics when metrics_require_key is set",
+    "dashboard": "read the dashboard's data (/dashboard/events, /dashboard/snapshot) when "
+    "dashboard_require_key is set",
 }
 
 
@@ -102,6 +104,7 @@ class GatewaySettings:
     max_tokens_limit: int = 32768  # larger max_tokens values get 422
     max_embedding_inputs: int = 2048  # inputs in one embeddings request, as in the OpenAI API
     metrics_require_key: bool = False  # /metrics open to scrapers by default
+    dashboard_require_key: bool = False  # the dashboard's data open by default (the gateway binds 127.0.0.1)
     cors_origins: tuple[str, ...] = ()  # empty: CORS off
     owned_by: str = "xpuflow"  # reported by /v1/models
 

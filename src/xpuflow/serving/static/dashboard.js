@@ -219,7 +219,100 @@
     badge.className = "badge " + cls;
   }
 
-  function connect() {
+  // A gateway with dashboard_require_key answers the feeds 401/403 without a key that holds the
+  // "dashboard" right. The page then asks for one, keeps it for this tab only (sessionStorage), and
+  // reads the event stream with fetch, which can send the Authorization header (EventSource cannot).
+  const KEY_ITEM = "xpuflow-dashboard-key";
+
+  function storedKey() {
+    try {
+      return sessionStorage.getItem(KEY_ITEM);
+    } catch (err) {
+      return null;
+    }
+  }
+
+  function askForKey(message) {
+    setConnection("locked", "key needed", "badge-bad");
+    $("key-error").textContent = message;
+    $("key-form").hidden = false;
+    $("key-input").focus();
+  }
+
+  function handleSnapshotEvent(data) {
+    try {
+      render(JSON.parse(data));
+    } catch (err) {
+      console.error("dashboard: bad snapshot", err);
+    }
+  }
+
+  async function streamWithKey(key) {
+    const headers = { Authorization: "Bearer " + key };
+    let response;
+    try {
+      response = await fetch(new URL("dashboard/events", document.baseURI), { headers: headers, cache: "no-store" });
+    } catch (err) {
+      response = null;
+    }
+    if (response && (response.status === 401 || response.status === 403)) {
+      askForKey(response.status === 401 ? "that key is not valid" : "that key lacks the dashboard right");
+      return;
+    }
+    if (!response || !response.ok || !response.body) {
+      setConnection("reconnecting", "reconnecting", "badge-bad");
+      setTimeout(function () { streamWithKey(key); }, 1000);
+      return;
+    }
+    setConnection("open", "live", "badge-ok");
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    try {
+      for (;;) {
+        const part = await reader.read();
+        if (part.done) break;
+        buffer += decoder.decode(part.value, { stream: true });
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          let event = "message";
+          const data = [];
+          for (const line of block.split("\n")) {
+            if (line.startsWith("event:")) event = line.slice(6).trim();
+            else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+          }
+          if (event === "snapshot" && data.length) handleSnapshotEvent(data.join("\n"));
+        }
+      }
+    } catch (err) {
+      console.error("dashboard: stream ended", err);
+    }
+    setConnection("reconnecting", "reconnecting", "badge-bad");
+    setTimeout(function () { streamWithKey(key); }, 1000);
+  }
+
+  async function connect() {
+    const key = storedKey();
+    if (key) {
+      streamWithKey(key);
+      return;
+    }
+    let status = 0;
+    try {
+      status = (await fetch(new URL("dashboard/snapshot", document.baseURI), { cache: "no-store" })).status;
+    } catch (err) {
+      status = 0;
+    }
+    if (status === 401 || status === 403) {
+      askForKey("this gateway asks for an API key with the dashboard right");
+      return;
+    }
+    openEventSource();
+  }
+
+  function openEventSource() {
     const source = new EventSource(new URL("dashboard/events", document.baseURI));
     source.addEventListener("open", function () {
       setConnection("open", "live", "badge-ok");
@@ -229,11 +322,7 @@
       setConnection("reconnecting", "reconnecting", "badge-bad");
     });
     source.addEventListener("snapshot", function (event) {
-      try {
-        render(JSON.parse(event.data));
-      } catch (err) {
-        console.error("dashboard: bad snapshot", err);
-      }
+      handleSnapshotEvent(event.data);
     });
   }
 
@@ -245,6 +334,19 @@
 
   document.addEventListener("DOMContentLoaded", function () {
     ensureCharts();
+    $("key-form").addEventListener("submit", function (event) {
+      event.preventDefault();
+      const key = $("key-input").value.trim();
+      if (!key) return;
+      try {
+        sessionStorage.setItem(KEY_ITEM, key);
+      } catch (err) {
+        // storage off: the key lives until the page is reloaded
+      }
+      $("key-input").value = "";
+      $("key-form").hidden = true;
+      streamWithKey(key);
+    });
     connect();
   });
 })();
