@@ -128,11 +128,14 @@ class StreamChunk:
 
 
 class BatchMode(str, Enum):
-    """How a session runs a batch: one forward pass for all (native), or one after another."""
+    """How a session runs a batch: one forward pass for all (native), one after another (sequential),
+    or by itself at every decoding step (continuous: concurrent calls join one running batch, so a
+    worker sends each request at once instead of forming batches)."""
 
     NONE = "none"
     SEQUENTIAL = "sequential"
     NATIVE = "native"
+    CONTINUOUS = "continuous"
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from xpuflow.backends.base import (
     ModelTask,
 )
 from xpuflow.backends.blocking import BlockingRunner
+from xpuflow.backends.decode_loop import supports_continuous_batching
 from xpuflow.backends.onnx_export import check_pooling, encoder_max_length, package_version
 from xpuflow.backends.prefix_cache import PrefixCache
 from xpuflow.backends.transformers_session import TransformersSession
@@ -57,6 +58,8 @@ TRANSFORMERS_OPTIONS: dict[str, str] = {
     "normalize": "embeddings: scale to unit length, as OpenAI does (default true)",
     "prefix_cache": "generation: reuse the keys and values of shared prompt prefixes (default true)",
     "prefix_cache_entries": "generation: how many prefixes the prefix cache keeps (default 8)",
+    "continuous_batching": "generation: requests join and leave one running batch at every decoding "
+    "step instead of waiting for the next batch (default false)",
 }
 
 DEQUANT_PROFILE = "gguf-dequant"
@@ -166,6 +169,12 @@ def _check_config(config: ModelConfig, resources: Sequence[Resource]) -> _Source
             f"options.num_threads must be a positive integer, got {threads!r}", field="options.num_threads"
         )
     check_pooling(config.options, "mean")
+    if not isinstance(config.option("continuous_batching", False), bool):
+        raise ConfigError(
+            "options.continuous_batching must be true or false, got "
+            f"{config.option('continuous_batching')!r}",
+            field="options.continuous_batching",
+        )
     if not isinstance(config.option("prefix_cache", True), bool):
         raise ConfigError(
             f"options.prefix_cache must be true or false, got {config.option('prefix_cache')!r}",
@@ -404,6 +413,14 @@ class TransformersPlugin:
             max_seq_len = (
                 min(config.max_seq_len, positions) if isinstance(positions, int) else config.max_seq_len
             )
+        continuous = bool(config.option("continuous_batching", False)) and not embedding
+        if continuous and (why := supports_continuous_batching(model)) is not None:
+            runner.close()
+            raise ConfigError(
+                f"model '{config.model_id}' cannot use continuous batching: {why}; set options "
+                "continuous_batching: false",
+                field="options.continuous_batching",
+            )
         return TransformersSession(
             config.model_id,
             resources,
@@ -419,6 +436,7 @@ class TransformersPlugin:
             prefix_cache=None
             if embedding or not config.option("prefix_cache", True)
             else PrefixCache(capacity=int(config.option("prefix_cache_entries", 8))),
+            continuous=continuous,
         )
 
 

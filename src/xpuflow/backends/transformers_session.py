@@ -12,6 +12,7 @@ the next token; the last chunk carries the token counts.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import threading
@@ -27,6 +28,7 @@ from xpuflow.backends.base import (
     StreamChunk,
 )
 from xpuflow.backends.blocking import BlockingRunner
+from xpuflow.backends.decode_loop import DecodeLoop, LoopRow
 from xpuflow.backends.prefix_cache import PrefixCache, common_prefix_length, middle_padded
 from xpuflow.backends.token_stream import (
     IncrementalDecoder,
@@ -64,6 +66,7 @@ class TransformersSession(Session):
         pooling: str = "mean",
         normalize: bool = True,
         prefix_cache: PrefixCache | None = None,
+        continuous: bool = False,
     ) -> None:
         super().__init__(model_id, resources)
         self.prefix_cache = prefix_cache
@@ -82,6 +85,21 @@ class TransformersSession(Session):
         if tokenizer.eos_token_id is not None:
             eos_ids.add(int(tokenizer.eos_token_id))
         self._eos_ids = frozenset(eos_ids)
+        # Continuous batching: every generation goes through one decode loop on its own thread,
+        # which admits requests into the running batch between steps (see decode_loop.py).
+        self._loop: DecodeLoop | None = None
+        if continuous and not embedding:
+            self._loop = DecodeLoop(
+                model,
+                tokenizer,
+                device=device,
+                max_rows=max_batch_size,
+                eos_ids=self._eos_ids,
+                prepare=self._inputs,
+                max_seq_len=max_seq_len,
+                model_id=model_id,
+            )
+            self.batch_mode = BatchMode.CONTINUOUS
 
     # -- plumbing -----------------------------------------------------------------------------------
 
@@ -356,7 +374,47 @@ class TransformersSession(Session):
         except Exception as exc:
             raise self._map_error(exc, what) from exc
 
+    # -- continuous batching ------------------------------------------------------------------------
+
+    async def _loop_call(self, text: str, special: bool, params: GenerationParams) -> Completion:
+        assert self._loop is not None
+        row = self._loop.submit(LoopRow(text, special, params))
+        try:
+            return await asyncio.wrap_future(row.future)
+        except asyncio.CancelledError:
+            row.cancel.set()  # leaves the running batch at its next step
+            raise
+
+    async def _loop_stream(
+        self, make_text: Callable[[], str], special: bool, params: GenerationParams
+    ) -> AsyncIterator[StreamChunk]:
+        assert self._loop is not None
+        self._check(generative=True)
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[StreamChunk | None] = asyncio.Queue()
+
+        def on_chunk(chunk: StreamChunk) -> None:
+            loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+
+        row = LoopRow(make_text(), special, params, on_chunk=on_chunk)
+        row.future.add_done_callback(lambda _: loop.call_soon_threadsafe(chunks.put_nowait, None))
+        self._loop.submit(row)
+        try:
+            while (chunk := await chunks.get()) is not None:
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+            if not row.future.cancelled() and row.future.exception() is not None:
+                raise row.future.exception()  # type: ignore[misc]
+        finally:
+            row.cancel.set()  # a client that went away frees its row at the next step
+
+    # -- generation ---------------------------------------------------------------------------------
+
     async def generate(self, prompt: str, params: GenerationParams) -> Completion:
+        if self._loop is not None:
+            self._check(generative=True)
+            return await self._loop_call(prompt, True, params)
         return (await self.generate_batch([prompt], params))[0]
 
     async def generate_batch(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion]:
@@ -364,9 +422,14 @@ class TransformersSession(Session):
         self._check(generative=True)
         if not prompts:
             return []
+        if self._loop is not None:
+            return list(await asyncio.gather(*(self._loop_call(p, True, params) for p in prompts)))
         return await self._call("text completion", self._generate_blocking, list(prompts), params, True)
 
     async def chat(self, messages: Sequence[ChatMessage], params: GenerationParams) -> Completion:
+        if self._loop is not None:
+            self._check(generative=True)
+            return await self._loop_call(self._render(messages), False, params)
         return (await self.chat_batch([messages], params))[0]
 
     async def chat_batch(
@@ -377,6 +440,9 @@ class TransformersSession(Session):
         self._check(generative=True)
         if not conversations:
             return []
+        if self._loop is not None:
+            texts = [self._render(c) for c in conversations]
+            return list(await asyncio.gather(*(self._loop_call(t, False, params) for t in texts)))
 
         def run() -> list[Completion]:
             return self._generate_blocking([self._render(c) for c in conversations], params, False)
@@ -384,11 +450,15 @@ class TransformersSession(Session):
         return await self._call("chat", run)
 
     def stream_generate(self, prompt: str, params: GenerationParams) -> AsyncIterator[StreamChunk]:
+        if self._loop is not None:
+            return self._loop_stream(lambda: prompt, True, params)
         return self._stream("streamed text completion", lambda: prompt, params, True)
 
     def stream_chat(
         self, messages: Sequence[ChatMessage], params: GenerationParams
     ) -> AsyncIterator[StreamChunk]:
+        if self._loop is not None:
+            return self._loop_stream(lambda: self._render(messages), False, params)
         return self._stream("streamed chat", lambda: self._render(messages), params, False)
 
     # -- embeddings ---------------------------------------------------------------------------------
@@ -436,6 +506,8 @@ class TransformersSession(Session):
         if self.closed:
             return
         self.closed = True
+        if self._loop is not None:
+            await asyncio.to_thread(self._loop.close)
         try:
             await self._runner.call(self._release)
         finally:

@@ -13,6 +13,9 @@ format it refuses, each with its reason::
 The numbers are class estimates (a compute capability or NPU vendor stands for a typical part), scaled
 by what the probe measured. A resource may state its own ``bandwidth_gbps``, ``tops_int8``, ``tdp_w``
 or ``power_limit_w`` and those win. ``docs/advisor.md`` explains every constant.
+
+The class tables and per-type constants live in ``device_catalog`` (some re-exported here); this module
+derates and scales them into profiles.
 """
 
 from __future__ import annotations
@@ -26,6 +29,29 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Protocol
 
+from xpuflow.policy.device_catalog import (
+    DISPATCH_S,
+    FRAGMENTATION,
+    GIB,
+    HOST_MARGIN_FRACTION,
+    HOST_MARGIN_MIN_BYTES,
+    HUAWEI_EDGE,
+    IGPU_DEFAULT_RATES,
+    IGPU_HOST_SHARE,
+    IGPU_RATES,
+    IGPU_WATTS,
+    NPU_CLASSES,
+    NPU_DEFAULT,
+    NPU_DEFAULT_MEMORY_BYTES,
+    OTHER_GPU,
+    REMOTE_GPU,
+    RUNTIME_OVERHEAD_BYTES,
+    GpuClass,
+    NpuClass,
+    amd_class,
+    compute_capability,
+    nvidia_class,
+)
 from xpuflow.types import Precision, Resource, ResourceType
 
 __all__ = [
@@ -39,129 +65,11 @@ __all__ = [
     "profile_resource",
 ]
 
-GIB = 1 << 30
-MIB = 1 << 20
-
-#: Fixed bytes a runtime takes on a device before the first tensor: CUDA context and cuBLAS workspace on
-#: a GPU, interpreter and kernel buffers on a CPU, firmware and command buffers on an NPU. A remote
-#: server's overhead is the server's business.
-RUNTIME_OVERHEAD_BYTES: Mapping[ResourceType, int] = MappingProxyType(
-    {
-        ResourceType.GPU: 512 * MIB,
-        ResourceType.IGPU: 256 * MIB,
-        ResourceType.CPU: 128 * MIB,
-        ResourceType.NPU: 64 * MIB,
-        ResourceType.PIM: 64 * MIB,
-        ResourceType.REMOTE: 0,
-    }
-)
-#: Multiplier on tensor bytes for allocator fragmentation and workspaces (caching allocators keep slack).
-FRAGMENTATION: Mapping[ResourceType, float] = MappingProxyType(
-    {
-        ResourceType.GPU: 1.10,
-        ResourceType.IGPU: 1.10,
-        ResourceType.CPU: 1.05,
-        ResourceType.NPU: 1.10,
-        ResourceType.PIM: 1.10,
-        ResourceType.REMOTE: 1.0,
-    }
-)
-#: What an NPU that reports no memory size may hold: today's client NPUs run small models only.
-NPU_DEFAULT_MEMORY_BYTES = 2 * GIB
-#: Host RAM kept free for the OS and everything else: the larger of 1 GiB and 10% of total RAM.
-HOST_MARGIN_MIN_BYTES = 1 * GIB
-HOST_MARGIN_FRACTION = 0.10
-#: The share of host RAM an integrated GPU may map (Windows' shared GPU memory, Linux GTT defaults).
-IGPU_HOST_SHARE = 0.5
-
-# Fraction of peak that real kernels reach (compute, bandwidth). Class tables below are peaks.
+# Fraction of peak that real kernels reach (compute, bandwidth). The device_catalog tables are peaks.
 _ACCEL_COMPUTE_EFF, _ACCEL_BW_EFF = 0.5, 0.8
 _CPU_COMPUTE_EFF, _CPU_BW_EFF = 0.6, 0.7
 
-# Seconds to get work onto a device and the result back, per step: ~0 on the CPU; kernel launches,
-# host<->device copies and a sync on a GPU; driver submission on an NPU; a network round trip remotely.
-_DISPATCH_S: Mapping[ResourceType, float] = {
-    ResourceType.CPU: 20e-6,
-    ResourceType.GPU: 200e-6,
-    ResourceType.IGPU: 300e-6,
-    ResourceType.NPU: 500e-6,
-    ResourceType.PIM: 1e-3,
-    ResourceType.REMOTE: 20e-3,
-}
-
 _T = 1e12  # tera
-
-
-@dataclass(frozen=True, slots=True)
-class _GpuClass:
-    label: str
-    ref_memory_gib: float
-    fp32_tflops: float
-    fp16_tflops: float  # dense tensor-core rate (bf16 the same where supported)
-    int8_tops: float
-    fp8_tflops: float  # 0: no native fp8
-    bandwidth_gbps: float
-    watts: float
-
-
-# NVIDIA by compute capability: a typical part of each generation (dense peaks, no sparsity).
-_NVIDIA_CLASSES: tuple[tuple[tuple[int, int], _GpuClass], ...] = (
-    ((0, 0), _GpuClass("pre-Pascal", 12, 5, 5, 5, 0, 250, 200)),
-    ((6, 0), _GpuClass("Pascal", 16, 10, 10, 20, 0, 500, 250)),
-    ((7, 0), _GpuClass("Volta", 32, 15, 120, 60, 0, 900, 300)),
-    ((7, 5), _GpuClass("Turing", 16, 10, 65, 130, 0, 450, 150)),
-    ((8, 0), _GpuClass("Ampere datacenter", 80, 19.5, 312, 624, 0, 2000, 400)),
-    ((8, 6), _GpuClass("Ampere", 24, 35, 100, 200, 0, 850, 300)),
-    ((8, 7), _GpuClass("Orin", 32, 5, 40, 80, 0, 200, 60)),
-    ((8, 9), _GpuClass("Ada", 24, 80, 250, 500, 500, 1000, 400)),
-    ((9, 0), _GpuClass("Hopper", 80, 60, 990, 1980, 1980, 3350, 700)),
-    ((10, 0), _GpuClass("Blackwell datacenter", 180, 80, 2250, 4500, 4500, 8000, 1000)),
-    ((12, 0), _GpuClass("Blackwell", 32, 105, 400, 800, 800, 1800, 575)),
-)
-# AMD by gfx target prefix; without one, by memory size (see _amd_class).
-_AMD_CLASSES: Mapping[str, _GpuClass] = {
-    "gfx95": _GpuClass("CDNA4", 288, 157, 2300, 4600, 4600, 8000, 1400),
-    "gfx94": _GpuClass("CDNA3", 192, 163, 1300, 2600, 2600, 5300, 750),
-    "gfx90a": _GpuClass("CDNA2", 128, 48, 383, 383, 0, 3200, 560),
-    "gfx908": _GpuClass("CDNA", 32, 23, 184, 184, 0, 1200, 300),
-    "gfx12": _GpuClass("RDNA4", 16, 49, 195, 390, 390, 640, 300),
-    "gfx11": _GpuClass("RDNA3", 24, 61, 123, 123, 0, 960, 355),
-}
-_OTHER_GPU = _GpuClass("GPU", 16, 15, 60, 120, 0, 500, 200)
-_REMOTE_GPU = _GpuClass("remote server", 80, 19.5, 312, 624, 0, 2000, 400)
-
-# iGPU by vendor: (fp32, fp16, int8) peak tera-ops; bandwidth is the host's.
-_IGPU_RATES: Mapping[str, tuple[float, float, float]] = {
-    "intel": (4.0, 8.0, 16.0),
-    "amd": (8.0, 16.0, 16.0),
-    "apple": (7.0, 14.0, 14.0),
-}
-_IGPU_DEFAULT_RATES = (3.0, 6.0, 12.0)
-_IGPU_WATTS = 15.0
-
-
-@dataclass(frozen=True, slots=True)
-class _NpuClass:
-    label: str
-    int8_tops: float
-    fp16_tflops: float
-    fp8_tflops: float  # 0: no fp8
-    bandwidth_gbps: float  # 0: shares the host's RAM bandwidth
-    watts: float
-    backend: str  # the software path, named in reasons
-    fp32: bool  # computes fp32 (slowly) instead of refusing it
-    bf16: bool
-
-
-_NPU_CLASSES: Mapping[str, _NpuClass] = {
-    "intel": _NpuClass("Intel NPU", 11, 5.5, 0, 0, 5, "OpenVINO", False, False),
-    "amd": _NpuClass("AMD XDNA", 16, 8, 0, 0, 5, "Ryzen AI (ONNX Runtime Vitis AI EP)", False, True),
-    "rebellions": _NpuClass("Rebellions ATOM", 128, 32, 0, 256, 60, "RBLN SDK", False, True),
-    "furiosa": _NpuClass("Furiosa RNGD", 512, 256, 512, 1500, 150, "Furiosa SDK", False, True),
-    "huawei": _NpuClass("Huawei Ascend", 640, 320, 0, 1600, 350, "CANN (torch_npu)", True, True),
-}
-_HUAWEI_EDGE = _NpuClass("Huawei Ascend 310", 44, 22, 0, 200, 70, "CANN (torch_npu)", True, True)
-_NPU_DEFAULT = _NpuClass("NPU", 10, 5, 0, 0, 10, "the vendor runtime", False, False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,42 +160,6 @@ def _num(attributes: Mapping[str, Any], *keys: str) -> float | None:
         if math.isfinite(number) and number > 0:
             return number
     return None
-
-
-def _compute_capability(value: Any) -> tuple[int, int] | None:
-    if isinstance(value, (tuple, list)) and len(value) >= 2:
-        try:
-            return int(value[0]), int(value[1])
-        except (TypeError, ValueError):
-            return None
-    text = str(value).strip() if value is not None else ""
-    major, _, minor = text.partition(".")
-    if not major.isdigit():
-        return None
-    return int(major), int(minor[:1]) if minor[:1].isdigit() else 0
-
-
-def _nvidia_class(cc: tuple[int, int] | None) -> _GpuClass:
-    if cc is None:
-        return _OTHER_GPU
-    chosen = _NVIDIA_CLASSES[0][1]
-    for threshold, cls in _NVIDIA_CLASSES:
-        if cc >= threshold:
-            chosen = cls
-    return chosen
-
-
-def _amd_class(attributes: Mapping[str, Any], memory_bytes: int | None) -> _GpuClass:
-    gfx = str(attributes.get("gfx_target") or attributes.get("architecture") or "").lower()
-    for prefix, cls in _AMD_CLASSES.items():
-        if gfx.startswith(prefix):
-            return cls
-    gib = (memory_bytes or 0) / GIB
-    if gib >= 150:
-        return _AMD_CLASSES["gfx94"]
-    if gib >= 60:
-        return _AMD_CLASSES["gfx90a"]
-    return _AMD_CLASSES["gfx11"]
 
 
 def _fmt_gib(num_bytes: float) -> str:
@@ -404,7 +276,7 @@ def _cpu_precisions(resource: Resource) -> tuple[dict[Precision, PrecisionSuppor
 
 
 def _gpu_precisions(
-    cls: _GpuClass, scale: float, cc: tuple[int, int] | None, modern: bool
+    cls: GpuClass, scale: float, cc: tuple[int, int] | None, modern: bool
 ) -> dict[Precision, PrecisionSupport]:
     """Precisions on a GPU. NVIDIA features follow the compute capability; ``modern`` (AMD, other
     vendors, remote servers) assumes AMP, bf16 and int8 matmuls."""
@@ -485,7 +357,7 @@ def _accel_precisions(
 _ONNX_BONUS = 1.2  # a first-class ONNX Runtime path: no conversion, the most tuned kernels
 
 
-def _formats(resource: Resource, npu: _NpuClass | None) -> dict[str, FormatSupport]:
+def _formats(resource: Resource, npu: NpuClass | None) -> dict[str, FormatSupport]:
     kind = resource.type
     vendor = resource.vendor.lower()
     rid = resource.id
@@ -538,12 +410,12 @@ def profile_resource(resource: Resource, host: Resource | None = None) -> Device
     total, free = _memory(resource)
     stated_watts = _num(attrs, "power_limit_w", "tdp_w")
     stated_bw = _num(attrs, "bandwidth_gbps", "memory_bandwidth_gbps")
-    dispatch = _DISPATCH_S[kind]
+    dispatch = DISPATCH_S[kind]
     host_total, host_available, margin = _host_memory(resource if kind is ResourceType.CPU else host)
     usable, phrase = 0, ""
     inference_refused = training_refused = ""
     notes: list[str] = []
-    npu: _NpuClass | None = None
+    npu: NpuClass | None = None
 
     if kind is ResourceType.CPU:
         precisions, label = _cpu_precisions(resource)
@@ -559,13 +431,13 @@ def profile_resource(resource: Resource, host: Resource | None = None) -> Device
         remote = kind is ResourceType.REMOTE
         nvidia = not remote and (vendor == "nvidia" or rid.startswith("cuda"))
         amd = not remote and (vendor == "amd" or rid.startswith("rocm"))
-        cc = _compute_capability(attrs.get("compute_capability")) if nvidia else None
+        cc = compute_capability(attrs.get("compute_capability")) if nvidia else None
         if remote:
-            cls = _REMOTE_GPU
+            cls = REMOTE_GPU
             rtt_ms = _num(attrs, "rtt_ms", "latency_ms")
             dispatch = rtt_ms / 1e3 if rtt_ms is not None else dispatch
         else:
-            cls = _amd_class(attrs, total) if amd else _nvidia_class(cc) if nvidia else _OTHER_GPU
+            cls = amd_class(attrs, total) if amd else nvidia_class(cc) if nvidia else OTHER_GPU
         # Parts of one generation differ mostly in size: scale a smaller part's compute and bandwidth.
         scale = (
             min(1.0, max(0.35, math.sqrt(total / GIB / cls.ref_memory_gib))) if total and not remote else 1.0
@@ -595,7 +467,7 @@ def profile_resource(resource: Resource, host: Resource | None = None) -> Device
             usable, phrase = free, "free"
 
     elif kind is ResourceType.IGPU:
-        fp32_t, fp16_t, int8_t = _IGPU_RATES.get(vendor, _IGPU_DEFAULT_RATES)
+        fp32_t, fp16_t, int8_t = IGPU_RATES.get(vendor, IGPU_DEFAULT_RATES)
         eff = _T * _ACCEL_COMPUTE_EFF
         precisions = {
             Precision.FP32: PrecisionSupport(fp32_t * eff, fp32_t * eff),
@@ -610,7 +482,7 @@ def profile_resource(resource: Resource, host: Resource | None = None) -> Device
             ),
         }
         bandwidth = (stated_bw * 1e9 if stated_bw else _host_bandwidth_bytes(host)) * _ACCEL_BW_EFF
-        watts = stated_watts or _IGPU_WATTS
+        watts = stated_watts or IGPU_WATTS
         label = f"{vendor or 'integrated'} iGPU sharing host RAM"
         if host_available is not None and host_total is not None:
             usable = max(0, min(int(IGPU_HOST_SHARE * host_total), host_available - margin))
@@ -623,9 +495,9 @@ def profile_resource(resource: Resource, host: Resource | None = None) -> Device
             inference_refused = f"{rid} shares host RAM but the host's RAM size is unknown"
 
     elif kind is ResourceType.NPU:
-        npu = _NPU_CLASSES.get(vendor, _NPU_DEFAULT)
+        npu = NPU_CLASSES.get(vendor, NPU_DEFAULT)
         if vendor == "huawei" and total is not None and total < 32 * GIB:
-            npu = _HUAWEI_EDGE
+            npu = HUAWEI_EDGE
         int8_ops = (_num(attrs, "tops_int8") or npu.int8_tops) * _T * _ACCEL_COMPUTE_EFF
         fp16_ops = int8_ops * npu.fp16_tflops / npu.int8_tops
         fp8_ops = int8_ops * npu.fp8_tflops / npu.int8_tops

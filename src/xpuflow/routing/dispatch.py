@@ -32,30 +32,40 @@ The contract:
 - Streams: a stream that fails before its first chunk is retried like any request, invisibly to the
   client. After the first chunk the client has seen output, so a failure ends the stream with
   ``StreamInterrupted`` (which names the worker and how many chunks got through).
+
+The pieces: the retry policy, attempts and errors live in ``routing.retry``; the started stream
+(``DispatchedStream``) in ``routing.dispatch_stream``. This module keeps the ``Dispatcher`` (worker
+choice and the retry loop) and re-exports their public names, so import them from here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import random
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from xpuflow.backends.base import Completion, StreamChunk
+from xpuflow.backends.base import StreamChunk
 from xpuflow.clock import Clock, SystemClock
-from xpuflow.errors import (
-    AdmissionRejected,
-    CapabilityError,
-    ConfigError,
-    RemoteError,
-    RoutingError,
-    XpuflowError,
-)
+from xpuflow.errors import AdmissionRejected, XpuflowError
 from xpuflow.policy.worker_scorer import Affinity, WorkerChoice, WorkerNeeds, WorkerScorer
+from xpuflow.routing.dispatch_stream import DispatchedStream, _aclose, _first
+from xpuflow.routing.retry import (
+    Attempt,
+    Dispatched,
+    DispatchError,
+    DispatchTimeout,
+    Result,
+    RetryPolicy,
+    StreamInterrupted,
+    _attempt_timeout,
+    _AttemptTimeout,
+    _describe,
+    _within,
+    is_retryable,
+)
 from xpuflow.scheduling.health import HealthState, HealthTracker
 from xpuflow.scheduling.request import WorkRequest
 from xpuflow.types import Alternative, RoutingDecision, WorkerSnapshot
@@ -76,7 +86,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-Result = Completion | list[list[float]]
 
 
 class DispatchTarget(Protocol):
@@ -100,99 +109,6 @@ class DispatchTarget(Protocol):
 
 Tiers = Sequence[tuple[str, Sequence[DispatchTarget]]] | Mapping[str, Sequence[DispatchTarget]]
 """Tiers in the order to try them (the preferred one first), each with its workers."""
-
-
-class DispatchError(RoutingError):
-    """No worker served the request. ``attempts`` lists what was tried; ``reasons`` (from
-    ``RoutingError``) has one line per failed attempt and per refused worker."""
-
-    def __init__(
-        self, message: str, *, reasons: Sequence[str] = (), attempts: Sequence[Attempt] = ()
-    ) -> None:
-        super().__init__(message, reasons=reasons)
-        self.attempts = tuple(attempts)
-
-
-class DispatchTimeout(DispatchError, TimeoutError):
-    """The request's ``deadline_s`` passed before any worker answered (a gateway answers 504). Also a
-    ``TimeoutError``, like the queue's ``DeadlineExceeded``."""
-
-
-class StreamInterrupted(XpuflowError):
-    """A stream failed after its first chunk reached the client, so it could not be moved to another
-    worker. The client holds a partial answer; ``chunks_delivered`` says how much. Retry the request."""
-
-    def __init__(self, message: str, *, worker: str, tier: str, chunks_delivered: int) -> None:
-        super().__init__(message)
-        self.worker = worker
-        self.tier = tier
-        self.chunks_delivered = chunks_delivered
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounds on retries, backoff and waiting. Backoff before the n-th retry is
-    ``min(backoff_max_s, backoff_base_s * 2 ** (n - 1))`` scaled by a uniform draw in [0.5, 1]."""
-
-    max_retries: int = 2  # per tier: a tier is given up after 1 + max_retries workers failed
-    max_attempts: int = 6  # over all tiers
-    backoff_base_s: float = 0.05
-    backoff_max_s: float = 1.0
-    attempt_timeout_s: float | None = 60.0  # one worker's time to answer (to the first chunk for streams)
-    stream_idle_timeout_s: float | None = 60.0  # longest gap between chunks once a stream has started
-    record_timeouts: bool = True  # count an attempt timeout as a failure in the worker's health
-
-    def __post_init__(self) -> None:
-        if self.max_retries < 0:
-            raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}", field="max_retries")
-        if self.max_attempts < 1:
-            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}", field="max_attempts")
-        if self.backoff_base_s < 0 or self.backoff_max_s < self.backoff_base_s:
-            raise ConfigError(
-                f"need 0 <= backoff_base_s <= backoff_max_s, got {self.backoff_base_s} and "
-                f"{self.backoff_max_s}",
-                field="backoff_base_s",
-            )
-        for name in ("attempt_timeout_s", "stream_idle_timeout_s"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"{name} must be > 0 seconds or None, got {value}", field=name)
-
-    def backoff_s(self, retry: int, rng: random.Random) -> float:
-        """Seconds to wait before retry number ``retry`` (1-based). Jitter keeps the retries of many
-        requests that failed together from arriving together."""
-        cap = min(self.backoff_max_s, self.backoff_base_s * 2.0 ** (retry - 1))
-        return cap * (0.5 + 0.5 * rng.random())
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One try on one worker: where, how long, the backoff before it, and its error (None: it served)."""
-
-    tier: str
-    worker: str
-    device: str
-    elapsed_s: float
-    backoff_s: float = 0.0
-    error: str | None = None
-    probe: bool = False
-
-    def describe(self) -> str:
-        where = f"{self.tier}/{self.worker} on {self.device}"
-        return f"{where}: {self.error}" if self.error else f"{where}: served"
-
-
-@dataclass(frozen=True)
-class Dispatched:
-    """A served request: the result, the explained decision and every attempt (the last one served)."""
-
-    result: Result
-    decision: RoutingDecision
-    attempts: tuple[Attempt, ...] = ()
-
-
-class _AttemptTimeout(Exception):
-    """An attempt ran past its timeout (internal: becomes a retry or a DispatchTimeout)."""
 
 
 @dataclass
@@ -231,44 +147,7 @@ def service_time_snapshot(worker: DispatchTarget) -> WorkerSnapshot:
     return snapshot
 
 
-def is_retryable(exc: BaseException) -> bool:
-    """Whether another worker may succeed where this one failed. Input errors and 4xx are final."""
-    if isinstance(exc, (ConfigError, CapabilityError, ValueError, TypeError)):
-        return False
-    if isinstance(exc, RemoteError):
-        return exc.retryable
-    status = getattr(exc, "status", None)
-    client_error = isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
-    return not client_error
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or "no message"
-    return f"{type(exc).__name__}: {text}"
-
-
 _CLIENT_GONE = "the client cancelled the request"
-
-
-async def _within(work: Awaitable[T], timeout_s: float | None) -> T:
-    """``work``'s result, or ``_AttemptTimeout`` past ``timeout_s`` (the work is cancelled, which makes a
-    worker withdraw the request). Runs in the caller's task: no task per attempt or per chunk. A
-    ``TimeoutError`` the work raises itself (a worker's deadline) passes through unchanged."""
-    if timeout_s is None:
-        return await work
-    if sys.version_info >= (3, 11):
-        scope = asyncio.timeout(timeout_s)
-        try:
-            async with scope:
-                return await work
-        except TimeoutError:
-            if scope.expired():
-                raise _AttemptTimeout(f"no answer within {timeout_s:g} s") from None
-            raise
-    try:  # pragma: no cover - Python 3.10, where asyncio.TimeoutError is not the builtin TimeoutError
-        return await asyncio.wait_for(work, timeout_s)
-    except asyncio.TimeoutError:  # pragma: no cover
-        raise _AttemptTimeout(f"no answer within {timeout_s:g} s") from None
 
 
 class Dispatcher:
@@ -552,98 +431,3 @@ class Dispatcher:
                 "terms": {k: round(v, 4) for k, v in chosen.terms.items()},
             },
         )
-
-
-class DispatchedStream:
-    """A started stream: ``decision`` says where it runs; iterate it for the chunks (the first one has
-    already arrived). Raises ``StreamInterrupted`` if the worker fails or stalls past
-    ``stream_idle_timeout_s`` after the first chunk. Close it (or use ``async with``) when done early."""
-
-    def __init__(
-        self,
-        decision: RoutingDecision,
-        first: StreamChunk | None,
-        iterator: AsyncIterator[StreamChunk],
-        pick: _Pick,
-        request: WorkRequest,
-        attempts: tuple[Attempt, ...],
-        idle_timeout_s: float | None,
-    ) -> None:
-        self.decision = decision
-        self.attempts = attempts
-        self.chunks_delivered = 0
-        self._first = first
-        self._iterator = iterator
-        self._pick = pick
-        self.request = request
-        self._idle_timeout_s = idle_timeout_s
-        self._done = first is None
-
-    def __aiter__(self) -> DispatchedStream:
-        return self
-
-    async def __anext__(self) -> StreamChunk:
-        if self._first is not None:
-            first, self._first = self._first, None
-            self.chunks_delivered += 1
-            return first
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            chunk = await _within(_first(self._iterator), self._idle_timeout_s)
-        except Exception as exc:
-            self._done = True
-            await _aclose(self._iterator)
-            target = self._pick.target
-            raise StreamInterrupted(
-                f"the stream from {self._pick.tier}/{target.worker_id} on {target.device} failed after "
-                f"{self.chunks_delivered} chunk(s): {_describe(exc)}; the answer is incomplete, retry "
-                "the request",
-                worker=target.worker_id,
-                tier=self._pick.tier,
-                chunks_delivered=self.chunks_delivered,
-            ) from exc
-        except BaseException:
-            self._done = True
-            await _aclose(self._iterator)
-            raise
-        if chunk is None:
-            self._done = True
-            raise StopAsyncIteration
-        self.chunks_delivered += 1
-        return chunk
-
-    async def aclose(self) -> None:
-        self._done = True
-        self._first = None
-        await _aclose(self._iterator)
-
-    async def __aenter__(self) -> DispatchedStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-
-async def _first(iterator: AsyncIterator[StreamChunk]) -> StreamChunk | None:
-    """The next chunk, or None at the end of the stream."""
-    try:
-        return await iterator.__anext__()
-    except StopAsyncIteration:
-        return None
-
-
-async def _aclose(iterator: AsyncIterator[StreamChunk]) -> None:
-    close = getattr(iterator, "aclose", None)
-    if close is not None:
-        with contextlib.suppress(Exception):
-            await close()
-
-
-def _attempt_timeout(attempt_s: float | None, remaining_s: float | None) -> tuple[float | None, bool]:
-    """The attempt's time limit, and whether the request's deadline (not the attempt limit) sets it."""
-    if remaining_s is None:
-        return attempt_s, False
-    if attempt_s is None or remaining_s < attempt_s:
-        return max(0.0, remaining_s), True
-    return attempt_s, False

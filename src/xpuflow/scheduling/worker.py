@@ -108,10 +108,14 @@ class Worker:
         self.deployment = deployment or session.model_id
         self.device = device or (session.resources[0].id if session.resources else "unknown")
         self.native_batching = session.batch_mode is BatchMode.NATIVE
+        # a continuous session batches by itself at every step: the worker sends each request at once,
+        # up to ``max_batch_size`` of them in flight, and forms no batches
+        self.continuous = session.batch_mode is BatchMode.CONTINUOUS
         cap = max_batch_size if max_batch_size is not None else max(1, session.max_batch_size)
         if cap < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {cap}", field="max_batch_size")
         self.max_batch_size = cap if self.native_batching else 1
+        self.max_in_flight = cap if self.continuous else None
         self._clock = clock or SystemClock()
         self.health = health or HealthTracker(clock=self._clock)
         self.metrics = WorkerMetrics(self._clock, window_s=metrics_window_s)
@@ -382,6 +386,12 @@ class Worker:
             return True
         group = head.group
         streaming = head.chunks is not None
+        if self.max_in_flight is not None:
+            if len(self._batches) < self.max_in_flight:
+                self._launch(self._queue.take_batch(now, 1, group), now)
+            else:
+                await self._sleep(None)  # a completion wakes the loop
+            return True
         decision = self._batcher.decide(
             now,
             self._queue.group_size(group),
@@ -613,6 +623,12 @@ class Worker:
             "health": self.health.state.value,
             "running": self.running,
             "queue_policy": self._queue.policy.value,
-            "batching": self._batcher.to_dict(self._clock.monotonic()),
+            "batching": {
+                "policy": "continuous",
+                "max_in_flight": self.max_in_flight,
+                "in_flight": len(self._batches),
+            }
+            if self.max_in_flight is not None
+            else self._batcher.to_dict(self._clock.monotonic()),
             "metrics": self.metrics.to_dict(),
         }
