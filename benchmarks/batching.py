@@ -12,6 +12,8 @@ the answer, pause a random 0..``--think-ms`` ms (a client's own turnaround), and
   the session's own work (its prefix cache), so adaptive / engine is what the serving alone keeps;
 - ``unbatched``: a ``Worker`` with ``max_batch_size=1`` under the clients;
 - ``adaptive``: the same kind of worker with the adaptive batcher (default settings) under the clients;
+- ``continuous``: a worker over a second session of the model with ``options.continuous_batching``
+  (requests join the running batch between decoding steps; the worker forms no batches);
 - ``ray_serve``: a Ray Serve deployment (local Ray on 127.0.0.1, no HTTP proxy) whose ``@serve.batch``
   method runs the same model's batched ``generate`` (loaded from the same artifact folder with
   transformers: chat template, left padding, greedy), on a thread as the session does, called through
@@ -342,9 +344,12 @@ async def measure(args: argparse.Namespace, session: Any, ray: RayServe | None) 
 
     unbatched = Worker(session, worker_id="unbatched", max_batch_size=1)
     adaptive = Worker(session, worker_id="adaptive")
+    continuous_session = await open_continuous_session(args.clients)
+    continuous = Worker(continuous_session, worker_id="continuous")
     tallies: dict[str, Tally] = {}
-    async with unbatched, adaptive:
+    async with unbatched, adaptive, continuous:
         await closed_loop(worker_call(adaptive, params), args.clients, think_s, 0, rounds=1)  # warm-up
+        await closed_loop(worker_call(continuous, params), args.clients, think_s, 0, rounds=1)
 
         async def run_slice(name: str, rep: int) -> None:
             tally = tallies.setdefault(name, Tally())
@@ -372,10 +377,11 @@ async def measure(args: argparse.Namespace, session: Any, ray: RayServe | None) 
                 )
                 tally.add(worker_tokens, seconds, lat)
                 await settle(unbatched)
-            elif name == "adaptive":
+            elif name in ("adaptive", "continuous"):
+                worker = adaptive if name == "adaptive" else continuous
                 tally.add(
                     *await closed_loop(
-                        worker_call(adaptive, params), args.clients, think_s, rep, rounds=args.rounds
+                        worker_call(worker, params), args.clients, think_s, rep, rounds=args.rounds
                     )
                 )
             else:
@@ -383,7 +389,7 @@ async def measure(args: argparse.Namespace, session: Any, ray: RayServe | None) 
                 tally.add(*await closed_loop(ray.call(), args.clients, think_s, rep, rounds=args.rounds))
 
         names = [f"{kind}_{s}" for kind in ("offline", "engine") for s in args.offline_sizes]
-        names += ["unbatched", "adaptive"]
+        names += ["unbatched", "adaptive", "continuous"]
         if ray_ok:
             names.append("ray_serve")
         for rep in range(args.repetitions):
@@ -395,8 +401,25 @@ async def measure(args: argparse.Namespace, session: Any, ray: RayServe | None) 
         out["adaptive_worker"] = adaptive.to_dict()
         print("... single client", flush=True)
         out["single_client"] = await single_client(unbatched, adaptive, params, args.single_requests)
+        out["single_client_continuous"] = await single_client(
+            unbatched, continuous, params, args.single_requests
+        )
+    await continuous_session.close()
     out["configs"] = {name: tally.summary() for name, tally in tallies.items()}
     return out
+
+
+async def open_continuous_session(max_batch: int) -> Any:
+    """The same model with ``options.continuous_batching`` (requests join the running batch)."""
+    plugin = TransformersPlugin()
+    config = ModelConfig(
+        "smollm2",
+        smollm2_gguf_path(),
+        "chat",
+        max_batch_size=max_batch,
+        options={"num_threads": 1, "continuous_batching": True},
+    )
+    return await plugin.create_session([CPU], config, build_all(plugin, [CPU], config, ArtifactStore()))
 
 
 async def open_session() -> tuple[Any, Path]:
@@ -486,6 +509,12 @@ def main() -> None:
         "ray_serve_tok_s": ray_cfg["tok_s"] if ray_cfg else None,
         "adaptive_vs_ray_serve": adaptive["tok_s"] / ray_cfg["tok_s"] if ray_cfg else None,
         "adaptive_p99_ms": adaptive["p99_ms"],
+        # options.continuous_batching on the same model: requests join the running batch
+        "continuous_tok_s": configs["continuous"]["tok_s"],
+        "continuous_p99_ms": configs["continuous"]["p99_ms"],
+        "continuous_vs_adaptive": configs["continuous"]["tok_s"] / adaptive["tok_s"],
+        "continuous_vs_ray_serve": configs["continuous"]["tok_s"] / ray_cfg["tok_s"] if ray_cfg else None,
+        "continuous_single_client_latency_ratio": ours["single_client_continuous"]["ratio_p50"],
         "ray_serve_p99_ms": ray_cfg["p99_ms"] if ray_cfg else None,
         "ray_serve_setting": ours.get("ray_setting"),
         "ray_serve_error": None if ray is None else ray.error,
@@ -507,6 +536,7 @@ def main() -> None:
     for name, cfg in (
         ("unbatched", unbatched),
         ("xpuflow adaptive", adaptive),
+        ("xpuflow continuous", configs.get("continuous")),
         ("ray serve", ray_cfg),
     ):
         if cfg:
