@@ -173,6 +173,43 @@ async def test_sessions_that_do_not_batch_natively_get_one_request_at_a_time() -
     assert session.batch_sizes == [1] * 5
 
 
+class Continuous(FakeSession):
+    """A session that batches by itself at every step: counts the calls running at once."""
+
+    batch_mode = BatchMode.CONTINUOUS
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.running = 0
+        self.peak = 0
+
+    async def _serve(self, n: int) -> None:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await super()._serve(n)
+        finally:
+            self.running -= 1
+
+
+@run_async
+async def test_a_continuous_session_gets_each_request_at_once_up_to_its_batch_size() -> None:
+    session = Continuous(service_time_s=0.05, max_batch_size=4)
+    async with Worker(session) as worker:
+        assert (worker.max_in_flight, worker.max_batch_size) == (4, 1)
+        started = asyncio.get_running_loop().time()
+        results = await asyncio.gather(*(worker.submit(completion(f"p{i} q")) for i in range(8)))
+        elapsed = asyncio.get_running_loop().time() - started
+        status = worker.to_dict()
+        histogram = dict(worker.metrics.batch_sizes)
+    assert [r.text for r in results] == [reversed_words(f"p{i} q") for i in range(8)]
+    assert session.batch_sizes == [1] * 8  # one call per request: the session merges them itself
+    assert session.peak == 4  # never more in flight than its batch size
+    assert elapsed < 0.05 * 8 / 2  # they ran side by side, no batch window in between
+    assert status["batching"]["policy"] == "continuous"
+    assert max(histogram) == 4  # the histogram counts the requests that shared the running batch
+
+
 # -- errors and health ---------------------------------------------------------------------------------
 
 

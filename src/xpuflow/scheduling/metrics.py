@@ -86,12 +86,14 @@ class WorkerMetrics:
         else:
             self.failed += 1
 
-    def record_batch_start(self, size: int) -> None:
+    def record_batch_start(self, size: int, *, shares_with: int = 0) -> None:
+        """A batch of ``size`` requests starts. ``shares_with``: requests already running that this
+        batch joins in one device batch (a continuous session), counted in the batch-size histogram."""
         if self.running_batches == 0:
             self._busy_since_s = self._clock.monotonic()
         self.running_batches += 1
         self.in_flight += size
-        self.batch_sizes[size] += 1
+        self.batch_sizes[size + shares_with] += 1
 
     def record_batch_end(self, size: int, service_s: float, ok: bool) -> None:
         self.running_batches = max(0, self.running_batches - 1)

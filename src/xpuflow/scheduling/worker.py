@@ -387,7 +387,8 @@ class Worker:
         group = head.group
         streaming = head.chunks is not None
         if self.max_in_flight is not None:
-            if len(self._batches) < self.max_in_flight:
+            # metrics.in_flight drops before the finished call's task is gone from _batches
+            if self.metrics.in_flight < self.max_in_flight:
                 self._launch(self._queue.take_batch(now, 1, group), now)
             else:
                 await self._sleep(None)  # a completion wakes the loop
@@ -432,7 +433,9 @@ class Worker:
             ticket.dispatched_at_s = now
         self._update_depths()
         self._batcher.on_dispatch(now, len(tickets))
-        self.metrics.record_batch_start(len(tickets))
+        # in a continuous session a request joins the ones in flight in one running batch
+        joined = self.metrics.in_flight if self.max_in_flight is not None else 0
+        self.metrics.record_batch_start(len(tickets), shares_with=joined)
         runner = self._run_stream(tickets[0]) if tickets[0].chunks is not None else self._run_batch(tickets)
         task = asyncio.create_task(runner, name=f"worker-{self.worker_id}-batch")
         self._batches.add(task)
