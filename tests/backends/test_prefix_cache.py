@@ -122,11 +122,31 @@ def test_seeds_are_computed_on_first_use_and_entries_are_evicted_lru() -> None:
     assert cache.plan([[7, 8, 0]]) == ((7, 8), "b")
 
 
+def test_the_token_budget_evicts_the_oldest_and_refuses_a_prefix_longer_than_itself() -> None:
+    cache = PrefixCache(capacity=8, min_tokens=2, max_tokens=10)
+    cache.put(list(range(4)), "a")
+    cache.put(list(range(100, 105)), "b")
+    assert cache.stats()["tokens"] == 9
+    cache.put(list(range(200, 204)), "c")  # 13 > 10: "a" goes
+    assert cache.stats()["prefix_lengths"] == [4, 5]
+    assert cache.stats()["tokens"] == 9
+    cache.put(list(range(300, 320)), "too long")
+    assert cache.stats()["prefix_lengths"] == [4, 5]
+    # a batch sharing more than the budget learns only the budget's worth
+    rows = [[*range(500, 530), 1], [*range(500, 530), 2]]
+    prefix, value = cache.plan(rows)
+    assert (len(prefix), value) == (10, None)
+    cache.clear()
+    assert cache.stats()["tokens"] == 0
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="capacity"):
         PrefixCache(capacity=0)
     with pytest.raises(ValueError, match="min_tokens"):
         PrefixCache(min_tokens=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        PrefixCache(min_tokens=8, max_tokens=4)
 
 
 # -- on the real model ----------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ every row continues the one cached prefix. A backend computes the prefix's keys 
 
 A prefix is learned from a batch when at least two of its rows share ``min_tokens`` or more tokens
 beyond what is stored; a single prompt never stores itself (it would only evict useful entries).
-Entries are evicted least recently used first, beyond ``capacity``.
+Entries are evicted least recently used first, beyond ``capacity`` entries or ``max_tokens`` tokens in
+all (the memory an entry holds grows with its length: a 1,000-token system prompt of a 7B model keeps
+about 130 MB of keys and values); a prefix longer than ``max_tokens`` is not stored.
 """
 
 from __future__ import annotations
@@ -82,13 +84,17 @@ class PrefixCache:
     Not thread-safe: a session uses it from its one model thread.
     """
 
-    def __init__(self, capacity: int = 8, min_tokens: int = 8) -> None:
+    def __init__(self, capacity: int = 8, min_tokens: int = 8, max_tokens: int = 16384) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         if min_tokens < 1:
             raise ValueError(f"min_tokens must be at least 1, got {min_tokens}")
+        if max_tokens < min_tokens:
+            raise ValueError(f"max_tokens must be at least min_tokens ({min_tokens}), got {max_tokens}")
         self.capacity = capacity
         self.min_tokens = min_tokens
+        self.max_tokens = max_tokens
+        self._tokens = 0
         self._entries: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -118,7 +124,7 @@ class PrefixCache:
             if len(best) < n <= limit and all(tuple(r[:n]) == key for r in rows):
                 best = key
         if len(rows) > 1:
-            shared = common_prefix_length(rows, limit)
+            shared = min(common_prefix_length(rows, limit), self.max_tokens)
             if shared >= self.min_tokens and shared >= len(best) + self.min_tokens:
                 self.misses += 1
                 return tuple(rows[0][:shared]), None
@@ -138,18 +144,26 @@ class PrefixCache:
         self._store(tuple(prefix), value)
 
     def _store(self, key: tuple[int, ...], value: Any) -> None:
+        if len(key) > self.max_tokens:
+            return
+        if key not in self._entries:
+            self._tokens += len(key)
         self._entries[key] = value
         self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        while len(self._entries) > self.capacity or self._tokens > self.max_tokens:
+            old, _ = self._entries.popitem(last=False)
+            self._tokens -= len(old)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._tokens = 0
 
     def stats(self) -> dict[str, Any]:
         return {
             "entries": len(self._entries),
             "capacity": self.capacity,
+            "tokens": self._tokens,
+            "max_tokens": self.max_tokens,
             "hits": self.hits,
             "misses": self.misses,
             "tokens_reused": self.tokens_reused,

@@ -58,6 +58,7 @@ TRANSFORMERS_OPTIONS: dict[str, str] = {
     "normalize": "embeddings: scale to unit length, as OpenAI does (default true)",
     "prefix_cache": "generation: reuse the keys and values of shared prompt prefixes (default true)",
     "prefix_cache_entries": "generation: how many prefixes the prefix cache keeps (default 8)",
+    "prefix_cache_tokens": "generation: the most tokens the prefix cache keeps in all (default 16384)",
     "continuous_batching": "generation: requests join and leave one running batch at every decoding "
     "step instead of waiting for the next batch (default false)",
 }
@@ -180,11 +181,16 @@ def _check_config(config: ModelConfig, resources: Sequence[Resource]) -> _Source
             f"options.prefix_cache must be true or false, got {config.option('prefix_cache')!r}",
             field="options.prefix_cache",
         )
-    entries = config.option("prefix_cache_entries", 8)
-    if not isinstance(entries, int) or isinstance(entries, bool) or entries < 1:
+    for name, default in (("prefix_cache_entries", 8), ("prefix_cache_tokens", 16384)):
+        value = config.option(name, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(
+                f"options.{name} must be a positive integer, got {value!r}", field=f"options.{name}"
+            )
+    if config.option("prefix_cache_tokens", 16384) < 8:
         raise ConfigError(
-            f"options.prefix_cache_entries must be a positive integer, got {entries!r}",
-            field="options.prefix_cache_entries",
+            "options.prefix_cache_tokens must be at least 8 (shorter prefixes are never cached)",
+            field="options.prefix_cache_tokens",
         )
     return source
 
@@ -435,7 +441,10 @@ class TransformersPlugin:
             normalize=bool(config.option("normalize", True)),
             prefix_cache=None
             if embedding or not config.option("prefix_cache", True)
-            else PrefixCache(capacity=int(config.option("prefix_cache_entries", 8))),
+            else PrefixCache(
+                capacity=int(config.option("prefix_cache_entries", 8)),
+                max_tokens=int(config.option("prefix_cache_tokens", 16384)),
+            ),
             continuous=continuous,
         )
 
