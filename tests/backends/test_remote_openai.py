@@ -98,6 +98,7 @@ def test_settings_validate_and_normalise(monkeypatch: pytest.MonkeyPatch) -> Non
         ({"base_url": "http://h", "api_kee": "k"}, "options.api_kee"),
         ({"base_url": "http://h", "api_key": "a", "api_key_env": "B"}, "options.api_key"),
         ({"base_url": "http://h", "api_key_env": "XPUFLOW_TEST_UNSET_KEY"}, "options.api_key_env"),
+        ({"base_url": "http://h", "stream_usage": "yes"}, "options.stream_usage"),
     ]
     for bad, field in cases:
         with pytest.raises(ConfigError) as info:
@@ -337,6 +338,34 @@ def test_retry_after_reads_seconds_and_http_dates_and_ignores_junk() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now=1445412500.0) == 10.0
     for junk in (None, "", "soon", "nan", "inf", "Wed, 99 Foo 2015"):
         assert parse_retry_after(junk) is None
+
+
+@pytest.mark.parametrize("ask", [False, True])
+def test_stream_usage_asks_for_the_usage_event_and_passes_it_on(ask: bool) -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen.append(body)
+        response = await open_stream(request)
+        await response.write(sse(delta("Hi")))
+        await response.write(sse(delta(None, "stop")))
+        if body.get("stream_options", {}).get("include_usage"):
+            usage = {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}
+            await response.write(sse({"choices": [], "usage": usage}))
+        await response.write(sse("[DONE]"))
+        return response
+
+    async def run() -> list[Any]:
+        routes = {("POST", "/v1/chat/completions"): chat}
+        async with serve(routes) as url, await session_for(url, stream_usage=ask) as session:
+            return [c async for c in session.stream_chat(HI, SHORT)]
+
+    chunks = asyncio.run(run())
+    assert "".join(c.text for c in chunks) == "Hi"
+    assert ("stream_options" in seen[0]) is ask
+    counted = [c for c in chunks if c.prompt_tokens is not None]
+    assert [(c.prompt_tokens, c.completion_tokens) for c in counted] == ([(9, 1)] if ask else [])
 
 
 def test_a_stalled_server_times_out_as_retryable() -> None:

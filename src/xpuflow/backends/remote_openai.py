@@ -76,6 +76,8 @@ REMOTE_OPTIONS: dict[str, str] = {
     "health_timeout_s": "total seconds for one health probe (default 5)",
     "max_connections": "pooled connections, and so concurrent requests, to the server (default 16)",
     "headers": "extra HTTP headers sent with every request (a mapping of strings)",
+    "stream_usage": "ask for token counts on streams (stream_options.include_usage; default false: "
+    "some servers refuse the field)",
 }
 
 #: Weight of the newest sample in the latency EMA.
@@ -119,6 +121,13 @@ def _base_url(value: Any) -> str:
     return root[: -len("/v1")] if root.endswith("/v1") else root
 
 
+def _flag(options: Mapping[str, Any], name: str) -> bool:
+    value = options.get(name, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"options.{name} must be true or false, got {value!r}", field=f"options.{name}")
+    return value
+
+
 def _api_key(options: Mapping[str, Any]) -> str | None:
     if options.get("api_key") and options.get("api_key_env"):
         raise ConfigError("set only one of options.api_key and options.api_key_env", field="options.api_key")
@@ -148,6 +157,7 @@ class RemoteSettings:
     health_timeout_s: float = 5.0
     max_connections: int = 16
     headers: Mapping[str, str] = field(default_factory=dict)
+    stream_usage: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "headers", MappingProxyType(dict(self.headers)))
@@ -184,6 +194,7 @@ class RemoteSettings:
             health_timeout_s=_positive_number(options, "health_timeout_s", 5.0),
             max_connections=max_connections,
             headers=headers,
+            stream_usage=_flag(options, "stream_usage"),
         )
 
 
@@ -364,14 +375,19 @@ class RemoteOpenAISession(Session):
 
     def stream_generate(self, prompt: str, params: GenerationParams) -> AsyncIterator[StreamChunk]:
         body = completion_request(self.settings.model, prompt, params, stream=True)
-        return self._stream("/v1/completions", body)
+        return self._stream("/v1/completions", self._with_usage(body))
 
     def stream_chat(
         self, messages: Sequence[ChatMessage], params: GenerationParams
     ) -> AsyncIterator[StreamChunk]:
-        return self._stream(
-            "/v1/chat/completions", chat_request(self.settings.model, messages, params, stream=True)
-        )
+        body = chat_request(self.settings.model, messages, params, stream=True)
+        return self._stream("/v1/chat/completions", self._with_usage(body))
+
+    def _with_usage(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The stream request, asking for the usage event when ``options.stream_usage`` is set."""
+        if self.settings.stream_usage:
+            body["stream_options"] = {"include_usage": True}
+        return body
 
     async def _stream(self, path: str, body: Mapping[str, Any]) -> AsyncIterator[StreamChunk]:
         """Yield each delta as its SSE event arrives; nothing is buffered beyond one partial line."""
