@@ -195,3 +195,41 @@ def test_bad_continuous_batching_option_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
         TransformersPlugin().required_build_profiles([CPU], config)
     assert info.value.field == "options.continuous_batching"
+
+
+def test_a_churn_of_joins_leaves_and_cancels_loses_nothing(sessions: SimpleNamespace) -> None:
+    """Many requests of random lengths through a loop of 8 rows, some cancelled midway: every call ends
+    (answered or cancelled), greedy answers equal the static session's, and the batch empties."""
+    import random
+
+    rng = random.Random(5)
+    session = sessions.continuous
+    plan = [(CHATS[i % len(CHATS)], rng.randint(1, 12), rng.random() < 0.2) for i in range(20)]
+
+    async def go() -> list[Any]:
+        async def one(chat: Any, max_tokens: int, cancel: bool) -> Any:
+            await asyncio.sleep(rng.random() * 0.6)
+            task = asyncio.create_task(session.chat(chat, GenerationParams(max_tokens=max_tokens)))
+            if cancel:
+                await asyncio.sleep(0.05)
+                task.cancel()
+            try:
+                return await task
+            except asyncio.CancelledError:
+                return None
+
+        return await asyncio.gather(*(one(*p) for p in plan))
+
+    results = sessions.loop.run_until_complete(go())
+    reference = {
+        n: sessions.loop.run_until_complete(sessions.static.chat_batch(CHATS, GenerationParams(max_tokens=n)))
+        for n in sorted({p[1] for p, r in zip(plan, results, strict=True) if r is not None})
+    }
+    answered = 0
+    for (chat, max_tokens, _), result in zip(plan, results, strict=True):
+        if result is None:
+            continue
+        answered += 1
+        assert result.text == reference[max_tokens][CHATS.index(chat)].text
+    assert answered >= 12
+    assert session._loop.active_rows == 0
