@@ -233,3 +233,29 @@ def test_a_churn_of_joins_leaves_and_cancels_loses_nothing(sessions: SimpleNames
         assert result.text == reference[max_tokens][CHATS.index(chat)].text
     assert answered >= 12
     assert session._loop.active_rows == 0
+
+
+def test_a_burst_of_long_prompts_is_prefilled_over_several_steps(sessions: SimpleNamespace) -> None:
+    from xpuflow.backends.decode_loop import DecodeLoop, LoopRow
+
+    static = sessions.static
+    loop = DecodeLoop(
+        static._model,
+        static._tokenizer,
+        device="cpu",
+        max_rows=8,
+        eos_ids=static._eos_ids,
+        prepare=static._inputs,
+        max_seq_len=static.max_seq_len,
+        model_id="smollm2",
+        max_prefill_tokens=60,  # about one chat prompt per step
+    )
+    try:
+        texts = [static._render(c) for c in CHATS[:4]]
+        rows = [loop.submit(LoopRow(t, False, GenerationParams(max_tokens=6))) for t in texts]
+        done = [r.future.result(timeout=60) for r in rows]
+    finally:
+        loop.close()
+    reference = sessions.loop.run_until_complete(static.chat_batch(CHATS[:4], GenerationParams(max_tokens=6)))
+    assert [c.text for c in done] == [c.text for c in reference]
+    assert loop.steps >= 3 + 5  # admissions spread over steps, then the decoding

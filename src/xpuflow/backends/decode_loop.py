@@ -14,7 +14,9 @@ TGI, over transformers' ``DynamicCache``::
 
 The running batch is laid out like a left-padded batch: each row's keys and values end at the same
 column, masked columns in front of a row are padding. Merging pads the shorter side on the left; when
-rows leave, columns that are padding for every remaining row are cut off. Every row carries its own
+rows leave, columns that are padding for every remaining row are cut off. The prompts admitted at one
+step hold at most ``max_prefill_tokens`` tokens (always at least one prompt), so a burst of long prompts
+is prefilled over several steps and the running rows keep decoding between them. Every row carries its own
 position counter, so padding never shifts a position. Greedy rows give the tokens the row would get
 alone (up to floating-point reassociation in batched matrix products, as any batched generation).
 
@@ -29,6 +31,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,9 +103,13 @@ class DecodeLoop:
         prepare: Prepare,
         max_seq_len: int,
         model_id: str = "",
+        max_prefill_tokens: int = 2048,
     ) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}")
+        self.max_prefill_tokens = max_prefill_tokens
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -112,6 +119,7 @@ class DecodeLoop:
         self.max_seq_len = max_seq_len
         self.model_id = model_id
         self._pending: queue.Queue[LoopRow | None] = queue.Queue()
+        self._deferred: deque[LoopRow] = deque()  # admitted next, before anything newer
         self._rows: list[LoopRow] = []
         self._cache: Any = None
         self._mask: Any = None
@@ -170,11 +178,11 @@ class DecodeLoop:
                     f"transformers failed generation for model '{self.model_id}': {type(exc).__name__}: {exc}"
                 )
                 for row in [*self._rows, *fresh]:
-                    if not row.future.done():
+                    if not row.future.done() and row not in self._deferred:
                         row.future.set_exception(error)
                 self._rows, self._cache, self._mask = [], None, None
         stopped = SessionError(f"the decode loop of model '{self.model_id}' stopped; retry the request")
-        for row in self._rows:
+        for row in [*self._rows, *self._deferred]:
             if not row.future.done():
                 row.future.set_exception(stopped)
         while True:
@@ -192,13 +200,16 @@ class DecodeLoop:
         taken: list[LoopRow] = []
         if room <= 0:
             return [] if not self._closed else None
-        try:
-            first = self._pending.get(block=block)
-        except queue.Empty:
-            return []
-        if first is None:
-            return None
-        taken.append(first)
+        while self._deferred and len(taken) < room:
+            taken.append(self._deferred.popleft())
+        if not taken:
+            try:
+                first = self._pending.get(block=block)
+            except queue.Empty:
+                return []
+            if first is None:
+                return None
+            taken.append(first)
         while len(taken) < room:
             try:
                 more = self._pending.get_nowait()
@@ -224,10 +235,16 @@ class DecodeLoop:
         groups: dict[bool, list[LoopRow]] = {}
         for row in rows:
             groups.setdefault(row.add_special_tokens, []).append(row)
+        budget = self.max_prefill_tokens
+        admitted = 0
         for special, candidates in groups.items():
-            group = []
+            group: list[LoopRow] = []
             for row in candidates:
                 length = len(self.tokenizer(row.text, add_special_tokens=special)["input_ids"])
+                if 0 < length < self.max_seq_len and admitted and length > budget:
+                    # chunk the prefill: the running rows wait one prefill, not all of them at once
+                    self._deferred.append(row)
+                    continue
                 if length >= self.max_seq_len or length == 0:
                     why = (
                         "a prompt encodes to no tokens; send some text"
@@ -238,6 +255,8 @@ class DecodeLoop:
                     row.future.set_exception(ConfigError(why, field="prompt"))
                 else:
                     group.append(row)
+                    budget -= length
+                    admitted += 1
             if not group:
                 continue
             inputs, lengths = self.prepare([r.text for r in group], special)
