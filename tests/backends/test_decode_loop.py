@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -259,3 +260,23 @@ def test_a_burst_of_long_prompts_is_prefilled_over_several_steps(sessions: Simpl
     reference = sessions.loop.run_until_complete(static.chat_batch(CHATS[:4], GenerationParams(max_tokens=6)))
     assert [c.text for c in done] == [c.text for c in reference]
     assert loop.steps >= 3 + 5  # admissions spread over steps, then the decoding
+
+
+def test_a_consumer_that_breaks_loses_only_its_own_row(sessions: SimpleNamespace) -> None:
+    from xpuflow.backends.decode_loop import LoopRow
+
+    session = sessions.continuous
+    text = session._render(CHATS[0])
+
+    def broken(chunk: Any) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    bad = session._loop.submit(LoopRow(text, False, GenerationParams(max_tokens=30), on_chunk=broken))
+    good = session._loop.submit(LoopRow(text, False, GenerationParams(max_tokens=12)))
+    reference = sessions.loop.run_until_complete(
+        sessions.static.chat(CHATS[0], GenerationParams(max_tokens=12))
+    )
+    assert good.future.result(timeout=60).text == reference.text
+    with pytest.raises(BaseException):  # noqa: B017 - cancelled: the row was dropped
+        bad.future.result(timeout=60)
+    assert bad.cancel.is_set()

@@ -393,7 +393,7 @@ class DecodeLoop:
             piece, stopped = row.stops.feed(row.decoder.push(token))
             if piece:
                 row.streamed += piece
-                row.on_chunk(StreamChunk(piece))
+                self._emit(row, StreamChunk(piece))
             if stopped:
                 row.stop_hit = True
                 row.finish = "stop"
@@ -406,6 +406,18 @@ class DecodeLoop:
         if len(row.generated) >= row.max_new:
             row.finish = "length"
 
+    def _emit(self, row: LoopRow, chunk: StreamChunk) -> None:
+        """Hand a chunk to the row's consumer. A consumer that cannot take it (its event loop closed)
+        loses its row at the next step; it must never fail the rows it shares the batch with."""
+        assert row.on_chunk is not None
+        try:
+            row.on_chunk(chunk)
+        except Exception as exc:
+            log.warning(
+                "decode loop of model '%s': a stream consumer failed (%s); dropping it", self.model_id, exc
+            )
+            row.cancel.set()
+
     def _deliver(self, row: LoopRow) -> None:
         finish = row.finish or "stop"
         if row.on_chunk is not None and row.decoder is not None and row.stops is not None:
@@ -414,7 +426,7 @@ class DecodeLoop:
                 tail += "" if stopped else row.stops.flush()
                 if tail:
                     row.streamed += tail
-                    row.on_chunk(StreamChunk(tail))
+                    self._emit(row, StreamChunk(tail))
             text = row.streamed
         else:
             text, _ = cut_at_stop(
