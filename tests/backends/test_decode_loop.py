@@ -178,7 +178,9 @@ def test_close_fails_what_is_still_running_and_refuses_more() -> None:
     async def go() -> None:
         session = await _session(True, max_batch_size=2)
         running = asyncio.create_task(session.chat(CHATS[2], GenerationParams(max_tokens=300)))
-        await asyncio.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while session._loop.active_rows == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)  # close as soon as the row decodes: it cannot have finished
         await session.close()
         with pytest.raises(SessionError):
             await running
