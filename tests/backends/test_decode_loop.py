@@ -122,8 +122,9 @@ def test_a_client_that_goes_away_leaves_the_batch(sessions: SimpleNamespace) -> 
         while session._loop.active_rows and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert session._loop.active_rows == 0
-        call = asyncio.create_task(session.chat(CHATS[1], GenerationParams(max_tokens=200)))
-        await asyncio.sleep(0.3)
+        call = asyncio.create_task(session.chat(CHATS[3], GenerationParams(max_tokens=200)))
+        while session._loop.active_rows == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)  # cancel as soon as it decodes: it cannot have finished
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
