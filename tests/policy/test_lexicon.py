@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import shutil
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,8 @@ needs_lexicon = pytest.mark.skipif(Lexicon is None, reason="the C extension is n
 def test_the_extension_is_built_wherever_a_compiler_is() -> None:
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler: the pure-Python path serves")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        pytest.skip("no Python headers (Debian: python3-dev): the pure-Python path serves")
     assert Lexicon is not None, (
         "a C compiler is present but xpuflow.policy._lexicon is not importable: reinstall with "
         "`pip install -e .` (setup.py builds it)"
