@@ -141,3 +141,19 @@ def test_a_failing_explain_still_prints_the_score_and_tier(runner: CliRunner) ->
     data = json.loads(result.stdout)
     assert data["tier"] == "tier_high"
     assert data["explain"] == {"error": "RuntimeError: explain bug"}
+
+
+def test_the_real_scorer_shows_every_dimension_and_its_words(runner: CliRunner) -> None:
+    from xpuflow.policy.complexity import ComplexityScorer
+    from xpuflow.policy.complexity_features import DIMENSIONS
+
+    app = make_app(scorer_factory=ComplexityScorer)
+    data = json.loads(runner.invoke(app, ["score", HARD, "--json"]).stdout)
+    assert set(data["dimensions"]) == set(DIMENSIONS)
+    explained = data["explain"]
+    assert explained["logit"] == pytest.approx(explained["bias"] + sum(data["dimensions"].values()))
+    assert explained["expert"] in ("open", "choice")
+    assert explained["words"]  # the vocabulary words found, with their weights
+    table = runner.invoke(app, ["score", HARD]).stdout
+    for name in DIMENSIONS:
+        assert name in table

@@ -13,6 +13,7 @@ unreadable standard input).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Mapping
@@ -76,8 +77,9 @@ def _read_prompt(prompt: str) -> str:
 
 
 def _dimensions(explained: Mapping[str, Any]) -> dict[str, Any]:
-    """The per-dimension part of ``ComplexityScorer.explain``, whatever key it sits under."""
-    for key in ("dimensions", "features", "components"):
+    """The per-dimension part of ``ComplexityScorer.explain`` (its ``contributions``: each dimension's
+    push on the logit), or of another scorer's explanation, whatever key it sits under."""
+    for key in ("contributions", "dimensions", "features", "components"):
         value = explained.get(key)
         if isinstance(value, Mapping):
             return dict(value)
@@ -96,7 +98,11 @@ def _explain(scorer: Scorer, prompt: str) -> dict[str, Any]:
         result = explain(prompt)
     except Exception as exc:  # the explanation is extra; the score and tier still stand
         return {"error": f"{type(exc).__name__}: {exc}"}
-    return dict(result) if isinstance(result, Mapping) else {"explanation": result}
+    if isinstance(result, Mapping):
+        return dict(result)
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return dataclasses.asdict(result)  # ComplexityScorer.explain's Explanation
+    return {"explanation": result}
 
 
 def _number(value: Any) -> str:
@@ -128,6 +134,7 @@ def _render(
         for name, value in dimensions.items():
             table.add_row(escape(str(name)), escape(_number(value)))
         console.print(table)
+        console.print("[dim]each value: that dimension's push on the logit (+ leans to the strong tier)[/]")
     console.print(
         f"[bold]tier[/] {escape(str(decision.tier))}  confidence {decision.confidence:.2f}  "
         f"({escape(decision.reason)})",
@@ -183,6 +190,8 @@ def _run(
         payload = {
             "prompt_chars": len(prompt),
             "score": decision.details.get("score"),
+            # whether the word lookups ran in the C extension (False: the pure-Python path)
+            "scorer_accelerated": bool(getattr(scorer, "accelerated", False)),
             "dimensions": dimensions,
             "explain": explained,
             "tier": decision.tier,
