@@ -343,10 +343,11 @@ class DecodeLoop:
             row.position += 1
             self._accept(row, self._sample(row, logits[i]))
             if row.finish is not None:
-                self._deliver(row)
                 done.add(i)
         if done:
-            self._remove(done)
+            self._remove(done)  # out of the batch before anyone hears of it
+            for i in sorted(done):
+                self._deliver(rows[i])
 
     def _remove(self, indices: set[int]) -> None:
         import torch
