@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, overload, runtime_checkable
 
 from xpuflow.build.profile import BuildArtifact, BuildProfile
 from xpuflow.errors import BackendError, ConfigError
@@ -79,6 +79,26 @@ class ModelConfig:
 
     def option(self, name: str, default: Any = None) -> Any:
         return self.options.get(name, default)
+
+    @overload
+    def int_option(self, name: str, default: int) -> int: ...
+    @overload
+    def int_option(self, name: str, default: None = None) -> int | None: ...
+    def int_option(self, name: str, default: int | None = None) -> int | None:
+        """``options[name]`` as a positive integer (``default`` when absent); ConfigError otherwise."""
+        value = self.options.get(name, default)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(
+                f"options.{name} must be a positive integer, got {value!r}", field=f"options.{name}"
+            )
+        return value
+
+    def bool_option(self, name: str, default: bool) -> bool:
+        """``options[name]`` as true or false (``default`` when absent); ConfigError otherwise."""
+        value = self.options.get(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"options.{name} must be true or false, got {value!r}", field=f"options.{name}")
+        return value
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,8 @@ def _check_gguf(path: Path | None) -> Path:
     return path
 
 
-def _check_options(options: Mapping[str, Any]) -> None:
+def _check_options(config: ModelConfig) -> None:
+    options = config.options
     unknown = sorted(set(options) - set(LLAMACPP_OPTIONS))
     if unknown:
         raise ConfigError(
@@ -124,11 +125,7 @@ def _check_options(options: Mapping[str, Any]) -> None:
             field="options.pooling",
         )
     for name in ("n_ctx", "n_threads", "n_batch"):
-        value = options.get(name)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ConfigError(
-                f"options.{name} must be a positive integer, got {value!r}", field=f"options.{name}"
-            )
+        config.int_option(name)
 
 
 def _default_threads(resources: Sequence[Resource]) -> int:
@@ -145,7 +142,7 @@ def _default_threads(resources: Sequence[Resource]) -> int:
 def llama_kwargs(resources: Sequence[Resource], config: ModelConfig, *, gpu_offload: bool) -> dict[str, Any]:
     """The ``llama_cpp.Llama`` keyword arguments for ``config`` on ``resources`` (validates options)."""
     options = config.options
-    _check_options(options)
+    _check_options(config)
     on_gpu = gpu_offload and any(r.type in (ResourceType.GPU, ResourceType.IGPU) for r in resources)
     kwargs: dict[str, Any] = {
         "model_path": str(config.path),

@@ -187,11 +187,7 @@ def _check_config(config: ModelConfig) -> EncoderSource:
             "use precision fp32 (or the openvino backend for bf16/fp16)",
             field="precision",
         )
-    threads = config.option("num_threads")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ConfigError(
-            f"options.num_threads must be a positive integer, got {threads!r}", field="options.num_threads"
-        )
+    config.int_option("num_threads")
     level = config.option("graph_optimization", "all")
     if level not in _OPTIMIZATION_LEVELS:
         raise ConfigError(

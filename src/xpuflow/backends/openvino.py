@@ -185,11 +185,7 @@ def _check_config(config: ModelConfig) -> EncoderSource:
             f"the openvino backend runs precision fp32, bf16 or fp16, not '{config.precision}'",
             field="precision",
         )
-    threads = config.option("num_threads")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ConfigError(
-            f"options.num_threads must be a positive integer, got {threads!r}", field="options.num_threads"
-        )
+    config.int_option("num_threads")
     hint = config.option("performance_hint")
     if hint is not None and str(hint).upper() not in _PERFORMANCE_HINTS:
         raise ConfigError(

@@ -121,13 +121,6 @@ def _base_url(value: Any) -> str:
     return root[: -len("/v1")] if root.endswith("/v1") else root
 
 
-def _flag(options: Mapping[str, Any], name: str) -> bool:
-    value = options.get(name, False)
-    if not isinstance(value, bool):
-        raise ConfigError(f"options.{name} must be true or false, got {value!r}", field=f"options.{name}")
-    return value
-
-
 def _api_key(options: Mapping[str, Any]) -> str | None:
     if options.get("api_key") and options.get("api_key_env"):
         raise ConfigError("set only one of options.api_key and options.api_key_env", field="options.api_key")
@@ -172,12 +165,7 @@ class RemoteSettings:
                 f"unknown remote_openai option(s) {', '.join(unknown)}; valid: {', '.join(REMOTE_OPTIONS)}",
                 field=f"options.{unknown[0]}",
             )
-        max_connections = options.get("max_connections", 16)
-        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
-            raise ConfigError(
-                f"options.max_connections must be a positive integer, got {max_connections!r}",
-                field="options.max_connections",
-            )
+        max_connections = config.int_option("max_connections", 16)
         headers = options.get("headers") or {}
         if not isinstance(headers, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
@@ -194,7 +182,7 @@ class RemoteSettings:
             health_timeout_s=_positive_number(options, "health_timeout_s", 5.0),
             max_connections=max_connections,
             headers=headers,
-            stream_usage=_flag(options, "stream_usage"),
+            stream_usage=config.bool_option("stream_usage", False),
         )
 
 

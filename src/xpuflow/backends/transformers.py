@@ -164,30 +164,12 @@ def _check_config(config: ModelConfig, resources: Sequence[Resource]) -> _Source
             "partial); use bf16 or fp32 on cpu",
             field="precision",
         )
-    threads = config.option("num_threads")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ConfigError(
-            f"options.num_threads must be a positive integer, got {threads!r}", field="options.num_threads"
-        )
+    config.int_option("num_threads")
     check_pooling(config.options, "mean")
-    if not isinstance(config.option("continuous_batching", False), bool):
-        raise ConfigError(
-            "options.continuous_batching must be true or false, got "
-            f"{config.option('continuous_batching')!r}",
-            field="options.continuous_batching",
-        )
-    if not isinstance(config.option("prefix_cache", True), bool):
-        raise ConfigError(
-            f"options.prefix_cache must be true or false, got {config.option('prefix_cache')!r}",
-            field="options.prefix_cache",
-        )
-    for name, default in (("prefix_cache_entries", 8), ("prefix_cache_tokens", 16384)):
-        value = config.option(name, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(
-                f"options.{name} must be a positive integer, got {value!r}", field=f"options.{name}"
-            )
-    if config.option("prefix_cache_tokens", 16384) < 8:
+    config.bool_option("continuous_batching", False)
+    config.bool_option("prefix_cache", True)
+    config.int_option("prefix_cache_entries", 8)
+    if config.int_option("prefix_cache_tokens", 16384) < 8:
         raise ConfigError(
             "options.prefix_cache_tokens must be at least 8 (shorter prefixes are never cached)",
             field="options.prefix_cache_tokens",
@@ -419,7 +401,7 @@ class TransformersPlugin:
             max_seq_len = (
                 min(config.max_seq_len, positions) if isinstance(positions, int) else config.max_seq_len
             )
-        continuous = bool(config.option("continuous_batching", False)) and not embedding
+        continuous = config.bool_option("continuous_batching", False) and not embedding
         if continuous and (why := supports_continuous_batching(model)) is not None:
             runner.close()
             raise ConfigError(
@@ -440,10 +422,10 @@ class TransformersPlugin:
             pooling=check_pooling(config.options, "mean"),
             normalize=bool(config.option("normalize", True)),
             prefix_cache=None
-            if embedding or not config.option("prefix_cache", True)
+            if embedding or not config.bool_option("prefix_cache", True)
             else PrefixCache(
-                capacity=int(config.option("prefix_cache_entries", 8)),
-                max_tokens=int(config.option("prefix_cache_tokens", 16384)),
+                capacity=config.int_option("prefix_cache_entries", 8),
+                max_tokens=config.int_option("prefix_cache_tokens", 16384),
             ),
             continuous=continuous,
         )
