@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xpuflow.backends.base import Completion, GenerationParams, StreamChunk
-from xpuflow.backends.token_stream import IncrementalDecoder, StopFilter, cut_at_stop
+from xpuflow.backends.token_stream import StreamText, cut_at_stop
 from xpuflow.errors import ConfigError, SessionError
 
 __all__ = ["DecodeLoop", "LoopRow", "supports_continuous_batching"]
@@ -82,10 +82,8 @@ class LoopRow:
     generated: list[int] = field(default_factory=list)
     next_token: int = 0
     generator: Any = None
-    decoder: IncrementalDecoder | None = None
-    stops: StopFilter | None = None
+    text_out: StreamText | None = None  # a streaming row's text so far, stop strings held back
     streamed: str = ""
-    stop_hit: bool = False
     finish: str | None = None
 
 
@@ -284,7 +282,7 @@ class DecodeLoop:
                     else:
                         row.generator.seed()
                 if row.on_chunk is not None:
-                    row.decoder, row.stops = IncrementalDecoder(self.tokenizer), StopFilter(row.params.stop)
+                    row.text_out = StreamText(self.tokenizer, row.params.stop)
                 self._accept(row, self._sample(row, logits[i]))
             keep = [i for i, row in enumerate(group) if row.finish is None]
             for row in group:
@@ -390,13 +388,12 @@ class DecodeLoop:
             return
         row.generated.append(token)
         row.next_token = token
-        if row.decoder is not None and row.stops is not None and row.on_chunk is not None:
-            piece, stopped = row.stops.feed(row.decoder.push(token))
+        if row.text_out is not None:
+            piece = row.text_out.push(token)
             if piece:
                 row.streamed += piece
                 self._emit(row, StreamChunk(piece))
-            if stopped:
-                row.stop_hit = True
+            if row.text_out.stopped:
                 row.finish = "stop"
                 return
         elif row.params.stop:
@@ -421,13 +418,11 @@ class DecodeLoop:
 
     def _deliver(self, row: LoopRow) -> None:
         finish = row.finish or "stop"
-        if row.on_chunk is not None and row.decoder is not None and row.stops is not None:
-            if not row.stop_hit:
-                tail, stopped = row.stops.feed(row.decoder.flush())
-                tail += "" if stopped else row.stops.flush()
-                if tail:
-                    row.streamed += tail
-                    self._emit(row, StreamChunk(tail))
+        if row.text_out is not None:
+            tail = row.text_out.finish()
+            if tail:
+                row.streamed += tail
+                self._emit(row, StreamChunk(tail))
             text = row.streamed
         else:
             text, _ = cut_at_stop(
@@ -435,8 +430,11 @@ class DecodeLoop:
             )
         completion = Completion(text, row.prompt_tokens, len(row.generated), finish, self.model_id)
         if row.on_chunk is not None:
-            row.on_chunk(
-                StreamChunk("", finish, prompt_tokens=row.prompt_tokens, completion_tokens=len(row.generated))
+            self._emit(
+                row,
+                StreamChunk(
+                    "", finish, prompt_tokens=row.prompt_tokens, completion_tokens=len(row.generated)
+                ),
             )
         if not row.future.done():
             row.future.set_result(completion)

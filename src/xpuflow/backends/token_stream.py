@@ -16,7 +16,14 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["IncrementalDecoder", "StopFilter", "TokenStreamer", "cancel_criteria", "cut_at_stop"]
+__all__ = [
+    "IncrementalDecoder",
+    "StopFilter",
+    "StreamText",
+    "TokenStreamer",
+    "cancel_criteria",
+    "cut_at_stop",
+]
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -83,6 +90,27 @@ class IncrementalDecoder:
         prefix, full = self._delta()
         self._prefix = self._read = len(self._ids)
         return full[len(prefix) :]
+
+
+class StreamText:
+    """Token ids in, text safe to send out: an ``IncrementalDecoder`` feeding a ``StopFilter``.
+    ``stopped`` turns true when a stop string ended the text; ``finish()`` gives the held-back tail."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._stops = StopFilter(stops)
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        piece, self.stopped = self._stops.feed(self._decoder.push(token_id))
+        return piece
+
+    def finish(self) -> str:
+        """The rest of the text once no token follows (nothing after a stop string)."""
+        if self.stopped:
+            return ""
+        tail, self.stopped = self._stops.feed(self._decoder.flush())
+        return tail if self.stopped else tail + self._stops.flush()
 
 
 class TokenStreamer:

@@ -31,8 +31,7 @@ from xpuflow.backends.blocking import BlockingRunner
 from xpuflow.backends.decode_loop import DecodeLoop, LoopRow
 from xpuflow.backends.prefix_cache import PrefixCache, common_prefix_length, middle_padded
 from xpuflow.backends.token_stream import (
-    IncrementalDecoder,
-    StopFilter,
+    StreamText,
     TokenStreamer,
     cancel_criteria,
     cut_at_stop,
@@ -326,8 +325,8 @@ class TransformersSession(Session):
 
         worker = threading.Thread(target=run, name=f"transformers-stream-{self.model_id}", daemon=True)
         worker.start()
-        decoder, stops = IncrementalDecoder(self._tokenizer), StopFilter(params.stop)
-        count, finish, stopped = 0, None, False
+        out = StreamText(self._tokenizer, params.stop)
+        count, finish = 0, None
         try:
             while finish is None and (ids := streamer.queue.get()) is not None:
                 for token in ids:
@@ -335,10 +334,10 @@ class TransformersSession(Session):
                         finish = "stop"
                         break
                     count += 1
-                    piece, stopped = stops.feed(decoder.push(token))
+                    piece = out.push(token)
                     if piece:
                         yield StreamChunk(piece)
-                    if stopped:
+                    if out.stopped:
                         finish = "stop"
                         break
         finally:
@@ -346,14 +345,12 @@ class TransformersSession(Session):
             worker.join()
         if failures:
             raise failures[0]
-        if not stopped:
-            tail, stopped = stops.feed(decoder.flush())
-            tail += "" if stopped else stops.flush()
-            if tail:
-                yield StreamChunk(tail)
+        tail = out.finish()
+        if tail:
+            yield StreamChunk(tail)
         yield StreamChunk(
             "",
-            finish or ("stop" if stopped or count < max_new else "length"),
+            finish or ("stop" if out.stopped or count < max_new else "length"),
             prompt_tokens=prompt_lengths[0],
             completion_tokens=count,
         )
