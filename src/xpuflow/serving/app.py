@@ -35,7 +35,7 @@ from starlette.routing import BaseRoute, Route
 
 from xpuflow.errors import XpuflowError
 from xpuflow.scheduling.request import RequestKind
-from xpuflow.serving.auth import Authenticator
+from xpuflow.serving.auth import Authenticator, request_authorization
 from xpuflow.serving.engine import Engine
 from xpuflow.serving.inference import DECISION_HEADERS, InferenceEndpoints, ModelCatalog, to_api_error
 from xpuflow.serving.metrics import GatewayMetrics
@@ -65,11 +65,6 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type="application/json")
 
 
-def _authorization(request: Request) -> bytes | None:
-    value = request.headers.get("authorization")
-    return value.encode("latin-1") if value is not None else None
-
-
 async def _engine_call(work: Awaitable[T]) -> T:
     try:
         return await work
@@ -92,11 +87,11 @@ class Gateway:
     # -- models, health, metrics --------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> Response:
-        self.auth.check(_authorization(request))
+        self.auth.check(request_authorization(request))
         return Response(self.catalog.body, media_type="application/json")
 
     async def get_model(self, request: Request) -> Response:
-        self.auth.check(_authorization(request))
+        self.auth.check(request_authorization(request))
         return _json(self.catalog.describe(self.catalog.get(request.path_params["model"])))
 
     async def health(self, request: Request) -> Response:
@@ -116,20 +111,20 @@ class Gateway:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         if self.settings.metrics_require_key:
-            self.auth.check(_authorization(request), "metrics")
+            self.auth.check(request_authorization(request), "metrics")
         body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
 
     # -- admin --------------------------------------------------------------------------------------
 
     def _control(self, request: Request, operation: str) -> Any:
-        self.auth.check(_authorization(request), "admin")
+        self.auth.check(request_authorization(request), "admin")
         if not callable(getattr(self.engine, operation, None)):
             raise APIError(501, f"this engine does not support {operation}", code="not_implemented")
         return self.engine
 
     async def admin_workers(self, request: Request) -> Response:
-        self.auth.check(_authorization(request), "admin")
+        self.auth.check(request_authorization(request), "admin")
         return _json(self.engine.status())
 
     async def admin_drain(self, request: Request) -> Response:

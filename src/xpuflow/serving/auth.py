@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Any
 
 from xpuflow.serving.openai_schema import APIError
 from xpuflow.serving.settings import ApiKey, GatewaySettings
 
-__all__ = ["Authenticator", "bearer_token"]
+__all__ = ["Authenticator", "bearer_token", "request_authorization"]
 
 _HINT = "send 'Authorization: Bearer <key>'"
 
@@ -34,6 +35,12 @@ def bearer_token(authorization: bytes | None) -> bytes | None:
         return None
     token = token.strip()
     return token or None
+
+
+def request_authorization(request: Any) -> bytes | None:
+    """The raw ``Authorization`` header of an HTTP request (anything with ``headers.get``), or None."""
+    value = request.headers.get("authorization")
+    return value.encode("latin-1") if value is not None else None
 
 
 def _digest(secret: bytes) -> bytes:

@@ -412,11 +412,12 @@ def dashboard_routes(
     async def page(request: Request) -> Response:
         return _static_response_with_csp("dashboard.html")
 
+    from xpuflow.serving.auth import request_authorization
+
     def authorize(request: Request) -> None:
         # the page and its scripts hold no data: only the feeds need the "dashboard" right
         if auth is not None:
-            value = request.headers.get("authorization")
-            auth.check(value.encode("latin-1") if value is not None else None, "dashboard")
+            auth.check(request_authorization(request), "dashboard")
 
     async def events(request: Request) -> Response:
         authorize(request)

@@ -153,6 +153,11 @@ async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> by
             return b"".join(parts)
 
 
+def _retry_after(seconds: float | None) -> dict[str, str]:
+    """A ``Retry-After`` header in whole seconds, rounded up (1 s when the wait is unknown)."""
+    return {"retry-after": str(1 if seconds is None else max(1, math.ceil(seconds)))}
+
+
 def to_api_error(exc: BaseException, models: Sequence[str] = ()) -> APIError:
     """The HTTP answer for an error the engine raised (docs/api.md, "Errors", has the table)."""
     if isinstance(exc, APIError):
@@ -170,8 +175,7 @@ def to_api_error(exc: BaseException, models: Sequence[str] = ()) -> APIError:
             return APIError(400, message, param=field, code="invalid_header")
         return APIError(422 if field else 400, message, param=field, code="invalid_value")
     if isinstance(exc, AdmissionRejected):
-        retry = max(1, math.ceil(exc.retry_after_s))
-        return APIError(429, message, code="rate_limited", headers={"retry-after": str(retry)})
+        return APIError(429, message, code="rate_limited", headers=_retry_after(exc.retry_after_s))
     if isinstance(exc, TimeoutError):  # DispatchTimeout, and the gateway's own request timeout
         return APIError(504, f"the request timed out: {message}", code="timeout")
     if isinstance(exc, RoutingError):
@@ -181,8 +185,9 @@ def to_api_error(exc: BaseException, models: Sequence[str] = ()) -> APIError:
     if isinstance(exc, RemoteError):
         if exc.status == 429:
             # the upstream's own Retry-After when it sent one, so clients back off as long as it asks
-            retry = 1 if exc.retry_after_s is None else max(1, math.ceil(exc.retry_after_s))
-            return APIError(429, message, code="upstream_rate_limited", headers={"retry-after": str(retry)})
+            return APIError(
+                429, message, code="upstream_rate_limited", headers=_retry_after(exc.retry_after_s)
+            )
         if exc.status in (400, 413, 422):  # the upstream refused the client's input (e.g. too long)
             return APIError(exc.status, message, code="upstream_rejected")
         return APIError(502, message, code="upstream_error")
