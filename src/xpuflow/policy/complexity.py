@@ -281,14 +281,13 @@ class ComplexityScorer:
     def __init__(self, params: ComplexityParams | None = None, *, accelerated: bool | None = None) -> None:
         if params is None:
             # the default is read and compiled once per process, so constructing one per request is free
-            self.params, self._experts, self._lexicon = _default_compiled()
+            self.params, self._experts, lexicon = _default_compiled()
         else:
             self.params = params
             self._experts = _compile(params)
-            self._lexicon = None if accelerated is False else _build_lexicon(self._experts)
-        if accelerated is False:
-            self._lexicon = None
-        elif accelerated and self._lexicon is None:
+            lexicon = None if accelerated is False else _build_lexicon(self._experts)
+        self._lexicon = None if accelerated is False else lexicon
+        if accelerated and self._lexicon is None:
             raise ConfigError(
                 "the complexity scorer's C extension (xpuflow.policy._lexicon) is not built; reinstall "
                 "xpuflow with a C compiler present (pip install -e .), or pass accelerated=None"

@@ -108,14 +108,13 @@ class Worker:
         self.deployment = deployment or session.model_id
         self.device = device or (session.resources[0].id if session.resources else "unknown")
         self.native_batching = session.batch_mode is BatchMode.NATIVE
-        # a continuous session batches by itself at every step: the worker sends each request at once,
-        # up to ``max_batch_size`` of them in flight, and forms no batches
-        self.continuous = session.batch_mode is BatchMode.CONTINUOUS
         cap = max_batch_size if max_batch_size is not None else max(1, session.max_batch_size)
         if cap < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {cap}", field="max_batch_size")
         self.max_batch_size = cap if self.native_batching else 1
-        self.max_in_flight = cap if self.continuous else None
+        # a continuous session batches by itself at every step: the worker sends each request at once,
+        # up to ``max_batch_size`` of them in flight, and forms no batches (None: the worker batches)
+        self.max_in_flight = cap if session.batch_mode is BatchMode.CONTINUOUS else None
         self._clock = clock or SystemClock()
         self.health = health or HealthTracker(clock=self._clock)
         self.metrics = WorkerMetrics(self._clock, window_s=metrics_window_s)
@@ -629,7 +628,7 @@ class Worker:
             "batching": {
                 "policy": "continuous",
                 "max_in_flight": self.max_in_flight,
-                "in_flight": len(self._batches),
+                "in_flight": self.metrics.in_flight,
             }
             if self.max_in_flight is not None
             else self._batcher.to_dict(self._clock.monotonic()),
