@@ -272,6 +272,14 @@ def test_a_burst_of_long_prompts_is_prefilled_over_several_steps(sessions: Simpl
     assert [c.text for c in done] == [c.text for c in reference]
     assert loop.steps >= 3 + 5  # admissions spread over steps, then the decoding
 
+    # the budget itself, without the loop thread's timing: one admission takes one prompt of the four
+    import torch
+
+    burst = [LoopRow(t, False, GenerationParams(max_tokens=6)) for t in texts]
+    with torch.inference_mode():
+        loop._admit(burst)
+    assert (loop.active_rows, len(loop._deferred)) == (1, 3)
+
 
 def test_a_consumer_that_breaks_loses_only_its_own_row(sessions: SimpleNamespace) -> None:
     from xpuflow.backends.decode_loop import LoopRow
