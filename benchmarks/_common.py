@@ -72,3 +72,25 @@ def print_table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]
     print("  ".join("-" * w for w in widths))
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+async def smollm2_session(max_batch_size: int, *, continuous: bool = False) -> tuple[Any, Path]:
+    """SmolLM2-135M-Instruct on the CPU through the ``transformers`` backend, one torch thread (the GGUF
+    is dequantised once into the artifact store), optionally with ``options.continuous_batching``.
+    Returns the session and the dequantised model folder."""
+    from xpuflow.backends.base import ModelConfig
+    from xpuflow.backends.transformers import DEQUANT_PROFILE, TransformersPlugin
+    from xpuflow.build.builder import build_all
+    from xpuflow.build.store import ArtifactStore
+    from xpuflow.bundled import smollm2_gguf_path
+    from xpuflow.types import Resource, ResourceType
+
+    cpu = Resource("cpu", ResourceType.CPU, "host CPU")
+    plugin = TransformersPlugin()
+    options = {"num_threads": 1, "continuous_batching": continuous}
+    config = ModelConfig(
+        "smollm2", smollm2_gguf_path(), "chat", max_batch_size=max_batch_size, options=options
+    )
+    artifacts = build_all(plugin, [cpu], config, ArtifactStore())
+    session = await plugin.create_session([cpu], config, artifacts)
+    return session, artifacts[DEQUANT_PROFILE].path

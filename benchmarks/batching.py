@@ -49,21 +49,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PROMPTS, print_table, write_results
+from _common import PROMPTS, print_table, smollm2_session, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from xpuflow.backends.base import Completion, GenerationParams, ModelConfig
-from xpuflow.backends.transformers import DEQUANT_PROFILE, TransformersPlugin
-from xpuflow.build.builder import build_all
-from xpuflow.build.store import ArtifactStore
-from xpuflow.bundled import smollm2_gguf_path
+from xpuflow.backends.base import Completion, GenerationParams
 from xpuflow.scheduling.request import WorkRequest
 from xpuflow.scheduling.worker import Worker
-from xpuflow.types import Resource, ResourceType
 
-CPU = Resource("cpu", ResourceType.CPU, "host CPU")
 OFFLINE_SIZES = (8, 16, 32)
 RAY_GRID = ((8, 0.01), (8, 0.05), (16, 0.01), (16, 0.05))
 
@@ -344,7 +338,7 @@ async def measure(args: argparse.Namespace, session: Any, ray: RayServe | None) 
 
     unbatched = Worker(session, worker_id="unbatched", max_batch_size=1)
     adaptive = Worker(session, worker_id="adaptive")
-    continuous_session = await open_continuous_session(args.clients)
+    continuous_session, _ = await smollm2_session(args.clients, continuous=True)
     continuous = Worker(continuous_session, worker_id="continuous")
     tallies: dict[str, Tally] = {}
     async with unbatched, adaptive, continuous:
@@ -409,29 +403,6 @@ async def measure(args: argparse.Namespace, session: Any, ray: RayServe | None) 
     return out
 
 
-async def open_continuous_session(max_batch: int) -> Any:
-    """The same model with ``options.continuous_batching`` (requests join the running batch)."""
-    plugin = TransformersPlugin()
-    config = ModelConfig(
-        "smollm2",
-        smollm2_gguf_path(),
-        "chat",
-        max_batch_size=max_batch,
-        options={"num_threads": 1, "continuous_batching": True},
-    )
-    return await plugin.create_session([CPU], config, build_all(plugin, [CPU], config, ArtifactStore()))
-
-
-async def open_session() -> tuple[Any, Path]:
-    plugin = TransformersPlugin()
-    config = ModelConfig(
-        "smollm2", smollm2_gguf_path(), "chat", max_batch_size=32, options={"num_threads": 1}
-    )
-    artifacts = build_all(plugin, [CPU], config, ArtifactStore())
-    session = await plugin.create_session([CPU], config, artifacts)
-    return session, artifacts[DEQUANT_PROFILE].path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -456,7 +427,7 @@ def main() -> None:
     started = time.perf_counter()
 
     async def setup() -> tuple[Any, Path]:
-        return await open_session()
+        return await smollm2_session(32)
 
     loop = asyncio.new_event_loop()
     session, folder = loop.run_until_complete(setup())

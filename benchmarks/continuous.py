@@ -31,21 +31,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PROMPTS, print_table, write_results
+from _common import PROMPTS, print_table, smollm2_session, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from xpuflow.backends.base import Completion, GenerationParams, ModelConfig
-from xpuflow.backends.transformers import TransformersPlugin
-from xpuflow.build.builder import build_all
-from xpuflow.build.store import ArtifactStore
-from xpuflow.bundled import smollm2_gguf_path
+from xpuflow.backends.base import Completion, GenerationParams
 from xpuflow.scheduling.request import WorkRequest
 from xpuflow.scheduling.worker import Worker
-from xpuflow.types import Resource, ResourceType
 
-CPU = Resource("cpu", ResourceType.CPU, "host CPU")
 LENGTHS = (8, 16, 32, 64)
 
 
@@ -62,18 +56,6 @@ def workload(rate: float, count: int, seed: int) -> list[tuple[float, int, int]]
         t += rng.expovariate(rate)
         out.append((t, i % len(PROMPTS), rng.choice(LENGTHS)))
     return out
-
-
-async def open_session(continuous: bool, max_batch: int) -> Any:
-    plugin = TransformersPlugin()
-    config = ModelConfig(
-        "smollm2",
-        smollm2_gguf_path(),
-        "chat",
-        max_batch_size=max_batch,
-        options={"num_threads": 1, "continuous_batching": continuous},
-    )
-    return await plugin.create_session([CPU], config, build_all(plugin, [CPU], config, ArtifactStore()))
 
 
 async def run(worker: Worker, requests: list[tuple[float, int, int]]) -> dict[str, Any]:
@@ -116,8 +98,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     sessions = {
-        "static": await open_session(False, args.max_batch),
-        "continuous": await open_session(True, args.max_batch),
+        "static": (await smollm2_session(args.max_batch))[0],
+        "continuous": (await smollm2_session(args.max_batch, continuous=True))[0],
     }
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in sessions}
     try:
