@@ -92,6 +92,13 @@ class DeploymentConfig(_Strict):
     replicas: int = Field(1, ge=1, description="Workers to start for this deployment.")
     timeout_s: float = Field(120.0, gt=0.0, description="Longest one attempt of a request may take.")
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Queueing and batching.")
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="Requests one worker runs at once when its backend batches by itself (remote "
+        "servers, continuous sessions); default: options.max_connections (64) for remote_openai, "
+        "max_batch_size for continuous sessions. Others batch with `batching` and refuse it.",
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings.")
 
     def to_model_config(self, base_dir: Path | None = None) -> Any:

@@ -252,6 +252,7 @@ class Orchestrator:
                 # a gated worker keeps one batch waiting at the gate beside the one running, so its
                 # partition is backlogged when a token frees and the fair queue can honour the shares
                 max_concurrent_batches=1 if compute_gate is None else self.config.qos.compute_tokens + 1,
+                max_in_flight=dep.max_in_flight,
                 compute_gate=compute_gate,
             )
             await worker.start()

@@ -280,6 +280,9 @@ class WorkerSnapshot:
     max_seq_len: int | None = None
     taken_at_s: float = 0.0
     tags: frozenset[str] = frozenset()
+    max_in_flight: int | None = None  # requests it takes at once when the backend batches by itself
+    oldest_in_flight_s: float | None = None  # age of its oldest running request at taken_at_s
+    latency_sampled_at_s: float | None = None  # monotonic time of the newest ema_latency_ms sample
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -298,4 +301,7 @@ class WorkerSnapshot:
             "max_seq_len": self.max_seq_len,
             "taken_at_s": self.taken_at_s,
             "tags": sorted(self.tags),
+            "max_in_flight": self.max_in_flight,
+            "oldest_in_flight_s": self.oldest_in_flight_s,
+            "latency_sampled_at_s": self.latency_sampled_at_s,
         }

@@ -507,7 +507,8 @@ def test_batches_are_concurrent_requests_bounded_by_max_connections() -> None:
             serve({("POST", "/v1/chat/completions"): chat}) as url,
             await session_for(url, max_connections=2) as session,
         ):
-            assert session.batch_mode is BatchMode.NATIVE
+            assert session.batch_mode is BatchMode.CONTINUOUS  # the server batches; workers send at once
+            assert session.max_in_flight == 2
             return [c.text for c in await session.chat_batch(conversations, SHORT)]
 
     assert asyncio.run(run()) == [f"Q{i}" for i in range(6)]

@@ -99,6 +99,25 @@ def test_queue_depth_counts_in_batches() -> None:
     assert choose([snap("busy", queue_depth=16), snap("idle", queue_depth=0)]) == "idle"
 
 
+def test_load_of_a_server_that_batches_itself_is_its_share_of_in_flight_slots() -> None:
+    # 8 requests in flight on a remote server that takes 64 is a light load, not a full batch ahead
+    ranked = WorkerScorer().score(
+        [
+            snap("remote", ema_latency_ms=100.0, in_flight=8, max_batch_size=8, max_in_flight=64),
+            snap("idle", ema_latency_ms=100.0, max_batch_size=8, max_in_flight=64),
+        ]
+    )
+    terms = {r.worker_id: r.terms["speed"] for r in ranked}
+    assert terms["remote"] == pytest.approx(1.0 / (1.0 + 8 / 64))
+    batched = WorkerScorer().score(
+        [
+            snap("local", ema_latency_ms=100.0, in_flight=8, max_batch_size=8),
+            snap("idle", ema_latency_ms=100.0),
+        ]
+    )
+    assert {r.worker_id: r.terms["speed"] for r in batched}["local"] == pytest.approx(0.5)
+
+
 def test_a_fast_worker_with_a_queue_beats_an_idle_slow_one() -> None:
     fast = snap("fast", ema_latency_ms=10.0, queue_depth=16, max_batch_size=8)  # ~30 ms to serve
     slow = snap("slow", ema_latency_ms=100.0)  # ~100 ms

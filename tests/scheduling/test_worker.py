@@ -210,6 +210,34 @@ async def test_a_continuous_session_gets_each_request_at_once_up_to_its_batch_si
     assert max(histogram) == 4  # the histogram counts the requests that shared the running batch
 
 
+@run_async
+async def test_max_in_flight_caps_a_continuous_session_and_shows_in_the_snapshot() -> None:
+    session = Continuous(service_time_s=0.05, max_batch_size=2)
+    async with Worker(session, max_in_flight=6) as worker:
+        await asyncio.gather(*(worker.submit(completion(f"p{i} q")) for i in range(12)))
+        snapshot = worker.snapshot()
+    assert session.peak == 6
+    assert snapshot.max_in_flight == 6
+    assert worker.to_dict()["batching"]["max_in_flight"] == 6
+
+
+@run_async
+async def test_a_sessions_own_in_flight_limit_is_the_default() -> None:
+    class Server(Continuous):
+        max_in_flight = 5  # what a remote session's connection pool allows
+
+    session = Server(service_time_s=0.05, max_batch_size=2)
+    async with Worker(session) as worker:
+        await asyncio.gather(*(worker.submit(completion(f"p{i} q")) for i in range(10)))
+    assert session.peak == 5
+
+
+def test_max_in_flight_is_refused_by_sessions_the_worker_batches() -> None:
+    with pytest.raises(ConfigError, match="max_batch_size") as info:
+        Worker(FakeSession(), worker_id="w", max_in_flight=4)
+    assert info.value.field == "max_in_flight"
+
+
 # -- errors and health ---------------------------------------------------------------------------------
 
 

@@ -12,8 +12,10 @@ errors, timeouts, 408, 429 and 5xx, so the router knows when another try may suc
         reply = await session.chat([{"role": "user", "content": "Hi"}], GenerationParams(max_tokens=16))
         healthy = await session.health()        # GET /health or /v1/models: costs no tokens
 
-Batches are sent as concurrent requests (at most ``max_connections`` at once) and the server batches
-them (continuous batching in vLLM, TGI, SGLang): ``BatchMode.NATIVE`` in that sense.
+The server batches by itself (continuous batching in vLLM, TGI, SGLang), so the session is
+``BatchMode.CONTINUOUS``: a worker sends each request at once, up to ``max_in_flight`` (by default
+``max_connections``) of them, instead of forming batches. The batch forms still work: they send their
+requests concurrently, at most ``max_connections`` at once.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ REMOTE_OPTIONS: dict[str, str] = {
     "timeout_s": "total seconds for one request, streams included (default 120)",
     "connect_timeout_s": "seconds to open a TCP/TLS connection (default 10)",
     "health_timeout_s": "total seconds for one health probe (default 5)",
-    "max_connections": "pooled connections, and so concurrent requests, to the server (default 16)",
+    "max_connections": "pooled connections, and so concurrent requests, to the server (default 64)",
     "headers": "extra HTTP headers sent with every request (a mapping of strings)",
     "stream_usage": "ask for token counts on streams (stream_options.include_usage; default false: "
     "some servers refuse the field)",
@@ -148,7 +150,7 @@ class RemoteSettings:
     timeout_s: float = 120.0
     connect_timeout_s: float = 10.0
     health_timeout_s: float = 5.0
-    max_connections: int = 16
+    max_connections: int = 64
     headers: Mapping[str, str] = field(default_factory=dict)
     stream_usage: bool = False
 
@@ -165,7 +167,7 @@ class RemoteSettings:
                 f"unknown remote_openai option(s) {', '.join(unknown)}; valid: {', '.join(REMOTE_OPTIONS)}",
                 field=f"options.{unknown[0]}",
             )
-        max_connections = config.int_option("max_connections", 16)
+        max_connections = config.int_option("max_connections", 64)
         headers = options.get("headers") or {}
         if not isinstance(headers, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
@@ -201,7 +203,7 @@ class RemoteMetrics:
 class RemoteOpenAISession(Session):
     """One OpenAI-compatible server. Use it from one event loop; close it to release its connections."""
 
-    batch_mode = BatchMode.NATIVE
+    batch_mode = BatchMode.CONTINUOUS
 
     def __init__(
         self,
@@ -224,6 +226,11 @@ class RemoteOpenAISession(Session):
         self._failures = 0
         self._consecutive_failures = 0
         self._last_error: str | None = None
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests a worker may have running here at once: one per pooled connection."""
+        return self.settings.max_connections
 
     # -- connection -------------------------------------------------------------------------------
 

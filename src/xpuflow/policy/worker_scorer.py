@@ -15,13 +15,15 @@ and time and randomness are injected::
    needs (``needs.memory_bytes > free_memory_bytes``, checked only when both are known).
 2. Score. Four terms in [0, 1] (1 is best), combined by normalised weights, plus an affinity bonus::
 
-       load_i   = (queue_depth_i + in_flight_i) / max_batch_size_i      batches ahead of this request
+       load_i   = (queue_depth_i + in_flight_i) / capacity_i             batches ahead of this request
        speed_i  = min_j E_j / E_i,  E_i = ema_latency_i * (1 + load_i)   expected time to serve, vs the best
        memory_i = free_memory_i / max_j free_memory_j                   headroom for batches and KV cache
        util_i   = 1 - utilization_pct_i / 100
        temp_i   = 1 below throttle_start_c, 0 at throttle_limit_c, linear between
        score_i  = sum_t w_t * term_t / sum_t w_t  +  w_affinity * affinity_i
 
+   ``capacity_i`` is ``max_in_flight`` for a worker whose backend batches by itself (a remote server, a
+   continuous session: load is the share of its in-flight slots in use), else ``max_batch_size``.
    ``ema_latency_ms`` is read as the time one batch takes to serve (queue wait excluded: the queue is
    counted by ``load``). A worker with no latency reading yet is assumed as fast as the median of those
    with one; any other unknown reading scores ``NEUTRAL`` (0.5): worse than a known-good worker,
@@ -384,7 +386,8 @@ def _clamp(value: float) -> float:
 
 
 def _load(snapshot: WorkerSnapshot) -> float:
-    return max(0, snapshot.queue_depth + snapshot.in_flight) / max(1, snapshot.max_batch_size)
+    capacity = snapshot.max_in_flight or snapshot.max_batch_size
+    return max(0, snapshot.queue_depth + snapshot.in_flight) / max(1, capacity)
 
 
 def _ema(snapshot: WorkerSnapshot, prior_ms: float) -> float:

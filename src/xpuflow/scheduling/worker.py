@@ -69,7 +69,10 @@ class Worker:
     ``max_batch_size`` defaults to the session's; sessions that do not batch natively run one request
     at a time. ``queue_policy``, ``queue_capacity``, ``aging_s`` and ``high_reserve_fraction`` shape the
     queue (``scheduling.queue``); ``batch_policy``, ``max_wait_s``, ``max_wait_fraction`` and
-    ``max_concurrent_batches`` the batcher (``scheduling.batcher``). ``device_state``, when given,
+    ``max_concurrent_batches`` the batcher (``scheduling.batcher``). ``max_in_flight`` caps the requests
+    a continuous session (one that batches by itself: a remote server, the decode loop) runs at once;
+    its default is the session's own ``max_in_flight`` (a remote server's connection limit) or else
+    ``max_batch_size``; other sessions refuse it (ConfigError). ``device_state``, when given,
     returns live device readings for ``snapshot()`` (``free_memory_bytes``, ``utilization_pct``,
     ``temperature_c``); without it the snapshot reports the worker's own busy share as utilisation.
     ``stop_timeout_s`` bounds how long ``stop`` waits for queued and running work; ``close_session``
@@ -94,6 +97,7 @@ class Worker:
         max_wait_s: float = 0.05,
         max_wait_fraction: float = 0.1,
         max_concurrent_batches: int = 1,
+        max_in_flight: int | None = None,
         health: HealthTracker | None = None,
         clock: Clock | None = None,
         metrics_window_s: float = 10.0,
@@ -113,8 +117,8 @@ class Worker:
             raise ConfigError(f"max_batch_size must be >= 1, got {cap}", field="max_batch_size")
         self.max_batch_size = cap if self.native_batching else 1
         # a continuous session batches by itself at every step: the worker sends each request at once,
-        # up to ``max_batch_size`` of them in flight, and forms no batches (None: the worker batches)
-        self.max_in_flight = cap if session.batch_mode is BatchMode.CONTINUOUS else None
+        # up to ``max_in_flight`` of them, and forms no batches (None: the worker batches)
+        self.max_in_flight = self._in_flight_cap(session, max_in_flight, cap)
         self._clock = clock or SystemClock()
         self.health = health or HealthTracker(clock=self._clock)
         self.metrics = WorkerMetrics(self._clock, window_s=metrics_window_s)
@@ -146,6 +150,24 @@ class Worker:
         self._closing = False
         self._drained = False
         self._drain_rate_ema: float | None = None
+
+    def _in_flight_cap(self, session: Session, max_in_flight: int | None, cap: int) -> int | None:
+        continuous = session.batch_mode is BatchMode.CONTINUOUS
+        if max_in_flight is not None:
+            if not continuous:
+                raise ConfigError(
+                    f"worker '{self.worker_id}': max_in_flight applies to backends that batch by "
+                    f"themselves (remote servers, continuous sessions), and this session batches "
+                    f"{session.batch_mode.value}; drop max_in_flight and set max_batch_size instead",
+                    field="max_in_flight",
+                )
+            if max_in_flight < 1:
+                raise ConfigError(f"max_in_flight must be >= 1, got {max_in_flight}", field="max_in_flight")
+            return max_in_flight
+        if not continuous:
+            return None
+        own = getattr(session, "max_in_flight", None)  # what the session's server allows (remote)
+        return own if isinstance(own, int) and own > 0 else cap
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -607,6 +629,7 @@ class Worker:
             queue_depth=len(self._queue),
             in_flight=self.metrics.in_flight,
             max_batch_size=self.max_batch_size,
+            max_in_flight=self.max_in_flight,
             ema_latency_ms=self.metrics.ema_latency_ms,
             free_memory_bytes=None if free is None else int(free),
             utilization_pct=float(utilization),
