@@ -447,3 +447,30 @@ def test_a_tampered_manifest_cannot_point_outside_the_artifact(store: ArtifactSt
     assert store.get(DIGEST, PROFILE) is None
     assert outside.read_bytes() == b"secret"
     assert not artifact.path.exists()
+
+
+def test_leftovers_lists_crashed_builds_and_removes_them_only_when_asked(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    work = store.tmp_dir / f"{'c' * 64}.99.feedface"
+    work.mkdir(parents=True)
+    (work / "half.bin").write_bytes(b"x" * 100)
+    trash = store.tmp_dir / f"{'d' * 64}.trash-0011aabb"
+    trash.mkdir()
+    [crashed, deleted] = store.leftovers()
+    assert (crashed.path, crashed.size_bytes, crashed.reason) == (work, 100, "crashed build")
+    assert (deleted.path, deleted.reason) == (trash, "interrupted deletion")
+    assert work.exists()
+    assert trash.exists()
+    assert [x.path for x in store.leftovers(remove=True)] == [work, trash]
+    assert leftovers(store) == []
+    assert store.leftovers() == []
+
+
+def test_leftovers_skip_a_build_in_progress(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    key = "e" * 64
+    work = store.tmp_dir / f"{key}.1.00000000"
+    work.mkdir(parents=True)
+    with store._lock(key):  # a live build of this key holds its lock
+        assert store.leftovers(remove=True) == []
+    assert work.exists()

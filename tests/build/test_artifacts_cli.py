@@ -227,3 +227,36 @@ def test_artifacts_ls_and_gc(app: typer.Typer, runner: CliRunner, tmp_path: Path
 def test_gc_rejects_negative_limits(app: typer.Typer, runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(app, ["artifacts", "gc", "--max-bytes", "-1", "--store", str(tmp_path)])
     assert result.exit_code == 2
+
+
+def _crashed_build(store: Path) -> Path:
+    """What a build killed mid-way leaves: its work folder under tmp/, never renamed into objects/."""
+    work = store / "tmp" / f"{'ab' * 32}.4242.0badc0de"
+    work.mkdir(parents=True)
+    (work / "engine.bin").write_bytes(b"x" * 2048)
+    return work
+
+
+def test_gc_reports_and_dry_run_lists_crashed_builds(
+    app: typer.Typer, runner: CliRunner, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    work = _crashed_build(store)
+
+    dry = runner.invoke(app, ["artifacts", "gc", "--dry-run", "--store", str(store)])
+    assert dry.exit_code == 0, dry.output
+    assert "would remove 1 leftover" in dry.stdout
+    assert "crashed build" in dry.stdout
+    assert "2.0 KiB" in dry.stdout
+    assert "nothing" not in dry.stdout
+    assert work.exists()
+
+    done = runner.invoke(app, ["artifacts", "gc", "--store", str(store)])
+    assert done.exit_code == 0, done.output
+    assert "removed 1 leftover" in done.stdout
+    assert "crashed build" in done.stdout
+    assert "removed nothing" not in done.stdout
+    assert not work.exists()
+
+    again = runner.invoke(app, ["artifacts", "gc", "--store", str(store)])
+    assert "removed nothing" in again.stdout

@@ -33,6 +33,7 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +44,7 @@ from xpuflow.errors import ArtifactCorrupt, BuildError, ConfigError, XpuflowErro
 if TYPE_CHECKING:
     from xpuflow.build.builder import BuildProgress
 
-__all__ = ["CACHE_DIR_ENV", "MANIFEST_NAME", "ArtifactStore", "default_store_root"]
+__all__ = ["CACHE_DIR_ENV", "MANIFEST_NAME", "ArtifactStore", "Leftover", "default_store_root"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,25 @@ def default_store_root() -> Path:
 
 def _is_key(name: str) -> bool:
     return len(name) == _KEY_LENGTH and all(c in "0123456789abcdef" for c in name)
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A folder ``gc`` removes that is not an artifact: a crashed build or an interrupted deletion in
+    ``tmp/``, or an artifact folder without a valid manifest. ``size_bytes`` is what its files hold."""
+
+    path: Path
+    size_bytes: int
+    reason: str
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 def _profile_from_dict(data: Mapping[str, Any]) -> BuildProfile:
@@ -497,10 +517,11 @@ class ArtifactStore:
         at most ``max_total_bytes``; returns what was (or, with ``dry_run``, would be) removed.
 
         Always also removes leftovers of crashed builds and deletions in ``tmp/`` and artifact folders
-        without a valid manifest (unless ``dry_run``). Artifacts whose lock is held are skipped.
+        without a valid manifest (unless ``dry_run``; ``leftovers()`` reports them, and is what to call
+        first to show them). Artifacts whose lock is held are skipped.
         """
         if not dry_run:
-            self._sweep_leftovers()
+            self.leftovers(remove=True)
         now = time.time()
         oldest_first = builtins.list(reversed(self.list()))
         chosen: builtins.list[BuildArtifact] = []
@@ -523,22 +544,36 @@ class ArtifactStore:
                     log.info("gc skipped %s: it is being built or removed", artifact.id)
         return removed
 
-    def _sweep_leftovers(self) -> None:
+    def leftovers(self, *, remove: bool = False) -> builtins.list[Leftover]:
+        """The leftovers of crashed builds and deletions in ``tmp/`` and the artifact folders without a
+        manifest, whose lock nobody holds (a held lock means a build or removal is running now). With
+        ``remove`` they are deleted (and orphaned lock files with them) and the list says what was."""
+        found: builtins.list[Leftover] = []
         if self.tmp_dir.is_dir():
-            for entry in self.tmp_dir.iterdir():
+            for entry in sorted(self.tmp_dir.iterdir()):
                 key = entry.name.split(".", 1)[0]
                 if not _is_key(key):
                     continue
                 with self._lock(key, blocking=False) as acquired:
                     if acquired:  # no build of this key is running, so this is a crash's leftover
-                        log.info("gc removing leftover %s", entry)
-                        shutil.rmtree(entry, ignore_errors=True)
+                        reason = "interrupted deletion" if ".trash-" in entry.name else "crashed build"
+                        found.append(Leftover(entry, _tree_bytes(entry), reason))
+                        if remove:
+                            log.info("gc removing leftover %s", entry)
+                            shutil.rmtree(entry, ignore_errors=True)
         for key, directory in builtins.list(self._object_dirs()):
             if not (directory / MANIFEST_NAME).is_file():
                 with self._lock(key, blocking=False) as acquired:
                     if acquired and not (directory / MANIFEST_NAME).is_file():
-                        log.info("gc removing %s: it has no manifest", directory)
-                        self._trash(directory, key)
+                        found.append(Leftover(directory, _tree_bytes(directory), "no manifest"))
+                        if remove:
+                            log.info("gc removing %s: it has no manifest", directory)
+                            self._trash(directory, key)
+        if remove:
+            self._sweep_locks()
+        return found
+
+    def _sweep_locks(self) -> None:
         if self.locks_dir.is_dir():
             for lock_file in self.locks_dir.glob("*.lock"):
                 key = lock_file.stem

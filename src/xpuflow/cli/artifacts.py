@@ -252,18 +252,31 @@ def _ls(store_path: Path | None, as_json: bool) -> None:
 
 
 def _gc(store_path: Path | None, older_than_days: float | None, max_bytes: int | None, dry_run: bool) -> None:
+    from rich.table import Table
+
     store = _open_store(store_path)
+    # Leftovers first: gc removes them too, and this way both runs name each one it (would) remove.
+    leftovers = store.leftovers(remove=not dry_run)
     removed = store.gc(
         older_than_s=older_than_days * 86400.0 if older_than_days is not None else None,
         max_total_bytes=max_bytes,
         dry_run=dry_run,
     )
     out, _ = _consoles()
-    freed = sum(int(a.metadata.get("total_bytes", 0)) for a in removed)
     verb = "would remove" if dry_run else "removed"
     if removed:
+        freed = sum(int(a.metadata.get("total_bytes", 0)) for a in removed)
         out.print(_artifacts_table(f"{verb} {_artifacts(len(removed))} ({_human_bytes(freed)})", removed))
-    else:
+    if leftovers:
+        freed = sum(item.size_bytes for item in leftovers)
+        count = f"{len(leftovers)} leftover" + ("" if len(leftovers) == 1 else "s")
+        table = Table(title=f"{verb} {count} of crashed builds or deletions ({_human_bytes(freed)})")
+        for column in ("path", "why", "size"):
+            table.add_column(column, justify="right" if column == "size" else "left")
+        for item in leftovers:
+            table.add_row(str(item.path), item.reason, _human_bytes(item.size_bytes))
+        out.print(table)
+    if not removed and not leftovers:
         out.print(f"{verb} nothing; {_human_bytes(store.total_bytes())} in {store.root}", soft_wrap=True)
 
 
