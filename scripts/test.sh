@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install everything the tests need (from pyproject extras) and run the whole test suite.
+# Install everything the tests need (locked versions, requirements/lock.txt), check lint, format and
+# types, then run the whole test suite. Any finding fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # System packages the tests use: a C compiler (the reference NPU stack) and Chromium (dashboard tests).
@@ -12,4 +13,7 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v cc >/dev/null 2>&1; the
 fi
 bash scripts/setup.sh all,dev
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"

@@ -233,7 +233,7 @@ def test_a_model_that_cannot_start_from_a_cached_prefix_is_served_without_the_ca
         real = session._model.generate
 
         def refuses_cached_prefixes(**kwargs: object) -> object:
-            if "past_key_values" in kwargs:
+            if session.cache_kwarg in kwargs:
                 raise RuntimeError("this cache cannot be extended")
             return real(**kwargs)
 

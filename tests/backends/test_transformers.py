@@ -366,3 +366,24 @@ def test_minilm_embeddings_are_pooled_normalised_and_ordered() -> None:
 
     assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
     assert batches[0] + batches[1] == vectors
+
+
+def test_the_cache_keyword_follows_the_model_signature() -> None:
+    from xpuflow.backends.kv_cache_arg import cache_kwarg, output_cache
+
+    class New:
+        def forward(self, input_ids: object = None, cache: object = None) -> None: ...
+
+    class Old:
+        def forward(self, input_ids: object = None, past_key_values: object = None) -> None: ...
+
+    class NewOut:
+        cache = "kv-new"
+
+    class OldOut:
+        past_key_values = "kv-old"
+
+    assert cache_kwarg(New()) == "cache"
+    assert cache_kwarg(Old()) == "past_key_values"
+    assert output_cache(NewOut()) == "kv-new"
+    assert output_cache(OldOut()) == "kv-old"

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xpuflow.backends.base import Completion, GenerationParams, StreamChunk
+from xpuflow.backends.kv_cache_arg import cache_kwarg, output_cache
 from xpuflow.backends.token_stream import StreamText, cut_at_stop
 from xpuflow.errors import ConfigError, SessionError
 
@@ -109,6 +110,7 @@ class DecodeLoop:
             raise ValueError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}")
         self.max_prefill_tokens = max_prefill_tokens
         self.model = model
+        self._cache_kwarg = cache_kwarg(model)
         self.tokenizer = tokenizer
         self.device = device
         self.max_rows = max_rows
@@ -259,16 +261,16 @@ class DecodeLoop:
                 continue
             inputs, lengths = self.prepare([r.text for r in group], special)
             ids, mask = inputs["input_ids"], inputs["attention_mask"]
-            cache = inputs.get("past_key_values")
+            cache = inputs.get(self._cache_kwarg)
             start = cache.get_seq_length() if cache is not None else 0
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
             out = self.model(
                 input_ids=ids[:, start:],
                 attention_mask=mask,
                 position_ids=positions[:, start:],
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self._cache_kwarg: cache},
             )
             logits = out.logits[:, -1, :]
             for i, (row, length) in enumerate(zip(group, lengths, strict=True)):
@@ -290,7 +292,7 @@ class DecodeLoop:
                     self._deliver(row)
             if not keep:
                 continue
-            new_cache = out.past_key_values
+            new_cache = output_cache(out)
             if len(keep) < len(group):
                 new_cache.batch_select_indices(torch.tensor(keep, device=mask.device))
                 mask = mask[keep]
@@ -330,10 +332,10 @@ class DecodeLoop:
             input_ids=tokens,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self._cache,
             use_cache=True,
+            **{self._cache_kwarg: self._cache},
         )
-        self._cache, self._mask = out.past_key_values, mask
+        self._cache, self._mask = output_cache(out), mask
         self.steps += 1
         logits = out.logits[:, -1, :]
         done: set[int] = set()

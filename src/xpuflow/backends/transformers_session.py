@@ -29,6 +29,7 @@ from xpuflow.backends.base import (
 )
 from xpuflow.backends.blocking import BlockingRunner
 from xpuflow.backends.decode_loop import DecodeLoop, LoopRow
+from xpuflow.backends.kv_cache_arg import cache_kwarg, output_cache
 from xpuflow.backends.prefix_cache import PrefixCache, common_prefix_length, middle_padded
 from xpuflow.backends.token_stream import (
     StreamText,
@@ -77,6 +78,7 @@ class TransformersSession(Session):
         self.pooling = pooling
         self.normalize = normalize
         self._model = model
+        self.cache_kwarg = cache_kwarg(model)  # "cache" on newer transformers, "past_key_values" before
         self._tokenizer = tokenizer
         self._runner = runner
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -173,7 +175,7 @@ class TransformersSession(Session):
                 try:
                     with torch.inference_mode():
                         head = torch.tensor([list(prefix)], device=self.device)
-                        kv = self._model(input_ids=head, use_cache=True).past_key_values
+                        kv = output_cache(self._model(input_ids=head, use_cache=True))
                     if kv is None or not hasattr(kv, "batch_repeat_interleave"):
                         raise TypeError(f"the model returned no extendable cache ({type(kv).__name__})")
                 except Exception as exc:
@@ -192,7 +194,7 @@ class TransformersSession(Session):
             cache = copy.deepcopy(kv)  # generation extends the cache in place
             if len(rows) > 1:
                 cache.batch_repeat_interleave(len(rows))
-            inputs["past_key_values"] = cache
+            inputs[self.cache_kwarg] = cache
         return inputs, [len(r) for r in rows]
 
     def _disable_prefix_cache(self, exc: BaseException) -> None:
@@ -275,7 +277,7 @@ class TransformersSession(Session):
                         output = self._model.generate(**kwargs)
                     break
                 except Exception as exc:
-                    if attempt == 2 or "past_key_values" not in encoded or "out of memory" in str(exc):
+                    if attempt == 2 or self.cache_kwarg not in encoded or "out of memory" in str(exc):
                         raise
                     # a model whose cache cannot start from a stored prefix: serve without the cache
                     self._disable_prefix_cache(exc)

@@ -193,7 +193,7 @@ class ComplexityParams:
 
 @lru_cache(maxsize=1)
 def _default_params() -> ComplexityParams:
-    ref = resources.files("xpuflow").joinpath("data", DEFAULT_PARAMS_FILE)
+    ref = resources.files("xpuflow") / "data" / DEFAULT_PARAMS_FILE
     with resources.as_file(ref) as path:
         return ComplexityParams.load(path)
 
