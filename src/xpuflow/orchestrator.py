@@ -36,6 +36,7 @@ from xpuflow.errors import AdmissionRejected, CapabilityError, ConfigError, Mode
 from xpuflow.model_files import estimate_params, model_format
 from xpuflow.routing.adaptive import AdaptiveRouter, RoutingConfig, TierConfig
 from xpuflow.routing.dispatch import Dispatcher, RetryPolicy, StreamInterrupted
+from xpuflow.routing.remote_state import RemoteStatePoller
 from xpuflow.scheduling.partitions import ComputeTokens
 from xpuflow.scheduling.qos_gate import QoSGate
 from xpuflow.scheduling.request import RequestKind, WorkRequest
@@ -96,6 +97,7 @@ class Orchestrator:
         self._owns_monitor = monitor is None
         self.placements: dict[str, Placement] = {}
         self.workers: dict[str, Worker] = {}
+        self._checkers: dict[str, RemoteStatePoller] = {}  # worker id -> its active health checks
         self._models: dict[str, _LogicalModel] = {}
         self._ready = False
         self._qos: QoSGate | None = None
@@ -257,7 +259,35 @@ class Orchestrator:
             )
             await worker.start()
             self.workers[worker.worker_id] = worker
+            await self._start_checks(worker)
             log.info("worker %s started on %s (%s)", worker.worker_id, device, placement.reason)
+
+    async def _start_checks(self, worker: Worker) -> None:
+        """Active health checks for a worker whose session has them (remote servers: ``health()`` every
+        ``health_interval_s``): a failed check takes the worker out and gives up its stuck requests."""
+        session = worker.session
+        interval_s = getattr(session, "health_interval_s", 0.0)
+        if not isinstance(interval_s, (int, float)) or interval_s <= 0 or not hasattr(session, "health"):
+            return
+        timeout_s = getattr(session, "health_timeout_s", 1.0)
+        checker = RemoteStatePoller(
+            session,  # type: ignore[arg-type]
+            worker_id=worker.worker_id,
+            deployment=worker.deployment,
+            device=worker.device,
+            max_batch_size=worker.max_batch_size,
+            interval_s=float(interval_s),
+            poll_timeout_s=float(timeout_s) * 1.5,
+            clock=self._clock,
+            health=worker.health,
+            on_unhealthy=worker.abandon_in_flight,
+        )
+        self._checkers[worker.worker_id] = checker
+        await checker.start()
+
+    async def _stop_checks(self, worker_ids: Any) -> None:
+        checkers = [self._checkers.pop(w) for w in list(worker_ids) if w in self._checkers]
+        await asyncio.gather(*(c.stop() for c in checkers), return_exceptions=True)
 
     def _device_state(self, device: str) -> Any:
         monitor = self._monitor
@@ -317,6 +347,7 @@ class Orchestrator:
     async def stop(self) -> None:
         """Stop every worker (draining queued work) and the routers."""
         self._ready = False
+        await self._stop_checks(list(self._checkers))
         workers, self.workers = list(self.workers.values()), {}
         await asyncio.gather(*(w.stop(drain=True) for w in workers), return_exceptions=True)
         for model in self._models.values():

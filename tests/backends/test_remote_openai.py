@@ -391,6 +391,57 @@ def test_a_stalled_server_times_out_as_retryable() -> None:
     assert time.monotonic() - start < 3.0
 
 
+@pytest.mark.parametrize("sends_headers", [True, False])
+def test_a_stream_that_stalls_ends_after_first_byte_timeout_not_the_whole_timeout(
+    sends_headers: bool,
+) -> None:
+    release = asyncio.Event()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        if sends_headers:
+            response = await open_stream(request)
+            await response.write(sse(delta("one")))
+        await asyncio.wait_for(release.wait(), timeout=10.0)
+        return web.json_response(chat_body("late"))
+
+    async def run() -> list[str]:
+        seen: list[str] = []
+        async with serve({("POST", "/v1/chat/completions"): chat}) as url:
+            try:
+                async with await session_for(url, first_byte_timeout_s=0.3) as session:
+                    assert session.settings.timeout_s == 120.0
+                    async for chunk in session.stream_chat(HI, SHORT):
+                        seen.append(chunk.text)
+            finally:
+                release.set()
+        return seen
+
+    start = time.monotonic()
+    with pytest.raises(RemoteError, match=r"first_byte_timeout_s 0\.3") as info:
+        asyncio.run(run())
+    assert info.value.retryable
+    assert time.monotonic() - start < 3.0
+
+
+def test_timeouts_have_short_connect_and_first_byte_defaults() -> None:
+    settings = RemoteSettings.from_config(ModelConfig("dep", options={"base_url": "http://h"}))
+    assert (settings.connect_timeout_s, settings.first_byte_timeout_s, settings.timeout_s) == (
+        2.0,
+        10.0,
+        120.0,
+    )
+    assert (settings.health_timeout_s, settings.health_interval_s) == (1.0, 1.0)
+    off = RemoteSettings.from_config(
+        ModelConfig("dep", options={"base_url": "http://h", "health_interval_s": 0})
+    )
+    assert off.health_interval_s == 0.0
+    with pytest.raises(ConfigError) as info:
+        RemoteSettings.from_config(
+            ModelConfig("dep", options={"base_url": "http://h", "health_interval_s": -1})
+        )
+    assert info.value.field == "options.health_interval_s"
+
+
 def test_connection_refused_is_retryable_and_unhealthy() -> None:
     url = f"http://127.0.0.1:{closed_port()}"
 

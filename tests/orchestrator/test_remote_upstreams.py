@@ -42,3 +42,54 @@ def test_concurrent_streams_run_side_by_side_on_one_remote_worker() -> None:
     # one after another would take count * stream_s; side by side about stream_s
     assert count * stream_s / elapsed >= 6, f"{count} streams took {elapsed:.2f} s"
     assert worker["max_in_flight"] == 64
+
+
+async def _load(
+    orch: Orchestrator, seconds: float, clients: int, events: dict[float, object] | None = None
+) -> list[tuple[float, float, str | None]]:
+    """``clients`` closed loops of chat calls for ``seconds``; (start offset, latency, worker or None)."""
+    results: list[tuple[float, float, str | None]] = []
+    begin = time.monotonic()
+
+    async def client() -> None:
+        while (started := time.monotonic()) - begin < seconds:
+            try:
+                done = await orch.complete(chat_call())
+                worker = done.decision.worker
+            except Exception:
+                worker = None
+            results.append((started - begin, time.monotonic() - started, worker))
+
+    async def script() -> None:
+        for at, action in sorted((events or {}).items()):
+            await asyncio.sleep(max(0.0, at - (time.monotonic() - begin)))
+            action()  # type: ignore[operator]
+
+    await asyncio.gather(script(), *(client() for _ in range(clients)))
+    return results
+
+
+def _p99(latencies: list[float]) -> float:
+    ordered = sorted(latencies)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def test_a_hung_upstream_under_load_costs_seconds_not_the_timeout() -> None:
+    async def run() -> tuple[list[tuple[float, float, str | None]], dict[str, object]]:
+        with upstreams(3, "--delay-ms", "20") as ups:
+            async with Orchestrator(remote_config([u.url for u in ups]), inventory=INVENTORY) as orch:
+                results = await _load(orch, 7.0, clients=12, events={1.5: ups[0].stop})
+                status = {w["worker_id"]: w["health"] for w in orch.status()["workers"]}
+                ups[0].cont()
+                return results, status
+
+    results, health = asyncio.run(run())
+    assert all(worker is not None for _, _, worker in results), "a request failed"
+    latencies = [latency for _, latency, _ in results]
+    assert _p99(latencies) <= 5.0, f"p99 {_p99(latencies):.2f} s"
+    assert max(latencies) < 10.0  # first_byte / health checks, never the 120 s timeout
+    assert health["up0/0"] == "unhealthy"
+    # after the first seconds nothing more goes to the hung upstream
+    late = [worker for at, _, worker in results if at > 4.0]
+    assert late
+    assert "up0/0" not in late

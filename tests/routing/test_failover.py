@@ -35,7 +35,10 @@ class RecordingHealth(HealthTracker):
     """A health tracker that remembers the consecutive-failure count at each state change."""
 
     def __init__(self) -> None:
-        super().__init__(failure_threshold=FAILURE_THRESHOLD, cooldown_s=COOLDOWN_S)
+        # a fixed cooldown (no growth after failed probes), so the test knows when the probe is due
+        super().__init__(
+            failure_threshold=FAILURE_THRESHOLD, cooldown_s=COOLDOWN_S, max_cooldown_s=COOLDOWN_S
+        )
         self.transitions: list[tuple[HealthState, int]] = []
 
     def record_failure(self, reason: str = "") -> None:

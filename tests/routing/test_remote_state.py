@@ -131,18 +131,52 @@ def test_poll_reads_health_latency_and_server_load() -> None:
     assert p.polls == 1
 
 
-def test_failed_health_checks_count_against_health_but_passing_ones_do_not_heal() -> None:
+def test_a_failed_check_takes_the_worker_out_at_once_and_a_passing_one_brings_it_back() -> None:
     clock = FakeClock()
     remote = FakeRemote()
-    health = HealthTracker(failure_threshold=3, cooldown_s=5.0, clock=clock)
-    p = poller(remote, clock, health=health)
+    health = HealthTracker(clock=clock)
+    given_up: list[str] = []
+    p = poller(remote, clock, health=health, on_unhealthy=given_up.append)
     remote.up = False
-    for _ in range(3):
-        assert not run(p.poll_once).healthy
+    assert not run(p.poll_once).healthy
     assert health.state is HealthState.UNHEALTHY
+    clock.advance(60.0)
+    assert not health.available()  # held out while its checks fail: no client request probes it
+    assert len(given_up) == 1  # its stuck requests move elsewhere
+    assert "health check" in given_up[0]
     remote.up = True
     assert run(p.poll_once).healthy
-    assert health.state is HealthState.UNHEALTHY  # only a served probe brings it back
+    assert health.healthy  # what a check did, a check undoes
+
+
+def test_a_passing_check_makes_the_probe_of_a_worker_requests_took_out_due_now() -> None:
+    clock = FakeClock()
+    health = HealthTracker(failure_threshold=3, cooldown_s=5.0, clock=clock)
+    p = poller(FakeRemote(), clock, health=health)
+    for _ in range(3):
+        health.record_failure("500 from the server")
+    assert not health.available()
+    assert run(p.poll_once).healthy
+    assert health.state is HealthState.UNHEALTHY  # answering /health does not prove requests work...
+    assert health.available()  # ...so one request probes it now, not after the 5 s cooldown
+    assert health.state is HealthState.PROBING
+
+
+def test_checks_after_a_failure_come_sooner_then_back_off_to_the_interval() -> None:
+    clock = FakeClock()
+    remote = FakeRemote()
+    p = poller(remote, clock, interval_s=2.0)
+    assert run(p.poll_once).healthy
+    assert p.next_delay_s() == 2.0
+    remote.up = False
+    delays = []
+    for _ in range(5):
+        run(p.poll_once)
+        delays.append(p.next_delay_s())
+    assert delays == [0.25, 0.5, 1.0, 2.0, 2.0]
+    remote.up = True
+    run(p.poll_once)
+    assert p.next_delay_s() == 2.0
 
 
 def test_a_hanging_health_check_times_out_as_unhealthy() -> None:

@@ -118,6 +118,19 @@ def test_load_of_a_server_that_batches_itself_is_its_share_of_in_flight_slots() 
     assert {r.worker_id: r.terms["speed"] for r in batched}["local"] == pytest.approx(0.5)
 
 
+def test_a_request_stuck_in_flight_raises_the_expected_time_and_keeps_growing() -> None:
+    scorer = WorkerScorer()
+    hung = snap("hung", ema_latency_ms=50.0, in_flight=1, oldest_in_flight_s=2.0, taken_at_s=10.0)
+    fine = snap("fine", ema_latency_ms=50.0, in_flight=0, taken_at_s=10.0)
+    terms = {r.worker_id: r.terms["speed"] for r in scorer.score([hung, fine], now_s=10.0)}
+    assert terms["fine"] == 1.0
+    assert terms["hung"] == pytest.approx(50.0 / (2000.0 * (1 + 1 / 1)))  # at least 2 s now, not 50 ms
+    patient = WorkerScorer(staleness_half_life_s=1e9)  # no staleness blending: the age term alone
+    later = {r.worker_id: r.terms["speed"] for r in patient.score([hung, fine], now_s=10.0 + 2.0)}
+    assert later["hung"] < terms["hung"]  # the same snapshot, read later: the request is older still
+    assert choose([hung, fine]) == "fine"
+
+
 def test_a_fast_worker_with_a_queue_beats_an_idle_slow_one() -> None:
     fast = snap("fast", ema_latency_ms=10.0, queue_depth=16, max_batch_size=8)  # ~30 ms to serve
     slow = snap("slow", ema_latency_ms=100.0)  # ~100 ms

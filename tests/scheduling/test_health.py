@@ -26,19 +26,67 @@ def test_three_failures_then_cooldown_probe_then_recovery() -> None:
     assert health.consecutive_failures == 0
 
 
-def test_failed_probe_restarts_cooldown() -> None:
+def test_failed_probes_double_the_cooldown_up_to_its_cap_and_a_success_resets_it() -> None:
     clock = FakeClock()
-    health = HealthTracker(failure_threshold=1, cooldown_s=2, clock=clock)
+    health = HealthTracker(failure_threshold=1, clock=clock)  # defaults: 0.25 s doubling to 4 s
     health.record_failure("x")
-    clock.advance(2)
+    waits = []
+    for _ in range(6):
+        waited = 0.0
+        while not health.available():
+            clock.advance(0.125)
+            waited += 0.125
+        waits.append(waited)
+        health.record_failure("still down")
+    assert waits == [0.25, 0.5, 1.0, 2.0, 4.0, 4.0]
+    assert health.last_error == "still down"
+    clock.advance(4.0)
+    assert health.available()
+    health.record_success()
+    health.record_failure("down again")
+    assert not health.available()
+    clock.advance(0.25)
+    assert health.available()  # the schedule started over
+
+
+def test_a_long_first_cooldown_stays_fixed() -> None:
+    clock = FakeClock()
+    health = HealthTracker(failure_threshold=1, cooldown_s=10.0, clock=clock)
+    health.record_failure("x")
+    clock.advance(10.0)
     assert health.available()
     health.record_failure("still down")
-    assert not health.available()
-    clock.advance(1.9)
-    assert not health.available()
-    clock.advance(0.1)
+    clock.advance(10.0)
     assert health.available()
-    assert health.last_error == "still down"
+
+
+def test_a_failed_check_holds_the_worker_out_until_a_check_passes() -> None:
+    clock = FakeClock()
+    health = HealthTracker(clock=clock)
+    health.record_check(False, "no answer within 1 s")
+    assert health.state is HealthState.UNHEALTHY
+    assert health.last_error == "no answer within 1 s"
+    clock.advance(100.0)
+    assert not health.available()  # no request is spent probing a server that does not answer
+    health.record_check(True)
+    assert health.healthy
+    assert health.recovered_at_s == 100.0
+    health.record_check(True)  # passing checks on a healthy worker change nothing
+    assert health.healthy
+
+
+def test_a_passing_check_does_not_heal_what_requests_broke_but_makes_the_probe_due() -> None:
+    clock = FakeClock()
+    health = HealthTracker(failure_threshold=2, cooldown_s=5.0, clock=clock)
+    health.record_failure("500")
+    health.record_failure("500")
+    health.record_check(False, "down")  # then it stopped answering as well
+    health.record_check(True)
+    assert health.state is HealthState.UNHEALTHY
+    assert health.available()  # at once, not after 5 s
+    assert health.state is HealthState.PROBING
+    health.record_success()
+    assert health.healthy
 
 
 def test_bad_settings() -> None:
@@ -46,6 +94,8 @@ def test_bad_settings() -> None:
         HealthTracker(failure_threshold=0)
     with pytest.raises(ValueError, match="cooldown_s"):
         HealthTracker(cooldown_s=-1)
+    with pytest.raises(ValueError, match="probe_timeout_s"):
+        HealthTracker(probe_timeout_s=0)
 
 
 @settings(max_examples=80, deadline=None)
@@ -58,8 +108,8 @@ def test_never_locked_out_for_good(events: list[str]) -> None:
             clock.advance(1)
         elif health.available():
             (health.record_success if event == "ok" else health.record_failure)()
-    # whatever happened, after a cooldown a probe is admitted and one success restores health
-    clock.advance(1)
+    # whatever happened, after the longest cooldown a probe is admitted and one success restores health
+    clock.advance(health.max_cooldown_s)
     assert health.available()
     health.record_success()
     assert health.healthy

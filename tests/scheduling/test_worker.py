@@ -238,6 +238,31 @@ def test_max_in_flight_is_refused_by_sessions_the_worker_batches() -> None:
     assert info.value.field == "max_in_flight"
 
 
+@run_async
+async def test_a_hung_device_gives_up_its_silent_requests_but_not_streams_already_answering() -> None:
+    worker, session = await blocked_worker()  # "blocker" runs and hangs (the gate stays closed)
+    stream_session = SlowStream()
+    streamer = Worker(stream_session, worker_id="s")
+    await streamer.start()
+    snapshot = worker.snapshot()
+    assert snapshot.oldest_in_flight_s is not None  # how long the stuck batch has been running
+    assert snapshot.in_flight == 1
+    assert worker.abandon_in_flight("the health check of remote:a failed") == 1
+    with pytest.raises(SessionError, match="health check of remote:a failed; retry it elsewhere"):
+        await worker._blocker  # type: ignore[attr-defined]
+    assert worker.health.healthy  # the check recorded the fault; giving up is not another one
+    assert worker.metrics.in_flight == 0
+    assert worker.snapshot().oldest_in_flight_s is None
+
+    chunks = streamer.stream(completion("x", stream=True))
+    first = await chunks.__anext__()
+    assert first.text
+    assert streamer.abandon_in_flight("hung") == 0  # the client already holds part of the answer
+    await chunks.aclose()
+    session.gate.set()
+    await asyncio.gather(worker.stop(), streamer.stop())
+
+
 # -- errors and health ---------------------------------------------------------------------------------
 
 

@@ -74,8 +74,11 @@ REMOTE_OPTIONS: dict[str, str] = {
     "api_key": "bearer token sent as 'Authorization: Bearer ...'",
     "api_key_env": "name of an environment variable holding the bearer token, read at session creation",
     "timeout_s": "total seconds for one request, streams included (default 120)",
-    "connect_timeout_s": "seconds to open a TCP/TLS connection (default 10)",
-    "health_timeout_s": "total seconds for one health probe (default 5)",
+    "connect_timeout_s": "seconds to open a TCP/TLS connection (default 2)",
+    "first_byte_timeout_s": "seconds a stream may wait for the server's first byte, and then between "
+    "two of its reads (default 10)",
+    "health_timeout_s": "total seconds for one health check (default 1)",
+    "health_interval_s": "seconds between active health checks while they pass; 0 turns them off (default 1)",
     "max_connections": "pooled connections, and so concurrent requests, to the server (default 64)",
     "headers": "extra HTTP headers sent with every request (a mapping of strings)",
     "stream_usage": "ask for token counts on streams (stream_options.include_usage; default false: "
@@ -98,6 +101,16 @@ def _positive_number(options: Mapping[str, Any], name: str, default: float) -> f
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(
             f"options.{name} must be a positive number of seconds, got {value!r}", field=f"options.{name}"
+        )
+    return float(value)
+
+
+def _seconds_or_off(options: Mapping[str, Any], name: str, default: float) -> float:
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(
+            f"options.{name} must be a number of seconds >= 0 (0 turns it off), got {value!r}",
+            field=f"options.{name}",
         )
     return float(value)
 
@@ -148,8 +161,10 @@ class RemoteSettings:
     model: str
     api_key: str | None = None
     timeout_s: float = 120.0
-    connect_timeout_s: float = 10.0
-    health_timeout_s: float = 5.0
+    connect_timeout_s: float = 2.0
+    first_byte_timeout_s: float = 10.0
+    health_timeout_s: float = 1.0
+    health_interval_s: float = 1.0
     max_connections: int = 64
     headers: Mapping[str, str] = field(default_factory=dict)
     stream_usage: bool = False
@@ -180,8 +195,10 @@ class RemoteSettings:
             model=str(options.get("model") or config.model_id),
             api_key=_api_key(options),
             timeout_s=_positive_number(options, "timeout_s", 120.0),
-            connect_timeout_s=_positive_number(options, "connect_timeout_s", 10.0),
-            health_timeout_s=_positive_number(options, "health_timeout_s", 5.0),
+            connect_timeout_s=_positive_number(options, "connect_timeout_s", 2.0),
+            first_byte_timeout_s=_positive_number(options, "first_byte_timeout_s", 10.0),
+            health_timeout_s=_positive_number(options, "health_timeout_s", 1.0),
+            health_interval_s=_seconds_or_off(options, "health_interval_s", 1.0),
             max_connections=max_connections,
             headers=headers,
             stream_usage=config.bool_option("stream_usage", False),
@@ -226,6 +243,16 @@ class RemoteOpenAISession(Session):
         self._failures = 0
         self._consecutive_failures = 0
         self._last_error: str | None = None
+
+    @property
+    def health_interval_s(self) -> float:
+        """Seconds between active health checks (0: none); the orchestrator runs them."""
+        return self.settings.health_interval_s
+
+    @property
+    def health_timeout_s(self) -> float:
+        """The most one ``health()`` call takes."""
+        return self.settings.health_timeout_s
 
     @property
     def max_in_flight(self) -> int:
@@ -282,9 +309,11 @@ class RemoteOpenAISession(Session):
 
         where = f"{method} {self._url(path)}"
         if isinstance(exc, asyncio.TimeoutError):
+            settings = self.settings
             return RemoteError(
-                f"{where} timed out (timeout_s {self.settings.timeout_s:g}, connect_timeout_s "
-                f"{self.settings.connect_timeout_s:g}); the server is slow or unreachable",
+                f"{where} timed out (timeout_s {settings.timeout_s:g}, connect_timeout_s "
+                f"{settings.connect_timeout_s:g}, first_byte_timeout_s {settings.first_byte_timeout_s:g} "
+                "for streams); the server is slow, hung or unreachable",
                 retryable=True,
             )
         if isinstance(exc, aiohttp.ClientConnectorError):
@@ -386,12 +415,21 @@ class RemoteOpenAISession(Session):
 
     async def _stream(self, path: str, body: Mapping[str, Any]) -> AsyncIterator[StreamChunk]:
         """Yield each delta as its SSE event arrives; nothing is buffered beyond one partial line."""
+        import aiohttp
+
         http = self._client()
         start = self._clock.monotonic()
         finished = False
+        settings = self.settings
+        # a hung server holds a stream no longer than first_byte_timeout_s, not the whole timeout_s
+        timeout = aiohttp.ClientTimeout(
+            total=settings.timeout_s,
+            sock_connect=settings.connect_timeout_s,
+            sock_read=settings.first_byte_timeout_s,
+        )
         try:
             async with http.post(
-                self._url(path), json=body, headers={"Accept": "text/event-stream"}
+                self._url(path), json=body, headers={"Accept": "text/event-stream"}, timeout=timeout
             ) as response:
                 if response.status >= 400:
                     raise self._status_error(

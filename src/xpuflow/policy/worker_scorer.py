@@ -16,7 +16,8 @@ and time and randomness are injected::
 2. Score. Four terms in [0, 1] (1 is best), combined by normalised weights, plus an affinity bonus::
 
        load_i   = (queue_depth_i + in_flight_i) / capacity_i             batches ahead of this request
-       speed_i  = min_j E_j / E_i,  E_i = ema_latency_i * (1 + load_i)   expected time to serve, vs the best
+       E_i      = max(ema_latency_i, stuck_i) * (1 + load_i)             expected time to serve it here
+       speed_i  = min_j E_j / E_i                                        relative to the best
        memory_i = free_memory_i / max_j free_memory_j                   headroom for batches and KV cache
        util_i   = 1 - utilization_pct_i / 100
        temp_i   = 1 below throttle_start_c, 0 at throttle_limit_c, linear between
@@ -25,9 +26,12 @@ and time and randomness are injected::
    ``capacity_i`` is ``max_in_flight`` for a worker whose backend batches by itself (a remote server, a
    continuous session: load is the share of its in-flight slots in use), else ``max_batch_size``.
    ``ema_latency_ms`` is read as the time one batch takes to serve (queue wait excluded: the queue is
-   counted by ``load``). A worker with no latency reading yet is assumed as fast as the median of those
-   with one; any other unknown reading scores ``NEUTRAL`` (0.5): worse than a known-good worker,
-   better than a known-bad one.
+   counted by ``load``). ``stuck_i`` is the age of the worker's oldest request in flight
+   (``oldest_in_flight_s``, aged to ``now_s``): a request running for 3 s says the worker now takes at
+   least 3 s, whatever its EMA remembers, so a worker that hangs loses its traffic within a fraction of
+   a second, long before a timeout or a health check. A worker with no latency reading yet is assumed
+   as fast as the median of those with one; any other unknown reading scores ``NEUTRAL`` (0.5): worse
+   than a known-good worker, better than a known-bad one.
    Staleness: a snapshot of age ``a = now_s - taken_at_s`` weighs ``f = 2 ** (-a / staleness_half_life_s)``
    and every term is blended ``f * term + (1 - f) * NEUTRAL``, so state that has not been refreshed
    (a remote worker whose poll stalled) ages out toward "nothing known" instead of steering traffic.
@@ -261,7 +265,7 @@ class WorkerScorer:
             s.ema_latency_ms for s in candidates if s.ema_latency_ms is not None and s.ema_latency_ms > 0
         ]
         prior_ema = _median(known_ema) if known_ema else 1.0
-        expected = [_ema(s, prior_ema) * (1.0 + _load(s)) for s in candidates]
+        expected = [max(_ema(s, prior_ema), _stuck_ms(s, now_s)) * (1.0 + _load(s)) for s in candidates]
         best_expected = min(expected)
         known_free = [s.free_memory_bytes for s in candidates if s.free_memory_bytes is not None]
         max_free = max(known_free) if known_free else 0
@@ -393,6 +397,15 @@ def _load(snapshot: WorkerSnapshot) -> float:
 def _ema(snapshot: WorkerSnapshot, prior_ms: float) -> float:
     ema = snapshot.ema_latency_ms
     return ema if ema is not None and ema > 0 else prior_ms
+
+
+def _stuck_ms(snapshot: WorkerSnapshot, now_s: float | None) -> float:
+    """How long its oldest request in flight has been running, in ms, at ``now_s`` (0: none)."""
+    age_s = snapshot.oldest_in_flight_s
+    if age_s is None:
+        return 0.0
+    later_s = 0.0 if now_s is None else max(0.0, now_s - snapshot.taken_at_s)
+    return (age_s + later_s) * 1000.0
 
 
 def _memory_term(free: int | None, max_free: int) -> float:

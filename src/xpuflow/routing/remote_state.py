@@ -15,10 +15,16 @@ requests waiting and running, KV-cache use, for vLLM, SGLang, TGI and llama.cpp'
 
 Every snapshot carries ``taken_at_s`` (the injected clock's time of the reading it reports), so when
 polls stall the scorer's staleness decay pulls the remote's load toward "unknown" instead of trusting
-an old "idle". A failed health check counts as a failure in ``health`` (a ``HealthTracker``), so a
-dead server is taken out of rotation before a client request hits it; a passing one does not count
-as a success, because a server can answer ``/health`` while failing every request, and only a served
-request (the half-open probe) proves it is back.
+an old "idle". Each poll is an active health check reported to ``health`` (a ``HealthTracker``) with
+``record_check``: a failed one takes the worker out of rotation at once, before client requests hit
+it, and calls ``on_unhealthy`` (the orchestrator passes ``Worker.abandon_in_flight``, so requests
+stuck on a hung server move to another worker instead of waiting out their timeout); a passing one
+undoes what checks did, and makes the half-open probe of a worker that requests took out due now
+(a server can answer ``/health`` while failing every request: only a served request closes that).
+
+The schedule: every ``interval_s`` while checks pass; after a failure sooner, ``recheck_s``, then
+doubling up to ``interval_s`` (0.25 s, 0.5 s, 1 s, ... by default), so a server that comes back is
+seen within about a second and one that stays down costs one check a second.
 """
 
 from __future__ import annotations
@@ -189,16 +195,23 @@ class RemoteStatePoller:
         clock: Clock | None = None,
         load_probe: Callable[[], Awaitable[ServerLoad | None]] | None = None,
         health: HealthTracker | None = None,
+        on_unhealthy: Callable[[str], object] | None = None,
+        recheck_s: float = 0.25,
     ) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        if not recheck_s > 0:
+            raise ValueError(f"recheck_s must be > 0, got {recheck_s}")
         if not poll_timeout_s > 0:
             raise ValueError(f"poll_timeout_s must be > 0, got {poll_timeout_s}")
         self.source = source
         self.interval_s = interval_s
         self.poll_timeout_s = poll_timeout_s
         self.health = health
+        self.on_unhealthy = on_unhealthy
+        self.recheck_s = recheck_s
         self.polls = 0
+        self.failed_in_a_row = 0
         self._clock = clock or SystemClock()
         self._load_probe = load_probe
         self._task: asyncio.Task[None] | None = None
@@ -237,8 +250,18 @@ class RemoteStatePoller:
         metrics: RemoteMetrics | None = None
         with contextlib.suppress(Exception):
             metrics = self.source.metrics()
-        if not healthy and self.health is not None:
-            self.health.record_failure(f"health check of {self._snapshot.device} failed")
+        self.failed_in_a_row = 0 if healthy else self.failed_in_a_row + 1
+        reason = (
+            f"the health check of {self._snapshot.device} failed (no answer within "
+            f"{self.poll_timeout_s:g} s, or an error status)"
+        )
+        if self.health is not None:
+            self.health.record_check(healthy, "" if healthy else reason)
+        if not healthy and self.on_unhealthy is not None:
+            try:
+                self.on_unhealthy(reason)
+            except Exception:  # a failing callback must not stop the checks
+                log.exception("on_unhealthy of %s failed", self._snapshot.worker_id)
         ema_s = metrics.latency_ema_s if metrics is not None else None
         load = self._load
         # With a load probe the snapshot is as old as its load reading, so a probe that keeps
@@ -258,10 +281,17 @@ class RemoteStatePoller:
         self.polls += 1
         return self._snapshot
 
+    def next_delay_s(self) -> float:
+        """Seconds until the next poll: ``interval_s`` after a pass, after failures ``recheck_s``
+        doubling up to ``interval_s``."""
+        if self.failed_in_a_row == 0:
+            return self.interval_s
+        return float(min(self.interval_s, self.recheck_s * 2.0 ** min(self.failed_in_a_row - 1, 30)))
+
     async def _loop(self) -> None:
         while True:
             await self.poll_once()
-            await self._clock.sleep(self.interval_s)
+            await self._clock.sleep(self.next_delay_s())
 
     async def start(self) -> None:
         """Poll now and then every ``interval_s`` in a background task; idempotent."""

@@ -59,6 +59,12 @@ log = logging.getLogger(__name__)
 _worker_ids = itertools.count()
 
 
+def _current() -> asyncio.Task[None]:
+    task = asyncio.current_task()
+    assert task is not None  # batch runners always run in their own task
+    return task
+
+
 class WorkerStopped(AdmissionRejected):
     """The worker is not running (not started, stopping or stopped); send the request elsewhere."""
 
@@ -146,6 +152,9 @@ class Worker:
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
+        self._started_at: dict[asyncio.Task[None], float] = {}  # running batch -> when it started
+        self._answering: set[asyncio.Task[None]] = set()  # streams that have sent a chunk
+        self._abandoned: dict[asyncio.Task[None], str] = {}  # batch -> why the worker gave it up
         self._accepting = False
         self._closing = False
         self._drained = False
@@ -460,7 +469,36 @@ class Worker:
         runner = self._run_stream(tickets[0]) if tickets[0].chunks is not None else self._run_batch(tickets)
         task = asyncio.create_task(runner, name=f"worker-{self.worker_id}-batch")
         self._batches.add(task)
-        task.add_done_callback(self._batches.discard)
+        self._started_at[task] = now
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        self._started_at.pop(task, None)
+        self._answering.discard(task)
+        self._abandoned.pop(task, None)
+
+    def abandon_in_flight(self, reason: str) -> int:
+        """Give up the requests running here that have sent nothing back yet (non-streamed ones, streams
+        before their first chunk): each fails with a ``SessionError`` naming ``reason``, which the
+        router retries on another worker. For a device that stopped answering (a hung server, found by
+        a failed health check), so its requests do not wait out their whole timeout. Streams that have
+        sent chunks keep running: the client holds part of an answer. Returns how many were given up."""
+        given_up = 0
+        for task in list(self._batches):
+            if task.done() or task in self._answering or task in self._abandoned:
+                continue
+            self._abandoned[task] = reason
+            task.cancel()
+            given_up += 1
+        if given_up:
+            log.warning("worker %s: gave up %d request(s) in flight: %s", self.worker_id, given_up, reason)
+        return given_up
+
+    def _abandon_error(self, why: str) -> SessionError:
+        return SessionError(
+            f"worker '{self.worker_id}' gave up this request while it ran: {why}; retry it elsewhere"
+        )
 
     def _finish_batch(self, tickets: Sequence[Ticket], started: float, ok: bool) -> None:
         now = self._clock.monotonic()
@@ -504,6 +542,10 @@ class Worker:
             self.health.record_success()
             ok = True
         except asyncio.CancelledError:
+            why = self._abandoned.get(_current())
+            if why is not None:  # given up by abandon_in_flight: the worker's own cancel, not its caller's
+                self._fail(tickets, self._abandon_error(why), device_fault=False)
+                return
             self._fail(
                 tickets,
                 WorkerStopped(
@@ -575,6 +617,7 @@ class Worker:
                         if ticket.done or request.cancelled.is_set():
                             break  # the consumer went away: stop the generation
                         chunks.put_nowait(chunk)
+                        self._answering.add(_current())
                         tokens += 1 if chunk.text else 0
                 finally:
                     if aclose is not None:
@@ -588,6 +631,10 @@ class Worker:
             self.health.record_success()
             ok = True
         except asyncio.CancelledError:
+            why = self._abandoned.get(_current())
+            if why is not None:
+                self._fail([ticket], self._abandon_error(why), device_fault=False)
+                return
             ticket.fail(
                 WorkerStopped(
                     f"worker '{self.worker_id}' stopped during this stream; retry it elsewhere",
@@ -620,6 +667,8 @@ class Worker:
         if utilization is None:
             utilization = self.metrics.utilization() * 100.0
         max_seq_len = getattr(self.session, "max_seq_len", None)
+        now = self._clock.monotonic()
+        oldest = min(self._started_at.values(), default=None)
         return WorkerSnapshot(
             worker_id=self.worker_id,
             deployment=self.deployment,
@@ -635,8 +684,9 @@ class Worker:
             utilization_pct=float(utilization),
             temperature_c=state.get("temperature_c"),
             max_seq_len=max_seq_len if isinstance(max_seq_len, int) else None,
-            taken_at_s=self._clock.monotonic(),
+            taken_at_s=now,
             tags=self.tags,
+            oldest_in_flight_s=None if oldest is None else max(0.0, now - oldest),
         )
 
     def to_dict(self) -> dict[str, Any]:
