@@ -4,9 +4,9 @@ One mock OpenAI server (``mock_upstream.py``: raw asyncio, answers every request
 paths, in one run:
 
 - direct: client -> upstream;
-- xpuflow: client -> xpuflow gateway (its own process: uvicorn with uvloop and httptools, one worker,
-  access log off; the engine is ``RemoteEngine``, which forwards through the ``remote_openai`` backend)
-  -> upstream;
+- xpuflow: client -> ``xpuflow serve CONFIG`` (its own process, as users run it: one ``remote_openai``
+  deployment of the upstream behind its worker queue and the logical-model router; ``max_batch_size``
+  64, the greedy batch policy, 64 pooled connections) -> upstream;
 - LiteLLM: client -> ``litellm --config ... --num_workers 1`` (its own process; installed by this
   script into its own virtual environment under the cache folder on first use; one model, one upstream,
   retries off, logging at error level) -> upstream.
@@ -26,6 +26,7 @@ process spent per request in those runs is recorded too (a figure that backgroun
 Idle RSS: the gateway's process tree (psutil) once it answers its health check, before any request.
 
     python benchmarks/gateway_overhead.py [--requests 500] [--duration 10] [--rounds 2] [--skip-litellm]
+                                          [--at-commit HEAD]
 
 Writes benchmarks/results/gateway_overhead.json: ``direct_p50_ms``, ``xpuflow_added_p50_ms``,
 ``xpuflow_added_p99_ms``, ``litellm_added_p50_ms``, ``litellm_added_p99_ms``, ``xpuflow_rps``,
@@ -43,8 +44,6 @@ import math
 import os
 import platform
 import secrets
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,18 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    cpu_s,
+    export_source,
+    free_port,
+    remote_deployment,
+    rss_mb,
+    start_process,
+    start_xpuflow,
+    stop_process,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "gateway_overhead.json"
@@ -163,128 +174,18 @@ def _client_main(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-# -- the xpuflow gateway (runs in its own process) ---------------------------------------------------
-
-
-def _serve_xpuflow(port: int, upstream: str, api_key: str, engine_kind: str) -> None:
-    """The gateway as users run it. ``orchestrator``: ``xpuflow serve``'s whole path (a remote_openai
-    deployment behind a worker queue, the dispatcher and the logical-model router); ``remote``: the
-    pure-gateway ``RemoteEngine`` (no queue, no worker)."""
-    import contextlib
-
-    import uvicorn
-
-    from xpuflow.serving.app import create_app
-    from xpuflow.serving.settings import GatewaySettings
-
-    settings = GatewaySettings(api_keys={api_key: "bench"})
-    if engine_kind == "remote":
-        from xpuflow.serving.remote_engine import RemoteEngine
-
-        engine: Any = RemoteEngine.from_urls({"chat": (upstream, "mock")}, options={"max_connections": 64})
-        lifespan = engine.lifespan
-    else:
-        from xpuflow.config import parse_config
-        from xpuflow.orchestrator import Orchestrator
-
-        config = parse_config(
-            {
-                "deployments": [
-                    {
-                        "name": "chat",
-                        "backend": "remote_openai",
-                        "task": "chat",
-                        "max_batch_size": 64,
-                        "batching": {"policy": "greedy", "queue_capacity": 1024},
-                        "options": {"base_url": upstream, "model": "mock", "max_connections": 64},
-                    }
-                ]
-            }
-        )
-        engine = Orchestrator(config)
-
-        @contextlib.asynccontextmanager
-        async def lifespan(app: Any) -> Any:
-            await engine.start()
-            try:
-                yield
-            finally:
-                await engine.stop()
-
-    app = create_app(engine, settings, lifespan=lifespan)
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-    )
-
-
 # -- processes --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return bool(response.status == 200)
-    except Exception:
-        return False
-
-
-def _start(
-    argv: list[str], ready_url: str, timeout_s: float, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in its own session (so it can be stopped with its children) and wait, bounded,
-    until ``ready_url`` answers 200."""
-    log = tempfile.NamedTemporaryFile(prefix="gateway-bench-", suffix=".log", delete=False)  # noqa: SIM115
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = Path(log.name).read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{Path(argv[0]).name} exited with {proc.returncode}: {tail}")
-        if _http_ok(ready_url):
-            return proc
-        time.sleep(0.25)
-    _stop(proc)
-    raise RuntimeError(f"{' '.join(argv[:3])} did not answer {ready_url} within {timeout_s:g} s")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)  # the session of the process this script started, only that
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=15)
-
-
-def _tree(pid: int) -> list[Any]:
-    import psutil
-
-    root = psutil.Process(pid)
-    return [root, *root.children(recursive=True)]
-
-
-def _rss_mb(pid: int) -> float:
-    return sum(p.memory_info().rss for p in _tree(pid)) / (1 << 20)
-
-
-def _cpu_s(pid: int) -> float:
-    return sum(sum(p.cpu_times()[:2]) for p in _tree(pid))
+def _xpuflow_config(upstream: str, api_key: str) -> dict[str, Any]:
+    deployment = remote_deployment(
+        "chat",
+        upstream,
+        max_batch_size=64,
+        batching={"policy": "greedy", "queue_capacity": 1024},
+        options={"max_connections": 64},
+    )
+    return {"deployments": [deployment], "api_keys": [{"name": "bench", "key": api_key}]}
 
 
 def _client(args: argparse.Namespace, mode: str, *urls: str) -> dict[str, Any]:
@@ -298,9 +199,9 @@ def _client(args: argparse.Namespace, mode: str, *urls: str) -> dict[str, Any]:
     return dict(json.loads(out.stdout))
 
 
-def _litellm_venv(args: argparse.Namespace) -> tuple[Path, str]:
-    """The LiteLLM proxy binary (installed on first use) and its version."""
-    venv = Path(args.litellm_venv).expanduser()
+def litellm_venv(venv: Path) -> tuple[Path, str]:
+    """The LiteLLM proxy binary in ``venv`` (installed there on first use) and its version; also used
+    by ``reliability.py``."""
     binary, python = venv / "bin" / "litellm", venv / "bin" / "python"
     if not binary.exists():
         print(f"installing {LITELLM_SPEC} into {venv} (first run only) ...", flush=True)
@@ -324,8 +225,8 @@ def _litellm_venv(args: argparse.Namespace) -> tuple[Path, str]:
 def _start_litellm(
     upstream: str, args: argparse.Namespace
 ) -> tuple[subprocess.Popen[bytes], int, dict[str, Any]]:
-    binary, version = _litellm_venv(args)
-    port = _free_port()
+    binary, version = litellm_venv(Path(args.litellm_venv).expanduser())
+    port = free_port()
     config = Path(tempfile.mkdtemp(prefix="litellm-bench-")) / "config.yaml"
     config.write_text(LITELLM_CONFIG.format(upstream=upstream, master_key=args.api_key))
     env = {
@@ -345,7 +246,7 @@ def _start_litellm(
         "--num_workers",
         "1",
     ]
-    proc = _start(argv, f"http://127.0.0.1:{port}/health/liveliness", timeout_s=240, env=env)
+    proc = start_process(argv, f"http://127.0.0.1:{port}/health/liveliness", timeout_s=240, env=env)
     info = {
         "version": version,
         "config": LITELLM_CONFIG.replace("{master_key}", "<the run's key>"),
@@ -376,23 +277,17 @@ def main() -> None:
     parser.add_argument("--skip-litellm", action="store_true")
     cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
     parser.add_argument("--litellm-venv", default=str(cache / "xpuflow-bench" / "litellm-venv"))
+    parser.add_argument(
+        "--at-commit",
+        metavar="REV",
+        help="run the gateway from `git archive REV src` instead of the working tree",
+    )
     parser.add_argument("--client", choices=["latency", "rps"], help=argparse.SUPPRESS)
     parser.add_argument("--url", action="append", default=[], help=argparse.SUPPRESS)
-    parser.add_argument("--serve-xpuflow", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--xpuflow-engine",
-        choices=("orchestrator", "remote"),
-        default="orchestrator",
-        help="orchestrator: the full `xpuflow serve` path (worker queue, dispatcher); remote: pure gateway",
-    )
-    parser.add_argument("--upstream", help=argparse.SUPPRESS)
     parser.add_argument("--api-key", default="sk-bench-" + secrets.token_hex(24), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         _client_main(args)
-        return
-    if args.serve_xpuflow:
-        _serve_xpuflow(args.serve_xpuflow, args.upstream, args.api_key, args.xpuflow_engine)
         return
 
     load_before = os.getloadavg()
@@ -401,21 +296,22 @@ def main() -> None:
     runs: dict[str, dict[str, Any]] = {}
     litellm: dict[str, Any] = {}
     try:
-        port = _free_port()
+        port = free_port()
         upstream = f"http://127.0.0.1:{port}"
-        procs["mock"] = _start(
+        procs["mock"] = start_process(
             [sys.executable, str(HERE / "mock_upstream.py"), "--port", str(port)], f"{upstream}/v1/models", 30
         )
         urls["direct"] = f"{upstream}/v1/chat/completions"
         runs["direct"] = {}
 
-        port = _free_port()
-        argv = [sys.executable, __file__, "--serve-xpuflow", str(port), "--upstream", upstream]
-        argv += ["--xpuflow-engine", args.xpuflow_engine]
-        procs["xpuflow"] = _start([*argv, "--api-key", args.api_key], f"http://127.0.0.1:{port}/health", 60)
+        src, args.product = None, "the working tree"
+        if args.at_commit:
+            src, commit = export_source(args.at_commit)
+            args.product = f"commit {commit}"
+        procs["xpuflow"], gateway = start_xpuflow(_xpuflow_config(upstream, args.api_key), src=src)
         time.sleep(1.0)
-        runs["xpuflow"] = {"idle_rss_mb": _rss_mb(procs["xpuflow"].pid)}
-        urls["xpuflow"] = f"http://127.0.0.1:{port}/v1/chat/completions"
+        runs["xpuflow"] = {"idle_rss_mb": rss_mb(procs["xpuflow"].pid)}
+        urls["xpuflow"] = f"{gateway}/v1/chat/completions"
 
         if args.skip_litellm:
             litellm = {"error": "skipped (--skip-litellm)"}
@@ -424,7 +320,7 @@ def main() -> None:
             try:
                 procs["litellm"], port, litellm = _start_litellm(upstream, args)
                 time.sleep(1.0)
-                runs["litellm"] = {"idle_rss_mb": _rss_mb(procs["litellm"].pid)}
+                runs["litellm"] = {"idle_rss_mb": rss_mb(procs["litellm"].pid)}
                 urls["litellm"] = f"http://127.0.0.1:{port}/v1/chat/completions"
             except Exception as exc:  # report xpuflow's figures even when LiteLLM cannot run here
                 litellm = {"error": f"{type(exc).__name__}: {exc}"[:3000]}
@@ -448,12 +344,12 @@ def main() -> None:
                     flush=True,
                 )
                 pid = procs["mock" if name == "direct" else name].pid
-                others = {n: _cpu_s(p.pid) for n, p in procs.items() if n not in ("mock", name)}
-                cpu = _cpu_s(pid)
+                others = {n: cpu_s(p.pid) for n, p in procs.items() if n not in ("mock", name)}
+                cpu = cpu_s(pid)
                 result = _client(args, "rps", url)
                 sent = result["ok"] + result["errors"] + result["warmup"]
-                result["gateway_cpu_ms_per_request"] = (_cpu_s(pid) - cpu) * 1000.0 / max(1, sent)
-                result["idle_cpu_s_of_the_others"] = {n: _cpu_s(procs[n].pid) - c for n, c in others.items()}
+                result["gateway_cpu_ms_per_request"] = (cpu_s(pid) - cpu) * 1000.0 / max(1, sent)
+                result["idle_cpu_s_of_the_others"] = {n: cpu_s(procs[n].pid) - c for n, c in others.items()}
                 runs[name].setdefault("rps_rounds", []).append(result)
         for run in runs.values():
             run["rps"] = statistics.fmean(r["rps"] for r in run["rps_rounds"])
@@ -461,12 +357,12 @@ def main() -> None:
                 r["gateway_cpu_ms_per_request"] for r in run["rps_rounds"]
             )
         if "xpuflow" in procs:
-            runs["xpuflow"]["rss_after_load_mb"] = _rss_mb(procs["xpuflow"].pid)
+            runs["xpuflow"]["rss_after_load_mb"] = rss_mb(procs["xpuflow"].pid)
         if "litellm" in procs:
-            runs["litellm"]["rss_after_load_mb"] = _rss_mb(procs["litellm"].pid)
+            runs["litellm"]["rss_after_load_mb"] = rss_mb(procs["litellm"].pid)
     finally:
         for proc in procs.values():
-            _stop(proc)
+            stop_process(proc)
     _report(runs, litellm, args, (load_before, os.getloadavg()))
 
 
@@ -504,13 +400,10 @@ def _report(
         "rps_rounds": args.rounds,
         "request_body": json.loads(BODY),
         "xpuflow": {
-            "server": f"uvicorn {uvicorn.__version__}: uvloop, httptools, 1 worker, access log off",
-            "engine": (
-                "Orchestrator (xpuflow serve's path: worker queue + dispatcher) -> remote_openai backend"
-                if args.xpuflow_engine == "orchestrator"
-                else "RemoteEngine (pure gateway) -> remote_openai backend"
-            )
-            + " (aiohttp, max_connections 64)",
+            "server": f"xpuflow serve CONFIG (uvicorn {uvicorn.__version__}, as the CLI sets it up)",
+            "config": _xpuflow_config("http://127.0.0.1:PORT", "<the run's key>"),
+            "engine": "Orchestrator (worker queue, dispatcher, router) -> remote_openai backend (aiohttp)",
+            "product": args.product,
             "auth": "one bearer API key",
         },
         "litellm": litellm,
