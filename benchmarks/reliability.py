@@ -41,8 +41,8 @@ Scenarios (``--only`` picks some; targets in brackets):
   ``gateway_overhead.py``'s cached venv): ``storm_failed_vs_litellm`` (xpuflow's failed requests over
   LiteLLM's) [<= 1.0] and ``storm_first_success_s`` (from healing to xpuflow's first success) [<= 1].
 - ``fuzz``: schemathesis against the OpenAPI document the gateway serves at ``/openapi.json``, through
-  ``xpuflow.serving.openapi``: ``fuzz_cases`` [>= 5000], ``fuzz_5xx`` [= 0]. Skipped, saying so, when
-  the helper is not in the installed product.
+  the product's helper ``xpuflow.serving.fuzz.run_fuzz`` (seed 0; the inference key): ``fuzz_cases``
+  [>= 5000], ``fuzz_5xx`` [= 0]. Skipped, saying so, when the product has no such helper.
 
     .venv/bin/python benchmarks/reliability.py [--only failover,storm] [--skip-litellm]
 
@@ -296,6 +296,7 @@ class Client:
         self.timeout_s = timeout_s
         self.limit = limit
         self.http: Any = None
+        self.lateness_ms: list[float] = []  # how late open_loop sent each request (a busy client)
 
     async def __aenter__(self) -> Client:
         import aiohttp
@@ -334,6 +335,9 @@ class Client:
             status, error = 0, f"{type(exc).__name__}: {exc}"[:300]
         return Sample(start, now(), status, worker, stream, error)
 
+    def lateness_p99_ms(self) -> float | None:
+        return _round(percentile(self.lateness_ms, 0.99), 2)
+
     async def open_loop(
         self, rate: float, duration_s: float, *, stream_every: int = 0, begin: float | None = None
     ) -> list[Sample]:
@@ -345,6 +349,7 @@ class Client:
             delay = begin + i / rate - now()
             if delay > 0:
                 await asyncio.sleep(delay)
+            self.lateness_ms.append(max(0.0, (now() - begin - i / rate) * 1000.0))
             stream = bool(stream_every) and i % stream_every == 0
             tasks.append(asyncio.create_task(self.request(stream)))
         return list(await asyncio.gather(*tasks))
@@ -420,8 +425,10 @@ class Bench:
             if thing in self.open:
                 self.open.remove(thing)
             tail = thing.close()
-            if isinstance(thing, Gateway) and tail and tail.strip():
-                self.logs[scenario] = tail
+            if isinstance(thing, Gateway) and tail:
+                tail = tail.split("Stop: Ctrl+C", 1)[-1].strip()  # what it said after its banner
+                if tail:
+                    self.logs[scenario] = tail
 
     def close_all(self) -> None:
         while self.open:
@@ -534,6 +541,7 @@ async def failover(bench: Bench) -> dict[str, Any]:
         },
         "details": {
             "rate_per_s": rate,
+            "send_lateness_p99_ms": client.lateness_p99_ms(),
             "window_s": window_s,
             "kill_at_s": kill_at_s,
             "baseline_p50_ms": _round(percentile(latencies_ms(baseline), 0.5), 2),
@@ -603,6 +611,7 @@ async def hung(bench: Bench) -> dict[str, Any]:
         },
         "details": {
             "rate_per_s": rate,
+            "send_lateness_p99_ms": client.lateness_p99_ms(),
             "stopped_for_s": stopped_s,
             "during_stop_p50_s": _round(percentile([s.latency_s for s in during], 0.5), 3),
             "during_stop_max_s": _round(max((s.latency_s for s in during), default=None), 3),
@@ -639,6 +648,7 @@ async def least_used(bench: Bench) -> dict[str, Any]:
         "figures": {"least_used_share": round(min(by_header.values()) / len(samples), 4)},
         "details": {
             "rate_per_s": rate,
+            "send_lateness_p99_ms": client.lateness_p99_ms(),
             "requests": len(samples),
             "by_worker_header": by_header,
             "counted_at_the_upstreams": served,
@@ -696,6 +706,7 @@ async def overload(bench: Bench) -> dict[str, Any]:
         "details": {
             "capacity_req_per_s": capacity,
             "rate_per_s": rate,
+            "send_lateness_p99_ms": client.lateness_p99_ms(),
             "upstream_delay_s": delay_s,
             "max_batch_size_and_max_in_flight": batch,
             "queue_capacity": queue,
@@ -793,6 +804,7 @@ async def restart(bench: Bench) -> dict[str, Any]:
         "figures": {"restart_recovery_s": _round(None if first is None else first - back_t, 3)},
         "details": {
             "rate_per_s": rate,
+            "send_lateness_p99_ms": client.lateness_p99_ms(),
             "outage_s": outage_s,
             "restart_took_s": round(back_t - (kill_t + outage_s), 3),
             "failures": failures(samples),
@@ -842,6 +854,7 @@ async def _storm_run(base_url: str, ups: list[Upstream], api_key: str) -> dict[s
         "samples": columns(samples, begin),
         "storm_s": [fail_at_s, fail_at_s + fail_s],
         "rate_per_s": rate,
+        "send_lateness_p99_ms": client.lateness_p99_ms(),
     }
 
 
@@ -940,12 +953,29 @@ def _start_litellm(bench: Bench, ups: list[Upstream]) -> tuple[subprocess.Popen[
     return proc, f"http://127.0.0.1:{port}", info
 
 
-async def fuzz(bench: Bench) -> dict[str, Any]:
-    if importlib.util.find_spec("xpuflow.serving.openapi") is None:
-        note = "not available: xpuflow.serving.openapi (the fuzz helper) is not in the installed product yet"
-        return {"figures": {"fuzz_cases": None, "fuzz_5xx": None}, "skipped": note}
-    from xpuflow.serving import openapi  # type: ignore[attr-defined]
+def _fuzz_runner() -> Callable[..., dict[str, Any]] | None:
+    """The product's fuzz helper, ``run_fuzz(base_url, max_cases, api_key, *, seed)``: in
+    ``xpuflow.serving.fuzz`` or ``xpuflow.serving.openapi``; None while neither has it."""
+    for name in ("xpuflow.serving.fuzz", "xpuflow.serving.openapi"):
+        try:
+            if importlib.util.find_spec(name) is None:
+                continue
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        runner = getattr(module, "run_fuzz", None)
+        if runner is not None:
+            return runner  # type: ignore[no-any-return]
+    return None
 
+
+async def fuzz(bench: Bench) -> dict[str, Any]:
+    runner = _fuzz_runner()
+    if runner is None:
+        return {
+            "figures": {"fuzz_cases": None, "fuzz_5xx": None},
+            "skipped": "not available: the product has no run_fuzz helper (xpuflow.serving.fuzz) yet",
+        }
     (up,) = bench.upstreams(1)
     gateway = bench.gateway(chat_config([up], bench.api_key))
     try:
@@ -954,24 +984,14 @@ async def fuzz(bench: Bench) -> dict[str, Any]:
                 "figures": {"fuzz_cases": None, "fuzz_5xx": None},
                 "skipped": "not available: the gateway does not serve /openapi.json",
             }
-        runner = getattr(openapi, "fuzz", None) or getattr(openapi, "run_fuzz", None)
-        if runner is None:
-            names = [n for n in dir(openapi) if not n.startswith("_")]
-            return {
-                "figures": {"fuzz_cases": None, "fuzz_5xx": None},
-                "skipped": f"not available: no fuzz runner in xpuflow.serving.openapi ({', '.join(names)})",
-            }
         started = time.perf_counter()
-        report = await asyncio.to_thread(
-            runner, gateway.url, api_key=bench.api_key, max_cases=bench.args.fuzz_cases
-        )
+        report = await asyncio.to_thread(runner, gateway.url, bench.args.fuzz_cases, bench.api_key, seed=0)
         elapsed = time.perf_counter() - started
     finally:
         bench.release("fuzz", gateway, up)
-    data = report if isinstance(report, dict) else vars(report)
     return {
-        "figures": {"fuzz_cases": data.get("cases"), "fuzz_5xx": data.get("server_errors")},
-        "details": {"report": data, "elapsed_s": round(elapsed, 2)},
+        "figures": {"fuzz_cases": report.get("cases"), "fuzz_5xx": report.get("server_errors")},
+        "details": {"report": report, "elapsed_s": round(elapsed, 2), "seed": 0},
     }
 
 
