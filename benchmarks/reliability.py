@@ -33,7 +33,8 @@ Scenarios (``--only`` picks some; targets in brackets):
   ``overload_rss_growth_mb`` (peak gateway RSS during the load - RSS before it) [<= 50] and
   ``overload_accepted_completed`` (successes / requests not answered 429) [= 1.0].
 - ``sigterm``: 20 requests of 10 s (half streamed) in flight, then SIGTERM to the gateway:
-  ``sigterm_lost`` (those that did not end with a success) [= 0].
+  ``sigterm_lost`` (those that did not end with a success) [= 0]. One more request 1 s after the signal
+  shows how a draining gateway answers new work (recorded, no target).
 - ``restart``: one of three upstreams killed for 12 s under 40 req/s, then restarted on its port:
   ``restart_recovery_s``, seconds from its restart (when it answers again) until a request it served
   completes [<= 3].
@@ -757,6 +758,10 @@ async def sigterm(bench: Bench) -> dict[str, Any]:
             in_flight = {up.name: up.stats().get("in_flight") for up in ups}
             term_t = now()
             gateway.proc.send_signal(signal.SIGTERM)
+            # a request that arrives while the gateway drains should be turned away at once
+            await asyncio.sleep(1.0)
+            async with Client(gateway.url, bench.api_key, timeout_s=20) as late_client:
+                late = await late_client.request()
             samples = list(await asyncio.gather(*tasks))
             exit_code = await asyncio.to_thread(_wait, gateway.proc, 30.0)
             exit_s = now() - term_t if exit_code is not None else None
@@ -773,6 +778,11 @@ async def sigterm(bench: Bench) -> dict[str, Any]:
             "gateway_exit_code": exit_code,
             "gateway_exited_after_s": _round(exit_s, 3),
             "lost": lost,
+            "request_1s_after_sigterm": {
+                "status": late.status,
+                "latency_ms": round(late.latency_s * 1000.0, 2),
+                "error": late.error[:200],
+            },
         },
         "samples": {"load": columns(samples, begin), "sigterm_s": term_at_s},
     }
