@@ -13,7 +13,8 @@ faulty model server (``benchmarks/reliability.py`` drives these):
 - ``--stream-tokens N --token-delay-s T``: a stream sends N token events T seconds apart, in chunked
   encoding as each is due; a non-streamed answer waits N x T (it generates the same tokens);
 - ``POST /admin/fail`` with ``{"seconds": S}``: every request but ``/admin/*`` gets a 500 for the next
-  S seconds (``{"seconds": 0}`` heals at once), as a server whose engine died does;
+  S seconds (``{"seconds": 0}`` heals at once), as a server whose engine died does; the answer says
+  until when, in ``time.monotonic()`` (one clock for every process on Linux);
 - ``GET /admin/stats``: requests answered, by kind and status, and the most in flight at once.
 
 Each instance is one process, so a benchmark can SIGSTOP, SIGCONT or kill -9 it.
@@ -200,7 +201,8 @@ class MockOpenAI(asyncio.Protocol):
         if target.startswith(b"/admin/fail"):
             seconds = float(json.loads(body or b"{}").get("seconds", 0))
             behaviour.fail_until = time.monotonic() + seconds
-            self.transport.write(_response(json.dumps({"failing_for_s": seconds}).encode()))
+            answer = {"failing_for_s": seconds, "until_monotonic": behaviour.fail_until}
+            self.transport.write(_response(json.dumps(answer).encode()))
             return
         if target.startswith(b"/admin/stats"):
             self.transport.write(_response(behaviour.stats()))
