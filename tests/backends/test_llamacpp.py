@@ -108,6 +108,7 @@ def test_llama_kwargs(gguf: Path) -> None:
         ({"n_ctxx": 5}, "options.n_ctxx"),
         ({"pooling": "max"}, "options.pooling"),
         ({"n_ctx": 0}, "options.n_ctx"),
+        ({"gguf_type": "q3"}, "options.gguf_type"),
     ],
 )
 def test_bad_options_name_the_field(gguf: Path, options: dict[str, object], field: str) -> None:
@@ -296,3 +297,39 @@ def test_mean_pooling_packs_texts_and_matches_the_per_text_mean(
 
 def _cosine(left: list[float], right: list[float]) -> float:
     return sum(a * b for a, b in zip(left, right, strict=True))
+
+
+def test_gguf_type_adds_one_requant_build_step(gguf: Path) -> None:
+    plugin = LlamaCppPlugin()
+    config = ModelConfig("m", path=gguf, options={"gguf_type": "f16"})
+    (profile,) = plugin.required_build_profiles([CPU], config)
+    assert profile.name == "gguf-requant"
+    assert profile.flags == ("type=f16",)
+    assert "llama-cpp-python" in profile.compiler_version
+    with pytest.raises(ConfigError, match="no 'gguf-requant' artifact"):
+        asyncio.run(plugin.create_session([CPU], config, {}))
+
+
+@pytest.mark.slow
+def test_the_widened_gguf_is_built_once_and_answers_the_readme_question(gguf: Path, tmp_path: Path) -> None:
+    """The bundled Q4_1 file loops at temperature 0 on this question; widened to f16 it answers."""
+    from xpuflow.build.builder import build_all
+    from xpuflow.build.store import ArtifactStore
+
+    plugin = LlamaCppPlugin()
+    config = ModelConfig("smollm2", path=gguf, max_seq_len=1024, options={"n_threads": 1, "gguf_type": "f16"})
+    store = ArtifactStore(tmp_path / "store")
+    artifacts = build_all(plugin, [CPU], config, store)
+    built = artifacts["gguf-requant"].path / "model.gguf"
+    assert built.stat().st_size > 2 * gguf.stat().st_size  # 16-bit weights, not 4-bit
+    assert build_all(plugin, [CPU], config, store)["gguf-requant"].id == artifacts["gguf-requant"].id
+
+    async def ask() -> str:
+        session = await plugin.create_session([CPU], config, artifacts)
+        try:
+            question = [{"role": "user", "content": "What is the capital of France?"}]
+            return (await session.chat(question, GenerationParams(max_tokens=32))).text
+        finally:
+            await session.close()
+
+    assert "Paris" in asyncio.run(ask())

@@ -113,6 +113,13 @@ def test_routes_by_complexity_streams_and_reports_status(orchestrator: Orchestra
 
             status = orchestrator.status()
             assert len(status["workers"]) == 4
+            on_cpu = [w for w in status["workers"] if w["device"] == "cpu"]
+            assert on_cpu
+            for w in on_cpu:  # host RAM, live: the dashboard showed "free X of -" before
+                assert w["total_memory_bytes"] is not None
+                assert 0 < w["free_memory_bytes"] <= w["total_memory_bytes"]
+            on_npu = next(w for w in status["workers"] if w["device"] == "npu:0")
+            assert on_npu["total_memory_bytes"] == 4 * GIB  # what discovery found
             assert status["counters"]["requests_total"] == 5
             assert status["decisions"][0]["model"] == "embed"
             assert all(d["reason"] for d in status["decisions"])

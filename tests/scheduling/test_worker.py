@@ -383,6 +383,18 @@ async def test_stream_yields_chunks_and_records_tokens() -> None:
     assert worker.metrics.tokens_total == 3 + 1  # chunks with text
 
 
+@run_async
+async def test_a_streams_tokens_count_while_it_runs_not_only_when_it_ends() -> None:
+    session = FakeSession(max_batch_size=4)
+    async with Worker(session) as worker:
+        seen: list[int] = []
+        async for chunk in worker.stream(completion("a b c d e f", stream=True)):
+            if chunk.text:
+                seen.append(worker.metrics.tokens_total)
+    assert seen[-1] >= 5  # by the last chunk, the earlier ones were counted already
+    assert worker.metrics.tokens_total == 6
+
+
 class SlowStream(FakeSession):
     def __init__(self) -> None:
         super().__init__(max_batch_size=4)
@@ -522,21 +534,59 @@ def test_metrics_windows_and_emas_follow_the_clock() -> None:
     assert metrics.in_flight == 4
     clock.advance(1.0)
     metrics.record_batch_end(4, service_s=1.0, ok=True)
-    for latency in (0.2, 0.4):
+    assert metrics.ema_service_ms is None  # the cold first batch is left out of the EMA
+    for latency in (5.0, 0.2, 0.4):
         metrics.record_request(latency, queue_wait_s=0.1, tokens=10)
-    assert metrics.ema_latency_ms == pytest.approx(300.0)
-    assert metrics.tokens_per_s() == pytest.approx(20 / 2.0)  # 2 s since the metrics started
+    assert metrics.ema_latency_ms == pytest.approx(300.0)  # the cold 5 s request is left out
+    assert metrics.latency_sampled_at_s == 2.0
+    assert metrics.tokens_per_s() == pytest.approx(30 / 2.0)  # 2 s since the metrics started
     assert metrics.utilization() == pytest.approx(0.5)
     clock.advance(20.0)
     assert metrics.tokens_per_s() == 0.0
     assert metrics.utilization() == 0.0
     data = metrics.to_dict()
     assert data["batch_size_histogram"] == {"4": 1}
-    assert data["latency_ms"]["p50"] == pytest.approx(400.0)
+    assert data["latency_ms"]["p50"] == pytest.approx(400.0)  # percentiles keep every sample
     metrics.record_dropped("cancelled")
     metrics.record_dropped("expired")
     metrics.record_dropped("stopped")
     assert (metrics.cancelled, metrics.expired, metrics.failed) == (1, 1, 1)
+
+
+def test_forgotten_latency_ignores_work_started_before_and_the_next_cold_sample() -> None:
+    clock = FakeClock(start_s=10.0)
+    metrics = WorkerMetrics(clock)
+    for service_s in (0.1, 0.1, 0.1):
+        metrics.record_batch_end(0, service_s=service_s, ok=True, started_at_s=clock.monotonic())
+    assert metrics.ema_service_ms == pytest.approx(100.0)
+    clock.advance(30.0)
+    metrics.forget_latency(since_s=35.0)  # the device came back at 35 s
+    assert (metrics.ema_service_ms, metrics.ema_latency_ms, metrics.latency_sampled_at_s) == (
+        None,
+        None,
+        None,
+    )
+    metrics.record_batch_end(0, service_s=25.0, ok=True, started_at_s=15.0)  # stuck through the outage
+    metrics.record_request(25.0, 0.0, started_at_s=15.0)
+    metrics.record_batch_end(0, service_s=0.5, ok=True, started_at_s=36.0)  # cold after the restart
+    assert metrics.ema_service_ms is None
+    metrics.record_batch_end(0, service_s=0.12, ok=True, started_at_s=37.0)
+    assert metrics.ema_service_ms == pytest.approx(120.0)
+
+
+@run_async
+async def test_a_worker_that_comes_back_forgets_the_latency_of_its_outage() -> None:
+    session = FakeSession(service_time_s=0.0, max_batch_size=1)
+    async with Worker(session, worker_id="w") as worker:
+        for i in range(4):
+            await worker.submit(completion(f"p{i}"))
+        worker.metrics.ema_service_ms = 4700.0  # what requests stuck through a hang would leave
+        assert worker.snapshot().ema_latency_ms is not None
+        worker.health.record_check(False, "hung")
+        worker.health.record_check(True)
+        snapshot = worker.snapshot()
+    assert worker.metrics.ema_service_ms is None
+    assert snapshot.ema_latency_ms is None  # unknown: the scorer assumes the tier's median
 
 
 # -- properties ----------------------------------------------------------------------------------------

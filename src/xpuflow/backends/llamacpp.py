@@ -32,12 +32,20 @@ from xpuflow.backends.base import (
     StreamChunk,
 )
 from xpuflow.backends.blocking import BlockingRunner
+from xpuflow.backends.onnx_export import package_version
 from xpuflow.backends.openai_wire import completion_from_response, stream_chunk
 from xpuflow.build.profile import BuildArtifact, BuildProfile
-from xpuflow.errors import BackendUnavailable, ConfigError, SessionError, XpuflowError
+from xpuflow.errors import BackendUnavailable, BuildError, ConfigError, SessionError, XpuflowError
 from xpuflow.types import Capability, OptimizedFor, Resource, ResourceType
 
-__all__ = ["LLAMACPP_OPTIONS", "LlamaCppPlugin", "LlamaCppSession", "llama_kwargs"]
+__all__ = [
+    "GGUF_TYPES",
+    "LLAMACPP_OPTIONS",
+    "LlamaCppPlugin",
+    "LlamaCppSession",
+    "llama_kwargs",
+    "requantize",
+]
 
 T = TypeVar("T")
 
@@ -51,11 +59,17 @@ LLAMACPP_OPTIONS: dict[str, str] = {
     "pooling": "embedding pooling: mean, cls or last (default: the GGUF's own, else mean)",
     "normalize": "scale embeddings to unit length, as OpenAI does (default true)",
     "seed": "random seed for sampling at temperature > 0 (default: random)",
+    "gguf_type": "rewrite the GGUF's weights as f32, f16, bf16 or q8_0 in a build step (default: as is)",
 }
+
+#: ``options.gguf_type`` -> llama.cpp's LLAMA_FTYPE_* value.
+GGUF_TYPES: dict[str, int] = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
+REQUANT_PROFILE = "gguf-requant"
 
 _POOLING_TYPES = {"mean": 1, "cls": 2, "last": 3}  # llama.cpp's LLAMA_POOLING_TYPE_* values
 _POOLING_NONE = 0
 _GGUF_MAGIC = b"GGUF"
+_REQUANT_FILE = "model.gguf"
 _INSTALL_HINT = "pip install 'xpuflow[llamacpp]'"
 _NO_NATIVE_BATCHING = (
     "llama-cpp-python's Llama decodes one sequence at a time; generation batches run sequentially"
@@ -126,6 +140,37 @@ def _check_options(config: ModelConfig) -> None:
         )
     for name in ("n_ctx", "n_threads", "n_batch"):
         config.int_option(name)
+    gguf_type = options.get("gguf_type")
+    if gguf_type is not None and gguf_type not in GGUF_TYPES:
+        raise ConfigError(
+            f"options.gguf_type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}; leave it out to "
+            "run the GGUF as it is",
+            field="options.gguf_type",
+        )
+
+
+def requantize(source: Path, target: Path, gguf_type: str, *, threads: int = 0) -> None:
+    """Write ``source``'s weights as ``gguf_type`` to ``target`` with llama.cpp's own quantizer.
+
+    Going *up* in precision (Q4_1 -> f16) adds no information, but it changes the arithmetic: llama.cpp
+    multiplies 4-bit weights against activations it first rounds to 8 bits (Q8_1), while f16/f32 weights
+    meet f32 activations. For very small models that rounding is enough to flip greedy decoding into a
+    loop; the wider file decodes like the dequantised weights do in transformers.
+    """
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = GGUF_TYPES[gguf_type]
+    params.allow_requantize = True  # the source is quantized already
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    if rc != 0 or not target.is_file():
+        raise BuildError(
+            f"llama.cpp could not rewrite {source} as {gguf_type} (llama_model_quantize returned {rc}); "
+            "check the file with llama.cpp, or leave options.gguf_type out to run it as it is"
+        )
 
 
 def _default_threads(resources: Sequence[Resource]) -> int:
@@ -139,13 +184,20 @@ def _default_threads(resources: Sequence[Resource]) -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def llama_kwargs(resources: Sequence[Resource], config: ModelConfig, *, gpu_offload: bool) -> dict[str, Any]:
-    """The ``llama_cpp.Llama`` keyword arguments for ``config`` on ``resources`` (validates options)."""
+def llama_kwargs(
+    resources: Sequence[Resource],
+    config: ModelConfig,
+    *,
+    gpu_offload: bool,
+    model_path: Path | None = None,
+) -> dict[str, Any]:
+    """The ``llama_cpp.Llama`` keyword arguments for ``config`` on ``resources`` (validates options).
+    ``model_path`` replaces ``config.path`` when a build step rewrote the file."""
     options = config.options
     _check_options(config)
     on_gpu = gpu_offload and any(r.type in (ResourceType.GPU, ResourceType.IGPU) for r in resources)
     kwargs: dict[str, Any] = {
-        "model_path": str(config.path),
+        "model_path": str(model_path or config.path),
         "n_ctx": int(options.get("n_ctx") or config.max_seq_len),
         "n_threads": int(options.get("n_threads") or _default_threads(resources)),
         "n_gpu_layers": int(options.get("n_gpu_layers", -1 if on_gpu else 0)),
@@ -415,7 +467,31 @@ class LlamaCppPlugin:
     def required_build_profiles(
         self, resources: Sequence[Resource], config: ModelConfig
     ) -> list[BuildProfile]:
-        return []  # GGUF runs as it is
+        """Nothing for a GGUF that runs as it is; ``gguf-requant`` when ``options.gguf_type`` is set."""
+        _check_options(config)
+        gguf_type = config.option("gguf_type")
+        if gguf_type is None:
+            return []
+        _check_gguf(config.path)
+        return [
+            BuildProfile(
+                name=REQUANT_PROFILE,
+                target=ResourceType.CPU,  # a GGUF is device-independent
+                compiler="llama.cpp",
+                compiler_version=f"llama-cpp-python {package_version('llama-cpp-python')}",
+                flags=(f"type={gguf_type}",),
+                backend=self.name,
+                description=f"the GGUF's weights rewritten as {gguf_type} by llama.cpp's quantizer",
+            )
+        ]
+
+    def build(self, profile: BuildProfile, config: ModelConfig, out_dir: Path) -> Mapping[str, Any]:
+        if profile.name != REQUANT_PROFILE:
+            raise BuildError(f"the llamacpp backend has no build profile '{profile.name}'")
+        gguf_type = str(config.option("gguf_type"))
+        source = _check_gguf(config.path)
+        requantize(source, out_dir / _REQUANT_FILE, gguf_type)
+        return {"source": source.name, "gguf_type": gguf_type}
 
     def get_capability(
         self, resources: Sequence[Resource], config: ModelConfig, artifacts: Mapping[str, BuildArtifact]
@@ -449,7 +525,20 @@ class LlamaCppPlugin:
             import llama_cpp
         except Exception as exc:
             raise BackendUnavailable(f"llama-cpp-python is not usable ({exc}); {_INSTALL_HINT}") from exc
-        kwargs = llama_kwargs(resources, config, gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()))
+        built = artifacts.get(REQUANT_PROFILE)
+        model_path = built.path / _REQUANT_FILE if built is not None else None
+        if config.option("gguf_type") is not None and model_path is None:
+            raise ConfigError(
+                f"model '{config.model_id}' sets options.gguf_type but no '{REQUANT_PROFILE}' artifact was "
+                "built; create the session through the orchestrator or build_all()",
+                field="options.gguf_type",
+            )
+        kwargs = llama_kwargs(
+            resources,
+            config,
+            gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+            model_path=model_path,
+        )
         runner = BlockingRunner(f"llamacpp-{config.model_id}")
         try:
             llama = await runner.call(llama_cpp.Llama, **kwargs)

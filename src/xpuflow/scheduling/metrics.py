@@ -11,6 +11,13 @@ clock, so tests drive it::
 
 Latency EMAs weight a new sample by ``ema_alpha``; tokens/s and utilisation cover a sliding window of
 ``window_s`` (or the time since the metrics started, when that is shorter).
+
+The EMAs steer the router's scorer, so they must not be held hostage by one unrepresentative sample:
+the first ``cold_samples`` (1) successes after the start are left out (a cold first request pays for
+connection set-up, lazy loading, compilation; one such sample made a worker look 200x slower than its
+peers and starved it), and ``forget_latency(since_s)`` drops them when they no longer describe the
+device (it was down or hung and is back): samples of work that started before ``since_s`` (requests
+stuck through the outage) are ignored, and the cold-sample rule starts over.
 """
 
 from __future__ import annotations
@@ -39,9 +46,18 @@ def _percentile(ordered: list[float], q: float) -> float | None:
 class WorkerMetrics:
     """Counters, gauges and EMAs of one worker. Single event loop; not thread-safe."""
 
-    def __init__(self, clock: Clock | None = None, *, ema_alpha: float = 0.2, window_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        clock: Clock | None = None,
+        *,
+        ema_alpha: float = 0.2,
+        window_s: float = 10.0,
+        cold_samples: int = 1,
+    ) -> None:
         if not 0 < ema_alpha <= 1:
             raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha}")
+        if cold_samples < 0:
+            raise ValueError(f"cold_samples must be >= 0, got {cold_samples}")
         if window_s <= 0:
             raise ValueError(f"window_s must be > 0, got {window_s}")
         self._clock = clock or SystemClock()
@@ -54,6 +70,10 @@ class WorkerMetrics:
         self.ema_latency_ms: float | None = None  # queued -> answered, per request
         self.ema_queue_wait_ms: float | None = None
         self.ema_service_ms: float | None = None  # per batch
+        self.latency_sampled_at_s: float | None = None  # when the newest EMA sample came in
+        self.cold_samples = cold_samples
+        self._cold_left = {"service": cold_samples, "request": cold_samples}
+        self._stale_before_s = float("-inf")
         self.batch_sizes: Counter[int] = Counter()
         self.completed = 0
         self.failed = 0
@@ -95,10 +115,31 @@ class WorkerMetrics:
         self.in_flight += size
         self.batch_sizes[size + shares_with] += 1
 
-    def record_batch_end(self, size: int, service_s: float, ok: bool) -> None:
+    def forget_latency(self, since_s: float | None = None) -> None:
+        """Drop the latency EMAs; ignore samples of work started before ``since_s`` (default now)."""
+        self.ema_latency_ms = self.ema_queue_wait_ms = self.ema_service_ms = None
+        self.latency_sampled_at_s = None
+        self._stale_before_s = self._clock.monotonic() if since_s is None else since_s
+        self._cold_left = {"service": self.cold_samples, "request": self.cold_samples}
+
+    def _counts(self, kind: str, started_at_s: float | None) -> bool:
+        """Whether a sample of ``kind`` goes into the EMAs (see the module docstring)."""
+        if started_at_s is not None and started_at_s < self._stale_before_s:
+            return False
+        if self._cold_left[kind] > 0:
+            self._cold_left[kind] -= 1
+            return False
+        self.latency_sampled_at_s = self._clock.monotonic()
+        return True
+
+    def record_batch_end(
+        self, size: int, service_s: float, ok: bool, *, started_at_s: float | None = None
+    ) -> None:
+        """A batch ends. ``started_at_s`` (when it started) lets samples from before
+        ``forget_latency`` be told apart."""
         self.running_batches = max(0, self.running_batches - 1)
         self.in_flight = max(0, self.in_flight - size)
-        if ok:
+        if ok and self._counts("service", started_at_s):
             self.ema_service_ms = _ema(self.ema_service_ms, service_s * 1000.0, self.ema_alpha)
         if self.running_batches == 0 and self._busy_since_s is not None:
             end = self._clock.monotonic()
@@ -107,13 +148,21 @@ class WorkerMetrics:
             self._busy_since_s = None
             self._prune(self._clock.monotonic())
 
-    def record_request(self, latency_s: float, queue_wait_s: float, tokens: int = 0) -> None:
-        """One request answered with a result."""
-        now = self._clock.monotonic()
+    def record_request(
+        self, latency_s: float, queue_wait_s: float, tokens: int = 0, *, started_at_s: float | None = None
+    ) -> None:
+        """One request answered with a result; ``started_at_s`` as in ``record_batch_end``."""
         self.completed += 1
-        self.ema_latency_ms = _ema(self.ema_latency_ms, latency_s * 1000.0, self.ema_alpha)
-        self.ema_queue_wait_ms = _ema(self.ema_queue_wait_ms, queue_wait_s * 1000.0, self.ema_alpha)
+        if self._counts("request", started_at_s):
+            self.ema_latency_ms = _ema(self.ema_latency_ms, latency_s * 1000.0, self.ema_alpha)
+            self.ema_queue_wait_ms = _ema(self.ema_queue_wait_ms, queue_wait_s * 1000.0, self.ema_alpha)
         self._recent_latency_s.append(latency_s)
+        self.record_tokens(tokens)
+
+    def record_tokens(self, tokens: int) -> None:
+        """Tokens produced now: a stream reports them as they go, so ``tokens_per_s`` moves while a
+        long generation runs instead of jumping when it ends."""
+        now = self._clock.monotonic()
         if tokens:
             self.tokens_total += tokens
             self._tokens.append((now, tokens))
@@ -180,6 +229,7 @@ class WorkerMetrics:
             "ema_latency_ms": self.ema_latency_ms,
             "ema_queue_wait_ms": self.ema_queue_wait_ms,
             "ema_service_ms": self.ema_service_ms,
+            "latency_sampled_at_s": self.latency_sampled_at_s,
             "latency_ms": self.latency_percentiles_ms(),
             "tokens_per_s": self.tokens_per_s(),
             "tokens_total": self.tokens_total,

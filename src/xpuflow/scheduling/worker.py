@@ -159,6 +159,7 @@ class Worker:
         self._closing = False
         self._drained = False
         self._drain_rate_ema: float | None = None
+        self._recovery_seen = self.health.recovered_at_s
 
     def _in_flight_cap(self, session: Session, max_in_flight: int | None, cap: int) -> int | None:
         continuous = session.batch_mode is BatchMode.CONTINUOUS
@@ -506,7 +507,8 @@ class Worker:
         self._batcher.on_complete(
             now, len(tickets), service_s if ok else None, work_units(tickets[0].request)
         )
-        self.metrics.record_batch_end(len(tickets), service_s, ok)
+        self._sync_health()
+        self.metrics.record_batch_end(len(tickets), service_s, ok, started_at_s=started)
         if ok and service_s > 0:
             rate = len(tickets) / service_s
             old = self._drain_rate_ema
@@ -567,6 +569,7 @@ class Worker:
                 f"{len(tickets)} requests"
             )
         now = self._clock.monotonic()
+        self._sync_health()
         for ticket, result in zip(tickets, results, strict=True):
             if ticket.finish(result):
                 tokens = result.completion_tokens if isinstance(result, Completion) else 0
@@ -574,6 +577,7 @@ class Worker:
                     now - ticket.enqueued_at_s,
                     (ticket.dispatched_at_s or now) - ticket.enqueued_at_s,
                     tokens,
+                    started_at_s=ticket.dispatched_at_s,
                 )
 
     def _fail(self, tickets: Sequence[Ticket], exc: BaseException, *, device_fault: bool) -> None:
@@ -603,7 +607,6 @@ class Worker:
         chunks = ticket.chunks
         assert chunks is not None
         ok = False
-        tokens = 0
         try:
             if ticket.done:  # withdrawn before it started
                 ok = True
@@ -618,16 +621,20 @@ class Worker:
                             break  # the consumer went away: stop the generation
                         chunks.put_nowait(chunk)
                         self._answering.add(_current())
-                        tokens += 1 if chunk.text else 0
+                        if chunk.text:
+                            self.metrics.record_tokens(1)
                 finally:
                     if aclose is not None:
                         with contextlib.suppress(Exception):
                             await aclose()
             if ticket.finish(None):
                 now = self._clock.monotonic()
+                self._sync_health()
                 self.metrics.record_request(
-                    now - ticket.enqueued_at_s, (ticket.dispatched_at_s or now) - ticket.enqueued_at_s, tokens
-                )
+                    now - ticket.enqueued_at_s,
+                    (ticket.dispatched_at_s or now) - ticket.enqueued_at_s,
+                    started_at_s=ticket.dispatched_at_s,
+                )  # its tokens were counted as they streamed
             self.health.record_success()
             ok = True
         except asyncio.CancelledError:
@@ -652,8 +659,17 @@ class Worker:
 
     # -- state --------------------------------------------------------------------------------------
 
+    def _sync_health(self) -> None:
+        """After the worker came back from being unhealthy, its latency EMAs describe the outage (or
+        nothing), not the device: forget them, and ignore samples of work started before it came back."""
+        recovered = self.health.recovered_at_s
+        if recovered is not None and recovered != self._recovery_seen:
+            self._recovery_seen = recovered
+            self.metrics.forget_latency(since_s=recovered)
+
     def snapshot(self) -> WorkerSnapshot:
         """The worker's state now, for the router's scorer. Never raises."""
+        self._sync_health()
         state: Mapping[str, Any] = {}
         if self._device_state is not None:
             try:
@@ -687,6 +703,7 @@ class Worker:
             taken_at_s=now,
             tags=self.tags,
             oldest_in_flight_s=None if oldest is None else max(0.0, now - oldest),
+            latency_sampled_at_s=self.metrics.latency_sampled_at_s,
         )
 
     def to_dict(self) -> dict[str, Any]:
