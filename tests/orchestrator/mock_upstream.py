@@ -2,7 +2,8 @@
 
     python mock_upstream.py --delay-ms 20 --stream-s 2     # prints "ready <port>" once listening
 
-Chat completions answer after ``--delay-ms``; streams send five events spread over ``--stream-s``.
+Chat completions answer after ``--delay-ms`` (the first one after ``--first-delay-ms``: a cold start);
+streams send five events spread over ``--stream-s``.
 ``GET /health`` answers at once. ``POST /admin/fail?seconds=5`` makes completions answer 500 for that
 long (the process keeps running), so a test can fail every upstream at once and heal them. Its own
 process, so a test can SIGSTOP, SIGCONT and kill it like a real server.
@@ -37,14 +38,18 @@ def _event(text: str | None, finish: str | None = None) -> bytes:
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
-def make_app(delay_s: float, stream_s: float, name: str) -> web.Application:
+def make_app(delay_s: float, stream_s: float, name: str, first_delay_s: float = 0.0) -> web.Application:
     failing_until = [0.0]
+    cold = [first_delay_s > 0]
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         if time.monotonic() < failing_until[0]:
             return web.json_response({"error": {"message": "injected failure"}}, status=500)
         if not body.get("stream"):
+            if cold[0]:
+                cold[0] = False
+                await asyncio.sleep(first_delay_s)
             await asyncio.sleep(delay_s)
             return web.json_response(_reply(name))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -72,8 +77,8 @@ def make_app(delay_s: float, stream_s: float, name: str) -> web.Application:
     return app
 
 
-async def main(port: int, delay_s: float, stream_s: float, name: str) -> None:
-    runner = web.AppRunner(make_app(delay_s, stream_s, name), shutdown_timeout=0.5)
+async def main(port: int, delay_s: float, stream_s: float, name: str, first_delay_s: float) -> None:
+    runner = web.AppRunner(make_app(delay_s, stream_s, name, first_delay_s), shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
@@ -87,5 +92,8 @@ if __name__ == "__main__":
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--stream-s", type=float, default=1.0)
     parser.add_argument("--name", default="mock")
+    parser.add_argument("--first-delay-ms", type=float, default=0.0)
     args = parser.parse_args()
-    asyncio.run(main(args.port, args.delay_ms / 1000.0, args.stream_s, args.name))
+    asyncio.run(
+        main(args.port, args.delay_ms / 1000.0, args.stream_s, args.name, args.first_delay_ms / 1000.0)
+    )

@@ -69,12 +69,15 @@ def _spawn(args: Sequence[str]) -> tuple[subprocess.Popen[str], int]:
 
 
 @contextlib.contextmanager
-def upstreams(count: int, *args: str) -> Iterator[list[Upstream]]:
-    """``count`` mock upstreams, each its own process; every one is killed (by PID) at the end."""
+def upstreams(
+    count: int, *args: str, only: dict[int, Sequence[str]] | None = None
+) -> Iterator[list[Upstream]]:
+    """``count`` mock upstreams, each its own process (``only`` adds arguments for some of them); every
+    one is killed (by PID) at the end."""
     started: list[Upstream] = []
     try:
         for index in range(count):
-            full = (*args, "--name", f"u{index}")
+            full = (*args, *(only or {}).get(index, ()), "--name", f"u{index}")
             proc, port = _spawn(full)
             started.append(Upstream(proc, port, full))
         yield started

@@ -93,3 +93,34 @@ def test_a_hung_upstream_under_load_costs_seconds_not_the_timeout() -> None:
     late = [worker for at, _, worker in results if at > 4.0]
     assert late
     assert "up0/0" not in late
+
+
+def _shares(results: list[tuple[float, float, str | None]], start: float, end: float) -> dict[str, float]:
+    served = [worker for at, _, worker in results if start <= at < end and worker is not None]
+    return {worker: served.count(worker) / len(served) for worker in set(served)}
+
+
+def test_one_cold_first_request_does_not_starve_an_upstream() -> None:
+    async def run() -> list[tuple[float, float, str | None]]:
+        # u0's first answer takes 300 ms (a cold start), then it is as fast as the others
+        with upstreams(3, "--delay-ms", "20", only={0: ("--first-delay-ms", "300")}) as ups:
+            async with Orchestrator(remote_config([u.url for u in ups]), inventory=INVENTORY) as orch:
+                return await _load(orch, 5.0, clients=2)  # light load: the EMAs alone decide
+
+    shares = _shares(asyncio.run(run()), 0.0, 10.0)
+    assert len(shares) == 3
+    assert min(shares.values()) >= 0.2, shares
+
+
+def test_a_resumed_upstream_gets_its_share_back_within_seconds() -> None:
+    async def run() -> list[tuple[float, float, str | None]]:
+        with upstreams(3, "--delay-ms", "20") as ups:
+            async with Orchestrator(remote_config([u.url for u in ups]), inventory=INVENTORY) as orch:
+                return await _load(orch, 9.0, clients=8, events={1.0: ups[0].stop, 4.0: ups[0].cont})
+
+    results = asyncio.run(run())
+    assert all(worker is not None for _, _, worker in results), "a request failed"
+    during = _shares(results, 2.5, 4.0)
+    assert during.get("up0/0", 0.0) == 0.0  # out while hung
+    after = _shares(results, 5.0, 9.0)  # from 1 s after SIGCONT
+    assert after.get("up0/0", 0.0) >= (1 / 3) / 4, after

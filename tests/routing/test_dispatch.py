@@ -547,6 +547,7 @@ def test_service_time_of_a_real_worker() -> None:
     async def scenario() -> tuple[float | None, float | None, float | None]:
         session = FakeSession("s", service_time_s=0.02)
         async with Worker(session, worker_id="w", device="cpu") as worker:
+            await worker.submit(request())  # cold: left out of the EMAs
             await worker.submit(request())
             return (
                 worker.snapshot().ema_latency_ms,

@@ -131,6 +131,25 @@ def test_a_request_stuck_in_flight_raises_the_expected_time_and_keeps_growing() 
     assert choose([hung, fine]) == "fine"
 
 
+def test_a_worker_judged_slow_by_old_samples_drifts_back_to_the_median_and_is_tried_again() -> None:
+    scorer = WorkerScorer()
+    peers = [snap(w, ema_latency_ms=0.45, latency_sampled_at_s=100.0, taken_at_s=100.0) for w in ("a", "b")]
+    cold = snap("cold", ema_latency_ms=95.0, latency_sampled_at_s=90.0, taken_at_s=100.0)
+    assert scorer.latency_ms(cold, 0.45, now_s=90.0) == pytest.approx(95.0)
+    assert scorer.latency_ms(cold, 0.45, now_s=92.0) == pytest.approx(0.45 * (95.0 / 0.45) ** 0.5)
+    assert scorer.latency_ms(peers[0], 0.45, now_s=200.0) == 0.45  # a fast one does not drift
+    shares: Counter[str] = Counter()
+    rng = random.Random(3)
+    for _ in range(300):  # 10 s, 5 half-lives, after its last sample
+        chosen = scorer.choose([*peers, cold], rng=rng, now_s=100.0).chosen
+        assert chosen is not None
+        shares[chosen.worker_id] += 1
+    assert shares["cold"] > 300 * 0.1  # drawn among near-equals again, not starved
+    assert choose([*peers, cold], now_s=90.0) != "cold"
+    terms = {r.worker_id: r.terms["speed"] for r in scorer.score([*peers, cold], now_s=100.0)}
+    assert terms["cold"] > 0.8  # about as good as its peers again
+
+
 def test_a_fast_worker_with_a_queue_beats_an_idle_slow_one() -> None:
     fast = snap("fast", ema_latency_ms=10.0, queue_depth=16, max_batch_size=8)  # ~30 ms to serve
     slow = snap("slow", ema_latency_ms=100.0)  # ~100 ms

@@ -533,11 +533,12 @@ def test_metrics_windows_and_emas_follow_the_clock() -> None:
     metrics.record_batch_start(4)
     assert metrics.in_flight == 4
     clock.advance(1.0)
-    metrics.record_batch_end(4, service_s=1.0, ok=True)
-    assert metrics.ema_service_ms is None  # the cold first batch is left out of the EMA
-    for latency in (5.0, 0.2, 0.4):
-        metrics.record_request(latency, queue_wait_s=0.1, tokens=10)
-    assert metrics.ema_latency_ms == pytest.approx(300.0)  # the cold 5 s request is left out
+    metrics.record_batch_end(4, service_s=1.0, ok=True, started_at_s=1.0)
+    assert metrics.ema_service_ms is None  # the first success is cold: left out of the EMA
+    metrics.record_request(5.0, queue_wait_s=0.1, tokens=10, started_at_s=1.0)  # started while cold
+    for latency in (0.2, 0.4):
+        metrics.record_request(latency, queue_wait_s=0.1, tokens=10, started_at_s=2.0)
+    assert metrics.ema_latency_ms == pytest.approx(300.0)
     assert metrics.latency_sampled_at_s == 2.0
     assert metrics.tokens_per_s() == pytest.approx(30 / 2.0)  # 2 s since the metrics started
     assert metrics.utilization() == pytest.approx(0.5)
@@ -568,9 +569,11 @@ def test_forgotten_latency_ignores_work_started_before_and_the_next_cold_sample(
     )
     metrics.record_batch_end(0, service_s=25.0, ok=True, started_at_s=15.0)  # stuck through the outage
     metrics.record_request(25.0, 0.0, started_at_s=15.0)
-    metrics.record_batch_end(0, service_s=0.5, ok=True, started_at_s=36.0)  # cold after the restart
+    metrics.record_batch_end(0, service_s=0.5, ok=True, started_at_s=39.5)  # cold after the restart
+    metrics.record_batch_end(0, service_s=0.4, ok=True, started_at_s=39.6)  # started while cold too
     assert metrics.ema_service_ms is None
-    metrics.record_batch_end(0, service_s=0.12, ok=True, started_at_s=37.0)
+    clock.advance(1.0)
+    metrics.record_batch_end(0, service_s=0.12, ok=True, started_at_s=40.5)
     assert metrics.ema_service_ms == pytest.approx(120.0)
 
 

@@ -16,7 +16,7 @@ and time and randomness are injected::
 2. Score. Four terms in [0, 1] (1 is best), combined by normalised weights, plus an affinity bonus::
 
        load_i   = (queue_depth_i + in_flight_i) / capacity_i             batches ahead of this request
-       E_i      = max(ema_latency_i, stuck_i) * (1 + load_i)             expected time to serve it here
+       E_i      = max(latency_i, stuck_i) * (1 + load_i)                 expected time to serve it here
        speed_i  = min_j E_j / E_i                                        relative to the best
        memory_i = free_memory_i / max_j free_memory_j                   headroom for batches and KV cache
        util_i   = 1 - utilization_pct_i / 100
@@ -26,12 +26,17 @@ and time and randomness are injected::
    ``capacity_i`` is ``max_in_flight`` for a worker whose backend batches by itself (a remote server, a
    continuous session: load is the share of its in-flight slots in use), else ``max_batch_size``.
    ``ema_latency_ms`` is read as the time one batch takes to serve (queue wait excluded: the queue is
-   counted by ``load``). ``stuck_i`` is the age of the worker's oldest request in flight
-   (``oldest_in_flight_s``, aged to ``now_s``): a request running for 3 s says the worker now takes at
-   least 3 s, whatever its EMA remembers, so a worker that hangs loses its traffic within a fraction of
-   a second, long before a timeout or a health check. A worker with no latency reading yet is assumed
-   as fast as the median of those with one; any other unknown reading scores ``NEUTRAL`` (0.5): worse
-   than a known-good worker, better than a known-bad one.
+   counted by ``load``). ``latency_i`` is that EMA, except that a worker slower than the candidates'
+   median ``m`` drifts back toward it with the time since its last sample (``latency_sampled_at_s``):
+   ``latency_i = m * (ema_i / m) ** (2 ** (-t / latency_half_life_s))``. A worker judged slow gets
+   little traffic and so few new samples; without the drift one bad sample (a cold start, a burst of
+   requests stuck through an outage) would starve it for good. With it the worker is tried again
+   within a few half-lives and its own samples decide. ``stuck_i`` is the age of the worker's oldest
+   request in flight (``oldest_in_flight_s``, aged to ``now_s``): a request running for 3 s says the
+   worker now takes at least 3 s, whatever its EMA remembers, so a worker that hangs loses its traffic
+   within a fraction of a second, long before a timeout or a health check. A worker with no latency
+   reading yet is assumed as fast as the median of those with one; any other unknown reading scores
+   ``NEUTRAL`` (0.5): worse than a known-good worker, better than a known-bad one.
    Staleness: a snapshot of age ``a = now_s - taken_at_s`` weighs ``f = 2 ** (-a / staleness_half_life_s)``
    and every term is blended ``f * term + (1 - f) * NEUTRAL``, so state that has not been refreshed
    (a remote worker whose poll stalled) ages out toward "nothing known" instead of steering traffic.
@@ -170,6 +175,7 @@ class WorkerScorer:
     top_k: int = 3
     choice_temperature: float = 0.1
     staleness_half_life_s: float = 5.0
+    latency_half_life_s: float = 2.0
     throttle_start_c: float = 75.0
     throttle_limit_c: float = 90.0
 
@@ -180,6 +186,8 @@ class WorkerScorer:
             raise ValueError(f"choice_temperature must be >= 0, got {self.choice_temperature}")
         if not self.staleness_half_life_s > 0:
             raise ValueError(f"staleness_half_life_s must be > 0, got {self.staleness_half_life_s}")
+        if not self.latency_half_life_s > 0:
+            raise ValueError(f"latency_half_life_s must be > 0, got {self.latency_half_life_s}")
         if not self.throttle_limit_c > self.throttle_start_c:
             raise ValueError(
                 f"throttle_limit_c ({self.throttle_limit_c}) must be above throttle_start_c "
@@ -241,6 +249,16 @@ class WorkerScorer:
         age_s = max(0.0, now_s - snapshot.taken_at_s)
         return float(2.0 ** (-age_s / self.staleness_half_life_s))
 
+    def latency_ms(self, snapshot: WorkerSnapshot, typical_ms: float, now_s: float | None) -> float:
+        """The latency the score uses: the EMA (``typical_ms`` when unknown), drifting geometrically back
+        toward ``typical_ms`` from above with the time since its last sample."""
+        ema = _ema(snapshot.ema_latency_ms, typical_ms)
+        sampled_at = snapshot.latency_sampled_at_s
+        if ema <= typical_ms or typical_ms <= 0 or now_s is None or sampled_at is None:
+            return ema
+        weight = 2.0 ** (-max(0.0, now_s - sampled_at) / self.latency_half_life_s)
+        return float(typical_ms * (ema / typical_ms) ** weight)
+
     def _temperature_term(self, temperature_c: float | None) -> float:
         if temperature_c is None:
             return NEUTRAL
@@ -265,7 +283,10 @@ class WorkerScorer:
             s.ema_latency_ms for s in candidates if s.ema_latency_ms is not None and s.ema_latency_ms > 0
         ]
         prior_ema = _median(known_ema) if known_ema else 1.0
-        expected = [max(_ema(s, prior_ema), _stuck_ms(s, now_s)) * (1.0 + _load(s)) for s in candidates]
+        expected = [
+            max(self.latency_ms(s, prior_ema, now_s), _stuck_ms(s, now_s)) * (1.0 + _load(s))
+            for s in candidates
+        ]
         best_expected = min(expected)
         known_free = [s.free_memory_bytes for s in candidates if s.free_memory_bytes is not None]
         max_free = max(known_free) if known_free else 0
@@ -394,8 +415,7 @@ def _load(snapshot: WorkerSnapshot) -> float:
     return max(0, snapshot.queue_depth + snapshot.in_flight) / max(1, capacity)
 
 
-def _ema(snapshot: WorkerSnapshot, prior_ms: float) -> float:
-    ema = snapshot.ema_latency_ms
+def _ema(ema: float | None, prior_ms: float) -> float:
     return ema if ema is not None and ema > 0 else prior_ms
 
 

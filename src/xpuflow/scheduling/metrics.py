@@ -12,12 +12,13 @@ clock, so tests drive it::
 Latency EMAs weight a new sample by ``ema_alpha``; tokens/s and utilisation cover a sliding window of
 ``window_s`` (or the time since the metrics started, when that is shorter).
 
-The EMAs steer the router's scorer, so they must not be held hostage by one unrepresentative sample:
-the first ``cold_samples`` (1) successes after the start are left out (a cold first request pays for
-connection set-up, lazy loading, compilation; one such sample made a worker look 200x slower than its
-peers and starved it), and ``forget_latency(since_s)`` drops them when they no longer describe the
-device (it was down or hung and is back): samples of work that started before ``since_s`` (requests
-stuck through the outage) are ignored, and the cold-sample rule starts over.
+The EMAs steer the router's scorer, so they must not be held hostage by unrepresentative samples.
+Work that started before the first success is cold (it paid for connection set-up, lazy loading,
+compilation; one such sample made a worker look 200x slower than its peers and starved it): the
+first success and every sample of work started before it are left out of the EMAs (percentiles keep
+them). ``forget_latency(since_s)`` drops the EMAs when they no longer describe the device (it was
+down or hung and is back): samples of work started before ``since_s`` (requests stuck through the
+outage) are left out, and the device is cold again until its next success.
 """
 
 from __future__ import annotations
@@ -52,12 +53,9 @@ class WorkerMetrics:
         *,
         ema_alpha: float = 0.2,
         window_s: float = 10.0,
-        cold_samples: int = 1,
     ) -> None:
         if not 0 < ema_alpha <= 1:
             raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha}")
-        if cold_samples < 0:
-            raise ValueError(f"cold_samples must be >= 0, got {cold_samples}")
         if window_s <= 0:
             raise ValueError(f"window_s must be > 0, got {window_s}")
         self._clock = clock or SystemClock()
@@ -71,8 +69,7 @@ class WorkerMetrics:
         self.ema_queue_wait_ms: float | None = None
         self.ema_service_ms: float | None = None  # per batch
         self.latency_sampled_at_s: float | None = None  # when the newest EMA sample came in
-        self.cold_samples = cold_samples
-        self._cold_left = {"service": cold_samples, "request": cold_samples}
+        self._warm_since_s: float | None = None  # the first success (None: still cold)
         self._stale_before_s = float("-inf")
         self.batch_sizes: Counter[int] = Counter()
         self.completed = 0
@@ -120,16 +117,19 @@ class WorkerMetrics:
         self.ema_latency_ms = self.ema_queue_wait_ms = self.ema_service_ms = None
         self.latency_sampled_at_s = None
         self._stale_before_s = self._clock.monotonic() if since_s is None else since_s
-        self._cold_left = {"service": self.cold_samples, "request": self.cold_samples}
+        self._warm_since_s = None
 
-    def _counts(self, kind: str, started_at_s: float | None) -> bool:
-        """Whether a sample of ``kind`` goes into the EMAs (see the module docstring)."""
+    def _counts(self, started_at_s: float | None) -> bool:
+        """Whether a success's sample goes into the EMAs (see the module docstring)."""
+        now = self._clock.monotonic()
         if started_at_s is not None and started_at_s < self._stale_before_s:
             return False
-        if self._cold_left[kind] > 0:
-            self._cold_left[kind] -= 1
+        if self._warm_since_s is None:
+            self._warm_since_s = now
             return False
-        self.latency_sampled_at_s = self._clock.monotonic()
+        if started_at_s is not None and started_at_s < self._warm_since_s:
+            return False
+        self.latency_sampled_at_s = now
         return True
 
     def record_batch_end(
@@ -139,7 +139,7 @@ class WorkerMetrics:
         ``forget_latency`` be told apart."""
         self.running_batches = max(0, self.running_batches - 1)
         self.in_flight = max(0, self.in_flight - size)
-        if ok and self._counts("service", started_at_s):
+        if ok and self._counts(started_at_s):
             self.ema_service_ms = _ema(self.ema_service_ms, service_s * 1000.0, self.ema_alpha)
         if self.running_batches == 0 and self._busy_since_s is not None:
             end = self._clock.monotonic()
@@ -153,7 +153,7 @@ class WorkerMetrics:
     ) -> None:
         """One request answered with a result; ``started_at_s`` as in ``record_batch_end``."""
         self.completed += 1
-        if self._counts("request", started_at_s):
+        if self._counts(started_at_s):
             self.ema_latency_ms = _ema(self.ema_latency_ms, latency_s * 1000.0, self.ema_alpha)
             self.ema_queue_wait_ms = _ema(self.ema_queue_wait_ms, queue_wait_s * 1000.0, self.ema_alpha)
         self._recent_latency_s.append(latency_s)
