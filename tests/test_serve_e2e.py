@@ -29,6 +29,29 @@ def _ready(url: str) -> bool:
         return False
 
 
+def _readme_question_20_times(base: str) -> list[tuple[str, str]]:
+    """The README's curl, exactly: 10 one after another, then 10 at once. (worker, answer) each."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = json.dumps(
+        {"model": "chat", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    ).encode()
+
+    def ask(_: int) -> tuple[str, str]:
+        request = urllib.request.Request(
+            f"{base}/v1/chat/completions", body, headers={"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            worker = response.headers.get("x-xpuflow-worker", "")
+            return worker, json.loads(response.read())["choices"][0]["message"]["content"]
+
+    sequential = [ask(i) for i in range(10)]
+    with ThreadPoolExecutor(10) as pool:
+        concurrent = list(pool.map(ask, range(10)))
+    return sequential + concurrent
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_xpuflow_serve_embedded_default_with_the_openai_client(tmp_path: Path) -> None:
@@ -61,9 +84,15 @@ def test_xpuflow_serve_embedded_default_with_the_openai_client(tmp_path: Path) -
         assert len(vectors.data[0].embedding) == 384
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="gpt-9", messages=question)
+        answers = _readme_question_20_times(f"http://127.0.0.1:{port}")
+        wrong = [(worker, text[:80]) for worker, text in answers if "Paris" not in text]
+        assert not wrong, f"{len(wrong)} of 20 answers missed Paris: {wrong}"
         banner = (tmp_path / "serve.log").read_text()
         assert f"http://127.0.0.1:{port}" in banner
         assert "curl" in banner
+        # a newcomer's console: no library warnings or progress bars per request or at start
+        assert "Warning" not in banner, banner[-2000:]
+        assert "Loading weights" not in banner
     finally:
         proc.send_signal(signal.SIGINT)
         try:
