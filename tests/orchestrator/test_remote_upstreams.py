@@ -124,3 +124,24 @@ def test_a_resumed_upstream_gets_its_share_back_within_seconds() -> None:
     assert during.get("up0/0", 0.0) == 0.0  # out while hung
     after = _shares(results, 5.0, 9.0)  # from 1 s after SIGCONT
     assert after.get("up0/0", 0.0) >= (1 / 3) / 4, after
+
+
+def test_a_restarted_upstream_serves_again_within_seconds_of_coming_back() -> None:
+    outage_s, restart_at = 5.0, 6.0
+
+    async def run() -> list[tuple[float, float, str | None]]:
+        with upstreams(2, "--delay-ms", "10") as ups:
+            async with Orchestrator(remote_config([u.url for u in ups]), inventory=INVENTORY) as orch:
+                restart = ups[0].restart
+                return await _load(
+                    orch,
+                    restart_at + 4.0,
+                    clients=4,
+                    events={restart_at - outage_s: ups[0].kill, restart_at: restart},
+                )
+
+    results = asyncio.run(run())
+    assert all(worker is not None for _, _, worker in results), "a request failed"
+    back = [at for at, latency, worker in results if worker == "up0/0" and at + latency > restart_at]
+    assert back, "the restarted upstream got no traffic"
+    assert min(back) - restart_at <= 3.0, f"first served {min(back) - restart_at:.2f} s after the restart"
