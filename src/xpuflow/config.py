@@ -34,6 +34,7 @@ from xpuflow.errors import ConfigError
 __all__ = [
     "ApiKeyConfig",
     "BatchingConfig",
+    "CorsConfig",
     "DeclaredResource",
     "DeploymentConfig",
     "GatewayConfig",
@@ -162,6 +163,34 @@ class ApiKeyConfig(_Strict):
         return self
 
 
+class CorsConfig(_Strict):
+    """Which browser origins may call the gateway (CORS); off unless this section is present."""
+
+    allow_origins: list[str] = Field(
+        min_length=1, description="Origins allowed, such as https://app.example.com; ['*'] allows any."
+    )
+    allow_methods: list[str] = Field(
+        default_factory=lambda: ["GET", "POST"], description="HTTP methods browsers may use."
+    )
+    allow_headers: list[str] = Field(
+        default_factory=lambda: ["authorization", "content-type", "x-priority", "x-qos-class"],
+        description="Request headers browsers may send.",
+    )
+    allow_credentials: bool = Field(
+        False, description="Let browsers send cookies and HTTP auth; not with allow_origins ['*']."
+    )
+    max_age_s: int = Field(600, ge=0, description="Seconds browsers may cache a preflight answer.")
+
+    @model_validator(mode="after")
+    def _no_wildcard_credentials(self) -> CorsConfig:
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError(
+                "cors.allow_credentials with allow_origins ['*'] lets every web site send its visitors' "
+                "credentials; list the origins instead"
+            )
+        return self
+
+
 class GatewayConfig(_Strict):
     """The HTTP server."""
 
@@ -176,6 +205,19 @@ class GatewayConfig(_Strict):
         description="Require a key with the dashboard right for the dashboard's data (open by default; "
         "turn it on when the gateway listens beyond 127.0.0.1).",
     )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host header values answered (any port; '*.example.com' matches subdomains), others "
+        "get 400; ['*'] answers any. Default: localhost, 127.0.0.1 and [::1] when listening on a "
+        "loopback address, any otherwise.",
+    )
+    drain_timeout_s: float = Field(
+        120.0,
+        gt=0.0,
+        description="On SIGTERM or SIGINT, seconds requests in flight may take to finish before the server "
+        "stops; /ready answers 503 and new requests 503 meanwhile.",
+    )
+    cors: CorsConfig | None = Field(None, description="CORS for browser clients; off when absent.")
 
 
 class QoSContextConfig(_Strict):

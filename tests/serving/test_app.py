@@ -39,6 +39,7 @@ KEY = "sk-test-0123456789"
 ADMIN = "adm-test-0123456789"
 AUTH = {"authorization": f"Bearer {KEY}"}
 ADMIN_AUTH = {"authorization": f"Bearer {ADMIN}"}
+JSON = {"content-type": "application/json"}
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 8}
 
 
@@ -336,7 +337,7 @@ async def test_bad_completion_and_embedding_bodies(path: str, body: Mapping[str,
 @run_async
 async def test_malformed_bodies_get_400(content: bytes, why: str) -> None:
     async with gateway() as client:
-        response = await client.post("/v1/chat/completions", content=content, headers=AUTH)
+        response = await client.post("/v1/chat/completions", content=content, headers={**AUTH, **JSON})
     assert response.status_code == 400
     assert why in error_of(response)["message"]
 
@@ -368,7 +369,7 @@ async def test_body_over_the_limit_gets_413_declared_or_streamed() -> None:
 
     async with gateway(max_body_bytes=4096) as client:
         declared = await client.post("/v1/chat/completions", json=big, headers=AUTH)
-        streamed = await client.post("/v1/chat/completions", content=chunks(), headers=AUTH)
+        streamed = await client.post("/v1/chat/completions", content=chunks(), headers={**AUTH, **JSON})
         small = await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
     assert declared.status_code == 413
     assert error_of(declared)["code"] == "request_too_large"
@@ -728,6 +729,7 @@ async def test_a_client_that_leaves_cancels_its_call() -> None:
         "root_path": "",
         "headers": [
             (b"authorization", AUTH["authorization"].encode()),
+            (b"content-type", b"application/json"),
             (b"content-length", b"%d" % len(body)),
         ],
         "client": ("127.0.0.1", 1),

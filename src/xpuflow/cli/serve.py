@@ -1,10 +1,14 @@
-"""``xpuflow serve [CONFIG]`` and ``xpuflow check CONFIG``."""
+"""``xpuflow serve [CONFIG]`` and ``xpuflow check CONFIG``.
+
+Where it listens: ``--host``/``--port`` when given, else the config's ``gateway.host``/``gateway.port``
+(127.0.0.1:8000 by default). On SIGTERM or SIGINT it drains (``serving.server``) and then stops the
+orchestrator; a second signal stops it at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,9 +19,23 @@ from xpuflow.errors import XpuflowError
 __all__ = ["register"]
 
 
-def _settings(config: Any) -> Any:
+#: How long the server waits for connections to close once the drain is over (idle keep-alive ones close
+#: at once; a dashboard's event stream is cut after this).
+_CLOSE_GRACE_S = 3
+
+
+def _allowed_hosts(config: Any, host: str) -> tuple[str, ...]:
+    from xpuflow.serving.hosts import is_loopback_address
+    from xpuflow.serving.settings import LOOPBACK_HOSTS
+
+    if config.gateway.allowed_hosts is not None:
+        return tuple(config.gateway.allowed_hosts)
+    return LOOPBACK_HOSTS if is_loopback_address(host) else ("*",)
+
+
+def _settings(config: Any, host: str | None = None) -> Any:
     from xpuflow.errors import ConfigError
-    from xpuflow.serving.settings import ApiKey, GatewaySettings
+    from xpuflow.serving.settings import ApiKey, CorsPolicy, GatewaySettings
 
     api_keys: dict[str, ApiKey] = {}
     admin_keys: dict[str, str] = {}
@@ -38,12 +56,33 @@ def _settings(config: Any) -> Any:
             admin_keys[secret] = entry.name
         else:  # an operator's key may hold admin with metrics and dashboard
             api_keys[secret] = ApiKey(entry.name, frozenset(rights), entry.qos_class)
+    gateway = config.gateway
+    cors = None
+    if gateway.cors is not None:
+        cors = CorsPolicy(
+            allow_origins=tuple(gateway.cors.allow_origins),
+            allow_methods=tuple(gateway.cors.allow_methods),
+            allow_headers=tuple(gateway.cors.allow_headers),
+            allow_credentials=gateway.cors.allow_credentials,
+            max_age_s=gateway.cors.max_age_s,
+        )
     return GatewaySettings(
         api_keys=api_keys,
         admin_keys=admin_keys,
-        max_body_bytes=config.gateway.max_body_bytes,
-        metrics_require_key=config.gateway.metrics_require_key,
-        dashboard_require_key=config.gateway.dashboard_require_key,
+        max_body_bytes=gateway.max_body_bytes,
+        metrics_require_key=gateway.metrics_require_key,
+        dashboard_require_key=gateway.dashboard_require_key,
+        cors=cors,
+        allowed_hosts=_allowed_hosts(config, host if host is not None else gateway.host),
+    )
+
+
+def listen_address(config: Any, host: str | None, port: int | None) -> tuple[str, int]:
+    """Where ``serve`` listens: the CLI flag, else the config's ``gateway`` section (whose defaults are
+    127.0.0.1 and 8000)."""
+    return (
+        host if host is not None else config.gateway.host,
+        port if port is not None else config.gateway.port,
     )
 
 
@@ -79,17 +118,16 @@ async def _serve(config: Any, config_path: Path | None, host: str, port: int) ->
     from xpuflow.orchestrator import Orchestrator
     from xpuflow.serving.app import create_app
     from xpuflow.serving.auth import Authenticator
+    from xpuflow.serving.server import GatewayServer, listen_socket
 
     console = Console(stderr=True)
-    settings = _settings(config)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    settings = _settings(config, host)
     try:
-        sock.bind((host, port))
+        sock = listen_socket(host, port)
     except OSError as exc:
-        sock.close()
         raise typer.BadParameter(
-            f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port"
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port "
+            "(or gateway.port in the config)"
         ) from exc
     bound_port = sock.getsockname()[1]
     with RichProgress(console, transient=True) as progress:
@@ -106,10 +144,26 @@ async def _serve(config: Any, config_path: Path | None, host: str, port: int) ->
         except ImportError:
             pass
         app = create_app(orchestrator, settings, routes=routes)
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3
+        drain_timeout_s = config.gateway.drain_timeout_s
+
+        def draining(in_flight: int, timeout_s: float) -> None:
+            console.print(
+                f"shutting down: /ready answers 503, new requests 503; waiting up to {timeout_s:g} s for "
+                f"{in_flight} request(s) in flight (signal again to stop at once)",
+                highlight=False,
             )
+
+        server = GatewayServer(
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=_CLOSE_GRACE_S,
+            ),
+            app.state.gateway.drain,
+            drain_timeout_s=drain_timeout_s,
+            on_drain_start=draining,
         )
         shown_host = f"[{host}]" if ":" in host else host
         _banner(f"http://{shown_host}:{bound_port}", orchestrator, Console())
@@ -128,16 +182,29 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Argument(help="YAML config; without it, the embedded default for this machine."),
         ] = None,
-        host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+        host: Annotated[
+            str | None,
+            typer.Option(help="Address to listen on [default: gateway.host of the config, 127.0.0.1]."),
+        ] = None,
+        port: Annotated[
+            int | None,
+            typer.Option(
+                min=0,
+                max=65535,
+                help="Port to listen on, 0 for any free one [default: gateway.port of the config, 8000].",
+            ),
+        ] = None,
     ) -> None:
         """Serve every configured model behind one OpenAI-compatible endpoint."""
         from xpuflow.config import load_config
         from xpuflow.defaults import embedded_config
 
+        # transformers draws a "Loading weights" bar per model under our own progress display; the
+        # banner and the build bars say what is loading (set before transformers is imported)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         try:
             cfg = load_config(config) if config is not None else embedded_config()
-            asyncio.run(_serve(cfg, config, host, port))
+            asyncio.run(_serve(cfg, config, *listen_address(cfg, host, port)))
         except XpuflowError as exc:
             fail(str(exc))
         except KeyboardInterrupt:

@@ -9,11 +9,14 @@ Endpoints (docs/api.md has them all, with headers and errors):
   the hot path, in ``serving.inference``.
 - ``GET /v1/models``, ``/v1/models/{model}``: the engine's logical models.
 - ``GET /health`` (the process answers), ``/ready`` (the engine's ``is_ready()``; an engine without one
-  is ready), ``/metrics`` (Prometheus text).
+  is ready; 503 while the server drains), ``/metrics`` (Prometheus text), ``/openapi.json`` (the API's
+  OpenAPI 3.1 document, ``serving.openapi``).
 - Admin, with an admin key only: ``GET /admin/workers`` (``engine.status()``),
   ``POST /admin/workers/{id}/drain``, ``/undrain``, ``POST /admin/reload``.
 
-Every error, including unknown paths and wrong methods, is OpenAI-shaped JSON.
+Every error, including unknown paths and wrong methods, is OpenAI-shaped JSON. Around the routes, outermost
+first: the Host allowlist (``serving.hosts``, when ``allowed_hosts`` is not ``*``), CORS (when configured)
+and the drain (``serving.drain``: in-flight count, 503 while shutting down).
 """
 
 from __future__ import annotations
@@ -31,15 +34,19 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
 
 from xpuflow.errors import XpuflowError
 from xpuflow.scheduling.request import RequestKind
 from xpuflow.serving.auth import Authenticator, request_authorization
+from xpuflow.serving.drain import Drain, DrainMiddleware
 from xpuflow.serving.engine import Engine
+from xpuflow.serving.hosts import HostFilter
 from xpuflow.serving.inference import DECISION_HEADERS, InferenceEndpoints, ModelCatalog, to_api_error
 from xpuflow.serving.metrics import GatewayMetrics
-from xpuflow.serving.openai_schema import APIError, error_body
+from xpuflow.serving.openai_schema import APIError, error_body, require_json_content_type
+from xpuflow.serving.openapi import openapi_document
+from xpuflow.serving.redact import redact
 from xpuflow.serving.settings import GatewaySettings
 
 __all__ = ["Gateway", "create_app"]
@@ -83,6 +90,7 @@ class Gateway:
         self.metrics = GatewayMetrics(engine.status)
         self.catalog = ModelCatalog(engine, self.settings.owned_by)
         self.inference = InferenceEndpoints(engine, self.settings, self.auth, self.metrics, self.catalog)
+        self.drain = Drain()
 
     # -- models, health, metrics --------------------------------------------------------------------
 
@@ -98,6 +106,8 @@ class Gateway:
         return _json({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
+        if self.drain.draining:  # first thing a shutdown changes, so load balancers stop sending
+            return _json({"status": "draining"}, 503)
         is_ready = getattr(self.engine, "is_ready", None)
         ready = True
         if callable(is_ready):
@@ -106,7 +116,7 @@ class Gateway:
                 ready = bool(await answer if inspect.isawaitable(answer) else answer)
             except Exception as exc:  # a readiness probe answers; it never fails with a 500
                 log.warning("engine.is_ready() failed: %s", exc)
-                return _json({"status": "error", "reason": str(exc)}, 503)
+                return _json({"status": "error", "reason": redact(str(exc))}, 503)
         return _json({"status": "ready" if ready else "starting"}, 200 if ready else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
@@ -115,10 +125,15 @@ class Gateway:
         body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
 
+    async def openapi(self, request: Request) -> Response:
+        return _json(openapi_document(self.catalog.models.values(), self.settings))
+
     # -- admin --------------------------------------------------------------------------------------
 
     def _control(self, request: Request, operation: str) -> Any:
         self.auth.check(request_authorization(request), "admin")
+        if _has_body(request):  # the admin POSTs take no body; one that is sent must be JSON
+            require_json_content_type(_raw_header(request, "content-type"))
         if not callable(getattr(self.engine, operation, None)):
             raise APIError(501, f"this engine does not support {operation}", code="not_implemented")
         return self.engine
@@ -156,11 +171,43 @@ class Gateway:
             Route("/health", self.health),
             Route("/ready", self.ready),
             Route("/metrics", self.metrics_endpoint),
+            Route("/openapi.json", self.openapi),
             Route("/admin/workers", self.admin_workers),
             Route("/admin/workers/{worker_id:path}/drain", self.admin_drain, methods=["POST"]),
             Route("/admin/workers/{worker_id:path}/undrain", self.admin_undrain, methods=["POST"]),
             Route("/admin/reload", self.admin_reload, methods=["POST"]),
         ]
+
+
+def _raw_header(request: Request, name: str) -> bytes | None:
+    value = request.headers.get(name)
+    return None if value is None else value.encode("latin-1")
+
+
+def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    return "transfer-encoding" in request.headers or (length is not None and length.strip() not in ("", "0"))
+
+
+def _slash_redirect(request: Request) -> Response | None:
+    """A 307 to the same path with its trailing slash added or removed, when that path exists.
+
+    Starlette's own redirect builds an absolute URL from the client's Host header; this one sends a
+    relative ``Location`` (RFC 9110 allows it), so a forged Host cannot steer the client elsewhere."""
+    path = request.scope["path"]
+    if path == "/" or "//" in path or "\\" in path:  # "//host" would be a protocol-relative URL
+        return None
+    other = path.rstrip("/") if path.endswith("/") else path + "/"
+    if not other:
+        return None
+    scope = {**request.scope, "path": other}
+    for route in request.app.router.routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            query = request.scope.get("query_string", b"")
+            location = other + ("?" + query.decode("latin-1") if query else "")
+            return Response(status_code=307, headers={"location": location})
+    return None
 
 
 def _error_response(error: APIError) -> Response:
@@ -175,6 +222,9 @@ async def _on_api_error(request: Request, exc: Exception) -> Response:
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
+        redirect = _slash_redirect(request)
+        if redirect is not None:
+            return redirect
         message, code = (
             f"no endpoint {request.method} {request.url.path}; docs/api.md lists them",
             "not_found",
@@ -201,19 +251,25 @@ def create_app(
 ) -> Starlette:
     """The gateway's ASGI app over ``engine``. ``routes`` are mounted after the gateway's own (the
     dashboard, for one); ``lifespan`` runs around the server's life (to start and close the engine).
-    The ``Gateway`` is at ``app.state.gateway``."""
+    The ``Gateway`` is at ``app.state.gateway``; its ``drain`` is what a server's shutdown begins."""
     gateway = Gateway(engine, settings)
     middleware = []
-    if gateway.settings.cors_origins:
+    if "*" not in gateway.settings.allowed_hosts:
+        middleware.append(Middleware(HostFilter, allowed=gateway.settings.allowed_hosts))
+    cors = gateway.settings.cors
+    if cors is not None:
         middleware.append(
             Middleware(
                 CORSMiddleware,
-                allow_origins=list(gateway.settings.cors_origins),
-                allow_methods=["GET", "POST"],
-                allow_headers=["*"],
-                expose_headers=list(DECISION_HEADERS),
+                allow_origins=list(cors.allow_origins),
+                allow_methods=list(cors.allow_methods),
+                allow_headers=list(cors.allow_headers),
+                allow_credentials=cors.allow_credentials,
+                max_age=cors.max_age_s,
+                expose_headers=["x-request-id", "retry-after", *DECISION_HEADERS],
             )
         )
+    middleware.append(Middleware(DrainMiddleware, drain=gateway.drain))
     app = Starlette(
         routes=[*gateway.routes(), *routes],
         middleware=middleware,
@@ -224,5 +280,6 @@ def create_app(
         },
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # _on_http_error redirects, with a relative Location
     app.state.gateway = gateway
     return app

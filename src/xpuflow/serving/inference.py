@@ -53,7 +53,9 @@ from xpuflow.serving.openai_schema import (
     parse_chat,
     parse_completion,
     parse_embeddings,
+    require_json_content_type,
 )
+from xpuflow.serving.redact import redact
 from xpuflow.serving.settings import ApiKey, GatewaySettings
 from xpuflow.types import RoutingDecision
 
@@ -70,7 +72,9 @@ _SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),  # proxies (nginx) must not hold the stream back
 ]
-_WANTED = frozenset({b"authorization", b"content-length", b"x-priority", b"x-qos-class", b"x-xpuflow-tier"})
+_WANTED = frozenset(
+    {b"authorization", b"content-length", b"content-type", b"x-priority", b"x-qos-class", b"x-xpuflow-tier"}
+)
 _PRIORITIES = {b"": Priority.NORMAL, b"high": Priority.HIGH, b"normal": Priority.NORMAL, b"low": Priority.LOW}
 _MAX_HEADER_CHARS = 200
 # Header values must not carry control characters (CR/LF would split the response).
@@ -99,7 +103,11 @@ def decision_headers(decision: RoutingDecision | None) -> list[tuple[bytes, byte
         (b"x-xpuflow-tier", _header(decision.tier or "")),
         (b"x-xpuflow-worker", _header(decision.worker or "")),
         (b"x-xpuflow-device", _header(decision.device or "")),
-        (b"x-xpuflow-route-reason", _header(decision.reason)),
+        # a remote worker's reason may name its server's URL; the log has it, the client does not
+        (
+            b"x-xpuflow-route-reason",
+            _header(redact(decision.reason) if "://" in decision.reason else decision.reason),
+        ),
     ]
 
 
@@ -159,10 +167,11 @@ def _retry_after(seconds: float | None) -> dict[str, str]:
 
 
 def to_api_error(exc: BaseException, models: Sequence[str] = ()) -> APIError:
-    """The HTTP answer for an error the engine raised (docs/api.md, "Errors", has the table)."""
+    """The HTTP answer for an error the engine raised (docs/api.md, "Errors", has the table). Its
+    message has no upstream URLs or addresses (``redact``); the caller logs the original."""
     if isinstance(exc, APIError):
         return exc
-    message = str(exc) or type(exc).__name__
+    message = redact(str(exc)) or type(exc).__name__
     if isinstance(exc, ConfigError):
         field = exc.field
         if field == "model":
@@ -334,6 +343,7 @@ class InferenceEndpoints:
         self.metrics.in_flight += 1
         try:
             key = self.auth.check(headers.get(b"authorization"))
+            require_json_content_type(headers.get(b"content-type"))
             body = await _read_body(receive, headers.get(b"content-length"), self.settings.max_body_bytes)
             parsed = _PARSERS[kind](load_json(body), self.settings)
             info = self.catalog.for_kind(parsed.model, kind)
@@ -408,7 +418,7 @@ class InferenceEndpoints:
         self, send: Send, exc: BaseException, request_id: str, labels: tuple[str, str, str], start: float
     ) -> None:
         error = to_api_error(exc, list(self.catalog.models))
-        if error.status >= 500:
+        if error.status >= 500 or isinstance(exc, RemoteError):  # the full message: the body is redacted
             log.warning("request %s failed: %s", request_id, exc, exc_info=error.status == 500)
         extra = [(b"x-request-id", request_id.encode())]
         extra += [(k.encode(), v.encode()) for k, v in error.headers.items()]
@@ -425,7 +435,7 @@ class InferenceEndpoints:
         key: ApiKey | None,
     ) -> InferenceCall:
         raw_priority = headers.get(b"x-priority", b"")
-        priority = _PRIORITIES.get(raw_priority.strip().lower())
+        priority = _PRIORITIES.get(raw_priority.strip(b" \t").lower())
         if priority is None:
             raise APIError(
                 400,
@@ -509,7 +519,7 @@ class InferenceEndpoints:
                 except StopAsyncIteration:
                     break
                 except (XpuflowError, TimeoutError) as exc:  # e.g. the worker failed mid-stream
-                    failed = str(exc)
+                    failed = str(exc) or type(exc).__name__
                     break
                 except Exception:
                     log.exception("stream %s failed", call.request_id)
@@ -518,8 +528,11 @@ class InferenceEndpoints:
             prompt_tokens = int(usage.get("prompt_tokens", 0)) if usage else 0
             completion_tokens = int(usage.get("completion_tokens", sent)) if usage else sent
             if failed is not None:
+                worker = decision.worker if decision is not None and decision.worker else None
+                where = f" on worker '{worker}'" if worker else ""
+                log.warning("stream %s failed after it started%s: %s", call.request_id, where, failed)
                 tail = ChatStream.error(
-                    f"the stream failed after it started: {failed}", code="stream_interrupted"
+                    f"the stream failed after it started{where}: {redact(failed)}", code="stream_interrupted"
                 )
             else:
                 tail = out.usage(prompt_tokens, completion_tokens) if parsed.include_usage else b""

@@ -42,6 +42,7 @@ __all__ = [
     "parse_chat",
     "parse_completion",
     "parse_embeddings",
+    "require_json_content_type",
 ]
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -57,6 +58,7 @@ _STATUS_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -118,6 +120,37 @@ class ParsedRequest:
 
 
 # -- reading --------------------------------------------------------------------------------------
+
+
+def _is_json_media_type(content_type: bytes) -> bool:
+    media, _, params = content_type.partition(b";")
+    media = media.strip().lower()
+    if media != b"application/json" and not (media.startswith(b"application/") and media.endswith(b"+json")):
+        return False
+    for param in params.split(b";"):
+        name, _, value = param.partition(b"=")
+        if name.strip().lower() == b"charset" and value.strip().strip(b'"').lower() not in (
+            b"utf-8",
+            b"utf8",
+        ):
+            return False  # JSON is UTF-8 (RFC 8259); a body in another charset would be misread
+    return True
+
+
+def require_json_content_type(content_type: bytes | None) -> None:
+    """Accept ``application/json`` (or an ``application/*+json`` type), with at most a UTF-8 charset.
+
+    Raises APIError 415 otherwise. Why it matters: a web page can POST ``text/plain`` or a form to a
+    local gateway without a CORS preflight; a JSON content type cannot be sent that way."""
+    if content_type is not None and _is_json_media_type(content_type):
+        return
+    got = "none" if content_type is None else repr(content_type[:100].decode("latin-1"))
+    raise APIError(
+        415,
+        f"the request body must be JSON sent with 'Content-Type: application/json' (got {got})",
+        param="content-type",
+        code="unsupported_media_type",
+    )
 
 
 def load_json(body: bytes) -> dict[str, Any]:
@@ -194,6 +227,8 @@ def _int(data: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
     value = data.get(name)
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 8.0 is the integer 8 (as JSON Schema says)
     if isinstance(value, bool) or not isinstance(value, int):
         raise _invalid(name, f"must be an integer, got {_type_name(value)}")
     if not low <= value <= high:
@@ -203,7 +238,10 @@ def _int(data: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
 
 def _refuse(data: Mapping[str, Any], name: str, allowed: tuple[Any, ...], why: str) -> None:
     value = data.get(name)
-    if value is not None and value not in allowed and value != []:
+    # compared as JSON values: 0 is not false (Python says it is), 1.0 is 1
+    if value is not None and not any(
+        isinstance(value, bool) == isinstance(ok, bool) and value == ok for ok in allowed
+    ):
         raise _invalid(name, why, "unsupported_value")
 
 
@@ -221,9 +259,11 @@ def _stop(data: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def _params(data: Mapping[str, Any], settings: GatewaySettings) -> GenerationParams:
+    # both are checked, so a bad value is refused even where the other one wins
     max_tokens = _int(data, "max_completion_tokens", 1, settings.max_tokens_limit)
+    legacy = _int(data, "max_tokens", 1, settings.max_tokens_limit)
     if max_tokens is None:
-        max_tokens = _int(data, "max_tokens", 1, settings.max_tokens_limit)
+        max_tokens = legacy
     temperature = _number(data, "temperature", 0.0, 2.0)
     top_p = _number(data, "top_p", 0.0, 1.0, low_open=True)
     seed = _int(data, "seed", -_INT64, _INT64 - 1)
@@ -302,8 +342,8 @@ def parse_chat(data: Mapping[str, Any], settings: GatewaySettings) -> ParsedRequ
     """Validate a ``POST /v1/chat/completions`` body."""
     model = _model(data)
     messages = _messages(data)
-    _refuse(data, "tools", (), "tool calling is not supported by this server")
-    _refuse(data, "functions", (), "function calling is not supported by this server")
+    _refuse(data, "tools", ([],), "tool calling is not supported by this server")
+    _refuse(data, "functions", ([],), "function calling is not supported by this server")
     _refuse(data, "logprobs", (False,), "logprobs are not supported by this server")
     fmt = data.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):

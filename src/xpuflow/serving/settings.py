@@ -27,7 +27,10 @@ from typing import Any
 
 from xpuflow.errors import ConfigError
 
-__all__ = ["RIGHTS", "ApiKey", "GatewaySettings"]
+__all__ = ["LOOPBACK_HOSTS", "RIGHTS", "ApiKey", "CorsPolicy", "GatewaySettings"]
+
+#: The Host header values a gateway bound to a loopback address answers by default (any port).
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 #: right -> what a key holding it may do.
 RIGHTS: dict[str, str] = {
@@ -62,6 +65,38 @@ class ApiKey:
                 f"api key '{self.name}' holds both infer and admin; the admin API needs a separate key, "
                 "so give this one infer and create another with admin",
                 field="api_keys.rights",
+            )
+
+
+@dataclass(frozen=True)
+class CorsPolicy:
+    """Which browser origins may call the gateway (Starlette's ``CORSMiddleware``). Preflight answers
+    are cached by browsers for ``max_age_s``; the ``x-xpuflow-*`` routing headers are always exposed."""
+
+    allow_origins: tuple[str, ...] = ()
+    allow_methods: tuple[str, ...] = ("GET", "POST")
+    allow_headers: tuple[str, ...] = ("authorization", "content-type", "x-priority", "x-qos-class")
+    allow_credentials: bool = False
+    max_age_s: int = 600
+
+    def __post_init__(self) -> None:
+        for name in ("allow_origins", "allow_methods", "allow_headers"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not self.allow_origins:
+            raise ConfigError(
+                "cors.allow_origins is empty; list the origins (https://app.example.com) or drop cors",
+                field="cors.allow_origins",
+            )
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ConfigError(
+                "cors.allow_credentials with allow_origins ['*'] lets every web site send its visitors' "
+                "credentials; list the origins instead",
+                field="cors.allow_credentials",
+            )
+        if isinstance(self.max_age_s, bool) or not isinstance(self.max_age_s, int) or self.max_age_s < 0:
+            raise ConfigError(
+                f"cors.max_age_s must be a whole number of seconds >= 0, got {self.max_age_s!r}",
+                field="cors.max_age_s",
             )
 
 
@@ -105,7 +140,11 @@ class GatewaySettings:
     max_embedding_inputs: int = 2048  # inputs in one embeddings request, as in the OpenAI API
     metrics_require_key: bool = False  # /metrics open to scrapers by default
     dashboard_require_key: bool = False  # the dashboard's data open by default (the gateway binds 127.0.0.1)
-    cors_origins: tuple[str, ...] = ()  # empty: CORS off
+    cors_origins: tuple[str, ...] = ()  # shorthand for cors=CorsPolicy(allow_origins=...)
+    cors: CorsPolicy | None = None  # None (and no cors_origins): CORS off
+    # Host header values answered (any port), others get 400; "*" answers any. ``xpuflow serve`` bound
+    # to a loopback address uses LOOPBACK_HOSTS, so a DNS-rebound page cannot read the gateway.
+    allowed_hosts: tuple[str, ...] = ("*",)
     owned_by: str = "xpuflow"  # reported by /v1/models
 
     def __post_init__(self) -> None:
@@ -124,6 +163,15 @@ class GatewaySettings:
         object.__setattr__(self, "api_keys", MappingProxyType(keys))
         object.__setattr__(self, "admin_keys", MappingProxyType({}))
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        if self.cors is None and self.cors_origins:
+            object.__setattr__(self, "cors", CorsPolicy(allow_origins=self.cors_origins))
+        hosts = tuple(str(h).strip().lower() for h in self.allowed_hosts)
+        if not hosts or not all(hosts):
+            raise ConfigError(
+                "allowed_hosts must list host names such as localhost, or be ['*'] to answer any",
+                field="allowed_hosts",
+            )
+        object.__setattr__(self, "allowed_hosts", hosts)
         for name in ("max_body_bytes", "default_max_tokens", "max_tokens_limit", "max_embedding_inputs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
