@@ -214,6 +214,7 @@ def start_xpuflow(
     file; returns the process once ``/health`` answers, and the gateway's base URL. ``src``: run the
     package from this source folder (``export_source``) instead of the installed one."""
     import os
+    import shutil
     import tempfile
 
     import yaml
@@ -229,7 +230,13 @@ def start_xpuflow(
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")])),
         }
-    return start_process(argv, f"{url}/health", timeout_s, env=env), url
+    try:
+        proc = start_process(argv, f"{url}/health", timeout_s, env=env)
+    except BaseException:
+        shutil.rmtree(path.parent, ignore_errors=True)
+        raise
+    proc.config_dir = path.parent  # type: ignore[attr-defined]  # the caller removes it when done
+    return proc, url
 
 
 def remote_deployment(name: str, upstream: str, **fields: Any) -> dict[str, Any]:

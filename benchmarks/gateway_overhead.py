@@ -44,6 +44,7 @@ import math
 import os
 import platform
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -295,6 +296,7 @@ def main() -> None:
     urls: dict[str, str] = {}
     runs: dict[str, dict[str, Any]] = {}
     litellm: dict[str, Any] = {}
+    src: Path | None = None
     try:
         port = free_port()
         upstream = f"http://127.0.0.1:{port}"
@@ -304,7 +306,7 @@ def main() -> None:
         urls["direct"] = f"{upstream}/v1/chat/completions"
         runs["direct"] = {}
 
-        src, args.product = None, "the working tree"
+        args.product = "the working tree"
         if args.at_commit:
             src, commit = export_source(args.at_commit)
             args.product = f"commit {commit}"
@@ -363,6 +365,11 @@ def main() -> None:
     finally:
         for proc in procs.values():
             stop_process(proc)
+            shutil.rmtree(getattr(proc, "config_dir", ""), ignore_errors=True)
+            if getattr(proc, "log_path", None):
+                Path(proc.log_path).unlink(missing_ok=True)  # type: ignore[attr-defined]
+        if src is not None:
+            shutil.rmtree(src.parent, ignore_errors=True)
     _report(runs, litellm, args, (load_before, os.getloadavg()))
 
 

@@ -65,6 +65,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -194,6 +195,7 @@ class Upstream:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(timeout=10)
+        _unlink_log(self.proc)
 
     def stats(self) -> dict[str, Any]:
         import urllib.request
@@ -238,6 +240,7 @@ class Gateway:
         stop_process(self.proc)
         tail = _log_tail(self.proc)
         _unlink_log(self.proc)
+        shutil.rmtree(getattr(self.proc, "config_dir", ""), ignore_errors=True)
         return tail
 
 
@@ -431,6 +434,12 @@ class Bench:
                 tail = tail.split("Stop: Ctrl+C", 1)[-1].strip()  # what it said after its banner
                 if tail:
                     self.logs[scenario] = tail
+
+    def close(self) -> None:
+        """Stop what is still running and remove the exported source."""
+        self.close_all()
+        if self.src is not None:
+            shutil.rmtree(self.src.parent, ignore_errors=True)
 
     def close_all(self) -> None:
         while self.open:
@@ -1177,7 +1186,7 @@ def main() -> None:
     try:
         results = run_loop(run(bench, names))
     finally:
-        bench.close_all()
+        bench.close()
     _write(results, args, (load_before, os.getloadavg()))
     _report(RESULTS)
 
