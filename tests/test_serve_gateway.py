@@ -49,18 +49,16 @@ class Upstream:
         async def chat(request: web.Request) -> web.Response:
             await request.read()
             await asyncio.sleep(self.delay_s)
+            if request.path.endswith("/chat/completions"):
+                choice: dict[str, Any] = {"message": {"role": "assistant", "content": "ok"}}
+            else:
+                choice = {"text": "ok"}
             return web.json_response(
                 {
-                    "id": "chatcmpl-up",
+                    "id": "cmpl-up",
                     "object": "chat.completion",
                     "model": "up",
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": "ok"},
-                            "finish_reason": "stop",
-                        }
-                    ],
+                    "choices": [{"index": 0, **choice, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
                 }
             )
@@ -71,6 +69,7 @@ class Upstream:
         async def start() -> web.AppRunner:
             app = web.Application()
             app.router.add_post("/v1/chat/completions", chat)
+            app.router.add_post("/v1/completions", chat)
             app.router.add_get("/health", health)
             app.router.add_get("/v1/models", health)
             runner = web.AppRunner(app, shutdown_timeout=0.5)
