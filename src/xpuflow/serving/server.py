@@ -50,8 +50,9 @@ def listen_socket(host: str, port: int) -> socket.socket:
 class GatewayServer(uvicorn.Server):
     """uvicorn's server with a drain on SIGTERM and SIGINT instead of an immediate stop.
 
-    ``on_drain_start(in_flight)`` is called once when the drain begins (to tell the operator); the clock
-    is injectable for tests."""
+    ``on_drain_start(in_flight, drain_timeout_s)`` is called once, on the event loop, when the drain
+    begins (to tell the operator); ``drained_in_time`` says afterwards whether it ended before its
+    timeout. The clock is injectable for tests."""
 
     def __init__(
         self,
