@@ -1,0 +1,47 @@
+"""What ``xpuflow serve`` takes from the config before it starts: where it listens and which Host names,
+origins and keys its gateway answers. ``tests/test_serve_gateway.py`` runs the command itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from xpuflow.cli.serve import _settings, listen_address
+from xpuflow.config import parse_config
+from xpuflow.errors import ConfigError
+from xpuflow.serving.settings import LOOPBACK_HOSTS
+
+
+def test_the_flags_win_over_the_config_which_wins_over_the_defaults() -> None:
+    configured = parse_config({"gateway": {"host": "0.0.0.0", "port": 9000}})
+    assert listen_address(configured, None, None) == ("0.0.0.0", 9000)
+    assert listen_address(configured, "127.0.0.1", None) == ("127.0.0.1", 9000)
+    assert listen_address(configured, None, 0) == ("0.0.0.0", 0)
+    assert listen_address(parse_config({}), None, None) == ("127.0.0.1", 8000)
+
+
+@pytest.mark.parametrize(
+    ("gateway", "host", "expected"),
+    [
+        ({}, None, LOOPBACK_HOSTS),
+        ({}, "::1", LOOPBACK_HOSTS),
+        ({"host": "0.0.0.0"}, None, ("*",)),
+        ({}, "0.0.0.0", ("*",)),  # --host wins over the config's loopback address
+        ({"host": "0.0.0.0", "allowed_hosts": ["api.example.com"]}, None, ("api.example.com",)),
+        ({"allowed_hosts": ["*"]}, None, ("*",)),
+    ],
+)
+def test_a_loopback_gateway_answers_its_own_names_unless_told_otherwise(
+    gateway: dict[str, object], host: str | None, expected: tuple[str, ...]
+) -> None:
+    assert _settings(parse_config({"gateway": gateway}), host).allowed_hosts == expected
+
+
+def test_cors_comes_from_the_config() -> None:
+    settings = _settings(parse_config({"gateway": {"cors": {"allow_origins": ["https://app.example"]}}}))
+    assert settings.cors.allow_origins == ("https://app.example",)
+    assert settings.cors.allow_methods == ("GET", "POST")
+    assert _settings(parse_config({})).cors is None
+    with pytest.raises(ConfigError, match="list the origins"):
+        parse_config({"gateway": {"cors": {"allow_origins": ["*"], "allow_credentials": True}}})
+    with pytest.raises(ConfigError, match="drain_timeout_s"):
+        parse_config({"gateway": {"drain_timeout_s": 0}})
