@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import pytest
 from remote_helpers import INVENTORY, chat_call, remote_config, upstreams
 
@@ -145,3 +146,61 @@ def test_a_restarted_upstream_serves_again_within_seconds_of_coming_back() -> No
     back = [at for at, latency, worker in results if worker == "up0/0" and at + latency > restart_at]
     assert back, "the restarted upstream got no traffic"
     assert min(back) - restart_at <= 3.0, f"first served {min(back) - restart_at:.2f} s after the restart"
+
+
+async def _open_loop(
+    orch: Orchestrator, rate_per_s: float, seconds: float, events: dict[float, object]
+) -> list[tuple[float, float, str | None]]:
+    """Requests arriving at a fixed rate (open loop, as clients do not wait for each other)."""
+    results: list[tuple[float, float, str | None]] = []
+    begin = time.monotonic()
+
+    async def one(started: float) -> None:
+        try:
+            worker = (await orch.complete(chat_call())).decision.worker
+        except Exception:
+            worker = None
+        results.append((started - begin, time.monotonic() - started, worker))
+
+    async def script() -> None:
+        for at, action in sorted(events.items()):
+            await asyncio.sleep(max(0.0, at - (time.monotonic() - begin)))
+            await action()  # type: ignore[operator]
+
+    tasks = [asyncio.ensure_future(script())]
+    for index in range(int(rate_per_s * seconds)):
+        await asyncio.sleep(max(0.0, index / rate_per_s - (time.monotonic() - begin)))
+        tasks.append(asyncio.ensure_future(one(time.monotonic())))
+    await asyncio.gather(*tasks)
+    return results
+
+
+def test_every_upstream_failing_at_once_is_waited_out_not_answered_503() -> None:
+    outage_s, fail_at = 4.0, 1.0
+
+    async def run() -> tuple[list[tuple[float, float, str | None]], float]:
+        with upstreams(3, "--delay-ms", "10") as ups:
+            async with (
+                Orchestrator(remote_config([u.url for u in ups]), inventory=INVENTORY) as orch,
+                aiohttp.ClientSession() as http,
+            ):
+                healed: list[float] = []
+
+                async def fail(url: str) -> None:
+                    async with http.post(f"{url}/admin/fail?seconds={outage_s}") as response:
+                        await response.read()
+
+                async def fail_all() -> None:
+                    await asyncio.gather(*(fail(u.url) for u in ups))
+                    healed.append(time.monotonic() + outage_s)
+
+                begin = time.monotonic()
+                results = await _open_loop(orch, 40.0, fail_at + outage_s + 2.0, {fail_at: fail_all})
+                return results, healed[0] - begin
+
+    results, healed_at = asyncio.run(run())
+    failed = [at for at, _, worker in results if worker is None]
+    # LiteLLM with num_retries 2 loses ~40% of what arrives during such an outage; one run here lost 0
+    assert len(failed) <= 5, f"{len(failed)} of {len(results)} failed"
+    served_after = [at + latency for at, latency, worker in results if worker and at + latency >= healed_at]
+    assert min(served_after) - healed_at <= 1.0

@@ -186,17 +186,64 @@ def test_every_worker_failing_ends_in_an_error_naming_each_try() -> None:
     assert isinstance(error.__cause__, RemoteError)
 
 
-def test_no_worker_available_at_all() -> None:
+def test_no_worker_can_take_it_at_all() -> None:
+    a = FakeWorker("a", max_seq_len=8)
+    with pytest.raises(DispatchError, match=r"no worker can take request .*max_seq_len") as info:
+        run(lambda: dispatcher().dispatch([("t", [a])], request(), needs=WorkerNeeds(tokens=100)))
+    assert info.value.attempts == ()
+    assert a.calls == 0
+    with pytest.raises(DispatchError, match="no tier has workers"):
+        run(lambda: dispatcher().dispatch([], request()))
+
+
+def test_panic_a_tier_whose_workers_are_all_unhealthy_is_tried_anyway() -> None:
     a, b = workers("a", "b")
     for worker in (a, b):
         for _ in range(3):
             worker.health.record_failure("down")
-    with pytest.raises(DispatchError, match=r"no worker can take request .*unhealthy") as info:
-        run(lambda: dispatcher().dispatch([("t", [a, b])], request()))
-    assert info.value.attempts == ()
-    assert a.calls == b.calls == 0
-    with pytest.raises(DispatchError, match="no tier has workers"):
-        run(lambda: dispatcher().dispatch([], request()))
+    assert not a.health.available()
+    done = run(lambda: dispatcher().dispatch([("t", [a, b])], request()))
+    assert done.decision.worker == "a"  # the best of the unhealthy ones
+    assert "panic: every worker of tier t is unhealthy" in done.decision.reason
+    assert a.health.healthy  # its success brings it back at once, not after a cooldown
+    assert not b.health.healthy
+
+
+def test_an_outage_of_every_worker_is_waited_out_with_backoff() -> None:
+    clock = FakeClock()
+    a, b = workers("a", "b", clock=clock)
+    a.session.fail_next = b.session.fail_next = 4  # both answer 500 for a while, then heal
+    d = dispatcher(clock=clock, backoff_base_s=0.05, backoff_max_s=1.0)
+    done = run(lambda: d.dispatch([("t", [a, b])], request()))
+    assert isinstance(done.result, Completion)
+    assert len(done.attempts) == 9  # 8 failures over both workers, round after round, then success
+    waits = [x.backoff_s for x in done.attempts]
+    assert max(waits) <= 1.0
+    assert clock.monotonic() < 10.0  # well inside outage_retry_s
+
+
+def test_an_outage_longer_than_outage_retry_s_fails_with_every_try_named() -> None:
+    clock = FakeClock()
+    a, b = workers("a", "b", clock=clock)
+    a.error = b.error = SessionError("500")
+    d = dispatcher(clock=clock, outage_retry_s=3.0, backoff_max_s=1.0)
+    with pytest.raises(DispatchError, match="failed on every worker tried") as info:
+        run(lambda: d.dispatch([("t", [a, b])], request()))
+    assert 3.0 <= clock.monotonic() <= 3.0 + 2 * 1.0  # the round that crossed 3 s ends, no other
+    assert len(info.value.attempts) > 4
+    no_wait = dispatcher(clock=FakeClock(), outage_retry_s=0.0)
+    with pytest.raises(DispatchError) as once:
+        run(lambda: no_wait.dispatch([("t", [a, b])], request()))
+    assert len(once.value.attempts) == 2  # outage_retry_s 0: one round, as before
+
+
+def test_a_failing_request_on_healthy_peers_is_not_an_outage() -> None:
+    a, b, c = workers("a", "b", "c")
+    a.error = b.error = SessionError("500")
+    d = dispatcher(max_retries=1)  # two tries in the tier; c stays untried and healthy
+    with pytest.raises(DispatchError) as info:
+        run(lambda: d.dispatch([("t", [a, b, c])], request()))
+    assert len(info.value.attempts) == 2
 
 
 def test_full_queues_everywhere_become_admission_rejected() -> None:

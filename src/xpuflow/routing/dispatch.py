@@ -242,14 +242,55 @@ class Dispatcher:
         progress: _Progress,
         attempt: Callable[[DispatchTarget, float | None], Awaitable[T]],
     ) -> tuple[_Pick, T]:
-        policy = self.policy
         tier_list = list(tiers.items()) if isinstance(tiers, Mapping) else list(tiers)
         backoff_due = False
+        began = self.clock.monotonic()
+        while True:
+            before = len(progress.attempts)
+            found = await self._round(tier_list, request, needs, affinity, progress, attempt, backoff_due)
+            if found is not None:
+                return found
+            if len(progress.attempts) == before or not self._outage(tier_list, began, request):
+                raise self._failure(request, progress, deadline=False)
+            backoff_due = True  # every worker failed: wait, then try them all again
+
+    def _outage(
+        self, tier_list: Sequence[tuple[str, Sequence[DispatchTarget]]], began: float, request: WorkRequest
+    ) -> bool:
+        """Whether to go round the tiers again after a round whose every try failed: every worker of
+        every tier is failing now (unhealthy, or its last request failed), and the request has waited
+        less than ``outage_retry_s`` and has time left before its deadline."""
+        if self.clock.monotonic() - began >= self.policy.outage_retry_s:
+            return False
+        remaining = self._remaining_s(request)
+        if remaining is not None and remaining <= 0:
+            return False
+        workers = [w for _, tier_workers in tier_list for w in tier_workers]
+        return bool(workers) and all(
+            w.health.state is not HealthState.HEALTHY or w.health.consecutive_failures > 0 for w in workers
+        )
+
+    async def _round(
+        self,
+        tier_list: Sequence[tuple[str, Sequence[DispatchTarget]]],
+        request: WorkRequest,
+        needs: WorkerNeeds | None,
+        affinity: Affinity | None,
+        progress: _Progress,
+        attempt: Callable[[DispatchTarget, float | None], Awaitable[T]],
+        backoff_due: bool,
+    ) -> tuple[_Pick, T] | None:
+        """One pass over the tiers; the pick and result, or None when every try failed."""
+        policy = self.policy
+        first = len(progress.attempts)
         for tier, workers in tier_list:
             tried: set[str] = set()
-            while len(tried) <= policy.max_retries and len(progress.attempts) < policy.max_attempts:
+            while len(tried) <= policy.max_retries and len(progress.attempts) - first < policy.max_attempts:
                 if request.cancelled.is_set():
                     raise asyncio.CancelledError(_CLIENT_GONE)
+                untried = [w for w in workers if w.worker_id not in tried]
+                if not untried:
+                    break  # nobody left to wait for in this tier
                 backoff = 0.0
                 if backoff_due:
                     backoff = policy.backoff_s(len(progress.attempts), self.rng)
@@ -261,7 +302,6 @@ class Dispatcher:
                 remaining = self._remaining_s(request)
                 if remaining is not None and remaining <= 0:
                     raise self._failure(request, progress, deadline=True)
-                untried = [w for w in workers if w.worker_id not in tried]
                 pick, rejected = self._pick(tier, untried, needs, affinity)
                 for alternative in rejected:
                     progress.rejected.setdefault(f"{tier}/{alternative.candidate}", alternative)
@@ -309,7 +349,7 @@ class Dispatcher:
                     Attempt(tier, target.worker_id, target.device, elapsed, backoff, None, probe)
                 )
                 return pick, result
-        raise self._failure(request, progress, deadline=False)
+        return None
 
     def _pick(
         self,
@@ -334,15 +374,26 @@ class Dispatcher:
                 available[worker.worker_id] = health.available()
                 if available[worker.worker_id] and health.state is HealthState.PROBING:
                     probes.add(worker.worker_id)
+        now_s = self.clock.monotonic()
         choice = self.scorer.choose(
-            snapshots,
-            needs,
-            rng=self.rng,
-            available=available,
-            probes=probes,
-            now_s=self.clock.monotonic(),
-            affinity=affinity,
+            snapshots, needs, rng=self.rng, available=available, probes=probes, now_s=now_s, affinity=affinity
         )
+        if choice.chosen is None and any(
+            self.scorer.refusal(s, needs, available=True) is None for s in snapshots
+        ):
+            # Panic (Envoy's panic threshold): every worker that could take it is unhealthy. Failing
+            # everything until a cooldown ends would turn a blip of the whole tier into an outage of
+            # the service; try the best of them anyway, with the retries' backoff bounding the load.
+            everyone = dict.fromkeys(available, True)
+            panic = self.scorer.choose(
+                snapshots, needs, rng=self.rng, available=everyone, now_s=now_s, affinity=affinity
+            )
+            if panic.chosen is not None:
+                reason = (
+                    f"panic: every worker of tier {tier} is unhealthy, so the best is tried anyway; "
+                    f"{panic.reason}"
+                )
+                choice = dataclasses.replace(panic, reason=reason)
         if choice.chosen is None:
             return None, choice.rejected
         by_id = {w.worker_id: w for w in workers}

@@ -76,6 +76,9 @@ class RetryPolicy:
     attempt_timeout_s: float | None = 60.0  # one worker's time to answer (to the first chunk for streams)
     stream_idle_timeout_s: float | None = 60.0  # longest gap between chunks once a stream has started
     record_timeouts: bool = True  # count an attempt timeout as a failure in the worker's health
+    # while every worker of every tier is failing (an outage of the whole tier set), a request goes
+    # round them again, with backoff, for up to this long instead of failing at once
+    outage_retry_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
@@ -87,6 +90,10 @@ class RetryPolicy:
                 f"need 0 <= backoff_base_s <= backoff_max_s, got {self.backoff_base_s} and "
                 f"{self.backoff_max_s}",
                 field="backoff_base_s",
+            )
+        if not self.outage_retry_s >= 0:
+            raise ConfigError(
+                f"outage_retry_s must be >= 0 seconds, got {self.outage_retry_s}", field="outage_retry_s"
             )
         for name in ("attempt_timeout_s", "stream_idle_timeout_s"):
             value = getattr(self, name)
