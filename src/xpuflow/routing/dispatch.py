@@ -17,7 +17,11 @@ The contract:
 - A retryable failure (a session or backend error, ``RemoteError(retryable=True)``, a full queue, an
   attempt that ran past ``attempt_timeout_s``) moves the request to the next-best *other* worker of the
   same tier after an exponential backoff with jitter, at most ``max_retries`` times per tier; then to
-  the next tier. ``max_attempts`` bounds the whole request.
+  the next tier. ``max_attempts`` bounds one round over the tiers.
+- Outages of every worker: a tier whose workers are all unhealthy is tried anyway (panic: its best
+  worker takes the request), and when a round has failed on every worker tried while every worker of
+  every tier is failing, the request goes round again after the backoff, for up to ``outage_retry_s``
+  (or its deadline), so a few seconds of every upstream answering 500 cost latency, not errors.
 - A non-retryable error (``ConfigError``, ``RemoteError(retryable=False)``, anything carrying a 4xx
   status other than 408/429, ``CapabilityError``) is the client's problem: it is raised at once, as is.
 - Nothing accepted is lost: every call ends with a result or a ``DispatchError`` naming each worker
