@@ -34,6 +34,7 @@ def test_every_field_is_documented() -> None:
         cfg.PartitionConfig,
         cfg.QoSConfig,
         cfg.QoSContextConfig,
+        cfg.ClusterConfig,
     ):
         for name in model.model_fields:
             assert f"| `{name}` |" in text, f"{model.__name__}.{name} is missing from docs/config.md"

@@ -34,6 +34,7 @@ from xpuflow.errors import ConfigError
 __all__ = [
     "ApiKeyConfig",
     "BatchingConfig",
+    "ClusterConfig",
     "CorsConfig",
     "DeclaredResource",
     "DeploymentConfig",
@@ -101,6 +102,11 @@ class DeploymentConfig(_Strict):
         "max_batch_size for continuous sessions. Others batch with `batching` and refuse it.",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings.")
+    node: str | None = Field(
+        None,
+        description="Cluster mode only: the node (its name, id or IP) or node label ('key=value') its "
+        "replicas must run on; default: any node, replicas spread across nodes (docs/cluster.md).",
+    )
 
     def to_model_config(self, base_dir: Path | None = None) -> Any:
         from xpuflow.backends.base import ModelConfig, ModelTask
@@ -319,6 +325,40 @@ class QoSConfig(_Strict):
         return self
 
 
+class ClusterConfig(_Strict):
+    """Run workers on a Ray cluster (docs/cluster.md); without this section xpuflow is one process."""
+
+    engine: Literal["ray"] = Field("ray", description="Cluster engine; Ray is the one supported.")
+    address: str = Field(
+        "auto",
+        description="'auto' (the Ray cluster this machine belongs to), 'ray://host:port' or 'host:port' "
+        "(a cluster's head), or 'local' (start a one-node Ray in this process).",
+    )
+    namespace: str = Field("xpuflow", min_length=1, description="Ray namespace of xpuflow's actors.")
+    refresh_interval_s: float = Field(
+        5.0, gt=0.0, description="Seconds between cluster inventory refreshes (nodes that join or leave)."
+    )
+    health_interval_s: float = Field(
+        0.25, gt=0.0, description="Seconds between reads of each remote worker's live metrics."
+    )
+    unhealthy_after_s: float = Field(
+        1.0,
+        gt=0.0,
+        description="A remote worker that has not answered for this long leaves routing until it answers.",
+    )
+    worker_num_cpus: float = Field(
+        1.0, ge=0.0, description="Ray CPUs one worker on a CPU device reserves on its node."
+    )
+    spread: bool = Field(True, description="Spread a deployment's replicas across nodes.")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value in ("auto", "local") or value.startswith("ray://") or ":" in value:
+            return value
+        raise ValueError(f"cluster.address '{value}': use auto, local, ray://host:port or host:port")
+
+
 class XpuflowConfig(_Strict):
     """The whole file."""
 
@@ -334,6 +374,9 @@ class XpuflowConfig(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="HTTP server settings.")
     artifact_dir: str | None = Field(None, description="Artifact store folder; default: user cache.")
     qos: QoSConfig = Field(default_factory=QoSConfig, description="QoS contexts and their budgets.")
+    cluster: ClusterConfig | None = Field(
+        None, description="Run workers on a Ray cluster; absent: everything in this process."
+    )
 
     @model_validator(mode="after")
     def _models_reference_deployments(self) -> XpuflowConfig:

@@ -98,6 +98,7 @@ class Orchestrator:
         self.placements: dict[str, Placement] = {}
         self.workers: dict[str, Worker] = {}
         self._checkers: dict[str, RemoteStatePoller] = {}  # worker id -> its active health checks
+        self._cluster: Any = None  # cluster.runtime.ClusterRuntime when the config has a cluster section
         self._models: dict[str, _LogicalModel] = {}
         self._ready = False
         self._qos: QoSGate | None = None
@@ -174,6 +175,11 @@ class Orchestrator:
         try:
             self._qos = QoSGate(self.config.qos, self.inventory, monitor=self._monitor, clock=self._clock)
             self._tokens = self._partition_tokens()
+            if self.config.cluster is not None:
+                from xpuflow.cluster.runtime import ClusterRuntime
+
+                self._cluster = ClusterRuntime(self.config, base_dir=self._base_dir, clock=self._clock)
+                await self._cluster.start()
             for dep in self.config.deployments:
                 await self._start_deployment(dep, store)
             for model in self._logical_models():
@@ -225,7 +231,19 @@ class Orchestrator:
         tokens, name = self._tokens[part.device], part.name
         return lambda: tokens.hold(name)
 
+    async def _start_cluster_deployment(self, dep: DeploymentConfig) -> None:
+        """Cluster mode: the deployment's replicas run as Ray actors on the nodes placement chose."""
+        placed, workers = await self._cluster.start_deployment(dep)
+        resources = tuple(r.resource for r in placed.replicas)
+        self.placements[dep.name] = Placement(dep.name, dep.backend, resources, placed.reason)
+        for worker in workers:
+            self.workers[worker.worker_id] = worker
+            log.info("worker %s started on %s (%s)", worker.worker_id, worker.device, placed.reason)
+
     async def _start_deployment(self, dep: DeploymentConfig, store: ArtifactStore) -> None:
+        if self._cluster is not None:
+            await self._start_cluster_deployment(dep)
+            return
         placement = self.place(dep)
         self.placements[dep.name] = placement
         compute_gate = self._compute_gate(dep, placement.resources[0].id)
@@ -350,6 +368,9 @@ class Orchestrator:
         await self._stop_checks(list(self._checkers))
         workers, self.workers = list(self.workers.values()), {}
         await asyncio.gather(*(w.stop(drain=True) for w in workers), return_exceptions=True)
+        if self._cluster is not None:
+            cluster, self._cluster = self._cluster, None
+            await cluster.stop()
         for model in self._models.values():
             if model.router is not None:
                 model.router.shutdown()
@@ -525,6 +546,7 @@ class Orchestrator:
                     "batch_sizes": metrics.get("batch_size_histogram", metrics.get("batch_sizes")),
                     "total_memory_bytes": reading.total_bytes if reading is not None else None,
                     "health": worker.health.state.value,
+                    "node": getattr(worker, "node", None),  # cluster mode: the node it runs on
                     "metrics": metrics,
                 }
             )

@@ -1,0 +1,321 @@
+"""The gateway's side of a worker on another node: the interface the router and scorer use.
+
+``RayWorker`` has what ``routing.dispatch.DispatchTarget`` and the orchestrator read of a local
+``Worker`` (``worker_id``, ``device``, ``health``, ``metrics``, ``submit``, ``stream``, ``snapshot``,
+``draining``, ``stop``), plus the ``node`` it runs on::
+
+    worker = RayWorker(actor, worker_id="chat/0", deployment="chat", device="cpu@node-a", node="node-a")
+    await worker.start()                  # waits for the actor's session, then reads its state
+    await worker.submit(request)          # or: async for chunk in worker.stream(request)
+
+Live metrics: the actor's own snapshot, read every ``health_interval_s``; between reads the queue
+depth counts what this gateway has sent and not yet had back, so a burst does not herd onto one worker.
+
+Loss: a worker whose actor has not answered for ``unhealthy_after_s`` (its node is gone, or Ray is
+restarting it) leaves routing at once (a failed active check holds it out), and the requests it holds
+fail with a retryable ``SessionError`` so the dispatcher retries them elsewhere; a stream that has
+already sent chunks ends with ``StreamInterrupted``. When the actor answers again (Ray restarted it on
+the same or a like node) it is healthy again and takes traffic. A client that goes away cancels the
+remote call (``ray.cancel``), which withdraws the request from the actor's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from xpuflow.backends.base import StreamChunk
+from xpuflow.clock import Clock, SystemClock
+from xpuflow.cluster.messages import error_from_wire, request_to_wire
+from xpuflow.errors import SessionError
+from xpuflow.scheduling.health import HealthTracker
+from xpuflow.scheduling.request import WorkRequest
+from xpuflow.types import Resource, WorkerSnapshot
+
+__all__ = ["RayWorker", "RemoteSessionInfo"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RemoteSessionInfo:
+    """What the gateway knows of a remote worker's session (the dashboard reads ``resources``)."""
+
+    model_id: str
+    resources: tuple[Resource, ...] = ()
+
+
+class _Metrics:
+    """The actor's last metrics, with the fields the dispatcher and dashboard read."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.ema_service_ms: float | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return int(self.data.get("in_flight", 0) or 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+class WorkerLost(SessionError):
+    """The worker's actor stopped answering (its node is gone or Ray is restarting it); retry elsewhere."""
+
+
+def _actor_errors() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return (RayActorError, ActorUnavailableError)
+
+
+class RayWorker:
+    """A worker running in a Ray actor, seen from the gateway. See the module docstring."""
+
+    def __init__(
+        self,
+        actor: Any,
+        *,
+        worker_id: str,
+        deployment: str,
+        device: str,
+        node: str,
+        max_batch_size: int = 1,
+        resources: Sequence[Resource] = (),
+        clock: Clock | None = None,
+        health_interval_s: float = 0.25,
+        unhealthy_after_s: float = 1.0,
+        ready_timeout_s: float = 300.0,
+        node_name: Callable[[dict[str, Any]], str] | None = None,
+    ) -> None:
+        self.actor = actor
+        self.worker_id = worker_id
+        self.deployment = deployment
+        self.device = device
+        self.node = node
+        self.node_id = ""
+        self.max_batch_size = max_batch_size
+        self.session = RemoteSessionInfo(deployment, tuple(resources))
+        self.tags: frozenset[str] = frozenset()
+        self._clock = clock or SystemClock()
+        self.health = HealthTracker(clock=self._clock)
+        self.metrics = _Metrics()
+        self._interval_s = health_interval_s
+        self._unhealthy_after_s = unhealthy_after_s
+        self._ready_timeout_s = ready_timeout_s
+        self._node_name = node_name
+        self._state: dict[str, Any] = {}
+        self._state_at_s = 0.0
+        self._last_answer_s = self._clock.monotonic()
+        self._lost = False
+        self._drained = False
+        self._outstanding = 0
+        self._aborts: set[asyncio.Future[str]] = set()
+        self._poller: asyncio.Task[None] | None = None
+        self.restarts_seen = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Wait until the actor's session is built (its first build may compile), then watch it."""
+        info = await asyncio.wait_for(self.actor.ready.remote(), self._ready_timeout_s)
+        self._moved(info)
+        await self._poll_once()
+        self._poller = asyncio.create_task(self._poll_loop(), name=f"ray-worker-{self.worker_id}")
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop watching, let the actor finish (drain) and end it."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._poller
+            self._poller = None
+        import ray
+
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.actor.stop.remote(drain), 30.0)
+        with contextlib.suppress(Exception):
+            ray.kill(self.actor, no_restart=True)
+
+    @property
+    def running(self) -> bool:
+        return self._poller is not None
+
+    @property
+    def draining(self) -> bool:
+        return self._drained
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._drained = bool(value)
+        self.actor.set_draining.remote(self._drained)  # the actor also answers its own snapshot
+
+    # -- live state -----------------------------------------------------------------------------------
+
+    def _moved(self, info: dict[str, Any]) -> None:
+        node_id = str(info.get("node_id", ""))
+        if self.node_id and node_id and node_id != self.node_id:
+            self.restarts_seen += 1
+            log.warning("worker %s now runs on node %s", self.worker_id, node_id[:8])
+        if node_id:
+            self.node_id = node_id
+            self.node = self._node_name(info) if self._node_name else (info.get("node_label") or node_id[:8])
+            local = self.device.split("@", 1)[0]
+            self.device = f"{local}@{self.node}"
+
+    async def _poll_once(self) -> bool:
+        try:
+            state = await asyncio.wait_for(self.actor.state.remote(), self._unhealthy_after_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            silent_s = self._clock.monotonic() - self._last_answer_s
+            if silent_s >= self._unhealthy_after_s and not self._lost:
+                self._lose(f"no answer for {silent_s:.1f} s ({type(exc).__name__})")
+            return False
+        now = self._clock.monotonic()
+        self._last_answer_s = now
+        if state.get("node_id") != self.node_id:
+            self._moved(state)
+        if not state.get("ready"):
+            # restarted and still building its session: answer, but not ready for requests
+            with contextlib.suppress(Exception):
+                self.actor.ready.remote()
+            return False
+        self._state, self._state_at_s = state, now
+        self.metrics.data = dict(state.get("metrics") or {})
+        service = state.get("ema_service_ms")
+        self.metrics.ema_service_ms = float(service) if isinstance(service, (int, float)) else None
+        if self._lost:
+            self._lost = False
+            log.info("worker %s answers again on node %s", self.worker_id, self.node)
+            self.health.record_check(True)
+        elif not state.get("healthy", True):
+            pass  # the actor's own health (request failures) shows in its snapshot
+        return True
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await self._poll_once()
+            await self._clock.sleep(self._interval_s)
+
+    def _lose(self, why: str) -> None:
+        """Out of routing now; the requests it holds fail (retryable) so they go elsewhere."""
+        self._lost = True
+        reason = f"worker {self.worker_id} on node {self.node} is unreachable: {why}"
+        log.warning("%s", reason)
+        self.health.record_check(False, reason)
+        for abort in list(self._aborts):
+            if not abort.done():
+                abort.set_result(reason)
+
+    def snapshot(self) -> WorkerSnapshot:
+        base: WorkerSnapshot | None = self._state.get("snapshot")
+        now = self._clock.monotonic()
+        if base is None:
+            return WorkerSnapshot(
+                worker_id=self.worker_id,
+                deployment=self.deployment,
+                device=self.device,
+                healthy=False,
+                draining=self._drained,
+                max_batch_size=self.max_batch_size,
+                taken_at_s=now,
+            )
+        in_flight = base.in_flight
+        # what this gateway has sent since the last reading and not yet had back counts as queued
+        queued = max(base.queue_depth, self._outstanding - in_flight)
+        return dataclasses.replace(
+            base,
+            worker_id=self.worker_id,
+            device=self.device,
+            healthy=base.healthy and self.health.healthy,
+            draining=base.draining or self._drained,
+            queue_depth=queued,
+            taken_at_s=now,
+            latency_sampled_at_s=None,  # a remote clock: the reading's age is taken_at_s's business
+            oldest_in_flight_s=None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        status = dict(self._state.get("status") or {})
+        return {**status, "worker_id": self.worker_id, "device": self.device, "node": self.node}
+
+    @property
+    def total_memory_bytes(self) -> int | None:
+        value = self._state.get("memory_bytes")
+        return int(value) if isinstance(value, int) else None
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    async def _await_call(self, call: Any, abort: asyncio.Future[str]) -> Any:
+        """The call's value, or ``WorkerLost`` when the worker is lost first."""
+        future = asyncio.ensure_future(call)
+        try:
+            done, _ = await asyncio.wait({future, abort}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        if future in done:
+            try:
+                return future.result()
+            except _actor_errors() as exc:
+                self._lose(f"{type(exc).__name__}")
+                raise WorkerLost(f"worker {self.worker_id} on node {self.node} was lost: {exc}") from exc
+        future.cancel()
+        raise WorkerLost(abort.result() + "; retry elsewhere")
+
+    async def submit(self, request: WorkRequest) -> Any:
+        import ray
+
+        abort: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._aborts.add(abort)
+        self._outstanding += 1
+        ref = self.actor.submit.remote(request_to_wire(request, now_s=self._clock.monotonic()))
+        try:
+            kind, value = await self._await_call(ref, abort)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)  # withdraws the request from the actor's queue
+            raise
+        finally:
+            self._outstanding -= 1
+            self._aborts.discard(abort)
+        if kind == "err":
+            raise error_from_wire(value)
+        return value
+
+    async def stream(self, request: WorkRequest) -> AsyncIterator[StreamChunk]:
+        import ray
+
+        abort: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._aborts.add(abort)
+        self._outstanding += 1
+        generator = self.actor.stream.options(num_returns="streaming").remote(
+            request_to_wire(request, now_s=self._clock.monotonic())
+        )
+        finished = False
+        try:
+            while True:
+                try:
+                    ref = await self._await_call(generator.__anext__(), abort)
+                except StopAsyncIteration:
+                    finished = True
+                    return
+                kind, value = await self._await_call(ref, abort)
+                if kind == "err":
+                    finished = True
+                    raise error_from_wire(value)
+                yield value
+        finally:
+            self._outstanding -= 1
+            self._aborts.discard(abort)
+            if not finished:
+                with contextlib.suppress(Exception):
+                    ray.cancel(generator)  # the client went away or the stream failed: stop the work

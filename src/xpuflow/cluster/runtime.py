@@ -1,0 +1,224 @@
+"""What the orchestrator calls in cluster mode: join the cluster, place deployments across its nodes,
+start their workers as Ray actors, and keep the node list fresh::
+
+    cluster = ClusterRuntime(config, base_dir=Path("."))
+    await cluster.start()                                  # connect + discovery on every node
+    placement, workers = await cluster.start_deployment(dep)   # RayWorkers, one per replica
+    cluster.inventory                                      # refreshed every cluster.refresh_interval_s
+    await cluster.stop()
+
+Nothing here re-implements Ray: actors restart with ``max_restarts=-1`` (Ray re-places them on a like
+node after a loss), placement is Ray's (resources, label selectors, node affinity), streams are Ray
+streaming generators and cancellation is ``ray.cancel``. The gateway keeps the decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from xpuflow.clock import Clock, SystemClock
+from xpuflow.cluster.connection import connect, import_ray
+from xpuflow.cluster.inventory import NODE_LABEL, ClusterInventory
+from xpuflow.cluster.messages import resource_to_wire
+from xpuflow.cluster.placement import ClusterPlacement, ReplicaPlacement, place_deployment
+from xpuflow.cluster.ray_worker import RayWorker
+from xpuflow.cluster.worker_actor import WorkerActor, WorkerSpec
+from xpuflow.config import ClusterConfig, DeploymentConfig, XpuflowConfig
+from xpuflow.errors import CapabilityError
+from xpuflow.types import Resource
+
+__all__ = ["ClusterRuntime", "actor_options"]
+
+log = logging.getLogger(__name__)
+
+
+def actor_options(replica: ReplicaPlacement, ray_resources: dict[str, float]) -> dict[str, Any]:
+    """Ray actor options of one replica: restart forever, retry nothing (the gateway retries), reserve
+    its device, and stay where placement put it (see ``placement``)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    resources = dict(ray_resources)
+    options: dict[str, Any] = {
+        "max_restarts": -1,
+        "max_task_retries": 0,
+        "max_concurrency": 10_000,
+        "num_cpus": resources.pop("CPU", 0.0),
+        "num_gpus": resources.pop("GPU", 0.0),
+    }
+    memory = resources.pop("memory", None)
+    if memory:
+        options["memory"] = memory
+    if resources:
+        options["resources"] = resources
+    scheduling = replica.scheduling
+    if "labels" in scheduling:
+        options["label_selector"] = dict(scheduling["labels"])
+    else:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+            scheduling["affinity"], soft=bool(scheduling.get("soft", True))
+        )
+    return options
+
+
+class ClusterRuntime:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        config: XpuflowConfig,
+        *,
+        base_dir: Path | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        assert config.cluster is not None
+        self.config = config
+        self.settings: ClusterConfig = config.cluster
+        self._base_dir = base_dir or Path.cwd()
+        self._clock = clock or SystemClock()
+        self.inventory = ClusterInventory(())
+        self._connected_here = False
+        self._refresher: asyncio.Task[None] | None = None
+        self.workers: list[RayWorker] = []
+
+    async def start(self) -> None:
+        self._connected_here = await asyncio.to_thread(connect, self.settings)
+        await self.refresh()
+        self._refresher = asyncio.create_task(self._refresh_loop(), name="cluster-inventory")
+
+    async def refresh(self) -> ClusterInventory:
+        """Run discovery on every node again (nodes that joined or left since)."""
+        declared = self.config.declared_resources()
+        self.inventory = await asyncio.to_thread(ClusterInventory.detect, declared=declared)
+        return self.inventory
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await self._clock.sleep(self.settings.refresh_interval_s)
+            try:
+                before = {n.node_id for n in self.inventory.alive}
+                after = await self.refresh()
+                joined = [n.name for n in after.alive if n.node_id not in before]
+                if joined:
+                    log.info("node(s) joined the cluster: %s", ", ".join(joined))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("cluster inventory refresh failed; keeping the last one", exc_info=True)
+
+    def node_name(self, info: dict[str, Any]) -> str:
+        """The name of the node a worker reports (by the latest inventory, else its label or id)."""
+        node_id = str(info.get("node_id", ""))
+        for node in self.inventory.nodes:
+            if node.node_id == node_id:
+                return node.name
+        return str(info.get("node_label") or node_id[:8])
+
+    def place(self, dep: DeploymentConfig) -> ClusterPlacement:
+        """Place ``dep`` over every node's devices (see ``cluster.placement``)."""
+        from xpuflow.backends.registry import get_backend
+
+        plugin = get_backend(dep.backend)
+        availability = plugin.availability()
+        if not availability.available:
+            raise CapabilityError(
+                f"deployment '{dep.name}': backend '{dep.backend}' is not usable on the gateway: "
+                f"{availability.reason}"
+            )
+        return place_deployment(
+            dep,
+            self.inventory,
+            usable=plugin.probe,
+            advise=self._advisor(dep),
+            num_cpus=self.settings.worker_num_cpus,
+            spread=self.settings.spread,
+        )
+
+    def _advisor(self, dep: DeploymentConfig) -> Any:
+        if dep.model is None:
+            return None
+        from xpuflow.discovery.inventory import Inventory
+        from xpuflow.model_files import estimate_params, model_format
+        from xpuflow.policy.advisor import advise_workload
+
+        path = Path(dep.model).expanduser()
+        path = path if path.is_absolute() else self._base_dir / path
+
+        def advise(devices: list[Resource]) -> tuple[str, str]:
+            decision = advise_workload(
+                Inventory.of(devices),
+                estimate_params(path, model_format(path)),
+                batch_size=dep.max_batch_size,
+                precision=dep.precision,
+            )
+            return str(decision.device), decision.reason
+
+        return advise
+
+    async def start_deployment(self, dep: DeploymentConfig) -> tuple[ClusterPlacement, list[RayWorker]]:
+        """Place ``dep``, start one actor per replica, and wait until every one is ready."""
+        ray = import_ray()
+        placement = self.place(dep)
+        actor_class = ray.remote(WorkerActor)
+        workers = []
+        for replica in placement.replicas:
+            local = replica.resource.attributes.get("local_id", replica.resource.id.split("@", 1)[0])
+            device = Resource(
+                str(local),
+                replica.resource.type,
+                replica.resource.name,
+                replica.resource.attributes,
+                replica.resource.tags,
+                replica.resource.source,
+            )
+            spec = WorkerSpec(
+                worker_id=f"{dep.name}/{replica.index}",
+                deployment=dep.model_dump(),
+                device=resource_to_wire(device),
+                base_dir=str(self._base_dir),
+                artifact_dir=self.config.artifact_dir,
+                node_label=NODE_LABEL,
+            )
+            actor = actor_class.options(**actor_options(replica, dict(placement.ray_resources))).remote(spec)
+            workers.append(
+                RayWorker(
+                    actor,
+                    worker_id=spec.worker_id,
+                    deployment=dep.name,
+                    device=replica.resource.id,
+                    node=replica.node,
+                    max_batch_size=dep.max_batch_size,
+                    resources=(replica.resource,),
+                    clock=self._clock,
+                    health_interval_s=self.settings.health_interval_s,
+                    unhealthy_after_s=self.settings.unhealthy_after_s,
+                    node_name=self.node_name,
+                )
+            )
+        results = await asyncio.gather(*(w.start() for w in workers), return_exceptions=True)
+        failed = [(w, r) for w, r in zip(workers, results, strict=True) if isinstance(r, BaseException)]
+        if failed:
+            await asyncio.gather(*(w.stop(drain=False) for w in workers), return_exceptions=True)
+            worker, error = failed[0]
+            raise CapabilityError(
+                f"deployment '{dep.name}': worker {worker.worker_id} on node {worker.node} did not start: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        self.workers.extend(workers)
+        return placement, workers
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._refresher
+            self._refresher = None
+        workers, self.workers = self.workers, []
+        await asyncio.gather(*(w.stop(drain=True) for w in workers), return_exceptions=True)
+        if self._connected_here:
+            ray = import_ray()
+            ray.shutdown()
+            self._connected_here = False

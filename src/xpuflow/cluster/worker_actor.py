@@ -1,0 +1,190 @@
+"""The Ray actor beside a device: a session with its queue, batcher, health and metrics (a ``Worker``).
+
+The gateway creates one per replica (``runtime``) and talks to it through ``ray_worker.RayWorker``::
+
+    actor = ray.remote(WorkerActor).options(max_restarts=-1, ...).remote(spec)
+    await actor.submit.remote(wire_request)                     # ("ok", result) or ("err", WireError)
+    async for ref in actor.stream.options(num_returns="streaming").remote(wire_request):
+        kind, value = await ref                                 # ("chunk", StreamChunk) / ("err", ...)
+    await actor.state.remote()                                  # snapshot, metrics, health, node
+
+Everything is built lazily by the first call, so an actor that Ray restarts (after a crash or on a node
+that joined in place of a lost one) rebuilds its session by itself from the same ``WorkerSpec``: Ray
+re-runs ``__init__`` and nothing else. Builds run on the node, against the node's artifact store.
+Requests are withdrawn from the queue when their call is cancelled (``ray.cancel``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xpuflow.cluster.messages import error_to_wire, request_from_wire, resource_from_wire
+from xpuflow.config import DeploymentConfig
+from xpuflow.scheduling.worker import Worker
+
+__all__ = ["WorkerActor", "WorkerSpec"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker actor needs to (re)build its worker, as plain data."""
+
+    worker_id: str
+    deployment: Mapping[str, Any]  # DeploymentConfig.model_dump()
+    device: Mapping[str, Any]  # the placed device, messages.resource_to_wire (local id)
+    base_dir: str | None = None
+    artifact_dir: str | None = None
+    node_label: str = "xpuflow-node"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class WorkerActor:
+    """Hosts one ``Worker``; see the module docstring. Methods are async: one actor serves many calls."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        import ray
+
+        self.spec = spec
+        context = ray.get_runtime_context()
+        self.node_id = context.get_node_id()
+        labels = context.get_node_labels() or {}
+        label = labels.get(spec.node_label)
+        self.node_label = (label[0] if isinstance(label, list) and label else label) or None
+        self.node_ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        self._worker: Worker | None = None
+        self._building: asyncio.Task[Worker] | None = None
+        self._draining = False
+        self._host_memory: Any = None
+
+    async def _ready(self) -> Worker:
+        if self._worker is not None:
+            return self._worker
+        if self._building is None:
+            self._building = asyncio.ensure_future(self._build())
+        try:
+            self._worker = await asyncio.shield(self._building)
+        except BaseException:
+            if self._building.done():
+                self._building = None  # a failed build is tried again by the next call
+            raise
+        return self._worker
+
+    async def _build(self) -> Worker:
+        from xpuflow.backends.registry import get_backend
+        from xpuflow.build.builder import build_all
+        from xpuflow.build.store import ArtifactStore
+
+        spec = self.spec
+        dep = DeploymentConfig.model_validate(dict(spec.deployment))
+        resource = resource_from_wire(spec.device)
+        plugin = get_backend(dep.backend)
+        base_dir = Path(spec.base_dir) if spec.base_dir else None
+        model_config = dep.to_model_config(base_dir)
+        store = ArtifactStore(Path(spec.artifact_dir) if spec.artifact_dir else None)
+        artifacts = await asyncio.to_thread(build_all, plugin, [resource], model_config, store)
+        session = await plugin.create_session([resource], model_config, artifacts)
+        worker = Worker(
+            session,
+            worker_id=spec.worker_id,
+            deployment=dep.name,
+            device=resource.id,
+            max_batch_size=dep.max_batch_size,
+            queue_policy=dep.batching.queue_policy,
+            queue_capacity=dep.batching.queue_capacity,
+            aging_s=dep.batching.aging_s,
+            batch_policy=dep.batching.policy,
+            max_wait_s=dep.batching.max_wait_ms / 1000.0,
+            device_state=self._device_state(resource.id),
+            close_session=True,
+            max_in_flight=dep.max_in_flight,
+        )
+        worker.draining = self._draining
+        await worker.start()
+        log.info("worker %s ready on node %s (pid %d)", spec.worker_id, self.node_id[:8], os.getpid())
+        return worker
+
+    def _device_state(self, device: str) -> Any:
+        if device != "cpu":
+            return None
+        from xpuflow.telemetry.host_memory import HostMemory
+
+        self._host_memory = HostMemory()
+        host = self._host_memory
+
+        def read() -> Mapping[str, Any]:
+            free, _total = host.read()
+            return {} if free is None else {"free_memory_bytes": free}
+
+        return read
+
+    # -- calls from the gateway ---------------------------------------------------------------------
+
+    async def ready(self) -> dict[str, Any]:
+        """Build the worker if needed; where it runs."""
+        await self._ready()
+        return self._where()
+
+    def _where(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "node_ip": self.node_ip,
+            "node_label": self.node_label,
+            "pid": os.getpid(),
+        }
+
+    async def submit(self, wire: Mapping[str, Any]) -> tuple[str, Any]:
+        try:
+            worker = await self._ready()
+            loop = asyncio.get_running_loop()
+            return "ok", await worker.submit(request_from_wire(wire, now_s=loop.time()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return "err", error_to_wire(exc)
+
+    async def stream(self, wire: Mapping[str, Any]) -> AsyncIterator[tuple[str, Any]]:
+        try:
+            worker = await self._ready()
+            loop = asyncio.get_running_loop()
+            async for chunk in worker.stream(request_from_wire(wire, now_s=loop.time())):
+                yield "chunk", chunk
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            yield "err", error_to_wire(exc)
+
+    async def state(self) -> dict[str, Any]:
+        """The worker's live state: its scorer snapshot, metrics, health and node."""
+        worker = self._worker
+        if worker is None:
+            return {**self._where(), "ready": False}
+        snapshot = worker.snapshot()
+        return {
+            **self._where(),
+            "ready": True,
+            "snapshot": snapshot,
+            "metrics": worker.metrics.to_dict(),
+            "ema_service_ms": worker.metrics.ema_service_ms,
+            "health": worker.health.state.value,
+            "healthy": worker.health.healthy,
+            "last_error": worker.health.last_error,
+            "memory_bytes": worker.session.resources[0].memory_bytes if worker.session.resources else None,
+            "status": worker.to_dict(),
+        }
+
+    async def set_draining(self, draining: bool) -> None:
+        self._draining = bool(draining)
+        if self._worker is not None:
+            self._worker.draining = self._draining
+
+    async def stop(self, drain: bool = True) -> None:
+        if self._worker is not None:
+            await self._worker.stop(drain=drain)

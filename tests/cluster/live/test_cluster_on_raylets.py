@@ -1,0 +1,218 @@
+"""xpuflow on a real three-raylet Ray cluster on loopback (run inside a network namespace by
+tests/cluster/test_live.py; skipped when run directly outside one).
+
+One cluster for the module: head (no CPUs: the gateway's node), nodes a and b (one CPU each, labelled).
+The orchestrator places a two-replica deployment of the sleep-based fake backend, one replica per node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+if os.environ.get("XPUFLOW_IN_NETNS") != "1":
+    pytest.skip("runs inside a network namespace (tests/cluster/test_live.py)", allow_module_level=True)
+
+ray = pytest.importorskip("ray")
+
+from xpuflow.backends.base import GenerationParams  # noqa: E402
+from xpuflow.cluster.inventory import ClusterInventory  # noqa: E402
+from xpuflow.config import parse_config  # noqa: E402
+from xpuflow.errors import CapabilityError  # noqa: E402
+from xpuflow.orchestrator import Orchestrator  # noqa: E402
+from xpuflow.scheduling.request import RequestKind  # noqa: E402
+from xpuflow.serving.engine import InferenceCall  # noqa: E402
+from xpuflow.testing.ray_cluster import LocalRayCluster  # noqa: E402
+
+BASE_PORT = 24000
+
+
+def _config(deployments: list[dict[str, Any]], **cluster: Any) -> Any:
+    return parse_config(
+        {
+            "cluster": {"address": f"127.0.0.1:{BASE_PORT}", "refresh_interval_s": 1.0, **cluster},
+            "deployments": deployments,
+        }
+    )
+
+
+def _fake(name: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "backend": "fake",
+        "device": "cpu",
+        "max_batch_size": 4,
+        "batching": {"max_wait_ms": 2},
+        "options": {"service_time_s": 0.05},
+        **extra,
+    }
+
+
+class Live:
+    def __init__(self, cluster: LocalRayCluster, loop: asyncio.AbstractEventLoop, orch: Orchestrator) -> None:
+        self.cluster, self.loop, self.orch = cluster, loop, orch
+
+    def run(self, coro: Any, timeout_s: float = 60.0) -> Any:
+        return self.loop.run_until_complete(asyncio.wait_for(coro, timeout_s))
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[Live]:
+    temp = Path(f"/tmp/xfr{os.getpid()}")
+    cluster = LocalRayCluster(temp, base_port=BASE_PORT)
+    loop = asyncio.new_event_loop()
+    try:
+        cluster.start_head(num_cpus=0)
+        cluster.add_node("a", num_cpus=1, labels={"xpuflow-node": "a", "zone": "one"})
+        cluster.add_node("b", num_cpus=1, labels={"xpuflow-node": "b", "zone": "two"})
+        ray.init(address=cluster.address, namespace="xpuflow-test", log_to_driver=False)
+        orch = Orchestrator(_config([_fake("chat", replicas=2)]))
+        loop.run_until_complete(orch.start())
+        yield Live(cluster, loop, orch)
+        loop.run_until_complete(orch.stop())
+    finally:
+        ray.shutdown()
+        cluster.stop()
+        loop.close()
+
+
+def _call(model: str = "chat", text: str = "one two three", **kw: Any) -> InferenceCall:
+    return InferenceCall(
+        model,
+        RequestKind.CHAT,
+        [{"role": "user", "content": text}],
+        GenerationParams(max_tokens=16),
+        timeout_s=30.0,
+        **kw,
+    )
+
+
+def test_inventory_has_every_node_with_its_devices(live: Live) -> None:
+    inventory = ClusterInventory.detect()
+    names = sorted(n.name for n in inventory.alive)
+    assert names == ["127.0.0.1", "a", "b"] or names == sorted(["a", "b", inventory.nodes[0].name])
+    for node in inventory.alive:
+        cpu = next(r for r in node.resources if r.attributes.get("local_id") == "cpu")
+        assert cpu.id == f"cpu@{node.name}"
+        assert cpu.attributes["node_id"] == node.node_id
+        assert cpu.attributes["node_ip"] == "127.0.0.1"
+        assert node.inventory is not None
+        assert node.inventory.reports  # each probe's reason is there
+
+
+def test_replicas_spread_across_nodes_and_status_names_them(live: Live) -> None:
+    status = live.orch.status()
+    nodes = sorted(w["node"] for w in status["workers"])
+    assert nodes == ["a", "b"]
+    assert sorted(w["device"] for w in status["workers"]) == ["cpu@a", "cpu@b"]
+    assert "replicas on a, b" in status["placements"]["chat"]["reason"]
+
+
+def test_requests_and_streams_run_on_remote_workers(live: Live) -> None:
+    async def go() -> None:
+        results = await asyncio.gather(*(live.orch.complete(_call(text=f"w{i} x")) for i in range(12)))
+        assert all(r.completion is not None and r.completion.text == f"x w{i}" for i, r in enumerate(results))
+        assert {r.decision.worker for r in results} == {"chat/0", "chat/1"}
+        events = [e async for e in live.orch.stream(_call(text="a b c d"))]
+        assert events[0].decision is not None
+        assert events[0].decision.device.startswith("cpu@")
+        text = "".join(e.chunk.text for e in events if e.chunk is not None)
+        assert text == "d c b a"
+        assert not any(e.error for e in events)
+
+    live.run(go())
+    counts = [
+        w["metrics"].get("requests_total", w["metrics"].get("completed", 0))
+        for w in live.orch.status()["workers"]
+    ]
+    assert counts  # metrics come back from the remote workers
+
+
+def test_a_client_that_goes_away_withdraws_the_remote_request(live: Live) -> None:
+    async def go() -> None:
+        orch = Orchestrator(
+            _config(
+                [_fake("slow", node="a", max_batch_size=1, options={"service_time_s": 1.5})],
+                worker_num_cpus=0,
+            )
+        )
+        await orch.start()
+        try:
+            worker = orch.workers["slow/0"]
+            assert getattr(worker, "node", None) == "a"
+            first = asyncio.ensure_future(orch.complete(_call("slow")))
+            await asyncio.sleep(0.3)
+            second = asyncio.ensure_future(orch.complete(_call("slow")))
+            for _ in range(40):
+                await asyncio.sleep(0.05)
+                if worker.metrics.to_dict().get("queue_depth", 0) or worker.snapshot().queue_depth:
+                    break
+            second.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await second
+            started = time.monotonic()
+            while time.monotonic() - started < 1.0:
+                state = await worker.actor.state.remote()
+                if state["snapshot"].queue_depth == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert state["snapshot"].queue_depth == 0, "the cancelled request still waits on the worker"
+            assert not first.done()  # withdrawn before the running one finished
+            assert (await first).completion is not None
+        finally:
+            await orch.stop()
+
+    live.run(go())
+
+
+def test_a_deployment_that_fits_nowhere_names_what_would(live: Live) -> None:
+    orch = Orchestrator(_config([_fake("npu-only", device="npu:0")], worker_num_cpus=0))
+    with pytest.raises(CapabilityError, match=r"would fit: .*cpu@a"):
+        live.run(orch.start())
+
+
+def test_node_loss_under_load_loses_nothing_and_a_like_node_takes_over(live: Live) -> None:
+    orch = live.orch
+    victim = orch.workers["chat/1"]
+    victim_node = victim.node  # type: ignore[attr-defined]
+
+    async def load(n: int) -> list[Any]:
+        return await asyncio.gather(
+            *(orch.complete(_call(text=f"r{i} y")) for i in range(n)), return_exceptions=True
+        )
+
+    async def go() -> None:
+        running = asyncio.ensure_future(load(40))
+        await asyncio.sleep(0.15)
+        killed_at = time.monotonic()
+        await asyncio.to_thread(live.cluster.kill_node, victim_node)
+        results = await running
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert not errors, f"{len(errors)} request(s) lost: {errors[:3]}"
+        while victim.health.healthy and time.monotonic() - killed_at < 5:
+            await asyncio.sleep(0.05)
+        left_s = time.monotonic() - killed_at
+        assert not victim.health.healthy
+        assert left_s <= 2.0, f"left routing after {left_s:.2f} s"
+        more = await load(10)
+        assert all(not isinstance(r, BaseException) for r in more)
+        assert {r.decision.worker for r in more} == {"chat/0"}
+
+        # a like node joins: Ray restarts the lost replica there and it takes traffic again
+        await asyncio.to_thread(live.cluster.add_node, "c", num_cpus=1, labels={"xpuflow-node": "c"})
+        joined_at = time.monotonic()
+        while not victim.health.healthy and time.monotonic() - joined_at < 60:
+            await asyncio.sleep(0.1)
+        assert victim.health.healthy, "the restarted worker never came back"
+        served = await load(16)
+        assert "chat/1" in {r.decision.worker for r in served}
+        status = orch.status()
+        assert sorted(w["node"] for w in status["workers"]) == ["a", "c"]
+
+    live.run(go(), timeout_s=120)

@@ -1,0 +1,35 @@
+"""Runs tests/cluster/live in a network namespace: a real head + two worker raylets on loopback.
+
+Ray looks up its own address outward even when told 127.0.0.1, so the cluster lives where loopback is
+the only interface (``unshare --net --map-root-user``). The inner run's output is shown on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+from xpuflow.testing.ray_cluster import in_netns_argv, netns_available
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.e2e
+def test_live_cluster_suite() -> None:
+    if not netns_available():
+        pytest.skip("cannot create a network namespace here (unshare --net --map-root-user)")
+    argv = in_netns_argv(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "live")]
+    )
+    env = {**os.environ, "XPUFLOW_IN_NETNS": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run(
+        argv, check=False, env=env, capture_output=True, text=True, timeout=400, cwd=HERE.parents[1]
+    )
+    tail = (done.stdout + done.stderr)[-6000:]
+    assert done.returncode == 0, tail
