@@ -40,8 +40,26 @@ def print_json(data: Any) -> None:
 @app.command()
 def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (see docs/cli.md).")] = False,
+    cluster: Annotated[
+        bool, typer.Option("--cluster", help="Every node of a Ray cluster (docs/cluster.md).")
+    ] = False,
+    address: Annotated[
+        str, typer.Option("--address", help="With --cluster: auto, local, ray://host:port or host:port.")
+    ] = "auto",
 ) -> None:
     """Show the hardware xpuflow found, how each probe fared, and which backends are usable."""
+    if cluster:
+        from xpuflow.cli.cluster import cluster_inventory, render_cluster
+
+        try:
+            found = cluster_inventory(address)
+        except XpuflowError as exc:
+            fail(str(exc))
+        if as_json:
+            print_json(found.to_dict())
+        else:
+            render_cluster(found)
+        return
     from xpuflow.backends.registry import list_backends
     from xpuflow.discovery.inventory import Inventory
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 if os.environ.get("XPUFLOW_IN_NETNS") != "1":
-    pytest.skip("runs inside a network namespace (tests/cluster/test_live.py)", allow_module_level=True)
+    pytest.skip("runs inside a network namespace (tests/cluster/test_cluster_live.py)", allow_module_level=True)
 
 ray = pytest.importorskip("ray")
 
@@ -216,3 +216,31 @@ def test_node_loss_under_load_loses_nothing_and_a_like_node_takes_over(live: Liv
         assert sorted(w["node"] for w in status["workers"]) == ["a", "c"]
 
     live.run(go(), timeout_s=120)
+
+
+def test_info_cluster_lists_each_node_with_its_devices(live: Live) -> None:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xpuflow.cli.main",
+            "info",
+            "--cluster",
+            "--json",
+            "--address",
+            live.cluster.address,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    nodes = {n["name"]: n for n in json.loads(done.stdout)["nodes"] if n["alive"]}
+    assert {"a"} <= set(nodes)
+    assert "cpu@a" in [d["id"] for d in nodes["a"]["devices"]]
+    assert all(p["reason"] for p in nodes["a"]["probes"])
