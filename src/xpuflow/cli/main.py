@@ -113,12 +113,13 @@ def advise(
 
 def _register_subcommands() -> None:
     """Sub-commands that live in their own modules (each imports its heavy parts lazily)."""
-    from xpuflow.cli import artifacts, bench, score, serve
+    from xpuflow.cli import artifacts, bench, score, serve, simulate
 
     serve.register(app)
     artifacts.register(app)
     score.register(app)
     bench.register(app)
+    simulate.register(app)
 
 
 _register_subcommands()

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from xpuflow.errors import ConfigError
+from xpuflow.simulate import (
+    PolicyName,
+    SimRequest,
+    Simulation,
+    capacity_per_s,
+    find_min_fleet,
+    load_fleet,
+    load_trace,
+    parse_kill,
+    parse_slo,
+    parse_slow,
+    summarize,
+)
+
+
+def steady(n: int, gap_s: float, tokens: tuple[int, int] = (200, 20)) -> list[SimRequest]:
+    return [SimRequest(i * gap_s, *tokens) for i in range(n)]
+
+
+def test_one_request_takes_the_device_model_time(fleet_file: Path) -> None:
+    fleet = load_fleet(fleet_file).with_replicas({"small": 0, "big": 1})
+    result = Simulation(fleet, [SimRequest(0.0, 800, 30)]).run()
+    expected = fleet.deployments["big"].model.batch_timing([(800, 30)])
+    assert result.outcomes == ["ok"]
+    assert result.e2e_s[0] == pytest.approx(expected.total_s)
+    assert result.ttft_s[0] == pytest.approx(expected.first_token_s)
+    assert result.worker == ["big/0"]
+
+
+def test_equal_requests_batch_and_every_request_ends(fleet_file: Path) -> None:
+    fleet = load_fleet(fleet_file)
+    requests = [SimRequest(0.0, 100, 16) for _ in range(40)]  # one batch group: they share batches
+    result = Simulation(fleet, requests, policy="xpuflow", seed=3).run()
+    assert result.outcomes.count("ok") == 40
+    assert all(not math.isnan(v) for v in result.e2e_s)
+
+
+@pytest.mark.parametrize("policy", list(PolicyName))
+def test_every_policy_serves_a_light_load(fleet_file: Path, policy: PolicyName) -> None:
+    fleet = load_fleet(fleet_file)
+    result = Simulation(fleet, steady(200, 0.5), policy=policy, seed=1).run()
+    summary = summarize(result, parse_slo("ttft_p99=5s,e2e_p99=10s"))
+    assert summary["outcomes"]["ok"] == 200
+    assert summary["slo_attainment"] > 0.9
+    assert 0 < summary["mean_utilisation"] < 1
+
+
+def test_same_seed_same_result(fleet_file: Path) -> None:
+    fleet = load_fleet(fleet_file)
+    a = Simulation(fleet, steady(100, 0.2), seed=5).run()
+    b = Simulation(fleet, steady(100, 0.2), seed=5).run()
+    assert a.e2e_s == b.e2e_s
+    assert a.worker == b.worker
+
+
+def test_kill_fails_over_and_loses_no_request(fleet_file: Path) -> None:
+    fleet = load_fleet(fleet_file)
+    faults = [parse_kill("big/0@10")]
+    result = Simulation(fleet, steady(200, 0.25), seed=2, faults=faults).run()
+    assert result.outcomes.count("ok") == 200
+    late = [w for w, t in zip(result.worker, result.arrival_s, strict=True) if t > 12]
+    assert "big/0" not in late
+
+
+def test_slow_worker_gets_less_traffic_under_xpuflow(fleet_file: Path) -> None:
+    fleet = load_fleet(fleet_file).with_replicas({"small": 0, "big": 2})
+    faults = [parse_slow("big/1x8@0")]
+    result = Simulation(fleet, steady(200, 0.4), seed=2, faults=faults).run()
+    assert result.worker.count("big/1") < result.worker.count("big/0") / 2
+
+
+def test_fault_syntax() -> None:
+    assert parse_slow("a/1×4@2s").factor == 4
+    assert parse_slow("box/1x2.5@3").worker == "box/1"
+    assert parse_kill("gpu/0@7.5").at_s == 7.5
+    with pytest.raises(ConfigError, match="WORKER@SECONDS"):
+        parse_kill("gpu/0")
+
+
+def test_unknown_fault_worker(fleet_file: Path) -> None:
+    with pytest.raises(ConfigError, match="does not have"):
+        Simulation(load_fleet(fleet_file), steady(3, 1), faults=[parse_kill("nope/0@1")])
+
+
+def test_scale_multiplies_the_rate(fleet_file: Path) -> None:
+    result = Simulation(load_fleet(fleet_file), steady(11, 1.0), scale=2.0).run()
+    assert result.arrival_s[-1] == pytest.approx(5.0)
+
+
+def test_find_min_meets_the_slo_and_one_less_does_not(fleet_file: Path) -> None:
+    fleet = load_fleet(fleet_file)
+    requests = steady(120, 0.25, (300, 30))
+    slo = parse_slo("ttft_p99=3s,e2e_p99=6s")
+    plan = find_min_fleet(fleet, requests, slo, seed=1)
+    assert plan.met
+    assert capacity_per_s(fleet.with_replicas(plan.counts), requests) > 0
+    for name, count in plan.counts.items():
+        if count:
+            smaller = {**plan.counts, name: count - 1}
+            assert not any(c == smaller and met for c, met, _ in plan.tried)
+
+
+def test_multi_tier_model_uses_the_tier_rules(fleet_file: Path) -> None:
+    text = fleet_file.read_text().replace(
+        "tiers: [{name: main, deployments: [big, small]}]",
+        "tiers: [{name: strong, deployments: [big]}, {name: weak, deployments: [small]}]",
+    )
+    fleet_file.write_text(text)
+    fleet = load_fleet(fleet_file)
+    requests = [SimRequest(i * 0.5, 4000 if i % 2 else 50, 10) for i in range(40)]
+    result = Simulation(fleet, requests, seed=1).run()
+    assert result.outcomes.count("ok") == 40
+    long_ones = {
+        w.split("/")[0] for w, r in zip(result.worker, requests, strict=True) if r.input_tokens > 1000
+    }
+    assert long_ones == {"big"}
+
+
+def test_real_trace_slice(fleet_file: Path, traces_dir: Path) -> None:
+    requests = load_trace("azure-conv", [traces_dir], duration_s=60)
+    fleet = load_fleet(fleet_file).with_replicas({"big": 4, "small": 8})
+    for policy in (PolicyName.XPUFLOW, PolicyName.JSQ):
+        result = Simulation(fleet, requests, policy=policy, seed=0, scale=0.25).run()
+        assert len(result.outcomes) == len(requests)
+        assert result.outcomes.count("ok") > 0
