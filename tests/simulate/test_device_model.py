@@ -80,3 +80,18 @@ def test_fit_from_bench_runs(tmp_path: Path) -> None:
     assert m.prefill_tokens_per_s[1] == pytest.approx(2000.0)
     assert m.decode_tokens_per_s[1] == pytest.approx(40.0)
     assert m.decode_tokens_per_s[4] == pytest.approx(120.0)
+
+
+def test_fake_backend_sleeps_the_device_model_time(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    from xpuflow.backends.base import GenerationParams, ModelConfig
+    from xpuflow.testing.fake_backend import FakePlugin
+
+    save_device_model(DeviceModel("m", {1: 100.0}, {1: 100.0, 2: 100.0}), tmp_path / "m.yaml")
+    config = ModelConfig(model_id="fake", options={"device_model": str(tmp_path / "m.yaml")})
+    session = asyncio.run(FakePlugin().create_session([], config, {}))
+    began = time.perf_counter()
+    asyncio.run(session.generate_batch(["a b c d e", "f"], GenerationParams(max_tokens=4)))
+    assert time.perf_counter() - began == pytest.approx(6 / 100 + 4 * 2 / 100, abs=0.03)

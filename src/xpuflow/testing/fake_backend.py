@@ -5,6 +5,10 @@ configurable service time, can be told to fail, and batches natively so schedule
 without a model::
 
     session = FakeSession("fake", service_time_s=0.01, fail_next=1)
+
+With a device model (``options.device_model: path`` in a config, the file ``xpuflow simulate`` reads) a
+batch sleeps as long as the model says for its prompts (one token per word) and ``max_tokens``, so the
+real gateway can be driven with the simulator's service times.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class FakeSession(Session):
         max_batch_size: int = 8,
         fail_next: int = 0,
         embedding_dim: int = 8,
+        device_model: Any = None,
     ) -> None:
         super().__init__(model_id, resources)
         self.service_time_s = service_time_s
@@ -59,13 +64,17 @@ class FakeSession(Session):
         self.max_batch_size = max_batch_size
         self.fail_next = fail_next
         self.embedding_dim = embedding_dim
+        self.device_model = device_model  # xpuflow.simulate.DeviceModel, or None
         self.calls = 0
         self.batch_sizes: list[int] = []
 
-    async def _serve(self, n: int) -> None:
+    async def _serve(self, n: int, work: Sequence[tuple[int, int]] = ()) -> None:
         self.calls += 1
         self.batch_sizes.append(n)
-        await asyncio.sleep(self.service_time_s + self.per_item_s * n)
+        delay = self.service_time_s + self.per_item_s * n
+        if self.device_model is not None and work:
+            delay += self.device_model.batch_timing(list(work)).total_s
+        await asyncio.sleep(delay)
         if self.fail_next > 0:
             self.fail_next -= 1
             raise SessionError(f"fake session '{self.model_id}' failed on purpose")
@@ -74,7 +83,7 @@ class FakeSession(Session):
         return (await self.generate_batch([prompt], params))[0]
 
     async def generate_batch(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion]:
-        await self._serve(len(prompts))
+        await self._serve(len(prompts), [(len(p.split()), params.max_tokens) for p in prompts])
         out = []
         for prompt in prompts:
             text, finish = _fake_reply(prompt, params.max_tokens)
@@ -142,6 +151,11 @@ class FakePlugin:
         self, resources: Sequence[Resource], config: ModelConfig, artifacts: Mapping[str, BuildArtifact]
     ) -> FakeSession:
         options: dict[str, Any] = dict(config.options)
+        device_model = None
+        if options.get("device_model"):
+            from xpuflow.simulate.device_model import load_device_model
+
+            device_model = load_device_model(str(options["device_model"]))
         return FakeSession(
             config.model_id,
             resources,
@@ -149,4 +163,5 @@ class FakePlugin:
             per_item_s=float(options.get("per_item_s", 0.0)),
             max_batch_size=config.max_batch_size,
             fail_next=int(options.get("fail_next", 0)),
+            device_model=device_model,
         )
