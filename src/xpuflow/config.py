@@ -224,6 +224,13 @@ class GatewayConfig(_Strict):
         "stops; /ready answers 503 and new requests 503 meanwhile.",
     )
     cors: CorsConfig | None = Field(None, description="CORS for browser clients; off when absent.")
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol gRPC server (inference.GRPCInferenceService, on "
+        "gateway.host) beside the HTTP API; 0 picks a free one; off when absent (see docs/oip.md).",
+    )
 
 
 class QoSContextConfig(_Strict):

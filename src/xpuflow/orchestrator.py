@@ -130,7 +130,7 @@ class Orchestrator:
                 f"deployment '{dep.name}': backend '{dep.backend}' is not usable here: {availability.reason}"
             )
         usable = plugin.probe(list(self.inventory.resources))
-        if dep.backend == "remote_openai" and not usable:
+        if (dep.backend == "remote_openai" or getattr(plugin, "remote", False)) and not usable:
             usable = [Resource(f"remote:{dep.name}", ResourceType.REMOTE, dep.name, source="config")]
         if not usable:
             raise CapabilityError(
@@ -351,7 +351,7 @@ class Orchestrator:
                 f"model '{model.name}' routing: {exc}", field=f"models.{model.name}.routing"
             ) from exc
         first = deployments[model.tiers[0].deployments[0]]
-        task = "embedding" if first.task == "embedding" else "chat"
+        task = first.task if first.task in ("embedding", "tensor") else "chat"
         router = AdaptiveRouter(routing, monitor=self._monitor, clock=self._clock) if len(tiers) > 1 else None
         timeout_s = max(deployments[d].timeout_s for t in model.tiers for d in t.deployments)
         dispatcher = Dispatcher(
@@ -401,6 +401,14 @@ class Orchestrator:
         model = self._models.get(call.model)
         if model is None:
             raise ModelNotFound(call.model, list(self._models))
+        if (model.task == "tensor") != (call.kind is RequestKind.TENSOR):
+            raise ConfigError(
+                f"model '{call.model}' is a tensor model; send it tensors over the Open Inference Protocol "
+                f"(POST /v2/models/{call.model}/infer or gRPC ModelInfer)"
+                if model.task == "tensor"
+                else f"model '{call.model}' serves {model.task}, not tensors; use its OpenAI endpoint",
+                field="model",
+            )
         if model.task == "embedding" and call.kind in _GENERATIVE:
             raise ConfigError(
                 f"model '{call.model}' serves embeddings; use /v1/embeddings or a chat model", field="model"
@@ -497,7 +505,22 @@ class Orchestrator:
                 prompt_tokens=done.result.prompt_tokens,
                 total_ms=latency_ms,
             )
+        if call.kind is RequestKind.TENSOR:
+            return InferenceResult(done.decision, outputs=done.result, total_ms=latency_ms)  # type: ignore[arg-type]
         return InferenceResult(done.decision, embeddings=list(done.result), total_ms=latency_ms)
+
+    async def tensor_metadata(self, name: str) -> Any:
+        """What a tensor model's backend says of its inputs and outputs (``kserve_v2``: the server's
+        model metadata), or None when its sessions cannot tell."""
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(name, list(self._models))
+        for _tier, workers in model.tiers:
+            for worker in workers:
+                metadata = getattr(worker.session, "metadata", None)
+                if callable(metadata):
+                    return await metadata()
+        return None
 
     async def stream(self, call: InferenceCall) -> AsyncIterator[StreamEvent]:
         """Admission happens before the first event (a refusal is an ordinary 429); the context's

@@ -35,6 +35,7 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "onnxruntime": "xpuflow.backends.onnxruntime:OnnxRuntimePlugin",
     "openvino": "xpuflow.backends.openvino:OpenVinoPlugin",
     "remote_openai": "xpuflow.backends.remote_openai:RemoteOpenAIPlugin",
+    "kserve_v2": "xpuflow.backends.kserve_v2:KServeV2Plugin",
     "binary": "xpuflow.backends.binary:BinaryPlugin",
     "fake": "xpuflow.testing.fake_backend:FakePlugin",
 }

@@ -110,6 +110,28 @@ def _banner(url: str, orchestrator: Any, console: Any) -> None:
     console.print(f"Dashboard: {url}/dashboard   Metrics: {url}/metrics   Stop: Ctrl+C")
 
 
+async def _start_grpc(config: Any, app: Any, host: str, console: Any) -> Any:
+    """The Open Inference Protocol gRPC server when ``gateway.grpc_port`` is set (docs/oip.md)."""
+    port = getattr(config.gateway, "grpc_port", None)
+    if port is None:
+        return None
+    try:
+        from xpuflow.serving.oip_grpc import OIPGrpcServer
+        from xpuflow.serving.oip_service import OIPService
+
+        server = OIPGrpcServer(OIPService(app.state.gateway), host, port)
+        bound = await server.start()
+    except ImportError as exc:
+        raise typer.BadParameter(
+            f"gateway.grpc_port is set but gRPC is not installed ({exc}); pip install 'xpuflow[oip]'"
+        ) from exc
+    except OSError as exc:
+        raise typer.BadParameter(f"{exc}; choose another gateway.grpc_port") from exc
+    shown_host = f"[{host}]" if ":" in host else host
+    console.print(f"Open Inference Protocol gRPC: {shown_host}:{bound}", highlight=False)
+    return server
+
+
 async def _serve(config: Any, config_path: Path | None, host: str, port: int) -> None:
     import uvicorn
     from rich.console import Console
@@ -166,8 +188,13 @@ async def _serve(config: Any, config_path: Path | None, host: str, port: int) ->
             on_drain_start=draining,
         )
         shown_host = f"[{host}]" if ":" in host else host
+        grpc_server = await _start_grpc(config, app, host, console)
         _banner(f"http://{shown_host}:{bound_port}", orchestrator, Console())
-        await server.serve(sockets=[sock])
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace_s=_CLOSE_GRACE_S)
     finally:
         await orchestrator.stop()
         sock.close()

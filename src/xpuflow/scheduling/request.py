@@ -49,6 +49,7 @@ class RequestKind(str, Enum):
     CHAT = "chat"
     COMPLETION = "completion"
     EMBEDDING = "embedding"
+    TENSOR = "tensor"  # named arrays in, named arrays out (Open Inference Protocol models)
 
 
 @dataclass(eq=False)

@@ -20,6 +20,7 @@ request. Other sessions get the single forms, one request at a time.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Hashable, Sequence
+from typing import Any
 
 from xpuflow.backends.base import Completion, Session, StreamChunk
 from xpuflow.errors import ConfigError, SessionError
@@ -27,8 +28,9 @@ from xpuflow.scheduling.request import RequestKind, WorkRequest
 
 __all__ = ["Result", "batch_group", "open_stream", "run_batch", "work_units"]
 
-Result = Completion | list[list[float]]
-"""What a request gets back: a completion, or one vector per text of an embedding request."""
+Result = Completion | list[list[float]] | dict[str, Any]
+"""What a request gets back: a completion, one vector per text of an embedding request, or the named
+outputs of a tensor request."""
 
 
 def batch_group(request: WorkRequest, streaming: bool = False) -> Hashable:
@@ -43,7 +45,7 @@ def batch_group(request: WorkRequest, streaming: bool = False) -> Hashable:
 def work_units(request: WorkRequest) -> float:
     """The work of one request, for service times per unit: ``max_tokens`` for generation, 1 for
     embeddings."""
-    if request.kind is RequestKind.EMBEDDING:
+    if request.kind in (RequestKind.EMBEDDING, RequestKind.TENSOR):
         return 1.0
     return float(request.params.max_tokens)
 
@@ -69,6 +71,12 @@ async def run_batch(
             out.append(vectors[start : start + len(texts)])
             start += len(texts)
         return out
+    if first.kind is RequestKind.TENSOR:
+        # a session that batches tensors natively joins the batch's rows into one call (kserve_v2)
+        run_many = getattr(session, "run_batch", None)
+        if native and len(requests) > 1 and callable(run_many):
+            return list(await run_many(payloads))
+        return [await session.run(p) for p in payloads]
     if first.kind is RequestKind.CHAT:
         if native:
             return list(await session.chat_batch(payloads, params))

@@ -176,7 +176,15 @@ class Gateway:
             Route("/admin/workers/{worker_id:path}/drain", self.admin_drain, methods=["POST"]),
             Route("/admin/workers/{worker_id:path}/undrain", self.admin_undrain, methods=["POST"]),
             Route("/admin/reload", self.admin_reload, methods=["POST"]),
+            *self.oip_routes(),
         ]
+
+    def oip_routes(self) -> list[BaseRoute]:
+        """The Open Inference Protocol's ``/v2`` routes (``serving.oip_rest``) over this gateway."""
+        from xpuflow.serving.oip_rest import oip_routes
+        from xpuflow.serving.oip_service import OIPService
+
+        return oip_routes(OIPService(self))
 
 
 def _raw_header(request: Request, name: str) -> bytes | None:

@@ -61,6 +61,7 @@ class InferenceResult:
     prompt_tokens: int = 0
     queue_ms: float = 0.0
     total_ms: float = 0.0
+    outputs: Mapping[str, Any] | None = None  # a tensor call's named output arrays
 
 
 @dataclass(frozen=True)

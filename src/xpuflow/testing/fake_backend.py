@@ -118,6 +118,15 @@ class FakeSession(Session):
             vectors.append([b / 255.0 for b in digest[: self.embedding_dim]])
         return vectors
 
+    async def run(self, inputs: Any) -> dict[str, Any]:
+        """Tensor models: every input doubled, as output ``<name>_x2`` (a lone array is ``input``)."""
+        import numpy as np
+
+        named = inputs if isinstance(inputs, Mapping) else {"input": inputs}
+        first = next(iter(named.values()), None)
+        await self._serve(int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1)
+        return {f"{name}_x2": np.asarray(value) * 2 for name, value in named.items()}
+
 
 class FakePlugin:
     """A backend plugin whose sessions are ``FakeSession``s; options pass through to the session."""

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from oip_serve import Served, xpuflow_serve
+
+KEY = "sk-oip-test-key-0001"
+
+FAKE_CONFIG = {
+    "api_keys": [{"name": "team", "key": KEY}],
+    "deployments": [
+        {"name": "embed", "backend": "fake", "task": "embedding"},
+        {"name": "double", "backend": "fake", "task": "tensor"},
+        {"name": "chat", "backend": "fake", "task": "chat"},
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def fake_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """``xpuflow serve`` with fake embedding, tensor and chat models, one key, HTTP and gRPC."""
+    with xpuflow_serve(Path(tmp_path_factory.mktemp("oip-gateway")), FAKE_CONFIG) as served:
+        yield served
