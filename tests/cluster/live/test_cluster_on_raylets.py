@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 
 if os.environ.get("XPUFLOW_IN_NETNS") != "1":
-    pytest.skip("runs inside a network namespace (tests/cluster/test_cluster_live.py)", allow_module_level=True)
+    pytest.skip(
+        "runs inside a network namespace (tests/cluster/test_cluster_live.py)", allow_module_level=True
+    )
 
 ray = pytest.importorskip("ray")
 
