@@ -136,6 +136,19 @@ def test_requests_and_streams_run_on_remote_workers(live: Live) -> None:
     assert counts  # metrics come back from the remote workers
 
 
+def test_admin_drain_takes_a_remote_worker_out_of_routing(live: Live) -> None:
+    async def go() -> None:
+        await live.orch.drain("chat/0")
+        await asyncio.sleep(0.6)  # the actor's snapshot says draining at the next read
+        drained = await asyncio.gather(*(live.orch.complete(_call()) for _ in range(8)))
+        assert {r.decision.worker for r in drained} == {"chat/1"}
+        await live.orch.undrain("chat/0")
+        await asyncio.sleep(0.6)
+        assert not live.orch.workers["chat/0"].snapshot().draining
+
+    live.run(go())
+
+
 def test_a_client_that_goes_away_withdraws_the_remote_request(live: Live) -> None:
     async def go() -> None:
         orch = Orchestrator(
