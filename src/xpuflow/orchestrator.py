@@ -631,21 +631,70 @@ class Orchestrator:
         self._worker(worker_id).draining = False
 
     async def reload(self) -> Mapping[str, Any]:
-        """Re-read the config file and restart with it; the old workers drain first."""
+        """Re-read the config file and apply the difference, so requests keep being served throughout:
+        deployments whose settings did not change keep their workers; the workers of new and changed
+        ones start first, then the logical models are rewired to them, then the workers of changed and
+        removed deployments drain (they finish what they hold) and stop. A change of ``qos`` or
+        ``resources`` counts as a change of every deployment (still started before the old ones
+        drain); a change of ``cluster`` restarts everything. Returns what was added, changed, removed
+        and kept."""
         if self._config_path is None:
             raise ConfigError("this server was started without a config file; nothing to reload")
         from xpuflow.config import load_config
 
-        new = load_config(self._config_path)
-        old_names = {d.name for d in self.config.deployments}
-        new_names = {d.name for d in new.deployments}
-        await self.stop()
-        self.config = new
-        self._inventory = None
-        self.placements.clear()
-        await self.start()
-        return {
-            "added": sorted(new_names - old_names),
-            "removed": sorted(old_names - new_names),
-            "kept": sorted(new_names & old_names),
+        new, old = load_config(self._config_path), self.config
+        old_deps = {d.name: d for d in old.deployments}
+        new_deps = {d.name: d for d in new.deployments}
+        everything = new.qos != old.qos or new.resources != old.resources
+        kept = {n for n, d in new_deps.items() if not everything and old_deps.get(n) == d}
+        changed = {n for n in new_deps if n in old_deps and n not in kept}
+        added, removed = set(new_deps) - set(old_deps), set(old_deps) - set(new_deps)
+        summary = {
+            "added": sorted(added),
+            "changed": sorted(changed),
+            "removed": sorted(removed),
+            "kept": sorted(kept),
         }
+        if new.cluster != old.cluster:
+            await self.stop()
+            self.config, self._inventory = new, None
+            self.placements.clear()
+            await self.start()
+            return summary
+        if new.resources != old.resources:
+            self._inventory = None
+        old_workers, old_checkers = self.workers, self._checkers
+        self.config = new
+        self.workers, self._checkers = {}, {}  # _start_deployment registers the new workers here
+        try:
+            if everything:
+                self._qos = QoSGate(new.qos, self.inventory, monitor=self._monitor, clock=self._clock)
+                self._tokens = self._partition_tokens()
+            store = self._store or ArtifactStore(
+                (self._base_dir / new.artifact_dir) if new.artifact_dir else None
+            )
+            for dep in new.deployments:
+                if dep.name not in kept:
+                    await self._start_deployment(dep, store)
+        except BaseException:
+            await self._stop_checks(list(self._checkers))
+            started = list(self.workers.values())
+            await asyncio.gather(*(w.stop(drain=False) for w in started), return_exceptions=True)
+            self.config, self.workers, self._checkers = old, old_workers, old_checkers
+            raise
+        staying = {wid: w for wid, w in old_workers.items() if w.deployment in kept}
+        leaving = [w for w in old_workers.values() if w.deployment not in kept]
+        self.workers = {**staying, **self.workers}
+        self._checkers = {**{w: c for w, c in old_checkers.items() if w in staying}, **self._checkers}
+        retired_checks = [c for w, c in old_checkers.items() if w not in staying]
+        old_models, self._models = self._models, {m.name: self._wire(m) for m in self._logical_models()}
+        for name in removed:
+            self.placements.pop(name, None)
+        # requests routed before the rewiring still hold the old workers: they drain, not refuse
+        await asyncio.gather(*(c.stop() for c in retired_checks), return_exceptions=True)
+        await asyncio.gather(*(w.stop(drain=True) for w in leaving), return_exceptions=True)
+        for model in old_models.values():
+            if model.router is not None:
+                model.router.shutdown()
+        log.info("reloaded %s: %s", self._config_path, summary)
+        return summary
