@@ -42,6 +42,7 @@ from xpuflow.scheduling.qos_gate import QoSGate
 from xpuflow.scheduling.request import RequestKind, WorkRequest
 from xpuflow.scheduling.worker import Worker
 from xpuflow.serving.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
+from xpuflow.telemetry.host_memory import HostMemory
 from xpuflow.telemetry.vram import VRAMMonitor
 from xpuflow.types import Resource, ResourceType, RoutingDecision
 
@@ -95,6 +96,7 @@ class Orchestrator:
         self._clock = clock or SystemClock()
         self._monitor = monitor
         self._owns_monitor = monitor is None
+        self._host_memory = HostMemory(clock=self._clock)
         self.placements: dict[str, Placement] = {}
         self.workers: dict[str, Worker] = {}
         self._checkers: dict[str, RemoteStatePoller] = {}  # worker id -> its active health checks
@@ -307,12 +309,24 @@ class Orchestrator:
         checkers = [self._checkers.pop(w) for w in list(worker_ids) if w in self._checkers]
         await asyncio.gather(*(c.stop() for c in checkers), return_exceptions=True)
 
+    def _total_memory_bytes(self, worker: Worker) -> int | None:
+        """A device's total memory where no poller reads it: host RAM for the CPU, else what
+        discovery found."""
+        if worker.device == "cpu":
+            return self._host_memory.read()[1]
+        resources = worker.session.resources
+        return resources[0].memory_bytes if resources else None
+
     def _device_state(self, device: str) -> Any:
         monitor = self._monitor
+        host_memory = self._host_memory
 
         def read() -> Mapping[str, Any]:
             reading = monitor.snapshot().get(device) if monitor is not None else None
             if reading is None:
+                if device == "cpu":  # no poller covers host RAM: read it live (cached for a second)
+                    free, _total = host_memory.read()
+                    return {} if free is None else {"free_memory_bytes": free}
                 return {}
             return {"free_memory_bytes": reading.free_bytes, "utilization_pct": reading.utilization_pct}
 
@@ -567,7 +581,9 @@ class Orchestrator:
                     else "",
                     "tokens_per_s": metrics.get("tokens_per_s"),
                     "batch_sizes": metrics.get("batch_size_histogram", metrics.get("batch_sizes")),
-                    "total_memory_bytes": reading.total_bytes if reading is not None else None,
+                    "total_memory_bytes": reading.total_bytes
+                    if reading is not None
+                    else self._total_memory_bytes(worker),
                     "health": worker.health.state.value,
                     "node": getattr(worker, "node", None),  # cluster mode: the node it runs on
                     "metrics": metrics,
