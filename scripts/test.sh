@@ -11,7 +11,7 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v cc >/dev/null 2>&1; the
     echo "note: install chromium and a C compiler for the browser and native-stack tests" >&2
   fi
 fi
-bash scripts/setup.sh all,dev
+bash scripts/setup.sh all,dev,ray
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
