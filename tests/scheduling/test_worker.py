@@ -183,11 +183,11 @@ class Continuous(FakeSession):
         self.running = 0
         self.peak = 0
 
-    async def _serve(self, n: int) -> None:
+    async def _serve(self, n: int, *work: Any) -> None:
         self.running += 1
         self.peak = max(self.peak, self.running)
         try:
-            await super()._serve(n)
+            await super()._serve(n, *work)
         finally:
             self.running -= 1
 
