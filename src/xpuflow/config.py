@@ -40,6 +40,7 @@ __all__ = [
     "DeploymentConfig",
     "GatewayConfig",
     "LogicalModelConfig",
+    "ManagedConfig",
     "PartitionConfig",
     "QoSConfig",
     "QoSContextConfig",
@@ -78,6 +79,45 @@ class BatchingConfig(_Strict):
     queue_policy: Literal["priority", "fifo"] = Field("priority", description="Queue order.")
 
 
+class ManagedConfig(_Strict):
+    """A model server xpuflow starts and supervises for a deployment (see docs/managed_engines.md)."""
+
+    template: Literal["llamacpp", "vllm", "sglang", "tgi", "ovms"] | None = Field(
+        None, description="A shipped argv template: llamacpp, vllm, sglang, tgi or ovms."
+    )
+    argv: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Your own argv (a list, never a shell string) with placeholders {model} {model_name} "
+        "{host} {port} {grpc_port} {python}; instead of a template.",
+    )
+    executable: str | None = Field(None, description="Replaces argv[0], e.g. the path of a vllm binary.")
+    extra_args: list[str] = Field(default_factory=list, description="Arguments appended to the argv.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables added for it.")
+    host: str = Field("127.0.0.1", description="Address the server listens on.")
+    port: int | None = Field(None, ge=1, le=65535, description="Its HTTP port; default: a free one.")
+    ready_path: str | None = Field(
+        None, description="Path that answers 200 once ready; default: the template's."
+    )
+    ready_timeout_s: float = Field(300.0, gt=0.0, description="Longest a start may take to become ready.")
+    log_file: str | None = Field(
+        None, description="Where its stdout and stderr go; default: managed/<deployment>-<replica>.log."
+    )
+    restart_backoff_s: float = Field(1.0, gt=0.0, description="Wait before the first restart; doubles.")
+    max_backoff_s: float = Field(30.0, gt=0.0, description="Longest wait between restarts.")
+    max_restarts: int = Field(5, ge=0, description="Crashes within crash_window_s before it gives up.")
+    crash_window_s: float = Field(300.0, gt=0.0, description="Window in which crashes count as a loop.")
+    stop_timeout_s: float = Field(10.0, gt=0.0, description="Seconds after SIGTERM before SIGKILL.")
+
+    @model_validator(mode="after")
+    def _one_argv(self) -> ManagedConfig:
+        if (self.template is None) == (self.argv is None):
+            raise ValueError(
+                "managed: give exactly one of template (llamacpp, vllm, sglang, tgi, ovms) or argv"
+            )
+        return self
+
+
 class DeploymentConfig(_Strict):
     """One model on one backend."""
 
@@ -102,6 +142,9 @@ class DeploymentConfig(_Strict):
         "max_batch_size for continuous sessions. Others batch with `batching` and refuse it.",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings.")
+    managed: ManagedConfig | None = Field(
+        None, description="Start and supervise the model server (remote_openai, kserve_v2); off when absent."
+    )
     node: str | None = Field(
         None,
         description="Cluster mode only: the node (its name, id or IP) or node label ('key=value') its "

@@ -100,6 +100,7 @@ class Orchestrator:
         self.placements: dict[str, Placement] = {}
         self.workers: dict[str, Worker] = {}
         self._checkers: dict[str, RemoteStatePoller] = {}  # worker id -> its active health checks
+        self._managed: dict[str, Any] = {}  # worker id -> the model server it started (managed engines)
         self._cluster: Any = None  # cluster.runtime.ClusterRuntime when the config has a cluster section
         self._models: dict[str, _LogicalModel] = {}
         self._ready = False
@@ -256,7 +257,10 @@ class Orchestrator:
         )
         device = placement.resources[0].id
         for index in range(dep.replicas):
-            session = await plugin.create_session(list(placement.resources), model_config, artifacts)
+            replica_config = model_config
+            if dep.managed is not None:  # start the replica's own server first (docs/managed_engines.md)
+                replica_config = await self._start_managed(dep, index, model_config)
+            session = await plugin.create_session(list(placement.resources), replica_config, artifacts)
             worker = Worker(
                 session,
                 worker_id=f"{dep.name}/{index}",
@@ -316,6 +320,21 @@ class Orchestrator:
             return self._host_memory.read()[1]
         resources = worker.session.resources
         return resources[0].memory_bytes if resources else None
+
+    async def _start_managed(self, dep: DeploymentConfig, index: int, model_config: Any) -> Any:
+        """Start a managed deployment's server for replica ``index``; its ``ModelConfig`` points at it."""
+        from xpuflow.backends.managed_engine import start_managed
+
+        state_dir = (
+            self._base_dir / self.config.artifact_dir
+            if self.config.artifact_dir
+            else Path.home() / ".cache" / "xpuflow"
+        )
+        engine, config = await start_managed(
+            dep, index, model_config, base_dir=self._base_dir, state_dir=state_dir
+        )
+        self._managed[f"{dep.name}/{index}"] = engine
+        return config
 
     def _device_state(self, device: str) -> Any:
         monitor = self._monitor
@@ -382,6 +401,8 @@ class Orchestrator:
         await self._stop_checks(list(self._checkers))
         workers, self.workers = list(self.workers.values()), {}
         await asyncio.gather(*(w.stop(drain=True) for w in workers), return_exceptions=True)
+        engines, self._managed = list(self._managed.values()), {}
+        await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
         if self._cluster is not None:
             cluster, self._cluster = self._cluster, None
             await cluster.stop()
@@ -585,6 +606,9 @@ class Orchestrator:
                     if reading is not None
                     else self._total_memory_bytes(worker),
                     "health": worker.health.state.value,
+                    "managed": self._managed[worker.worker_id].status()
+                    if worker.worker_id in self._managed
+                    else None,
                     "node": getattr(worker, "node", None),  # cluster mode: the node it runs on
                     "metrics": metrics,
                 }
