@@ -310,7 +310,13 @@ class KServeV2Session(Session):
         vectors = outputs.get(target.name)
         if vectors is None:
             raise RemoteError(f"model '{self.settings.model}' answered without its output '{target.name}'")
-        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.size == 0 or vectors.shape[0] != len(texts):
+            raise RemoteError(
+                f"model '{self.settings.model}' answered output '{target.name}' of shape "
+                f"{list(vectors.shape)} for {len(texts)} text(s); expected one vector per text"
+            )
+        vectors = vectors.reshape(len(texts), -1)
         return vectors.tolist()
 
     # -- tensors ------------------------------------------------------------------------------------
