@@ -106,7 +106,7 @@ def test_one_cold_first_request_does_not_starve_an_upstream() -> None:
         # u0's first answer takes 300 ms (a cold start), then it is as fast as the others
         with upstreams(3, "--delay-ms", "20", only={0: ("--first-delay-ms", "300")}) as ups:
             async with Orchestrator(remote_config([u.url for u in ups]), inventory=INVENTORY) as orch:
-                return await _load(orch, 5.0, clients=2)  # light load: the EMAs alone decide
+                return await _load(orch, 6.0, clients=2)  # light load: the EMAs alone decide
 
     shares = _shares(asyncio.run(run()), 0.0, 10.0)
     assert len(shares) == 3
@@ -204,3 +204,16 @@ def test_every_upstream_failing_at_once_is_waited_out_not_answered_503() -> None
     assert len(failed) <= 5, f"{len(failed)} of {len(results)} failed"
     served_after = [at + latency for at, latency, worker in results if worker and at + latency >= healed_at]
     assert min(served_after) - healed_at <= 1.0
+
+
+def test_after_a_kill_the_survivors_share_the_load() -> None:
+    async def run() -> list[tuple[float, float, str | None]]:
+        with upstreams(3, "--delay-ms", "20") as ups:
+            async with Orchestrator(remote_config([u.url for u in ups]), inventory=INVENTORY) as orch:
+                return await _load(orch, 5.0, clients=8, events={1.0: ups[0].kill})
+
+    results = asyncio.run(run())
+    assert all(worker is not None for _, _, worker in results), "a request failed"
+    after = _shares(results, 2.0, 5.0)
+    assert set(after) == {"up1/0", "up2/0"}
+    assert min(after.values()) >= 0.3, after

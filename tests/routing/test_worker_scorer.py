@@ -136,7 +136,7 @@ def test_a_worker_judged_slow_by_old_samples_drifts_back_to_the_median_and_is_tr
     peers = [snap(w, ema_latency_ms=0.45, latency_sampled_at_s=100.0, taken_at_s=100.0) for w in ("a", "b")]
     cold = snap("cold", ema_latency_ms=95.0, latency_sampled_at_s=90.0, taken_at_s=100.0)
     assert scorer.latency_ms(cold, 0.45, now_s=90.0) == pytest.approx(95.0)
-    assert scorer.latency_ms(cold, 0.45, now_s=92.0) == pytest.approx(0.45 * (95.0 / 0.45) ** 0.5)
+    assert scorer.latency_ms(cold, 0.45, now_s=91.0) == pytest.approx(0.45 * (95.0 / 0.45) ** 0.5)
     assert scorer.latency_ms(peers[0], 0.45, now_s=200.0) == 0.45  # a fast one does not drift
     shares: Counter[str] = Counter()
     rng = random.Random(3)

@@ -175,7 +175,7 @@ class WorkerScorer:
     top_k: int = 3
     choice_temperature: float = 0.1
     staleness_half_life_s: float = 5.0
-    latency_half_life_s: float = 2.0
+    latency_half_life_s: float = 1.0
     throttle_start_c: float = 75.0
     throttle_limit_c: float = 90.0
 
