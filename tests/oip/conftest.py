@@ -4,18 +4,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from oip_serve import Served, xpuflow_serve
-
-KEY = "sk-oip-test-key-0001"
-
-FAKE_CONFIG = {
-    "api_keys": [{"name": "team", "key": KEY}],
-    "deployments": [
-        {"name": "embed", "backend": "fake", "task": "embedding"},
-        {"name": "double", "backend": "fake", "task": "tensor"},
-        {"name": "chat", "backend": "fake", "task": "chat"},
-    ],
-}
+from oip_serve import FAKE_CONFIG, Served, xpuflow_serve
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: The key of the fake gateway's configuration (``FAKE_CONFIG``).
+KEY = "sk-oip-test-key-0001"
+
+FAKE_CONFIG = {
+    "api_keys": [{"name": "team", "key": KEY}],
+    "deployments": [
+        {"name": "embed", "backend": "fake", "task": "embedding"},
+        {"name": "double", "backend": "fake", "task": "tensor"},
+        {"name": "chat", "backend": "fake", "task": "chat"},
+    ],
+}
+
+
 @dataclass(frozen=True)
 class Served:
     url: str

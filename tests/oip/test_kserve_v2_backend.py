@@ -8,9 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from oip_serve import Served
+from oip_serve import KEY, Served
 
-from conftest import KEY
 from xpuflow.backends.base import ModelConfig
 from xpuflow.backends.kserve_v2 import KServeV2Plugin, KServeV2Session
 from xpuflow.backends.registry import get_backend

@@ -9,9 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from oip_serve import Served
-
-from conftest import KEY
+from oip_serve import KEY, Served
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
