@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -47,9 +47,9 @@ class StatusEngine:
     """An Engine over made-up workers whose ``status()`` follows what it served: counters, per-worker
     load, EMA latency, tokens/s, batch sizes and the latest route decisions (the documented keys)."""
 
-    def __init__(self, latency_s: float = 0.02) -> None:
+    def __init__(self, latency_s: float = 0.02, workers: Sequence[Mapping[str, Any]] = WORKERS) -> None:
         self.latency_s = latency_s
-        self._workers = {w["worker_id"]: {**w, "queue_depth": 0, "in_flight": 0} for w in WORKERS}
+        self._workers = {w["worker_id"]: {**w, "queue_depth": 0, "in_flight": 0} for w in workers}
         self._ema_ms: dict[str, float | None] = dict.fromkeys(self._workers)
         self._tokens: dict[str, list[tuple[float, int]]] = {w: [] for w in self._workers}
         self._batches: dict[str, dict[str, int]] = {w: {} for w in self._workers}

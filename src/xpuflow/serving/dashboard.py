@@ -126,6 +126,7 @@ def _worker(raw: Mapping[str, Any]) -> dict[str, Any]:
         "model": _text(raw.get("model")),
         "tier": _text(raw.get("tier")),
         "device": str(raw.get("device") or "unknown"),
+        "node": _text(raw.get("node")),
         "healthy": healthy,
         "draining": draining,
         "health": health,
@@ -153,6 +154,7 @@ def _devices(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         devices.append(
             {
                 "device": device,
+                "node": next((w["node"] for w in members if w["node"]), None),
                 "free_memory_bytes": free,
                 "total_memory_bytes": total,
                 "healthy_workers": sum(1 for w in members if w["healthy"] and not w["draining"]),
@@ -160,6 +162,28 @@ def _devices(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return devices
+
+
+def _nodes(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Cluster mode (some worker names its node): devices grouped by node, sorted by name; a device
+    without a node is under ``None`` (listed last). One machine: an empty list, the page is unchanged."""
+    if not any(d["node"] for d in devices):
+        return []
+    grouped: dict[str | None, list[dict[str, Any]]] = {}
+    for device in devices:
+        grouped.setdefault(device["node"], []).append(device)
+    nodes = []
+    for node in sorted(grouped, key=lambda n: (n is None, n or "")):
+        members = grouped[node]
+        nodes.append(
+            {
+                "node": node,
+                "devices": [d["device"] for d in members],
+                "workers": sum(len(d["workers"]) for d in members),
+                "healthy_workers": sum(d["healthy_workers"] for d in members),
+            }
+        )
+    return nodes
 
 
 def _decision(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -268,6 +292,7 @@ class DashboardFeed:
             tokens_per_s,
         )
         series = self._series()
+        devices = _devices(workers)
         return {
             "ts": self._wall(),
             "error": error,
@@ -281,7 +306,8 @@ class DashboardFeed:
                 "workers": len(workers),
                 "healthy_workers": sum(1 for w in workers if w["healthy"] and not w["draining"]),
             },
-            "devices": _devices(workers),
+            "devices": devices,
+            "nodes": _nodes(devices),
             "decisions": decisions[: self._max_decisions],
             "qos": [_qos_context(c) for c in _mappings(status.get("qos")) if _text(c.get("name"))],
             "series": series,

@@ -134,24 +134,47 @@
     return el("tr", { class: "worker-row", "data-worker-id": w.worker_id }, cells);
   }
 
-  function renderDevices(devices) {
+  function deviceCard(d) {
+    const head = el("tr", {}, [
+      "worker", "model / tier", "health", "queue", "in flight", "EMA latency", "tokens/s", "batch (mean / max)",
+    ].map(function (name, i) {
+      return el("th", { class: i >= 3 ? "num" : "", text: name });
+    }));
+    const table = el("table", {}, [
+      el("thead", {}, [head]),
+      el("tbody", {}, d.workers.map(workerRow)),
+    ]);
+    const title = el("div", { class: "device-head" }, [
+      el("span", { class: "device-name", text: d.device }),
+      el("span", { class: "muted", text: d.healthy_workers + " of " + d.workers.length + " workers healthy" }),
+    ]);
+    return el("div", { class: "device", "data-device": d.device }, [title, vram(d), table]);
+  }
+
+  // One machine: a card per device. Cluster mode (the snapshot lists nodes): a group per node, holding
+  // the cards of that node's devices.
+  function renderDevices(devices, nodes) {
     const root = $("devices");
-    const cards = devices.map(function (d) {
-      const head = el("tr", {}, [
-        "worker", "model / tier", "health", "queue", "in flight", "EMA latency", "tokens/s", "batch (mean / max)",
-      ].map(function (name, i) {
-        return el("th", { class: i >= 3 ? "num" : "", text: name });
-      }));
-      const table = el("table", {}, [
-        el("thead", {}, [head]),
-        el("tbody", {}, d.workers.map(workerRow)),
-      ]);
-      const title = el("div", { class: "device-head" }, [
-        el("span", { class: "device-name", text: d.device }),
-        el("span", { class: "muted", text: d.healthy_workers + " of " + d.workers.length + " workers healthy" }),
-      ]);
-      return el("div", { class: "device", "data-device": d.device }, [title, vram(d), table]);
-    });
+    $("devices-title").textContent = nodes.length ? "Workers by node and device" : "Workers by device";
+    root.classList.toggle("by-node", nodes.length > 0);
+    let cards;
+    if (nodes.length) {
+      const byId = {};
+      devices.forEach(function (d) { byId[d.device] = d; });
+      cards = nodes.map(function (n) {
+        const name = n.node === null ? "no node" : n.node;
+        const title = el("div", { class: "node-head" }, [
+          el("span", { class: "node-name", text: "node " + name }),
+          el("span", { class: "muted", text: n.healthy_workers + " of " + n.workers + " workers healthy" }),
+        ]);
+        const inner = n.devices.filter(function (id) { return byId[id]; }).map(function (id) {
+          return deviceCard(byId[id]);
+        });
+        return el("div", { class: "node", "data-node": name }, [title, el("div", { class: "devices" }, inner)]);
+      });
+    } else {
+      cards = devices.map(deviceCard);
+    }
     if (!cards.length) cards.push(el("p", { class: "muted", text: "no workers yet" }));
     root.replaceChildren.apply(root, cards);
   }
@@ -203,7 +226,7 @@
     banner.hidden = !snapshot.error;
     banner.textContent = snapshot.error || "";
     renderTotals(snapshot.totals || {});
-    renderDevices(snapshot.devices || []);
+    renderDevices(snapshot.devices || [], snapshot.nodes || []);
     renderDecisions(snapshot.decisions || []);
     renderQos(snapshot.qos || []);
     renderCharts(snapshot.series);
