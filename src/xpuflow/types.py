@@ -283,6 +283,7 @@ class WorkerSnapshot:
     max_in_flight: int | None = None  # requests it takes at once when the backend batches by itself
     oldest_in_flight_s: float | None = None  # age of its oldest running request at taken_at_s
     latency_sampled_at_s: float | None = None  # monotonic time of the newest ema_latency_ms sample
+    mean_batch_size: float | None = None  # requests per batch it has run on average (None: not measured)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -304,4 +305,5 @@ class WorkerSnapshot:
             "max_in_flight": self.max_in_flight,
             "oldest_in_flight_s": self.oldest_in_flight_s,
             "latency_sampled_at_s": self.latency_sampled_at_s,
+            "mean_batch_size": self.mean_batch_size,
         }

@@ -456,3 +456,32 @@ def test_never_picks_a_filtered_worker(
     if not choice.chosen.probe:
         assert choice.chosen.worker_id in ranked[:top_k]
         assert not any(c.probe for c in choice.ranked)
+
+
+def test_load_counts_in_the_batches_a_worker_achieves_when_it_reports_them() -> None:
+    # 4 queued on a batch-of-8 worker whose requests run one per batch is 4 batches ahead, not half of one
+    ranked = WorkerScorer().score(
+        [
+            snap("lonely", ema_latency_ms=100.0, queue_depth=4, max_batch_size=8, mean_batch_size=1.0),
+            snap("idle", ema_latency_ms=100.0, max_batch_size=8, mean_batch_size=1.0),
+        ]
+    )
+    speed = {r.worker_id: r.terms["speed"] for r in ranked}
+    assert speed["lonely"] == pytest.approx(1.0 / (1.0 + 4 / 1))
+    # the achieved size stays within [1, max_batch_size]; unknown keeps max_batch_size
+    for achieved, capacity in ((0.2, 1.0), (3.0, 3.0), (20.0, 8.0), (None, 8.0)):
+        pair = WorkerScorer().score(
+            [
+                snap("busy", ema_latency_ms=100.0, queue_depth=6, max_batch_size=8, mean_batch_size=achieved),
+                snap("idle", ema_latency_ms=100.0, max_batch_size=8),
+            ]
+        )
+        busy = next(r for r in pair if r.worker_id == "busy")
+        assert busy.terms["speed"] == pytest.approx(1.0 / (1.0 + 6 / capacity))
+    # a worker that batches by itself keeps its in-flight slots as capacity
+    remote = snap("remote", ema_latency_ms=100.0, in_flight=8, max_in_flight=64, mean_batch_size=1.0)
+    terms = {
+        r.worker_id: r.terms["speed"]
+        for r in WorkerScorer().score([remote, snap("idle", ema_latency_ms=100.0)])
+    }
+    assert terms["remote"] == pytest.approx(1.0 / (1.0 + 8 / 64))

@@ -24,7 +24,11 @@ and time and randomness are injected::
        score_i  = sum_t w_t * term_t / sum_t w_t  +  w_affinity * affinity_i
 
    ``capacity_i`` is ``max_in_flight`` for a worker whose backend batches by itself (a remote server, a
-   continuous session: load is the share of its in-flight slots in use), else ``max_batch_size``.
+   continuous session: load is the share of its in-flight slots in use), else the batch size the worker
+   achieves (``mean_batch_size``, kept between 1 and ``max_batch_size``) when it reports one, else
+   ``max_batch_size``. A worker whose requests rarely share a batch group (different ``max_tokens``)
+   serves its queue about one request per batch: counted in full batches, its queue would look several
+   times shorter than it is.
    ``ema_latency_ms`` is read as the time one batch takes to serve (queue wait excluded: the queue is
    counted by ``load``). ``latency_i`` is that EMA, except that a worker slower than the candidates'
    median ``m`` drifts back toward it with the time since its last sample (``latency_sampled_at_s``):
@@ -231,13 +235,23 @@ class WorkerScorer:
         """Split the workers into those that can take the request and the refused ones with reasons."""
         passed: list[WorkerSnapshot] = []
         rejected: list[Alternative] = []
+        tokens = None if needs is None else needs.tokens
+        memory = None if needs is None else needs.memory_bytes
         for snapshot in snapshots:
             flag = None if available is None else available.get(snapshot.worker_id, snapshot.healthy)
-            reason = self.refusal(snapshot, needs, available=flag)
-            if reason is None:
+            # the checks of ``refusal``, inline: this runs for every worker on every request
+            max_seq_len = snapshot.max_seq_len
+            free = snapshot.free_memory_bytes
+            if (
+                (snapshot.healthy if flag is None else flag)
+                and not snapshot.draining
+                and (tokens is None or max_seq_len is None or tokens <= max_seq_len)
+                and (memory is None or free is None or memory <= free)
+            ):
                 passed.append(snapshot)
             else:
-                rejected.append(Alternative(snapshot.worker_id, reason))
+                reason = self.refusal(snapshot, needs, available=flag)
+                rejected.append(Alternative(snapshot.worker_id, reason or "refused"))
         return passed, rejected
 
     # -- 2. score -------------------------------------------------------------------------------------
@@ -279,28 +293,60 @@ class WorkerScorer:
         """
         if not candidates:
             return []
-        known_ema = [
-            s.ema_latency_ms for s in candidates if s.ema_latency_ms is not None and s.ema_latency_ms > 0
-        ]
+        # The terms of ``latency_ms``, ``freshness``, the load, ``_stuck_ms``, ``_memory_term`` and
+        # ``_temperature_term``, inline and in the same arithmetic: this runs for every candidate of every
+        # request on the gateway's hot path.
+        known_ema = [ema for s in candidates if (ema := s.ema_latency_ms) is not None and ema > 0]
         prior_ema = _median(known_ema) if known_ema else 1.0
-        expected = [
-            max(self.latency_ms(s, prior_ema, now_s), _stuck_ms(s, now_s)) * (1.0 + _load(s))
-            for s in candidates
-        ]
+        half_life = self.latency_half_life_s
+        expected: list[float] = []
+        for s in candidates:
+            ema = s.ema_latency_ms
+            if ema is None or ema <= 0:
+                ema = prior_ema
+            sampled_at = s.latency_sampled_at_s
+            if not (ema <= prior_ema or prior_ema <= 0 or now_s is None or sampled_at is None):
+                weight = 2.0 ** (-max(0.0, now_s - sampled_at) / half_life)
+                ema = float(prior_ema * (ema / prior_ema) ** weight)
+            age_s = s.oldest_in_flight_s
+            if age_s is not None:
+                later_s = 0.0 if now_s is None else max(0.0, now_s - s.taken_at_s)
+                stuck = (age_s + later_s) * 1000.0
+                ema = max(ema, stuck)
+            capacity: float = s.max_in_flight or s.max_batch_size
+            achieved = s.mean_batch_size
+            if achieved is not None and not s.max_in_flight:
+                capacity = min(capacity, max(1.0, achieved))
+            load = max(0, s.queue_depth + s.in_flight) / max(1, capacity)
+            expected.append(ema * (1.0 + load))
         best_expected = min(expected)
         known_free = [s.free_memory_bytes for s in candidates if s.free_memory_bytes is not None]
         max_free = max(known_free) if known_free else 0
         bonus = _affinity_bonus(affinity, candidates)
         w = self.weights
-        state_weight = w.speed + w.memory + w.utilization + w.temperature
+        w_speed, w_memory, w_util, w_temp = w.speed, w.memory, w.utilization, w.temperature
+        state_weight = w_speed + w_memory + w_util + w_temp
+        staleness_half_life = self.staleness_half_life_s
+        limit_c = self.throttle_limit_c
+        span_c = limit_c - self.throttle_start_c
         scored: list[ScoredWorker] = []
         for snapshot, expected_i in zip(candidates, expected, strict=True):
-            fresh = self.freshness(snapshot, now_s)
+            if now_s is None:
+                fresh = 1.0
+            else:
+                fresh = float(2.0 ** (-max(0.0, now_s - snapshot.taken_at_s) / staleness_half_life))
             speed = best_expected / expected_i if expected_i > 0 else 1.0
-            memory = _memory_term(snapshot.free_memory_bytes, max_free)
+            free = snapshot.free_memory_bytes
+            if free is None:
+                memory = NEUTRAL
+            elif max_free > 0:
+                memory = _clamp(free / max_free)
+            else:
+                memory = 0.0
             util = snapshot.utilization_pct
             utilization = NEUTRAL if util is None else 1.0 - _clamp(util / 100.0)
-            temperature = self._temperature_term(snapshot.temperature_c)
+            temperature_c = snapshot.temperature_c
+            temperature = NEUTRAL if temperature_c is None else _clamp((limit_c - temperature_c) / span_c)
             if fresh < 1.0:
                 stale = (1.0 - fresh) * NEUTRAL
                 speed = fresh * speed + stale
@@ -308,10 +354,7 @@ class WorkerScorer:
                 utilization = fresh * utilization + stale
                 temperature = fresh * temperature + stale
             state = (
-                w.speed * speed
-                + w.memory * memory
-                + w.utilization * utilization
-                + w.temperature * temperature
+                w_speed * speed + w_memory * memory + w_util * utilization + w_temp * temperature
             ) / state_weight
             terms = {"speed": speed, "memory": memory, "utilization": utilization, "temperature": temperature}
             sticky = bonus.get(snapshot.worker_id, 0.0) if bonus else 0.0
@@ -322,8 +365,8 @@ class WorkerScorer:
                     snapshot, state + w.affinity * sticky, terms, fresh, snapshot.worker_id in probes
                 )
             )
-        order = sorted(range(len(scored)), key=lambda i: -scored[i].score)
-        return [scored[i] for i in order]
+        keys = [-c.score for c in scored]
+        return [scored[i] for i in sorted(range(len(scored)), key=keys.__getitem__)]
 
     # -- 3. choose ------------------------------------------------------------------------------------
 
@@ -408,11 +451,6 @@ def _median(values: list[float]) -> float:
 
 def _clamp(value: float) -> float:
     return 0.0 if value < 0.0 else 1.0 if value > 1.0 else value
-
-
-def _load(snapshot: WorkerSnapshot) -> float:
-    capacity = snapshot.max_in_flight or snapshot.max_batch_size
-    return max(0, snapshot.queue_depth + snapshot.in_flight) / max(1, capacity)
 
 
 def _ema(ema: float | None, prior_ms: float) -> float:
