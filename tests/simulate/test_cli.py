@@ -22,7 +22,7 @@ def test_compare_writes_json_and_plot(fleet_file: Path, tmp_path: Path) -> None:
     out, png = tmp_path / "out.json", tmp_path / "out.png"
     result = runner.invoke(
         app, ["simulate", str(fleet_file), "--trace", str(trace(tmp_path)), "--compare", "--json", str(out),
-              "--plot", str(png), "--kill", "big/0@5", "--slow", "small/1x3@2"],
+              "--plot", str(png), "--kill", "big/0@5", "--slow", "small/1x3@2", "--sample", "3"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())

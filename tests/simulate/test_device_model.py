@@ -95,3 +95,59 @@ def test_fake_backend_sleeps_the_device_model_time(tmp_path: Path) -> None:
     began = time.perf_counter()
     asyncio.run(session.generate_batch(["a b c d e", "f"], GenerationParams(max_tokens=4)))
     assert time.perf_counter() - began == pytest.approx(6 / 100 + 4 * 2 / 100, abs=0.03)
+
+
+def test_continuous_request_timing_and_throughput() -> None:
+    m = DeviceModel(
+        "c", {1: 1000.0, 4: 2000.0}, {1: 10.0, 4: 20.0}, max_batch_size=4, overhead_s=0.1, continuous=True
+    )
+    one = m.request_timing(500, 10, concurrent=1)
+    assert one.total_s == pytest.approx(0.1 + 500 / 1000 + 10 * 1 / 10)
+    four = m.request_timing(500, 10, concurrent=4)
+    assert four.first_token_s == pytest.approx(0.1 + 500 / 2000 + 4 / 20)
+    assert four.total_s == pytest.approx(0.1 + 500 / 2000 + 10 * 4 / 20)
+    # busy, it runs max_batch_size requests at once
+    assert m.throughput_per_s([(500, 10)]) == pytest.approx(4 / four.total_s)
+    static = DeviceModel("s", {1: 1000.0}, {1: 10.0, 4: 20.0}, max_batch_size=4)
+    assert static.throughput_per_s([(500, 10)], 1) == pytest.approx(1 / static.request_s(500, 10))
+    assert static.throughput_per_s([(500, 10)] * 4) == pytest.approx(
+        4 / static.batch_timing([(500, 10)] * 4).total_s
+    )
+
+
+def test_continuous_flag_round_trips_and_is_checked(tmp_path: Path) -> None:
+    m = DeviceModel("c", {1: 100.0}, {1: 10.0}, continuous=True)
+    save_device_model(m, tmp_path / "c.yaml")
+    assert load_device_model(tmp_path / "c.yaml").continuous
+    (tmp_path / "bad.yaml").write_text(
+        "prefill_tokens_per_s: {1: 1}\ndecode_tokens_per_s: {1: 1}\ncontinuous: 3\n"
+    )
+    with pytest.raises(ConfigError, match="continuous must be true or false"):
+        load_device_model(tmp_path / "bad.yaml")
+
+
+def test_fake_backend_runs_a_continuous_device_model_concurrently(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    from xpuflow.backends.base import BatchMode, GenerationParams, ModelConfig
+    from xpuflow.testing.fake_backend import FakePlugin
+
+    model = DeviceModel("c", {1: 1000.0}, {1: 100.0, 2: 100.0}, max_batch_size=2, continuous=True)
+    save_device_model(model, tmp_path / "c.yaml")
+    config = ModelConfig(
+        model_id="fake", max_batch_size=8, options={"device_model": str(tmp_path / "c.yaml")}
+    )
+    session = asyncio.run(FakePlugin().create_session([], config, {}))
+    assert session.batch_mode is BatchMode.CONTINUOUS
+    assert session.max_in_flight == 2
+
+    async def two() -> None:
+        params = GenerationParams(max_tokens=5)
+        await asyncio.gather(session.generate("a b", params), session.generate("c d", params))
+
+    began = time.perf_counter()
+    asyncio.run(two())
+    # the first runs alone (n=1), the second beside it (n=2): they overlap, the longer one counts
+    expected = max(model.request_timing(2, 5, 1).total_s, model.request_timing(2, 5, 2).total_s)
+    assert time.perf_counter() - began == pytest.approx(expected, abs=0.03)

@@ -131,3 +131,71 @@ def test_real_trace_slice(fleet_file: Path, traces_dir: Path) -> None:
         result = Simulation(fleet, requests, policy=policy, seed=0, scale=0.25).run()
         assert len(result.outcomes) == len(requests)
         assert result.outcomes.count("ok") > 0
+
+
+CONTINUOUS = """name: cont
+max_batch_size: 4
+overhead_s: 0.01
+prefill_tokens_per_s: {1: 1000, 4: 2000}
+decode_tokens_per_s: {1: 10, 4: 20}
+continuous: true
+"""
+
+
+def continuous_fleet(tmp_path: Path, extra: str = "") -> Path:
+    (tmp_path / "cont.yaml").write_text(CONTINUOUS)
+    path = tmp_path / "cont_fleet.yaml"
+    path.write_text(
+        "deployments:\n"
+        f"  - {{name: cont, backend: fake, replicas: 1, max_seq_len: 32768{extra}, "
+        "options: {device_model: cont.yaml}}\n"
+        "models:\n  - {name: chat, tiers: [{name: main, deployments: [cont]}]}\n"
+    )
+    return path
+
+
+def test_a_continuous_device_runs_requests_side_by_side(tmp_path: Path) -> None:
+    fleet = load_fleet(continuous_fleet(tmp_path))
+    model = fleet.deployments["cont"].model
+    # five different output lengths (no two would share a static batch) arrive together: four run at
+    # once, each at the concurrency it started with; the fifth waits for a slot
+    requests = [SimRequest(0.0, 100, 10 + i) for i in range(5)]
+    result = Simulation(fleet, requests).run()
+    assert result.outcomes == ["ok"] * 5
+    for i in range(4):
+        assert result.queue_s[i] == 0.0
+        assert result.e2e_s[i] == pytest.approx(model.request_timing(100, 10 + i, i + 1).total_s)
+    first_free = min(result.e2e_s[:4])
+    assert result.queue_s[4] == pytest.approx(first_free)
+    assert result.e2e_s[4] == pytest.approx(first_free + model.request_timing(100, 14, 4).total_s)
+    # busy time is the union of the overlapping requests, not their sum
+    summary = summarize(result, parse_slo("e2e_p99=60s"))
+    assert summary["utilisation"]["cont/0"] <= 1.0
+
+
+def test_max_in_flight_caps_a_continuous_device_and_needs_one(tmp_path: Path) -> None:
+    fleet = load_fleet(continuous_fleet(tmp_path, ", max_in_flight: 2"))
+    result = Simulation(fleet, [SimRequest(0.0, 100, 10 + i) for i in range(3)]).run()
+    assert result.queue_s[:2] == [0.0, 0.0]
+    assert result.queue_s[2] > 0
+    static = tmp_path / "static"
+    static.mkdir()
+    (static / "cont.yaml").write_text(CONTINUOUS.replace("continuous: true\n", ""))
+    (static / "cont_fleet.yaml").write_text((tmp_path / "cont_fleet.yaml").read_text())
+    with pytest.raises(ConfigError, match="max_in_flight applies to devices that batch by themselves"):
+        load_fleet(static / "cont_fleet.yaml")
+
+
+def test_capacity_counts_a_continuous_device_at_its_in_flight_cap(tmp_path: Path) -> None:
+    fleet = load_fleet(continuous_fleet(tmp_path))
+    model = fleet.deployments["cont"].model
+    requests = [SimRequest(0.0, 100, 20)]
+    assert capacity_per_s(fleet, requests) == pytest.approx(4 / model.request_timing(100, 20, 4).total_s)
+
+
+def test_a_candidate_sample_serves_everything_and_is_checked(fleet_file: Path) -> None:
+    fleet = load_fleet(fleet_file)
+    result = Simulation(fleet, steady(200, 0.5), seed=1, sample=2).run()
+    assert result.outcomes.count("ok") == 200
+    with pytest.raises(ValueError, match="sample must be >= 1"):
+        Simulation(fleet, steady(1, 1.0), sample=0)

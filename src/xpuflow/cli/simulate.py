@@ -78,6 +78,14 @@ def simulate(
         typer.Option("--slow", help="WORKERxK@T: K times slower from T s."),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of every random choice.")] = 0,
+    sample: Annotated[
+        int | None,
+        typer.Option(
+            "--sample",
+            help="Choose among this many workers drawn at random per pick (default: all, as the gateway).",
+            min=1,
+        ),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
     plot: Annotated[
         Path | None,
@@ -184,7 +192,9 @@ def simulate(
     for name in policies:
         began = time.perf_counter()
         try:
-            result = Simulation(fleet, requests, policy=name, seed=seed, scale=scale, faults=faults).run()
+            result = Simulation(
+                fleet, requests, policy=name, seed=seed, scale=scale, faults=faults, sample=sample
+            ).run()
         except (ConfigError, ValueError) as exc:
             raise _error(str(exc)) from None
         wall = time.perf_counter() - began

@@ -4,9 +4,11 @@
     plan = find_min_fleet(fleet, requests, parse_slo("ttft_p99=2s,e2e_p99=30s"))
     plan.counts                                      # {"big": 3, "small": 5}
 
-Capacity counts each request served alone (batch of one) at the trace's mean service time on each
-device: xpuflow's workers batch only requests of the same batch group, and a group includes
-``max_tokens``, so requests of a trace (whose output lengths differ) rarely share a batch.
+Capacity is what each device serves when busy, at the batch size it achieves: a continuous device
+(``continuous: true``) runs up to its in-flight cap at once, so it is counted at that concurrency; a
+static-batching worker batches only requests of the same batch group, and a group includes
+``max_tokens``, so requests of a trace (whose output lengths differ) rarely share a batch and it is
+counted at batch 1.
 
 The search: a lower bound from capacity (the offered work over the fastest device type's speed), then
 one worker at a time of the type whose addition helps most (the SLO's p99s, weighted by how far each is
@@ -41,8 +43,16 @@ def mean_request_s(fleet: Fleet, requests: Sequence[SimRequest]) -> dict[str, fl
 
 def capacity_per_s(fleet: Fleet, requests: Sequence[SimRequest]) -> float:
     """Requests per second the fleet serves with every worker busy (see the module docstring)."""
-    means = mean_request_s(fleet, requests)
-    return sum(dep.replicas / means[name] for name, dep in fleet.deployments.items() if means[name] > 0)
+    work = [(r.input_tokens, r.output_tokens) for r in requests]
+    total = 0.0
+    for dep in fleet.deployments.values():
+        model = dep.model
+        if model.continuous:
+            batch = dep.max_in_flight or min(dep.max_batch_size, model.max_batch_size)
+            total += dep.replicas * model.throughput_per_s(work, batch)
+        else:
+            total += dep.replicas * model.throughput_per_s(work, 1)
+    return total
 
 
 @dataclass

@@ -15,6 +15,19 @@ A batch of ``n`` requests (xpuflow's workers run a batch to its end: static batc
     total_s    = prefill_s + max(output_i) * step_s
     first token of every request: prefill_s + step_s
 
+A device that batches continuously (``continuous: true``: a transformers session with continuous
+batching, a vLLM/SGLang/TGI server behind ``remote_openai``) takes each request as it comes, up to
+``max_batch_size`` at once, and runs it beside the others; a request that starts with ``n`` running
+(itself included) takes ``request_timing``::
+
+    prefill_s = overhead_s + input / prefill_tokens_per_s(n)
+    step_s    = n / decode_tokens_per_s(n)           its share of the aggregate decode speed
+    total_s   = prefill_s + output * step_s
+
+``n`` is taken when the request starts and kept to its end (requests that join or leave later do not
+change it): a simplification of the device's step-by-step sharing that keeps the time of a request
+known when it starts, so the simulator and the fake backend compute the same number.
+
 Speeds between measured batch sizes are interpolated linearly; beyond the largest measured size the
 aggregate speed stays flat (the device is saturated), below the smallest it is the smallest one's.
 
@@ -26,6 +39,7 @@ File format (YAML or JSON; ``docs/simulate.md``)::
     overhead_s: 0.002
     prefill_tokens_per_s: {1: 9000, 8: 14000}
     decode_tokens_per_s: {1: 55, 8: 380, 32: 1100}
+    continuous: false                # optional: true when the device batches by itself
     memory_bytes: 85899345920        # optional: device memory
     weights_bytes: 16000000000       # optional: what the model holds whatever the load
     kv_bytes_per_token: 131072       # optional: KV cache per token in flight
@@ -105,6 +119,7 @@ class DeviceModel:
     weights_bytes: int = 0
     kv_bytes_per_token: int = 0
     source: str = ""
+    continuous: bool = False
     _prefill: tuple[tuple[int, ...], tuple[float, ...]] = field(init=False, repr=False, compare=False)
     _decode: tuple[tuple[int, ...], tuple[float, ...]] = field(init=False, repr=False, compare=False)
 
@@ -157,9 +172,42 @@ class DeviceModel:
             (prefill_s + longest * step_s) * slowdown,
         )
 
+    def request_timing(
+        self, input_tokens: int, output_tokens: int, concurrent: int = 1, slowdown: float = 1.0
+    ) -> BatchTiming:
+        """Timing of one request on a continuous device that runs ``concurrent`` requests (itself
+        included) when it starts (see the module docstring)."""
+        n = max(1, concurrent)
+        prefill_s = self.overhead_s + max(0, input_tokens) / self.prefill_rate(n)
+        step_s = n / self.decode_rate(n)
+        return BatchTiming(
+            prefill_s * slowdown,
+            step_s * slowdown,
+            (prefill_s + step_s) * slowdown,
+            (prefill_s + max(1, output_tokens) * step_s) * slowdown,
+        )
+
     def request_s(self, input_tokens: int, output_tokens: int) -> float:
         """Seconds one request takes alone (batch of one)."""
         return self.batch_timing([(input_tokens, output_tokens)]).total_s
+
+    def throughput_per_s(self, requests: Sequence[tuple[int, int]], batch: int | None = None) -> float:
+        """Requests per second the device serves when busy, for requests like these (input tokens,
+        output tokens) run ``batch`` at a time (default: its ``max_batch_size``, the most a continuous
+        device runs at once; for a static-batching device pass the batch size it achieves, 1 when its
+        batches never fill). A static batch lasts as long as its longest request, so the pairs are
+        taken as batches of consecutive requests."""
+        if not requests:
+            return 0.0
+        if self.continuous:
+            n = max(1, batch or self.max_batch_size)
+            mean_s = sum(self.request_timing(i, o, n).total_s for i, o in requests) / len(requests)
+            return n / mean_s if mean_s > 0 else 0.0
+        n = max(1, min(batch or self.max_batch_size, self.max_batch_size))
+        total_s = sum(
+            self.batch_timing(list(requests[k : k + n])).total_s for k in range(0, len(requests), n)
+        )
+        return len(requests) / total_s if total_s > 0 else 0.0
 
     def memory_needed_bytes(self, input_tokens: int, output_tokens: int) -> int:
         """KV cache one request holds while it runs."""
@@ -182,6 +230,8 @@ class DeviceModel:
             data["kv_bytes_per_token"] = self.kv_bytes_per_token
         if self.source:
             data["source"] = self.source
+        if self.continuous:
+            data["continuous"] = True
         return data
 
     @classmethod
@@ -199,6 +249,7 @@ class DeviceModel:
         known = {
             "format_version", "name", "max_batch_size", "overhead_s", "prefill_tokens_per_s",
             "decode_tokens_per_s", "memory_bytes", "weights_bytes", "kv_bytes_per_token", "source",
+            "continuous",
         }  # fmt: skip
         unknown = sorted(set(map(str, data)) - known)
         if unknown:
@@ -225,9 +276,18 @@ class DeviceModel:
                 weights_bytes=int(float(data.get("weights_bytes", 0))),
                 kv_bytes_per_token=int(float(data.get("kv_bytes_per_token", 0))),
                 source=str(data.get("source", "")),
+                continuous=_flag(data.get("continuous", False), source),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"device model {source}: {exc}") from exc
+
+
+def _flag(value: Any, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"device model {source}: continuous must be true or false, got {value!r}", field="continuous"
+        )
+    return value
 
 
 def load_device_model(path: str | Path) -> DeviceModel:

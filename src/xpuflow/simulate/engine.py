@@ -27,6 +27,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +49,7 @@ from xpuflow.telemetry.vram import VRAMMonitor
 
 __all__ = ["OUTCOMES", "SimResult", "Simulation"]
 
-TIMEOUT, RETRY, FAULT = 3, 4, 5
+RETRY, FAULT = 4, 5
 OUTCOMES = ("ok", "error", "rejected", "timeout")
 _LENGTH_SCALE_TOKENS = 4096.0
 
@@ -115,9 +116,13 @@ class Simulation:
         faults: Sequence[Fault] = (),
         scorer: WorkerScorer | None = None,
         snapshot_max_age_s: float = 0.05,
+        sample: int | None = None,
     ) -> None:
         if not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale}")
+        if sample is not None and sample < 1:
+            raise ValueError(f"sample must be >= 1 (or None: every worker), got {sample}")
+        self.sample = sample
         self.fleet = fleet
         self.requests = requests
         self.policy = PolicyName(policy)
@@ -133,8 +138,10 @@ class Simulation:
         self.retry = RetryPolicy(max_retries=fleet.max_retries)
         self.attempt_timeout_s = max((d.timeout_s for d in fleet.deployments.values()), default=120.0)
         self._heap: list[tuple[float, int, int, Any]] = []
+        self._timeouts: deque[tuple[float, Attempt]] = deque()
         self._seq = 0
         self.workers: dict[str, SimWorker] = {}
+        self._not_healthy: set[str] = set()
         for dep in fleet.deployments.values():
             for worker_id in dep.worker_ids():
                 self.workers[worker_id] = SimWorker(
@@ -142,7 +149,7 @@ class Simulation:
                     device=f"sim:{dep.model.name}", max_batch_size=dep.max_batch_size,
                     max_seq_len=dep.max_seq_len, queue_capacity=dep.queue_capacity,
                     queue_policy=dep.queue_policy, aging_s=dep.aging_s, batch_policy=dep.batch_policy,
-                    max_wait_s=dep.max_wait_s,
+                    max_wait_s=dep.max_wait_s, max_in_flight=dep.max_in_flight, not_healthy=self._not_healthy,
                 )  # fmt: skip
         check_workers(self.faults, self.workers)
         self.tiers = [
@@ -187,18 +194,23 @@ class Simulation:
         """Replay every request; returns when the last one has ended (served or failed)."""
         for fault in self.faults:
             self.schedule(fault.at_s, FAULT, fault)
-        heap, clock = self._heap, self.clock
+        heap, clock, timeouts = self._heap, self.clock, self._timeouts
         requests, scale = self.requests, self.scale
         n, i = len(requests), 0
-        pop = heapq.heappop
-        while i < n or heap:
-            arrival = requests[i].arrival_s / scale if i < n else math.inf
-            if heap and heap[0][0] < arrival:
-                at_s, _, kind, payload = pop(heap)
-                clock._now = max(
-                    clock._now, at_s
-                )  # the FakeClock's time; advance() checks, this is the hot path
-                now = clock._now
+        pop, inf = heapq.heappop, math.inf
+        while True:
+            while timeouts and not timeouts[0][1].live:
+                timeouts.popleft()  # answered long before its timeout: most are
+            arrival = requests[i].arrival_s / scale if i < n else inf
+            at_s = heap[0][0] if heap else inf
+            timeout_s = timeouts[0][0] if timeouts else inf
+            if timeout_s < at_s and timeout_s < arrival:
+                # the FakeClock's time, set directly: advance() checks, and this is the hot path
+                clock._now = now = max(clock._now, timeout_s)
+                self._timeout(timeouts.popleft()[1], now)
+            elif at_s < arrival:
+                _, _, kind, payload = pop(heap)
+                clock._now = now = max(clock._now, at_s)
                 if kind == COMPLETE:
                     batch: Batch = payload
                     batch.worker.complete(batch, now)
@@ -206,14 +218,14 @@ class Simulation:
                     payload.wake(now)
                 elif kind == RETRY:
                     self._try(payload, now)
-                elif kind == TIMEOUT:
-                    self._timeout(payload, now)
                 elif kind == FAULT:
                     self._fault(payload, now)
-            else:
-                clock._now = max(clock._now, arrival)
-                self._arrive(i, requests[i], clock._now)
+            elif i < n:
+                clock._now = now = max(clock._now, arrival)
+                self._arrive(i, requests[i], now)
                 i += 1
+            else:
+                break
             self._events += 1
         return SimResult(
             self.policy.value,
@@ -292,7 +304,8 @@ class Simulation:
             ):
                 flight.tier_index, flight.tried = flight.tier_index + 1, set()
                 continue
-            untried = [w for w in workers if w.worker_id not in flight.tried]
+            tried = flight.tried
+            untried = [w for w in workers if w.worker_id not in tried] if tried else workers
             worker, probe = self._pick(untried, flight.needs, now)
             if worker is None:
                 flight.tier_index, flight.tried = flight.tier_index + 1, set()
@@ -316,7 +329,8 @@ class Simulation:
                 self._failed(attempt, now, exc, retryable=True, admission=True)
                 return
             flight.only_admission = False
-            self.schedule(now + self.attempt_timeout_s, TIMEOUT, attempt)
+            # attempts start in time order with one timeout, so their deadlines queue in order
+            self._timeouts.append((now + self.attempt_timeout_s, attempt))
             return
 
     def _outage(self, flight: _Flight, now: float) -> bool:
@@ -337,23 +351,40 @@ class Simulation:
         self, workers: list[SimWorker], needs: WorkerNeeds, now: float
     ) -> tuple[SimWorker | None, bool]:
         """``Dispatcher._pick``: health verdicts (one probe per pick, only on a worker that fits), the
-        choice, and the panic rule."""
-        available: dict[str, bool] = {}
+        choice, and the panic rule. With ``sample``, the verdicts and the choice are first taken on that
+        many of the workers drawn at random, and on all of them only when none of those can take it."""
+        if self.sample is not None and len(workers) > self.sample:
+            drawn = self.rng.sample(workers, self.sample)
+            chosen, probe = self._pick_among(drawn, needs, now, panic=False)
+            if chosen is not None:
+                return chosen, probe
+        return self._pick_among(workers, needs, now, panic=True)
+
+    def _pick_among(
+        self, workers: list[SimWorker], needs: WorkerNeeds, now: float, *, panic: bool
+    ) -> tuple[SimWorker | None, bool]:
+        not_healthy = self._not_healthy
+        available: dict[str, bool] | None = None  # all healthy: each snapshot's flag is the verdict
         probes: set[str] = set()
-        for worker in workers:
-            health = worker.health
-            if health.state is HealthState.HEALTHY:
-                available[worker.worker_id] = True
-            elif probes or not self._fits(worker, needs):
-                available[worker.worker_id] = False
-            else:
-                ok = health.available()
-                available[worker.worker_id] = ok
-                if ok and health.state is HealthState.PROBING:
-                    probes.add(worker.worker_id)
+        if not_healthy and any(w.worker_id in not_healthy for w in workers):
+            verdicts: dict[str, bool] = {}
+            for worker in workers:
+                health = worker.health
+                if health.state is HealthState.HEALTHY:
+                    verdicts[worker.worker_id] = True
+                elif probes or not self._fits(worker, needs):
+                    verdicts[worker.worker_id] = False
+                else:
+                    ok = health.available()
+                    worker.note_health()
+                    verdicts[worker.worker_id] = ok
+                    if ok and health.state is HealthState.PROBING:
+                        probes.add(worker.worker_id)
+            available = verdicts
         chosen = self._choose(workers, needs, available, probes, now)
-        if chosen is None and any(self._fits(w, needs) for w in workers):
-            chosen = self._choose(workers, needs, dict.fromkeys(available, True), set(), now)  # panic
+        if chosen is None and panic and any(self._fits(w, needs) for w in workers):
+            everyone = {w.worker_id: True for w in workers}
+            chosen = self._choose(workers, needs, everyone, set(), now)  # panic
         if chosen is None:
             return None, False
         return chosen, chosen.worker_id in probes
@@ -362,12 +393,13 @@ class Simulation:
         self,
         workers: list[SimWorker],
         needs: WorkerNeeds,
-        available: dict[str, bool],
+        available: dict[str, bool] | None,
         probes: set[str],
         now: float,
     ) -> SimWorker | None:
         if self._baseline is None:
-            snapshots = [w.snapshot(now, self.snapshot_max_age_s) for w in workers]
+            max_age_s = self.snapshot_max_age_s
+            snapshots = [w.snapshot(now, max_age_s) for w in workers]
             choice = self.scorer.choose(
                 snapshots,
                 needs,
@@ -379,7 +411,11 @@ class Simulation:
             if choice.chosen is None:
                 return None
             return self.workers[choice.chosen.worker_id]
-        candidates = [w for w in workers if available[w.worker_id] and self._fits(w, needs)]
+        fits = self._fits
+        if available is None:
+            candidates = [w for w in workers if fits(w, needs)]
+        else:
+            candidates = [w for w in workers if available[w.worker_id] and fits(w, needs)]
         if not candidates:
             return None
         for worker in candidates:
@@ -393,6 +429,7 @@ class Simulation:
                 worker.health.record_success()
             else:
                 worker.health.record_failure(error)
+            worker.note_health()
 
     # -- outcomes of attempts (the workers call these) ------------------------------------------------
 
@@ -444,6 +481,7 @@ class Simulation:
         if worker is not None:
             worker.withdraw(attempt)
             worker.health.record_failure(f"timed out after {self.attempt_timeout_s:g} s")
+            worker.note_health()
         self._failed(
             attempt,
             now,

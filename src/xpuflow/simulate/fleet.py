@@ -51,6 +51,7 @@ class SimDeployment:
     queue_capacity: int = 256
     queue_policy: str = "priority"
     aging_s: float = 5.0
+    max_in_flight: int | None = None
 
     def worker_ids(self) -> list[str]:
         return [f"{self.name}/{i}" for i in range(self.replicas)]
@@ -98,6 +99,14 @@ def _deployment(dep: DeploymentConfig, base: Path) -> SimDeployment:
         )
     file = Path(path)
     model = load_device_model(file if file.is_absolute() else base / file)
+    if dep.max_in_flight is not None and not model.continuous:
+        # what Worker says of a session that does not batch by itself
+        raise ConfigError(
+            f"deployment '{dep.name}': max_in_flight applies to devices that batch by themselves, and "
+            f"device model '{model.name}' batches statically; drop max_in_flight or set continuous: true "
+            "in the device model",
+            field=f"deployments.{dep.name}.max_in_flight",
+        )
     return SimDeployment(
         name=dep.name,
         model=model,
@@ -110,6 +119,7 @@ def _deployment(dep: DeploymentConfig, base: Path) -> SimDeployment:
         queue_capacity=dep.batching.queue_capacity,
         queue_policy=dep.batching.queue_policy,
         aging_s=dep.batching.aging_s,
+        max_in_flight=dep.max_in_flight,
     )
 
 

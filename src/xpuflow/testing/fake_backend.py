@@ -8,7 +8,9 @@ without a model::
 
 With a device model (``options.device_model: path`` in a config, the file ``xpuflow simulate`` reads) a
 batch sleeps as long as the model says for its prompts (one token per word) and ``max_tokens``, so the
-real gateway can be driven with the simulator's service times.
+real gateway can be driven with the simulator's service times. A device model with ``continuous: true``
+makes the session continuous (``BatchMode.CONTINUOUS``, up to the model's ``max_batch_size`` in flight):
+each call sleeps ``request_timing`` for the calls running when it starts, as the simulator counts it.
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ class FakeSession(Session):
         self.fail_next = fail_next
         self.embedding_dim = embedding_dim
         self.device_model = device_model  # xpuflow.simulate.DeviceModel, or None
+        if device_model is not None and device_model.continuous:
+            self.batch_mode = BatchMode.CONTINUOUS
+            self.max_in_flight = max(1, min(max_batch_size, device_model.max_batch_size))
+        self.active = 0  # calls running now
         self.calls = 0
         self.batch_sizes: list[int] = []
 
@@ -72,9 +78,17 @@ class FakeSession(Session):
         self.calls += 1
         self.batch_sizes.append(n)
         delay = self.service_time_s + self.per_item_s * n
-        if self.device_model is not None and work:
-            delay += self.device_model.batch_timing(list(work)).total_s
-        await asyncio.sleep(delay)
+        model = self.device_model
+        if model is not None and work:
+            if self.batch_mode is BatchMode.CONTINUOUS and len(work) == 1:
+                delay += model.request_timing(work[0][0], work[0][1], self.active + 1).total_s
+            else:
+                delay += model.batch_timing(list(work)).total_s
+        self.active += 1
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self.active -= 1
         if self.fail_next > 0:
             self.fail_next -= 1
             raise SessionError(f"fake session '{self.model_id}' failed on purpose")
