@@ -6,19 +6,30 @@
 
 A gateway that is already connected (tests, a benchmark driver, several orchestrators in one process)
 keeps its connection. Ray's absence or an unreachable head is a ``ConfigError`` that says what to do.
+
+Before it connects, the gateway tells its Ray core worker not to wait for the GCS's death notice when a
+call to an actor breaks (``RAY_timeout_ms_task_wait_for_death_info=0``, unless already set): the call
+then fails with ``ActorUnavailableError`` as soon as the worker's connection resets (tens of ms after a
+node's processes die) instead of when the GCS declares the node dead (seconds). The gateway retries
+such calls on other workers; xpuflow's actors retry nothing themselves (``max_task_retries=0``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from xpuflow.config import ClusterConfig
 from xpuflow.errors import ConfigError
 
-__all__ = ["connect", "import_ray"]
+__all__ = ["FAST_FAILURE_ENV", "connect", "import_ray"]
 
 log = logging.getLogger(__name__)
+
+#: Ray setting (read from the environment when the core worker starts): how long a broken actor call
+#: waits for the GCS to say why the actor died before it fails. 0: fail at once, the gateway retries.
+FAST_FAILURE_ENV = "RAY_timeout_ms_task_wait_for_death_info"
 
 
 def import_ray() -> Any:
@@ -39,6 +50,7 @@ def connect(config: ClusterConfig) -> bool:
     ray = import_ray()
     if ray.is_initialized():
         return False
+    os.environ.setdefault(FAST_FAILURE_ENV, "0")
     kwargs: dict[str, Any] = {
         "namespace": config.namespace,
         "log_to_driver": False,

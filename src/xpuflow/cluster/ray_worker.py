@@ -11,12 +11,16 @@
 Live metrics: the actor's own snapshot, read every ``health_interval_s``; between reads the queue
 depth counts what this gateway has sent and not yet had back, so a burst does not herd onto one worker.
 
-Loss: a worker whose actor has not answered for ``unhealthy_after_s`` (its node is gone, or Ray is
-restarting it) leaves routing at once (a failed active check holds it out), and the requests it holds
-fail with a retryable ``SessionError`` so the dispatcher retries them elsewhere; a stream that has
-already sent chunks ends with ``StreamInterrupted``. When the actor answers again (Ray restarted it on
-the same or a like node) it is healthy again and takes traffic. A client that goes away cancels the
-remote call (``ray.cancel``), which withdraws the request from the actor's queue.
+Loss: a worker leaves routing as soon as any call to its actor fails with Ray's actor errors
+(``ActorUnavailableError``, ``RayActorError``: its process or node is gone, or Ray is restarting it), or
+when its actor has not answered for ``unhealthy_after_s`` (a node that vanished without closing its
+connections). A failed active check holds it out, and every request it holds fails at once with a
+retryable ``SessionError`` so the dispatcher retries them elsewhere; a stream that has already sent
+chunks ends with ``StreamInterrupted``. Ray fails calls on a broken connection at once only when the
+gateway does not wait for the GCS's death notice (``cluster.connection`` sees to that). When the
+actor answers again (Ray restarted it on the same or a like node) it is healthy again and takes
+traffic. A client that goes away cancels the remote call (``ray.cancel``), which withdraws the request
+from the actor's queue.
 """
 
 from __future__ import annotations
@@ -175,8 +179,14 @@ class RayWorker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if self._lost:
+                return False
+            if isinstance(exc, _actor_errors()):
+                # Ray says the actor is gone or restarting: no need to wait for the silence to last
+                self._lose(type(exc).__name__)
+                return False
             silent_s = self._clock.monotonic() - self._last_answer_s
-            if silent_s >= self._unhealthy_after_s and not self._lost:
+            if silent_s >= self._unhealthy_after_s:
                 self._lose(f"no answer for {silent_s:.1f} s ({type(exc).__name__})")
             return False
         now = self._clock.monotonic()

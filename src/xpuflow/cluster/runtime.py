@@ -4,7 +4,8 @@ start their workers as Ray actors, and keep the node list fresh::
     cluster = ClusterRuntime(config, base_dir=Path("."))
     await cluster.start()                                  # connect + discovery on every node
     placement, workers = await cluster.start_deployment(dep)   # RayWorkers, one per replica
-    cluster.inventory                                      # refreshed every cluster.refresh_interval_s
+    cluster.inventory                                      # refreshed when nodes join or leave (checked
+                                                           # every cluster.refresh_interval_s)
     await cluster.stop()
 
 Nothing here re-implements Ray: actors restart with ``max_restarts=-1`` (Ray re-places them on a like
@@ -64,6 +65,11 @@ def actor_options(replica: ReplicaPlacement, ray_resources: dict[str, float]) ->
     return options
 
 
+def _alive_node_ids() -> set[str]:
+    ray = import_ray()
+    return {str(n["NodeID"]) for n in ray.nodes() if n.get("Alive") and n.get("NodeID")}
+
+
 class ClusterRuntime:
     """See the module docstring."""
 
@@ -100,6 +106,8 @@ class ClusterRuntime:
             await self._clock.sleep(self.settings.refresh_interval_s)
             try:
                 before = {n.node_id for n in self.inventory.alive}
+                if await asyncio.to_thread(_alive_node_ids) == before:
+                    continue  # discovery runs probes on every node: only when a node joined or left
                 after = await self.refresh()
                 joined = [n.name for n in after.alive if n.node_id not in before]
                 if joined:
