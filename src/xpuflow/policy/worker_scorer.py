@@ -294,8 +294,9 @@ class WorkerScorer:
         if not candidates:
             return []
         # The terms of ``latency_ms``, ``freshness``, the load, ``_stuck_ms``, ``_memory_term`` and
-        # ``_temperature_term``, inline and in the same arithmetic: this runs for every candidate of every
-        # request on the gateway's hot path.
+        # ``_temperature_term``, inline and in the same arithmetic (``x if x > 0.0 else 0.0`` is
+        # ``max(0.0, x)`` without a call): this runs for every candidate of every request on the
+        # gateway's hot path.
         known_ema = [ema for s in candidates if (ema := s.ema_latency_ms) is not None and ema > 0]
         prior_ema = _median(known_ema) if known_ema else 1.0
         half_life = self.latency_half_life_s
@@ -306,18 +307,21 @@ class WorkerScorer:
                 ema = prior_ema
             sampled_at = s.latency_sampled_at_s
             if not (ema <= prior_ema or prior_ema <= 0 or now_s is None or sampled_at is None):
-                weight = 2.0 ** (-max(0.0, now_s - sampled_at) / half_life)
+                since_s = now_s - sampled_at
+                weight = 2.0 ** (-(since_s if since_s > 0.0 else 0.0) / half_life)
                 ema = float(prior_ema * (ema / prior_ema) ** weight)
             age_s = s.oldest_in_flight_s
             if age_s is not None:
-                later_s = 0.0 if now_s is None else max(0.0, now_s - s.taken_at_s)
-                stuck = (age_s + later_s) * 1000.0
-                ema = max(ema, stuck)
+                later_s = 0.0 if now_s is None else now_s - s.taken_at_s
+                stuck = (age_s + (later_s if later_s > 0.0 else 0.0)) * 1000.0
+                if stuck > ema:  # noqa: PLR1730 (max() costs a call per candidate)
+                    ema = stuck
             capacity: float = s.max_in_flight or s.max_batch_size
             achieved = s.mean_batch_size
             if achieved is not None and not s.max_in_flight:
                 capacity = min(capacity, max(1.0, achieved))
-            load = max(0, s.queue_depth + s.in_flight) / max(1, capacity)
+            outstanding = s.queue_depth + s.in_flight
+            load = (outstanding if outstanding > 0 else 0) / (capacity if capacity > 1 else 1)
             expected.append(ema * (1.0 + load))
         best_expected = min(expected)
         known_free = [s.free_memory_bytes for s in candidates if s.free_memory_bytes is not None]
@@ -331,10 +335,8 @@ class WorkerScorer:
         span_c = limit_c - self.throttle_start_c
         scored: list[ScoredWorker] = []
         for snapshot, expected_i in zip(candidates, expected, strict=True):
-            if now_s is None:
-                fresh = 1.0
-            else:
-                fresh = float(2.0 ** (-max(0.0, now_s - snapshot.taken_at_s) / staleness_half_life))
+            age_s = 0.0 if now_s is None else now_s - snapshot.taken_at_s
+            fresh = float(2.0 ** (-age_s / staleness_half_life)) if age_s > 0.0 else 1.0
             speed = best_expected / expected_i if expected_i > 0 else 1.0
             free = snapshot.free_memory_bytes
             if free is None:
