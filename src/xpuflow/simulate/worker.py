@@ -35,6 +35,8 @@ from xpuflow.types import WorkerSnapshot
 
 __all__ = ["Attempt", "Batch", "SimWorker", "WorkerSink"]
 
+_new_snapshot = object.__new__
+
 
 @dataclass(eq=False, slots=True)
 class Attempt:
@@ -354,10 +356,24 @@ class SimWorker:
         """``service_time_snapshot(worker)`` of the real dispatcher. Reused while nothing the scorer reads
         changed (every change drops it), for at most ``max_age_s`` of simulated time: meanwhile only the
         utilisation goes stale (the scorer ages ``oldest_in_flight_s`` itself) and the snapshot weighs
-        ``2 ** (-max_age_s / 5 s)``, 0.993 at 50 ms, in the scorer's staleness blend."""
+        ``2 ** (-max_age_s / 5 s)``, 0.993 at 50 ms, in the scorer's staleness blend. Older and unchanged,
+        it is read again at ``now_s`` (the time-dependent fields only)."""
         cached = self._snapshot
-        if cached is not None and now_s - cached.taken_at_s <= max_age_s:
-            return cached
+        if cached is not None:
+            age_s = now_s - cached.taken_at_s
+            if age_s <= max_age_s:
+                return cached
+            # Only time moved since: the same state read at now_s. Copying the fields skips the
+            # frozen dataclass's __init__ (a third of a full read), which every pick pays per worker.
+            fresh = _new_snapshot(WorkerSnapshot)
+            fields = fresh.__dict__
+            fields.update(cached.__dict__)
+            fields["taken_at_s"] = now_s
+            fields["utilization_pct"] = self.metrics.utilization() * 100.0
+            if cached.oldest_in_flight_s is not None:
+                fields["oldest_in_flight_s"] = cached.oldest_in_flight_s + age_s
+            self._snapshot = fresh
+            return fresh
         self._sync_health()
         metrics = self.metrics
         oldest = min((b.started_s for b in self.running), default=None)
