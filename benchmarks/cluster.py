@@ -6,11 +6,20 @@ sleep-based fake backend, driven as a user runs it: ``xpuflow serve CONFIG`` in 
 
 Figures (each a ratio or count measured in this run):
 - scaling_3_vs_1: requests/s with three replicas on three nodes over one replica (closed loop).
-- cluster_added_p50_ms: p50 latency at concurrency 1 through a cluster worker minus through a local one.
+- cluster_added_p50_ms: p50 latency at concurrency 1 through a cluster worker minus through a local one
+  (fake backend, 20 ms a request). For context, ray_call_added_p50_ms: what a bare Ray actor call that
+  sleeps 20 ms on node a costs over the same sleep in the caller (Ray's floor on this machine).
 - node_loss_lost_requests: requests that failed while a node was killed (SIGKILL of its raylet) under load.
 - node_loss_failover_p99_ms: p99 latency of the requests in flight when the node was killed.
 - rejoin_s: from `ray start` of a like node until the lost worker serves again (no gateway restart).
-- hetero_*_vs_ray_p2c: not measured in this version (needs a Ray Serve deployment on the same cluster).
+- hetero_p99_vs_ray_p2c / hetero_rps_vs_ray_p2c: a fast node (50 ms a request) and two slow ones
+  (200 ms), one replica on each; the same load through ``xpuflow serve`` (one logical model over a fast
+  and a slow deployment, so the gateway's scorer chooses among the three workers) and through a plain
+  Ray Serve deployment (three replicas, one a node by a custom resource, Serve's default
+  PowerOfTwoChoices router, its HTTP proxy on a free port of the head; each replica serves one request
+  at a time, as the fake worker does). p99: open loop (Poisson arrivals at half the fleet's capacity,
+  the same arrival times for both); rps: closed loop. Two rounds each, alternating; each figure is
+  xpuflow's over Serve's.
 """
 
 from __future__ import annotations
@@ -18,11 +27,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +47,8 @@ from xpuflow.testing.ray_cluster import LocalRayCluster, in_netns_argv  # noqa: 
 BASE_PORT = 25000
 GATEWAY_PORT = 18080
 SERVICE_S = 0.1
+FAST_S, SLOW_S = 0.05, 0.2
+HETERO_RATE = 0.5 * (1 / FAST_S + 2 / SLOW_S)  # half the three replicas' capacity (15 req/s)
 
 
 def _config(replicas: int, *, cluster: bool, service_s: float = SERVICE_S) -> dict[str, Any]:
@@ -60,6 +73,132 @@ def _config(replicas: int, *, cluster: bool, service_s: float = SERVICE_S) -> di
             "unhealthy_after_s": 0.5,
         }
     return config
+
+
+def _hetero_config() -> dict[str, Any]:
+    """One logical model over a fast deployment (node speed=fast) and a slow one (speed=slow, 2 nodes)."""
+
+    def dep(name: str, speed: str, replicas: int, service_s: float) -> dict[str, Any]:
+        return {
+            "name": name,
+            "backend": "fake",
+            "device": "cpu",
+            "replicas": replicas,
+            "node": f"speed={speed}",
+            "max_batch_size": 1,
+            "options": {"service_time_s": service_s},
+        }
+
+    config = _config(1, cluster=True)
+    config["deployments"] = [dep("fast", "fast", 1, FAST_S), dep("slow", "slow", 2, SLOW_S)]
+    config["models"] = [{"name": "chat", "tiers": [{"name": "all", "deployments": ["fast", "slow"]}]}]
+    return config
+
+
+def _serve_app() -> Any:
+    """The same fake model as a plain Ray Serve deployment: one replica a node, its speed by node label,
+    serving one request at a time like the fake backend's worker (the others wait in the replica)."""
+    from ray import serve
+
+    @serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0, "resources": {"serve_replica": 1}})
+    class Chat:
+        def __init__(self) -> None:
+            import ray
+
+            speed: Any = (ray.get_runtime_context().get_node_labels() or {}).get("speed")
+            speed = speed[0] if isinstance(speed, list) and speed else speed
+            self.service_s = FAST_S if speed == "fast" else SLOW_S
+            self.device = asyncio.Lock()  # one request at a time, as the fake worker (max_batch_size 1)
+
+        async def __call__(self, request: Any) -> dict[str, Any]:
+            body = await request.json()
+            async with self.device:
+                await asyncio.sleep(self.service_s)
+            text = " ".join(reversed(body["messages"][-1]["content"].split()))
+            return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+
+    return Chat.bind()  # type: ignore[attr-defined]
+
+
+class ServeApp:
+    """A Ray Serve application on the same cluster, its HTTP proxy on the head at a free port."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.port = _free_port()
+
+    def start(self) -> None:
+        import ray
+        from ray import serve
+
+        ray.init(address=self.address, namespace="bench-serve", log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": self.port}, proxy_location="HeadOnly")
+        serve.run(_serve_app(), name="chat", route_prefix="/")
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()  # type: ignore[no-untyped-call]
+        finally:
+            ray.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _hetero_run(system: str, address: str, session: Any, workdir: Path) -> dict[str, Any]:
+    if system == "xpuflow":
+        gateway = Gateway(_hetero_config(), workdir)
+        try:
+            await gateway.ready(session)
+            return await _hetero(session, CHAT_URL)
+        finally:
+            gateway.stop()
+    serve_app = ServeApp(address)
+    try:
+        await asyncio.to_thread(serve_app.start)
+        return await _hetero(session, f"http://127.0.0.1:{serve_app.port}/")
+    finally:
+        await asyncio.to_thread(serve_app.stop)
+
+
+def _ray_call_added_ms(address: str, service_s: float = 0.02, calls: int = 150) -> float:
+    """p50 of a bare Ray actor call that sleeps ``service_s`` (node a) minus p50 of the same sleep here."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def p50(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(calls):
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1000)
+        return _pct(times, 0.5)
+
+    @ray.remote(num_cpus=0)
+    class Sleeper:
+        async def sleep(self, seconds: float) -> None:
+            await asyncio.sleep(seconds)
+
+    ray.init(address=address, namespace="bench-floor", log_to_driver=False)
+    try:
+        nodes = ray.nodes()  # type: ignore[no-untyped-call]
+        node = next(n["NodeID"] for n in nodes if n["Alive"] and n["Labels"].get("xpuflow-node") == "a")
+        strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+        sleeper = Sleeper.options(scheduling_strategy=strategy).remote()  # type: ignore[attr-defined]
+        remote = p50(lambda: ray.get(sleeper.sleep.remote(service_s)))
+        here = p50(lambda: asyncio.run(asyncio.sleep(service_s)))
+        return remote - here
+    finally:
+        ray.shutdown()
 
 
 class Gateway:
@@ -101,11 +240,14 @@ class Gateway:
         self.log.close()
 
 
-async def _one(session: Any, i: int) -> tuple[float, float, bool, str]:
+CHAT_URL = f"http://127.0.0.1:{GATEWAY_PORT}/v1/chat/completions"
+
+
+async def _one(session: Any, i: int, url: str = CHAT_URL) -> tuple[float, float, bool, str]:
     body = {"model": "chat", "messages": [{"role": "user", "content": f"w{i} x"}], "max_tokens": 8}
     start = time.monotonic()
     try:
-        async with session.post(f"http://127.0.0.1:{GATEWAY_PORT}/v1/chat/completions", json=body) as r:
+        async with session.post(url, json=body) as r:
             await r.read()
             ok = r.status == 200
             device = r.headers.get("x-xpuflow-device", "")
@@ -115,7 +257,7 @@ async def _one(session: Any, i: int) -> tuple[float, float, bool, str]:
 
 
 async def _closed_loop(
-    session: Any, concurrency: int, duration_s: float
+    session: Any, concurrency: int, duration_s: float, url: str = CHAT_URL
 ) -> list[tuple[float, float, bool, str]]:
     samples: list[tuple[float, float, bool, str]] = []
     stop_at = time.monotonic() + duration_s
@@ -123,10 +265,52 @@ async def _closed_loop(
 
     async def client() -> None:
         while time.monotonic() < stop_at:
-            samples.append(await _one(session, next(counter)))
+            samples.append(await _one(session, next(counter), url))
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     return samples
+
+
+async def _open_loop(
+    session: Any, rate_per_s: float, duration_s: float, url: str, seed: int = 7
+) -> list[tuple[float, float, bool, str]]:
+    """Poisson arrivals at ``rate_per_s`` for ``duration_s`` (the same arrival times for every system)."""
+    import random
+
+    rng = random.Random(seed)
+    tasks = []
+    began = time.monotonic()
+    at = 0.0
+    i = 0
+    while True:
+        at += rng.expovariate(rate_per_s)
+        if at >= duration_s:
+            break
+        await asyncio.sleep(max(0.0, began + at - time.monotonic()))
+        tasks.append(asyncio.ensure_future(_one(session, i, url)))
+        i += 1
+    return list(await asyncio.gather(*tasks))
+
+
+def _rps(samples: list[tuple[float, float, bool, str]]) -> float:
+    ok = [s for s in samples if s[2]]
+    return len(ok) / (max(s[1] for s in ok) - min(s[0] for s in ok))
+
+
+async def _hetero(session: Any, url: str) -> dict[str, Any]:
+    """p99 at half capacity (open loop) and requests/s in a closed loop, against ``url``."""
+    await _closed_loop(session, 6, 2.0, url)  # warm-up: every worker has served and been measured
+    opened = await _open_loop(session, HETERO_RATE, 12.0, url)
+    closed = await _closed_loop(session, 12, 6.0, url)
+    latencies = [(e - s) * 1000 for s, e, ok, _ in opened if ok]
+    return {
+        "p99_ms": _pct(latencies, 0.99),
+        "p50_ms": _pct(latencies, 0.5),
+        "failed": sum(1 for s in opened + closed if not s[2]),
+        "rps": _rps(closed),
+        "open_ms": [round(v, 2) for v in latencies],
+        "served_by": dict(Counter(d or "?" for _, _, ok, d in opened if ok)),
+    }
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -143,8 +327,9 @@ async def run(workdir: Path) -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=connector) as session:
         try:
             cluster.start_head(num_cpus=0)
-            for name in ("a", "b", "c"):
-                cluster.add_node(name, num_cpus=1, labels={"xpuflow-node": name})
+            for name, speed in (("a", "fast"), ("b", "slow"), ("c", "slow")):
+                labels = {"xpuflow-node": name, "speed": speed}
+                cluster.add_node(name, num_cpus=1, resources={"serve_replica": 1}, labels=labels)
 
             rps = {}
             for replicas in (1, 3):
@@ -163,6 +348,30 @@ async def run(workdir: Path) -> dict[str, Any]:
                 ]
             results["rps_1"], results["rps_3"] = rps[1], rps[3]
             results["scaling_3_vs_1"] = rps[3] / rps[1]
+
+            # two rounds, alternating (xpuflow, Serve, Serve, xpuflow), so drift on a shared machine
+            # weighs on both; p99 over the pooled open-loop samples, rps the mean of the rounds
+            runs: dict[str, list[dict[str, Any]]] = {"xpuflow": [], "ray_serve": []}
+            for system in ("xpuflow", "ray_serve", "ray_serve", "xpuflow"):
+                runs[system].append(await _hetero_run(system, cluster.address, session, workdir))
+            pooled = {}
+            for system, rounds in runs.items():
+                opened = [v for r in rounds for v in r["open_ms"]]
+                results["samples"][f"hetero_open_{system}"] = opened
+                pooled[system] = {
+                    "p99_ms": _pct(opened, 0.99),
+                    "p50_ms": _pct(opened, 0.5),
+                    "rps": sum(r["rps"] for r in rounds) / len(rounds),
+                    "failed": sum(r["failed"] for r in rounds),
+                    "rounds": [{k: v for k, v in r.items() if k != "open_ms"} for r in rounds],
+                }
+                results[f"hetero_{system}"] = pooled[system]
+            results["hetero_p99_vs_ray_p2c"] = pooled["xpuflow"]["p99_ms"] / pooled["ray_serve"]["p99_ms"]
+            results["hetero_rps_vs_ray_p2c"] = pooled["xpuflow"]["rps"] / pooled["ray_serve"]["rps"]
+
+            # Ray's own cost of one actor call that takes as long as the fake request (context for
+            # cluster_added_p50_ms): a bare actor sleeping SERVICE on node a, called from a driver here
+            results["ray_call_added_p50_ms"] = await asyncio.to_thread(_ray_call_added_ms, cluster.address)
 
             p50 = {}
             for label, cluster_mode in (("local", False), ("cluster", True)):
@@ -194,7 +403,8 @@ async def run(workdir: Path) -> dict[str, Any]:
                 results["node_loss_failover_p99_ms"] = _pct(in_flight, 0.99)
                 results["samples"]["node_loss_in_flight_ms"] = [round(v, 2) for v in in_flight]
                 joined_at = time.monotonic()  # from `ray start` of the new node, which takes seconds
-                await asyncio.to_thread(cluster.add_node, "d", num_cpus=1, labels={"xpuflow-node": "d"})
+                labels = {"xpuflow-node": "d", "speed": "slow"}
+                await asyncio.to_thread(cluster.add_node, "d", num_cpus=1, labels=labels)
                 rejoin_s = None
                 while time.monotonic() - joined_at < 90:
                     # the restarted worker takes traffic again: a response served on the new node
@@ -208,8 +418,7 @@ async def run(workdir: Path) -> dict[str, Any]:
                 gateway.stop()
         finally:
             cluster.stop()
-    results["hetero_p99_vs_ray_p2c"] = None
-    results["hetero_rps_vs_ray_p2c"] = None
+            shutil.rmtree(cluster.temp_dir, ignore_errors=True)  # Ray's session logs and sockets
     return results
 
 
@@ -263,6 +472,11 @@ def main() -> None:
                     "in a network namespace; node d joins after c is killed",
                     "backend": f"fake, service_time_s {SERVICE_S}, max_batch_size 1, one worker per node",
                     "load": "closed loop over HTTP to xpuflow serve (aiohttp), 12 clients",
+                    "hetero": f"node a {FAST_S * 1000:g} ms, nodes b and c {SLOW_S * 1000:g} ms a request; "
+                    f"open loop {HETERO_RATE:g} req/s for 12 s (p99), closed loop 12 clients for 6 s (rps), "
+                    "two rounds a system, alternating; "
+                    "Ray Serve: 3 replicas pinned one a node by the custom resource serve_replica, "
+                    "default router (PowerOfTwoChoices), default max_ongoing_requests",
                 },
                 "figures": rows,
                 "raw": results,
