@@ -21,6 +21,9 @@ Scenarios (``--only`` picks some; targets in brackets):
 - ``failover``: three upstreams, 150 req/s (every second request streamed): a baseline window, then a
   window in which one upstream is killed with SIGKILL: ``failover_lost`` (requests of the kill window
   that did not succeed) [= 0], ``failover_added_p99_ms`` (kill window p99 - baseline p99) [<= 500].
+  The upstreams answer after 10 ms and then send a stream's tokens at once: a stream that has already
+  delivered tokens when its upstream dies cannot be replayed elsewhere (docs/worker_choice.md), so this
+  measures the requests a gateway can save.
 - ``hung``: three upstreams under load, one SIGSTOPped for 12 s, then SIGCONT: ``hung_upstream_p99_s``
   (p99 latency of the requests started while it was stopped; default settings) [<= 5], and
   ``hang_recovery_s``: the start, counted from SIGCONT, of the first 5 s window (sliding by 0.5 s) of
@@ -46,12 +49,16 @@ Scenarios (``--only`` picks some; targets in brackets):
   the product's helper ``xpuflow.serving.fuzz.run_fuzz`` (seed 0; the inference key): ``fuzz_cases``
   [>= 5000], ``fuzz_5xx`` [= 0]. Skipped, saying so, when the product has no such helper.
 
-    .venv/bin/python benchmarks/reliability.py [--only failover,storm] [--skip-litellm]
+    .venv/bin/python benchmarks/reliability.py [--only failover,storm] [--skip-litellm] [--at-commit HEAD]
+
+``--at-commit REV`` runs the gateway from ``git archive REV src`` (with the working tree's built C
+extensions) instead of the working tree, which others may be editing mid-run. About 6.5 minutes in all
+on a 2-vCPU machine, half of it the 5000 fuzz cases.
 
 Writes benchmarks/results/reliability.json: the figures, ``targets`` and ``passed``, then per scenario
 its figures, notes and raw samples (columns: start_s, latency_ms, status, worker, stream; status 0 is a
 connection error, -1 a client timeout), and ``method``. A run of a subset keeps the other scenarios'
-earlier results (each scenario carries its own ``measured_at`` and product commit).
+earlier results (each scenario carries its own ``measured_at`` and the product it measured).
 """
 
 from __future__ import annotations
