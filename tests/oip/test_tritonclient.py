@@ -142,6 +142,19 @@ def test_clear_errors(protocol: str, http: Any, grpc: Any) -> None:
     assert wrong_type.value.status() == ("StatusCode.INVALID_ARGUMENT" if protocol == "grpc" else "400")
 
 
+def test_grpc_unknown_output_and_unimplemented_rpcs(grpc: Any) -> None:
+    wanted = [grpcclient.InferRequestedOutput("embedding"), grpcclient.InferRequestedOutput("nope")]
+    with pytest.raises(InferenceServerException) as unknown:
+        grpc.infer("embed", [_text_input(grpcclient, ["x"])], outputs=wanted, headers=auth())
+    assert "unknown output 'nope'; outputs: embedding" in str(unknown.value)
+    assert unknown.value.status() == "StatusCode.INVALID_ARGUMENT"
+    result = grpc.infer("embed", [_text_input(grpcclient, ["x"])], outputs=wanted[:1], headers=auth())
+    assert result.as_numpy("embedding").shape[0] == 1
+    with pytest.raises(InferenceServerException) as repository:
+        grpc.get_model_repository_index(headers=auth())
+    assert repository.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
 def test_metrics_count_oip_requests(fake_gateway: Served, http: Any) -> None:
     http.infer("embed", [_text_input(httpclient, ["counted"])], headers=auth())
     with urllib.request.urlopen(fake_gateway.url + "/metrics", timeout=5) as response:

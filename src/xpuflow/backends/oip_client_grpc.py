@@ -50,6 +50,11 @@ GRPC_TO_HTTP: dict[str, int] = {
 #: Tensors may be large; gRPC's default 4 MiB receive limit would refuse a modest batch.
 _MAX_MESSAGE_BYTES = 256 << 20
 
+_CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+)
+
 
 def grpc_target(address: str) -> str:
     """``host:port`` from ``host:port``, ``grpc://host:port`` or ``dns:///host:port``."""
@@ -69,12 +74,16 @@ class GrpcOIPClient:
         self.address = grpc_target(address)
         self.timeouts = timeouts or OIPTimeouts()
         self._metadata = tuple((k.lower(), v) for k, v in (metadata or {}).items())
+        self._call_metadata: Any = None  # grpc.aio.Metadata, built with the channel
         self._channel: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stubs: dict[str, Any] = {}
         self.closed = False
 
     def _stub(self, method: str) -> Any:
+        stub = self._stubs.get(method)
+        if stub is not None and self._loop is asyncio.get_running_loop():
+            return stub  # close() empties _stubs, so a closed client never gets here
         if self.closed:
             raise SessionError(f"the OIP gRPC client of {self.address} is closed; create a new one")
         loop = asyncio.get_running_loop()
@@ -85,24 +94,21 @@ class GrpcOIPClient:
         if self._channel is None:
             import grpc
 
-            self._channel = grpc.aio.insecure_channel(
-                self.address,
-                options=[
-                    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-                    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-                ],
-            )
+            self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
             self._loop = loop
-        stub = self._stubs.get(method)
-        if stub is None:
-            request_cls = getattr(messages, f"{method}Request")
-            response_cls = getattr(messages, f"{method}Response")
-            stub = self._channel.unary_unary(
-                method_path(method),
-                request_serializer=request_cls.SerializeToString,
-                response_deserializer=response_cls.FromString,
-            )
-            self._stubs[method] = stub
+            # Built once: a plain tuple is converted into grpc.aio.Metadata on every call.
+            self._call_metadata = grpc.aio.Metadata(*self._metadata) if self._metadata else None
+        request_cls = getattr(messages, f"{method}Request")
+        response_cls = getattr(messages, f"{method}Response")
+        # Registered (as grpc's generated stubs register theirs): gRPC's core resolves the method once
+        # per channel instead of by its path on every call.
+        stub = self._channel.unary_unary(
+            method_path(method),
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString,
+            _registered_method=True,
+        )
+        self._stubs[method] = stub
         return stub
 
     def _error(self, method: str, exc: Exception) -> RemoteError:
@@ -125,7 +131,7 @@ class GrpcOIPClient:
     async def _call(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
         try:
             return await self._stub(method)(
-                request, timeout=timeout_s or self.timeouts.total_s, metadata=self._metadata
+                request, timeout=timeout_s or self.timeouts.total_s, metadata=self._call_metadata
             )
         except SessionError:
             raise
@@ -190,6 +196,7 @@ class GrpcOIPClient:
         if self.closed:
             return
         self.closed = True
+        self._stubs.clear()
         if self._channel is not None:
             await self._channel.close()
             self._channel = None

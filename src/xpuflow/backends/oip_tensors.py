@@ -13,6 +13,7 @@ little-endian length and the bytes, as Triton and KServe define it. In JSON they
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -49,6 +50,9 @@ DATATYPES: dict[str, np.dtype[Any]] = {
 }
 
 _BY_NUMPY = {dtype: name for name, dtype in DATATYPES.items() if name != "BYTES"}
+
+#: A BYTES element's length prefix: 4 bytes, little-endian.
+_LENGTH = struct.Struct("<I")
 
 #: datatype -> the InferTensorContents field that carries it (FP16 travels raw only).
 _CONTENTS_FIELD = {
@@ -112,7 +116,7 @@ def _as_bytes(value: Any) -> bytes:
 
 
 def _check_count(name: str, shape: tuple[int, ...], count: int) -> None:
-    expected = int(np.prod(shape)) if shape else 1
+    expected = math.prod(shape)
     if count != expected:
         raise ConfigError(
             f"tensor '{name}' has {count} element(s) but its shape {list(shape)} holds {expected}",
@@ -148,10 +152,11 @@ def to_json_data(array: np.ndarray[Any, Any]) -> list[Any]:
 def to_raw(array: np.ndarray[Any, Any]) -> bytes:
     """The raw (binary) form of an array: little-endian row-major, or length-prefixed BYTES elements."""
     if datatype_of(array) == "BYTES":
+        pack = _LENGTH.pack
         parts = []
-        for value in array.reshape(-1):
-            data = _as_bytes(value)
-            parts.append(struct.pack("<I", len(data)))
+        for value in array.reshape(-1).tolist():
+            data = value if type(value) is bytes else _as_bytes(value)
+            parts.append(pack(len(data)))
             parts.append(data)
         return b"".join(parts)
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
@@ -162,23 +167,25 @@ def from_raw(datatype: str, shape: Sequence[Any], raw: bytes, name: str = "tenso
     dtype = _dtype(datatype, name)
     dims = _shape(shape, name)
     if datatype == "BYTES":
+        data = raw if type(raw) is bytes else bytes(raw)
+        unpack = _LENGTH.unpack_from
+        size = len(data)
         items: list[bytes] = []
-        view = memoryview(raw)
         offset = 0
-        while offset < len(view):
-            if offset + 4 > len(view):
+        while offset < size:
+            if offset + 4 > size:
                 raise ConfigError(f"tensor '{name}': truncated BYTES element length", field="data")
-            (length,) = struct.unpack_from("<I", view, offset)
+            (length,) = unpack(data, offset)
             offset += 4
-            if offset + length > len(view):
+            if offset + length > size:
                 raise ConfigError(f"tensor '{name}': a BYTES element runs past the data", field="data")
-            items.append(bytes(view[offset : offset + length]))
+            items.append(data[offset : offset + length])
             offset += length
         _check_count(name, dims, len(items))
         out = np.empty(len(items), dtype=object)
         out[:] = items
         return out.reshape(dims)
-    expected = (int(np.prod(dims)) if dims else 1) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize
     if len(raw) != expected:
         raise ConfigError(
             f"tensor '{name}' has {len(raw)} bytes of data but {datatype} {list(dims)} needs {expected}",

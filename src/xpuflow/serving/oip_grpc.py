@@ -37,8 +37,20 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 << 20
 
 
-def _metadata(context: Any) -> dict[str, str]:
-    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+def _request_info(context: Any, request_id: str) -> OIPRequestInfo:
+    """The key and xpuflow hints of a call, in one pass over its metadata (HTTP/2 sends keys in lower
+    case, and grpcio refuses others)."""
+    authorization = priority = qos_class = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            authorization = value.encode("latin-1")
+        elif key == "x-priority" and isinstance(value, str):
+            priority = value
+        elif key == "x-qos-class" and isinstance(value, str):
+            qos_class = value
+    return OIPRequestInfo(
+        authorization=authorization, priority=priority, qos_class=qos_class, request_id=request_id
+    )
 
 
 def _inputs(request: Any) -> dict[str, np.ndarray[Any, Any]]:
@@ -69,7 +81,9 @@ class OIPGrpcServer:
         self.port = port
         self._server: Any = None
 
-    def _handler(self) -> Any:
+    def _handlers(self) -> dict[str, Any]:
+        """RPC name -> method handler; registered with the server so gRPC's core matches each call's path
+        once, instead of the generic handler's per-call lookup in Python."""
         import grpc
 
         def unary(method: str, fn: Callable[[Any, Any], Awaitable[Any]]) -> Any:
@@ -97,17 +111,14 @@ class OIPGrpcServer:
                 response_serializer=response_cls.SerializeToString,
             )
 
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                "ServerLive": unary("ServerLive", self.server_live),
-                "ServerReady": unary("ServerReady", self.server_ready),
-                "ModelReady": unary("ModelReady", self.model_ready),
-                "ServerMetadata": unary("ServerMetadata", self.server_metadata),
-                "ModelMetadata": unary("ModelMetadata", self.model_metadata),
-                "ModelInfer": unary("ModelInfer", self.model_infer),
-            },
-        )
+        return {
+            "ServerLive": unary("ServerLive", self.server_live),
+            "ServerReady": unary("ServerReady", self.server_ready),
+            "ModelReady": unary("ModelReady", self.model_ready),
+            "ServerMetadata": unary("ServerMetadata", self.server_metadata),
+            "ModelMetadata": unary("ModelMetadata", self.model_metadata),
+            "ModelInfer": unary("ModelInfer", self.model_infer),
+        }
 
     # -- RPCs ---------------------------------------------------------------------------------------
 
@@ -141,28 +152,28 @@ class OIPGrpcServer:
         return reply
 
     async def model_infer(self, request: Any, context: Any) -> Any:
-        metadata = _metadata(context)
-        info = OIPRequestInfo(
-            authorization=metadata["authorization"].encode("latin-1")
-            if "authorization" in metadata
-            else None,
-            priority=metadata.get("x-priority"),
-            qos_class=metadata.get("x-qos-class"),
-            request_id=request.id,
-        )
         outputs, _decision = await self.service.infer(
-            request.model_name, _inputs(request), info, version=request.model_version
+            request.model_name,
+            _inputs(request),
+            _request_info(context, request.id),
+            version=request.model_version,
         )
-        wanted = [o.name for o in request.outputs]
-        unknown = [name for name in wanted if name not in outputs]
-        if unknown:
-            raise OIPError(400, f"unknown output '{unknown[0]}'; outputs: {', '.join(outputs)}")
-        reply = messages.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
-        for name in wanted or list(outputs):
-            array = outputs[name]
-            reply.outputs.add(name=name, datatype=datatype_of(array), shape=list(array.shape))
-            reply.raw_output_contents.append(to_raw(array))
-        return reply
+        wanted = [o.name for o in request.outputs] or list(outputs)
+        tensor_cls = messages.ModelInferResponse.InferOutputTensor
+        described, raw = [], []
+        for name in wanted:
+            array = outputs.get(name)
+            if array is None:
+                raise OIPError(400, f"unknown output '{name}'; outputs: {', '.join(outputs)}")
+            described.append(tensor_cls(name=name, datatype=datatype_of(array), shape=array.shape))
+            raw.append(to_raw(array))
+        return messages.ModelInferResponse(
+            model_name=request.model_name,
+            model_version="1",
+            id=request.id,
+            outputs=described,
+            raw_output_contents=raw,
+        )
 
     # -- lifetime -----------------------------------------------------------------------------------
 
@@ -177,7 +188,7 @@ class OIPGrpcServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        server.add_generic_rpc_handlers((self._handler(),))
+        server.add_registered_method_handlers(SERVICE, self._handlers())
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         try:
             bound = server.add_insecure_port(address)
@@ -198,5 +209,4 @@ class OIPGrpcServer:
 
 
 def _authorization(context: Any) -> bytes | None:
-    value = _metadata(context).get("authorization")
-    return value.encode("latin-1") if value is not None else None
+    return _request_info(context, "").authorization
