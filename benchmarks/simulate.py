@@ -1,23 +1,42 @@
-"""Benchmark of ``xpuflow simulate``: simulator speed and xpuflow's scorer against the baselines.
+"""Benchmark of ``xpuflow simulate``: simulator speed, xpuflow's scorer against the baselines, and the
+simulator against the real gateway.
 
     python benchmarks/simulate.py            # writes benchmarks/results/simulate.json (+ simulate.png)
+    python benchmarks/simulate.py --skip-validation
 
-Method:
+Method (every run reads the first 10 minutes of the Azure conversation trace, 2,867 requests):
 
-- ``sim_requests_per_s``: the first 10 minutes of the Azure conversation trace, rate scaled to 60% of a
-  64-worker heterogeneous fleet's capacity (16 fast, 16 mid, 32 slow devices), simulated once per
-  policy in this process (one core); simulated requests per wall-clock second.
-- ``xpuflow_vs_best_baseline_goodput``: the same slice at 80% of the capacity of an 8-worker
-  heterogeneous fleet (2 fast, 2 mid, 4 slow), 3 seeds per policy; goodput = requests/s served within
-  TTFT 2 s and end-to-end 60 s; xpuflow's mean goodput over the best baseline's.
-- ``validation_*``: the comparison with the real gateway (``xpuflow serve`` over sleeping fake workers)
-  is not part of this run yet: the fields are null with the reason (see docs/simulate.md).
+- ``sim_requests_per_s``: rate scaled to 60% of a 64-worker heterogeneous fleet's capacity (16 fast,
+  16 mid, 32 slow static-batching devices), simulated in this process (one core); simulated requests per
+  wall-clock second, best of 3 runs (``sim_requests_per_s_cpu_time``: per second of this process's CPU
+  time, which other work on a shared machine does not inflate; the load average is recorded). Per
+  policy with every worker scored on each pick (as the gateway does), and for xpuflow also with a
+  candidate sample (``--sample 8``: the scorer chooses among 8 workers drawn per pick).
+  ``scorer_choose_us_64_workers``: one ``WorkerScorer.choose`` over 64 snapshots.
+- ``xpuflow_vs_best_baseline_goodput``: the trace at 80% of the capacity of an 8-worker heterogeneous
+  fleet (2 fast, 2 mid, 4 slow), 3 seeds per policy; goodput = requests/s served within TTFT 2 s and
+  end-to-end 60 s; xpuflow's mean goodput over the best baseline's. Capacity is counted at the batch size
+  each device achieves (``simulate.capacity``). Two fleets of the same devices: ``static`` (the worker
+  forms batches; a batch group includes ``max_tokens``, so trace requests run about one per batch) and
+  ``continuous`` (the devices batch by themselves, as vLLM-like servers and continuous transformers
+  sessions do: each request starts at once, up to the in-flight cap). The headline is the static fleet's,
+  the fleet of the earlier runs; both are in the JSON.
+- ``validation_p50_error`` / ``validation_p99_error``: the same slice, time-compressed ``speedup`` times,
+  sent open-loop (at the trace's arrival times, non-streamed) by ``xpuflow.loadgen`` to ``xpuflow serve``
+  in its own process over 8 heterogeneous continuous fake workers (``options.device_model``: each
+  request sleeps the device model's time), and simulated with the same config; relative error of the
+  simulator's end-to-end p50 and p99 against the client-measured ones, |sim - real| / real.
 
-The trace is read from ``../shared/data/traces`` beside the checkout (or a folder given as argv[1]).
+The trace is read from ``../shared/data/traces`` beside the checkout (or a folder given with --traces).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import math
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -27,11 +46,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, machine, print_table, write_results
+from _common import RESULTS_DIR, machine, print_table, start_xpuflow, stop_process, write_results
 
+from xpuflow.loadgen.arrivals import Prompt, RequestSpec
+from xpuflow.loadgen.runner import BenchPlan, run_bench
 from xpuflow.simulate import (
     BASELINES,
     PolicyName,
+    SimRequest,
     Simulation,
     capacity_per_s,
     default_trace_dirs,
@@ -41,6 +63,7 @@ from xpuflow.simulate import (
     summarize,
     write_plot,
 )
+from xpuflow.simulate.report import percentile
 
 DEVICES = {
     "fast": "name: fast\nmax_batch_size: 8\noverhead_s: 0.002\n"
@@ -50,18 +73,41 @@ DEVICES = {
     "slow": "name: slow\nmax_batch_size: 4\noverhead_s: 0.01\n"
     "prefill_tokens_per_s: {1: 1500}\ndecode_tokens_per_s: {1: 15, 4: 45}\n",
 }
+# The validation fleet: the same shapes about 5x faster, so a request takes about a second and the
+# gateway's few milliseconds per request stay small beside it.
+FAST_DEVICES = {
+    "fast": "name: fast\nmax_batch_size: 8\noverhead_s: 0.002\ncontinuous: true\n"
+    "prefill_tokens_per_s: {1: 27000, 8: 40000}\ndecode_tokens_per_s: {1: 430, 8: 2560}\n",
+    "mid": "name: mid\nmax_batch_size: 8\noverhead_s: 0.004\ncontinuous: true\n"
+    "prefill_tokens_per_s: {1: 13000}\ndecode_tokens_per_s: {1: 210, 8: 1070}\n",
+    "slow": "name: slow\nmax_batch_size: 4\noverhead_s: 0.01\ncontinuous: true\n"
+    "prefill_tokens_per_s: {1: 5000}\ndecode_tokens_per_s: {1: 80, 4: 240}\n",
+}
 SLO = "ttft_p99=2s,e2e_p99=60s"
+SEEDS = (0, 1, 2)
+SAMPLE = 8
+VALIDATION_SPAN_S = 150.0  # the 10-minute slice replayed in this many seconds
 
 
-def fleet_file(folder: Path, fast: int, mid: int, slow: int) -> Path:
-    for name, text in DEVICES.items():
-        (folder / f"{name}.yaml").write_text(text)
+def fleet_file(
+    folder: Path,
+    fast: int,
+    mid: int,
+    slow: int,
+    *,
+    continuous: bool = False,
+    devices: dict[str, str] = DEVICES,
+) -> Path:
+    """A config of three deployments of fake workers with device models, written to ``folder``."""
+    for name, text in devices.items():
+        extra = "continuous: true\n" if continuous and "continuous" not in text else ""
+        (folder / f"{name}.yaml").write_text(text + extra)
     deps = "".join(
         f"  - {{name: {name}, backend: fake, replicas: {n}, max_seq_len: 65536, "
-        f"options: {{device_model: {name}.yaml}}}}\n"
+        f"options: {{device_model: {folder / name}.yaml}}}}\n"
         for name, n in (("fast", fast), ("mid", mid), ("slow", slow))
     )
-    path = folder / f"fleet_{fast}_{mid}_{slow}.yaml"
+    path = folder / f"fleet_{fast}_{mid}_{slow}{'_c' if continuous else ''}.yaml"
     path.write_text(
         f"deployments:\n{deps}models:\n"
         "  - {name: chat, tiers: [{name: main, deployments: [fast, mid, slow]}]}\n"
@@ -69,79 +115,251 @@ def fleet_file(folder: Path, fast: int, mid: int, slow: int) -> Path:
     return path
 
 
+def sim_speed(folder: Path, requests: list[SimRequest], rate: float) -> dict[str, Any]:
+    big = load_fleet(fleet_file(folder, 16, 16, 32))
+    scale = 0.6 * capacity_per_s(big, requests) / rate
+
+    cpu: dict[str, float] = {}
+
+    def best_of_3(policy: PolicyName, sample: int | None = None, label: str | None = None) -> float:
+        walls, cpus = [], []
+        for _ in range(3):
+            began, began_cpu = time.perf_counter(), time.process_time()
+            result = Simulation(big, requests, policy=policy, seed=0, scale=scale, sample=sample).run()
+            walls.append(time.perf_counter() - began)
+            cpus.append(time.process_time() - began_cpu)
+            assert result.outcomes.count("ok") > 0
+        cpu[label or policy.value] = len(requests) / min(cpus)
+        return len(requests) / min(walls)
+
+    speed = {policy.value: best_of_3(policy) for policy in PolicyName}
+    label = f"xpuflow --sample {SAMPLE}"
+    speed[label] = best_of_3(PolicyName.XPUFLOW, SAMPLE, label)
+    return {"wall": speed, "cpu": cpu}
+
+
+def scorer_us(workers: int = 64) -> float:
+    """Microseconds one ``WorkerScorer.choose`` takes over ``workers`` snapshots (best of 5 x 500)."""
+    import random
+
+    from xpuflow.policy.worker_scorer import WorkerNeeds, WorkerScorer
+    from xpuflow.types import WorkerSnapshot
+
+    rng = random.Random(0)
+    snapshots = [
+        WorkerSnapshot(
+            worker_id=f"w/{i}",
+            deployment="w",
+            device="sim",
+            queue_depth=rng.randint(0, 5),
+            in_flight=rng.randint(0, 4),
+            max_batch_size=8,
+            ema_latency_ms=rng.uniform(100, 5000),
+            utilization_pct=rng.uniform(0, 100),
+            max_seq_len=65536,
+            taken_at_s=99.99,
+            oldest_in_flight_s=rng.choice([None, 0.5]),
+            latency_sampled_at_s=99.0,
+        )
+        for i in range(workers)
+    ]
+    scorer, needs = WorkerScorer(), WorkerNeeds(tokens=1000)
+    best = math.inf
+    for _ in range(5):
+        began = time.perf_counter()
+        for _ in range(500):
+            scorer.choose(snapshots, needs, rng=rng, now_s=100.0)
+        best = min(best, (time.perf_counter() - began) / 500)
+    return best * 1e6
+
+
+def goodput(
+    folder: Path, requests: list[SimRequest], rate: float, *, continuous: bool
+) -> tuple[dict[str, Any], list[Any]]:
+    fleet = load_fleet(fleet_file(folder, 2, 2, 4, continuous=continuous))
+    capacity = capacity_per_s(fleet, requests)
+    scale = 0.8 * capacity / rate
+    slo = parse_slo(SLO)
+    per_policy: dict[str, list[float]] = {}
+    summaries: dict[str, Any] = {}
+    plotted = []
+    for policy in [PolicyName.XPUFLOW, *BASELINES]:
+        for seed in SEEDS:
+            sim = Simulation(fleet, requests, policy=policy, seed=seed, scale=scale)
+            result = sim.run()
+            summary = summarize(result, slo)
+            summary["mean_batch_size"] = {
+                w: worker.metrics.mean_batch_size() for w, worker in sim.workers.items()
+            }
+            per_policy.setdefault(policy.value, []).append(summary["goodput_per_s"])
+            if seed == SEEDS[0]:
+                summaries[policy.value] = summary
+                plotted.append(result)
+    mean = {p: statistics.mean(v) for p, v in per_policy.items()}
+    best = max((p for p in mean if p != "xpuflow"), key=lambda p: mean[p])
+    return {
+        "fleet": {"fast": 2, "mid": 2, "slow": 4, "continuous": continuous},
+        "capacity_per_s": capacity,
+        "trace_rate_per_s": rate,
+        "scale": scale,
+        "goodput_per_s": per_policy,
+        "mean_goodput_per_s": mean,
+        "best_baseline": best,
+        "xpuflow_vs_best_baseline_goodput": mean["xpuflow"] / mean[best] if mean[best] > 0 else None,
+        "summaries": summaries,
+    }, plotted
+
+
+async def _replay(url: str, requests: list[SimRequest], speedup: float) -> list[float | None]:
+    specs = (
+        RequestSpec(
+            Prompt.of(" ".join(["w"] * max(1, r.input_tokens))), r.output_tokens, r.arrival_s / speedup
+        )
+        for r in requests
+    )
+    plan = BenchPlan(url=url, model="chat", num_requests=len(requests), stream=False, timeout_s=120.0)
+    result = await run_bench(plan, iter(specs))
+    latency: list[float | None] = [None] * len(requests)
+    for record in result.records:
+        if record.ok:
+            latency[record.index] = record.latency_s
+    return latency
+
+
+def validate(folder: Path, requests: list[SimRequest]) -> dict[str, Any]:
+    """The gateway and the simulator on the same config and the same (compressed) arrivals."""
+    path = fleet_file(folder, 2, 2, 4, devices=FAST_DEVICES)
+    fleet = load_fleet(path)
+    rate = len(requests) / requests[-1].arrival_s
+    capacity = capacity_per_s(fleet, requests)
+    speedup = requests[-1].arrival_s / VALIDATION_SPAN_S
+    import yaml
+
+    config = yaml.safe_load(path.read_text())
+    began = time.perf_counter()
+    proc, url = start_xpuflow(config, timeout_s=120)
+    try:
+        real = asyncio.run(_replay(url, requests, speedup))
+    finally:
+        stop_process(proc)
+        shutil.rmtree(proc.config_dir, ignore_errors=True)  # type: ignore[attr-defined]
+    wall = time.perf_counter() - began
+    served = [v for v in real if v is not None]
+    sims = [Simulation(fleet, requests, seed=seed, scale=speedup).run() for seed in SEEDS]
+    sim_e2e = [v for result in sims for v in result.e2e_s if not math.isnan(v)]
+    real_p = {q: percentile(served, q) for q in (50, 90, 99)}
+    sim_p = {q: percentile(sim_e2e, q) for q in (50, 90, 99)}
+
+    def error(q: int, simulated: dict[int, float | None] = sim_p) -> float | None:
+        r, s = real_p[q], simulated[q]
+        return None if r is None or s is None or r <= 0 else abs(s - r) / r
+
+    # How far the same simulation is from the gateway with another worker choice: the errors above mean
+    # something only if these are clearly larger.
+    other: dict[str, dict[str, float | None]] = {}
+    for policy in (PolicyName.ROUND_ROBIN, PolicyName.JSQ):
+        result = Simulation(fleet, requests, policy=policy, seed=0, scale=speedup).run()
+        values = [v for v in result.e2e_s if not math.isnan(v)]
+        p = {q: percentile(values, q) for q in (50, 90, 99)}
+        other[policy.value] = {"p50_error": error(50, p), "p99_error": error(99, p)}
+
+    return {
+        "fleet": {"fast": 2, "mid": 2, "slow": 4, "continuous": True, "devices": FAST_DEVICES},
+        "speedup": speedup,
+        "rate_per_s": rate * speedup,
+        "capacity_per_s": capacity,
+        "load": rate * speedup / capacity,
+        "served_by_gateway": len(served),
+        "requests": len(requests),
+        "gateway_e2e_s": {f"p{q}": v for q, v in real_p.items()},
+        "simulated_e2e_s": {f"p{q}": v for q, v in sim_p.items()},
+        "simulated_seeds": list(SEEDS),
+        "p50_error": error(50),
+        "p90_error": error(90),
+        "p99_error": error(99),
+        "errors_if_simulated_with_another_policy": other,
+        "wall_s": wall,
+    }
+
+
 def main() -> None:
-    dirs = [Path(sys.argv[1])] if len(sys.argv) > 1 else default_trace_dirs()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--traces", type=Path, default=None, help="folder of the traces")
+    parser.add_argument("--skip-validation", action="store_true", help="no gateway run")
+    args = parser.parse_args()
+    dirs = [args.traces] if args.traces else default_trace_dirs()
     requests = load_trace("azure-conv", dirs, duration_s=600)
     rate = len(requests) / requests[-1].arrival_s
-    slo = parse_slo(SLO)
     data: dict[str, Any] = {
         "machine": machine(),
         "trace": "azure-conv first 600 s",
         "requests": len(requests),
+        "method": __doc__,
+        "slo": SLO,
     }
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        big = load_fleet(fleet_file(folder, 16, 16, 32))
-        scale = 0.6 * capacity_per_s(big, requests) / rate
-        speed: dict[str, float] = {}
-        for policy in PolicyName:
-            began = time.perf_counter()
-            result = Simulation(big, requests, policy=policy, seed=0, scale=scale).run()
-            speed[policy.value] = len(requests) / (time.perf_counter() - began)
-            assert result.outcomes.count("ok") > 0
-        small = load_fleet(fleet_file(folder, 2, 2, 4))
-        capacity = capacity_per_s(small, requests)
-        scale80 = 0.8 * capacity / rate
-        goodput: dict[str, list[float]] = {}
-        summaries: dict[str, Any] = {}
-        plot_results = []
-        for policy in [PolicyName.XPUFLOW, *BASELINES]:
-            for seed in (0, 1, 2):
-                result = Simulation(small, requests, policy=policy, seed=seed, scale=scale80).run()
-                summary = summarize(result, slo)
-                goodput.setdefault(policy.value, []).append(summary["goodput_per_s"])
-                if seed == 0:
-                    summaries[policy.value] = summary
-                    plot_results.append(result)
-        write_plot(RESULTS_DIR / "simulate.png", plot_results)
-    mean = {p: statistics.mean(v) for p, v in goodput.items()}
-    best_baseline = max((p for p in mean if p != "xpuflow"), key=lambda p: mean[p])
-    ratio = mean["xpuflow"] / mean[best_baseline] if mean[best_baseline] > 0 else None
+        load_before = os.getloadavg()
+        measured = sim_speed(folder, requests, rate)
+        speed, speed_cpu = measured["wall"], measured["cpu"]
+        choose_us = scorer_us()
+        static, plotted = goodput(folder, requests, rate, continuous=False)
+        continuous, _ = goodput(folder, requests, rate, continuous=True)
+        write_plot(RESULTS_DIR / "simulate.png", plotted)
+        validation = None if args.skip_validation else validate(folder, requests)
     data.update(
         {
-            "method": __doc__,
-            "slo": SLO,
             "sim_requests_per_s": speed,
+            "sim_requests_per_s_cpu_time": speed_cpu,
+            "sim_load_average_before": load_before,
+            "scorer_choose_us_64_workers": choose_us,
             "sim_requests_per_s_xpuflow": speed["xpuflow"],
+            "sim_requests_per_s_xpuflow_sample": speed[f"xpuflow --sample {SAMPLE}"],
             "sim_requests_per_s_best": max(speed.values()),
             "speed_fleet": {"fast": 16, "mid": 16, "slow": 32, "load": "60% of capacity"},
-            "goodput_fleet": {"fast": 2, "mid": 2, "slow": 4, "capacity_per_s": capacity, "scale": scale80},
-            "goodput_per_s": goodput,
-            "best_baseline": best_baseline,
-            "xpuflow_vs_best_baseline_goodput": ratio,
-            "summaries": summaries,
-            "validation_p50_error": None,
-            "validation_p99_error": None,
-            "validation_note": "not measured in this run: the gateway comparison is not implemented yet",
+            "xpuflow_vs_best_baseline_goodput": static["xpuflow_vs_best_baseline_goodput"],
+            "best_baseline": static["best_baseline"],
+            "goodput_static": static,
+            "goodput_continuous": continuous,
+            "validation": validation,
+            "validation_p50_error": None if validation is None else validation["p50_error"],
+            "validation_p99_error": None if validation is None else validation["p99_error"],
         }
     )
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
-            p,
+            str(p),
             f"{speed[p]:,.0f}",
-            f"{mean[p]:.3f}",
-            f"{summaries[p]['slo_attainment']:.1%}",
-            f"{summaries[p]['e2e_s']['p50']:.1f}",
-            f"{summaries[p]['e2e_s']['p99']:.1f}",
+            f"{static['mean_goodput_per_s'][p]:.3f}",
+            f"{continuous['mean_goodput_per_s'][p]:.3f}",
+            f"{continuous['summaries'][p]['slo_attainment']:.1%}",
+            f"{continuous['summaries'][p]['e2e_s']['p99']:.1f}",
         )
-        for p in mean
+        for p in static["mean_goodput_per_s"]
     ]
     print_table(
         "xpuflow simulate",
         rows,
-        ("policy", "sim req/s (64 workers)", "goodput/s @80%", "SLO att.", "e2e p50 s", "e2e p99 s"),
+        (
+            "policy",
+            "sim req/s (64 workers)",
+            "goodput/s static",
+            "goodput/s cont.",
+            "SLO att. cont.",
+            "e2e p99 s cont.",
+        ),
     )
-    print(f"xpuflow / best baseline ({best_baseline}) goodput: {ratio}")
+    label = f"xpuflow --sample {SAMPLE}"
+    print(f"{label}: {speed[label]:,.0f} simulated requests/s ({speed_cpu[label]:,.0f} per CPU second)")
+    print("per CPU second: " + ", ".join(f"{p} {v:,.0f}" for p, v in speed_cpu.items()))
+    print(f"WorkerScorer.choose over 64 workers: {choose_us:.0f} us")
+    for name, run in (("static", static), ("continuous", continuous)):
+        ratio = run["xpuflow_vs_best_baseline_goodput"]
+        print(f"{name}: xpuflow / best baseline ({run['best_baseline']}) goodput: {ratio}")
+    if validation is not None:
+        print(f"validation: gateway e2e {validation['gateway_e2e_s']}")
+        print(f"            simulated   {validation['simulated_e2e_s']}")
+        print(f"            error p50 {validation['p50_error']}, p99 {validation['p99_error']}")
     write_results("simulate", data)
 
 

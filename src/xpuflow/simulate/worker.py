@@ -12,7 +12,11 @@ event instead of awaited::
     worker.complete(batch, now_s)      # the scheduled end of a batch
 
 ``snapshot`` is ``Worker.snapshot`` as the dispatcher reads it (``service_time_snapshot``: the EMA is
-the per-batch service time).
+the per-batch service time), plus ``mean_batch_size``, the batch size the worker achieves.
+
+A continuous device model (``continuous: true``) makes the worker what ``Worker`` is over a continuous
+session: each request is sent at once, up to ``max_in_flight``, no batches are formed, and a request
+runs at the speed of the concurrency it starts with (``DeviceModel.request_timing``).
 """
 
 from __future__ import annotations
