@@ -25,11 +25,15 @@ def test_live_cluster_suite() -> None:
     if not netns_available():
         pytest.skip("cannot create a network namespace here (unshare --net --map-root-user)")
     argv = in_netns_argv(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "live")]
+        [sys.executable, "-m", "pytest", "-v", "-x", "-p", "no:cacheprovider", str(HERE / "live")]
     )
     env = {**os.environ, "XPUFLOW_IN_NETNS": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    done = subprocess.run(
-        argv, check=False, env=env, capture_output=True, text=True, timeout=400, cwd=HERE.parents[1]
-    )
+    try:
+        done = subprocess.run(
+            argv, check=False, env=env, capture_output=True, text=True, timeout=400, cwd=HERE.parents[1]
+        )
+    except subprocess.TimeoutExpired as exc:  # say which test hung
+        output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        pytest.fail(f"the live cluster suite ran past 400 s; its output so far:\n{output[-6000:]}")
     tail = (done.stdout + done.stderr)[-6000:]
     assert done.returncode == 0, tail

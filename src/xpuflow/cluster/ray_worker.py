@@ -79,6 +79,21 @@ def _actor_errors() -> tuple[type[BaseException], ...]:
     return (RayActorError, ActorUnavailableError)
 
 
+def _connected_ray() -> Any:
+    """The ``ray`` module when this process is connected, else None: ``ray.kill`` and ``ray.cancel``
+    would start a local Ray instance in a process that is not (a gateway shutting down, a test)."""
+    import ray
+
+    return ray if ray.is_initialized() else None
+
+
+def _cancel(ref: Any) -> None:
+    ray = _connected_ray()
+    if ray is not None:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref)
+
+
 class RayWorker:
     """A worker running in a Ray actor, seen from the gateway. See the module docstring."""
 
@@ -140,12 +155,12 @@ class RayWorker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._poller
             self._poller = None
-        import ray
-
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.actor.stop.remote(drain), 30.0)
-        with contextlib.suppress(Exception):
-            ray.kill(self.actor, no_restart=True)
+        ray = _connected_ray()
+        if ray is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(self.actor, no_restart=True)
 
     @property
     def running(self) -> bool:
@@ -282,8 +297,6 @@ class RayWorker:
         raise WorkerLost(abort.result() + "; retry elsewhere")
 
     async def submit(self, request: WorkRequest) -> Any:
-        import ray
-
         abort: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._aborts.add(abort)
         self._outstanding += 1
@@ -291,8 +304,7 @@ class RayWorker:
         try:
             kind, value = await self._await_call(ref, abort)
         except BaseException:
-            with contextlib.suppress(Exception):
-                ray.cancel(ref)  # withdraws the request from the actor's queue
+            _cancel(ref)  # withdraws the request from the actor's queue
             raise
         finally:
             self._outstanding -= 1
@@ -302,8 +314,6 @@ class RayWorker:
         return value
 
     async def stream(self, request: WorkRequest) -> AsyncIterator[StreamChunk]:
-        import ray
-
         abort: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._aborts.add(abort)
         self._outstanding += 1
@@ -327,5 +337,4 @@ class RayWorker:
             self._outstanding -= 1
             self._aborts.discard(abort)
             if not finished:
-                with contextlib.suppress(Exception):
-                    ray.cancel(generator)  # the client went away or the stream failed: stop the work
+                _cancel(generator)  # the client went away or the stream failed: stop the work

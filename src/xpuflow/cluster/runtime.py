@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.cluster.connection import connect, import_ray
@@ -35,6 +36,8 @@ from xpuflow.types import Resource
 __all__ = ["ClusterRuntime", "actor_options"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def actor_options(replica: ReplicaPlacement, ray_resources: dict[str, float]) -> dict[str, Any]:
@@ -88,6 +91,7 @@ class ClusterRuntime:
         self.inventory = ClusterInventory(())
         self._connected_here = False
         self._refresher: asyncio.Task[None] | None = None
+        self._in_ray: asyncio.Future[Any] | None = None  # a refresh's Ray call, running in a thread
         self.workers: list[RayWorker] = []
 
     async def start(self) -> None:
@@ -98,15 +102,20 @@ class ClusterRuntime:
     async def refresh(self) -> ClusterInventory:
         """Run discovery on every node again (nodes that joined or left since)."""
         declared = self.config.declared_resources()
-        self.inventory = await asyncio.to_thread(ClusterInventory.detect, declared=declared)
+        self.inventory = await self._off_loop(lambda: ClusterInventory.detect(declared=declared))
         return self.inventory
+
+    async def _off_loop(self, call: Callable[[], T]) -> T:
+        """``call`` in a thread; ``stop`` waits for it, so Ray is not shut down under a running call."""
+        self._in_ray = asyncio.ensure_future(asyncio.to_thread(call))
+        return cast(T, await asyncio.shield(self._in_ray))
 
     async def _refresh_loop(self) -> None:
         while True:
             await self._clock.sleep(self.settings.refresh_interval_s)
             try:
                 before = {n.node_id for n in self.inventory.alive}
-                if await asyncio.to_thread(_alive_node_ids) == before:
+                if await self._off_loop(_alive_node_ids) == before:
                     continue  # discovery runs probes on every node: only when a node joined or left
                 after = await self.refresh()
                 joined = [n.name for n in after.alive if n.node_id not in before]
@@ -224,6 +233,8 @@ class ClusterRuntime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._refresher
             self._refresher = None
+        if self._in_ray is not None and not self._in_ray.done():
+            await asyncio.wait({self._in_ray}, timeout=65.0)  # discovery gives up after 60 s
         workers, self.workers = self.workers, []
         await asyncio.gather(*(w.stop(drain=True) for w in workers), return_exceptions=True)
         if self._connected_here:
