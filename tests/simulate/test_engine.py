@@ -199,3 +199,17 @@ def test_a_candidate_sample_serves_everything_and_is_checked(fleet_file: Path) -
     assert result.outcomes.count("ok") == 200
     with pytest.raises(ValueError, match="sample must be >= 1"):
         Simulation(fleet, steady(1, 1.0), sample=0)
+
+
+def test_a_snapshot_read_again_later_equals_a_fresh_one(fleet_file: Path) -> None:
+    fleet = load_fleet(fleet_file).with_replicas({"small": 0, "big": 1})
+    sim = Simulation(fleet, [SimRequest(0.0, 4000, 400), SimRequest(0.5, 100, 20)])
+    sim.run()
+    worker = sim.workers["big/0"]
+    first = worker.snapshot(10.0)
+    later = worker.snapshot(12.5)  # unchanged worker, older than max_age_s: the time-only refresh
+    assert later is not first
+    worker._snapshot = None
+    fresh = worker.snapshot(12.5)
+    assert later == fresh
+    assert later.mean_batch_size == fresh.mean_batch_size == 1.0
