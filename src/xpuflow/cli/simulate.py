@@ -137,7 +137,7 @@ def simulate(
     console.print(
         f"{len(requests)} requests over {span:,.0f} s ({len(requests) / max(span, 1e-9):.2f}/s) on "
         f"{len(fleet.worker_ids())} workers of model '{fleet.model_name}' "
-        f"(capacity about {capacity:.2f} requests/s at batch 1)",
+        f"(capacity about {capacity:.2f} requests/s, each device at the batch size it achieves)",
         highlight=False,
     )
     output: dict[str, Any] = {
