@@ -10,7 +10,7 @@ static-batching worker batches only requests of the same batch group, and a grou
 ``max_tokens``, so requests of a trace (whose output lengths differ) rarely share a batch and it is
 counted at batch 1.
 
-The search: a lower bound from capacity (the offered work over the fastest device type's speed), then
+The search: a lower bound from capacity (the offered rate over one worker of the fastest type), then
 one worker at a time of the type whose addition helps most (the SLO's p99s, weighted by how far each is
 over its target), until the SLO is met; then workers are taken away while it stays met. Each step is a
 full simulation with the given policy and seed, so the answer is the smallest fleet this search finds,
@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from xpuflow.simulate.engine import SimResult, Simulation
-from xpuflow.simulate.fleet import Fleet
+from xpuflow.simulate.fleet import Fleet, SimDeployment
 from xpuflow.simulate.policies import PolicyName
 from xpuflow.simulate.report import Slo, meets_slo, percentile
 from xpuflow.simulate.trace import SimRequest
@@ -41,18 +41,20 @@ def mean_request_s(fleet: Fleet, requests: Sequence[SimRequest]) -> dict[str, fl
     return out
 
 
+def worker_rate_per_s(dep: SimDeployment, work: Sequence[tuple[int, int]]) -> float:
+    """Requests per second one worker of ``dep`` serves when busy, for requests like ``work``."""
+    model = dep.model
+    if model.continuous:
+        return model.throughput_per_s(
+            work, dep.max_in_flight or min(dep.max_batch_size, model.max_batch_size)
+        )
+    return model.throughput_per_s(work, 1)
+
+
 def capacity_per_s(fleet: Fleet, requests: Sequence[SimRequest]) -> float:
     """Requests per second the fleet serves with every worker busy (see the module docstring)."""
     work = [(r.input_tokens, r.output_tokens) for r in requests]
-    total = 0.0
-    for dep in fleet.deployments.values():
-        model = dep.model
-        if model.continuous:
-            batch = dep.max_in_flight or min(dep.max_batch_size, model.max_batch_size)
-            total += dep.replicas * model.throughput_per_s(work, batch)
-        else:
-            total += dep.replicas * model.throughput_per_s(work, 1)
-    return total
+    return sum(dep.replicas * worker_rate_per_s(dep, work) for dep in fleet.deployments.values())
 
 
 @dataclass
@@ -96,10 +98,12 @@ def find_min_fleet(
     names = list(fleet.deployments)
     means = mean_request_s(fleet, requests)
     span = max(requests[-1].arrival_s / scale - requests[0].arrival_s / scale, 1e-9) if requests else 1.0
-    fastest = min(names, key=lambda n: means[n])
-    work = sum(fleet.deployments[fastest].model.request_s(r.input_tokens, r.output_tokens) for r in requests)
+    work = [(r.input_tokens, r.output_tokens) for r in requests]
+    rates = {name: worker_rate_per_s(fleet.deployments[name], work) for name in names}
+    fastest = max(names, key=lambda n: rates[n])
     counts = dict.fromkeys(names, 0)
-    counts[fastest] = max(1, math.ceil(work / span))
+    offered = len(requests) / span
+    counts[fastest] = max(1, math.ceil(offered / rates[fastest])) if rates[fastest] > 0 else 1
     tried: list[tuple[dict[str, int], bool, dict[str, float | None]]] = []
     cache: dict[tuple[int, ...], tuple[bool, float, dict[str, float | None]]] = {}
 
