@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,6 +88,7 @@ def live() -> Iterator[Live]:
         ray.shutdown()
         cluster.stop()
         loop.close()
+        shutil.rmtree(temp, ignore_errors=True)  # Ray's session logs and sockets
 
 
 def _call(model: str = "chat", text: str = "one two three", **kw: Any) -> InferenceCall:
