@@ -237,6 +237,30 @@ def test_an_outage_longer_than_outage_retry_s_fails_with_every_try_named() -> No
     assert len(once.value.attempts) == 2  # outage_retry_s 0: one round, as before
 
 
+def test_an_outage_is_waited_out_while_other_traffic_or_checks_say_the_workers_are_fine() -> None:
+    """Under load, another request's success (or a health check of a server whose /health answers
+    while its model fails) can leave a worker HEALTHY with no failures between this request's rounds;
+    the workers this request just tried still count as failing, so it goes round again."""
+    clock = FakeClock()
+    a, b = workers("a", "b", clock=clock)
+    a.session.fail_next = b.session.fail_next = 3
+
+    for worker in (a, b):
+        original = worker._run
+
+        async def run_then_heal(request: WorkRequest, w: FakeWorker = worker, inner: Any = original) -> Any:
+            try:
+                return await inner(request)
+            finally:
+                w.health.record_success()  # someone else's request served meanwhile
+
+        worker._run = run_then_heal  # type: ignore[method-assign]
+    d = dispatcher(clock=clock, backoff_base_s=0.05, backoff_max_s=1.0)
+    done = run(lambda: d.dispatch([("t", [a, b])], request()))
+    assert isinstance(done.result, Completion)
+    assert len(done.attempts) == 7  # 6 failures over both workers, then success
+
+
 def test_a_failing_request_on_healthy_peers_is_not_an_outage() -> None:
     a, b, c = workers("a", "b", "c")
     a.error = b.error = SessionError("500")

@@ -254,16 +254,26 @@ class Dispatcher:
             found = await self._round(tier_list, request, needs, affinity, progress, attempt, backoff_due)
             if found is not None:
                 return found
-            if len(progress.attempts) == before or not self._outage(tier_list, began, request):
+            # a round may try no one while every worker cools down or another request holds the
+            # probe: during an outage that is a reason to wait and look again, not to fail
+            tried = {a.worker for a in progress.attempts[before:]}
+            if not self._outage(tier_list, began, request, tried):
                 raise self._failure(request, progress, deadline=False)
             backoff_due = True  # every worker failed: wait, then try them all again
 
     def _outage(
-        self, tier_list: Sequence[tuple[str, Sequence[DispatchTarget]]], began: float, request: WorkRequest
+        self,
+        tier_list: Sequence[tuple[str, Sequence[DispatchTarget]]],
+        began: float,
+        request: WorkRequest,
+        tried: set[str],
     ) -> bool:
         """Whether to go round the tiers again after a round whose every try failed: every worker of
-        every tier is failing now (unhealthy, or its last request failed), and the request has waited
-        less than ``outage_retry_s`` and has time left before its deadline."""
+        every tier is failing now (one this round ``tried`` failed it just now, whatever a health check
+        said meanwhile; any other is unhealthy or its last request failed), and the request has waited
+        less than ``outage_retry_s`` and has time left before its deadline. A health check that passes
+        while requests fail (a server whose ``/health`` answers and whose model errors) must not end
+        the retries of the requests it fails."""
         if self.clock.monotonic() - began >= self.policy.outage_retry_s:
             return False
         remaining = self._remaining_s(request)
@@ -271,7 +281,10 @@ class Dispatcher:
             return False
         workers = [w for _, tier_workers in tier_list for w in tier_workers]
         return bool(workers) and all(
-            w.health.state is not HealthState.HEALTHY or w.health.consecutive_failures > 0 for w in workers
+            w.worker_id in tried
+            or w.health.state is not HealthState.HEALTHY
+            or w.health.consecutive_failures > 0
+            for w in workers
         )
 
     async def _round(
