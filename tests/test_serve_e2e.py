@@ -93,6 +93,7 @@ def test_xpuflow_serve_embedded_default_with_the_openai_client(tmp_path: Path) -
         # a newcomer's console: no library warnings or progress bars per request or at start
         assert "Warning" not in banner, banner[-2000:]
         assert "Loading weights" not in banner
+        assert "converting to f16" not in banner  # llama.cpp's per-tensor log of the first build
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -16,6 +16,7 @@ inputs into one decode. Options are listed in ``LLAMACPP_OPTIONS`` and in docs/b
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -165,7 +166,15 @@ def requantize(source: Path, target: Path, gguf_type: str, *, threads: int = 0) 
     params.ftype = GGUF_TYPES[gguf_type]
     params.allow_requantize = True  # the source is quantized already
     params.nthread = threads
-    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    # llama.cpp logs every tensor it converts (~300 lines for a small model) through llama-cpp-python's
+    # log callback, which prints unless its logger is set to errors only: keep a first start readable
+    quiet = logging.getLogger("llama-cpp-python")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    finally:
+        quiet.setLevel(level)
     if rc != 0 or not target.is_file():
         raise BuildError(
             f"llama.cpp could not rewrite {source} as {gguf_type} (llama_model_quantize returned {rc}); "
