@@ -248,6 +248,7 @@ def _start_litellm(
         "1",
     ]
     proc = start_process(argv, f"http://127.0.0.1:{port}/health/liveliness", timeout_s=240, env=env)
+    proc.config_dir = config.parent  # type: ignore[attr-defined]  # removed with the process
     info = {
         "version": version,
         "config": LITELLM_CONFIG.replace("{master_key}", "<the run's key>"),

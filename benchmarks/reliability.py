@@ -918,6 +918,7 @@ async def storm(bench: Bench) -> dict[str, Any]:
                 finally:
                     stop_process(proc)
                     _unlink_log(proc)
+                    shutil.rmtree(proc.config_dir, ignore_errors=True)  # type: ignore[attr-defined]
     finally:
         bench.release("storm", *ups)
     xf, ll = results["xpuflow"], results.get("litellm")
@@ -982,7 +983,12 @@ def _start_litellm(bench: Bench, ups: list[Upstream]) -> tuple[subprocess.Popen[
         "1",
     ]
     print("  starting the LiteLLM proxy ...", flush=True)
-    proc = start_process(argv, f"http://127.0.0.1:{port}/health/liveliness", timeout_s=240, env=env)
+    try:
+        proc = start_process(argv, f"http://127.0.0.1:{port}/health/liveliness", timeout_s=240, env=env)
+    except BaseException:
+        shutil.rmtree(path.parent, ignore_errors=True)
+        raise
+    proc.config_dir = path.parent  # type: ignore[attr-defined]
     info = {
         "version": version,
         "config": config.replace(bench.api_key, "<the run's key>"),
