@@ -280,6 +280,16 @@ def test_full_queues_everywhere_become_admission_rejected() -> None:
     assert b.health.healthy
 
 
+def test_full_queues_are_load_not_an_outage_and_answer_at_once() -> None:
+    clock = FakeClock()
+    a, b = workers("a", "b", clock=clock)
+    a.reject = b.reject = True
+    with pytest.raises(AdmissionRejected):
+        run(lambda: dispatcher(clock=clock).dispatch([("t", [a, b])], request()))
+    assert clock.monotonic() < 1.0  # not held through outage_retry_s (10 s) of rounds
+    assert a.calls == b.calls == 1
+
+
 def test_a_full_queue_moves_the_request_to_another_worker() -> None:
     a, b = workers("a", "b")
     a.reject = True

@@ -250,13 +250,15 @@ class Dispatcher:
         backoff_due = False
         began = self.clock.monotonic()
         while True:
-            before = len(progress.attempts)
+            before, errors_before = len(progress.attempts), len(progress.errors)
             found = await self._round(tier_list, request, needs, affinity, progress, attempt, backoff_due)
             if found is not None:
                 return found
             # a round may try no one while every worker cools down or another request holds the
-            # probe: during an outage that is a reason to wait and look again, not to fail
-            tried = {a.worker for a in progress.attempts[before:]}
+            # probe: during an outage that is a reason to wait and look again, not to fail. A full
+            # queue is load, not a failure: it never makes an outage (the 429 goes out at once)
+            failures = zip(progress.attempts[before:], progress.errors[errors_before:], strict=True)
+            tried = {a.worker for a, exc in failures if not isinstance(exc, AdmissionRejected)}
             if not self._outage(tier_list, began, request, tried):
                 raise self._failure(request, progress, deadline=False)
             backoff_due = True  # every worker failed: wait, then try them all again
