@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv-upgrade
 rm -rf "$venv"
-XPUFLOW_VENV="$venv" XPUFLOW_UNLOCKED=1 bash scripts/setup.sh all,dev
+XPUFLOW_VENV="$venv" XPUFLOW_UNLOCKED=1 bash scripts/setup.sh all,dev,ray  # what scripts/test.sh installs
 "$venv/bin/python" -m pip freeze --exclude-editable > "$venv/resolved.txt"
 echo "resolved versions: $venv/resolved.txt"
 # What would move against the lock (name==version pairs that differ).
