@@ -191,6 +191,12 @@ class LogicalModelConfig(_Strict):
         "see docs/routing.md); tiers come from `tiers`.",
     )
     max_retries: int = Field(2, ge=0, description="Retries on other workers of a tier before the next tier.")
+    outage_retry_s: float = Field(
+        10.0,
+        ge=0.0,
+        description="While every worker of every tier is failing, how long a request keeps going round "
+        "them (with backoff) before it fails; 0: one round.",
+    )
 
 
 class ApiKeyConfig(_Strict):

@@ -389,7 +389,10 @@ class Orchestrator:
         timeout_s = max(deployments[d].timeout_s for t in model.tiers for d in t.deployments)
         dispatcher = Dispatcher(
             policy=RetryPolicy(
-                max_retries=model.max_retries, attempt_timeout_s=timeout_s, stream_idle_timeout_s=timeout_s
+                max_retries=model.max_retries,
+                attempt_timeout_s=timeout_s,
+                stream_idle_timeout_s=timeout_s,
+                outage_retry_s=model.outage_retry_s,
             ),
             clock=self._clock,
         )

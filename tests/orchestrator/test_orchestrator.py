@@ -180,3 +180,19 @@ def test_config_rejects_unknown_deployments_and_mixed_tasks() -> None:
                 "models": [{"name": "m", "tiers": [{"name": "t", "deployments": ["a", "b"]}]}],
             }
         )
+
+
+def test_outage_retry_s_from_the_config_reaches_the_dispatcher() -> None:
+    cfg = config()
+    chat_model = cfg.models[0].model_copy(update={"outage_retry_s": 0.0})
+    orch = Orchestrator(cfg.model_copy(update={"models": [chat_model, *cfg.models[1:]]}), inventory=INVENTORY)
+
+    async def go() -> tuple[float, float]:
+        async with orch:
+            return orch._models["chat"].dispatcher.policy.outage_retry_s, orch._models[
+                "embed"
+            ].dispatcher.policy.outage_retry_s
+
+    assert asyncio.run(go()) == (0.0, 10.0)
+    with pytest.raises(ConfigError):
+        config(models=[{"name": "m", "tiers": [{"name": "t", "deployments": ["emb"]}], "outage_retry_s": -1}])
