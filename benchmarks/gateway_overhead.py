@@ -223,35 +223,33 @@ def litellm_venv(venv: Path) -> tuple[Path, str]:
     return binary, version
 
 
-def _start_litellm(
-    upstream: str, args: argparse.Namespace
+def start_litellm(
+    config_text: str, venv: Path, api_key: str
 ) -> tuple[subprocess.Popen[bytes], int, dict[str, Any]]:
-    binary, version = litellm_venv(Path(args.litellm_venv).expanduser())
+    """Start the LiteLLM proxy (one worker, error-level logs, no price-list fetch) on a free port with
+    ``config_text`` as its config; the config folder goes with the process (``proc.config_dir``).
+    Returns the process, its port and what was run (the key redacted). Used by reliability.py too."""
+    binary, version = litellm_venv(venv)
     port = free_port()
     config = Path(tempfile.mkdtemp(prefix="litellm-bench-")) / "config.yaml"
-    config.write_text(LITELLM_CONFIG.format(upstream=upstream, master_key=args.api_key))
+    config.write_text(config_text)
     env = {
         **os.environ,
         "LITELLM_LOG": "ERROR",
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no fetch of the price list from the internet
         "LITELLM_TELEMETRY": "False",
     }
-    argv = [
-        str(binary),
-        "--config",
-        str(config),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--num_workers",
-        "1",
-    ]
-    proc = start_process(argv, f"http://127.0.0.1:{port}/health/liveliness", timeout_s=240, env=env)
+    argv = [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--num_workers", "1"]
+    try:
+        proc = start_process(argv, f"http://127.0.0.1:{port}/health/liveliness", timeout_s=240, env=env)
+    except BaseException:
+        shutil.rmtree(config.parent, ignore_errors=True)
+        raise
     proc.config_dir = config.parent  # type: ignore[attr-defined]  # removed with the process
     info = {
         "version": version,
-        "config": LITELLM_CONFIG.replace("{master_key}", "<the run's key>"),
+        "config": config_text.replace(api_key, "<the run's key>"),
         "argv": ["litellm", *argv[1:]],
         "env": {k: env[k] for k in ("LITELLM_LOG", "LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_TELEMETRY")},
     }
@@ -321,7 +319,11 @@ def main() -> None:
         else:
             print("starting the LiteLLM proxy (installing it on first use) ...", flush=True)
             try:
-                procs["litellm"], port, litellm = _start_litellm(upstream, args)
+                procs["litellm"], port, litellm = start_litellm(
+                    LITELLM_CONFIG.format(upstream=upstream, master_key=args.api_key),
+                    Path(args.litellm_venv).expanduser(),
+                    args.api_key,
+                )
                 time.sleep(1.0)
                 runs["litellm"] = {"idle_rss_mb": rss_mb(procs["litellm"].pid)}
                 urls["litellm"] = f"http://127.0.0.1:{port}/v1/chat/completions"

@@ -76,7 +76,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -955,45 +954,14 @@ async def storm(bench: Bench) -> dict[str, Any]:
 
 def _start_litellm(bench: Bench, ups: list[Upstream]) -> tuple[subprocess.Popen[bytes], str, dict[str, Any]]:
     """The LiteLLM proxy before the same upstreams, from gateway_overhead.py's cached venv."""
-    from gateway_overhead import litellm_venv
+    from gateway_overhead import start_litellm
 
-    binary, version = litellm_venv(Path(bench.args.litellm_venv).expanduser())
-    port = free_port()
     config = LITELLM_STORM_CONFIG.format(
         deployments="".join(LITELLM_DEPLOYMENT.format(upstream=up.url) for up in ups),
         master_key=bench.api_key,
     )
-    path = Path(tempfile.mkdtemp(prefix="litellm-bench-")) / "config.yaml"
-    path.write_text(config)
-    env = {
-        **os.environ,
-        "LITELLM_LOG": "ERROR",
-        "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no fetch of the price list from the internet
-        "LITELLM_TELEMETRY": "False",
-    }
-    argv = [
-        str(binary),
-        "--config",
-        str(path),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--num_workers",
-        "1",
-    ]
     print("  starting the LiteLLM proxy ...", flush=True)
-    try:
-        proc = start_process(argv, f"http://127.0.0.1:{port}/health/liveliness", timeout_s=240, env=env)
-    except BaseException:
-        shutil.rmtree(path.parent, ignore_errors=True)
-        raise
-    proc.config_dir = path.parent  # type: ignore[attr-defined]
-    info = {
-        "version": version,
-        "config": config.replace(bench.api_key, "<the run's key>"),
-        "argv": ["litellm", *argv[1:]],
-    }
+    proc, port, info = start_litellm(config, Path(bench.args.litellm_venv).expanduser(), bench.api_key)
     return proc, f"http://127.0.0.1:{port}", info
 
 
