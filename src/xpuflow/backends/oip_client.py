@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from xpuflow.backends.http_transport import transport_error
 from xpuflow.backends.oip_tensors import datatype_of, from_json, from_raw, to_json_data
 from xpuflow.backends.remote_openai import is_retryable_status
 from xpuflow.errors import ConfigError, RemoteError, SessionError
@@ -209,22 +210,11 @@ class RestOIPClient:
         )
 
     def _transport_error(self, method: str, path: str, exc: Exception) -> RemoteError:
-        import aiohttp
-
-        where = f"{method} {self.base_url}{path}"
-        if isinstance(exc, asyncio.TimeoutError):
-            return RemoteError(
-                f"{where} timed out (timeout_s {self.timeouts.total_s:g}, connect_timeout_s "
-                f"{self.timeouts.connect_s:g}); the server is slow, hung or unreachable",
-                retryable=True,
-            )
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            return RemoteError(
-                f"could not connect for {where}: {exc}; is the server running?", retryable=True
-            )
-        if isinstance(exc, aiohttp.ClientError):
-            return RemoteError(f"{where} failed: {type(exc).__name__}: {exc}", retryable=True)
-        return RemoteError(f"{where} returned a malformed answer: {exc}", retryable=False)
+        return transport_error(
+            f"{method} {self.base_url}{path}",
+            exc,
+            f"timeout_s {self.timeouts.total_s:g}, connect_timeout_s {self.timeouts.connect_s:g}",
+        )
 
     async def _get_status(self, path: str, timeout_s: float | None) -> bool:
         import aiohttp

@@ -39,6 +39,7 @@ from xpuflow.backends.base import (
     Session,
     StreamChunk,
 )
+from xpuflow.backends.http_transport import transport_error
 from xpuflow.backends.openai_wire import (
     DONE,
     SSEDecoder,
@@ -305,24 +306,13 @@ class RemoteOpenAISession(Session):
         )
 
     def _transport_error(self, method: str, path: str, exc: Exception) -> RemoteError:
-        import aiohttp
-
-        where = f"{method} {self._url(path)}"
-        if isinstance(exc, asyncio.TimeoutError):
-            settings = self.settings
-            return RemoteError(
-                f"{where} timed out (timeout_s {settings.timeout_s:g}, connect_timeout_s "
-                f"{settings.connect_timeout_s:g}, first_byte_timeout_s {settings.first_byte_timeout_s:g} "
-                "for streams); the server is slow, hung or unreachable",
-                retryable=True,
-            )
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            return RemoteError(
-                f"could not connect for {where}: {exc}; is the server running?", retryable=True
-            )
-        if isinstance(exc, aiohttp.ClientError):
-            return RemoteError(f"{where} failed: {type(exc).__name__}: {exc}", retryable=True)
-        return RemoteError(f"{where} returned a malformed response: {exc}", retryable=False)
+        settings = self.settings
+        return transport_error(
+            f"{method} {self._url(path)}",
+            exc,
+            f"timeout_s {settings.timeout_s:g}, connect_timeout_s {settings.connect_timeout_s:g}, "
+            f"first_byte_timeout_s {settings.first_byte_timeout_s:g} for streams",
+        )
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
