@@ -107,11 +107,13 @@ def test_requests_results_and_errors_cross_intact() -> None:
         GenerationParams(max_tokens=3),
         priority=Priority.HIGH,
         deadline_s=15.0,
+        queued_since_s=7.5,
     )
     back = request_from_wire(request_to_wire(request, now_s=10.0), now_s=100.0)
-    assert (back.priority, back.deadline_s, back.request_id, back.payload) == (
+    assert (back.priority, back.deadline_s, back.queued_since_s, back.request_id, back.payload) == (
         Priority.HIGH,
         105.0,
+        97.5,  # waited 2.5 s before it crossed: a retry keeps its place in the next queue
         request.request_id,
         request.payload,
     )

@@ -275,3 +275,32 @@ def test_aging_bound_holds_under_overload(
     for served, wait in waits:
         bound = queue.aging_bound_s(served.priority) + (capacity + 1) * service_s
         assert wait <= bound + 1e-9
+
+
+def test_a_retried_ticket_keeps_its_place_by_first_queueing(loop: asyncio.AbstractEventLoop) -> None:
+    # A request whose worker failed is queued again elsewhere: it waited since t=1, so it goes ahead
+    # of the tickets that joined this queue at t=2..4, and behind the one queued at t=0.
+    queue = make_queue(QueuePolicy.PRIORITY, capacity=10, aging_s=math.inf)
+    early = ticket(loop, 0)
+    later = [ticket(loop, t) for t in (2, 3, 4)]
+    for t in [early, *later]:
+        queue.push(t, t.enqueued_at_s)
+    retried = ticket(loop, 5)
+    retried.waiting_since_s = 1.0
+    queue.push(retried, 5)
+    assert [queue.take_batch(5, 1)[0] for _ in range(5)] == [early, retried, *later]
+
+
+def test_waiting_since_ages_a_retried_low_ticket(loop: asyncio.AbstractEventLoop) -> None:
+    queue = make_queue(QueuePolicy.PRIORITY, capacity=10, aging_s=2.0)
+    normal = ticket(loop, 9, Priority.NORMAL)
+    retried = ticket(loop, 9, Priority.LOW)
+    retried.waiting_since_s = 5.0  # has waited 4 s: two aging steps, low -> high
+    queue.push(normal, 9)
+    queue.push(retried, 9)
+    assert queue.effective_class(retried, 9) == 0
+    assert queue.head(9) is retried
+    # a waiting time in the future of the enqueue time is ignored (a clock skew over the wire)
+    skewed = ticket(loop, 9)
+    skewed.waiting_since_s = 12.0
+    assert skewed.since_s == 9

@@ -121,6 +121,30 @@ async def test_queued_requests_run_by_priority_while_the_device_is_busy() -> Non
 
 
 @run_async
+async def test_a_request_retried_from_a_failed_worker_goes_ahead_of_later_arrivals() -> None:
+    # The request first queued on worker a, which stopped before serving it; queued again on b (busy,
+    # with two requests that arrived after it), it keeps its place by when it first queued.
+    a, a_session = await blocked_worker(max_batch_size=1)
+    b, b_session = await blocked_worker(max_batch_size=1)
+    moved = completion("moved")
+    first = asyncio.create_task(a.submit(moved))
+    await asyncio.sleep(0)
+    assert moved.queued_since_s is not None
+    later = [asyncio.create_task(b.submit(completion(f"later {i}"))) for i in range(2)]
+    await asyncio.sleep(0)
+    a_session.gate.set()
+    await a.stop(drain=False)
+    with pytest.raises(WorkerStopped):
+        await first
+    retried = asyncio.create_task(b.submit(moved))
+    await asyncio.sleep(0)
+    b_session.gate.set()
+    await asyncio.gather(retried, *later, b._blocker)  # type: ignore[attr-defined]
+    assert b_session.prompts == [["blocker"], ["moved"], ["later 0"], ["later 1"]]
+    await b.stop()
+
+
+@run_async
 async def test_fifo_worker_ignores_priority() -> None:
     worker, session = await blocked_worker(max_batch_size=1, queue_policy=QueuePolicy.FIFO)
     tasks = [

@@ -1,7 +1,8 @@
 """What crosses between the gateway and a worker on another node, as plain picklable data.
 
 Requests travel without their ``asyncio.Event`` (cancellation travels as ``ray.cancel``) and with the
-time left instead of a deadline (monotonic clocks differ between machines). Errors travel as
+time left instead of a deadline and the time already waited instead of when it first queued (monotonic
+clocks differ between machines). Errors travel as
 ``WireError`` and are raised again as the same xpuflow error class on the gateway, so the dispatcher's
 retry rules see exactly what a local worker would raise::
 
@@ -53,11 +54,13 @@ def request_to_wire(request: WorkRequest, *, now_s: float) -> dict[str, Any]:
         "timeout_s": None if request.deadline_s is None else max(0.0, request.deadline_s - now_s),
         "request_id": request.request_id,
         "metadata": dict(request.metadata),
+        "waited_s": None if request.queued_since_s is None else max(0.0, now_s - request.queued_since_s),
     }
 
 
 def request_from_wire(wire: Mapping[str, Any], *, now_s: float) -> WorkRequest:
     timeout_s = wire.get("timeout_s")
+    waited_s = wire.get("waited_s")
     return WorkRequest(
         RequestKind(wire["kind"]),
         wire["payload"],
@@ -67,6 +70,7 @@ def request_from_wire(wire: Mapping[str, Any], *, now_s: float) -> WorkRequest:
         deadline_s=None if timeout_s is None else now_s + float(timeout_s),
         request_id=str(wire["request_id"]),
         metadata=dict(wire.get("metadata") or {}),
+        queued_since_s=None if waited_s is None else now_s - float(waited_s),
     )
 
 

@@ -300,7 +300,10 @@ class RayWorker:
         abort: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._aborts.add(abort)
         self._outstanding += 1
-        ref = self.actor.submit.remote(request_to_wire(request, now_s=self._clock.monotonic()))
+        now = self._clock.monotonic()
+        if request.queued_since_s is None:
+            request.queued_since_s = now  # a retry elsewhere keeps its place from here (scheduling.queue)
+        ref = self.actor.submit.remote(request_to_wire(request, now_s=now))
         try:
             kind, value = await self._await_call(ref, abort)
         except BaseException:
@@ -317,8 +320,11 @@ class RayWorker:
         abort: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._aborts.add(abort)
         self._outstanding += 1
+        now = self._clock.monotonic()
+        if request.queued_since_s is None:
+            request.queued_since_s = now
         generator = self.actor.stream.options(num_returns="streaming").remote(
-            request_to_wire(request, now_s=self._clock.monotonic())
+            request_to_wire(request, now_s=now)
         )
         finished = False
         try:

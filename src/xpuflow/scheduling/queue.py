@@ -19,6 +19,10 @@ arrivals can only ride along in such a batch as compatible companions), so its t
 at most ``c * aging_s`` plus the service time of one batch per request that was ahead of it, and there
 are never more than ``capacity`` of those. Low priority is delayed, never starved.
 
+Retries. A request whose worker failed is queued again elsewhere with ``waiting_since_s``, when it
+first joined a queue: it takes its place by that time (and ages from it), ahead of requests that arrived
+after it, instead of waiting a second time at the back.
+
 Admission. The queue holds at most ``capacity`` tickets. Under ``PRIORITY`` the last
 ``high_reserve_fraction`` of the capacity is kept for high-priority requests, so a queue filled by
 bulk traffic still admits urgent work. A full queue raises ``QueueFull`` with ``retry_after_s``.
@@ -98,6 +102,15 @@ class Ticket:
     seq: int = 0
     dispatched_at_s: float | None = None
     lane: tuple[int, Hashable] | None = field(default=None, repr=False)
+    # When the request first joined a queue, on this clock: earlier than ``enqueued_at_s`` for a request
+    # retried after its worker failed, which keeps its place ahead of later arrivals (None: enqueued now).
+    waiting_since_s: float | None = None
+
+    @property
+    def since_s(self) -> float:
+        """What order and aging count from: ``waiting_since_s`` when given, else ``enqueued_at_s``."""
+        since = self.waiting_since_s
+        return self.enqueued_at_s if since is None or since > self.enqueued_at_s else since
 
     @property
     def priority(self) -> Priority:
@@ -196,7 +209,14 @@ class RequestQueue:
         ticket.seq = self._seq
         lane = (self._lane_index(priority), ticket.group)
         ticket.lane = lane
-        self._lanes.setdefault(lane, OrderedDict())[ticket.seq] = ticket
+        tickets = self._lanes.setdefault(lane, OrderedDict())
+        if tickets and ticket.since_s < next(reversed(tickets.values())).since_s:
+            # a retried request that has waited longer than the lane's last: its place by waiting time
+            # (rare, and a lane is at most the queue's capacity, so rebuilding it is cheap)
+            ordered = sorted([*tickets.values(), ticket], key=lambda t: (t.since_s, t.seq))
+            tickets = self._lanes[lane] = OrderedDict((t.seq, t) for t in ordered)
+        else:
+            tickets[ticket.seq] = ticket
         self._group_sizes[ticket.group] = self._group_sizes.get(ticket.group, 0) + 1
         self._class_sizes[priority] += 1
         self._size += 1
@@ -211,12 +231,12 @@ class RequestQueue:
         lane = self._lane_index(ticket.priority)
         if lane == 0 or math.isinf(self.aging_s):
             return lane
-        waited = max(0.0, now_s - ticket.enqueued_at_s)
+        waited = max(0.0, now_s - ticket.since_s)
         return max(0, lane - math.floor(waited / self.aging_s))
 
     def order_key(self, ticket: Ticket, now_s: float) -> tuple[int, float, int]:
         """Smaller is served first."""
-        return (self.effective_class(ticket, now_s), ticket.enqueued_at_s, ticket.seq)
+        return (self.effective_class(ticket, now_s), ticket.since_s, ticket.seq)
 
     def head(self, now_s: float) -> Ticket | None:
         """The ticket served next. Within a lane the oldest ticket is also the most aged, so only lane
@@ -238,7 +258,7 @@ class RequestQueue:
         oldest: float | None = None
         for (_, lane_group), lane in self._lanes.items():
             if lane_group == group:
-                first = next(iter(lane.values())).enqueued_at_s
+                first = next(iter(lane.values())).since_s
                 oldest = first if oldest is None else min(oldest, first)
         return oldest
 

@@ -66,6 +66,8 @@ class WorkRequest:
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # monotonic time it first joined a worker's queue, kept across retries (see scheduling.queue)
+    queued_since_s: float | None = None
 
     @classmethod
     def chat(cls, messages: Sequence[ChatMessage], params: GenerationParams, **kw: Any) -> WorkRequest:

@@ -339,12 +339,15 @@ class Worker:
         now = self._clock.monotonic()
         if request.deadline_s is not None and now >= request.deadline_s:
             raise self._deadline_error(request)
+        if request.queued_since_s is None:
+            request.queued_since_s = now
         ticket = Ticket(
             request,
             enqueued_at_s=now,
             group=batch_group(request, streaming),
             future=asyncio.get_running_loop().create_future(),
             chunks=asyncio.Queue() if streaming else None,
+            waiting_since_s=request.queued_since_s,
         )
         try:
             self._queue.push(ticket, now)
