@@ -148,6 +148,15 @@ class ScoredWorker:
         return f"{text}; state {self.freshness:.0%} fresh" if self.freshness < 1.0 else text
 
 
+_SCORED_WORKER_SLOTS = (
+    object.__new__,
+    *(
+        ScoredWorker.__dict__[name].__set__  # the slot descriptors, which a frozen class's __setattr__ skips
+        for name in ("snapshot", "score", "terms", "freshness", "probe")
+    ),
+)
+
+
 @dataclass(frozen=True)
 class WorkerChoice:
     """The outcome of ``WorkerScorer.choose``: the chosen worker (None when none passed the filter),
@@ -295,19 +304,21 @@ class WorkerScorer:
             return []
         # The terms of ``latency_ms``, ``freshness``, the load, ``_stuck_ms``, ``_memory_term`` and
         # ``_temperature_term``, inline and in the same arithmetic (``x if x > 0.0 else 0.0`` is
-        # ``max(0.0, x)`` without a call): this runs for every candidate of every request on the
-        # gateway's hot path.
+        # ``max(0.0, x)`` and the conditionals are ``_clamp``, without a call): this runs for every
+        # candidate of every request on the gateway's hot path. ``test_worker_scorer_equivalence``
+        # holds it to the code it replaced: the same choices, scores and terms.
         known_ema = [ema for s in candidates if (ema := s.ema_latency_ms) is not None and ema > 0]
         prior_ema = _median(known_ema) if known_ema else 1.0
         half_life = self.latency_half_life_s
+        drifts = not (prior_ema <= 0 or now_s is None)
         expected: list[float] = []
+        append = expected.append
         for s in candidates:
             ema = s.ema_latency_ms
             if ema is None or ema <= 0:
                 ema = prior_ema
-            sampled_at = s.latency_sampled_at_s
-            if not (ema <= prior_ema or prior_ema <= 0 or now_s is None or sampled_at is None):
-                since_s = now_s - sampled_at
+            elif drifts and ema > prior_ema and (sampled_at := s.latency_sampled_at_s) is not None:
+                since_s = now_s - sampled_at  # type: ignore[operator]  # drifts: now_s is set
                 weight = 2.0 ** (-(since_s if since_s > 0.0 else 0.0) / half_life)
                 ema = float(prior_ema * (ema / prior_ema) ** weight)
             age_s = s.oldest_in_flight_s
@@ -316,24 +327,30 @@ class WorkerScorer:
                 stuck = (age_s + (later_s if later_s > 0.0 else 0.0)) * 1000.0
                 if stuck > ema:  # noqa: PLR1730 (max() costs a call per candidate)
                     ema = stuck
-            capacity: float = s.max_in_flight or s.max_batch_size
+            max_in_flight = s.max_in_flight
+            capacity: float = max_in_flight or s.max_batch_size
             achieved = s.mean_batch_size
-            if achieved is not None and not s.max_in_flight:
-                capacity = min(capacity, max(1.0, achieved))
+            if achieved is not None and not max_in_flight:
+                achieved = achieved if achieved > 1.0 else 1.0
+                if achieved < capacity:  # noqa: PLR1730 (min() costs a call per candidate)
+                    capacity = achieved
             outstanding = s.queue_depth + s.in_flight
             load = (outstanding if outstanding > 0 else 0) / (capacity if capacity > 1 else 1)
-            expected.append(ema * (1.0 + load))
+            append(ema * (1.0 + load))
         best_expected = min(expected)
-        known_free = [s.free_memory_bytes for s in candidates if s.free_memory_bytes is not None]
+        known_free = [free for s in candidates if (free := s.free_memory_bytes) is not None]
         max_free = max(known_free) if known_free else 0
         bonus = _affinity_bonus(affinity, candidates)
         w = self.weights
+        w_affinity = w.affinity
+        state_weight = w.speed + w.memory + w.utilization + w.temperature
         w_speed, w_memory, w_util, w_temp = w.speed, w.memory, w.utilization, w.temperature
-        state_weight = w_speed + w_memory + w_util + w_temp
         staleness_half_life = self.staleness_half_life_s
         limit_c = self.throttle_limit_c
         span_c = limit_c - self.throttle_start_c
+        new, set_snapshot, set_score, set_terms, set_fresh, set_probe = _SCORED_WORKER_SLOTS
         scored: list[ScoredWorker] = []
+        keep = scored.append
         for snapshot, expected_i in zip(candidates, expected, strict=True):
             age_s = 0.0 if now_s is None else now_s - snapshot.taken_at_s
             fresh = float(2.0 ** (-age_s / staleness_half_life)) if age_s > 0.0 else 1.0
@@ -342,13 +359,22 @@ class WorkerScorer:
             if free is None:
                 memory = NEUTRAL
             elif max_free > 0:
-                memory = _clamp(free / max_free)
+                memory = free / max_free
+                memory = 0.0 if memory < 0.0 else 1.0 if memory > 1.0 else memory
             else:
                 memory = 0.0
             util = snapshot.utilization_pct
-            utilization = NEUTRAL if util is None else 1.0 - _clamp(util / 100.0)
+            if util is None:
+                utilization = NEUTRAL
+            else:
+                util = util / 100.0
+                utilization = 1.0 - (0.0 if util < 0.0 else 1.0 if util > 1.0 else util)
             temperature_c = snapshot.temperature_c
-            temperature = NEUTRAL if temperature_c is None else _clamp((limit_c - temperature_c) / span_c)
+            if temperature_c is None:
+                temperature = NEUTRAL
+            else:
+                temperature = (limit_c - temperature_c) / span_c
+                temperature = 0.0 if temperature < 0.0 else 1.0 if temperature > 1.0 else temperature
             if fresh < 1.0:
                 stale = (1.0 - fresh) * NEUTRAL
                 speed = fresh * speed + stale
@@ -359,14 +385,19 @@ class WorkerScorer:
                 w_speed * speed + w_memory * memory + w_util * utilization + w_temp * temperature
             ) / state_weight
             terms = {"speed": speed, "memory": memory, "utilization": utilization, "temperature": temperature}
-            sticky = bonus.get(snapshot.worker_id, 0.0) if bonus else 0.0
+            worker_id = snapshot.worker_id
+            sticky = bonus.get(worker_id, 0.0) if bonus else 0.0
             if sticky:
                 terms["affinity"] = sticky
-            scored.append(
-                ScoredWorker(
-                    snapshot, state + w.affinity * sticky, terms, fresh, snapshot.worker_id in probes
-                )
-            )
+            # ``ScoredWorker(snapshot, score, terms, fresh, probe)`` without the frozen dataclass's
+            # __init__ (half the cost of a candidate); the object is the same
+            one = new(ScoredWorker)
+            set_snapshot(one, snapshot)
+            set_score(one, state + w_affinity * sticky)
+            set_terms(one, terms)
+            set_fresh(one, fresh)
+            set_probe(one, worker_id in probes)
+            keep(one)
         keys = [-c.score for c in scored]
         return [scored[i] for i in sorted(range(len(scored)), key=keys.__getitem__)]
 
