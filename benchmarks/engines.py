@@ -43,6 +43,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -59,7 +60,15 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "oip"))
-from _common import cpu_s, free_port, print_table, start_xpuflow, stop_process, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    cpu_s,
+    export_source,
+    free_port,
+    print_table,
+    start_xpuflow,
+    stop_process,
+    write_results,
+)
 from oip_model_servers import mlserver  # noqa: E402
 
 from xpuflow.backends.oip_client import RestOIPClient  # noqa: E402
@@ -427,6 +436,192 @@ def _floor(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
             stop_process(proc)
 
 
+# -- 5. where the gateway's time goes (profile) -------------------------------------------------------
+
+#: Profile groups, matched in order against a frame's file. A sample counts for the innermost xpuflow
+#: frame on its stack that belongs to a group (library code counts for the xpuflow code that called it;
+#: helpers in ``PROFILE_HELPERS`` count for their caller), else for its leaf frame's library.
+PROFILE_GROUPS = (
+    ("xpuflow OIP server (serving/oip_*)", ("xpuflow/serving/oip_",)),
+    (
+        "xpuflow kserve_v2 client (backends/kserve_v2, oip_*)",
+        ("xpuflow/backends/kserve_v2", "xpuflow/backends/oip_"),
+    ),
+    (
+        "xpuflow engine (orchestrator, routing, scheduling, policy)",
+        (
+            "xpuflow/orchestrator",
+            "xpuflow/routing/",
+            "xpuflow/scheduling/",
+            "xpuflow/policy/",
+            "xpuflow/serving/engine",
+        ),
+    ),
+    ("xpuflow HTTP app (serving: middleware, app)", ("xpuflow/serving/",)),
+    ("xpuflow other", ("xpuflow/",)),
+    ("grpc.aio", ("grpc/",)),
+    ("HTTP server (uvicorn, starlette)", ("uvicorn/", "starlette/", "httptools/")),
+    ("HTTP client (aiohttp)", ("aiohttp/", "yarl/", "multidict/")),
+    ("asyncio event loop", ("asyncio/", "selectors", "threading")),
+)
+#: xpuflow modules that count for whoever called them (the CLI frames only run the event loop).
+PROFILE_HELPERS = (
+    "xpuflow/cli/",
+    "xpuflow/types",
+    "xpuflow/clock",
+    "xpuflow/errors",
+    "xpuflow/serving/metrics",
+    "xpuflow/backends/base",
+)
+#: A leaf frame that is the event loop running a callback written in C or Cython (grpc.aio's own).
+NATIVE_CALLBACK = "Handle._run (asyncio/events.py)"
+
+
+def _frame_file(frame: str) -> str:
+    # py-spy raw frames read "function (path/file.py)" or "function (path/file.py:line)"
+    inner = frame[frame.rfind("(") + 1 : -1] if frame.endswith(")") else frame
+    return inner.rsplit(":", 1)[0] if inner[-1:].isdigit() else inner
+
+
+def _group_of(stack: list[str]) -> str:
+    files = [_frame_file(f) for f in stack]
+    for file in reversed(files):  # innermost first
+        if "xpuflow/" in file and not any(h in file for h in PROFILE_HELPERS):
+            for name, markers in PROFILE_GROUPS:
+                if any(m in file for m in markers):
+                    return name
+    if stack and stack[-1] == NATIVE_CALLBACK:
+        return "native callbacks on the loop (grpc.aio's Cython)"
+    leaf = files[-1] if files else ""
+    for name, markers in PROFILE_GROUPS:
+        if any(m in leaf for m in markers):
+            return name
+    return "other (numpy, protobuf, logging, ...)"
+
+
+def summarize_profile(raw: str, requests: int, rate_hz: int) -> dict[str, Any]:
+    """A py-spy raw profile (collapsed stacks) as on-CPU milliseconds per request and shares by group,
+    the xpuflow functions with the most inclusive time and the functions with the most self time."""
+    by_group: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack_text, _, count_text = line.rpartition(" ")
+        if not stack_text or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        stack = stack_text.split(";")
+        total += count
+        group = _group_of(stack)
+        by_group[group] = by_group.get(group, 0) + count
+        leaves[stack[-1]] = leaves.get(stack[-1], 0) + count
+        for frame in set(stack):
+            if "xpuflow/" in frame and "xpuflow/cli/" not in frame:
+                inclusive[frame] = inclusive.get(frame, 0) + count
+    per_request_ms = 1000.0 / rate_hz / max(requests, 1)
+    ordered = sorted(by_group.items(), key=lambda kv: -kv[1])
+    top = sorted(inclusive.items(), key=lambda kv: -kv[1])[:20]
+    top_self = sorted(leaves.items(), key=lambda kv: -kv[1])[:20]
+    return {
+        "samples": total,
+        "requests": requests,
+        "rate_hz": rate_hz,
+        "on_cpu_ms_per_request": round(total * per_request_ms, 4),
+        "by_group": {
+            name: {"ms_per_request": round(n * per_request_ms, 4), "share": round(n / max(total, 1), 3)}
+            for name, n in ordered
+        },
+        "top_xpuflow_inclusive": [
+            {
+                "frame": frame,
+                "ms_per_request": round(n * per_request_ms, 4),
+                "share": round(n / max(total, 1), 3),
+            }
+            for frame, n in top
+        ],
+        "top_self": [
+            {
+                "frame": frame,
+                "ms_per_request": round(n * per_request_ms, 4),
+                "share": round(n / max(total, 1), 3),
+            }
+            for frame, n in top_self
+        ],
+    }
+
+
+def _py_spy() -> str | None:
+    import shutil
+
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+async def _profile(url: str, grpc: str, server_pid: int, args: argparse.Namespace) -> dict[str, Any]:
+    """py-spy on the gateway while each xpuflow path sends ``requests`` requests at concurrency 1 (after
+    the measured phase, since sampling pauses the process and would inflate the latencies)."""
+    spy = _py_spy()
+    if spy is None:
+        return {"skipped": "py-spy is not installed (pip install py-spy)"}
+    row = {"input-0": np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float64)}
+    result: dict[str, Any] = {}
+    clients: dict[str, tuple[Any, str]] = {
+        "xpuflow_grpc": (GrpcOIPClient(grpc), "iris_grpc"),
+        "xpuflow_rest": (RestOIPClient(url, max_connections=1), "iris_rest"),
+    }
+    try:
+        for name, (client, model) in clients.items():
+            for _ in range(args.warmup):
+                await client.infer(model, row)
+            result[name] = await _profile_one(spy, name, client, model, row, server_pid, args)
+    finally:
+        for client, _ in clients.values():
+            await client.close()
+    return result
+
+
+async def _profile_one(
+    spy: str,
+    name: str,
+    client: Any,
+    model: str,
+    row: Any,
+    server_pid: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    requests, rate_hz = args.profile_requests, args.profile_rate
+    keep_dir = Path(args.profile_dir) if args.profile_dir else None
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="xpuflow-bench-profile-") as tmp:
+        out = Path(tmp) / "profile.txt"
+        # --gil: only samples that hold the GIL, i.e. Python work, not threads or the loop waiting
+        argv = [spy, "record", "-p", str(server_pid), "-r", str(rate_hz), "-f", "raw", "--nolineno", "--gil"]
+        spy_proc = subprocess.Popen(
+            [*argv, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            time.sleep(1.0)  # attach
+            if spy_proc.poll() is not None:
+                error = spy_proc.stderr.read().decode(errors="replace") if spy_proc.stderr else ""
+                return {"skipped": f"py-spy could not attach to the gateway: {error.strip()[-300:]}"}
+            for _ in range(requests):
+                await client.infer(model, row)
+        finally:
+            spy_proc.send_signal(signal.SIGINT)
+            try:
+                spy_proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy_proc.kill()
+                spy_proc.wait()
+        raw = out.read_text() if out.exists() else ""
+    if keep_dir is not None:
+        keep_dir.mkdir(parents=True, exist_ok=True)
+        (keep_dir / f"{name}.txt").write_text(raw)
+    return summarize_profile(raw, requests, rate_hz)
+
+
 # -- main ---------------------------------------------------------------------------------------------
 
 #: The figures each run contributes to a merged results file.
@@ -472,6 +667,7 @@ async def _main_async(
     }
     try:
         latency = await _latency(paths, args.requests, args.warmup)
+        profile = await _profile(url, grpc, server_pid, args) if args.profile_requests else None
     finally:
         for client, _ in paths.values():
             await client.close()
@@ -482,7 +678,7 @@ async def _main_async(
             wall, cpu = await _embed_rps(kind, url, grpc, args.concurrency, args.duration, server_pid)
             rps[kind].append(wall)
             per_cpu[kind].append(cpu)
-    return {"latency": latency, "rps": rps, "per_cpu": per_cpu}
+    return {"latency": latency, "rps": rps, "per_cpu": per_cpu, "profile": profile}
 
 
 def main() -> None:
@@ -498,11 +694,25 @@ def main() -> None:
     parser.add_argument("--floor-calls", type=int, default=1000)
     parser.add_argument("--floor-duration", type=float, default=4.0)
     parser.add_argument(
+        "--profile-requests",
+        type=int,
+        default=1000,
+        help="requests per xpuflow path sent under py-spy after the latency phase (0: no profile)",
+    )
+    parser.add_argument("--profile-rate", type=int, default=500, help="py-spy samples per second")
+    parser.add_argument("--profile-dir", help="keep py-spy's raw profiles (collapsed stacks) in this folder")
+    parser.add_argument(
         "--merge",
         nargs="+",
         metavar="RESULTS_JSON",
         help="combine earlier runs' results files: keep the run with the median oip_grpc_added_p50_ms, "
         "with every run's headline figures under 'runs' and their medians under 'median_of_runs'",
+    )
+    parser.add_argument(
+        "--at-commit",
+        metavar="REV",
+        help="run the gateway from commit REV's source instead of the working tree (before/after runs "
+        "from the same machine state, whatever the shared working tree holds meanwhile)",
     )
     parser.add_argument("--floor-server", choices=("grpc", "http"), help=argparse.SUPPRESS)
     parser.add_argument("--floor-port", type=int, default=0, help=argparse.SUPPRESS)
@@ -547,12 +757,20 @@ def main() -> None:
                 },
             ],
         }
-        proc, url = start_xpuflow(config, timeout_s=120)
+        src = None
+        args.product = "the working tree"
+        if args.at_commit:
+            src, commit = export_source(args.at_commit)
+            args.product = f"commit {commit}"
+        proc, url = start_xpuflow(config, timeout_s=120, src=src)
         try:
             _wait_ready(url)
             measured = asyncio.run(_main_async(args, ml, url, f"127.0.0.1:{grpc_port}", proc.pid))
         finally:
             stop_process(proc)
+            shutil.rmtree(getattr(proc, "config_dir", ""), ignore_errors=True)
+            if src is not None:
+                shutil.rmtree(src.parent, ignore_errors=True)
     latency, rps = measured["latency"], measured["rps"]
     p50 = {name: _p50(s) for name, s in latency.items()}
     grpc_added = p50["xpuflow_grpc"] - p50["mlserver_grpc"]
@@ -597,6 +815,7 @@ def main() -> None:
         "p50_ms": {k: round(v, 3) for k, v in p50.items()},
         "p99_ms": {k: round(_pct(v, 0.99), 3) for k, v in latency.items()},
         "managed": managed,
+        "profile": measured["profile"],
         "samples": {
             "latency_ms": {k: [round(x, 4) for x in v] for k, v in latency.items()},
             "embed_texts_per_s": rps,
@@ -606,6 +825,7 @@ def main() -> None:
             },
         },
         "method": __doc__,
+        "gateway_source": args.product,
         "args": vars(args),
     }
     path = write_results("engines", results)
@@ -654,6 +874,11 @@ def main() -> None:
             f"grpc.aio; uvicorn {fh['server_cpu_us_per_call']:.0f}",
         )
     )
+    for name, summary in (measured["profile"] or {}).items():
+        if not isinstance(summary, dict):
+            continue
+        for group, figures in summary["by_group"].items():
+            rows.append((f"profile {name} ms/req", f"{figures['ms_per_request']:.3f}", "", group))
     if managed is not None:
         rows.append(
             (

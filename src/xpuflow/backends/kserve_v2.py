@@ -211,6 +211,10 @@ class KServeV2Session(Session):
         self._clock = clock or SystemClock()
         self._metadata: ModelMetadata | None = None
         self._metadata_lock = asyncio.Lock()
+        # input name -> the numeric dtype the model declares (built with the metadata, used per request)
+        self._input_dtypes: dict[str, np.dtype[Any]] = {}
+        self._first_input: TensorSpec | None = None
+        self._embed_specs: tuple[TensorSpec, TensorSpec] | None = None  # (texts in, vectors out)
         self._latency_ema_s: float | None = None
         self._successes = 0
         self._failures = 0
@@ -233,24 +237,30 @@ class KServeV2Session(Session):
         if self._metadata is None:
             async with self._metadata_lock:
                 if self._metadata is None:
-                    self._metadata = await self.client.model_metadata(
-                        self.settings.model, self.settings.model_version
-                    )
+                    meta = await self.client.model_metadata(self.settings.model, self.settings.model_version)
+                    self._input_dtypes = {
+                        s.name: dtype
+                        for s in meta.inputs
+                        if (dtype := DATATYPES.get(s.datatype)) is not None and dtype.kind != "O"
+                    }
+                    self._metadata = meta
         return self._metadata
 
     def _pick(self, specs: Sequence[TensorSpec], wanted: str | None, kind: str, accept: Any) -> TensorSpec:
-        names = ", ".join(f"{s.name} ({s.datatype})" for s in specs) or "none"
         if wanted is not None:
             for spec in specs:
                 if spec.name == wanted:
                     return spec
+        else:
+            for spec in specs:
+                if accept(spec):
+                    return spec
+        names = ", ".join(f"{s.name} ({s.datatype})" for s in specs) or "none"
+        if wanted is not None:
             raise ConfigError(
                 f"model '{self.settings.model}' has no {kind} '{wanted}'; its {kind}s: {names}",
                 field=f"options.{kind}_name",
             )
-        for spec in specs:
-            if accept(spec):
-                return spec
         raise ConfigError(
             f"model '{self.settings.model}' declares no suitable {kind} for task {self.task.value}; its "
             f"{kind}s: {names}; set options.{kind}_name",
@@ -294,14 +304,19 @@ class KServeV2Session(Session):
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
             return []
-        meta = await self.metadata()
-        source = self._pick(meta.inputs, self.settings.input_name, "input", lambda s: s.datatype == "BYTES")
-        target = self._pick(
-            meta.outputs,
-            self.settings.output_name,
-            "output",
-            lambda s: s.datatype in ("FP16", "FP32", "FP64"),
-        )
+        if self._embed_specs is None:
+            meta = await self.metadata()
+            source = self._pick(
+                meta.inputs, self.settings.input_name, "input", lambda s: s.datatype == "BYTES"
+            )
+            target = self._pick(
+                meta.outputs,
+                self.settings.output_name,
+                "output",
+                lambda s: s.datatype in ("FP16", "FP32", "FP64"),
+            )
+            self._embed_specs = (source, target)
+        source, target = self._embed_specs
         array: np.ndarray[Any, Any] = np.empty(len(texts), dtype=object)
         array[:] = [t.encode("utf-8") for t in texts]
         if len(source.shape) == 2:
@@ -322,16 +337,20 @@ class KServeV2Session(Session):
     # -- tensors ------------------------------------------------------------------------------------
 
     async def _inputs(self, inputs: Any) -> dict[str, np.ndarray[Any, Any]]:
-        meta = await self.metadata()
+        meta = self._metadata or await self.metadata()
         if isinstance(inputs, Mapping):
             named = {str(k): np.asarray(v) for k, v in inputs.items()}
         else:
-            spec = self._pick(meta.inputs, self.settings.input_name, "input", lambda s: True)
+            spec = self._first_input
+            if spec is None:
+                spec = self._first_input = self._pick(
+                    meta.inputs, self.settings.input_name, "input", lambda s: True
+                )
             named = {spec.name: np.asarray(inputs)}
-        declared = {s.name: s.datatype for s in meta.inputs}
+        dtypes = self._input_dtypes
         for name, array in named.items():
-            dtype = DATATYPES.get(declared.get(name, ""))
-            if dtype is not None and dtype.kind != "O" and array.dtype != dtype:
+            dtype = dtypes.get(name)
+            if dtype is not None and array.dtype != dtype:
                 named[name] = array.astype(dtype)
         return named
 

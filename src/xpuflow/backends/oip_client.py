@@ -168,6 +168,7 @@ class RestOIPClient:
         self.timeouts = timeouts or OIPTimeouts()
         self.max_connections = max_connections
         self._pool = _Pool(headers={"Accept": "application/json", **(headers or {})})
+        self._infer_paths: dict[tuple[str, str], str] = {}  # (model, version) -> quoted path
         self.closed = False
 
     def _http(self) -> Any:
@@ -184,6 +185,7 @@ class RestOIPClient:
 
             pool.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.max_connections),
+                cookie_jar=aiohttp.DummyCookieJar(),  # model servers set no cookies; skip the jar per call
                 timeout=aiohttp.ClientTimeout(
                     total=self.timeouts.total_s, sock_connect=self.timeouts.connect_s
                 ),
@@ -272,13 +274,17 @@ class RestOIPClient:
             body["outputs"] = [{"name": name} for name in outputs]
         if request_id:
             body["id"] = request_id
-        path = self._model_path(model, version) + "/infer"
+        path = self._infer_paths.get((model, version))
+        if path is None:
+            path = self._infer_paths[(model, version)] = self._model_path(model, version) + "/infer"
         try:
-            async with self._http().post(
-                self.base_url + path,
-                data=json.dumps(body, separators=(",", ":")),
-                headers={"Content-Type": "application/json"},
-            ) as response:
+            import aiohttp
+
+            # a payload that names its own content type: no per-request header dict to merge
+            payload = aiohttp.BytesPayload(
+                json.dumps(body, separators=(",", ":")).encode(), content_type="application/json"
+            )
+            async with self._http().post(self.base_url + path, data=payload) as response:
                 raw = await response.read()
                 if response.status >= 400:
                     raise self._status_error("POST", path, response.status, raw.decode("utf-8", "replace"))

@@ -178,14 +178,14 @@ class GrpcOIPClient:
         request_id: str = "",
     ) -> dict[str, np.ndarray[Any, Any]]:
         request = messages.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+        add_input, add_raw = request.inputs.add, request.raw_input_contents.append
         for name, array in inputs.items():
-            tensor = request.inputs.add()
-            tensor.name = name
-            tensor.datatype = datatype_of(array)
-            tensor.shape.extend(array.shape)
-            request.raw_input_contents.append(to_raw(array))
-        for name in outputs:
-            request.outputs.add().name = name
+            add_input(name=name, datatype=datatype_of(array), shape=array.shape)
+            add_raw(to_raw(array))
+        if outputs:
+            add_output = request.outputs.add
+            for name in outputs:
+                add_output(name=name)
         reply = await self._call("ModelInfer", request)
         try:
             return decode_infer_reply(reply)
@@ -205,11 +205,12 @@ class GrpcOIPClient:
 def decode_infer_reply(reply: Any) -> dict[str, np.ndarray[Any, Any]]:
     """The output tensors of a ``ModelInferResponse``, from raw or typed contents."""
     raw = reply.raw_output_contents
+    raw_count = len(raw)
     result: dict[str, np.ndarray[Any, Any]] = {}
     for index, output in enumerate(reply.outputs):
-        shape = list(output.shape)
-        if index < len(raw):
-            result[output.name] = from_raw(output.datatype, shape, raw[index], output.name)
+        name = output.name
+        if index < raw_count:
+            result[name] = from_raw(output.datatype, list(output.shape), raw[index], name)
         else:
-            result[output.name] = from_contents(output.datatype, shape, output.contents, output.name)
+            result[name] = from_contents(output.datatype, list(output.shape), output.contents, name)
     return result

@@ -51,6 +51,11 @@ DATATYPES: dict[str, np.dtype[Any]] = {
 
 _BY_NUMPY = {dtype: name for name, dtype in DATATYPES.items() if name != "BYTES"}
 
+#: OIP datatype -> the little-endian dtype of its raw form (built once: ``newbyteorder`` makes a new
+#: dtype on every call), and whether it is also this host's native dtype (then no conversion is needed).
+_RAW_DTYPES = {name: dtype.newbyteorder("<") for name, dtype in DATATYPES.items() if name != "BYTES"}
+_NATIVE_RAW = {name for name, raw in _RAW_DTYPES.items() if raw == DATATYPES[name]}
+
 #: A BYTES element's length prefix: 4 bytes, little-endian.
 _LENGTH = struct.Struct("<I")
 
@@ -81,6 +86,13 @@ def _dtype(datatype: str, name: str = "tensor") -> np.dtype[Any]:
 
 
 def _shape(shape: Sequence[Any], name: str) -> tuple[int, ...]:
+    if type(shape) is list or type(shape) is tuple:
+        # the common case, checked without the Sequence ABC (this runs for every tensor of a request)
+        for dim in shape:
+            if type(dim) is not int or dim < 0:
+                break
+        else:
+            return tuple(shape)
     if not isinstance(shape, Sequence) or isinstance(shape, (str, bytes)):
         raise ConfigError(f"tensor '{name}' needs a shape, a list of sizes such as [2, 4]", field="shape")
     dims = []
@@ -159,6 +171,9 @@ def to_raw(array: np.ndarray[Any, Any]) -> bytes:
             parts.append(pack(len(data)))
             parts.append(data)
         return b"".join(parts)
+    name = _BY_NUMPY.get(array.dtype)
+    if name in _NATIVE_RAW:
+        return array.tobytes()  # row-major copy; the host is little-endian for this dtype
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
@@ -191,7 +206,10 @@ def from_raw(datatype: str, shape: Sequence[Any], raw: bytes, name: str = "tenso
             f"tensor '{name}' has {len(raw)} bytes of data but {datatype} {list(dims)} needs {expected}",
             field="data",
         )
-    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(dims)
+    array = np.frombuffer(raw, dtype=_RAW_DTYPES[datatype])
+    if datatype not in _NATIVE_RAW:
+        array = array.astype(dtype)
+    return array.reshape(dims)
 
 
 def from_contents(

@@ -158,22 +158,16 @@ class OIPGrpcServer:
             _request_info(context, request.id),
             version=request.model_version,
         )
-        wanted = [o.name for o in request.outputs] or list(outputs)
-        tensor_cls = messages.ModelInferResponse.InferOutputTensor
-        described, raw = [], []
+        wanted = [o.name for o in request.outputs] if request.outputs else outputs
+        reply = messages.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        add_output, add_raw = reply.outputs.add, reply.raw_output_contents.append
         for name in wanted:
             array = outputs.get(name)
             if array is None:
                 raise OIPError(400, f"unknown output '{name}'; outputs: {', '.join(outputs)}")
-            described.append(tensor_cls(name=name, datatype=datatype_of(array), shape=array.shape))
-            raw.append(to_raw(array))
-        return messages.ModelInferResponse(
-            model_name=request.model_name,
-            model_version="1",
-            id=request.id,
-            outputs=described,
-            raw_output_contents=raw,
-        )
+            add_output(name=name, datatype=datatype_of(array), shape=array.shape)
+            add_raw(to_raw(array))
+        return reply
 
     # -- lifetime -----------------------------------------------------------------------------------
 

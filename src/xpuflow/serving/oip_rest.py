@@ -189,12 +189,19 @@ def oip_routes(service: OIPService) -> list[BaseRoute]:
         answer: dict[str, Any] = {"model_name": params["model"], "model_version": "1", "outputs": described}
         if header.get("id"):
             answer["id"] = header["id"]
-        headers = {k.decode(): v.decode() for k, v in decision_headers(decision)}
         text = json.dumps(answer, separators=(",", ":")).encode()
         if not parts:
-            return Response(text, 200, headers, media_type="application/json")
-        headers[BINARY_HEADER] = str(len(text))
-        return Response(b"".join([text, *parts]), 200, headers, media_type="application/octet-stream")
+            response = Response(text, 200, media_type="application/json")
+        else:
+            response = Response(
+                b"".join([text, *parts]),
+                200,
+                {BINARY_HEADER: str(len(text))},
+                media_type="application/octet-stream",
+            )
+        # already encoded: no round trip through str and a header dict for every answer
+        response.raw_headers.extend(decision_headers(decision))
+        return response
 
     model = "/v2/models/{model}"
     version = "/v2/models/{model}/versions/{version}"
