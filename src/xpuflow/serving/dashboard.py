@@ -84,6 +84,11 @@ def _int(value: Any) -> int | None:
     return None if number is None else int(number)
 
 
+def _scalar_int(value: Any) -> int | None:
+    number = _num(value)
+    return None if number is None else int(number)
+
+
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
@@ -113,6 +118,29 @@ def _num_or_parse(value: Any) -> float | None:
     return _num(value)
 
 
+#: What a managed engine's state may read (``backends.managed_engine.EngineState``); others become None.
+MANAGED_STATES = ("starting", "running", "restarting", "failed", "stopped")
+MAX_MANAGED_ERROR_CHARS = 300
+
+
+def _managed(value: Any) -> dict[str, Any] | None:
+    """The model server a managed worker's gateway started (docs/managed_engines.md): its state, pid,
+    restart count, uptime, last exit code and last error; None for a worker that is not managed. The
+    process's argv and log file stay in the admin API (they may carry keys and local paths)."""
+    if not isinstance(value, Mapping):
+        return None
+    state = _text(value.get("state"))
+    error = _text(value.get("last_error"))
+    return {
+        "state": state if state in MANAGED_STATES else None,
+        "pid": _scalar_int(value.get("pid")),
+        "restarts": _scalar_int(value.get("restarts")),
+        "uptime_s": _num(value.get("uptime_s")),
+        "last_exit_code": _scalar_int(value.get("last_exit_code")),
+        "last_error": error[:MAX_MANAGED_ERROR_CHARS] if error else None,
+    }
+
+
 def _worker(raw: Mapping[str, Any]) -> dict[str, Any]:
     healthy = bool(raw.get("healthy", True))
     draining = bool(raw.get("draining", False))
@@ -138,6 +166,7 @@ def _worker(raw: Mapping[str, Any]) -> dict[str, Any]:
         "total_memory_bytes": _int(raw.get("total_memory_bytes")),
         "batch_sizes": batch_sizes,
         "mean_batch_size": mean_batch,
+        "managed": _managed(raw.get("managed")),
     }
 
 

@@ -119,7 +119,31 @@
     return fmtNum(worker.mean_batch_size, 1) + " / " + max;
   }
 
-  function workerRow(w) {
+  function fmtUptime(s) {
+    if (s === null || s === undefined) return null;
+    if (s < 60) return "up " + Math.floor(s) + " s";
+    if (s < 3600) return "up " + Math.floor(s / 60) + " min";
+    return "up " + fmtNum(s / 3600, 1) + " h";
+  }
+
+  // The model server a managed worker's gateway started: state, pid, restarts (and uptime); the last
+  // error, when there is one, is the cell's tooltip.
+  function managedCell(m) {
+    if (!m) return el("td", { class: "managed managed-none muted", text: "–" });
+    const state = m.state || "unknown";
+    const restarts = m.restarts === null ? "restarts –" : m.restarts + (m.restarts === 1 ? " restart" : " restarts");
+    const parts = [
+      el("span", { class: "managed-state managed-" + state, text: state }),
+      el("span", { class: "managed-pid", text: m.pid === null ? "pid –" : "pid " + m.pid }),
+      el("span", { class: "managed-restarts", text: restarts }),
+    ];
+    const uptime = state === "running" ? fmtUptime(m.uptime_s) : null;
+    if (uptime) parts.push(el("span", { class: "managed-uptime muted", text: uptime }));
+    const title = m.last_error || (m.last_exit_code === null ? "" : "last exit code " + m.last_exit_code);
+    return el("td", { class: "managed", title: title }, parts);
+  }
+
+  function workerRow(w, withManaged) {
     const health = w.draining && w.health === "healthy" ? "draining" : w.health;
     const cells = [
       el("td", { text: w.worker_id, title: w.deployment || "" }),
@@ -131,18 +155,23 @@
       el("td", { class: "num", text: fmtNum(w.tokens_per_s, 1) }),
       el("td", { class: "num", text: batchText(w) }),
     ];
+    if (withManaged) cells.push(managedCell(w.managed));
     return el("tr", { class: "worker-row", "data-worker-id": w.worker_id }, cells);
   }
 
   function deviceCard(d) {
-    const head = el("tr", {}, [
+    // the "model server" column only where a worker here runs a server this gateway started
+    const withManaged = d.workers.some(function (w) { return Boolean(w.managed); });
+    const names = [
       "worker", "model / tier", "health", "queue", "in flight", "EMA latency", "tokens/s", "batch (mean / max)",
-    ].map(function (name, i) {
-      return el("th", { class: i >= 3 ? "num" : "", text: name });
+    ];
+    if (withManaged) names.push("model server");
+    const head = el("tr", {}, names.map(function (name, i) {
+      return el("th", { class: i >= 3 && i < 8 ? "num" : "", text: name });
     }));
     const table = el("table", {}, [
       el("thead", {}, [head]),
-      el("tbody", {}, d.workers.map(workerRow)),
+      el("tbody", {}, d.workers.map(function (w) { return workerRow(w, withManaged); })),
     ]);
     const title = el("div", { class: "device-head" }, [
       el("span", { class: "device-name", text: d.device }),
