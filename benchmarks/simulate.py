@@ -34,13 +34,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import dataclasses
 import math
 import os
+import pstats
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,7 @@ from _common import RESULTS_DIR, machine, print_table, start_xpuflow, stop_proce
 
 from xpuflow.loadgen.arrivals import Prompt, RequestSpec
 from xpuflow.loadgen.runner import BenchPlan, run_bench
+from xpuflow.policy.worker_scorer import WorkerScorer
 from xpuflow.simulate import (
     BASELINES,
     PolicyName,
@@ -64,6 +69,7 @@ from xpuflow.simulate import (
     write_plot,
 )
 from xpuflow.simulate.report import percentile
+from xpuflow.types import WorkerSnapshot
 
 DEVICES = {
     "fast": "name: fast\nmax_batch_size: 8\noverhead_s: 0.002\n"
@@ -85,6 +91,7 @@ FAST_DEVICES = {
 }
 SLO = "ttft_p99=2s,e2e_p99=60s"
 SEEDS = (0, 1, 2)
+WAIT_WEIGHT = 10  # the what-if scorer's weight of the wait before the first token (WaitWeightedScorer)
 SAMPLE = 8
 VALIDATION_SPAN_S = 150.0  # the 10-minute slice replayed in this many seconds
 
@@ -135,15 +142,67 @@ def sim_speed(folder: Path, requests: list[SimRequest], rate: float) -> dict[str
     speed = {policy.value: best_of_3(policy) for policy in PolicyName}
     label = f"xpuflow --sample {SAMPLE}"
     speed[label] = best_of_3(PolicyName.XPUFLOW, SAMPLE, label)
-    return {"wall": speed, "cpu": cpu}
+    profiles = {
+        "xpuflow": profile_run(big, requests, scale, None),
+        label: profile_run(big, requests, scale, SAMPLE),
+    }
+    return {"wall": speed, "cpu": cpu, "profile": profiles}
+
+
+# Where a simulated request's time goes, by the layer of the code that spends it (a builtin such as
+# min() or a dataclass __init__ is counted in the layer that called it).
+LAYERS = (
+    ("xpuflow/policy/worker_scorer", "scorer (policy/worker_scorer.py)"),
+    ("xpuflow/simulate/", "simulator (simulate/: event loop, snapshots, adapters)"),
+    ("xpuflow/scheduling/", "scheduling (queue, batcher, metrics, health)"),
+    ("xpuflow/", "other xpuflow"),
+    ("random.py", "random"),
+)
+
+
+def _layer(path: str) -> str:
+    return next((name for part, name in LAYERS if part in path), "other")
+
+
+def profile_run(fleet: Any, requests: list[SimRequest], scale: float, sample: int | None) -> dict[str, Any]:
+    """cProfile of one xpuflow simulation: time per layer and the top functions by own time. cProfile
+    slows Python calls several times over, so the shares matter, not the absolute times."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    Simulation(fleet, requests, seed=0, scale=scale, sample=sample).run()
+    profiler.disable()
+    stats: dict[Any, Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    layers: dict[str, float] = {}
+    rows = []
+    for (path, line, name), (_, calls, own_s, total_s, callers) in stats.items():
+        if path == "~" or path.startswith("<"):  # a builtin or generated code: its callers' layers
+            for caller, caller_stats in callers.items():
+                layer = _layer(caller[0])
+                layers[layer] = layers.get(layer, 0.0) + caller_stats[2]
+        else:
+            layers[_layer(path)] = layers.get(_layer(path), 0.0) + own_s
+        where = path.split("/src/")[-1] if "/src/" in path else Path(path).name if path != "~" else ""
+        rows.append((own_s, f"{where}:{line}({name})" if where else name, calls, total_s))
+    total = sum(layers.values())
+    rows.sort(reverse=True)
+    return {
+        "policy": "xpuflow",
+        "sample": sample,
+        "workers": sum(d.replicas for d in fleet.deployments.values()),
+        "profiled_s": total,
+        "share_by_layer": {k: v / total for k, v in sorted(layers.items(), key=lambda kv: -kv[1])},
+        "top_functions_by_own_time": [
+            {"function": name, "calls": calls, "own_share": own / total, "cumulative_share": cum / total}
+            for own, name, calls, cum in rows[:15]
+        ],
+    }
 
 
 def scorer_us(workers: int = 64) -> float:
     """Microseconds one ``WorkerScorer.choose`` takes over ``workers`` snapshots (best of 5 x 500)."""
     import random
 
-    from xpuflow.policy.worker_scorer import WorkerNeeds, WorkerScorer
-    from xpuflow.types import WorkerSnapshot
+    from xpuflow.policy.worker_scorer import WorkerNeeds
 
     rng = random.Random(0)
     snapshots = [
@@ -173,6 +232,26 @@ def scorer_us(workers: int = 64) -> float:
     return best * 1e6
 
 
+class WaitWeightedScorer(WorkerScorer):
+    """A what-if, not in the package: xpuflow's scorer fed the snapshots of a TTFT objective. The scorer
+    ranks by ``E = latency * (1 + load)``, the expected completion time; here the requests ahead of a
+    new one count ``WAIT_WEIGHT`` times, so ``E`` is about ``WAIT_WEIGHT`` times the expected wait
+    before the first token plus the service time (the speed term is relative, so the scale cancels),
+    and on a continuous worker only the requests beyond its free slots wait (a free slot starts it at
+    once). It answers "what would change the goodput ratio" with the simulator, on the real code."""
+
+    def choose(self, snapshots: Sequence[WorkerSnapshot], needs: Any = None, **kw: Any) -> Any:
+        seen = []
+        for s in snapshots:
+            queued, running = s.queue_depth, s.in_flight
+            if s.max_in_flight:
+                waiting = max(0, queued + running + 1 - s.max_in_flight)
+                seen.append(dataclasses.replace(s, queue_depth=WAIT_WEIGHT * waiting))
+            else:
+                seen.append(dataclasses.replace(s, queue_depth=WAIT_WEIGHT * (queued + running) - running))
+        return super().choose(seen, needs, **kw)
+
+
 def goodput(
     folder: Path, requests: list[SimRequest], rate: float, *, continuous: bool
 ) -> tuple[dict[str, Any], list[Any]]:
@@ -195,8 +274,13 @@ def goodput(
             if seed == SEEDS[0]:
                 summaries[policy.value] = summary
                 plotted.append(result)
+    what_if = []
+    for seed in SEEDS:
+        sim = Simulation(fleet, requests, seed=seed, scale=scale, scorer=WaitWeightedScorer())
+        what_if.append(summarize(sim.run(), slo))
     mean = {p: statistics.mean(v) for p, v in per_policy.items()}
     best = max((p for p in mean if p != "xpuflow"), key=lambda p: mean[p])
+    what_if_mean = statistics.mean(s["goodput_per_s"] for s in what_if)
     return {
         "fleet": {"fast": 2, "mid": 2, "slow": 4, "continuous": continuous},
         "capacity_per_s": capacity,
@@ -207,6 +291,14 @@ def goodput(
         "best_baseline": best,
         "xpuflow_vs_best_baseline_goodput": mean["xpuflow"] / mean[best] if mean[best] > 0 else None,
         "summaries": summaries,
+        "what_if_wait_weighted": {
+            "method": (WaitWeightedScorer.__doc__ or "").replace("\n    ", " "),
+            "wait_weight": WAIT_WEIGHT,
+            "goodput_per_s": [s["goodput_per_s"] for s in what_if],
+            "mean_goodput_per_s": what_if_mean,
+            "vs_best_baseline_goodput": what_if_mean / mean[best] if mean[best] > 0 else None,
+            "by_deployment": what_if[0]["by_deployment"],
+        },
     }, plotted
 
 
@@ -303,6 +395,7 @@ def main() -> None:
         measured = sim_speed(folder, requests, rate)
         speed, speed_cpu = measured["wall"], measured["cpu"]
         choose_us = scorer_us()
+        choose_us_8 = scorer_us(8)
         static, plotted = goodput(folder, requests, rate, continuous=False)
         continuous, _ = goodput(folder, requests, rate, continuous=True)
         write_plot(RESULTS_DIR / "simulate.png", plotted)
@@ -313,6 +406,9 @@ def main() -> None:
             "sim_requests_per_s_cpu_time": speed_cpu,
             "sim_load_average_before": load_before,
             "scorer_choose_us_64_workers": choose_us,
+            "scorer_choose_us_8_workers": choose_us_8,
+            "sim_requests_per_s_ceiling_scoring_64": 1e6 / choose_us,
+            "profile": measured["profile"],
             "sim_requests_per_s_xpuflow": speed["xpuflow"],
             "sim_requests_per_s_xpuflow_sample": speed[f"xpuflow --sample {SAMPLE}"],
             "sim_requests_per_s_best": max(speed.values()),
@@ -352,7 +448,10 @@ def main() -> None:
     label = f"xpuflow --sample {SAMPLE}"
     print(f"{label}: {speed[label]:,.0f} simulated requests/s ({speed_cpu[label]:,.0f} per CPU second)")
     print("per CPU second: " + ", ".join(f"{p} {v:,.0f}" for p, v in speed_cpu.items()))
-    print(f"WorkerScorer.choose over 64 workers: {choose_us:.0f} us")
+    print(f"WorkerScorer.choose over 64 workers: {choose_us:.0f} us, over 8: {choose_us_8:.0f} us")
+    for name, profile in measured["profile"].items():
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in profile["share_by_layer"].items())
+        print(f"profile, {name}: {shares}")
     for name, run in (("static", static), ("continuous", continuous)):
         ratio = run["xpuflow_vs_best_baseline_goodput"]
         print(f"{name}: xpuflow / best baseline ({run['best_baseline']}) goodput: {ratio}")

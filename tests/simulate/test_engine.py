@@ -213,3 +213,16 @@ def test_a_snapshot_read_again_later_equals_a_fresh_one(fleet_file: Path) -> Non
     fresh = worker.snapshot(12.5)
     assert later == fresh
     assert later.mean_batch_size == fresh.mean_batch_size == 1.0
+
+
+def test_summary_per_deployment_adds_up_to_the_run(fleet_file: Path) -> None:
+    fleet = load_fleet(fleet_file)
+    result = Simulation(fleet, steady(300, 0.1, (400, 60)), seed=2).run()
+    summary = summarize(result, parse_slo("ttft_p99=2s,e2e_p99=60s"))
+    parts = summary["by_deployment"]
+    assert set(parts) <= {"big", "small"}
+    assert sum(p["served"] for p in parts.values()) == summary["outcomes"]["ok"]
+    assert sum(p["share_of_served"] for p in parts.values()) == pytest.approx(1.0)
+    attained = sum(p["slo_attainment"] * p["served"] for p in parts.values())
+    assert attained == pytest.approx(summary["slo_attainment"] * summary["requests"])
+    assert all(p["slo_attainment"] <= p["within_ttft"] <= 1.0 for p in parts.values())
