@@ -28,8 +28,18 @@ Everything runs on 127.0.0.1; the gateway is ``xpuflow serve CONFIG`` in its own
    (``--floor-calls`` calls), calls/s at ``--concurrency`` for ``--floor-duration`` s, and CPU per call
    in the server and in the client, rounds alternating. What xpuflow's own code adds sits above this
    floor; the floor alone says what each protocol costs before xpuflow does anything.
+5. Where the gateway's time goes (``profile``), after the measured phases: py-spy (non-blocking, only
+   samples that hold the GIL, ``--profile-rate`` per second) on the gateway process while each OIP path
+   of 1 sends ``--profile-requests`` requests at concurrency 1, then while the embedding load of 2 runs
+   ``--profile-embed-s`` s per protocol. Each sample counts for the innermost xpuflow code on its stack
+   (the OIP server, the ``kserve_v2`` client, the engine: orchestrator, routing, scheduling, policy; the
+   HTTP app), else for the library at its leaf (grpc.aio, its Cython callbacks on the loop, asyncio,
+   uvicorn, aiohttp); ``by_group`` gives milliseconds of GIL time per request and shares.
+   ``--compare-commit REV`` starts a second gateway from commit REV and runs its two OIP paths in the
+   same interleaved blocks as 1 (``compare``): before/after figures under one machine state.
 
     python benchmarks/engines.py [--requests 400] [--duration 8] [--rounds 2] [--skip-managed]
+    python benchmarks/engines.py --at-commit NEW --compare-commit OLD --skip-managed   # before/after
     python benchmarks/engines.py --merge run1.json run2.json run3.json   # results files of earlier runs
 
 Writes benchmarks/results/engines.json with the figures, their targets, ``samples`` and ``method``;
@@ -41,17 +51,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +158,8 @@ async def _latency(paths: dict[str, tuple[Any, str]], requests: int, warmup: int
 
 async def _embed_rps(
     kind: str, url: str, grpc: str, concurrency: int, duration_s: float, server_pid: int
-) -> tuple[float, float]:
-    """Texts per second of wall time, and per CPU second of the gateway process."""
+) -> tuple[float, float, int]:
+    """Texts per second of wall time, per CPU second of the gateway process, and the requests sent."""
     import aiohttp
 
     texts = np.array([t.encode() for t in TEXTS], dtype=object)
@@ -191,7 +204,7 @@ async def _embed_rps(
             await client.close()
         else:
             await http.close()
-    return done * len(TEXTS) / elapsed, done * len(TEXTS) / max(cpu_used, 1e-9)
+    return done * len(TEXTS) / elapsed, done * len(TEXTS) / max(cpu_used, 1e-9), done
 
 
 # -- 3. managed restart ------------------------------------------------------------------------------
@@ -413,8 +426,6 @@ async def _floor_round(kind: str, port: int, server_pid: int, args: argparse.Nam
 
 def _floor(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
     """Each kind's rounds against its empty server, started once in a process of its own."""
-    import subprocess
-
     servers = {}
     try:
         for kind in ("grpc", "http"):
@@ -559,8 +570,9 @@ def _py_spy() -> str | None:
 
 
 async def _profile(url: str, grpc: str, server_pid: int, args: argparse.Namespace) -> dict[str, Any]:
-    """py-spy on the gateway while each xpuflow path sends ``requests`` requests at concurrency 1 (after
-    the measured phase, since sampling pauses the process and would inflate the latencies)."""
+    """py-spy on the gateway while each xpuflow OIP path sends ``--profile-requests`` requests at
+    concurrency 1, then while the embedding load of section 2 runs ``--profile-embed-s`` seconds per
+    protocol (after the measured phases, since sampling pauses the process and would slow it)."""
     spy = _py_spy()
     if spy is None:
         return {"skipped": "py-spy is not installed (pip install py-spy)"}
@@ -574,40 +586,47 @@ async def _profile(url: str, grpc: str, server_pid: int, args: argparse.Namespac
         for name, (client, model) in clients.items():
             for _ in range(args.warmup):
                 await client.infer(model, row)
-            result[name] = await _profile_one(spy, name, client, model, row, server_pid, args)
+
+            async def infer(client: Any = client, model: str = model) -> int:
+                for _ in range(args.profile_requests):
+                    await client.infer(model, row)
+                return int(args.profile_requests)
+
+            result[name] = await _profile_one(spy, name, infer, server_pid, args)
     finally:
         for client, _ in clients.values():
             await client.close()
+    for kind in ("grpc", "rest") if args.profile_embed_s > 0 else ():
+
+        async def embed(kind: str = kind) -> int:
+            _, _, done = await _embed_rps(kind, url, grpc, args.concurrency, args.profile_embed_s, server_pid)
+            return done
+
+        result[f"embed_{kind}"] = await _profile_one(spy, f"embed_{kind}", embed, server_pid, args)
     return result
 
 
 async def _profile_one(
-    spy: str,
-    name: str,
-    client: Any,
-    model: str,
-    row: Any,
-    server_pid: int,
-    args: argparse.Namespace,
+    spy: str, name: str, drive: Callable[[], Awaitable[int]], server_pid: int, args: argparse.Namespace
 ) -> dict[str, Any]:
-    requests, rate_hz = args.profile_requests, args.profile_rate
+    """py-spy on the gateway while ``drive()`` sends its requests (it returns how many)."""
     keep_dir = Path(args.profile_dir) if args.profile_dir else None
-    import subprocess
-
     with tempfile.TemporaryDirectory(prefix="xpuflow-bench-profile-") as tmp:
         out = Path(tmp) / "profile.txt"
         # --gil: only samples that hold the GIL, i.e. Python work, not threads or the loop waiting
-        argv = [spy, "record", "-p", str(server_pid), "-r", str(rate_hz), "-f", "raw", "--nolineno", "--gil"]
+        argv = [spy, "record", "-p", str(server_pid), "-r", str(args.profile_rate), "-f", "raw"]
         spy_proc = subprocess.Popen(
-            [*argv, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            [*argv, "--nolineno", "--gil", "--nonblocking", "-o", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
+        requests = 0
         try:
             time.sleep(1.0)  # attach
             if spy_proc.poll() is not None:
                 error = spy_proc.stderr.read().decode(errors="replace") if spy_proc.stderr else ""
                 return {"skipped": f"py-spy could not attach to the gateway: {error.strip()[-300:]}"}
-            for _ in range(requests):
-                await client.infer(model, row)
+            requests = await drive()
         finally:
             spy_proc.send_signal(signal.SIGINT)
             try:
@@ -619,7 +638,7 @@ async def _profile_one(
     if keep_dir is not None:
         keep_dir.mkdir(parents=True, exist_ok=True)
         (keep_dir / f"{name}.txt").write_text(raw)
-    return summarize_profile(raw, requests, rate_hz)
+    return summarize_profile(raw, requests, args.profile_rate)
 
 
 # -- main ---------------------------------------------------------------------------------------------
@@ -646,18 +665,41 @@ def _merge(paths: list[str]) -> None:
     chosen = dict(runs[(len(runs) - 1) // 2])
     chosen.pop("machine", None)
     chosen["notes"], chosen["method"] = NOTES, __doc__  # this code's wording; the figures are the run's
-    chosen["runs"] = [{**{k: r.get(k) for k in HEADLINE}, "measured_at": r.get("measured_at")} for r in runs]
+    chosen["runs"] = [
+        {
+            **{k: r.get(k) for k in HEADLINE},
+            "compare_added_p50_ms": (r.get("compare") or {}).get("added_p50_ms"),
+            "measured_at": r.get("measured_at"),
+        }
+        for r in runs
+    ]
     chosen["median_of_runs"] = {
         k: round(statistics.median(values), 3)
         for k in HEADLINE
         if (values := [r[k] for r in runs if r.get(k) is not None])
     }
+    compared = [r["compare"] for r in runs if r.get("compare")]
+    if compared:
+        chosen["median_of_runs"]["compare_this_minus_baseline_p50_ms"] = {
+            k: round(statistics.median(c["this_minus_baseline_p50_ms"][k] for c in compared), 3)
+            for k in ("grpc", "rest")
+        }
+        for side in ("this", "baseline"):
+            chosen["median_of_runs"][f"compare_{side}_added_p50_ms"] = {
+                k: round(statistics.median(c["added_p50_ms"][side][k] for c in compared), 3)
+                for k in ("grpc", "rest")
+            }
     chosen["chosen_run"] = "the run with the median oip_grpc_added_p50_ms of the runs listed in 'runs'"
     print(f"wrote {write_results('engines', chosen)}")
 
 
 async def _main_async(
-    args: argparse.Namespace, ml: Any, url: str, grpc: str, server_pid: int
+    args: argparse.Namespace,
+    ml: Any,
+    url: str,
+    grpc: str,
+    server_pid: int,
+    baseline: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     paths: dict[str, tuple[Any, str]] = {
         "mlserver_grpc": (GrpcOIPClient(ml.grpc), "iris"),
@@ -665,6 +707,9 @@ async def _main_async(
         "mlserver_rest": (RestOIPClient(ml.rest, max_connections=1), "iris"),
         "xpuflow_rest": (RestOIPClient(url, max_connections=1), "iris_rest"),
     }
+    if baseline is not None:  # --compare-commit: the other gateway's paths take their turns too
+        paths["baseline_grpc"] = (GrpcOIPClient(baseline[1]), "iris_grpc")
+        paths["baseline_rest"] = (RestOIPClient(baseline[0], max_connections=1), "iris_rest")
     try:
         latency = await _latency(paths, args.requests, args.warmup)
         profile = await _profile(url, grpc, server_pid, args) if args.profile_requests else None
@@ -675,10 +720,28 @@ async def _main_async(
     per_cpu: dict[str, list[float]] = {"grpc": [], "rest": []}
     for index in range(args.rounds):
         for kind in ("grpc", "rest") if index % 2 == 0 else ("rest", "grpc"):
-            wall, cpu = await _embed_rps(kind, url, grpc, args.concurrency, args.duration, server_pid)
+            wall, cpu, _ = await _embed_rps(kind, url, grpc, args.concurrency, args.duration, server_pid)
             rps[kind].append(wall)
             per_cpu[kind].append(cpu)
     return {"latency": latency, "rps": rps, "per_cpu": per_cpu, "profile": profile}
+
+
+def _compare(args: argparse.Namespace, p50: dict[str, float]) -> dict[str, Any] | None:
+    """With --compare-commit: both gateways' added p50 from the same interleaved blocks."""
+    if "baseline_grpc" not in p50:
+        return None
+    added = {
+        "this": {k: round(p50[f"xpuflow_{k}"] - p50[f"mlserver_{k}"], 3) for k in ("grpc", "rest")},
+        "baseline": {k: round(p50[f"baseline_{k}"] - p50[f"mlserver_{k}"], 3) for k in ("grpc", "rest")},
+    }
+    return {
+        "this_gateway": args.product,
+        "baseline_gateway": args.compare_product,
+        "added_p50_ms": added,
+        "this_minus_baseline_p50_ms": {
+            k: round(p50[f"xpuflow_{k}"] - p50[f"baseline_{k}"], 3) for k in ("grpc", "rest")
+        },
+    }
 
 
 def main() -> None:
@@ -696,10 +759,16 @@ def main() -> None:
     parser.add_argument(
         "--profile-requests",
         type=int,
-        default=1000,
+        default=2000,
         help="requests per xpuflow path sent under py-spy after the latency phase (0: no profile)",
     )
-    parser.add_argument("--profile-rate", type=int, default=500, help="py-spy samples per second")
+    parser.add_argument("--profile-rate", type=int, default=1000, help="py-spy samples per second")
+    parser.add_argument(
+        "--profile-embed-s",
+        type=float,
+        default=3.0,
+        help="seconds of the embedding load per protocol under py-spy (0: none)",
+    )
     parser.add_argument("--profile-dir", help="keep py-spy's raw profiles (collapsed stacks) in this folder")
     parser.add_argument(
         "--merge",
@@ -714,6 +783,12 @@ def main() -> None:
         help="run the gateway from commit REV's source instead of the working tree (before/after runs "
         "from the same machine state, whatever the shared working tree holds meanwhile)",
     )
+    parser.add_argument(
+        "--compare-commit",
+        metavar="REV",
+        help="also start a gateway from commit REV's source and measure its two OIP paths in the same "
+        "interleaved blocks (results under 'compare'): a before/after under one machine state",
+    )
     parser.add_argument("--floor-server", choices=("grpc", "http"), help=argparse.SUPPRESS)
     parser.add_argument("--floor-port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -727,9 +802,10 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory(prefix="xpuflow-bench-engines-") as tmp,
         mlserver(Path(tmp) / "ml") as ml,
+        contextlib.ExitStack() as cleanup,
     ):
         grpc_port = free_port()
-        config = {
+        config: dict[str, Any] = {
             "gateway": {"grpc_port": grpc_port},
             "deployments": [
                 {
@@ -757,20 +833,28 @@ def main() -> None:
                 },
             ],
         }
-        src = None
-        args.product = "the working tree"
-        if args.at_commit:
-            src, commit = export_source(args.at_commit)
-            args.product = f"commit {commit}"
-        proc, url = start_xpuflow(config, timeout_s=120, src=src)
-        try:
+
+        def gateway(rev: str | None, grpc_port: int) -> tuple[subprocess.Popen[bytes], str, str]:
+            """``xpuflow serve`` of the working tree or of commit ``rev``, stopped on the way out."""
+            src = None
+            product = "the working tree"
+            if rev:
+                src, commit = export_source(rev)
+                cleanup.callback(shutil.rmtree, src.parent, ignore_errors=True)
+                product = f"commit {commit}"
+            proc, url = start_xpuflow({**config, "gateway": {"grpc_port": grpc_port}}, timeout_s=120, src=src)
+            cleanup.callback(shutil.rmtree, getattr(proc, "config_dir", ""), ignore_errors=True)
+            cleanup.callback(stop_process, proc)
             _wait_ready(url)
-            measured = asyncio.run(_main_async(args, ml, url, f"127.0.0.1:{grpc_port}", proc.pid))
-        finally:
-            stop_process(proc)
-            shutil.rmtree(getattr(proc, "config_dir", ""), ignore_errors=True)
-            if src is not None:
-                shutil.rmtree(src.parent, ignore_errors=True)
+            return proc, url, product
+
+        proc, url, args.product = gateway(args.at_commit, grpc_port)
+        baseline = None
+        if args.compare_commit:
+            baseline_grpc = free_port()
+            _, baseline_url, args.compare_product = gateway(args.compare_commit, baseline_grpc)
+            baseline = (baseline_url, f"127.0.0.1:{baseline_grpc}")
+        measured = asyncio.run(_main_async(args, ml, url, f"127.0.0.1:{grpc_port}", proc.pid, baseline))
     latency, rps = measured["latency"], measured["rps"]
     p50 = {name: _p50(s) for name, s in latency.items()}
     grpc_added = p50["xpuflow_grpc"] - p50["mlserver_grpc"]
@@ -826,6 +910,7 @@ def main() -> None:
         },
         "method": __doc__,
         "gateway_source": args.product,
+        "compare": _compare(args, p50),
         "args": vars(args),
     }
     path = write_results("engines", results)
@@ -849,6 +934,18 @@ def main() -> None:
             f"{grpc_rps:.0f} vs {rest_rps:.0f} texts/s",
         ),
     ]
+    compare = results["compare"]
+    if compare is not None:
+        for kind in ("grpc", "rest"):
+            rows.append(
+                (
+                    f"compare {kind} added p50 ms",
+                    f"{compare['added_p50_ms']['this'][kind]:.3f}",
+                    "",
+                    f"baseline {compare['added_p50_ms']['baseline'][kind]:.3f} "
+                    f"({compare['baseline_gateway']})",
+                )
+            )
     fg, fh = floor_median["grpc"], floor_median["http"]
     rows.append(
         (
@@ -877,7 +974,7 @@ def main() -> None:
     for name, summary in (measured["profile"] or {}).items():
         if not isinstance(summary, dict):
             continue
-        for group, figures in summary["by_group"].items():
+        for group, figures in list(summary["by_group"].items())[:5]:
             rows.append((f"profile {name} ms/req", f"{figures['ms_per_request']:.3f}", "", group))
     if managed is not None:
         rows.append(

@@ -160,3 +160,30 @@ def test_metrics_count_oip_requests(fake_gateway: Served, http: Any) -> None:
     with urllib.request.urlopen(fake_gateway.url + "/metrics", timeout=5) as response:
         text = response.read().decode()
     assert 'model="embed"' in text
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_rest_answers_say_where_they_ran(fake_gateway: Served, binary: bool) -> None:
+    header = {
+        "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["where"]}],
+        "outputs": [{"name": "embedding", "parameters": {"binary_data": binary}}],
+    }
+    request = urllib.request.Request(
+        fake_gateway.url + "/v2/models/embed/infer",
+        data=json.dumps(header).encode(),
+        headers={"content-type": "application/json", **auth()},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        body, headers = response.read(), response.headers
+    assert headers["x-xpuflow-worker"]
+    assert headers["x-xpuflow-device"]
+    assert headers["x-xpuflow-route-reason"]
+    assert int(headers["content-length"]) == len(body)
+    if binary:
+        assert headers["content-type"] == "application/octet-stream"
+        length = int(headers["Inference-Header-Content-Length"])
+        assert json.loads(body[:length])["outputs"][0]["parameters"]["binary_data_size"] == len(body) - length
+    else:
+        assert headers["content-type"] == "application/json"
+        assert "Inference-Header-Content-Length" not in headers
+        assert len(json.loads(body)["outputs"][0]["data"]) == 8
