@@ -35,6 +35,7 @@ def test_every_field_is_documented() -> None:
         cfg.QoSConfig,
         cfg.QoSContextConfig,
         cfg.ClusterConfig,
+        cfg.ResidencyConfig,
     ):
         for name in model.model_fields:
             assert f"| `{name}` |" in text, f"{model.__name__}.{name} is missing from docs/config.md"

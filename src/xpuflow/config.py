@@ -44,6 +44,7 @@ __all__ = [
     "PartitionConfig",
     "QoSConfig",
     "QoSContextConfig",
+    "ResidencyConfig",
     "TierRef",
     "XpuflowConfig",
     "load_config",
@@ -149,6 +150,20 @@ class DeploymentConfig(_Strict):
         None,
         description="Cluster mode only: the node (its name, id or IP) or node label ('key=value') its "
         "replicas must run on; default: any node, replicas spread across nodes (docs/cluster.md).",
+    )
+    load: Literal["pinned", "on_demand"] = Field(
+        "pinned",
+        description="pinned: loaded at start and held; on_demand: loaded at its first request, unloaded "
+        "after keep_alive_s idle or when another model needs the room (docs/residency.md).",
+    )
+    keep_alive_s: float = Field(
+        300.0, gt=0.0, description="on_demand: seconds a loaded replica stays resident while unused."
+    )
+    memory_gb: float | None = Field(
+        None,
+        gt=0.0,
+        description="What one replica holds in device memory, for the residency budget; default: "
+        "measured when it is first loaded at start (at least the size of its model files).",
     )
 
     def to_model_config(self, base_dir: Path | None = None) -> Any:
@@ -415,6 +430,30 @@ class ClusterConfig(_Strict):
         raise ValueError(f"cluster.address '{value}': use auto, local, ray://host:port or host:port")
 
 
+class ResidencyConfig(_Strict):
+    """Model residency: per device, the memory that loaded models may hold (docs/residency.md)."""
+
+    budget_gb: dict[str, float] = Field(
+        default_factory=dict,
+        description="Device id -> GiB that resident models may hold; default: the device's memory "
+        "from discovery (host memory for the CPU).",
+    )
+    check_interval_s: float = Field(
+        1.0, gt=0.0, description="How often idle on_demand replicas are checked against keep_alive_s."
+    )
+    load_timeout_s: float = Field(
+        300.0, gt=0.0, description="Longest a load at a request may take before the request fails."
+    )
+
+    @field_validator("budget_gb")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for device, gb in value.items():
+            if not gb > 0:
+                raise ValueError(f"residency.budget_gb.{device} must be > 0, got {gb}")
+        return value
+
+
 class XpuflowConfig(_Strict):
     """The whole file."""
 
@@ -432,6 +471,9 @@ class XpuflowConfig(_Strict):
     qos: QoSConfig = Field(default_factory=QoSConfig, description="QoS contexts and their budgets.")
     cluster: ClusterConfig | None = Field(
         None, description="Run workers on a Ray cluster; absent: everything in this process."
+    )
+    residency: ResidencyConfig = Field(
+        default_factory=ResidencyConfig, description="Memory budgets for on_demand deployments."
     )
 
     @model_validator(mode="after")

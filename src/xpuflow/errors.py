@@ -18,6 +18,7 @@ with ``raise ... from exc``. Messages say what to do next.
     │   └── ArtifactCorrupt        an artifact failed its checksum and must not be used
     ├── RoutingError           no tier or worker could take the request
     ├── AdmissionRejected      a QoS context refused the request for now (retry_after_s)
+    ├── ModelDoesNotFit        a model cannot be loaded: no room on its device even after evictions (HTTP 503)
     └── RemoteError            a remote server failed; ``retryable`` says whether another try may succeed
 """
 
@@ -36,6 +37,7 @@ __all__ = [
     "CompilerTimeout",
     "ConfigError",
     "DiscoveryError",
+    "ModelDoesNotFit",
     "ModelNotFound",
     "RemoteError",
     "RoutingError",
@@ -139,6 +141,17 @@ class AdmissionRejected(XpuflowError):
     def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ModelDoesNotFit(XpuflowError):
+    """A model cannot be made resident: its device lacks room even after evicting every model that may
+    be evicted (pinned, in use and Guaranteed models stay). Room may free up: retry after
+    ``retry_after_s``; ``reasons`` says what holds the memory."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 5.0, reasons: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.reasons = tuple(reasons)
 
 
 class RemoteError(XpuflowError):

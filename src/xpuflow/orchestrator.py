@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -32,14 +34,23 @@ from xpuflow.build.store import ArtifactStore
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.config import DeploymentConfig, LogicalModelConfig, TierRef, XpuflowConfig
 from xpuflow.discovery.inventory import Inventory
-from xpuflow.errors import AdmissionRejected, CapabilityError, ConfigError, ModelNotFound, XpuflowError
+from xpuflow.errors import (
+    AdmissionRejected,
+    CapabilityError,
+    ConfigError,
+    ModelDoesNotFit,
+    ModelNotFound,
+    XpuflowError,
+)
 from xpuflow.model_files import estimate_params, model_format
 from xpuflow.routing.adaptive import AdaptiveRouter, RoutingConfig, TierConfig
 from xpuflow.routing.dispatch import Dispatcher, RetryPolicy, StreamInterrupted
 from xpuflow.routing.remote_state import RemoteStatePoller
+from xpuflow.scheduling.admission import AdmissionController, ContextSpec, QoSPolicy
 from xpuflow.scheduling.partitions import ComputeTokens
 from xpuflow.scheduling.qos_gate import QoSGate
 from xpuflow.scheduling.request import RequestKind, WorkRequest
+from xpuflow.scheduling.residency import ModelResidency
 from xpuflow.scheduling.worker import Worker
 from xpuflow.serving.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
 from xpuflow.telemetry.host_memory import HostMemory
@@ -51,6 +62,15 @@ __all__ = ["Orchestrator", "Placement"]
 log = logging.getLogger(__name__)
 
 _GENERATIVE = (RequestKind.CHAT, RequestKind.COMPLETION)
+_MODELS_CONTEXT = "models"  # the residency budget's one context: every loaded model of the device
+
+
+def _cold(decision: RoutingDecision, request: WorkRequest) -> RoutingDecision:
+    """``decision``, marked ``details["cold_start"]`` when serving ``request`` had to load its model
+    (the gateway answers ``x-xpuflow-cold-start: true``)."""
+    if not request.metadata.get("cold_start"):
+        return decision
+    return dataclasses.replace(decision, details={**decision.details, "cold_start": True})
 
 
 @dataclass(frozen=True)
@@ -106,6 +126,10 @@ class Orchestrator:
         self._ready = False
         self._qos: QoSGate | None = None
         self._tokens: dict[str, ComputeTokens] = {}  # device -> its partitions' compute tokens
+        self._residency: dict[str, ModelResidency] = {}  # device -> what is loaded there (on_demand)
+        self._loaders: dict[str, Any] = {}  # worker id -> coroutine function that loads its session
+        self._usage_base: dict[str, int] = {}  # device -> bytes in use before any model was loaded
+        self._idle_task: asyncio.Task[None] | None = None
         self._decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self._latencies_ms: collections.deque[float] = collections.deque(maxlen=512)
         self._counters = {"requests_total": 0, "errors_total": 0, "completion_tokens_total": 0}
@@ -183,6 +207,7 @@ class Orchestrator:
 
                 self._cluster = ClusterRuntime(self.config, base_dir=self._base_dir, clock=self._clock)
                 await self._cluster.start()
+            self._start_residency()
             for dep in self.config.deployments:
                 await self._start_deployment(dep, store)
             for model in self._logical_models():
@@ -190,6 +215,8 @@ class Orchestrator:
         except BaseException:
             await self.stop()
             raise
+        if self._residency:
+            self._idle_task = asyncio.create_task(self._idle_loop(), name="residency-keep-alive")
         self._ready = True
 
     def _partition_tokens(self) -> dict[str, ComputeTokens]:
@@ -234,6 +261,186 @@ class Orchestrator:
         tokens, name = self._tokens[part.device], part.name
         return lambda: tokens.hold(name)
 
+    # -- residency (docs/residency.md) ---------------------------------------------------------------
+
+    def _start_residency(self) -> None:
+        """One ``ModelResidency`` per device that has an on_demand deployment or a configured budget."""
+        wanted = set(self.config.residency.budget_gb)
+        for dep in self.config.deployments:
+            if dep.load != "on_demand":
+                continue
+            if self.config.cluster is not None:
+                raise ConfigError(
+                    f"deployment '{dep.name}': load: on_demand runs in one process, not in cluster mode "
+                    f"yet; use load: pinned (the default) with a cluster section",
+                    field=f"deployments.{dep.name}.load",
+                )
+            if dep.managed is not None or dep.backend in ("remote_openai", "kserve_v2"):
+                raise ConfigError(
+                    f"deployment '{dep.name}': load: on_demand loads a model into this process, and "
+                    f"backend '{dep.backend}' serves it from another server; use load: pinned",
+                    field=f"deployments.{dep.name}.load",
+                )
+            if dep.device == "auto":
+                raise ConfigError(
+                    f"deployment '{dep.name}': load: on_demand needs an explicit device (its memory "
+                    f"budget is per device), e.g. device: cpu",
+                    field=f"deployments.{dep.name}.device",
+                )
+            wanted.add(dep.device)
+        for device in sorted(wanted):
+            resource = self.inventory.get(device)
+            if resource is None:
+                known = ", ".join(r.id for r in self.inventory.resources) or "none"
+                raise ConfigError(
+                    f"residency budget names device '{device}', which is not here; devices: {known}",
+                    field="residency.budget_gb",
+                )
+            budget_gb = self.config.residency.budget_gb.get(device)
+            total = resource.memory_bytes or (self._host_memory.read()[1] if device == "cpu" else None)
+            if budget_gb is None and not total:
+                raise ConfigError(
+                    f"device '{device}' reports no memory size; set residency.budget_gb.{device}",
+                    field="residency.budget_gb",
+                )
+            capacity = int(budget_gb * (1 << 30)) if budget_gb is not None else int(total or 0)
+            controller = AdmissionController(capacity, retry_after_s=5.0)
+            controller.add_context(ContextSpec(_MODELS_CONTEXT, QoSPolicy.BURSTABLE, max_bytes=capacity))
+            self._usage_base[device] = self._usage_bytes(device) or 0
+            self._residency[device] = ModelResidency(
+                controller,
+                load=self._load_model,
+                unload=self._unload_model,
+                free_bytes=functools.partial(self._free_in_budget, device, capacity),
+                now_s=self._clock.monotonic,
+            )
+
+    def _residency_for(self, dep: DeploymentConfig, device: str) -> ModelResidency | None:
+        residency = self._residency.get(device)
+        if dep.load == "on_demand" and residency is None:  # placement chose another device than asked
+            raise ConfigError(f"deployment '{dep.name}': no residency budget for device '{device}'")
+        return residency
+
+    def _check_fits(self, dep: DeploymentConfig, device: str, residency: ModelResidency, size: int) -> None:
+        capacity = residency.controller.capacity_bytes
+        if size > capacity:
+            raise ConfigError(
+                f"deployment '{dep.name}' needs {size / (1 << 30):.2f} GiB, more than the residency "
+                f"budget of '{device}' ({capacity / (1 << 30):.2f} GiB); raise residency.budget_gb."
+                f"{device} or set memory_gb if the measured size is wrong",
+                field=f"deployments.{dep.name}.memory_gb",
+            )
+
+    async def _load_model(self, worker_id: str) -> Any:
+        timeout_s = self.config.residency.load_timeout_s
+        try:
+            return await asyncio.wait_for(self._loaders[worker_id](), timeout_s)
+        except asyncio.TimeoutError:
+            raise ModelDoesNotFit(
+                f"loading the model of worker '{worker_id}' took longer than residency.load_timeout_s "
+                f"({timeout_s:g} s)",
+                retry_after_s=timeout_s,
+            ) from None
+
+    async def _unload_model(self, worker_id: str, session: Any) -> None:
+        await session.close()
+        if "torch" in sys.modules:  # give cached CUDA blocks back, so re-measurement sees the room
+            with contextlib.suppress(Exception):
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    def _usage_bytes(self, device: str) -> int | None:
+        """Bytes in use on ``device`` now: this process's resident memory for the CPU, used VRAM where
+        the monitor reads the device, else None (unknown)."""
+        if device == "cpu":
+            import psutil
+
+            return int(psutil.Process().memory_info().rss)
+        reading = self._monitor.snapshot().get(device) if self._monitor is not None else None
+        if reading is None or reading.total_bytes is None or reading.free_bytes is None:
+            return None
+        return int(reading.total_bytes - reading.free_bytes)
+
+    def _free_in_budget(self, device: str, capacity: int) -> int | None:
+        """What is left of the budget by measurement: capacity minus what the process (CPU) or device
+        (VRAM) holds beyond what it held before any model was loaded."""
+        usage = self._usage_bytes(device)
+        if usage is None:
+            return None
+        return capacity - max(0, usage - self._usage_base.get(device, 0))
+
+    def _model_bytes(self, dep: DeploymentConfig, device: str, usage_before: int | None) -> int:
+        """One replica's size: ``memory_gb`` when set, else what loading it took (measured) but at
+        least the size of its model files."""
+        if dep.memory_gb is not None:
+            return int(dep.memory_gb * (1 << 30))
+        after = self._usage_bytes(device)
+        measured = max(0, after - usage_before) if after is not None and usage_before is not None else 0
+        files = 0
+        if dep.model is not None:
+            path = self._model_path(dep)
+            if path.is_file():
+                files = path.stat().st_size
+            elif path.is_dir():
+                files = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return max(measured, files, 1 << 20)
+
+    async def _idle_loop(self) -> None:
+        while True:
+            await self._clock.sleep(self.config.residency.check_interval_s)
+            for device, residency in list(self._residency.items()):
+                try:
+                    for name in await residency.idle_out():
+                        log.info("unloaded %s from %s: idle for its keep_alive_s", name, device)
+                except Exception:  # a failing unload must not stop the sweep
+                    log.exception("idle unload on %s failed", device)
+
+    async def load_worker(self, worker_id: str) -> Mapping[str, Any]:
+        """Admin: load an on_demand worker's model now (evicting others as needed)."""
+        worker = self._worker(worker_id)
+        residency = self._residency.get(worker.device)
+        if residency is None or worker_id not in self._loaders:
+            raise ConfigError(
+                f"worker '{worker_id}' is not load: on_demand; it is always loaded", field="worker"
+            )
+        worker.session = await residency.ensure(worker_id)
+        return {"worker": worker_id, "resident": True}
+
+    async def unload_worker(self, worker_id: str) -> Mapping[str, Any]:
+        """Admin: unload an on_demand worker's model now (refused while it runs a request)."""
+        worker = self._worker(worker_id)
+        residency = self._residency.get(worker.device)
+        if residency is None or worker_id not in self._loaders:
+            raise ConfigError(
+                f"worker '{worker_id}' is not load: on_demand; drain it or remove it from the config",
+                field="worker_state",
+            )
+        try:
+            unloaded = await residency.evict(worker_id)
+        except ConfigError as exc:
+            raise ConfigError(str(exc), field="worker_state") from None
+        return {"worker": worker_id, "resident": False, "unloaded": unloaded}
+
+    def _residency_status(self) -> list[dict[str, Any]]:
+        rows = []
+        for device, residency in self._residency.items():
+            ctrl = residency.controller
+            rows.append(
+                {
+                    "device": device,
+                    "budget_bytes": ctrl.capacity_bytes,
+                    "resident_bytes": residency.resident_bytes(),
+                    "unaccounted_bytes": ctrl.external_bytes,
+                    "loads": residency.loads,
+                    "evictions": residency.evictions,
+                    "idle_unloads": residency.idle_unloads,
+                    "models": residency.status(),
+                }
+            )
+        return rows
+
     async def _start_cluster_deployment(self, dep: DeploymentConfig) -> None:
         """Cluster mode: the deployment's replicas run as Ray actors on the nodes placement chose."""
         placed, workers = await self._cluster.start_deployment(dep)
@@ -256,14 +463,39 @@ class Orchestrator:
             build_all, plugin, list(placement.resources), model_config, store, progress=self._progress
         )
         device = placement.resources[0].id
+        residency = self._residency_for(dep, device)
         for index in range(dep.replicas):
             replica_config = model_config
             if dep.managed is not None:  # start the replica's own server first (docs/managed_engines.md)
                 replica_config = await self._start_managed(dep, index, model_config)
-            session = await plugin.create_session(list(placement.resources), replica_config, artifacts)
+            worker_id = f"{dep.name}/{index}"
+
+            async def load(
+                resources: list[Resource] | None = None,
+                config: Any = replica_config,
+                artifacts: Any = artifacts,
+            ) -> Any:
+                if resources is None:
+                    resources = list(placement.resources)
+                return await plugin.create_session(resources, config, artifacts)
+
+            usage_before = self._usage_bytes(device)
+            session = await load()
+            if residency is not None:
+                size = self._model_bytes(dep, device, usage_before)
+                if dep.load == "on_demand":
+                    # loaded once at start to check it works and learn its size, then unloaded
+                    await session.close()
+                    self._loaders[worker_id] = load
+                    self._check_fits(dep, device, residency, size)
+                    residency.register(
+                        worker_id, size, context=_MODELS_CONTEXT, keep_alive_s=dep.keep_alive_s
+                    )
+                else:
+                    residency.adopt(worker_id, size, session, context=_MODELS_CONTEXT)
             worker = Worker(
                 session,
-                worker_id=f"{dep.name}/{index}",
+                worker_id=worker_id,
                 deployment=dep.name,
                 device=device,
                 max_batch_size=dep.max_batch_size,
@@ -280,6 +512,7 @@ class Orchestrator:
                 max_concurrent_batches=1 if compute_gate is None else self.config.qos.compute_tokens + 1,
                 max_in_flight=dep.max_in_flight,
                 compute_gate=compute_gate,
+                residency=residency,
             )
             await worker.start()
             self.workers[worker.worker_id] = worker
@@ -401,9 +634,17 @@ class Orchestrator:
     async def stop(self) -> None:
         """Stop every worker (draining queued work) and the routers."""
         self._ready = False
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._idle_task
+            self._idle_task = None
         await self._stop_checks(list(self._checkers))
         workers, self.workers = list(self.workers.values()), {}
         await asyncio.gather(*(w.stop(drain=True) for w in workers), return_exceptions=True)
+        residencies, self._residency = list(self._residency.values()), {}
+        await asyncio.gather(*(r.close() for r in residencies), return_exceptions=True)
+        self._loaders.clear()
         engines, self._managed = list(self._managed.values()), {}
         await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
         if self._cluster is not None:
@@ -522,30 +763,30 @@ class Orchestrator:
         tier_decision, tiers = self._route(model, call)
         started = self._clock.monotonic()
         try:
+            request = self._request(call, stream=False)
             async with admission:
-                done = await model.dispatcher.dispatch(
-                    tiers, self._request(call, stream=False), tier_decision=tier_decision
-                )
+                done = await model.dispatcher.dispatch(tiers, request, tier_decision=tier_decision)
         except AdmissionRejected:
             raise
         except XpuflowError:
             self._record(call.model, tier_decision, None, ok=False)
             raise
         latency_ms = (self._clock.monotonic() - started) * 1000.0
-        if model.router is not None and done.decision.tier is not None:
-            model.router.observe(done.decision.tier, latency_ms)
-        self._record(call.model, done.decision, latency_ms, ok=True)
+        decision = _cold(done.decision, request)
+        if model.router is not None and decision.tier is not None:
+            model.router.observe(decision.tier, latency_ms)
+        self._record(call.model, decision, latency_ms, ok=True)
         if isinstance(done.result, Completion):
             self._counters["completion_tokens_total"] += done.result.completion_tokens
             return InferenceResult(
-                done.decision,
+                decision,
                 completion=done.result,
                 prompt_tokens=done.result.prompt_tokens,
                 total_ms=latency_ms,
             )
         if call.kind is RequestKind.TENSOR:
-            return InferenceResult(done.decision, outputs=done.result, total_ms=latency_ms)  # type: ignore[arg-type]
-        return InferenceResult(done.decision, embeddings=list(done.result), total_ms=latency_ms)
+            return InferenceResult(decision, outputs=done.result, total_ms=latency_ms)  # type: ignore[arg-type]
+        return InferenceResult(decision, embeddings=list(done.result), total_ms=latency_ms)
 
     async def tensor_metadata(self, name: str) -> Any:
         """What a tensor model's backend says of its inputs and outputs (``kserve_v2``: the server's
@@ -567,14 +808,13 @@ class Orchestrator:
         async with self._admission(call):
             tier_decision, tiers = self._route(model, call)
             started = self._clock.monotonic()
+            request = self._request(call, stream=True)
             try:
-                opened = await model.dispatcher.open_stream(
-                    tiers, self._request(call, stream=True), tier_decision=tier_decision
-                )
+                opened = await model.dispatcher.open_stream(tiers, request, tier_decision=tier_decision)
             except XpuflowError:
                 self._record(call.model, tier_decision, None, ok=False)
                 raise
-            yield StreamEvent(decision=opened.decision)
+            yield StreamEvent(decision=_cold(opened.decision, request))
             ok = True
             try:
                 async with opened:
@@ -631,6 +871,7 @@ class Orchestrator:
             },
             "qos": self._qos.snapshot() if self._qos is not None else [],
             "partitions": self._partitions_status(),
+            "residency": self._residency_status(),
         }
 
     def _partitions_status(self) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@ load and evict checked against its invariants (capacity, no leaks, no Guaranteed
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import ClassVar
 
@@ -128,7 +129,7 @@ class Harness:
         self.leak = 0  # bytes the fake allocator keeps after unloads
         self.residency = ModelResidency(
             self.ctrl,
-            load=lambda name: f"handle-{name}",
+            load=self._load,
             unload=self._unload,
             free_bytes=lambda: capacity - self.ctrl.used_bytes() - self.leak,
             now_s=self.clock.monotonic,
@@ -138,7 +139,10 @@ class Harness:
         self.evicted_owners: list[QoSPolicy] = []
         self.ops = 0
 
-    def _unload(self, name: str, handle: object) -> None:
+    async def _load(self, name: str) -> str:
+        return f"handle-{name}"
+
+    async def _unload(self, name: str, handle: object) -> None:
         model = self.residency.get(name)
         assert model is None  # removed before unload is called
         if self.ops % 7 == 0:
@@ -195,7 +199,7 @@ class Harness:
     def load(self, model: str, ctx: str, pinned: bool) -> None:
         before = {n: self.residency.get(n).grant.qos for n in self.residency.resident}  # type: ignore[union-attr]
         try:
-            self.residency.ensure(model, self.MODELS[model], context=ctx, pinned=pinned)
+            asyncio.run(self.residency.ensure(model, self.MODELS[model], context=ctx, pinned=pinned))
         except (ModelDoesNotFit, AdmissionRejected) as exc:
             assert "needs" in str(exc) or "cannot fit" in str(exc)  # noqa: PT017
         for name, qos in before.items():
@@ -206,7 +210,7 @@ class Harness:
     def evict(self, index: int) -> None:
         names = [n for n in self.residency.resident if not self.residency.get(n).pinned]  # type: ignore[union-attr]
         if names:
-            self.residency.evict(names[index % len(names)])
+            asyncio.run(self.residency.evict(names[index % len(names)]))
         self._forget_released()
 
     def unpin(self, index: int) -> None:
@@ -245,7 +249,7 @@ class Harness:
             self.ctrl.withdraw(ticket)
         for grant in list(self.live.values()):
             self.ctrl.release(grant, "cancelled")
-        self.residency.close()
+        asyncio.run(self.residency.close())
         self.leak = 0
         self.residency.remeasure()
         assert self.ctrl.used_bytes() == 0

@@ -3,6 +3,9 @@ re-measured after unloads, and a model that cannot fit fails naming the sizes.""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 import pytest
 
 from xpuflow.errors import ConfigError
@@ -21,11 +24,11 @@ class FakeDevice:
         self.keep_on_unload_bytes = 0
         self.unloads: list[str] = []
 
-    def load(self, name: str) -> str:
+    async def load(self, name: str) -> str:
         self.loaded[name] = self.sizes[name]
         return f"session:{name}"
 
-    def unload(self, name: str, handle: object) -> None:
+    async def unload(self, name: str, handle: object) -> None:
         assert handle == f"session:{name}"
         self.loaded.pop(name)
         self.unloads.append(name)
@@ -48,7 +51,11 @@ def ensure(
     residency: ModelResidency, device: FakeDevice, name: str, size: int, ctx: str = "shared"
 ) -> object:
     device.sizes[name] = size
-    return residency.ensure(name, size, context=ctx)
+    return asyncio.run(residency.ensure(name, size, context=ctx))
+
+
+def run(work: Callable[[], Awaitable[object]]) -> object:
+    return asyncio.run(work())  # type: ignore[arg-type]
 
 
 def test_loads_on_demand_and_reuses_the_loaded_model() -> None:
@@ -75,23 +82,33 @@ def test_evicts_least_recently_used_first_and_only_what_is_needed() -> None:
 def test_pinned_in_use_and_guaranteed_models_are_never_evicted() -> None:
     _ctrl, residency, device = setup()
     device.sizes["g"] = 3 * GB
-    residency.ensure("g", 3 * GB, context="gold")
+    run(lambda: residency.ensure("g", 3 * GB, context="gold"))
     device.sizes["pinned"] = 2 * GB
-    residency.ensure("pinned", 2 * GB, context="shared", pinned=True)
+    run(lambda: residency.ensure("pinned", 2 * GB, context="shared", pinned=True))
     ensure(residency, device, "busy", 2 * GB)
     ensure(residency, device, "idle", 2 * GB)
-    with residency.use("busy"):
-        ensure(residency, device, "new", 3 * GB)
+    device.sizes["new"] = 3 * GB
+    residency.register("new", 3 * GB, context="shared")
+
+    async def while_busy() -> None:
+        async with residency.hold("busy") as held:
+            assert not held.cold
+            async with residency.hold("new") as loaded:
+                assert loaded.cold
+            with pytest.raises(ConfigError, match="in use"):
+                await residency.evict("busy")
+
+    run(while_busy)
     assert device.unloads == ["idle"]
     assert {"g", "pinned", "busy", "new"} == set(residency.resident)
-    with pytest.raises(ConfigError, match="pinned or in use"):
-        residency.evict("pinned")
+    with pytest.raises(ConfigError, match="pinned"):
+        run(lambda: residency.evict("pinned"))
 
 
 def test_model_that_cannot_fit_fails_naming_sizes_and_evicts_nothing() -> None:
     _, residency, device = setup()
     device.sizes["pinned"] = 4 * GB
-    residency.ensure("pinned", 4 * GB, context="shared", pinned=True)
+    run(lambda: residency.ensure("pinned", 4 * GB, context="shared", pinned=True))
     ensure(residency, device, "small", 1 * GB)
     with pytest.raises(ModelDoesNotFit, match=r"model 'huge' needs 4\.00 GiB in context 'shared'") as info:
         ensure(residency, device, "huge", 4 * GB)
@@ -105,7 +122,7 @@ def test_free_memory_is_measured_again_after_an_unload() -> None:
     device.keep_on_unload_bytes = 512 * MB  # the allocator keeps part of what it freed
     ensure(residency, device, "a", 3 * GB)
     ensure(residency, device, "b", 3 * GB)
-    residency.evict("a")
+    run(lambda: residency.evict("a"))
     assert ctrl.external_bytes == 512 * MB
     assert ctrl.available_bytes() == 10 * GB - 3 * GB - 512 * MB
     device.cached = 0  # the cache was trimmed
@@ -116,12 +133,12 @@ def test_free_memory_is_measured_again_after_an_unload() -> None:
 def test_failed_load_gives_the_bytes_back() -> None:
     ctrl, residency, device = setup()
 
-    def broken(name: str) -> object:
+    async def broken(name: str) -> object:
         raise RuntimeError("out of memory")
 
     residency = ModelResidency(ctrl, load=broken, unload=device.unload)
     with pytest.raises(RuntimeError):
-        residency.ensure("a", GB, context="shared")
+        run(lambda: residency.ensure("a", GB, context="shared"))
     assert ctrl.used_bytes() == 0
     assert residency.resident == []
 
@@ -129,8 +146,51 @@ def test_failed_load_gives_the_bytes_back() -> None:
 def test_close_unloads_everything() -> None:
     ctrl, residency, device = setup()
     device.sizes["p"] = GB
-    residency.ensure("p", GB, context="shared", pinned=True)
+    run(lambda: residency.ensure("p", GB, context="shared", pinned=True))
     ensure(residency, device, "q", GB, ctx="gold")
-    residency.close()
+    run(residency.close)
     assert ctrl.used_bytes() == 0
     assert device.loaded == {}
+
+
+def test_idle_models_unload_after_their_keep_alive_and_pinned_ones_stay() -> None:
+    ctrl = AdmissionController(10 * GB)
+    ctrl.add_context(ContextSpec("models", QoSPolicy.BURSTABLE, max_bytes=10 * GB))
+    device = FakeDevice(10 * GB)
+    now = [0.0]
+    residency = ModelResidency(ctrl, load=device.load, unload=device.unload, now_s=lambda: now[0])
+    for name, keep in (("short", 5.0), ("long", 60.0)):
+        device.sizes[name] = GB
+        residency.register(name, GB, context="models", keep_alive_s=keep)
+    residency.adopt("pinned", GB, "session:pinned", context="models")
+
+    async def scenario() -> None:
+        for name in ("short", "long"):
+            async with residency.hold(name) as held:
+                assert held.cold
+                assert held.handle == f"session:{name}"
+        now[0] = 6.0
+        assert await residency.idle_out() == ["short"]
+        async with residency.hold("long") as held:
+            assert not held.cold
+            now[0] = 100.0
+            assert await residency.idle_out() == []  # in use: stays, however long
+        now[0] = 161.0
+        assert await residency.idle_out() == ["long"]
+
+    run(scenario)
+    assert residency.resident == ["pinned"]
+    rows = {r["name"]: r for r in residency.status()}
+    assert rows["short"]["loads"] == 1
+    assert rows["short"]["evictions"] == 1
+    assert rows["pinned"]["resident"]
+    assert rows["pinned"]["pinned"]
+    assert residency.idle_unloads == 2
+
+
+def test_a_pinned_model_over_the_budget_fails_at_adoption() -> None:
+    ctrl = AdmissionController(GB)
+    ctrl.add_context(ContextSpec("models", QoSPolicy.BURSTABLE, max_bytes=GB))
+    residency = ModelResidency(ctrl, load=FakeDevice(GB).load, unload=FakeDevice(GB).unload)
+    with pytest.raises(ModelDoesNotFit, match="raise the budget or load it on demand"):
+        residency.adopt("big", 2 * GB, object(), context="models")

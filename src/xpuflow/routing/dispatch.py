@@ -53,7 +53,7 @@ from typing import Protocol, TypeVar
 
 from xpuflow.backends.base import StreamChunk
 from xpuflow.clock import Clock, SystemClock
-from xpuflow.errors import AdmissionRejected, XpuflowError
+from xpuflow.errors import AdmissionRejected, ModelDoesNotFit, XpuflowError
 from xpuflow.policy.worker_scorer import Affinity, WorkerChoice, WorkerNeeds, WorkerScorer
 from xpuflow.routing.dispatch_stream import DispatchedStream, _aclose, _first
 from xpuflow.routing.retry import (
@@ -258,7 +258,9 @@ class Dispatcher:
             # probe: during an outage that is a reason to wait and look again, not to fail. A full
             # queue is load, not a failure: it never makes an outage (the 429 goes out at once)
             failures = zip(progress.attempts[before:], progress.errors[errors_before:], strict=True)
-            tried = {a.worker for a, exc in failures if not isinstance(exc, AdmissionRejected)}
+            tried = {
+                a.worker for a, exc in failures if not isinstance(exc, (AdmissionRejected, ModelDoesNotFit))
+            }
             if not self._outage(tier_list, began, request, tried):
                 raise self._failure(request, progress, deadline=False)
             backoff_due = True  # every worker failed: wait, then try them all again
@@ -453,6 +455,14 @@ class Dispatcher:
                 f"every worker tried for request {request.request_id} is full ({detail}); "
                 f"retry after {retry_after:g} s",
                 retry_after_s=retry_after,
+            )
+        elif progress.errors and all(isinstance(e, ModelDoesNotFit) for e in progress.errors):
+            retry_after = min(e.retry_after_s for e in progress.errors if isinstance(e, ModelDoesNotFit))
+            error = ModelDoesNotFit(
+                f"no worker tried for request {request.request_id} has room to load its model now "
+                f"({detail}); retry after {retry_after:g} s",
+                retry_after_s=retry_after,
+                reasons=reasons,
             )
         elif progress.attempts:
             error = DispatchError(

@@ -36,7 +36,7 @@ from typing import Any
 
 from xpuflow.backends.base import BatchMode, Completion, Session, StreamChunk
 from xpuflow.clock import Clock, SystemClock
-from xpuflow.errors import AdmissionRejected, ConfigError, SessionError, XpuflowError
+from xpuflow.errors import AdmissionRejected, ConfigError, ModelDoesNotFit, SessionError, XpuflowError
 from xpuflow.scheduling.batcher import Action, Batcher, BatcherConfig, BatchPolicy, make_batcher
 from xpuflow.scheduling.health import HealthTracker
 from xpuflow.scheduling.metrics import WorkerMetrics
@@ -50,6 +50,7 @@ from xpuflow.scheduling.queue import (
     make_queue,
 )
 from xpuflow.scheduling.request import WorkRequest
+from xpuflow.scheduling.residency import ModelResidency
 from xpuflow.scheduling.session_calls import Result, batch_group, open_stream, run_batch, work_units
 from xpuflow.types import WorkerSnapshot
 
@@ -112,6 +113,7 @@ class Worker:
         close_session: bool = False,
         tags: frozenset[str] = frozenset(),
         compute_gate: Callable[[], AbstractAsyncContextManager[Any]] | None = None,
+        residency: ModelResidency | None = None,
     ) -> None:
         self.session = session
         self.worker_id = worker_id or f"{session.model_id}-{next(_worker_ids)}"
@@ -147,6 +149,9 @@ class Worker:
         )
         self._device_state = device_state
         self._compute_gate = compute_gate
+        # on-demand loading: the session is loaded (and this worker's ``session`` replaced) at the
+        # first batch after it was unloaded; ``session`` then describes it while it is not resident
+        self._residency = residency
         self._stop_timeout_s = stop_timeout_s
         self._close_session = close_session
         self._wakeup = asyncio.Event()
@@ -243,7 +248,9 @@ class Worker:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._fail_queued("stopped before this request ran")
         self._loop_task = None
-        if self._close_session:
+        if self._residency is not None:
+            await self._residency.unload(self.worker_id)
+        elif self._close_session:
             await self.session.close()
 
     async def __aenter__(self) -> Worker:
@@ -560,6 +567,8 @@ class Worker:
                 device_fault=False,
             )
             raise
+        except ModelDoesNotFit as exc:  # no room to load it now: not the device's fault
+            self._fail(tickets, exc, device_fault=False)
         except Exception as exc:
             self._fail(tickets, self._as_xpuflow(exc), device_fault=True)
         finally:
@@ -596,7 +605,25 @@ class Worker:
         error.__cause__ = exc
         return error
 
+    @contextlib.asynccontextmanager
+    async def _resident(self, tickets: Sequence[Ticket]) -> AsyncIterator[None]:
+        """Hold this worker's model loaded while a batch or stream runs (on-demand deployments); the
+        requests of a batch that had to load it are marked ``metadata["cold_start"]``."""
+        if self._residency is None:
+            yield
+            return
+        async with self._residency.hold(self.worker_id) as held:
+            self.session = held.handle
+            if held.cold:
+                for ticket in tickets:
+                    ticket.request.metadata["cold_start"] = True
+            yield
+
     async def _call(self, tickets: Sequence[Ticket]) -> list[Result]:
+        async with self._resident(tickets):
+            return await self._call_loaded(tickets)
+
+    async def _call_loaded(self, tickets: Sequence[Ticket]) -> list[Result]:
         requests = [t.request for t in tickets]
         owner = f"worker '{self.worker_id}'"
         if self._compute_gate is None:
@@ -615,7 +642,7 @@ class Worker:
                 ok = True
                 return
             gate = self._compute_gate() if self._compute_gate is not None else contextlib.nullcontext()
-            async with gate:  # a generation holds the partition's compute token from start to end
+            async with self._resident([ticket]), gate:  # held loaded, and the partition's compute token
                 source = open_stream(self.session, request)
                 aclose = getattr(source, "aclose", None)
                 try:
@@ -655,6 +682,8 @@ class Worker:
         except ConfigError as exc:
             self._fail([ticket], exc, device_fault=False)
             ok = True
+        except ModelDoesNotFit as exc:
+            self._fail([ticket], exc, device_fault=False)
         except Exception as exc:
             self._fail([ticket], self._as_xpuflow(exc), device_fault=True)
         finally:

@@ -12,7 +12,8 @@ Endpoints (docs/api.md has them all, with headers and errors):
   is ready; 503 while the server drains), ``/metrics`` (Prometheus text), ``/openapi.json`` (the API's
   OpenAPI 3.1 document, ``serving.openapi``).
 - Admin, with an admin key only: ``GET /admin/workers`` (``engine.status()``),
-  ``POST /admin/workers/{id}/drain``, ``/undrain``, ``POST /admin/reload``.
+  ``POST /admin/workers/{id}/drain``, ``/undrain``, ``/load``, ``/unload`` (on_demand deployments),
+  ``POST /admin/reload``.
 
 Every error, including unknown paths and wrong methods, is OpenAI-shaped JSON. Around the routes, outermost
 first: the Host allowlist (``serving.hosts``, when ``allowed_hosts`` is not ``*``), CORS (when configured)
@@ -152,6 +153,14 @@ class Gateway:
         await _engine_call(self._control(request, "undrain").undrain(worker))
         return _json({"worker": worker, "draining": False})
 
+    async def admin_load(self, request: Request) -> Response:
+        worker = request.path_params["worker_id"]
+        return _json(await _engine_call(self._control(request, "load_worker").load_worker(worker)))
+
+    async def admin_unload(self, request: Request) -> Response:
+        worker = request.path_params["worker_id"]
+        return _json(await _engine_call(self._control(request, "unload_worker").unload_worker(worker)))
+
     async def admin_reload(self, request: Request) -> Response:
         changes = await _engine_call(self._control(request, "reload").reload())
         self.catalog.refresh()
@@ -175,6 +184,8 @@ class Gateway:
             Route("/admin/workers", self.admin_workers),
             Route("/admin/workers/{worker_id:path}/drain", self.admin_drain, methods=["POST"]),
             Route("/admin/workers/{worker_id:path}/undrain", self.admin_undrain, methods=["POST"]),
+            Route("/admin/workers/{worker_id:path}/load", self.admin_load, methods=["POST"]),
+            Route("/admin/workers/{worker_id:path}/unload", self.admin_unload, methods=["POST"]),
             Route("/admin/reload", self.admin_reload, methods=["POST"]),
             *self.oip_routes(),
         ]

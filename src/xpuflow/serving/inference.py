@@ -31,6 +31,7 @@ from xpuflow.errors import (
     BackendError,
     CapabilityError,
     ConfigError,
+    ModelDoesNotFit,
     ModelNotFound,
     RemoteError,
     RoutingError,
@@ -64,7 +65,13 @@ __all__ = ["DECISION_HEADERS", "InferenceEndpoints", "ModelCatalog", "to_api_err
 log = logging.getLogger(__name__)
 
 #: Response headers that say where a request ran and why.
-DECISION_HEADERS = ("x-xpuflow-tier", "x-xpuflow-worker", "x-xpuflow-device", "x-xpuflow-route-reason")
+DECISION_HEADERS = (
+    "x-xpuflow-tier",
+    "x-xpuflow-worker",
+    "x-xpuflow-device",
+    "x-xpuflow-route-reason",
+    "x-xpuflow-cold-start",
+)
 
 _JSON = (b"content-type", b"application/json")
 _SSE_HEADERS = [
@@ -103,6 +110,7 @@ def decision_headers(decision: RoutingDecision | None) -> list[tuple[bytes, byte
         (b"x-xpuflow-tier", _header(decision.tier or "")),
         (b"x-xpuflow-worker", _header(decision.worker or "")),
         (b"x-xpuflow-device", _header(decision.device or "")),
+        *([(b"x-xpuflow-cold-start", b"true")] if decision.details.get("cold_start") else []),
         # a remote worker's reason may name its server's URL; the log has it, the client does not
         (
             b"x-xpuflow-route-reason",
@@ -180,11 +188,17 @@ def to_api_error(exc: BaseException, models: Sequence[str] = ()) -> APIError:
             return APIError(404, message, param="model", code="model_not_found")
         if field == "worker":
             return APIError(404, message, param="worker", code="worker_not_found")
+        if field == "worker_state":  # an admin action the worker's state refuses now (in use, pinned)
+            return APIError(409, message, param="worker", code="conflict")
         if field is not None and field.startswith("x-"):
             return APIError(400, message, param=field, code="invalid_header")
         return APIError(422 if field else 400, message, param=field, code="invalid_value")
     if isinstance(exc, AdmissionRejected):
         return APIError(429, message, code="rate_limited", headers=_retry_after(exc.retry_after_s))
+    if isinstance(
+        exc, ModelDoesNotFit
+    ):  # no room to load the model now: the server's state, not the client's
+        return APIError(503, message, code="model_does_not_fit", headers=_retry_after(exc.retry_after_s))
     if isinstance(exc, TimeoutError):  # DispatchTimeout, and the gateway's own request timeout
         return APIError(504, f"the request timed out: {message}", code="timeout")
     if isinstance(exc, RoutingError):

@@ -124,6 +124,7 @@ class _EngineCollector(Collector):
                 memory_total.add_metric([device], total)
         yield from (healthy, draining, queued, in_flight, batches, memory_free, memory_total)
         yield from _qos_families(status.get("qos"))
+        yield from _residency_families(status.get("residency"))
 
 
 def _qos_families(contexts: Any) -> Iterator[Metric]:
@@ -154,6 +155,55 @@ def _qos_families(contexts: Any) -> Iterator[Metric]:
             count = _memory(row, outcome)
             outcomes.add_metric([key[0], outcome], count or 0.0)
     yield from (used, limit, outcomes)
+
+
+def _residency_families(devices: Any) -> Iterator[Metric]:
+    """Model residency from ``status()["residency"]``: per device the budget, what resident models hold
+    and what the measurement cannot explain; per model whether it is loaded, its loads and evictions."""
+    if not isinstance(devices, (list, tuple)) or not devices:
+        return
+    budget = GaugeMetricFamily(
+        "xpuflow_residency_budget_bytes",
+        "Memory that loaded models may hold on the device",
+        labels=["device"],
+    )
+    held = GaugeMetricFamily(
+        "xpuflow_residency_resident_bytes", "Memory the device's loaded models hold", labels=["device"]
+    )
+    unaccounted = GaugeMetricFamily(
+        "xpuflow_residency_unaccounted_bytes",
+        "Memory measured in use on the device that no loaded model explains (not given back on unload)",
+        labels=["device"],
+    )
+    resident = GaugeMetricFamily(
+        "xpuflow_model_resident", "1 while the worker's model is loaded", labels=["worker", "device"]
+    )
+    loads = CounterMetricFamily("xpuflow_model_loads", "Loads of the worker's model", labels=["worker"])
+    evictions = CounterMetricFamily(
+        "xpuflow_model_unloads",
+        "Unloads of the worker's model (evicted, idle or by an operator)",
+        labels=["worker"],
+    )
+    for row in devices:
+        if not isinstance(row, Mapping) or not row.get("device"):
+            continue
+        device = str(row["device"])
+        for family, field in (
+            (budget, "budget_bytes"),
+            (held, "resident_bytes"),
+            (unaccounted, "unaccounted_bytes"),
+        ):
+            value = _memory(row, field)
+            if value is not None:
+                family.add_metric([device], value)
+        for model in row.get("models") or ():
+            if not isinstance(model, Mapping) or not model.get("name"):
+                continue
+            name = str(model["name"])
+            resident.add_metric([name, device], 1.0 if model.get("resident") else 0.0)
+            loads.add_metric([name], _memory(model, "loads") or 0.0)
+            evictions.add_metric([name], _memory(model, "evictions") or 0.0)
+    yield from (budget, held, unaccounted, resident, loads, evictions)
 
 
 def _memory(reading: Mapping[str, Any], key: str) -> float | None:

@@ -43,6 +43,9 @@ def _fake_reply(prompt: str, max_tokens: int) -> tuple[str, str]:
     return " ".join(words[:max_tokens]), finish
 
 
+_LEAKED: list[bytearray] = []  # what sessions with ``leak_on_close`` kept after closing
+
+
 class FakeSession(Session):
     """Deterministic answers after ``service_time_s`` (+ ``per_item_s`` per batch item)."""
 
@@ -59,8 +62,16 @@ class FakeSession(Session):
         fail_next: int = 0,
         embedding_dim: int = 8,
         device_model: Any = None,
+        memory_mb: float = 0.0,
+        leak_on_close: bool = False,
     ) -> None:
         super().__init__(model_id, resources)
+        # host memory it holds while open, like weights (touched, so it counts in the RSS); a session
+        # that leaks keeps it after close, as a backend that does not give memory back would
+        self._weights: bytearray | None = (
+            bytearray(b"\x01" * int(memory_mb * (1 << 20))) if memory_mb else None
+        )
+        self.leak_on_close = leak_on_close
         self.service_time_s = service_time_s
         self.per_item_s = per_item_s
         self.max_batch_size = max_batch_size
@@ -132,6 +143,12 @@ class FakeSession(Session):
             vectors.append([b / 255.0 for b in digest[: self.embedding_dim]])
         return vectors
 
+    async def close(self) -> None:
+        if self._weights is not None and self.leak_on_close:
+            _LEAKED.append(self._weights)
+        self._weights = None
+        await super().close()
+
     async def run(self, inputs: Any) -> dict[str, Any]:
         """Tensor models: every input doubled, as output ``<name>_x2`` (a lone array is ``input``)."""
         import numpy as np
@@ -187,4 +204,6 @@ class FakePlugin:
             max_batch_size=config.max_batch_size,
             fail_next=int(options.get("fail_next", 0)),
             device_model=device_model,
+            memory_mb=float(options.get("memory_mb", 0.0)),
+            leak_on_close=bool(options.get("leak_on_close", False)),
         )
