@@ -12,7 +12,10 @@ Method (every run reads the first 10 minutes of the Azure conversation trace, 2,
   time, which other work on a shared machine does not inflate; the load average is recorded). Per
   policy with every worker scored on each pick (as the gateway does), and for xpuflow also with a
   candidate sample (``--sample 8``: the scorer chooses among 8 workers drawn per pick).
-  ``scorer_choose_us_64_workers``: one ``WorkerScorer.choose`` over 64 snapshots.
+  ``scorer_choose_us_64_workers`` / ``_8_workers``: one ``WorkerScorer.choose`` over 64 (8) snapshots;
+  ``sim_requests_per_s_ceiling_scoring_64`` is the rate at which the choice alone would saturate a core.
+  ``profile``: a cProfile run of each xpuflow variant, its time by layer (scorer, simulator, scheduling
+  objects; a builtin counts in its caller's layer) and the 15 functions with the most own time.
 - ``xpuflow_vs_best_baseline_goodput``: the trace at 80% of the capacity of an 8-worker heterogeneous
   fleet (2 fast, 2 mid, 4 slow), 3 seeds per policy; goodput = requests/s served within TTFT 2 s and
   end-to-end 60 s; xpuflow's mean goodput over the best baseline's. Capacity is counted at the batch size
@@ -20,7 +23,11 @@ Method (every run reads the first 10 minutes of the Azure conversation trace, 2,
   forms batches; a batch group includes ``max_tokens``, so trace requests run about one per batch) and
   ``continuous`` (the devices batch by themselves, as vLLM-like servers and continuous transformers
   sessions do: each request starts at once, up to the in-flight cap). The headline is the static fleet's,
-  the fleet of the earlier runs; both are in the JSON.
+  the fleet of the earlier runs; both are in the JSON. Each policy's summary has ``by_deployment``: where
+  it sent the requests and the share of them within the TTFT target. ``what_if``: the same runs with
+  xpuflow's scorer fed transformed snapshots (benchmark-only wrappers, not in the package): the wait
+  before the first token weighted 10x or 30x (a TTFT objective), and the snapshots without
+  ``mean_batch_size`` (as the gateway's ``Worker.snapshot`` fills them today).
 - ``validation_p50_error`` / ``validation_p99_error``: the same slice, time-compressed ``speedup`` times,
   sent open-loop (at the trace's arrival times, non-streamed) by ``xpuflow.loadgen`` to ``xpuflow serve``
   in its own process over 8 heterogeneous continuous fake workers (``options.device_model``: each
@@ -44,7 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +98,6 @@ FAST_DEVICES = {
 }
 SLO = "ttft_p99=2s,e2e_p99=60s"
 SEEDS = (0, 1, 2)
-WAIT_WEIGHT = 10  # the what-if scorer's weight of the wait before the first token (WaitWeightedScorer)
 SAMPLE = 8
 VALIDATION_SPAN_S = 150.0  # the 10-minute slice replayed in this many seconds
 
@@ -160,6 +166,15 @@ LAYERS = (
 )
 
 
+CUMULATIVE = {
+    ("xpuflow/policy/worker_scorer.py", "choose"): "WorkerScorer.choose",
+    ("xpuflow/simulate/worker.py", "snapshot"): "SimWorker.snapshot",
+    ("xpuflow/scheduling/metrics.py", "utilization"): "WorkerMetrics.utilization",
+    ("xpuflow/simulate/worker.py", "submit"): "SimWorker.submit (queue, batcher, dispatch)",
+    ("xpuflow/simulate/worker.py", "complete"): "SimWorker.complete (metrics, health, next batch)",
+}
+
+
 def _layer(path: str) -> str:
     return next((name for part, name in LAYERS if part in path), "other")
 
@@ -173,6 +188,7 @@ def profile_run(fleet: Any, requests: list[SimRequest], scale: float, sample: in
     profiler.disable()
     stats: dict[Any, Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     layers: dict[str, float] = {}
+    cumulative: dict[str, float] = {}
     rows = []
     for (path, line, name), (_, calls, own_s, total_s, callers) in stats.items():
         if path == "~" or path.startswith("<"):  # a builtin or generated code: its callers' layers
@@ -183,6 +199,8 @@ def profile_run(fleet: Any, requests: list[SimRequest], scale: float, sample: in
             layers[_layer(path)] = layers.get(_layer(path), 0.0) + own_s
         where = path.split("/src/")[-1] if "/src/" in path else Path(path).name if path != "~" else ""
         rows.append((own_s, f"{where}:{line}({name})" if where else name, calls, total_s))
+        if (where, name) in CUMULATIVE:
+            cumulative[CUMULATIVE[where, name]] = total_s
     total = sum(layers.values())
     rows.sort(reverse=True)
     return {
@@ -191,6 +209,7 @@ def profile_run(fleet: Any, requests: list[SimRequest], scale: float, sample: in
         "workers": sum(d.replicas for d in fleet.deployments.values()),
         "profiled_s": total,
         "share_by_layer": {k: v / total for k, v in sorted(layers.items(), key=lambda kv: -kv[1])},
+        "cumulative_share": {name: v / total for name, v in cumulative.items()},
         "top_functions_by_own_time": [
             {"function": name, "calls": calls, "own_share": own / total, "cumulative_share": cum / total}
             for own, name, calls, cum in rows[:15]
@@ -235,21 +254,42 @@ def scorer_us(workers: int = 64) -> float:
 class WaitWeightedScorer(WorkerScorer):
     """A what-if, not in the package: xpuflow's scorer fed the snapshots of a TTFT objective. The scorer
     ranks by ``E = latency * (1 + load)``, the expected completion time; here the requests ahead of a
-    new one count ``WAIT_WEIGHT`` times, so ``E`` is about ``WAIT_WEIGHT`` times the expected wait
+    new one count ``wait_weight`` times, so ``E`` is about ``wait_weight`` times the expected wait
     before the first token plus the service time (the speed term is relative, so the scale cancels),
     and on a continuous worker only the requests beyond its free slots wait (a free slot starts it at
     once). It answers "what would change the goodput ratio" with the simulator, on the real code."""
 
+    def __init__(self, wait_weight: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "wait_weight", wait_weight)
+
     def choose(self, snapshots: Sequence[WorkerSnapshot], needs: Any = None, **kw: Any) -> Any:
+        weight: int = self.wait_weight  # type: ignore[attr-defined]
         seen = []
         for s in snapshots:
             queued, running = s.queue_depth, s.in_flight
             if s.max_in_flight:
                 waiting = max(0, queued + running + 1 - s.max_in_flight)
-                seen.append(dataclasses.replace(s, queue_depth=WAIT_WEIGHT * waiting))
+                seen.append(dataclasses.replace(s, queue_depth=weight * waiting))
             else:
-                seen.append(dataclasses.replace(s, queue_depth=WAIT_WEIGHT * (queued + running) - running))
+                seen.append(dataclasses.replace(s, queue_depth=weight * (queued + running) - running))
         return super().choose(seen, needs, **kw)
+
+
+class GatewaySnapshotScorer(WorkerScorer):
+    """A what-if, not in the package: the snapshots as the gateway's ``Worker.snapshot`` fills them
+    today, without ``mean_batch_size``, so a static worker's load counts in full batches."""
+
+    def choose(self, snapshots: Sequence[WorkerSnapshot], needs: Any = None, **kw: Any) -> Any:
+        seen = [dataclasses.replace(s, mean_batch_size=None) for s in snapshots]
+        return super().choose(seen, needs, **kw)
+
+
+WHAT_IF: dict[str, Callable[[], WorkerScorer]] = {
+    "wait_weighted_10": lambda: WaitWeightedScorer(10),
+    "wait_weighted_30": lambda: WaitWeightedScorer(30),
+    "gateway_snapshot_without_mean_batch_size": GatewaySnapshotScorer,
+}
 
 
 def goodput(
@@ -274,13 +314,13 @@ def goodput(
             if seed == SEEDS[0]:
                 summaries[policy.value] = summary
                 plotted.append(result)
-    what_if = []
-    for seed in SEEDS:
-        sim = Simulation(fleet, requests, seed=seed, scale=scale, scorer=WaitWeightedScorer())
-        what_if.append(summarize(sim.run(), slo))
+    what_if: dict[str, list[dict[str, Any]]] = {}
+    for name, make in WHAT_IF.items():
+        for seed in SEEDS:
+            sim = Simulation(fleet, requests, seed=seed, scale=scale, scorer=make())
+            what_if.setdefault(name, []).append(summarize(sim.run(), slo))
     mean = {p: statistics.mean(v) for p, v in per_policy.items()}
     best = max((p for p in mean if p != "xpuflow"), key=lambda p: mean[p])
-    what_if_mean = statistics.mean(s["goodput_per_s"] for s in what_if)
     return {
         "fleet": {"fast": 2, "mid": 2, "slow": 4, "continuous": continuous},
         "capacity_per_s": capacity,
@@ -291,13 +331,19 @@ def goodput(
         "best_baseline": best,
         "xpuflow_vs_best_baseline_goodput": mean["xpuflow"] / mean[best] if mean[best] > 0 else None,
         "summaries": summaries,
-        "what_if_wait_weighted": {
-            "method": (WaitWeightedScorer.__doc__ or "").replace("\n    ", " "),
-            "wait_weight": WAIT_WEIGHT,
-            "goodput_per_s": [s["goodput_per_s"] for s in what_if],
-            "mean_goodput_per_s": what_if_mean,
-            "vs_best_baseline_goodput": what_if_mean / mean[best] if mean[best] > 0 else None,
-            "by_deployment": what_if[0]["by_deployment"],
+        "what_if": {
+            name: {
+                "method": (
+                    WaitWeightedScorer.__doc__ if name.startswith("wait") else GatewaySnapshotScorer.__doc__
+                ),
+                "goodput_per_s": [r["goodput_per_s"] for r in runs],
+                "mean_goodput_per_s": statistics.mean(r["goodput_per_s"] for r in runs),
+                "vs_best_baseline_goodput": (
+                    statistics.mean(r["goodput_per_s"] for r in runs) / mean[best] if mean[best] > 0 else None
+                ),
+                "by_deployment": runs[0]["by_deployment"],
+            }
+            for name, runs in what_if.items()
         },
     }, plotted
 
@@ -374,6 +420,59 @@ def validate(folder: Path, requests: list[SimRequest]) -> dict[str, Any]:
     }
 
 
+def notes(data: dict[str, Any]) -> list[str]:
+    """Why the targets this run misses are missed, and what would change them, with this run's numbers."""
+    full, cpu = data["profile"]["xpuflow"]["share_by_layer"], data["sim_requests_per_s_cpu_time"]
+    sample = f"xpuflow --sample {SAMPLE}"
+    static, continuous = data["goodput_static"], data["goodput_continuous"]
+    xs, js = static["summaries"]["xpuflow"]["by_deployment"], static["summaries"]["jsq"]["by_deployment"]
+
+    def cumulative(function: str) -> float:
+        return float(data["profile"]["xpuflow"]["cumulative_share"].get(function, 0.0))
+
+    def ratio(run: dict[str, Any], name: str) -> float:
+        return float(run["what_if"][name]["vs_best_baseline_goodput"])
+
+    return [
+        (
+            f"sim_requests_per_s below 20,000: {cpu['xpuflow']:,.0f} simulated requests per CPU second "
+            f"scoring all 64 workers per pick ({cpu[sample]:,.0f} with --sample {SAMPLE}; the cheapest "
+            f"baseline {max(v for k, v in cpu.items() if 'xpuflow' not in k):,.0f}). 20,000/s leaves 50 us "
+            f"per request; WorkerScorer.choose over 64 snapshots alone took "
+            f"{data['scorer_choose_us_64_workers']:.0f} us here (it builds every candidate's score and "
+            "terms, which the gateway's explanation of each decision lists); in the profile of the "
+            f"full-fleet run choose is {cumulative('WorkerScorer.choose'):.0%} of the time and reading "
+            f"64 snapshots per pick {cumulative('SimWorker.snapshot'):.0%} (WorkerMetrics.utilization, "
+            f"read by every snapshot, {cumulative('WorkerMetrics.utilization'):.0%}); by layer: "
+            + ", ".join(f"{k} {v:.0%}" for k, v in full.items())
+            + ". What would change it: scoring a sample of the candidates (power-of-d with the real "
+            "scorer; the gateway could do the same for large tiers), the scorer compiled (mypyc or an "
+            "extension) or given columnar snapshots with a lazily built ranking, and a cheaper "
+            "utilisation read."
+        ),
+        (
+            f"xpuflow_vs_best_baseline_goodput below 1.1: {static['xpuflow_vs_best_baseline_goodput']:.2f} "
+            f"(static fleet) and {continuous['xpuflow_vs_best_baseline_goodput']:.2f} (continuous) of "
+            "jsq. The scorer ranks workers by expected completion time; this SLO (TTFT 2 s, end-to-end "
+            "60 s) is decided by the TTFT. On the static fleet xpuflow sends "
+            f"{xs['fast']['share_of_served']:.0%} of the requests to the 2 fast workers, where a request "
+            f"waits for those ahead (TTFT p50 {xs['fast']['ttft_p50_s']:.1f} s, "
+            f"{xs['fast']['within_ttft']:.0%} within 2 s) because that still ends sooner than starting "
+            f"at once on a slow worker; jsq sends {js['fast']['share_of_served']:.0%} there "
+            f"({js['fast']['within_ttft']:.0%} within 2 s) and lets the slow workers' requests miss "
+            f"({js['slow']['within_ttft']:.0%} within). xpuflow's p99s are the lower ones. The "
+            "simulator fills every snapshot field its device models can give, so what is left is the "
+            "objective, not an input; the gateway's own Worker.snapshot leaves mean_batch_size empty, "
+            "and with such snapshots the ratio would be "
+            f"{ratio(static, 'gateway_snapshot_without_mean_batch_size'):.2f} on the static fleet. What "
+            "would change it: a TTFT objective (the wait before the first token weighted above the "
+            f"service time): weighted 10x {ratio(static, 'wait_weighted_10'):.2f} / "
+            f"{ratio(continuous, 'wait_weighted_10'):.2f}, 30x {ratio(static, 'wait_weighted_30'):.2f} / "
+            f"{ratio(continuous, 'wait_weighted_30'):.2f} of jsq (static / continuous)."
+        ),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--traces", type=Path, default=None, help="folder of the traces")
@@ -422,6 +521,7 @@ def main() -> None:
             "validation_p99_error": None if validation is None else validation["p99_error"],
         }
     )
+    data["notes"] = notes(data)
     rows: list[tuple[str, ...]] = [
         (
             str(p),
@@ -455,6 +555,8 @@ def main() -> None:
     for name, run in (("static", static), ("continuous", continuous)):
         ratio = run["xpuflow_vs_best_baseline_goodput"]
         print(f"{name}: xpuflow / best baseline ({run['best_baseline']}) goodput: {ratio}")
+        for what, numbers in run["what_if"].items():
+            print(f"    what-if {what}: {numbers['vs_best_baseline_goodput']}")
     if validation is not None:
         print(f"validation: gateway e2e {validation['gateway_e2e_s']}")
         print(f"            simulated   {validation['simulated_e2e_s']}")
