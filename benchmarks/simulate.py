@@ -251,6 +251,7 @@ def scorer_us(workers: int = 64) -> float:
     return best * 1e6
 
 
+@dataclasses.dataclass(frozen=True)
 class WaitWeightedScorer(WorkerScorer):
     """A what-if, not in the package: xpuflow's scorer fed the snapshots of a TTFT objective. The scorer
     ranks by ``E = latency * (1 + load)``, the expected completion time; here the requests ahead of a
@@ -259,12 +260,10 @@ class WaitWeightedScorer(WorkerScorer):
     and on a continuous worker only the requests beyond its free slots wait (a free slot starts it at
     once). It answers "what would change the goodput ratio" with the simulator, on the real code."""
 
-    def __init__(self, wait_weight: int) -> None:
-        super().__init__()
-        object.__setattr__(self, "wait_weight", wait_weight)
+    wait_weight: int = 10
 
     def choose(self, snapshots: Sequence[WorkerSnapshot], needs: Any = None, **kw: Any) -> Any:
-        weight: int = self.wait_weight  # type: ignore[attr-defined]
+        weight = self.wait_weight
         seen = []
         for s in snapshots:
             queued, running = s.queue_depth, s.in_flight
@@ -286,8 +285,8 @@ class GatewaySnapshotScorer(WorkerScorer):
 
 
 WHAT_IF: dict[str, Callable[[], WorkerScorer]] = {
-    "wait_weighted_10": lambda: WaitWeightedScorer(10),
-    "wait_weighted_30": lambda: WaitWeightedScorer(30),
+    "wait_weighted_10": lambda: WaitWeightedScorer(wait_weight=10),
+    "wait_weighted_30": lambda: WaitWeightedScorer(wait_weight=30),
     "gateway_snapshot_without_mean_batch_size": GatewaySnapshotScorer,
 }
 
