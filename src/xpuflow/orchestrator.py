@@ -44,8 +44,8 @@ from xpuflow.errors import (
 )
 from xpuflow.model_files import estimate_params, model_format
 from xpuflow.routing.adaptive import AdaptiveRouter, RoutingConfig, TierConfig
-from xpuflow.routing.dispatch import Dispatcher, RetryPolicy, StreamInterrupted
-from xpuflow.routing.remote_state import RemoteStatePoller
+from xpuflow.routing.dispatch import Dispatcher, RetryPolicy, StreamInterrupted, service_time_snapshot
+from xpuflow.routing.remote_state import PrometheusLoadProbe, RemoteStatePoller
 from xpuflow.scheduling.admission import AdmissionController, ContextSpec, QoSPolicy
 from xpuflow.scheduling.partitions import ComputeTokens
 from xpuflow.scheduling.qos_gate import QoSGate
@@ -55,7 +55,7 @@ from xpuflow.scheduling.worker import Worker
 from xpuflow.serving.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
 from xpuflow.telemetry.host_memory import HostMemory
 from xpuflow.telemetry.vram import VRAMMonitor
-from xpuflow.types import Resource, ResourceType, RoutingDecision
+from xpuflow.types import Resource, ResourceType, RoutingDecision, WorkerSnapshot
 
 __all__ = ["Orchestrator", "Placement"]
 
@@ -527,6 +527,17 @@ class Orchestrator:
         if not isinstance(interval_s, (int, float)) or interval_s <= 0 or not hasattr(session, "health"):
             return
         timeout_s = getattr(session, "health_timeout_s", 1.0)
+        settings = getattr(session, "settings", None)
+        load_probe = None
+        if settings is not None and getattr(settings, "server_metrics", False):
+            # the server's own queue and cache use join the scorer's view (snapshot_of, below)
+            headers = dict(getattr(settings, "headers", {}) or {})
+            api_key = getattr(settings, "api_key", None)
+            if api_key:
+                headers["Authorization"] = f"Bearer {api_key}"
+            load_probe = PrometheusLoadProbe(
+                str(settings.base_url), timeout_s=float(timeout_s), headers=headers
+            )
         checker = RemoteStatePoller(
             session,  # type: ignore[arg-type]
             worker_id=worker.worker_id,
@@ -536,11 +547,21 @@ class Orchestrator:
             interval_s=float(interval_s),
             poll_timeout_s=float(timeout_s) * 1.5,
             clock=self._clock,
+            load_probe=load_probe,
             health=worker.health,
             on_unhealthy=worker.abandon_in_flight,
         )
         self._checkers[worker.worker_id] = checker
         await checker.start()
+
+    def _snapshot_of(self, worker: Any) -> WorkerSnapshot:
+        """What the scorer reads of a worker: its own snapshot with its service time, plus, for a remote
+        server that reports its load, the server's queue and cache use (``routing.remote_state``)."""
+        snapshot = service_time_snapshot(worker)
+        checker = self._checkers.get(worker.worker_id)
+        if checker is not None and checker.has_load:
+            return checker.overlay(snapshot)
+        return snapshot
 
     async def _stop_checks(self, worker_ids: Any) -> None:
         checkers = [self._checkers.pop(w) for w in list(worker_ids) if w in self._checkers]
@@ -621,6 +642,7 @@ class Orchestrator:
         router = AdaptiveRouter(routing, monitor=self._monitor, clock=self._clock) if len(tiers) > 1 else None
         timeout_s = max(deployments[d].timeout_s for t in model.tiers for d in t.deployments)
         dispatcher = Dispatcher(
+            snapshot_of=self._snapshot_of,
             policy=RetryPolicy(
                 max_retries=model.max_retries,
                 attempt_timeout_s=timeout_s,

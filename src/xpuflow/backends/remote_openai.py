@@ -84,6 +84,9 @@ REMOTE_OPTIONS: dict[str, str] = {
     "headers": "extra HTTP headers sent with every request (a mapping of strings)",
     "stream_usage": "ask for token counts on streams (stream_options.include_usage; default false: "
     "some servers refuse the field)",
+    "server_metrics": "read the server's own load (requests waiting and running, KV-cache use) from its "
+    "Prometheus /metrics at each health check, for worker choice (vLLM, SGLang, TGI, llama.cpp's server; "
+    "default true; a server without /metrics is asked once)",
 }
 
 #: Weight of the newest sample in the latency EMA.
@@ -169,6 +172,7 @@ class RemoteSettings:
     max_connections: int = 64
     headers: Mapping[str, str] = field(default_factory=dict)
     stream_usage: bool = False
+    server_metrics: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "headers", MappingProxyType(dict(self.headers)))
@@ -203,6 +207,7 @@ class RemoteSettings:
             max_connections=max_connections,
             headers=headers,
             stream_usage=config.bool_option("stream_usage", False),
+            server_metrics=config.bool_option("server_metrics", True),
         )
 
 

@@ -149,9 +149,12 @@ class PrometheusLoadProbe:
         self.url = (root[: -len("/v1")] if root.endswith("/v1") else root) + "/metrics"
         self.timeout_s = timeout_s
         self.headers = dict(headers or {})
+        self.absent = False  # the server has no /metrics (404): it is not asked again
         self._http: Any = None  # aiohttp.ClientSession, created in the loop that first polls
 
     async def __call__(self) -> ServerLoad | None:
+        if self.absent:
+            return None
         try:
             import aiohttp
 
@@ -160,6 +163,10 @@ class PrometheusLoadProbe:
                     timeout=aiohttp.ClientTimeout(total=self.timeout_s), headers=self.headers
                 )
             async with self._http.get(self.url) as response:
+                if response.status == 404:
+                    self.absent = True
+                    log.info("%s: no /metrics here; worker choice uses this gateway's own view", self.url)
+                    return None
                 if response.status != 200:
                     return None
                 return parse_server_load(await response.text())
@@ -234,6 +241,11 @@ class RemoteStatePoller:
     def overlay(self, local: WorkerSnapshot) -> WorkerSnapshot:
         """``overlay_remote(local, self.snapshot())``."""
         return overlay_remote(local, self._snapshot)
+
+    @property
+    def has_load(self) -> bool:
+        """Whether the server's own load has been read (a load probe answered at least once)."""
+        return self._load is not None
 
     async def poll_once(self) -> WorkerSnapshot:
         """Read health, client-side metrics and (if configured) the server's load; never raises."""
