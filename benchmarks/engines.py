@@ -156,10 +156,30 @@ async def _latency(paths: dict[str, tuple[Any, str]], requests: int, warmup: int
 # -- 2. embeddings: gRPC against REST ----------------------------------------------------------------
 
 
+def _embed_batches(url: str) -> dict[int, int]:
+    """Batch size -> batches run so far by the ``embed`` worker (the dashboard's open snapshot)."""
+    with urllib.request.urlopen(url + "/dashboard/snapshot", timeout=5) as response:
+        snapshot = json.loads(response.read())
+    counts: dict[int, int] = {}
+    for device in snapshot["devices"]:
+        for worker in device["workers"]:
+            if worker["worker_id"].split("/")[0] == "embed":
+                for size, count in worker["batch_sizes"].items():
+                    counts[int(size)] = counts.get(int(size), 0) + int(count)
+    return counts
+
+
+def _mean_batch(before: dict[int, int], after: dict[int, int]) -> float | None:
+    ran = {size: after[size] - before.get(size, 0) for size in after}
+    batches = sum(ran.values())
+    return sum(size * n for size, n in ran.items()) / batches if batches else None
+
+
 async def _embed_rps(
     kind: str, url: str, grpc: str, concurrency: int, duration_s: float, server_pid: int
-) -> tuple[float, float, int]:
-    """Texts per second of wall time, per CPU second of the gateway process, and the requests sent."""
+) -> tuple[float, float, int, float | None]:
+    """Texts per second of wall time, per CPU second of the gateway process, the requests sent and
+    the mean number of requests per batch the embedding worker ran."""
     import aiohttp
 
     texts = np.array([t.encode() for t in TEXTS], dtype=object)
@@ -193,18 +213,20 @@ async def _embed_rps(
     try:
         for _ in range(20):
             await one()  # warm-up: connections, first batches
+        batches_before = _embed_batches(url)
         stop_at = time.perf_counter() + duration_s
         cpu_before = cpu_s(server_pid)
         start = time.perf_counter()
         await asyncio.gather(*(loop() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
         cpu_used = cpu_s(server_pid) - cpu_before
+        mean_batch = _mean_batch(batches_before, _embed_batches(url))
     finally:
         if kind == "grpc":
             await client.close()
         else:
             await http.close()
-    return done * len(TEXTS) / elapsed, done * len(TEXTS) / max(cpu_used, 1e-9), done
+    return done * len(TEXTS) / elapsed, done * len(TEXTS) / max(cpu_used, 1e-9), done, mean_batch
 
 
 # -- 3. managed restart ------------------------------------------------------------------------------
@@ -599,7 +621,9 @@ async def _profile(url: str, grpc: str, server_pid: int, args: argparse.Namespac
     for kind in ("grpc", "rest") if args.profile_embed_s > 0 else ():
 
         async def embed(kind: str = kind) -> int:
-            _, _, done = await _embed_rps(kind, url, grpc, args.concurrency, args.profile_embed_s, server_pid)
+            _, _, done, _ = await _embed_rps(
+                kind, url, grpc, args.concurrency, args.profile_embed_s, server_pid
+            )
             return done
 
         result[f"embed_{kind}"] = await _profile_one(spy, f"embed_{kind}", embed, server_pid, args)
@@ -718,12 +742,16 @@ async def _main_async(
             await client.close()
     rps: dict[str, list[float]] = {"grpc": [], "rest": []}
     per_cpu: dict[str, list[float]] = {"grpc": [], "rest": []}
+    batch: dict[str, list[float | None]] = {"grpc": [], "rest": []}
     for index in range(args.rounds):
         for kind in ("grpc", "rest") if index % 2 == 0 else ("rest", "grpc"):
-            wall, cpu, _ = await _embed_rps(kind, url, grpc, args.concurrency, args.duration, server_pid)
+            wall, cpu, _, mean_batch = await _embed_rps(
+                kind, url, grpc, args.concurrency, args.duration, server_pid
+            )
             rps[kind].append(wall)
             per_cpu[kind].append(cpu)
-    return {"latency": latency, "rps": rps, "per_cpu": per_cpu, "profile": profile}
+            batch[kind].append(mean_batch)
+    return {"latency": latency, "rps": rps, "per_cpu": per_cpu, "batch": batch, "profile": profile}
 
 
 def _compare(args: argparse.Namespace, p50: dict[str, float]) -> dict[str, Any] | None:
@@ -877,6 +905,11 @@ def main() -> None:
         "xpuflow_rest_embed_texts_per_s": round(rest_rps, 1),
         "xpuflow_grpc_vs_rest_embed_per_gateway_cpu_s": round(cpu_ratio, 3),
         "embed_texts_per_gateway_cpu_s": {k: round(v, 1) for k, v in per_cpu.items()},
+        # requests per batch the embedding worker ran: the engine's cost per request falls as it rises
+        "embed_mean_requests_per_batch": {
+            k: round(statistics.mean(b), 2) if (b := [x for x in v if x is not None]) else None
+            for k, v in measured["batch"].items()
+        },
         "gateway_cpu_us_per_embed_request": {k: round(gateway_us[k], 1) for k in gateway_us},
         "gateway_cpu_us_per_embed_request_above_floor": {
             "grpc": round(gateway_us["grpc"] - floor_median["grpc"]["server_cpu_us_per_call"], 1),
