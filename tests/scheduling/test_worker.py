@@ -688,3 +688,16 @@ def test_every_request_is_answered_exactly_once_and_batches_stay_within_the_cap(
         assert len(worker.queue) == 0
 
     asyncio.run(scenario())
+
+
+@run_async
+async def test_snapshot_reports_the_batch_size_the_worker_achieves() -> None:
+    session = FakeSession(service_time_s=0.001, max_batch_size=8)
+    async with Worker(session, worker_id="w", batch_policy="greedy") as worker:
+        assert worker.snapshot().mean_batch_size is None  # nothing run yet: unknown
+        await asyncio.gather(*(worker.submit(completion(f"p {i}")) for i in range(3)))
+        await worker.submit(completion("alone"))
+        snap = worker.snapshot()
+    assert snap.mean_batch_size == worker.metrics.mean_batch_size()
+    assert snap.mean_batch_size is not None
+    assert 1.0 <= snap.mean_batch_size < 8

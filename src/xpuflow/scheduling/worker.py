@@ -727,6 +727,10 @@ class Worker:
             in_flight=self.metrics.in_flight,
             max_batch_size=self.max_batch_size,
             max_in_flight=self.max_in_flight,
+            # the scorer counts queued work in the batches this worker achieves, not the largest it
+            # could form (docs/worker_choice.md): without it, 8 queued on a worker that batches 2 read
+            # as one batch ahead instead of four
+            mean_batch_size=self.metrics.mean_batch_size(),
             ema_latency_ms=self.metrics.ema_latency_ms,
             free_memory_bytes=None if free is None else int(free),
             utilization_pct=float(utilization),
