@@ -43,6 +43,8 @@ from xpuflow.errors import (
     XpuflowError,
 )
 from xpuflow.model_files import estimate_params, model_format
+from xpuflow.policy.placement import Placement, capability_problems, place
+from xpuflow.policy.worker_scorer import WorkerNeeds, session_affinity
 from xpuflow.routing.adaptive import AdaptiveRouter, RoutingConfig, TierConfig
 from xpuflow.routing.dispatch import Dispatcher, RetryPolicy, StreamInterrupted, service_time_snapshot
 from xpuflow.routing.remote_state import PrometheusLoadProbe, RemoteStatePoller
@@ -57,12 +59,19 @@ from xpuflow.telemetry.host_memory import HostMemory
 from xpuflow.telemetry.vram import VRAMMonitor
 from xpuflow.types import Resource, ResourceType, RoutingDecision, WorkerSnapshot
 
-__all__ = ["Orchestrator", "Placement"]
+__all__ = ["Orchestrator", "Placement"]  # Placement: policy.placement, re-exported
 
 log = logging.getLogger(__name__)
 
 _GENERATIVE = (RequestKind.CHAT, RequestKind.COMPLETION)
 _MODELS_CONTEXT = "models"  # the residency budget's one context: every loaded model of the device
+
+
+def _affinity(call: InferenceCall) -> Any:
+    """Sticky worker choice for calls that name a session (``x-xpuflow-session`` or OpenAI's ``user``):
+    rendezvous hashing keeps a session on one worker while it is a good choice (its prefix cache stays
+    warm), and moves only that worker's sessions when it leaves."""
+    return session_affinity(call.session_key) if call.session_key else None
 
 
 def _cold(decision: RoutingDecision, request: WorkRequest) -> RoutingDecision:
@@ -71,16 +80,6 @@ def _cold(decision: RoutingDecision, request: WorkRequest) -> RoutingDecision:
     if not request.metadata.get("cold_start"):
         return decision
     return dataclasses.replace(decision, details={**decision.details, "cold_start": True})
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a deployment runs and why."""
-
-    deployment: str
-    backend: str
-    resources: tuple[Resource, ...]
-    reason: str
 
 
 @dataclass
@@ -148,8 +147,8 @@ class Orchestrator:
         return self._inventory
 
     def place(self, dep: DeploymentConfig) -> Placement:
-        """Choose the resources of one deployment (pure given the inventory). Raises CapabilityError
-        naming the devices that would work."""
+        """Choose the resources of one deployment (``policy.placement.place`` over the devices its
+        backend can use here). Raises CapabilityError naming the devices that would work."""
         plugin = get_backend(dep.backend)
         availability = plugin.availability()
         if not availability.available:
@@ -164,27 +163,11 @@ class Orchestrator:
                 f"deployment '{dep.name}': backend '{dep.backend}' can use none of the devices found "
                 f"({', '.join(r.id for r in self.inventory.resources)})"
             )
-        if dep.device != "auto":
-            chosen = next((r for r in usable if r.id == dep.device), None)
-            if chosen is None:
-                raise CapabilityError(
-                    f"deployment '{dep.name}': device '{dep.device}' is not usable by backend "
-                    f"'{dep.backend}'; usable: {', '.join(r.id for r in usable)}, or device: auto"
-                )
-            return Placement(dep.name, dep.backend, (chosen,), f"{dep.device} as configured")
-        if len(usable) == 1 or dep.model is None:
-            return Placement(dep.name, dep.backend, (usable[0],), f"{usable[0].id}: the only choice")
-        from xpuflow.policy.advisor import advise_workload
-
-        path = self._model_path(dep)
-        decision = advise_workload(
-            Inventory.of(usable),
-            estimate_params(path, model_format(path)),
-            batch_size=dep.max_batch_size,
-            precision=dep.precision,
-        )
-        chosen = next(r for r in usable if r.id == decision.device)
-        return Placement(dep.name, dep.backend, (chosen,), decision.reason)
+        params = None
+        if dep.device == "auto" and len(usable) > 1 and dep.model is not None:
+            path = self._model_path(dep)
+            params = estimate_params(path, model_format(path))
+        return place(dep, usable, params=params)
 
     def _model_path(self, dep: DeploymentConfig) -> Path:
         assert dep.model is not None
@@ -462,6 +445,17 @@ class Orchestrator:
         artifacts = await asyncio.to_thread(
             build_all, plugin, list(placement.resources), model_config, store, progress=self._progress
         )
+        capability = plugin.get_capability(list(placement.resources), model_config, artifacts)
+        problems, notes = capability_problems(dep, capability)
+        if problems:
+            raise CapabilityError(
+                f"deployment '{dep.name}' cannot run on {placement.resources[0].id} with backend "
+                f"'{dep.backend}': {'; '.join(problems)}",
+                reasons=problems,
+            )
+        if notes:
+            placement = dataclasses.replace(placement, reason=f"{placement.reason}; {'; '.join(notes)}")
+            self.placements[dep.name] = placement
         device = placement.resources[0].id
         residency = self._residency_for(dep, device)
         for index in range(dep.replicas):
@@ -513,6 +507,7 @@ class Orchestrator:
                 max_in_flight=dep.max_in_flight,
                 compute_gate=compute_gate,
                 residency=residency,
+                max_seq_len=min(dep.max_seq_len, capability.max_seq_len),
             )
             await worker.start()
             self.workers[worker.worker_id] = worker
@@ -740,6 +735,31 @@ class Orchestrator:
         ordered = [t for t in model.tiers if t[0] == chosen] + [t for t in model.tiers if t[0] != chosen]
         return decision, ordered
 
+    def _needs(self, model: _LogicalModel, call: InferenceCall, tiers: list[Any]) -> WorkerNeeds | None:
+        """What a generation needs of a worker: at least its prompt's tokens in the worker's context (a
+        lower bound, 6 characters a token, so only a prompt that cannot fit is kept from a worker). A
+        prompt too long for every worker is the client's error (400), not an outage."""
+        if call.kind not in _GENERATIVE:
+            return None
+        payload = call.payload
+        if isinstance(payload, str):
+            chars = len(payload)
+        else:
+            chars = sum(len(str(m.get("content") or "")) for m in payload if isinstance(m, Mapping))
+        tokens = chars // 6
+        if tokens < 256:
+            return None  # fits any context worth serving: skip the check
+        contexts = [w.snapshot().max_seq_len for _, workers in tiers for w in workers]
+        known = [c for c in contexts if isinstance(c, int)]
+        if known and len(known) == len(contexts) and tokens > max(known):
+            field = "prompt" if call.kind is RequestKind.COMPLETION else "messages"
+            raise ConfigError(
+                f"the prompt is at least {tokens} tokens, more than the context of every worker of model "
+                f"'{call.model}' (at most {max(known)} tokens); shorten it",
+                field=field,
+            )
+        return WorkerNeeds(tokens=tokens)
+
     def _request(self, call: InferenceCall, stream: bool) -> WorkRequest:
         deadline = self._clock.monotonic() + call.timeout_s if call.timeout_s else None
         return WorkRequest(
@@ -786,8 +806,11 @@ class Orchestrator:
         started = self._clock.monotonic()
         try:
             request = self._request(call, stream=False)
+            needs = self._needs(model, call, tiers)
             async with admission:
-                done = await model.dispatcher.dispatch(tiers, request, tier_decision=tier_decision)
+                done = await model.dispatcher.dispatch(
+                    tiers, request, needs=needs, affinity=_affinity(call), tier_decision=tier_decision
+                )
         except AdmissionRejected:
             raise
         except XpuflowError:
@@ -831,8 +854,11 @@ class Orchestrator:
             tier_decision, tiers = self._route(model, call)
             started = self._clock.monotonic()
             request = self._request(call, stream=True)
+            needs = self._needs(model, call, tiers)
             try:
-                opened = await model.dispatcher.open_stream(tiers, request, tier_decision=tier_decision)
+                opened = await model.dispatcher.open_stream(
+                    tiers, request, needs=needs, affinity=_affinity(call), tier_decision=tier_decision
+                )
             except XpuflowError:
                 self._record(call.model, tier_decision, None, ok=False)
                 raise

@@ -114,8 +114,10 @@ class Worker:
         tags: frozenset[str] = frozenset(),
         compute_gate: Callable[[], AbstractAsyncContextManager[Any]] | None = None,
         residency: ModelResidency | None = None,
+        max_seq_len: int | None = None,
     ) -> None:
         self.session = session
+        self._max_seq_len = max_seq_len  # the context its backend takes, when the session does not say
         self.worker_id = worker_id or f"{session.model_id}-{next(_worker_ids)}"
         self.deployment = deployment or session.model_id
         self.device = device or (session.resources[0].id if session.resources else "unknown")
@@ -715,6 +717,8 @@ class Worker:
         if utilization is None:
             utilization = self.metrics.utilization() * 100.0
         max_seq_len = getattr(self.session, "max_seq_len", None)
+        if not isinstance(max_seq_len, int):
+            max_seq_len = self._max_seq_len
         now = self._clock.monotonic()
         oldest = min(self._started_at.values(), default=None)
         return WorkerSnapshot(

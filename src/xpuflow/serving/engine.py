@@ -49,6 +49,9 @@ class InferenceCall:
     request_id: str = field(default_factory=lambda: f"chatcmpl-{next(_ids)}")
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     timeout_s: float | None = None
+    # requests with one key prefer one worker (its prefix/KV cache stays warm): the x-xpuflow-session
+    # header, else the body's OpenAI ``user``
+    session_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,15 @@ _SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),  # proxies (nginx) must not hold the stream back
 ]
 _WANTED = frozenset(
-    {b"authorization", b"content-length", b"content-type", b"x-priority", b"x-qos-class", b"x-xpuflow-tier"}
+    {
+        b"authorization",
+        b"content-length",
+        b"content-type",
+        b"x-priority",
+        b"x-qos-class",
+        b"x-xpuflow-tier",
+        b"x-xpuflow-session",
+    }
 )
 _PRIORITIES = {b"": Priority.NORMAL, b"high": Priority.HIGH, b"normal": Priority.NORMAL, b"low": Priority.LOW}
 _MAX_HEADER_CHARS = 200
@@ -117,6 +125,14 @@ def decision_headers(decision: RoutingDecision | None) -> list[tuple[bytes, byte
             _header(redact(decision.reason) if "://" in decision.reason else decision.reason),
         ),
     ]
+
+
+def _session_key(raw: bytes | None) -> str | None:
+    if not raw:
+        return None
+    if len(raw) > 256:
+        raise APIError(400, "header x-xpuflow-session must be at most 256 bytes", param="x-xpuflow-session")
+    return raw.decode("latin-1")
 
 
 def _token(raw: bytes | None, name: str) -> str | None:
@@ -479,6 +495,7 @@ class InferenceEndpoints:
             api_key_name=key.name if key else None,
             request_id=request_id,
             timeout_s=self.settings.request_timeout_s,
+            session_key=_session_key(headers.get(b"x-xpuflow-session")) or parsed.user,
         )
 
     async def _stream(

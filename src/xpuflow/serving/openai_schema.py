@@ -117,6 +117,7 @@ class ParsedRequest:
     include_usage: bool = False
     encoding_format: str = "float"
     dimensions: int | None = None
+    user: str | None = None  # OpenAI's end-user id: requests of one user keep going to one worker
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -349,7 +350,8 @@ def parse_chat(data: Mapping[str, Any], settings: GatewaySettings) -> ParsedRequ
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise _invalid("response_format", "only {'type': 'text'} is supported", "unsupported_value")
     stream, include_usage = _stream(data)
-    return ParsedRequest(model, RequestKind.CHAT, messages, _params(data, settings), stream, include_usage)
+    params = _params(data, settings)
+    return ParsedRequest(model, RequestKind.CHAT, messages, params, stream, include_usage, user=_user(data))
 
 
 def parse_completion(data: Mapping[str, Any], settings: GatewaySettings) -> ParsedRequest:
@@ -370,8 +372,23 @@ def parse_completion(data: Mapping[str, Any], settings: GatewaySettings) -> Pars
     _refuse(data, "best_of", (1,), "best_of other than 1 is not supported by this server")
     stream, include_usage = _stream(data)
     return ParsedRequest(
-        model, RequestKind.COMPLETION, prompt, _params(data, settings), stream, include_usage
+        model,
+        RequestKind.COMPLETION,
+        prompt,
+        _params(data, settings),
+        stream,
+        include_usage,
+        user=_user(data),
     )
+
+
+def _user(data: Mapping[str, Any]) -> str | None:
+    user = data.get("user")
+    if user is None or user == "":
+        return None
+    if not isinstance(user, str) or len(user) > 256:
+        raise _invalid("user", "must be a string of at most 256 characters (an end-user id)")
+    return user
 
 
 def parse_embeddings(data: Mapping[str, Any], settings: GatewaySettings) -> ParsedRequest:
