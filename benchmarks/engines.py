@@ -482,6 +482,84 @@ def _floor(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
             stop_process(proc)
 
 
+# -- 6. the gateway without its engine --------------------------------------------------------------
+
+
+def _bypass_server(port: int, grpc_port: int, ml_rest: str, ml_grpc: str) -> None:
+    """Serve until killed: the gateway's HTTP app (``create_app``, its middleware and ``/v2`` routes) and
+    its gRPC server, built as ``xpuflow serve`` builds them, over an engine that hands each call straight
+    to a ``kserve_v2`` session (the same options as the benchmark's deployments): no orchestrator,
+    routing, admission, worker queue or batcher. Its added latency against the full gateway's, measured
+    in the same blocks, is what the engine adds."""
+    import uvicorn
+
+    from xpuflow.backends.base import ModelConfig, ModelTask
+    from xpuflow.backends.kserve_v2 import KServeV2Plugin
+    from xpuflow.serving.app import create_app
+    from xpuflow.serving.engine import InferenceCall, InferenceResult, ModelInfo
+    from xpuflow.serving.oip_grpc import OIPGrpcServer
+    from xpuflow.serving.oip_service import OIPService
+    from xpuflow.types import RoutingDecision
+
+    class DirectEngine:
+        def __init__(self, sessions: dict[str, Any]) -> None:
+            self.sessions = sessions
+            self.decisions = {
+                name: RoutingDecision("remote", "no engine: straight to the session", 1.0, worker=name)
+                for name in sessions
+            }
+
+        def models(self) -> list[ModelInfo]:
+            return [ModelInfo(name, "tensor") for name in self.sessions]
+
+        async def complete(self, call: InferenceCall) -> InferenceResult:
+            outputs = await self.sessions[call.model].run(call.payload)
+            return InferenceResult(self.decisions[call.model], outputs=outputs)
+
+        async def tensor_metadata(self, name: str) -> Any:
+            return await self.sessions[name].metadata()
+
+        def stream(self, call: InferenceCall) -> Any:
+            raise NotImplementedError("the bypass engine serves tensor calls only")
+
+        def status(self) -> dict[str, Any]:
+            return {}
+
+    async def serve() -> None:
+        plugin = KServeV2Plugin()
+        sessions = {}
+        for name, protocol, base_url in (("iris_grpc", "grpc", ml_grpc), ("iris_rest", "rest", ml_rest)):
+            options = {"base_url": base_url, "protocol": protocol, "model": "iris"}
+            config = ModelConfig(name, None, ModelTask.TENSOR, max_batch_size=32, options=options)
+            sessions[name] = await plugin.create_session([], config, {})
+        app = create_app(DirectEngine(sessions))
+        grpc_server = OIPGrpcServer(OIPService(app.state.gateway), "127.0.0.1", grpc_port)
+        await grpc_server.start()
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off"
+        )
+        print("ready", flush=True)
+        await uvicorn.Server(config).serve()
+
+    asyncio.run(serve())
+
+
+def _start_bypass(ml: Any, src: Path | None) -> tuple[subprocess.Popen[bytes], str, str]:
+    """The engine-less gateway in its own process (from ``src`` when given); its URL and gRPC address."""
+    port, grpc_port = free_port(), free_port()
+    argv = [sys.executable, __file__, "--bypass-server", f"{port},{grpc_port},{ml.rest},{ml.grpc}"]
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env, start_new_session=True)
+    if proc.stdout is None or proc.stdout.readline().strip() != b"ready":
+        stop_process(proc)
+        raise RuntimeError("the engine-less gateway did not start")
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(url + "/v2/health", 30)
+    return proc, url, f"127.0.0.1:{grpc_port}"
+
+
 # -- 5. where the gateway's time goes (profile) -------------------------------------------------------
 
 #: Profile groups, matched in order against a frame's file. A sample counts for the innermost xpuflow
@@ -737,6 +815,7 @@ async def _main_async(
     grpc: str,
     server_pid: int,
     baseline: tuple[str, str] | None = None,
+    bypass: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     paths: dict[str, tuple[Any, str]] = {
         "mlserver_grpc": (GrpcOIPClient(ml.grpc), "iris"),
@@ -747,6 +826,9 @@ async def _main_async(
     if baseline is not None:  # --compare-commit: the other gateway's paths take their turns too
         paths["baseline_grpc"] = (GrpcOIPClient(baseline[1]), "iris_grpc")
         paths["baseline_rest"] = (RestOIPClient(baseline[0], max_connections=1), "iris_rest")
+    if bypass is not None:  # --bypass: the gateway without its engine, in the same blocks
+        paths["bypass_grpc"] = (GrpcOIPClient(bypass[1]), "iris_grpc")
+        paths["bypass_rest"] = (RestOIPClient(bypass[0], max_connections=1), "iris_rest")
     try:
         latency = await _latency(paths, args.requests, args.warmup)
         profile = await _profile(url, grpc, server_pid, args) if args.profile_requests else None
@@ -765,6 +847,21 @@ async def _main_async(
             per_cpu[kind].append(cpu)
             batch[kind].append(mean_batch)
     return {"latency": latency, "rps": rps, "per_cpu": per_cpu, "batch": batch, "profile": profile}
+
+
+def _bypass_figures(p50: dict[str, float]) -> dict[str, Any] | None:
+    """With --bypass: the engine-less gateway's added p50, and the full gateway's p50 above it (what
+    the engine adds), from the same interleaved blocks."""
+    if "bypass_grpc" not in p50:
+        return None
+    kinds = ("grpc", "rest")
+    engine = {k: p50[f"xpuflow_{k}"] - p50[f"bypass_{k}"] for k in kinds}
+    added = {k: p50[f"xpuflow_{k}"] - p50[f"mlserver_{k}"] for k in kinds}
+    return {
+        "added_p50_ms": {k: round(p50[f"bypass_{k}"] - p50[f"mlserver_{k}"], 3) for k in kinds},
+        "engine_p50_ms": {k: round(engine[k], 3) for k in kinds},
+        "engine_share_of_added": {k: round(engine[k] / added[k], 3) if added[k] > 0 else None for k in kinds},
+    }
 
 
 def _compare(args: argparse.Namespace, p50: dict[str, float]) -> dict[str, Any] | None:
@@ -830,11 +927,23 @@ def main() -> None:
         help="also start a gateway from commit REV's source and measure its two OIP paths in the same "
         "interleaved blocks (results under 'compare'): a before/after under one machine state",
     )
+    parser.add_argument(
+        "--bypass",
+        action="store_true",
+        help="also run the gateway's app and gRPC server over an engine that calls the kserve_v2 "
+        "sessions directly, its OIP paths in the same blocks (results under 'bypass'): what the engine "
+        "(orchestrator, routing, queue, batcher) adds to the latency",
+    )
+    parser.add_argument("--bypass-server", help=argparse.SUPPRESS)
     parser.add_argument("--floor-server", choices=("grpc", "http"), help=argparse.SUPPRESS)
     parser.add_argument("--floor-port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_server:
         _floor_server(args.floor_server, args.floor_port)
+        return
+    if args.bypass_server:
+        port, grpc_port, ml_rest, ml_grpc = args.bypass_server.split(",")
+        _bypass_server(int(port), int(grpc_port), ml_rest, ml_grpc)
         return
     if args.merge:
         _merge(args.merge)
@@ -875,12 +984,15 @@ def main() -> None:
             ],
         }
 
+        exported: dict[str, Path] = {}  # commit -> its exported src folder
+
         def gateway(rev: str | None, grpc_port: int) -> tuple[subprocess.Popen[bytes], str, str]:
             """``xpuflow serve`` of the working tree or of commit ``rev``, stopped on the way out."""
             src = None
             product = "the working tree"
             if rev:
                 src, commit = export_source(rev)
+                exported[rev] = src
                 cleanup.callback(shutil.rmtree, src.parent, ignore_errors=True)
                 product = f"commit {commit}"
             proc, url = start_xpuflow({**config, "gateway": {"grpc_port": grpc_port}}, timeout_s=120, src=src)
@@ -895,7 +1007,14 @@ def main() -> None:
             baseline_grpc = free_port()
             _, baseline_url, args.compare_product = gateway(args.compare_commit, baseline_grpc)
             baseline = (baseline_url, f"127.0.0.1:{baseline_grpc}")
-        measured = asyncio.run(_main_async(args, ml, url, f"127.0.0.1:{grpc_port}", proc.pid, baseline))
+        bypass = None
+        if args.bypass:
+            bypass_proc, bypass_url, bypass_grpc = _start_bypass(ml, exported.get(args.at_commit or ""))
+            cleanup.callback(stop_process, bypass_proc)
+            bypass = (bypass_url, bypass_grpc)
+        measured = asyncio.run(
+            _main_async(args, ml, url, f"127.0.0.1:{grpc_port}", proc.pid, baseline, bypass)
+        )
     latency, rps = measured["latency"], measured["rps"]
     p50 = {name: _p50(s) for name, s in latency.items()}
     grpc_added = p50["xpuflow_grpc"] - p50["mlserver_grpc"]
@@ -957,6 +1076,7 @@ def main() -> None:
         "method": __doc__,
         "gateway_source": args.product,
         "compare": _compare(args, p50),
+        "bypass": _bypass_figures(p50),
         "args": vars(args),
     }
     path = write_results("engines", results)
@@ -990,6 +1110,19 @@ def main() -> None:
                     "",
                     f"baseline {compare['added_p50_ms']['baseline'][kind]:.3f} "
                     f"({compare['baseline_gateway']})",
+                )
+            )
+    bypassed = results["bypass"]
+    if bypassed is not None:
+        for kind in ("grpc", "rest"):
+            share = bypassed["engine_share_of_added"][kind]
+            rows.append(
+                (
+                    f"engine's part of {kind} added p50 ms",
+                    f"{bypassed['engine_p50_ms'][kind]:.3f}",
+                    "",
+                    f"without the engine {bypassed['added_p50_ms'][kind]:.3f} ms added"
+                    + (f" ({share:.0%} of it is the engine)" if share is not None else ""),
                 )
             )
     fg, fh = floor_median["grpc"], floor_median["http"]
