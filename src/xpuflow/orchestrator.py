@@ -127,7 +127,7 @@ class Orchestrator:
         self._tokens: dict[str, ComputeTokens] = {}  # device -> its partitions' compute tokens
         self._residency: dict[str, ModelResidency] = {}  # device -> what is loaded there (on_demand)
         self._loaders: dict[str, Any] = {}  # worker id -> coroutine function that loads its session
-        self._usage_base: dict[str, int] = {}  # device -> bytes in use before any model was loaded
+        self._usage_base: dict[str, int] = {}  # device -> bytes in use that are no model's (after start)
         self._idle_task: asyncio.Task[None] | None = None
         self._decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self._latencies_ms: collections.deque[float] = collections.deque(maxlen=512)
@@ -199,6 +199,7 @@ class Orchestrator:
             await self.stop()
             raise
         if self._residency:
+            self._measure_baselines()
             self._idle_task = asyncio.create_task(self._idle_loop(), name="residency-keep-alive")
         self._ready = True
 
@@ -298,6 +299,16 @@ class Orchestrator:
                 now_s=self._clock.monotonic,
             )
 
+    def _measure_baselines(self) -> None:
+        """What each budgeted device holds that is no model's, measured once everything has started:
+        its use now minus the pinned models' sizes (on_demand ones are unloaded by then). The libraries
+        the start-up loads imported stay in memory for good; re-measurement after an unload must not
+        charge them to the budget as unreclaimed model memory."""
+        for device, residency in self._residency.items():
+            usage = self._usage_bytes(device)
+            if usage is not None:
+                self._usage_base[device] = max(0, usage - residency.resident_bytes())
+
     def _residency_for(self, dep: DeploymentConfig, device: str) -> ModelResidency | None:
         residency = self._residency.get(device)
         if dep.load == "on_demand" and residency is None:  # placement chose another device than asked
@@ -354,13 +365,12 @@ class Orchestrator:
             return None
         return capacity - max(0, usage - self._usage_base.get(device, 0))
 
-    def _model_bytes(self, dep: DeploymentConfig, device: str, usage_before: int | None) -> int:
-        """One replica's size: ``memory_gb`` when set, else what loading it took (measured) but at
-        least the size of its model files."""
+    def _model_bytes(self, dep: DeploymentConfig, with_model: int | None, without: int | None) -> int:
+        """One replica's size: ``memory_gb`` when set, else the measured difference between the device's
+        use with the model loaded and without it, but at least the size of its model files."""
         if dep.memory_gb is not None:
             return int(dep.memory_gb * (1 << 30))
-        after = self._usage_bytes(device)
-        measured = max(0, after - usage_before) if after is not None and usage_before is not None else 0
+        measured = max(0, with_model - without) if with_model is not None and without is not None else 0
         files = 0
         if dep.model is not None:
             path = self._model_path(dep)
@@ -465,27 +475,41 @@ class Orchestrator:
             worker_id = f"{dep.name}/{index}"
 
             async def load(
-                resources: list[Resource] | None = None,
+                resources: tuple[Resource, ...] = placement.resources,
                 config: Any = replica_config,
                 artifacts: Any = artifacts,
             ) -> Any:
-                if resources is None:
-                    resources = list(placement.resources)
-                return await plugin.create_session(resources, config, artifacts)
+                return await plugin.create_session(list(resources), config, artifacts)
 
             usage_before = self._usage_bytes(device)
             session = await load()
             if residency is not None:
-                size = self._model_bytes(dep, device, usage_before)
                 if dep.load == "on_demand":
-                    # loaded once at start to check it works and learn its size, then unloaded
+                    # loaded once at start to check it works and learn its size, then unloaded: its
+                    # size is what unloading gave back (a library's first import stays, and is no model's)
+                    loaded = self._usage_bytes(device)
                     await session.close()
+                    unloaded = self._usage_bytes(device)
+                    size = self._model_bytes(dep, loaded, unloaded)
+                    if None not in (usage_before, loaded, unloaded):
+                        took, gave = loaded - usage_before, loaded - unloaded  # type: ignore[operator]
+                        if took > (64 << 20) and gave < took / 2:
+                            log.warning(
+                                "%s: unloading gave back %.0f MiB of the %.0f MiB loading took; the rest is "
+                                "a library's first import, or memory the backend keeps (set memory_gb if "
+                                "%s is wrong)",
+                                worker_id,
+                                gave / (1 << 20),
+                                took / (1 << 20),
+                                f"{size >> 20} MiB",
+                            )
                     self._loaders[worker_id] = load
                     self._check_fits(dep, device, residency, size)
                     residency.register(
                         worker_id, size, context=_MODELS_CONTEXT, keep_alive_s=dep.keep_alive_s
                     )
                 else:
+                    size = self._model_bytes(dep, self._usage_bytes(device), usage_before)
                     residency.adopt(worker_id, size, session, context=_MODELS_CONTEXT)
             worker = Worker(
                 session,

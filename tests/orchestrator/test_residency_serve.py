@@ -182,7 +182,8 @@ def test_memory_is_measured_again_after_an_unload(leak: bool, unaccounted: bool)
 
     async def go() -> None:
         async with Orchestrator(config(measured, budget_gb=2.0), inventory=INVENTORY) as orch:
-            assert rows(orch)["m/0"]["size_bytes"] >= 90 * MIB  # measured from the process's RSS
+            if not leak:  # what unloading gave back at start (a leaky backend gives back nothing)
+                assert rows(orch)["m/0"]["size_bytes"] >= 90 * MIB
             await orch.complete(chat("m"))
             await orch.unload_worker("m/0")
             device = orch.status()["residency"][0]
