@@ -45,13 +45,19 @@ Figures (``benchmarks/results/residency.json``):
   cache, tokenizers). Target 0.
 - ``hit_rate``: requests answered without a cold start / all; ``hit_rate_lru_by_count``: the same model
   sequence (in the order clients sent it) replayed through an LRU holding a fixed number of models,
-  Ray Serve's ``max_num_models_per_replica`` = floor(budget / mean measured size), the number of these
-  models the budget holds on average. Target: xpuflow >= the baseline.
+  Ray Serve's ``max_num_models_per_replica`` = budget / mean measured size rounded to the nearest
+  integer, the number of these models the budget holds on average. Target: xpuflow >= the baseline.
 - ``cold_start_p50_ms`` per deployment: the p50 latency of its cold answers minus the p50 of its warm
   ones, and the gateway's own ``load_ms_p50`` row.
 - ``lost_requests``: target 0; ``retried_503`` counts the 503s clients retried.
 
+``--charge-startup-memory`` is a diagnostic for a gateway that charges memory it holds from start-up
+(imported libraries, allocator pools) to the budget at its first unload: it loads and unloads the
+smallest model through the admin API in the sizing run, adds what is then unaccounted to the budget,
+does the same in the run before the traffic, and holds models to the budget less that charge.
+
     python benchmarks/residency.py [--duration 180] [--clients 4] [--seed 7] [--zipf-s 1.1]
+                                   [--at-commit REV] [--charge-startup-memory] [--no-write]
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, print_table, start_process, stop_process, write_results
+from _common import export_source, free_port, print_table, start_process, stop_process, write_results
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -192,7 +198,9 @@ def task_of(deps: list[dict[str, Any]]) -> dict[str, str]:
 # -- the gateway -------------------------------------------------------------------------------------
 
 
-def start_gateway(config: dict[str, Any], work: Path, tag: str, timeout_s: float) -> tuple[Any, str]:
+def start_gateway(
+    config: dict[str, Any], work: Path, tag: str, timeout_s: float, src: Path | None
+) -> tuple[Any, str]:
     import yaml
 
     path = work / f"{tag}.yaml"
@@ -203,12 +211,16 @@ def start_gateway(config: dict[str, Any], work: Path, tag: str, timeout_s: float
     argv = [sys.executable, "-m", "xpuflow.cli.main", "serve", str(path), "--host", "127.0.0.1"]
     argv += ["--port", str(port)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", USER_KEY_ENV: USER_KEY, ADMIN_KEY_ENV: ADMIN_KEY}
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
     proc = start_process(argv, f"{url}/ready", timeout_s, env=env)
     return proc, url
 
 
-def get_admin(url: str, timeout_s: float = 5.0) -> bytes:
-    request = urllib.request.Request(url, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+def get_admin(url: str, timeout_s: float = 5.0, method: str = "GET") -> bytes:
+    headers = {"authorization": f"Bearer {ADMIN_KEY}"}
+    data = b"" if method == "POST" else None
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
         return bytes(response.read())
 
@@ -219,6 +231,14 @@ def get_json(url: str, timeout_s: float = 5.0) -> Any:
 
 def residency_row(url: str) -> dict[str, Any]:
     return next(r for r in get_json(f"{url}/admin/workers")["residency"] if r["device"] == "cpu")
+
+
+def charge_startup_memory(url: str, worker_id: str) -> int:
+    """Load and unload one model through the admin API, so the gateway re-measures its memory, and
+    return what it then charges as unaccounted (see ``--charge-startup-memory``)."""
+    get_admin(f"{url}/admin/workers/{worker_id}/load", timeout_s=120, method="POST")
+    get_admin(f"{url}/admin/workers/{worker_id}/unload", timeout_s=120, method="POST")
+    return int(residency_row(url)["unaccounted_bytes"])
 
 
 def tree_rss(pid: int) -> int:
@@ -407,12 +427,25 @@ def main() -> None:
     parser.add_argument(
         "--budget-gb", type=float, help="the run's CPU budget instead of the rule above (a diagnostic)"
     )
+    parser.add_argument(
+        "--charge-startup-memory",
+        action="store_true",
+        help="a diagnostic: measure what the gateway charges as unaccounted after its first unload, "
+        "add it to the budget, and have it charged before the traffic starts",
+    )
+    parser.add_argument(
+        "--at-commit", metavar="REV", help="run the gateway from `git archive REV src`, not the working tree"
+    )
     parser.add_argument("--start-timeout", type=float, default=600.0)
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="xpuflow-residency-"))
     procs: list[Any] = []
+    src, product = None, "the working tree"
+    if args.at_commit:
+        src, commit = export_source(args.at_commit)
+        product = f"commit {commit}"
     try:
         mlp, spec = prepare_mlp(work)
         deps = deployments(mlp, spec)
@@ -425,14 +458,18 @@ def main() -> None:
             work,
             "sizing",
             args.start_timeout,
+            src,
         )
         procs.append(proc)
         sizing = {model_name(m["name"]): m["size_bytes"] for m in residency_row(url)["models"]}
+        smallest = min(residency_row(url)["models"], key=lambda m: m["size_bytes"])["name"]
+        startup_bytes = charge_startup_memory(url, smallest) if args.charge_startup_memory else 0
         stop_process(proc)
         procs.remove(proc)
         os.unlink(proc.log_path)
         print("measured sizes (MiB): " + ", ".join(f"{m} {b / MIB:.0f}" for m, b in sizing.items()))
         budget_bytes = max(int(BUDGET_SHARE * sum(sizing.values())), int(FIT_MARGIN * max(sizing.values())))
+        budget_bytes += startup_bytes
         budget_gb = args.budget_gb if args.budget_gb is not None else budget_bytes / GIB
 
         # 2. the run.
@@ -441,13 +478,16 @@ def main() -> None:
             work,
             "run",
             args.start_timeout,
+            src,
         )
         procs.append(proc)
+        charged_bytes = charge_startup_memory(url, smallest) if args.charge_startup_memory else 0
         start_row = residency_row(url)
         rss_base = tree_rss(proc.pid)
         sizes = {model_name(m["name"]): m["size_bytes"] for m in start_row["models"]}
-        budget_bytes = start_row["budget_bytes"]
-        capacity_by_count = max(1, int(budget_bytes // statistics.mean(sizes.values())))
+        # What models may hold: the budget, less what a diagnostic run had charged before the traffic.
+        budget_bytes = start_row["budget_bytes"] - charged_bytes
+        capacity_by_count = max(1, round(budget_bytes / statistics.mean(sizes.values())))
         rss_limit = budget_bytes * (1 + RSS_MARGIN_SHARE) + RSS_MARGIN_BYTES
 
         expected = int(args.duration * 40) + 1000  # more than clients can send
@@ -478,6 +518,8 @@ def main() -> None:
         for proc in procs:
             stop_process(proc)
         shutil.rmtree(work, ignore_errors=True)
+        if src is not None:
+            shutil.rmtree(src.parent, ignore_errors=True)
 
     # -- figures ---------------------------------------------------------------------------------------
     sent = [r["model"] for r in records]
@@ -623,13 +665,18 @@ def main() -> None:
                 "zipf_s": args.zipf_s,
                 "max_retries": args.max_retries,
                 "keep_alive_s": KEEP_ALIVE_S,
-                "budget_gb": round(budget_bytes / GIB, 4),
+                "budget_gb": round(start_row["budget_bytes"] / GIB, 4),
+                "models_budget_bytes": budget_bytes,
+                "charge_startup_memory": args.charge_startup_memory,
+                "startup_bytes_sizing_run": startup_bytes,
+                "charged_bytes_before_traffic": charged_bytes,
+                "product": product,
                 "budget_rule": f"max({BUDGET_SHARE} x sum of sizes, {FIT_MARGIN} x largest)"
                 if args.budget_gb is None
                 else "--budget-gb",
                 "rss_margin": f"{RSS_MARGIN_SHARE:.0%} of the budget + {RSS_MARGIN_BYTES // MIB} MiB",
                 "rss_baseline_bytes": rss_base,
-                "lru_by_count_capacity_rule": "floor(budget / mean measured size)",
+                "lru_by_count_capacity_rule": "round(budget / mean measured size)",
             },
             "metrics_at_end": metrics,
             "residency_at_end": end_row,
