@@ -251,7 +251,8 @@ def _admin_workers(url: str) -> list[dict[str, Any]]:
         return list(json.loads(response.read())["workers"])
 
 
-def _managed_restart(load_s_before: float, load_s_after: float) -> dict[str, Any]:
+def _managed_restart(load_s_before: float, load_s_after: float, rev: str | None) -> dict[str, Any]:
+    """The managed llama.cpp server killed under load; the gateway runs commit ``rev`` when given."""
     from xpuflow.bundled import smollm2_gguf_path
 
     config = {
@@ -268,7 +269,13 @@ def _managed_restart(load_s_before: float, load_s_after: float) -> dict[str, Any
             }
         ],
     }
-    proc, url = start_xpuflow(config, timeout_s=180)
+    src = export_source(rev)[0] if rev else None
+    try:
+        proc, url = start_xpuflow(config, timeout_s=180, src=src)
+    except BaseException:
+        if src is not None:
+            shutil.rmtree(src.parent, ignore_errors=True)
+        raise
     body = json.dumps(
         {"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
     ).encode()
@@ -325,6 +332,9 @@ def _managed_restart(load_s_before: float, load_s_after: float) -> dict[str, Any
     finally:
         stop.set()
         stop_process(proc)
+        shutil.rmtree(getattr(proc, "config_dir", ""), ignore_errors=True)
+        if src is not None:
+            shutil.rmtree(src.parent, ignore_errors=True)
     lost = [o for o in outcomes if o[1] != 200]
     return {
         "managed_restart_s": None if restart_s is None else round(restart_s, 3),
@@ -1027,7 +1037,7 @@ def main() -> None:
         kind: {key: _p50([r[key] for r in rounds]) for key in rounds[0]} for kind, rounds in floor.items()
     }
     gateway_us = {k: len(TEXTS) / v * 1e6 for k, v in per_cpu.items()}
-    managed = None if args.skip_managed else _managed_restart(4.0, 3.0)
+    managed = None if args.skip_managed else _managed_restart(4.0, 3.0, args.at_commit)
 
     results: dict[str, Any] = {
         "oip_grpc_added_p50_ms": round(grpc_added, 3),
