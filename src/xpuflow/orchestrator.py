@@ -15,7 +15,6 @@ one VRAM monitor shared by all) and the shared ``Dispatcher`` (worker choice, re
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -23,41 +22,37 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xpuflow.backends.base import Completion
 from xpuflow.backends.registry import get_backend
 from xpuflow.build.builder import BuildProgress, build_all
 from xpuflow.build.store import ArtifactStore
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.config import DeploymentConfig, LogicalModelConfig, TierRef, XpuflowConfig
 from xpuflow.discovery.inventory import Inventory
+from xpuflow.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
 from xpuflow.errors import (
-    AdmissionRejected,
     CapabilityError,
     ConfigError,
     ModelDoesNotFit,
     ModelNotFound,
-    XpuflowError,
 )
 from xpuflow.model_files import estimate_params, model_format
 from xpuflow.policy.placement import Placement, capability_problems, place
-from xpuflow.policy.worker_scorer import WorkerNeeds, session_affinity
 from xpuflow.routing.adaptive import AdaptiveRouter, RoutingConfig, TierConfig
-from xpuflow.routing.dispatch import Dispatcher, RetryPolicy, StreamInterrupted, service_time_snapshot
+from xpuflow.routing.dispatch import Dispatcher, RetryPolicy, service_time_snapshot
 from xpuflow.routing.remote_state import PrometheusLoadProbe, RemoteStatePoller
+from xpuflow.routing.router import RequestLog, Router
 from xpuflow.scheduling.admission import AdmissionController, ContextSpec, QoSPolicy
 from xpuflow.scheduling.partitions import ComputeTokens
 from xpuflow.scheduling.qos_gate import QoSGate
-from xpuflow.scheduling.request import RequestKind, WorkRequest
+from xpuflow.scheduling.request import RequestKind
 from xpuflow.scheduling.residency import ModelResidency
 from xpuflow.scheduling.worker import Worker
-from xpuflow.serving.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
 from xpuflow.telemetry.host_memory import HostMemory
 from xpuflow.telemetry.vram import VRAMMonitor
-from xpuflow.types import Resource, ResourceType, RoutingDecision, WorkerSnapshot
+from xpuflow.types import Resource, ResourceType, WorkerSnapshot
 
 __all__ = ["Orchestrator", "Placement"]  # Placement: policy.placement, re-exported
 
@@ -65,31 +60,6 @@ log = logging.getLogger(__name__)
 
 _GENERATIVE = (RequestKind.CHAT, RequestKind.COMPLETION)
 _MODELS_CONTEXT = "models"  # the residency budget's one context: every loaded model of the device
-
-
-def _affinity(call: InferenceCall) -> Any:
-    """Sticky worker choice for calls that name a session (``x-xpuflow-session`` or OpenAI's ``user``):
-    rendezvous hashing keeps a session on one worker while it is a good choice (its prefix cache stays
-    warm), and moves only that worker's sessions when it leaves."""
-    return session_affinity(call.session_key) if call.session_key else None
-
-
-def _cold(decision: RoutingDecision, request: WorkRequest) -> RoutingDecision:
-    """``decision``, marked ``details["cold_start"]`` when serving ``request`` had to load its model
-    (the gateway answers ``x-xpuflow-cold-start: true``)."""
-    if not request.metadata.get("cold_start"):
-        return decision
-    return dataclasses.replace(decision, details={**decision.details, "cold_start": True})
-
-
-@dataclass
-class _LogicalModel:
-    config: LogicalModelConfig
-    task: str
-    router: AdaptiveRouter | None  # None for a single tier: nothing to choose, no scoring cost
-    dispatcher: Dispatcher
-    tiers: list[tuple[str, list[Worker]]] = field(default_factory=list)
-    created_s: int = 0
 
 
 class Orchestrator:
@@ -121,7 +91,7 @@ class Orchestrator:
         self._checkers: dict[str, RemoteStatePoller] = {}  # worker id -> its active health checks
         self._managed: dict[str, Any] = {}  # worker id -> the model server it started (managed engines)
         self._cluster: Any = None  # cluster.runtime.ClusterRuntime when the config has a cluster section
-        self._models: dict[str, _LogicalModel] = {}
+        self._routers: dict[str, Router] = {}  # logical model -> the owner of its requests
         self._ready = False
         self._qos: QoSGate | None = None
         self._tokens: dict[str, ComputeTokens] = {}  # device -> its partitions' compute tokens
@@ -129,9 +99,7 @@ class Orchestrator:
         self._loaders: dict[str, Any] = {}  # worker id -> coroutine function that loads its session
         self._usage_base: dict[str, int] = {}  # device -> bytes in use that are no model's (after start)
         self._idle_task: asyncio.Task[None] | None = None
-        self._decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
-        self._latencies_ms: collections.deque[float] = collections.deque(maxlen=512)
-        self._counters = {"requests_total": 0, "errors_total": 0, "completion_tokens_total": 0}
+        self._log = RequestLog()  # every router's decisions, latencies and counters, for status()
         self._started_s = time.time()
 
     # -- start-up -----------------------------------------------------------------------------------
@@ -194,7 +162,7 @@ class Orchestrator:
             for dep in self.config.deployments:
                 await self._start_deployment(dep, store)
             for model in self._logical_models():
-                self._models[model.name] = self._wire(model)
+                self._routers[model.name] = self._wire(model)
         except BaseException:
             await self.stop()
             raise
@@ -632,9 +600,9 @@ class Orchestrator:
             for d in self.config.deployments
         ]
 
-    def _wire(self, model: LogicalModelConfig) -> _LogicalModel:
+    def _wire(self, model: LogicalModelConfig) -> Router:
         deployments = {d.name: d for d in self.config.deployments}
-        tiers: list[tuple[str, list[Worker]]] = []
+        tiers: list[tuple[str, list[Any]]] = []
         tier_configs = []
         for index, tier in enumerate(model.tiers):
             workers = [w for w in self.workers.values() if w.deployment in tier.deployments]
@@ -658,7 +626,9 @@ class Orchestrator:
             ) from exc
         first = deployments[model.tiers[0].deployments[0]]
         task = first.task if first.task in ("embedding", "tensor") else "chat"
-        router = AdaptiveRouter(routing, monitor=self._monitor, clock=self._clock) if len(tiers) > 1 else None
+        tier_router = (
+            AdaptiveRouter(routing, monitor=self._monitor, clock=self._clock) if len(tiers) > 1 else None
+        )
         timeout_s = max(deployments[d].timeout_s for t in model.tiers for d in t.deployments)
         dispatcher = Dispatcher(
             snapshot_of=self._snapshot_of,
@@ -670,7 +640,17 @@ class Orchestrator:
             ),
             clock=self._clock,
         )
-        return _LogicalModel(model, task, router, dispatcher, tiers, int(self._started_s))
+        return Router(
+            model,
+            task,
+            tiers,  # type: ignore[arg-type]
+            dispatcher=dispatcher,
+            tier_router=tier_router,
+            admit=self._admission,
+            log=self._log,
+            clock=self._clock,
+            created_s=int(self._started_s),
+        )
 
     async def stop(self) -> None:
         """Stop every worker (draining queued work) and the routers."""
@@ -691,10 +671,9 @@ class Orchestrator:
         if self._cluster is not None:
             cluster, self._cluster = self._cluster, None
             await cluster.stop()
-        for model in self._models.values():
-            if model.router is not None:
-                model.router.shutdown()
-        self._models.clear()
+        for router in self._routers.values():
+            router.shutdown()
+        self._routers.clear()
         self._tokens = {}
         if self._monitor is not None and self._owns_monitor:
             self._monitor.stop()
@@ -712,109 +691,14 @@ class Orchestrator:
         return self._ready
 
     def models(self) -> list[ModelInfo]:
-        return [
-            ModelInfo(name, m.task, tuple(t for t, _ in m.tiers), m.created_s)
-            for name, m in self._models.items()
-        ]
+        return [router.info() for router in self._routers.values()]
 
-    def _model(self, call: InferenceCall) -> _LogicalModel:
-        model = self._models.get(call.model)
-        if model is None:
-            raise ModelNotFound(call.model, list(self._models))
-        if (model.task == "tensor") != (call.kind is RequestKind.TENSOR):
-            raise ConfigError(
-                f"model '{call.model}' is a tensor model; send it tensors over the Open Inference Protocol "
-                f"(POST /v2/models/{call.model}/infer or gRPC ModelInfer)"
-                if model.task == "tensor"
-                else f"model '{call.model}' serves {model.task}, not tensors; use its OpenAI endpoint",
-                field="model",
-            )
-        if model.task == "embedding" and call.kind in _GENERATIVE:
-            raise ConfigError(
-                f"model '{call.model}' serves embeddings; use /v1/embeddings or a chat model", field="model"
-            )
-        if model.task != "embedding" and call.kind is RequestKind.EMBEDDING:
-            raise ConfigError(
-                f"model '{call.model}' generates text; use an embedding model for /v1/embeddings",
-                field="model",
-            )
-        return model
-
-    def _route(self, model: _LogicalModel, call: InferenceCall) -> tuple[RoutingDecision, list[Any]]:
-        if model.router is None:
-            only = model.tiers[0][0]
-            if call.tier_override not in (None, only):
-                raise ConfigError(
-                    f"model '{call.model}' has no tier '{call.tier_override}'; tiers: {only}",
-                    field="x-xpuflow-tier",
-                )
-            return (
-                RoutingDecision(
-                    None, "the model has one tier", 1.0, tier=only, details={"rule": "single-tier"}
-                ),
-                model.tiers,
-            )
-        decision = model.router.route_decision(call.payload, override=call.tier_override)
-        chosen = decision.tier or model.tiers[0][0]
-        ordered = [t for t in model.tiers if t[0] == chosen] + [t for t in model.tiers if t[0] != chosen]
-        return decision, ordered
-
-    def _needs(self, model: _LogicalModel, call: InferenceCall, tiers: list[Any]) -> WorkerNeeds | None:
-        """What a generation needs of a worker: at least its prompt's tokens in the worker's context (a
-        lower bound, 6 characters a token, so only a prompt that cannot fit is kept from a worker). A
-        prompt too long for every worker is the client's error (400), not an outage."""
-        if call.kind not in _GENERATIVE:
-            return None
-        payload = call.payload
-        if isinstance(payload, str):
-            chars = len(payload)
-        else:
-            chars = sum(len(str(m.get("content") or "")) for m in payload if isinstance(m, Mapping))
-        tokens = chars // 6
-        if tokens < 256:
-            return None  # fits any context worth serving: skip the check
-        contexts = [w.snapshot().max_seq_len for _, workers in tiers for w in workers]
-        known = [c for c in contexts if isinstance(c, int)]
-        if known and len(known) == len(contexts) and tokens > max(known):
-            field = "prompt" if call.kind is RequestKind.COMPLETION else "messages"
-            raise ConfigError(
-                f"the prompt is at least {tokens} tokens, more than the context of every worker of model "
-                f"'{call.model}' (at most {max(known)} tokens); shorten it",
-                field=field,
-            )
-        return WorkerNeeds(tokens=tokens)
-
-    def _request(self, call: InferenceCall, stream: bool) -> WorkRequest:
-        deadline = self._clock.monotonic() + call.timeout_s if call.timeout_s else None
-        return WorkRequest(
-            call.kind,
-            call.payload,
-            call.params,
-            priority=call.priority,
-            stream=stream,
-            deadline_s=deadline,
-            request_id=call.request_id,
-            cancelled=call.cancelled,
-        )
-
-    def _record(self, model: str, decision: RoutingDecision, latency_ms: float | None, ok: bool) -> None:
-        self._counters["requests_total"] += 1
-        if not ok:
-            self._counters["errors_total"] += 1
-        if latency_ms is not None:
-            self._latencies_ms.append(latency_ms)
-        self._decisions.append(
-            {
-                "ts": time.time(),
-                "model": model,
-                "tier": decision.tier,
-                "worker": decision.worker,
-                "device": decision.device,
-                "reason": decision.reason,
-                "latency_ms": latency_ms,
-                "ok": ok,
-            }
-        )
+    def router(self, name: str) -> Router:
+        """The router of logical model ``name``; ModelNotFound (404) naming the served ones."""
+        router = self._routers.get(name)
+        if router is None:
+            raise ModelNotFound(name, list(self._routers))
+        return router
 
     def _admission(self, call: InferenceCall) -> contextlib.AbstractAsyncContextManager[Any]:
         """The QoS guard of a call: holds its context's memory while it runs (no-op without contexts).
@@ -824,82 +708,20 @@ class Orchestrator:
         return self._qos.admit(call.qos_class, call.timeout_s)
 
     async def complete(self, call: InferenceCall) -> InferenceResult:
-        model = self._model(call)
-        admission = self._admission(call)
-        tier_decision, tiers = self._route(model, call)
-        started = self._clock.monotonic()
-        try:
-            request = self._request(call, stream=False)
-            needs = self._needs(model, call, tiers)
-            async with admission:
-                done = await model.dispatcher.dispatch(
-                    tiers, request, needs=needs, affinity=_affinity(call), tier_decision=tier_decision
-                )
-        except AdmissionRejected:
-            raise
-        except XpuflowError:
-            self._record(call.model, tier_decision, None, ok=False)
-            raise
-        latency_ms = (self._clock.monotonic() - started) * 1000.0
-        decision = _cold(done.decision, request)
-        if model.router is not None and decision.tier is not None:
-            model.router.observe(decision.tier, latency_ms)
-        self._record(call.model, decision, latency_ms, ok=True)
-        if isinstance(done.result, Completion):
-            self._counters["completion_tokens_total"] += done.result.completion_tokens
-            return InferenceResult(
-                decision,
-                completion=done.result,
-                prompt_tokens=done.result.prompt_tokens,
-                total_ms=latency_ms,
-            )
-        if call.kind is RequestKind.TENSOR:
-            return InferenceResult(decision, outputs=done.result, total_ms=latency_ms)  # type: ignore[arg-type]
-        return InferenceResult(decision, embeddings=list(done.result), total_ms=latency_ms)
+        return await self.router(call.model).complete(call)
+
+    def stream(self, call: InferenceCall) -> AsyncIterator[StreamEvent]:
+        return self.router(call.model).stream(call)
 
     async def tensor_metadata(self, name: str) -> Any:
         """What a tensor model's backend says of its inputs and outputs (``kserve_v2``: the server's
         model metadata), or None when its sessions cannot tell."""
-        model = self._models.get(name)
-        if model is None:
-            raise ModelNotFound(name, list(self._models))
-        for _tier, workers in model.tiers:
+        for _tier, workers in self.router(name).tiers:
             for worker in workers:
-                metadata = getattr(worker.session, "metadata", None)
+                metadata = getattr(getattr(worker, "session", None), "metadata", None)
                 if callable(metadata):
                     return await metadata()
         return None
-
-    async def stream(self, call: InferenceCall) -> AsyncIterator[StreamEvent]:
-        """Admission happens before the first event (a refusal is an ordinary 429); the context's
-        memory is held until the stream ends, is closed early, or fails."""
-        model = self._model(call)
-        async with self._admission(call):
-            tier_decision, tiers = self._route(model, call)
-            started = self._clock.monotonic()
-            request = self._request(call, stream=True)
-            needs = self._needs(model, call, tiers)
-            try:
-                opened = await model.dispatcher.open_stream(
-                    tiers, request, needs=needs, affinity=_affinity(call), tier_decision=tier_decision
-                )
-            except XpuflowError:
-                self._record(call.model, tier_decision, None, ok=False)
-                raise
-            yield StreamEvent(decision=_cold(opened.decision, request))
-            ok = True
-            try:
-                async with opened:
-                    async for chunk in opened:
-                        yield StreamEvent(chunk=chunk)
-            except StreamInterrupted as exc:
-                ok = False
-                yield StreamEvent(error=str(exc))
-            finally:
-                latency_ms = (self._clock.monotonic() - started) * 1000.0
-                if ok and model.router is not None and opened.decision.tier is not None:
-                    model.router.observe(opened.decision.tier, latency_ms)
-                self._record(call.model, opened.decision, latency_ms, ok=ok)
 
     def status(self) -> Mapping[str, Any]:
         """Live state for the dashboard and the admin API (keys documented in docs/dashboard.md)."""
@@ -928,14 +750,12 @@ class Orchestrator:
                     "metrics": metrics,
                 }
             )
-        latencies = sorted(self._latencies_ms)
-        pick = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]) if latencies else None
         return {
             "ready": self._ready,
             "workers": workers,
-            "decisions": list(self._decisions)[::-1],
-            "counters": dict(self._counters),
-            "latency_ms": {"p50": pick(0.5), "p99": pick(0.99)} if pick else {"p50": None, "p99": None},
+            "decisions": list(self._log.decisions)[::-1],
+            "counters": dict(self._log.counters),
+            "latency_ms": self._log.latency_summary(),
             "models": [m.__dict__ for m in self.models()],
             "placements": {
                 name: {"backend": p.backend, "devices": [r.id for r in p.resources], "reason": p.reason}
@@ -1043,14 +863,13 @@ class Orchestrator:
         self.workers = {**staying, **self.workers}
         self._checkers = {**{w: c for w, c in old_checkers.items() if w in staying}, **self._checkers}
         retired_checks = [c for w, c in old_checkers.items() if w not in staying]
-        old_models, self._models = self._models, {m.name: self._wire(m) for m in self._logical_models()}
+        old_routers, self._routers = self._routers, {m.name: self._wire(m) for m in self._logical_models()}
         for name in removed:
             self.placements.pop(name, None)
         # requests routed before the rewiring still hold the old workers: they drain, not refuse
         await asyncio.gather(*(c.stop() for c in retired_checks), return_exceptions=True)
         await asyncio.gather(*(w.stop(drain=True) for w in leaving), return_exceptions=True)
-        for model in old_models.values():
-            if model.router is not None:
-                model.router.shutdown()
+        for router in old_routers.values():
+            router.shutdown()
         log.info("reloaded %s: %s", self._config_path, summary)
         return summary

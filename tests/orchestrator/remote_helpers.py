@@ -16,8 +16,8 @@ from typing import Any
 from xpuflow.backends.base import GenerationParams
 from xpuflow.config import parse_config
 from xpuflow.discovery.inventory import Inventory
+from xpuflow.engine import InferenceCall
 from xpuflow.scheduling.request import RequestKind
-from xpuflow.serving.engine import InferenceCall
 from xpuflow.types import Resource, ResourceType
 
 SCRIPT = Path(__file__).with_name("mock_upstream.py")

@@ -13,11 +13,11 @@ import pytest
 from xpuflow.backends.base import GenerationParams
 from xpuflow.config import DeploymentConfig, parse_config
 from xpuflow.discovery.inventory import Inventory
+from xpuflow.engine import InferenceCall
 from xpuflow.errors import CapabilityError, ConfigError
 from xpuflow.orchestrator import Orchestrator
 from xpuflow.policy.placement import capability_problems
 from xpuflow.scheduling.request import RequestKind
-from xpuflow.serving.engine import InferenceCall
 from xpuflow.types import Capability, Resource, ResourceType
 
 INVENTORY = Inventory.of([Resource("cpu", ResourceType.CPU, "cpu", {"memory_bytes": 8 << 30})])

@@ -12,9 +12,9 @@ from xpuflow.backends.base import GenerationParams
 from xpuflow.bundled import smollm2_gguf_path
 from xpuflow.config import parse_config
 from xpuflow.discovery.inventory import Inventory
+from xpuflow.engine import InferenceCall
 from xpuflow.orchestrator import Orchestrator
 from xpuflow.scheduling.request import RequestKind
-from xpuflow.serving.engine import InferenceCall
 from xpuflow.types import Resource, ResourceType
 
 pytestmark = pytest.mark.slow

@@ -10,10 +10,10 @@ import pytest
 from xpuflow.backends.base import GenerationParams
 from xpuflow.config import parse_config
 from xpuflow.discovery.inventory import Inventory
+from xpuflow.engine import Engine, InferenceCall
 from xpuflow.errors import CapabilityError, ConfigError, ModelNotFound
 from xpuflow.orchestrator import Orchestrator
 from xpuflow.scheduling.request import RequestKind
-from xpuflow.serving.engine import Engine, InferenceCall
 from xpuflow.types import Resource, ResourceType
 
 GIB = 1 << 30
@@ -189,9 +189,8 @@ def test_outage_retry_s_from_the_config_reaches_the_dispatcher() -> None:
 
     async def go() -> tuple[float, float]:
         async with orch:
-            return orch._models["chat"].dispatcher.policy.outage_retry_s, orch._models[
-                "embed"
-            ].dispatcher.policy.outage_retry_s
+            chat, embed = orch.router("chat"), orch.router("embed")
+            return chat.dispatcher.policy.outage_retry_s, embed.dispatcher.policy.outage_retry_s
 
     assert asyncio.run(go()) == (0.0, 10.0)
     with pytest.raises(ConfigError):

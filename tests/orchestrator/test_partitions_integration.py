@@ -13,10 +13,10 @@ import pytest
 from xpuflow.backends.base import GenerationParams
 from xpuflow.config import parse_config
 from xpuflow.discovery.inventory import Inventory
+from xpuflow.engine import InferenceCall
 from xpuflow.errors import ConfigError
 from xpuflow.orchestrator import Orchestrator
 from xpuflow.scheduling.request import RequestKind
-from xpuflow.serving.engine import InferenceCall
 from xpuflow.types import Resource, ResourceType
 
 GIB = 1 << 30

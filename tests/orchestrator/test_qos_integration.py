@@ -16,11 +16,11 @@ except ImportError:  # pragma: no cover
 from xpuflow.backends.base import GenerationParams
 from xpuflow.config import parse_config
 from xpuflow.discovery.inventory import Inventory
+from xpuflow.engine import InferenceCall
 from xpuflow.errors import AdmissionRejected, ConfigError, XpuflowError
 from xpuflow.orchestrator import Orchestrator
 from xpuflow.scheduling.request import RequestKind
 from xpuflow.serving.app import create_app
-from xpuflow.serving.engine import InferenceCall
 from xpuflow.serving.metrics import GatewayMetrics
 from xpuflow.serving.settings import ApiKey, GatewaySettings
 from xpuflow.types import Resource, ResourceType

@@ -11,9 +11,9 @@ import yaml
 from xpuflow.backends.base import GenerationParams
 from xpuflow.config import load_config
 from xpuflow.discovery.inventory import Inventory
+from xpuflow.engine import InferenceCall
 from xpuflow.orchestrator import Orchestrator
 from xpuflow.scheduling.request import RequestKind
-from xpuflow.serving.engine import InferenceCall
 from xpuflow.types import Resource, ResourceType
 
 INVENTORY = Inventory.of([Resource("cpu", ResourceType.CPU, "cpu", {"memory_bytes": 8 << 30})])

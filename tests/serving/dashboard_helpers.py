@@ -15,9 +15,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from xpuflow.backends.base import Completion, StreamChunk
+from xpuflow.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
 from xpuflow.scheduling.request import RequestKind
 from xpuflow.serving.dashboard import dashboard_routes
-from xpuflow.serving.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
 from xpuflow.types import RoutingDecision
 
 GIB = 1 << 30

@@ -17,6 +17,7 @@ except ImportError:  # pragma: no cover
     import httpx  # type: ignore[no-redef]
 import pytest
 
+from xpuflow.engine import InferenceCall, ModelInfo
 from xpuflow.errors import (
     AdmissionRejected,
     CapabilityError,
@@ -29,7 +30,6 @@ from xpuflow.errors import (
 from xpuflow.scheduling.request import Priority, RequestKind
 from xpuflow.serving.app import create_app
 from xpuflow.serving.auth import bearer_token
-from xpuflow.serving.engine import InferenceCall, ModelInfo
 from xpuflow.serving.metrics import GatewayMetrics, reason_label
 from xpuflow.serving.settings import ApiKey, GatewaySettings
 from xpuflow.testing.fake_engine import FakeEngine

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from dashboard_helpers import StatusEngine, asgi_get, dashboard_app, parse_sse, run_async
 
+from xpuflow.engine import InferenceCall
 from xpuflow.scheduling.request import RequestKind
 from xpuflow.serving.app import create_app
 from xpuflow.serving.dashboard import DashboardFeed, dashboard_routes
-from xpuflow.serving.engine import InferenceCall
 from xpuflow.serving.settings import GatewaySettings
 from xpuflow.testing.fake_engine import FakeEngine
 from xpuflow.testing.live_server import live_server

@@ -11,9 +11,9 @@ from dashboard_helpers import asgi_get
 from test_app import ADMIN_AUTH, AUTH, CHAT, error_of, gateway, run_async, sse_data
 
 from xpuflow.backends.base import StreamChunk
+from xpuflow.engine import InferenceCall, StreamEvent
 from xpuflow.errors import ConfigError, RemoteError, RoutingError, XpuflowError
 from xpuflow.serving.app import create_app
-from xpuflow.serving.engine import InferenceCall, StreamEvent
 from xpuflow.serving.hosts import host_name, is_loopback_address
 from xpuflow.serving.redact import redact
 from xpuflow.serving.settings import LOOPBACK_HOSTS, CorsPolicy

@@ -93,7 +93,7 @@ def _banner(url: str, orchestrator: Any, console: Any) -> None:
     for column in ("model", "task", "tier", "worker", "device", "backend"):
         table.add_column(column)
     for model in orchestrator.models():
-        for tier, workers in orchestrator._models[model.name].tiers:
+        for tier, workers in orchestrator.router(model.name).tiers:
             for worker in workers:
                 backend = orchestrator.placements[worker.deployment].backend
                 table.add_row(model.name, model.task, tier, worker.worker_id, worker.device, backend)

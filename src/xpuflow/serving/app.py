@@ -37,11 +37,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 
+from xpuflow.engine import Engine
 from xpuflow.errors import XpuflowError
 from xpuflow.scheduling.request import RequestKind
 from xpuflow.serving.auth import Authenticator, request_authorization
 from xpuflow.serving.drain import Drain, DrainMiddleware
-from xpuflow.serving.engine import Engine
 from xpuflow.serving.hosts import HostFilter
 from xpuflow.serving.inference import DECISION_HEADERS, InferenceEndpoints, ModelCatalog, to_api_error
 from xpuflow.serving.metrics import GatewayMetrics

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from starlette.responses import Response
     from starlette.routing import Route
 
+    from xpuflow.engine import Engine
     from xpuflow.serving.auth import Authenticator
-    from xpuflow.serving.engine import Engine
 
 __all__ = ["DashboardFeed", "dashboard_routes"]
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
+from xpuflow.engine import Engine, InferenceCall, ModelInfo
 from xpuflow.errors import (
     AdmissionRejected,
     BackendError,
@@ -39,7 +40,6 @@ from xpuflow.errors import (
 )
 from xpuflow.scheduling.request import Priority, RequestKind
 from xpuflow.serving.auth import Authenticator
-from xpuflow.serving.engine import Engine, InferenceCall, ModelInfo
 from xpuflow.serving.metrics import GatewayMetrics
 from xpuflow.serving.openai_schema import (
     SSE_DONE,

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from xpuflow.serving.engine import ModelInfo
+from xpuflow.engine import ModelInfo
 from xpuflow.serving.settings import GatewaySettings
 
 __all__ = ["openapi_document"]

@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 
 from xpuflow.backends.base import ModelConfig, ModelTask
 from xpuflow.backends.remote_openai import RemoteOpenAISession, RemoteSettings
+from xpuflow.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
 from xpuflow.errors import ConfigError
 from xpuflow.scheduling.request import RequestKind
-from xpuflow.serving.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
 from xpuflow.types import RoutingDecision
 
 __all__ = ["RemoteEngine"]

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xpuflow.backends.base import Completion
+from xpuflow.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
 from xpuflow.errors import ConfigError, ModelNotFound, RoutingError, XpuflowError
 from xpuflow.scheduling.request import RequestKind
-from xpuflow.serving.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
 from xpuflow.testing.fake_backend import FakeSession
 from xpuflow.types import Alternative, RoutingDecision
 

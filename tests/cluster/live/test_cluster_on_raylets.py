@@ -28,10 +28,10 @@ from xpuflow.backends.base import GenerationParams  # noqa: E402
 from xpuflow.cluster.connection import FAST_FAILURE_ENV  # noqa: E402
 from xpuflow.cluster.inventory import ClusterInventory  # noqa: E402
 from xpuflow.config import parse_config  # noqa: E402
+from xpuflow.engine import InferenceCall  # noqa: E402
 from xpuflow.errors import CapabilityError  # noqa: E402
 from xpuflow.orchestrator import Orchestrator  # noqa: E402
 from xpuflow.scheduling.request import Priority, RequestKind  # noqa: E402
-from xpuflow.serving.engine import InferenceCall  # noqa: E402
 from xpuflow.testing.ray_cluster import LocalRayCluster  # noqa: E402
 
 BASE_PORT = 24000
