@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_results
 
 from xpuflow.backends.base import GenerationParams
-from xpuflow.scheduling.queue import QueueFull, QueuePolicy
+from xpuflow.errors import QueueFull
+from xpuflow.scheduling.queue import QueuePolicy
 from xpuflow.scheduling.request import Priority, WorkRequest
 from xpuflow.scheduling.worker import Worker
 from xpuflow.testing import FakeSession

@@ -360,6 +360,8 @@ async def _media_type(s: Served) -> None:
 
 @feature("field validation (422 with param)", "api.md", "a refusal names the field in `param`")
 async def _validation(s: Served) -> None:
+    too_many = await s.chat(max_tokens=40000)
+    assert too_many.status_code == 422  # max_tokens_limit
     answer = await s.chat(temperature=5)
     assert answer.status_code == 422
     assert answer.json()["error"]["param"] == "temperature"
@@ -1404,7 +1406,6 @@ async def _managed(tmp: Path) -> None:
             "argv": argv,
             "ready_path": "/health",
             "ready_timeout_s": 20,
-            "log_file": str(tmp / "m.log"),
         },
     }
     async with served(one(dep, **KEYS), tmp) as s:
@@ -1417,6 +1418,32 @@ async def _managed(tmp: Path) -> None:
         shown = snapshot["devices"][0]["workers"][0]["managed"]
         assert shown["state"] == "running"
         assert "argv" not in shown
+        # its log goes to managed/<deployment>-<replica>.log under the config's artifact_dir
+        assert (tmp / "artifacts" / "managed" / "chat-0.log").is_file()
+
+
+@custom(
+    "options.device_model (simulated service times); max_in_flight on a continuous session",
+    "simulate.md",
+    "so `xpuflow serve` on this file is a gateway with the simulated service times",
+)
+async def _device_model(tmp: Path) -> None:
+    model = {
+        "format_version": 1,
+        "name": "sim",
+        "max_batch_size": 4,
+        "overhead_s": 0.001,
+        "prefill_tokens_per_s": {1: 100000},
+        "decode_tokens_per_s": {1: 10000},
+        "continuous": True,
+    }
+    (tmp / "sim.yaml").write_text(yaml.safe_dump(model))
+    dep = fake(max_in_flight=3, options={"device_model": "sim.yaml"})  # relative to the config file
+    async with served(one(dep, **KEYS), tmp) as s:
+        assert (await s.chat(headers=bearer(USER))).status_code == 200
+        batching = s.orch.workers["chat/0"].to_dict()["batching"]
+        assert batching["policy"] == "continuous"
+        assert batching["max_in_flight"] == 3
 
 
 # ---- backends (docs/backends.md, docs/oip.md, docs/binary_backends.md) --------------------------------

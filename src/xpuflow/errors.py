@@ -11,13 +11,21 @@ with ``raise ... from exc``. Messages say what to do next.
     ├── BackendError           a backend or its session failed
     │   ├── BackendUnavailable     the plugin's software stack is not installed or not usable here
     │   ├── SessionError           a running session failed a request
+    │   │   └── WorkerLost             a worker on another node stopped answering (cluster)
     │   └── VendorRuntimeError     a vendor C runtime returned an error code
     ├── BuildError             building an artifact failed
     │   ├── CompilerError          a compiler exited non-zero (carries its stderr)
     │   ├── CompilerTimeout        a compiler ran past its timeout and was killed
     │   └── ArtifactCorrupt        an artifact failed its checksum and must not be used
     ├── RoutingError           no tier or worker could take the request
+    │   └── DispatchError          every worker tried failed (``attempts``)
+    │       └── DispatchTimeout        the deadline passed first (also a TimeoutError)
     ├── AdmissionRejected      a QoS context refused the request for now (retry_after_s)
+    │   ├── QueueFull              a worker's queue has no room for its priority
+    │   └── WorkerStopped          the worker is not running; send it elsewhere
+    ├── RequestCancelled       the client went away before the answer
+    ├── DeadlineExceeded       the request's deadline passed in a queue (also a TimeoutError)
+    ├── StreamInterrupted      a stream failed after its first chunk reached the client
     ├── ModelDoesNotFit        a model cannot be loaded: no room on its device even after evictions (HTTP 503)
     └── RemoteError            a remote server failed; ``retryable`` says whether another try may succeed
 """
@@ -25,6 +33,7 @@ with ``raise ... from exc``. Messages say what to do next.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "AdmissionRejected",
@@ -36,13 +45,21 @@ __all__ = [
     "CompilerError",
     "CompilerTimeout",
     "ConfigError",
+    "DeadlineExceeded",
     "DiscoveryError",
+    "DispatchError",
+    "DispatchTimeout",
     "ModelDoesNotFit",
     "ModelNotFound",
+    "QueueFull",
     "RemoteError",
+    "RequestCancelled",
     "RoutingError",
     "SessionError",
+    "StreamInterrupted",
     "VendorRuntimeError",
+    "WorkerLost",
+    "WorkerStopped",
     "XpuflowError",
 ]
 
@@ -170,3 +187,53 @@ class RemoteError(XpuflowError):
         self.status = status
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+
+
+# -- raised on the request path (scheduling, routing, cluster) --------------------------------------
+
+
+class QueueFull(AdmissionRejected):
+    """The worker's bounded queue has no room for this request's priority; retry after
+    ``retry_after_s`` or on another worker."""
+
+
+class RequestCancelled(XpuflowError):
+    """The request was withdrawn (its client went away) before a result was delivered."""
+
+
+class DeadlineExceeded(XpuflowError, TimeoutError):
+    """The request's deadline passed before its result was ready. Also a ``TimeoutError``, so code
+    that catches ``asyncio.TimeoutError`` sees it too."""
+
+
+class WorkerStopped(AdmissionRejected):
+    """The worker is not running (not started, stopping or stopped); send the request elsewhere."""
+
+
+class DispatchError(RoutingError):
+    """No worker served the request. ``attempts`` lists what was tried; ``reasons`` (from
+    ``RoutingError``) has one line per failed attempt and per refused worker."""
+
+    def __init__(self, message: str, *, reasons: Sequence[str] = (), attempts: Sequence[Any] = ()) -> None:
+        super().__init__(message, reasons=reasons)
+        self.attempts = tuple(attempts)
+
+
+class DispatchTimeout(DispatchError, TimeoutError):
+    """The request's ``deadline_s`` passed before any worker answered (a gateway answers 504). Also a
+    ``TimeoutError``, like the queue's ``DeadlineExceeded``."""
+
+
+class StreamInterrupted(XpuflowError):
+    """A stream failed after its first chunk reached the client, so it could not be moved to another
+    worker. The client holds a partial answer; ``chunks_delivered`` says how much. Retry the request."""
+
+    def __init__(self, message: str, *, worker: str, tier: str, chunks_delivered: int) -> None:
+        super().__init__(message)
+        self.worker = worker
+        self.tier = tier
+        self.chunks_delivered = chunks_delivered
+
+
+class WorkerLost(SessionError):
+    """The worker's actor stopped answering (its node is gone or Ray is restarting it); retry elsewhere."""

@@ -20,8 +20,14 @@ from xpuflow.cluster.placement import place_deployment
 from xpuflow.cluster.resources import node_has_room, ray_resources_for
 from xpuflow.config import DeploymentConfig, parse_config
 from xpuflow.discovery.inventory import Inventory
-from xpuflow.errors import AdmissionRejected, CapabilityError, ConfigError, RemoteError, SessionError
-from xpuflow.scheduling.queue import QueueFull
+from xpuflow.errors import (
+    AdmissionRejected,
+    CapabilityError,
+    ConfigError,
+    QueueFull,
+    RemoteError,
+    SessionError,
+)
 from xpuflow.scheduling.request import Priority, WorkRequest
 from xpuflow.types import Resource, ResourceType
 

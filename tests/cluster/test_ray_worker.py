@@ -14,8 +14,8 @@ pytest.importorskip("ray")
 from ray.exceptions import ActorUnavailableError
 
 from xpuflow.backends.base import GenerationParams
-from xpuflow.cluster.ray_worker import RayWorker, WorkerLost
-from xpuflow.errors import SessionError
+from xpuflow.cluster.ray_worker import RayWorker
+from xpuflow.errors import SessionError, WorkerLost
 from xpuflow.scheduling.request import RequestKind, WorkRequest
 
 

@@ -16,9 +16,8 @@ from typing import Any
 
 from xpuflow.backends.base import Completion, StreamChunk
 from xpuflow.clock import Clock
-from xpuflow.errors import AdmissionRejected, ConfigError, SessionError
+from xpuflow.errors import AdmissionRejected, ConfigError, RequestCancelled, SessionError
 from xpuflow.scheduling.health import HealthTracker
-from xpuflow.scheduling.queue import RequestCancelled
 from xpuflow.scheduling.request import RequestKind, WorkRequest
 from xpuflow.testing import FakeSession
 from xpuflow.types import WorkerSnapshot

@@ -16,21 +16,16 @@ from xpuflow.errors import (
     AdmissionRejected,
     CapabilityError,
     ConfigError,
+    DispatchError,
+    DispatchTimeout,
     RemoteError,
     RoutingError,
     SessionError,
+    StreamInterrupted,
     VendorRuntimeError,
 )
 from xpuflow.policy.worker_scorer import WorkerNeeds, WorkerScorer
-from xpuflow.routing.dispatch import (
-    Dispatcher,
-    DispatchError,
-    DispatchTimeout,
-    RetryPolicy,
-    StreamInterrupted,
-    is_retryable,
-    service_time_snapshot,
-)
+from xpuflow.routing.dispatch import Dispatcher, RetryPolicy, is_retryable, service_time_snapshot
 from xpuflow.scheduling.health import HealthState
 from xpuflow.scheduling.request import WorkRequest
 from xpuflow.testing import FakeSession

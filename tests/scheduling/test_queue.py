@@ -10,16 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xpuflow.backends.base import GenerationParams
-from xpuflow.errors import AdmissionRejected
-from xpuflow.scheduling.queue import (
-    DeadlineExceeded,
-    QueueFull,
-    QueuePolicy,
-    RequestCancelled,
-    RequestQueue,
-    Ticket,
-    make_queue,
-)
+from xpuflow.errors import AdmissionRejected, DeadlineExceeded, QueueFull, RequestCancelled
+from xpuflow.scheduling.queue import QueuePolicy, RequestQueue, Ticket, make_queue
 from xpuflow.scheduling.request import Priority, WorkRequest
 
 PRIORITIES = st.sampled_from(list(Priority))

@@ -11,12 +11,19 @@ from hypothesis import strategies as st
 
 from xpuflow.backends.base import BatchMode, Completion, GenerationParams, StreamChunk
 from xpuflow.clock import FakeClock
-from xpuflow.errors import ConfigError, SessionError
+from xpuflow.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    QueueFull,
+    RequestCancelled,
+    SessionError,
+    WorkerStopped,
+)
 from xpuflow.scheduling.health import HealthState, HealthTracker
 from xpuflow.scheduling.metrics import WorkerMetrics
-from xpuflow.scheduling.queue import DeadlineExceeded, QueueFull, QueuePolicy, RequestCancelled
+from xpuflow.scheduling.queue import QueuePolicy
 from xpuflow.scheduling.request import Priority, RequestKind, WorkRequest
-from xpuflow.scheduling.worker import Worker, WorkerStopped
+from xpuflow.scheduling.worker import Worker
 from xpuflow.testing import FakeSession
 from xpuflow.types import Resource, ResourceType, WorkerSnapshot
 

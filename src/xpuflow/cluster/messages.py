@@ -23,11 +23,13 @@ from xpuflow.errors import (
     AdmissionRejected,
     CapabilityError,
     ConfigError,
+    DeadlineExceeded,
+    QueueFull,
     RemoteError,
+    RequestCancelled,
     SessionError,
     XpuflowError,
 )
-from xpuflow.scheduling.queue import DeadlineExceeded, QueueFull, RequestCancelled
 from xpuflow.scheduling.request import Priority, RequestKind, WorkRequest
 from xpuflow.types import Resource, ResourceType
 

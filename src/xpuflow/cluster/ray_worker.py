@@ -36,7 +36,7 @@ from typing import Any
 from xpuflow.backends.base import StreamChunk
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.cluster.messages import error_from_wire, request_to_wire
-from xpuflow.errors import SessionError
+from xpuflow.errors import WorkerLost
 from xpuflow.scheduling.health import HealthTracker
 from xpuflow.scheduling.request import WorkRequest
 from xpuflow.types import Resource, WorkerSnapshot
@@ -67,10 +67,6 @@ class _Metrics:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.data)
-
-
-class WorkerLost(SessionError):
-    """The worker's actor stopped answering (its node is gone or Ray is restarting it); retry elsewhere."""
 
 
 def _actor_errors() -> tuple[type[BaseException], ...]:

@@ -53,17 +53,21 @@ from typing import Protocol, TypeVar
 
 from xpuflow.backends.base import StreamChunk
 from xpuflow.clock import Clock, SystemClock
-from xpuflow.errors import AdmissionRejected, ModelDoesNotFit, XpuflowError
+from xpuflow.errors import (
+    AdmissionRejected,
+    DispatchError,
+    DispatchTimeout,
+    ModelDoesNotFit,
+    StreamInterrupted,
+    XpuflowError,
+)
 from xpuflow.policy.worker_scorer import Affinity, WorkerChoice, WorkerNeeds, WorkerScorer
 from xpuflow.routing.dispatch_stream import DispatchedStream, _aclose, _first
 from xpuflow.routing.retry import (
     Attempt,
     Dispatched,
-    DispatchError,
-    DispatchTimeout,
     Result,
     RetryPolicy,
-    StreamInterrupted,
     _attempt_timeout,
     _AttemptTimeout,
     _describe,

@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from xpuflow.backends.base import StreamChunk
-from xpuflow.routing.retry import Attempt, StreamInterrupted, _describe, _within
+from xpuflow.errors import StreamInterrupted
+from xpuflow.routing.retry import Attempt, _describe, _within
 from xpuflow.scheduling.request import WorkRequest
 from xpuflow.types import RoutingDecision
 

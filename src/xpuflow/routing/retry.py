@@ -15,12 +15,19 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from xpuflow.backends.base import Completion
-from xpuflow.errors import CapabilityError, ConfigError, RemoteError, RoutingError, XpuflowError
+from xpuflow.errors import (
+    CapabilityError,
+    ConfigError,
+    DispatchError,
+    DispatchTimeout,
+    RemoteError,
+    StreamInterrupted,
+)
 from xpuflow.types import RoutingDecision
 
 __all__ = [
@@ -35,33 +42,6 @@ __all__ = [
 
 T = TypeVar("T")
 Result = Completion | list[list[float]]
-
-
-class DispatchError(RoutingError):
-    """No worker served the request. ``attempts`` lists what was tried; ``reasons`` (from
-    ``RoutingError``) has one line per failed attempt and per refused worker."""
-
-    def __init__(
-        self, message: str, *, reasons: Sequence[str] = (), attempts: Sequence[Attempt] = ()
-    ) -> None:
-        super().__init__(message, reasons=reasons)
-        self.attempts = tuple(attempts)
-
-
-class DispatchTimeout(DispatchError, TimeoutError):
-    """The request's ``deadline_s`` passed before any worker answered (a gateway answers 504). Also a
-    ``TimeoutError``, like the queue's ``DeadlineExceeded``."""
-
-
-class StreamInterrupted(XpuflowError):
-    """A stream failed after its first chunk reached the client, so it could not be moved to another
-    worker. The client holds a partial answer; ``chunks_delivered`` says how much. Retry the request."""
-
-    def __init__(self, message: str, *, worker: str, tier: str, chunks_delivered: int) -> None:
-        super().__init__(message)
-        self.worker = worker
-        self.tier = tier
-        self.chunks_delivered = chunks_delivered
 
 
 @dataclass(frozen=True)

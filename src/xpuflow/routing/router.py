@@ -34,11 +34,10 @@ from xpuflow.backends.base import Completion
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.config import LogicalModelConfig
 from xpuflow.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
-from xpuflow.errors import AdmissionRejected, ConfigError, XpuflowError
+from xpuflow.errors import AdmissionRejected, ConfigError, StreamInterrupted, XpuflowError
 from xpuflow.policy.worker_scorer import WorkerNeeds, session_affinity
 from xpuflow.routing.adaptive import AdaptiveRouter
 from xpuflow.routing.dispatch import Dispatcher, DispatchTarget
-from xpuflow.routing.retry import StreamInterrupted
 from xpuflow.scheduling.request import RequestKind, WorkRequest
 from xpuflow.types import RoutingDecision
 

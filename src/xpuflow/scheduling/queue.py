@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from xpuflow.errors import AdmissionRejected, XpuflowError
+from xpuflow.errors import DeadlineExceeded, QueueFull, RequestCancelled, XpuflowError
 from xpuflow.scheduling.request import Priority, WorkRequest
 
 __all__ = [
@@ -55,20 +55,6 @@ __all__ = [
     "Ticket",
     "make_queue",
 ]
-
-
-class QueueFull(AdmissionRejected):
-    """The worker's bounded queue has no room for this request's priority; retry after
-    ``retry_after_s`` or on another worker."""
-
-
-class RequestCancelled(XpuflowError):
-    """The request was withdrawn (its client went away) before a result was delivered."""
-
-
-class DeadlineExceeded(XpuflowError, TimeoutError):
-    """The request's deadline passed before its result was ready. Also a ``TimeoutError``, so code
-    that catches ``asyncio.TimeoutError`` sees it too."""
 
 
 class QueuePolicy(str, Enum):

@@ -36,7 +36,14 @@ from typing import Any
 
 from xpuflow.backends.base import BatchMode, Completion, Session, StreamChunk
 from xpuflow.clock import Clock, SystemClock
-from xpuflow.errors import AdmissionRejected, ConfigError, ModelDoesNotFit, SessionError, XpuflowError
+from xpuflow.errors import (
+    AdmissionRejected,
+    ConfigError,
+    ModelDoesNotFit,
+    SessionError,
+    WorkerStopped,
+    XpuflowError,
+)
 from xpuflow.scheduling.batcher import Action, Batcher, BatcherConfig, BatchPolicy, make_batcher
 from xpuflow.scheduling.health import HealthTracker
 from xpuflow.scheduling.metrics import WorkerMetrics
@@ -64,10 +71,6 @@ def _current() -> asyncio.Task[None]:
     task = asyncio.current_task()
     assert task is not None  # batch runners always run in their own task
     return task
-
-
-class WorkerStopped(AdmissionRejected):
-    """The worker is not running (not started, stopping or stopped); send the request elsewhere."""
 
 
 class Worker:
