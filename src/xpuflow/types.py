@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, IntEnum
 from types import MappingProxyType
 from typing import Any
+
+from xpuflow.errors import ConfigError
 
 __all__ = [
     "Alternative",
     "Capability",
     "OptimizedFor",
     "Precision",
+    "Priority",
+    "RequestKind",
     "Resource",
     "ResourceType",
     "RoutingDecision",
@@ -88,8 +92,42 @@ class Strategy(str, Enum):
 
 
 class Task(str, Enum):
+    """What a workload does, for the workload advisor (training needs more memory than inference);
+    not what a model serves, which is ``RequestKind``."""
+
     INFERENCE = "inference"
     TRAINING = "training"
+
+
+class Priority(IntEnum):
+    """Lower value is served first. Parsed from the ``x-priority`` header."""
+
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+    @classmethod
+    def parse(cls, value: str | int | Priority | None) -> Priority:
+        if value is None or value == "":
+            return cls.NORMAL
+        if isinstance(value, int):
+            return cls(value)
+        try:
+            return cls[str(value).strip().upper()]
+        except KeyError:
+            raise ConfigError(
+                f"unknown priority '{value}'; valid: high, normal, low", field="x-priority"
+            ) from None
+
+
+class RequestKind(str, Enum):
+    """What a request asks and what a model serves: the one task vocabulary (``ModelTask`` in
+    ``backends.base`` and the config's ``task`` use these values)."""
+
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+    TENSOR = "tensor"  # named arrays in, named arrays out (Open Inference Protocol models)
 
 
 def _freeze(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any, Protocol, overload, runtime_checkable
 
 from xpuflow.build.profile import BuildArtifact, BuildProfile
 from xpuflow.errors import BackendError, ConfigError
-from xpuflow.types import Capability, Resource
+from xpuflow.types import Capability, RequestKind, Resource
 
 __all__ = [
     "Availability",
@@ -41,11 +41,9 @@ ChatMessage = Mapping[str, Any]
 """An OpenAI-style chat message: {"role": "system"|"user"|"assistant", "content": "..."}."""
 
 
-class ModelTask(str, Enum):
-    CHAT = "chat"
-    COMPLETION = "completion"
-    EMBEDDING = "embedding"
-    TENSOR = "tensor"  # plain numeric models (e.g. an MLP compiled for an NPU)
+# What a model serves is what a request asks: one vocabulary (``types.RequestKind``). TENSOR: plain
+# numeric models (e.g. an MLP compiled for an NPU), named arrays in and out.
+ModelTask = RequestKind
 
 
 @dataclass(frozen=True)

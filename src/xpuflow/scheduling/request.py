@@ -13,43 +13,14 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum, IntEnum
 from typing import Any
 
 from xpuflow.backends.base import ChatMessage, GenerationParams
-from xpuflow.errors import ConfigError
+from xpuflow.types import Priority, RequestKind  # shared enums live in types.py
 
 __all__ = ["Priority", "RequestKind", "WorkRequest"]
 
 _ids = itertools.count(1)
-
-
-class Priority(IntEnum):
-    """Lower value is served first. Parsed from the ``x-priority`` header."""
-
-    HIGH = 0
-    NORMAL = 1
-    LOW = 2
-
-    @classmethod
-    def parse(cls, value: str | int | Priority | None) -> Priority:
-        if value is None or value == "":
-            return cls.NORMAL
-        if isinstance(value, int):
-            return cls(value)
-        try:
-            return cls[str(value).strip().upper()]
-        except KeyError:
-            raise ConfigError(
-                f"unknown priority '{value}'; valid: high, normal, low", field="x-priority"
-            ) from None
-
-
-class RequestKind(str, Enum):
-    CHAT = "chat"
-    COMPLETION = "completion"
-    EMBEDDING = "embedding"
-    TENSOR = "tensor"  # named arrays in, named arrays out (Open Inference Protocol models)
 
 
 @dataclass(eq=False)
