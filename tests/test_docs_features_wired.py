@@ -450,18 +450,26 @@ async def _fifo(s: Served) -> None:
 SESSIONS = one(fake(replicas=3))
 
 
+async def _favoured(s: Served, **request: Any) -> list[str]:
+    """Route reasons of eight requests of one session. The favourite gets the affinity bonus and is drawn
+    about nine times in ten (the draw among the top 3 is random by design), so one in eight suffices."""
+    reasons = []
+    for _ in range(8):
+        answer = await s.chat(**request)
+        assert answer.status_code == 200, answer.text
+        reasons.append(answer.headers["x-xpuflow-route-reason"])
+    return reasons
+
+
 @feature("x-xpuflow-session affinity", "api.md", "`x-xpuflow-session`", SESSIONS)
 async def _session_header(s: Served) -> None:
-    answer = await s.chat(headers={"x-xpuflow-session": "alice"})
-    assert "affinity 1.00" in answer.headers["x-xpuflow-route-reason"]
-    plain = await s.chat()
-    assert "affinity" not in plain.headers["x-xpuflow-route-reason"]
+    assert any("affinity 1.00" in r for r in await _favoured(s, headers={"x-xpuflow-session": "alice"}))
+    assert not any("affinity" in r for r in await _favoured(s))
 
 
 @feature("OpenAI `user` field as the session key", "api.md", "else the body's OpenAI `user` field", SESSIONS)
 async def _session_user(s: Served) -> None:
-    answer = await s.chat(user="bob")
-    assert "affinity 1.00" in answer.headers["x-xpuflow-route-reason"]
+    assert any("affinity 1.00" in r for r in await _favoured(s, user="bob"))
 
 
 # ---- API keys (docs/api.md, docs/config.md) -----------------------------------------------------------
