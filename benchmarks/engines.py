@@ -37,9 +37,13 @@ Everything runs on 127.0.0.1; the gateway is ``xpuflow serve CONFIG`` in its own
    uvicorn, aiohttp); ``by_group`` gives milliseconds of GIL time per request and shares.
    ``--compare-commit REV`` starts a second gateway from commit REV and runs its two OIP paths in the
    same interleaved blocks as 1 (``compare``): before/after figures under one machine state.
+6. The gateway without its engine (``--bypass``): the same ``create_app`` and gRPC server, in a process
+   of their own, over an engine that hands each call straight to a ``kserve_v2`` session (no
+   orchestrator, routing, admission, worker queue or batcher); its two OIP paths run in the same blocks
+   as 1. ``bypass``: its added p50, and the full gateway's p50 above it, which is what the engine adds.
 
     python benchmarks/engines.py [--requests 400] [--duration 8] [--rounds 2] [--skip-managed]
-    python benchmarks/engines.py --at-commit NEW --compare-commit OLD --skip-managed   # before/after
+    python benchmarks/engines.py --at-commit NEW --compare-commit OLD --bypass   # before/after, engine
     python benchmarks/engines.py --merge run1.json run2.json run3.json   # results files of earlier runs
 
 Writes benchmarks/results/engines.json with the figures, their targets, ``samples`` and ``method``;
@@ -91,32 +95,35 @@ ADMIN_KEY = "sk-bench-admin-0001"
 NOTES = (
     "Added latency at concurrency 1. Both OIP paths cross one Python gRPC or HTTP server and one client "
     "more than the direct path (xpuflow's server, then its kserve_v2 client), plus the engine's routing "
-    "and queue. 'profile' says where the gateway holds the GIL per request (py-spy, non-blocking): on the "
-    "gRPC path grpc.aio (its Cython callbacks on the event loop and its Python layer) 42-63%, the engine "
-    "(orchestrator, routing, scheduling, policy) 13-21% (0.07-0.17 ms), xpuflow's OIP server and kserve_v2 "
-    "client 10-17% (0.08-0.14 ms), the event loop the rest; on the REST path the engine 25-30% "
-    "(0.11-0.14 ms), the kserve_v2 client with aiohttp and the OIP server 22-32%, uvicorn, starlette, "
-    "aiohttp callbacks, middleware and the event loop the rest. The added p50 also holds time with the "
-    "GIL released (socket calls, wake-ups across processes and grpc.aio's poller thread on two shared "
-    "cores). 'compare' runs the gateway from before this round of work (tensor dtypes and chosen "
-    "tensors kept with the metadata, raw-tensor fast paths, replies built in place, cached request "
-    "paths and payloads) in the same interleaved blocks: no measurable change over gRPC (median "
-    "+0.015 ms over six runs) and about 0.02 ms less over REST, since xpuflow's own OIP code is a tenth "
-    "to a third of the gateway's time and the rest sits in grpc.aio, aiohttp, uvicorn and the engine. "
-    "On a loaded 2-core machine the figures move by up to +-50% between runs: compare the runs in "
-    "'runs' rather than one run against a target. "
+    "and queue. 'bypass' runs the same app and gRPC server over an engine that hands each call straight "
+    "to the kserve_v2 session, in the same interleaved blocks: without the engine the gateway added "
+    "0.60-0.77 ms over gRPC and 0.45-0.61 ms over REST, so the engine (orchestrator, routing, admission, "
+    "worker queue and batcher, two task hops) accounts for 0.13-0.26 ms of the gRPC figure (14-29%) and "
+    "0.18-0.32 ms of the REST one (28-40%). 'profile' says where the gateway holds the GIL per request "
+    "(py-spy, non-blocking): on the gRPC path grpc.aio (its Cython callbacks on the event loop and its "
+    "Python layer) 45-60%, the engine 16-19%, xpuflow's OIP server and kserve_v2 client 12-16%, the "
+    "event loop the rest; on the REST path the engine 24-33%, the kserve_v2 client with aiohttp and the "
+    "OIP server 23-34%, uvicorn, starlette, aiohttp callbacks, middleware and the event loop the rest. "
+    "The added p50 also holds time with the GIL released (socket calls, wake-ups across processes and "
+    "grpc.aio's poller thread on two shared cores). 'compare' runs the gateway from before this round "
+    "of work (tensor dtypes and chosen tensors kept with the metadata, raw-tensor fast paths, replies "
+    "built in place, cached request paths and payloads) in the same blocks: no measurable change "
+    "(paired medians +0.02 ms over gRPC and +0.03 ms over REST here, -0.02 ms over REST in an earlier "
+    "series of six), since xpuflow's own OIP code is an eighth to a third of the gateway's time and the "
+    "rest sits in grpc.aio, aiohttp, uvicorn and the engine. On a loaded 2-core machine the figures "
+    "move by up to +-50% between runs: compare the runs in 'runs' rather than one run against a target. "
     "Why gRPC stays below REST for small embedding requests, two causes: (1) grpc.aio's server accepts "
     "calls one at a time (its main loop awaits request_call, then starts the call's task), so each new "
     "call reaches the gateway on its own event-loop wake-up, and the embedding worker, whose greedy "
-    "batcher dispatches what is queued, runs batches of 1.0 request over gRPC against 5.6-7.1 over "
+    "batcher dispatches what is queued, runs batches of 1.0 request over gRPC against 5.6-8.5 over "
     "REST ('embed_mean_requests_per_batch'): the engine's per-batch work is paid per request "
     "(profile 'embed_grpc' against 'embed_rest'); (2) grpc.aio's own machinery per call: 'floor' runs "
     "both protocol stacks with handlers that only parse the request and answer a prepared reply, and "
-    "grpc.aio costs 4-5x uvicorn+httptools' server CPU per call and about 2x aiohttp's client CPU, its "
-    "empty round trip 0.24-0.29 ms longer; in the gateway its callbacks take 0.12-0.37 ms of GIL time per "
-    "embedding request against uvicorn's ~0.01. xpuflow's gRPC handler takes 0.04-0.08 ms. So the gRPC "
-    "API serves fewer small requests per second than the OpenAI REST endpoint however lean its handler; "
-    "gRPC pays off for large binary tensors (no JSON), not for 8 short texts."
+    "grpc.aio costs 4.3-4.9x uvicorn+httptools' server CPU per call and 1.7-1.9x aiohttp's client CPU, "
+    "its empty round trip 0.25-0.29 ms longer; in the gateway its callbacks take 0.12-0.23 ms of GIL "
+    "time per embedding request against uvicorn's ~0.01. xpuflow's gRPC handler takes 0.04-0.07 ms. So "
+    "the gRPC API serves fewer small requests per second than the OpenAI REST endpoint however lean its "
+    "handler; gRPC pays off for large binary tensors (no JSON), not for 8 short texts."
 )
 TEXTS = [f"embedding benchmark sentence number {i}" for i in range(8)]
 
@@ -794,6 +801,7 @@ def _merge(paths: list[str]) -> None:
         {
             **{k: r.get(k) for k in HEADLINE},
             "compare_added_p50_ms": (r.get("compare") or {}).get("added_p50_ms"),
+            "bypass": r.get("bypass"),
             "measured_at": r.get("measured_at"),
         }
         for r in runs
@@ -803,6 +811,11 @@ def _merge(paths: list[str]) -> None:
         for k in HEADLINE
         if (values := [r[k] for r in runs if r.get(k) is not None])
     }
+    bypassed = [r["bypass"] for r in runs if r.get("bypass")]
+    for key in ("added_p50_ms", "engine_p50_ms") if bypassed else ():
+        chosen["median_of_runs"][f"bypass_{key}"] = {
+            k: round(statistics.median(b[key][k] for b in bypassed), 3) for k in ("grpc", "rest")
+        }
     compared = [r["compare"] for r in runs if r.get("compare")]
     if compared:
         chosen["median_of_runs"]["compare_this_minus_baseline_p50_ms"] = {
