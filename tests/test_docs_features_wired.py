@@ -977,6 +977,30 @@ async def _keep_alive(s: Served) -> None:
     assert (await s.chat(model="a")).headers["x-xpuflow-cold-start"] == "true"
 
 
+@custom(
+    "a replica larger than its device's budget fails start-up",
+    "residency.md",
+    "A replica larger than its device's\nbudget fails start-up naming both sizes.",
+)
+async def _too_large(tmp: Path) -> None:
+    data = one(fake("big", load="on_demand", memory_gb=2.0), residency={"budget_gb": {"cpu": 1.0}})
+    with pytest.raises(Exception, match=r"2\.00 GiB, more than the residency budget of 'cpu' \(1\.00 GiB\)"):
+        async with served(data, tmp):
+            pass
+
+
+@feature(
+    "pinned replicas count in a device's budget",
+    "residency.md",
+    "Pinned replicas on a device with a budget are counted in it",
+    {"deployments": [fake("p", memory_gb=0.25)], "residency": {"budget_gb": {"cpu": 1.0}}, **KEYS},
+)
+async def _pinned_counted(s: Served) -> None:
+    device = (await s.admin("GET", "/admin/workers")).json()["residency"][0]
+    assert device["budget_bytes"] == GIB
+    assert device["resident_bytes"] == GIB // 4
+
+
 RESIDENCY_METRICS = [
     "xpuflow_residency_budget_bytes",
     "xpuflow_residency_resident_bytes",
@@ -1125,6 +1149,18 @@ async def _partitions(s: Served) -> None:
     assert rows["pa"]["granted"] >= 1
     assert rows["pa"]["device_tokens"] == 1
     assert rows["pb"]["granted"] == 0
+
+
+@custom(
+    "qos.partitions[].memory_gb must fit the device",
+    "config.md",
+    "the `memory_gb` of a device's\npartitions must fit its memory (checked at start-up)",
+)
+async def _partition_memory(tmp: Path) -> None:
+    part = {"name": "p", "device": "cpu", "compute_share": 0.5, "memory_gb": 64, "deployments": ["chat"]}
+    with pytest.raises(Exception, match=r"add up to 64\.00 GiB, more than its 16\.00 GiB"):
+        async with served(one(qos={"partitions": [part]}), tmp):
+            pass
 
 
 # ---- metrics families (docs/api.md) -------------------------------------------------------------------
@@ -1295,14 +1331,20 @@ async def _grpc_and_kserve(tmp: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def openai_upstream(with_metrics: bool = True) -> AsyncIterator[tuple[str, Counter[str]]]:
-    """An OpenAI-style server on 127.0.0.1 with /health and (optionally) vLLM's /metrics gauges."""
+async def openai_upstream(
+    with_metrics: bool = True, status: int = 200
+) -> AsyncIterator[tuple[str, Counter[str]]]:
+    """An OpenAI-style server on 127.0.0.1 with /health and (optionally) vLLM's /metrics gauges; with
+    ``status`` its chat answers that error (with ``Retry-After: 7``)."""
     from aiohttp import web
 
     hits: Counter[str] = Counter()
 
     async def chat(request: web.Request) -> web.Response:
         hits["chat"] += 1
+        if status != 200:
+            error = {"error": {"message": f"upstream says {status}", "type": "x"}}
+            return web.json_response(error, status=status, headers={"Retry-After": "7"})
         reply = {"role": "assistant", "content": "from upstream"}
         return web.json_response(
             {"id": "x", "object": "chat.completion", "model": "mock", "created": 0,
@@ -1352,6 +1394,72 @@ async def _remote_openai(tmp: Path) -> None:
         assert answer.json()["choices"][0]["message"]["content"] == "from upstream"
         assert answer.headers["x-xpuflow-device"].startswith("remote:")
         await until(lambda: hits["health"] >= 2, "health checks")
+
+
+@custom(
+    "upstream addresses redacted from errors",
+    "api.md",
+    "URLs and socket\naddresses",
+)
+async def _redacted(tmp: Path) -> None:
+    async with openai_upstream() as (url, _hits):
+        pass  # closed again: nothing listens on its port now
+    dep = _remote(url, health_interval_s=0)
+    data = one(
+        dep, models=[{"name": "chat", "tiers": [{"name": "t", "deployments": ["chat"]}], "outage_retry_s": 0}]
+    )
+    async with served(data, tmp) as s:
+        answer = await s.chat()
+        assert answer.status_code in (502, 503), answer.text
+        message = answer.json()["error"]["message"]
+        assert "[upstream]" in message, message
+        assert url.split("//")[1] not in message, message
+
+
+@custom(
+    "upstream 429: upstream_rate_limited with its Retry-After",
+    "api.md",
+    "`upstream_rate_limited`",
+    gap="under xpuflow serve the dispatcher retries a 429 RemoteError and ends with DispatchError (a "
+    "RoutingError): 503 no_worker_available with retry-after 1, the upstream's Retry-After dropped; "
+    "only RemoteEngine (serving/remote_engine.py) passes the upstream's 429 on",
+)
+async def _upstream_429(tmp: Path) -> None:
+    models = [{"name": "chat", "tiers": [{"name": "t", "deployments": ["chat"]}], "outage_retry_s": 0}]
+    async with (
+        openai_upstream(status=429) as (url, _hits),
+        served(one(_remote(url), models=models), tmp) as s,
+    ):
+        answer = await s.chat()
+        assert answer.status_code == 429, answer.text
+        assert answer.json()["error"]["code"] == "upstream_rate_limited"
+        assert answer.headers["retry-after"] == "7"
+
+
+@custom(
+    "upstream 5xx: 502 upstream_error",
+    "api.md",
+    "a remote server failed (`RemoteError`)",
+    gap="under xpuflow serve a 5xx RemoteError is retried and ends as DispatchError: 503 "
+    "no_worker_available; 502 upstream_error is reached only through RemoteEngine",
+)
+async def _upstream_500(tmp: Path) -> None:
+    models = [{"name": "chat", "tiers": [{"name": "t", "deployments": ["chat"]}], "outage_retry_s": 0}]
+    async with (
+        openai_upstream(status=500) as (url, _hits),
+        served(one(_remote(url), models=models), tmp) as s,
+    ):
+        answer = await s.chat()
+        assert answer.status_code == 502, answer.text
+        assert answer.json()["error"]["code"] == "upstream_error"
+
+
+@custom("an upstream's own 400/413/422 reaches the client", "api.md", "reaches the client with that status")
+async def _upstream_422(tmp: Path) -> None:
+    async with openai_upstream(status=422) as (url, hits), served(one(_remote(url)), tmp) as s:
+        answer = await s.chat()
+        assert answer.status_code == 422, answer.text
+        assert hits["chat"] == 1  # not retried: every worker would refuse it
 
 
 @custom(
