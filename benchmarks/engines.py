@@ -513,7 +513,11 @@ def _bypass_server(port: int, grpc_port: int, ml_rest: str, ml_grpc: str) -> Non
     from xpuflow.backends.base import ModelConfig, ModelTask
     from xpuflow.backends.kserve_v2 import KServeV2Plugin
     from xpuflow.serving.app import create_app
-    from xpuflow.serving.engine import InferenceCall, InferenceResult, ModelInfo
+
+    try:
+        from xpuflow.engine import InferenceCall, InferenceResult, ModelInfo
+    except ImportError:  # a commit from before the contract moved below the gateway
+        from xpuflow.serving.engine import InferenceCall, InferenceResult, ModelInfo  # type: ignore[no-redef]
     from xpuflow.serving.oip_grpc import OIPGrpcServer
     from xpuflow.serving.oip_service import OIPService
     from xpuflow.types import RoutingDecision
@@ -596,6 +600,7 @@ PROFILE_GROUPS = (
             "xpuflow/scheduling/",
             "xpuflow/policy/",
             "xpuflow/serving/engine",
+            "xpuflow/engine",
         ),
     ),
     ("xpuflow HTTP app (serving: middleware, app)", ("xpuflow/serving/",)),

@@ -28,12 +28,11 @@ from typing import Any
 import numpy as np
 
 from xpuflow.backends.oip_client import ModelMetadata, TensorSpec
+from xpuflow.engine import InferenceCall, ModelInfo
 from xpuflow.errors import XpuflowError
-from xpuflow.scheduling.request import Priority, RequestKind
-from xpuflow.serving.engine import InferenceCall, ModelInfo
 from xpuflow.serving.inference import to_api_error
 from xpuflow.serving.openai_schema import APIError
-from xpuflow.types import RoutingDecision
+from xpuflow.types import Priority, RequestKind, RoutingDecision
 
 __all__ = ["EMBEDDING_OUTPUT", "OIPError", "OIPRequestInfo", "OIPService", "grpc_code"]
 
