@@ -322,6 +322,7 @@ class WorkerSnapshot:
     oldest_in_flight_s: float | None = None  # age of its oldest running request at taken_at_s
     latency_sampled_at_s: float | None = None  # monotonic time of the newest ema_latency_ms sample
     mean_batch_size: float | None = None  # requests per batch it has run on average (None: not measured)
+    ema_service_ms: float | None = None  # time to serve one batch, without queue wait (None: not measured)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -343,5 +344,6 @@ class WorkerSnapshot:
             "max_in_flight": self.max_in_flight,
             "oldest_in_flight_s": self.oldest_in_flight_s,
             "latency_sampled_at_s": self.latency_sampled_at_s,
+            "ema_service_ms": self.ema_service_ms,
             "mean_batch_size": self.mean_batch_size,
         }

@@ -125,4 +125,5 @@ class FakeWorker:
             ema_latency_ms=self.ema_latency_ms,
             free_memory_bytes=self.free_memory_bytes,
             max_seq_len=self.max_seq_len,
+            ema_service_ms=getattr(self, "ema_service_ms", None),
         )

@@ -140,8 +140,8 @@ class _Progress:
 
 
 def service_time_snapshot(worker: DispatchTarget) -> WorkerSnapshot:
-    """``worker.snapshot()`` with ``ema_latency_ms`` set to the worker's per-batch service time when its
-    metrics have one (``metrics.ema_service_ms``). The default ``snapshot_of`` of the dispatcher.
+    """``worker.snapshot()`` with ``ema_latency_ms`` set to the worker's per-batch service time when it
+    reports one (``WorkerSnapshot.ema_service_ms``). The default ``snapshot_of`` of the dispatcher.
 
     The scorer multiplies the latency by the batches queued ahead (docs/worker_choice.md), so it wants
     the time to serve a batch, without queue wait. An end-to-end latency counts the queue twice, and
@@ -149,7 +149,7 @@ def service_time_snapshot(worker: DispatchTarget) -> WorkerSnapshot:
     it, and so gets no new samples to bring it down, while the others take its share.
     """
     snapshot = worker.snapshot()
-    service_ms = getattr(getattr(worker, "metrics", None), "ema_service_ms", None)
+    service_ms = snapshot.ema_service_ms
     if isinstance(service_ms, (int, float)) and service_ms > 0 and service_ms != snapshot.ema_latency_ms:
         return dataclasses.replace(snapshot, ema_latency_ms=float(service_ms))
     return snapshot

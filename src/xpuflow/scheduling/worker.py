@@ -738,6 +738,7 @@ class Worker:
             # could form (docs/worker_choice.md): without it, 8 queued on a worker that batches 2 read
             # as one batch ahead instead of four
             mean_batch_size=self.metrics.mean_batch_size(),
+            ema_service_ms=self.metrics.ema_service_ms,
             ema_latency_ms=self.metrics.ema_latency_ms,
             free_memory_bytes=None if free is None else int(free),
             utilization_pct=float(utilization),

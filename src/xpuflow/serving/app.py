@@ -39,7 +39,6 @@ from starlette.routing import BaseRoute, Match, Route
 
 from xpuflow.engine import Engine
 from xpuflow.errors import XpuflowError
-from xpuflow.scheduling.request import RequestKind
 from xpuflow.serving.auth import Authenticator, request_authorization
 from xpuflow.serving.drain import Drain, DrainMiddleware
 from xpuflow.serving.hosts import HostFilter
@@ -49,6 +48,7 @@ from xpuflow.serving.openai_schema import APIError, error_body, require_json_con
 from xpuflow.serving.openapi import openapi_document
 from xpuflow.serving.redact import redact
 from xpuflow.serving.settings import GatewaySettings
+from xpuflow.types import RequestKind
 
 __all__ = ["Gateway", "create_app"]
 

@@ -38,7 +38,6 @@ from xpuflow.errors import (
     RoutingError,
     XpuflowError,
 )
-from xpuflow.scheduling.request import Priority, RequestKind
 from xpuflow.serving.auth import Authenticator
 from xpuflow.serving.metrics import GatewayMetrics
 from xpuflow.serving.openai_schema import (
@@ -58,7 +57,7 @@ from xpuflow.serving.openai_schema import (
 )
 from xpuflow.serving.redact import redact
 from xpuflow.serving.settings import ApiKey, GatewaySettings
-from xpuflow.types import RoutingDecision
+from xpuflow.types import Priority, RequestKind, RoutingDecision
 
 __all__ = ["DECISION_HEADERS", "InferenceEndpoints", "ModelCatalog", "to_api_error"]
 

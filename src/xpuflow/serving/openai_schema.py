@@ -25,8 +25,8 @@ from typing import Any
 
 from xpuflow.backends.base import Completion, GenerationParams
 from xpuflow.errors import XpuflowError
-from xpuflow.scheduling.request import RequestKind
 from xpuflow.serving.settings import GatewaySettings
+from xpuflow.types import RequestKind
 
 __all__ = [
     "SSE_DONE",

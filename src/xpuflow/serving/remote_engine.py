@@ -23,8 +23,7 @@ from xpuflow.backends.base import ModelConfig, ModelTask
 from xpuflow.backends.remote_openai import RemoteOpenAISession, RemoteSettings
 from xpuflow.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
 from xpuflow.errors import ConfigError
-from xpuflow.scheduling.request import RequestKind
-from xpuflow.types import RoutingDecision
+from xpuflow.types import RequestKind, RoutingDecision
 
 __all__ = ["RemoteEngine"]
 
