@@ -1318,13 +1318,91 @@ async def _grpc_and_kserve(tmp: Path) -> None:
                 direct = await upstream.client.post(
                     "/v1/embeddings", json={"model": "emb", "input": ["a", "b"]}
                 )
-                for got, want in zip(answer.json()["data"], direct.json()["data"], strict=False):
+                for got, want in zip(answer.json()["data"], direct.json()["data"], strict=True):
                     assert got["embedding"] == pytest.approx(
                         want["embedding"], rel=1e-6
                     )  # float32 on the wire
                 assert answer.headers["x-xpuflow-worker"] == "emb2/0"
         finally:
             await grpc_server.stop(grace_s=0.5)
+
+
+@custom(
+    "backend binary (the reference NPU stack) serving a tensor model over OIP",
+    "binary_backends.md",
+    "At start-up the backend asks the compiler for its version, builds the engine",
+    gap="the deployment starts (the engine is built and loaded) but cannot answer: the OIP tensor path "
+    "hands a session a mapping of named arrays (the kserve_v2 contract, scheduling/session_calls.py), "
+    "while BinarySession.run takes one (batch, in_dim) array, so every request fails with TypeError -> "
+    "SessionError, counted against the worker's health and retried",
+)
+async def _binary(tmp: Path) -> None:
+    import numpy as np
+
+    from xpuflow.vendor_ref import build_reference_stack, export_mlp, find_c_compiler
+
+    if find_c_compiler() is None:
+        pytest.skip("no C compiler (cc, gcc or clang) to build the reference NPU stack")
+    stack = await asyncio.to_thread(build_reference_stack, tmp / "refnpu")
+    rng = np.random.default_rng(3)
+    layers = [(rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32))]
+    export_mlp(layers, tmp / "mlp.xpfmlp")
+    dep = {
+        "name": "mlp",
+        "backend": "binary",
+        "model": "mlp.xpfmlp",
+        "task": "tensor",
+        "device": "cpu",  # the reference "NPU" is emulated on the host
+        "options": {"spec": str(stack.spec)},
+    }
+    models = [{"name": "mlp", "tiers": [{"name": "t", "deployments": ["mlp"]}], "outage_retry_s": 0}]
+    async with served(one(dep, models=models), tmp) as s:
+        assert any((tmp / "artifacts").rglob("manifest.json"))  # the engine was built into artifact_dir
+        x = rng.standard_normal((2, 4)).astype(np.float32)
+        meta = await s.client.get("/v2/models/mlp")  # the input's name, where the backend declares one
+        name = (
+            meta.json()["inputs"][0]["name"] if meta.status_code == 200 and meta.json().get("inputs") else "x"
+        )
+        body = {"inputs": [{"name": name, "shape": [2, 4], "datatype": "FP32", "data": x.ravel().tolist()}]}
+        answer = await s.client.post("/v2/models/mlp/infer", json=body)
+        assert answer.status_code == 200, answer.text
+        output = answer.json()["outputs"][0]
+        assert output["shape"] == [2, 3]
+        want = x @ layers[0][0] + layers[0][1]
+        assert np.asarray(output["data"], dtype=np.float32).reshape(2, 3) == pytest.approx(
+            want, rel=1e-4, abs=1e-5
+        )
+
+
+@custom("backend kserve_v2 over REST", "oip.md", "`rest` (aiohttp, pooled keep-alive connections)")
+async def _kserve_rest(tmp: Path) -> None:
+    import uvicorn
+
+    from xpuflow.serving.server import listen_socket
+
+    front = tmp / "front"
+    front.mkdir()
+    async with served(EMBED, tmp) as upstream:
+        sock = listen_socket(HOST, 0)
+        server = uvicorn.Server(
+            uvicorn.Config(upstream.app, log_level="warning", lifespan="off", access_log=False)
+        )
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            await until(lambda: server.started, "the upstream gateway listens")
+            options = {"base_url": f"http://{HOST}:{sock.getsockname()[1]}", "model": "emb"}
+            remote = {"name": "emb2", "backend": "kserve_v2", "task": "embedding", "options": options}
+            async with served(one(remote), front) as gateway:
+                body = {"model": "emb2", "input": ["a", "b"]}
+                answer = await gateway.client.post("/v1/embeddings", json=body)
+                assert answer.status_code == 200, answer.text
+                direct = await upstream.client.post("/v1/embeddings", json={**body, "model": "emb"})
+                for got, want in zip(answer.json()["data"], direct.json()["data"], strict=True):
+                    assert got["embedding"] == pytest.approx(want["embedding"], rel=1e-6)
+        finally:
+            server.should_exit = True
+            await task
+            sock.close()
 
 
 # ---- remote servers (docs/backends.md, docs/worker_choice.md) -----------------------------------------
