@@ -29,8 +29,8 @@ max; embeddings: two short texts; tensors: one row over ``/v2/models/{name}/infe
 retried after its Retry-After (at most ``--max-retries`` times), as a client would (idle keep-alive
 connections close after 2 s, before the server's 5 s, so a retry never uses a closed one); a request is lost
 when its final answer is not 2xx or the connection failed. Per request: model, status, latency (from
-the first try to the last answer, retries included), tries, and whether ``x-xpuflow-cold-start: true``
-was set.
+the first try to the last answer, retries included, and of the answering try alone), tries, and
+whether ``x-xpuflow-cold-start: true`` was set.
 
 A sampler thread reads ``/admin/workers`` and the gateway process's RSS (psutil, the process and its
 children) every 100 ms. The RSS baseline is taken right after ``/ready`` (the start-up measurement has
@@ -48,7 +48,7 @@ Figures (``benchmarks/results/residency.json``):
   Ray Serve's ``max_num_models_per_replica`` = budget / mean measured size rounded to the nearest
   integer, the number of these models the budget holds on average. Target: xpuflow >= the baseline.
 - ``cold_start_p50_ms`` per deployment: the p50 latency of its cold answers minus the p50 of its warm
-  ones, and the gateway's own ``load_ms_p50`` row.
+  ones (the answering try's latency, without Retry-After waits), and the gateway's own ``load_ms_p50``.
 - ``lost_requests``: target 0; ``retried_503`` counts the 503s clients retried.
 
 ``--charge-startup-memory`` is a diagnostic for a gateway that charges memory it holds from start-up
@@ -57,7 +57,7 @@ smallest model through the admin API in the sizing run, adds what is then unacco
 does the same in the run before the traffic, and holds models to the budget less that charge.
 
     python benchmarks/residency.py [--duration 180] [--clients 4] [--seed 7] [--zipf-s 1.1]
-                                   [--at-commit REV] [--charge-startup-memory] [--no-write]
+                                   [--at-commit REV] [--charge-startup-memory] [--store-as KEY]
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import export_source, free_port, print_table, start_process, stop_process, write_results
 
+HERE = Path(__file__).resolve().parent
 GIB = 1 << 30
 MIB = 1 << 20
 SAMPLE_INTERVAL_S = 0.1
@@ -313,14 +314,15 @@ async def run_clients(
         record: dict[str, Any] = {"i": index, "model": model, "t_s": time.monotonic() - start}
         statuses: list[int] = []
         cold = False
-        first = time.perf_counter()
+        first = try_start = time.perf_counter()
         while True:
+            try_start = time.perf_counter()
             try:
                 async with session.post(url + path, json=body) as response:
                     payload = await response.read()
                     statuses.append(response.status)
                     if response.status >= 300:
-                        record.setdefault("errors", []).append(payload[:800].decode(errors="replace"))
+                        record["last_error"] = payload[:400].decode(errors="replace")
                     cold = cold or response.headers.get("x-xpuflow-cold-start") == "true"
                     if response.status == 503 and len(statuses) <= max_retries:
                         await asyncio.sleep(retry_after_s(response.headers.get("retry-after")))
@@ -334,7 +336,8 @@ async def run_clients(
             tries=len(statuses),
             statuses=statuses,
             cold=cold,
-            latency_ms=(time.perf_counter() - first) * 1000.0,
+            latency_ms=round((time.perf_counter() - first) * 1000.0, 2),
+            last_try_ms=round((time.perf_counter() - try_start) * 1000.0, 2),
         )
         return record
 
@@ -438,6 +441,12 @@ def main() -> None:
     )
     parser.add_argument("--start-timeout", type=float, default=600.0)
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--output", type=Path, help="write the JSON here instead of benchmarks/results")
+    parser.add_argument(
+        "--store-as",
+        metavar="KEY",
+        help="keep benchmarks/results/residency.json and add this run's figures under KEY (no raw requests)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="xpuflow-residency-"))
@@ -529,20 +538,22 @@ def main() -> None:
     baseline_hits = lru_by_count_hits(sent, capacity_by_count)
     retried_503 = sum(r["statuses"].count(503) for r in ok)
     all_503 = sum(r["statuses"].count(503) for r in records)
-    over_accounted = [s for s in sampler.samples if s["resident_bytes"] > budget_bytes]
+    capacity_bytes = start_row["budget_bytes"]  # what the gateway enforces
+    over_accounted = [s for s in sampler.samples if s["resident_bytes"] > capacity_bytes]
     over_rss = [s for s in sampler.samples if s["rss_bytes"] - rss_base > rss_limit]
     exceeded = [
         s
         for s in sampler.samples
-        if s["resident_bytes"] > budget_bytes or s["rss_bytes"] - rss_base > rss_limit
+        if s["resident_bytes"] > capacity_bytes or s["rss_bytes"] - rss_base > rss_limit
     ]
     rows_end = {model_name(m["name"]): m for m in end_row["models"]}
 
     per_model: dict[str, Any] = {}
     for name in tasks:
         mine = [r for r in ok if r["model"] == name]
-        warm = [r["latency_ms"] for r in mine if not r["cold"]]
-        cold = [r["latency_ms"] for r in mine if r["cold"]]
+        # the answering try only: a 503's Retry-After wait is not the model's latency
+        warm = [r["last_try_ms"] for r in mine if not r["cold"]]
+        cold = [r["last_try_ms"] for r in mine if r["cold"]]
         cold_minus_warm = (
             p50(cold) - p50(warm) if cold and warm else None  # type: ignore[operator]
         )
@@ -646,49 +657,62 @@ def main() -> None:
         ("figure", "value", "target"),
     )
     for r in lost:
-        print(f"lost: {r['model']} statuses {r['statuses']} {r.get('error') or r.get('errors', [''])[-1]}")
+        print(f"lost: {r['model']} statuses {r['statuses']} {r.get('error') or r.get('last_error', '')}")
     if args.no_write:
         return
     method = __doc__.split("\n\n    python")[0]
-    path = write_results(
-        "residency",
-        {
-            **figures,
-            "targets": targets,
-            "passed": passed,
-            "per_deployment": per_model,
-            "settings": {
-                "duration_s": args.duration,
-                "elapsed_s": round(elapsed_s, 1),
-                "clients": args.clients,
-                "seed": args.seed,
-                "zipf_s": args.zipf_s,
-                "max_retries": args.max_retries,
-                "keep_alive_s": KEEP_ALIVE_S,
-                "budget_gb": round(start_row["budget_bytes"] / GIB, 4),
-                "models_budget_bytes": budget_bytes,
-                "charge_startup_memory": args.charge_startup_memory,
-                "startup_bytes_sizing_run": startup_bytes,
-                "charged_bytes_before_traffic": charged_bytes,
-                "product": product,
-                "budget_rule": f"max({BUDGET_SHARE} x sum of sizes, {FIT_MARGIN} x largest)"
-                if args.budget_gb is None
-                else "--budget-gb",
-                "rss_margin": f"{RSS_MARGIN_SHARE:.0%} of the budget + {RSS_MARGIN_BYTES // MIB} MiB",
-                "rss_baseline_bytes": rss_base,
-                "lru_by_count_capacity_rule": "round(budget / mean measured size)",
-            },
-            "metrics_at_end": metrics,
-            "residency_at_end": end_row,
-            "raw": {
-                "requests": records,
-                "memory_samples": sampler.samples,
-                "sizing_sizes_bytes": sizing,
-            },
-            "gateway_log_tail": log_tail.splitlines()[-30:],
-            "method": method,
+    data = {
+        **figures,
+        "targets": targets,
+        "passed": passed,
+        "per_deployment": per_model,
+        "settings": {
+            "duration_s": args.duration,
+            "elapsed_s": round(elapsed_s, 1),
+            "clients": args.clients,
+            "seed": args.seed,
+            "zipf_s": args.zipf_s,
+            "max_retries": args.max_retries,
+            "keep_alive_s": KEEP_ALIVE_S,
+            "budget_gb": round(start_row["budget_bytes"] / GIB, 4),
+            "models_budget_bytes": budget_bytes,
+            "charge_startup_memory": args.charge_startup_memory,
+            "startup_bytes_sizing_run": startup_bytes,
+            "charged_bytes_before_traffic": charged_bytes,
+            "product": product,
+            "budget_rule": f"max({BUDGET_SHARE} x sum of sizes, {FIT_MARGIN} x largest)"
+            if args.budget_gb is None
+            else "--budget-gb",
+            "rss_margin": f"{RSS_MARGIN_SHARE:.0%} of the budget + {RSS_MARGIN_BYTES // MIB} MiB",
+            "rss_baseline_bytes": rss_base,
+            "lru_by_count_capacity_rule": "round(budget / mean measured size)",
         },
-    )
+        "metrics_at_end": metrics,
+        "residency_at_end": end_row,
+        "raw": {
+            "requests": records,
+            "memory_samples": sampler.samples,
+            "sizing_sizes_bytes": sizing,
+        },
+        "gateway_log_tail": log_tail.splitlines()[-30:],
+        "method": method,
+    }
+    if args.output is not None:
+        args.output.write_text(json.dumps(data, indent=2) + "\n")
+        path = args.output
+    elif args.store_as:
+        path = HERE / "results" / "residency.json"
+        stored = json.loads(path.read_text())
+        data["raw"] = {
+            "memory_samples": [
+                {k: v for k, v in sample.items() if k != "resident"} for sample in sampler.samples
+            ],
+            "sizing_sizes_bytes": sizing,
+        }
+        stored[args.store_as] = {k: v for k, v in data.items() if k != "method"}
+        path.write_text(json.dumps(stored, indent=2) + "\n")
+    else:
+        path = write_results("residency", data)
     print(f"\nwrote {path}")
 
 
