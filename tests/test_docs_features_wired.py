@@ -1151,10 +1151,6 @@ async def _grpc_and_kserve(tmp: Path) -> None:
     "backend binary (the reference NPU stack) serving a tensor model over OIP",
     "binary_backends.md",
     "At start-up the backend asks the compiler for its version, builds the engine",
-    gap="the deployment starts (the engine is built and loaded) but cannot answer: the OIP tensor path "
-    "hands a session a mapping of named arrays (the kserve_v2 contract, scheduling/session_calls.py), "
-    "while BinarySession.run takes one (batch, in_dim) array, so every request fails with TypeError -> "
-    "SessionError, counted against the worker's health and retried",
 )
 async def _binary(tmp: Path) -> None:
     import numpy as np

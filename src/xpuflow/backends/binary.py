@@ -43,6 +43,7 @@ from xpuflow.backends.binary_compiler import BinaryCompilerAdapter
 from xpuflow.backends.binary_runtime import BinaryRuntimeAdapter, LoadedEngine
 from xpuflow.backends.binary_spec import BinarySpec, DeviceSpec, SpecFile, load_spec, parse_spec
 from xpuflow.backends.blocking import BlockingRunner
+from xpuflow.backends.oip_client import ModelMetadata, TensorSpec
 from xpuflow.build.digest import file_sha256
 from xpuflow.build.profile import BuildArtifact, BuildInterface, BuildProfile
 from xpuflow.errors import BuildError, CapabilityError, ConfigError, SessionError, XpuflowError
@@ -83,6 +84,9 @@ def _device_index(resources: Sequence[Resource]) -> int:
         if match:
             return int(match.group(1))
     return 0  # the host-emulated device of a stack running on the CPU
+
+
+TENSOR_INPUT, TENSOR_OUTPUT = "input", "output"  # its names over the Open Inference Protocol
 
 
 class BinarySession(Session):
@@ -137,10 +141,30 @@ class BinarySession(Session):
         ]
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
-    async def run(self, inputs: Any) -> np.ndarray:
-        """Outputs for ``inputs``: (batch, in_dim) -> (batch, out_dim) float32, (in_dim,) -> (out_dim,)."""
+    async def metadata(self) -> ModelMetadata:
+        """The model's one input and one output, for the Open Inference Protocol's model metadata."""
+        return ModelMetadata(
+            self.model_id,
+            "xpuflow_binary",
+            ("1",),
+            (TensorSpec(TENSOR_INPUT, "FP32", (-1, self.input_dim)),),
+            (TensorSpec(TENSOR_OUTPUT, "FP32", (-1, self.output_dim)),),
+        )
+
+    async def run(self, inputs: Any) -> Any:
+        """Outputs for ``inputs``: (batch, in_dim) -> (batch, out_dim) float32, (in_dim,) -> (out_dim,).
+        Named inputs (the Open Inference Protocol's ``{"input": rows}``, one entry) give named outputs
+        (``{"output": ...}``)."""
         if self.closed or self._engine is None:
             raise SessionError(f"session for model '{self.model_id}' is closed")
+        if isinstance(inputs, Mapping):
+            if len(inputs) != 1:
+                raise ConfigError(
+                    f"model '{self.model_id}' takes one input ('{TENSOR_INPUT}', FP32 rows of "
+                    f"{self.input_dim}), got {len(inputs)}: {', '.join(map(str, inputs))}",
+                    field="inputs",
+                )
+            return {TENSOR_OUTPUT: await self.run(next(iter(inputs.values())))}
         rows = np.ascontiguousarray(inputs, dtype=np.float32)
         single = rows.ndim == 1
         if single:
