@@ -499,7 +499,7 @@ def main() -> None:
         capacity_by_count = max(1, round(budget_bytes / statistics.mean(sizes.values())))
         rss_limit = budget_bytes * (1 + RSS_MARGIN_SHARE) + RSS_MARGIN_BYTES
 
-        expected = int(args.duration * 40) + 1000  # more than clients can send
+        expected = int(args.duration * 500) + 1000  # more than the clients can send
         sequence, shares = zipf_sequence(list(tasks), args.zipf_s, args.seed, expected)
         sampler = Sampler(url, proc.pid)
         sampler.start()
