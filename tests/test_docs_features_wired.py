@@ -333,8 +333,6 @@ async def _admin_disabled(s: Served) -> None:
     "config.md",
     "Who holds the key (shown in metrics, never the key).",
     one(api_keys=[{"name": "team-zebra", "key": USER}]),
-    gap="no metric carries the key's name: serving/metrics.py labels requests by model, tier, device "
-    "and status only, and InferenceCall.api_key_name is set by the gateway but read nowhere",
 )
 async def _key_name_in_metrics(s: Served) -> None:
     assert (await s.chat(headers=bearer(USER))).status_code == 200
@@ -478,16 +476,16 @@ async def _max_seq_len(s: Served) -> None:
 
 
 @feature(
-    "a prompt too long for every worker is a 400 (as documented)",
+    "a prompt too long for every worker is refused with 422 naming the largest context",
     "worker_choice.md",
-    "is a 400 naming the largest context",
+    "is refused with 422 (`invalid_value`, param `messages` or `prompt`) naming the largest context",
     one(fake(max_seq_len=300)),
-    gap="serve refuses it with 422 invalid_value (the orchestrator raises ConfigError(field='messages'), "
-    "which the gateway maps to 422), not the 400 docs/worker_choice.md promises",
 )
 async def _max_seq_len_status(s: Served) -> None:
     answer = await s.chat(text="word " * 600)
-    assert answer.status_code == 400, answer.text
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["param"] == "messages"
+    assert "more than the context of every worker" in answer.json()["error"]["message"]
 
 
 @feature(
@@ -685,8 +683,6 @@ async def _outage(s: Served) -> None:
     "config.md",
     "accepts every\nfield of `RoutingConfig`",
     two_tiers({"vram_source": "none", "vram_poll_interval_ms": 200}),
-    gap="the orchestrator hands every router its one shared VRAMMonitor.auto() (orchestrator.py, _wire and "
-    "start), so a model's routing.vram_source and vram_poll_interval_ms are accepted and ignored",
 )
 async def _vram_source(s: Served) -> None:
     from xpuflow.routing.adaptive import AdaptiveRouter
@@ -1028,8 +1024,6 @@ for _name, _labels in API_METRICS.items():
     "api.md",
     "Time in a worker queue (as the engine reports it)",
     one(SLOW_ONE),
-    gap="the orchestrator never fills InferenceResult.queue_ms, so under xpuflow serve every request is "
-    "observed with 0 s in the queue, however long it waited (only FakeEngine reports one)",
 )
 async def _queue_time(s: Served) -> None:
     answers = await asyncio.gather(*(s.chat() for _ in range(3)))  # one at a time: two of them queue
@@ -1262,9 +1256,6 @@ async def _redacted(tmp: Path) -> None:
     "upstream 429: upstream_rate_limited with its Retry-After",
     "api.md",
     "`upstream_rate_limited`",
-    gap="under xpuflow serve the dispatcher retries a 429 RemoteError and ends with DispatchError (a "
-    "RoutingError): 503 no_worker_available with retry-after 1, the upstream's Retry-After dropped; "
-    "only RemoteEngine (serving/remote_engine.py) passes the upstream's 429 on",
 )
 async def _upstream_429(tmp: Path) -> None:
     models = [{"name": "chat", "tiers": [{"name": "t", "deployments": ["chat"]}], "outage_retry_s": 0}]
@@ -1282,8 +1273,6 @@ async def _upstream_429(tmp: Path) -> None:
     "upstream 5xx: 502 upstream_error",
     "api.md",
     "a remote server failed (`RemoteError`)",
-    gap="under xpuflow serve a 5xx RemoteError is retried and ends as DispatchError: 503 "
-    "no_worker_available; 502 upstream_error is reached only through RemoteEngine",
 )
 async def _upstream_500(tmp: Path) -> None:
     models = [{"name": "chat", "tiers": [{"name": "t", "deployments": ["chat"]}], "outage_retry_s": 0}]
@@ -1415,9 +1404,6 @@ async def _device_model(tmp: Path) -> None:
     "options.device_model relative to the config file",
     "simulate.md",
     "names a device model in `options.device_model`, relative to the config",
-    gap="the simulator resolves options.device_model against the config's folder (simulate/fleet.py), but "
-    "the fake backend under xpuflow serve opens it as given, relative to the working directory, so the "
-    "same file fails to start unless serve runs from the config's folder",
 )
 async def _device_model_relative(tmp: Path) -> None:
     _device_model_file(tmp)

@@ -174,6 +174,11 @@ class DeploymentConfig(_Strict):
             path = Path(self.model).expanduser()
             if not path.is_absolute() and base_dir is not None:
                 path = base_dir / path
+        options = self.options
+        device_model = options.get("device_model")
+        if isinstance(device_model, str) and base_dir is not None and not Path(device_model).is_absolute():
+            # a file the config names is relative to the config, as the simulator reads it
+            options = {**options, "device_model": str(base_dir / Path(device_model).expanduser())}
         return ModelConfig(
             model_id=self.name,
             path=path,
@@ -181,7 +186,7 @@ class DeploymentConfig(_Strict):
             precision=self.precision,
             max_batch_size=self.max_batch_size,
             max_seq_len=self.max_seq_len,
-            options=self.options,
+            options=options,
         )
 
 

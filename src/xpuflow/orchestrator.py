@@ -626,8 +626,12 @@ class Orchestrator:
             ) from exc
         first = deployments[model.tiers[0].deployments[0]]
         task = first.task if first.task in ("embedding", "tensor") else "chat"
+        # the server's shared VRAM monitor, unless this model's routing asks for its own source or rate
+        own_monitor = {"vram_source", "vram_poll_interval_ms"} & set(model.routing)
         tier_router = (
-            AdaptiveRouter(routing, monitor=self._monitor, clock=self._clock) if len(tiers) > 1 else None
+            AdaptiveRouter(routing, monitor=None if own_monitor else self._monitor, clock=self._clock)
+            if len(tiers) > 1
+            else None
         )
         timeout_s = max(deployments[d].timeout_s for t in model.tiers for d in t.deployments)
         dispatcher = Dispatcher(

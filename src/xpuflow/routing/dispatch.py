@@ -58,6 +58,7 @@ from xpuflow.errors import (
     DispatchError,
     DispatchTimeout,
     ModelDoesNotFit,
+    RemoteError,
     StreamInterrupted,
     XpuflowError,
 )
@@ -467,6 +468,23 @@ class Dispatcher:
                 f"({detail}); retry after {retry_after:g} s",
                 retry_after_s=retry_after,
                 reasons=reasons,
+            )
+        elif progress.errors and all(
+            isinstance(e, RemoteError) and e.status is not None and (e.status == 429 or e.status >= 500)
+            for e in progress.errors
+        ):
+            # every try was refused by an upstream server: the client gets what it said (429 with its
+            # Retry-After, or a 5xx as 502), not a generic 503 of this gateway
+            last = progress.errors[-1]
+            assert isinstance(last, RemoteError)
+            limited = [e for e in progress.errors if isinstance(e, RemoteError) and e.status == 429]
+            status = 429 if len(limited) == len(progress.errors) else last.status
+            waits = [e.retry_after_s for e in limited if e.retry_after_s is not None]
+            error = RemoteError(
+                f"request {request.request_id}: every upstream tried refused it: {detail}",
+                status=status,
+                retryable=True,
+                retry_after_s=min(waits) if waits else None,
             )
         elif progress.attempts:
             error = DispatchError(

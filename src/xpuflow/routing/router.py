@@ -7,7 +7,7 @@
 Every call, plain or streamed, goes through the same steps in the same order:
 
 1. **check**: the call fits the model (a tensor call to a tensor model, embeddings to an embedding
-   model; a prompt longer than every worker's context is a 400);
+   model; a prompt longer than every worker's context is refused, 422);
 2. **admission**: the call's QoS context holds its memory until the answer (or the stream) ends, or
    refuses it (429);
 3. **tier choice**: the rule chain (``AdaptiveRouter``; a one-tier model needs none);
@@ -167,7 +167,7 @@ class Router:
     def needs(self, call: InferenceCall) -> WorkerNeeds | None:
         """What a generation needs of a worker: at least its prompt's tokens in the worker's context (a
         lower bound, 6 characters a token, so only a prompt that cannot fit is kept from a worker). A
-        prompt too long for every worker is the client's error (400), not an outage."""
+        prompt too long for every worker is the client's error (422), not an outage."""
         if call.kind not in _GENERATIVE:
             return None
         payload = call.payload
@@ -227,17 +227,19 @@ class Router:
         decision = _cold(done.decision, request)
         self._observe(decision, latency_ms)
         self.log.record(call.model, decision, latency_ms, ok=True)
+        queue_ms = float(request.metadata.get("queue_ms", 0.0))  # the wait in the last worker's queue
         if isinstance(done.result, Completion):
             self.log.counters["completion_tokens_total"] += done.result.completion_tokens
             return InferenceResult(
                 decision,
                 completion=done.result,
                 prompt_tokens=done.result.prompt_tokens,
+                queue_ms=queue_ms,
                 total_ms=latency_ms,
             )
         if call.kind is RequestKind.TENSOR:
-            return InferenceResult(decision, outputs=done.result, total_ms=latency_ms)  # type: ignore[arg-type]
-        return InferenceResult(decision, embeddings=list(done.result), total_ms=latency_ms)
+            return InferenceResult(decision, outputs=done.result, queue_ms=queue_ms, total_ms=latency_ms)  # type: ignore[arg-type]
+        return InferenceResult(decision, embeddings=list(done.result), queue_ms=queue_ms, total_ms=latency_ms)
 
     async def stream(self, call: InferenceCall) -> AsyncIterator[StreamEvent]:
         """Admission happens before the first event (a refusal is an ordinary 429); the context's

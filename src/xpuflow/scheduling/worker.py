@@ -477,6 +477,8 @@ class Worker:
             return
         for ticket in tickets:
             ticket.dispatched_at_s = now
+            # what the gateway reports as queue time (xpuflow_queue_time_seconds): this queue's wait
+            ticket.request.metadata["queue_ms"] = (now - ticket.enqueued_at_s) * 1000.0
         self._update_depths()
         self._batcher.on_dispatch(now, len(tickets))
         # in a continuous session a request joins the ones in flight in one running batch

@@ -372,6 +372,8 @@ class InferenceEndpoints:
         self.metrics.in_flight += 1
         try:
             key = self.auth.check(headers.get(b"authorization"))
+            if key is not None:
+                self.metrics.observe_key(key.name)
             require_json_content_type(headers.get(b"content-type"))
             body = await _read_body(receive, headers.get(b"content-length"), self.settings.max_body_bytes)
             parsed = _PARSERS[kind](load_json(body), self.settings)

@@ -326,7 +326,12 @@ class _RequestCollector(Collector):
             decisions.add_metric(list(key), float(count))
         in_flight = GaugeMetricFamily("xpuflow_requests_in_flight", "Requests being answered now")
         in_flight.add_metric([], float(m.in_flight))
-        yield from (requests, *families.values(), tokens, decisions, in_flight)
+        keys = CounterMetricFamily(
+            "xpuflow_requests_by_key", "Requests by the name of the API key they carried", labels=["key"]
+        )
+        for name, count in sorted(m._keys.items()):
+            keys.add_metric([name], float(count))
+        yield from (requests, *families.values(), tokens, decisions, in_flight, keys)
 
 
 class GatewayMetrics:
@@ -344,6 +349,11 @@ class GatewayMetrics:
         self._series: dict[tuple[str, str, str], _Series] = {}
         self._tokens: dict[tuple[str, str], int] = {}
         self._decisions: dict[tuple[str, str, str], int] = {}
+        self._keys: dict[str, int] = {}  # API key name (never the secret) -> requests
+
+    def observe_key(self, name: str) -> None:
+        """A request authenticated with the key named ``name``."""
+        self._keys[name] = self._keys.get(name, 0) + 1
 
     def observe_request(
         self,
