@@ -300,6 +300,20 @@ class GatewayConfig(_Strict):
         description="Port of the Open Inference Protocol gRPC server (inference.GRPCInferenceService, on "
         "gateway.host) beside the HTTP API; 0 picks a free one; off when absent (see docs/oip.md).",
     )
+    request_timeout_s: float | None = Field(
+        600.0,
+        gt=0.0,
+        description="Longest wait for a non-streamed answer or a stream's first event (then 504); "
+        "null: no limit.",
+    )
+    default_max_tokens: int = Field(
+        256,
+        ge=1,
+        description="max_tokens of a request that names neither max_tokens nor max_completion_tokens.",
+    )
+    max_tokens_limit: int = Field(32768, ge=1, description="Larger max_tokens values get 422.")
+    max_embedding_inputs: int = Field(2048, ge=1, description="Inputs one embeddings request may carry.")
+    owned_by: str = Field("xpuflow", min_length=1, description="The owned_by that /v1/models reports.")
 
 
 class QoSContextConfig(_Strict):

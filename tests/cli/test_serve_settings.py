@@ -45,3 +45,21 @@ def test_cors_comes_from_the_config() -> None:
         parse_config({"gateway": {"cors": {"allow_origins": ["*"], "allow_credentials": True}}})
     with pytest.raises(ConfigError, match="drain_timeout_s"):
         parse_config({"gateway": {"drain_timeout_s": 0}})
+
+
+def test_the_gateway_section_sets_the_request_limits() -> None:
+    gateway = {
+        "request_timeout_s": 30,
+        "default_max_tokens": 64,
+        "max_tokens_limit": 1024,
+        "max_embedding_inputs": 16,
+        "owned_by": "team-a",
+    }
+    settings = _settings(parse_config({"gateway": gateway}))
+    assert (settings.request_timeout_s, settings.default_max_tokens, settings.max_tokens_limit) == (
+        30,
+        64,
+        1024,
+    )
+    assert (settings.max_embedding_inputs, settings.owned_by) == (16, "team-a")
+    assert _settings(parse_config({"gateway": {"request_timeout_s": None}})).request_timeout_s is None
