@@ -846,8 +846,6 @@ for _name in RESIDENCY_METRICS:
     "residency.md",
     'The dashboard shows a "Model residency" table.',
     ON_DEMAND,
-    gap="serving/dashboard.py builds no residency rows (its snapshot has no 'residency' key) and "
-    "static/dashboard.html has no such table; status()['residency'] reaches only /admin/workers and /metrics",
 )
 async def _dashboard_residency(s: Served) -> None:
     await s.chat(model="a", headers=bearer(USER))

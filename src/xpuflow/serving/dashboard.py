@@ -244,6 +244,36 @@ def _qos_context(raw: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _residency(raw: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per model a device's residency knows (docs/residency.md), with the device's budget."""
+    device = _text(raw.get("device")) or ""
+    budget = _int(raw.get("budget_bytes"))
+    rows = []
+    for model in _mappings(raw.get("models")):
+        name = _text(model.get("name"))
+        if not name:
+            continue
+        rows.append(
+            {
+                "device": device,
+                "budget_bytes": budget,
+                "resident_bytes": _int(raw.get("resident_bytes")),
+                "unaccounted_bytes": _int(raw.get("unaccounted_bytes")),
+                "worker": name,
+                "resident": bool(model.get("resident")),
+                "pinned": bool(model.get("pinned")),
+                "size_bytes": _int(model.get("size_bytes")),
+                "in_use": _int(model.get("in_use")),
+                "idle_s": _num(model.get("idle_s")),
+                "keep_alive_s": _num(model.get("keep_alive_s")),
+                "loads": _int(model.get("loads")),
+                "evictions": _int(model.get("evictions")),
+                "load_ms_p50": _num(model.get("load_ms_p50")),
+            }
+        )
+    return rows
+
+
 def _mappings(value: Any) -> list[Mapping[str, Any]]:
     if isinstance(value, Mapping):  # keyed by id is as good as a list
         value = list(value.values())
@@ -339,6 +369,7 @@ class DashboardFeed:
             "nodes": _nodes(devices),
             "decisions": decisions[: self._max_decisions],
             "qos": [_qos_context(c) for c in _mappings(status.get("qos")) if _text(c.get("name"))],
+            "residency": [row for d in _mappings(status.get("residency")) for row in _residency(d)],
             "series": series,
         }
 

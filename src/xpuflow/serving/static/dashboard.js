@@ -250,6 +250,33 @@
     body.replaceChildren.apply(body, rows);
   }
 
+  function renderResidency(models) {
+    const section = $("residency-section");
+    section.hidden = !models.length;
+    const body = $("residency").tBodies[0];
+    const rows = models.map(function (m) {
+      const state = m.resident ? (m.in_use ? "loaded, in use" : "loaded") + (m.pinned ? " (pinned)" : "") : "unloaded";
+      const used = m.resident_bytes;
+      const max = m.budget_bytes;
+      const pct = used !== null && max ? Math.min(100, (100 * used) / max) : 0;
+      const bar = el("div", { class: "vram-bar" }, [el("div", { class: "vram-used" })]);
+      bar.firstChild.style.width = pct.toFixed(1) + "%";
+      const usage = el("td", {}, [bar, el("div", { class: "vram-text", text: fmtBytes(used) + " / " + fmtBytes(max) })]);
+      return el("tr", { class: "residency-row", "data-worker": m.worker, "data-resident": String(m.resident) }, [
+        el("td", { text: m.worker }),
+        el("td", { text: m.device || "–" }),
+        el("td", { text: state }),
+        el("td", { text: fmtBytes(m.size_bytes) }),
+        usage,
+        el("td", { class: "num", text: m.idle_s === null ? "–" : m.idle_s.toFixed(0) }),
+        el("td", { class: "num", text: fmtInt(m.loads) }),
+        el("td", { class: "num", text: fmtInt(m.evictions) }),
+        el("td", { class: "num", text: m.load_ms_p50 === null ? "–" : m.load_ms_p50.toFixed(0) }),
+      ]);
+    });
+    body.replaceChildren.apply(body, rows);
+  }
+
   function render(snapshot) {
     const banner = $("error");
     banner.hidden = !snapshot.error;
@@ -258,6 +285,7 @@
     renderDevices(snapshot.devices || [], snapshot.nodes || []);
     renderDecisions(snapshot.decisions || []);
     renderQos(snapshot.qos || []);
+    renderResidency(snapshot.residency || []);
     renderCharts(snapshot.series);
     $("updated").textContent = "updated " + fmtTime(snapshot.ts);
     updates += 1;
