@@ -78,10 +78,10 @@ async def smollm2_session(max_batch_size: int, *, continuous: bool = False) -> t
     """SmolLM2-135M-Instruct on the CPU through the ``transformers`` backend, one torch thread (the GGUF
     is dequantised once into the artifact store), optionally with ``options.continuous_batching``.
     Returns the session and the dequantised model folder."""
+    from xpuflow.artifacts.builder import build_all
+    from xpuflow.artifacts.store import ArtifactStore
     from xpuflow.backends.base import ModelConfig
-    from xpuflow.backends.transformers import DEQUANT_PROFILE, TransformersPlugin
-    from xpuflow.build.builder import build_all
-    from xpuflow.build.store import ArtifactStore
+    from xpuflow.backends.transformers.plugin import DEQUANT_PROFILE, TransformersPlugin
     from xpuflow.bundled import smollm2_gguf_path
     from xpuflow.types import Resource, ResourceType
 

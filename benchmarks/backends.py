@@ -31,10 +31,10 @@ from _common import PROMPTS, print_table, write_results
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from xpuflow.artifacts.builder import build_all
+from xpuflow.artifacts.store import ArtifactStore
 from xpuflow.backends.base import GenerationParams, ModelConfig
 from xpuflow.backends.registry import get_backend
-from xpuflow.build.builder import build_all
-from xpuflow.build.store import ArtifactStore
 from xpuflow.bundled import minilm_path, smollm2_gguf_path
 from xpuflow.types import Resource, ResourceType
 

@@ -88,8 +88,8 @@ from _common import (  # noqa: E402
 )
 from oip_model_servers import mlserver  # noqa: E402
 
-from xpuflow.backends.oip_client import RestOIPClient  # noqa: E402
-from xpuflow.backends.oip_client_grpc import GrpcOIPClient  # noqa: E402
+from xpuflow.backends.remote.oip_client import RestOIPClient  # noqa: E402
+from xpuflow.backends.remote.oip_client_grpc import GrpcOIPClient  # noqa: E402
 
 ADMIN_KEY = "sk-bench-admin-0001"
 NOTES = (
@@ -377,7 +377,7 @@ def _floor_server(kind: str, port: int) -> None:
     if kind == "grpc":
         import grpc
 
-        from xpuflow.backends.oip_proto import SERVICE, messages
+        from xpuflow.backends.remote.oip_proto import SERVICE, messages
 
         reply = messages.ModelInferResponse(model_name="embed", model_version="1")
         reply.outputs.add(name="embedding", datatype="FP32", shape=list(vectors.shape))
@@ -511,7 +511,7 @@ def _bypass_server(port: int, grpc_port: int, ml_rest: str, ml_grpc: str) -> Non
     import uvicorn
 
     from xpuflow.backends.base import ModelConfig, ModelTask
-    from xpuflow.backends.kserve_v2 import KServeV2Plugin
+    from xpuflow.backends.remote.kserve_v2 import KServeV2Plugin
     from xpuflow.serving.app import create_app
 
     try:

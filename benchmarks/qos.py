@@ -36,7 +36,7 @@ from _common import print_table, write_results
 from xpuflow.backends.base import GenerationParams
 from xpuflow.clock import SystemClock
 from xpuflow.errors import AdmissionRejected
-from xpuflow.scheduling.qos import GB, QoSPolicy, QoSScheduler
+from xpuflow.scheduling.qos.scheduler import GB, QoSPolicy, QoSScheduler
 from xpuflow.testing import FakeSession
 
 SLOTS = 8

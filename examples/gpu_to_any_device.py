@@ -51,9 +51,9 @@ def with_runtime() -> str:
 def with_unchanged_transformers_code() -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from xpuflow.artifacts import ArtifactStore, build_all
     from xpuflow.backends.base import ModelConfig
-    from xpuflow.backends.transformers import TransformersPlugin
-    from xpuflow.build import ArtifactStore, build_all
+    from xpuflow.backends.transformers.plugin import TransformersPlugin
 
     # A Hugging Face folder to load: the dequantised SmolLM2 the transformers backend caches.
     cpu = xpuflow.detect().cpu

@@ -32,7 +32,7 @@ def test_unknown_device_and_path_errors(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_acceptance_auto_runtime_answers_paris(tmp_path: Path) -> None:
-    from xpuflow.build.store import ArtifactStore
+    from xpuflow.artifacts.store import ArtifactStore
 
     rt = xpuflow.runtime("auto", store=ArtifactStore(tmp_path / "store"))
     try:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from xpuflow.artifacts.builder import build_all
+from xpuflow.artifacts.store import ArtifactStore
 from xpuflow.backends.base import ModelConfig
-from xpuflow.backends.binary import BinaryPlugin
-from xpuflow.build.builder import build_all
-from xpuflow.build.store import ArtifactStore
+from xpuflow.backends.binary.plugin import BinaryPlugin
 from xpuflow.types import Resource, ResourceType
 from xpuflow.vendor_ref import build_reference_stack, export_mlp, mlp_forward
 

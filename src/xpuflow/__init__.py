@@ -36,8 +36,8 @@ _EXPORTS: dict[str, str] = {
     "runtime": "xpuflow.device_runtime",
     "init": "xpuflow.migrate",
     "deinit": "xpuflow.migrate",
-    "BuildProfile": "xpuflow.build.profile",
-    "BuildArtifact": "xpuflow.build.profile",
+    "BuildProfile": "xpuflow.artifacts.profile",
+    "BuildArtifact": "xpuflow.artifacts.profile",
     "ModelConfig": "xpuflow.backends.base",
     "GenerationParams": "xpuflow.backends.base",
     "Session": "xpuflow.backends.base",
@@ -103,9 +103,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from xpuflow.artifacts.profile import BuildArtifact, BuildProfile
     from xpuflow.backends.base import BackendPlugin, GenerationParams, ModelConfig, Session
     from xpuflow.backends.registry import get_backend, list_backends
-    from xpuflow.build.profile import BuildArtifact, BuildProfile
     from xpuflow.config import load_config
     from xpuflow.device_router import DeviceRouter
     from xpuflow.device_runtime import DeviceRuntime, runtime

@@ -158,9 +158,9 @@ class DeviceRuntime:
         device: str,
         options: Mapping[str, Any],
     ) -> LoadedModel:
+        from xpuflow.artifacts.builder import build_all
+        from xpuflow.artifacts.store import ArtifactStore
         from xpuflow.backends.registry import get_backend
-        from xpuflow.build.builder import build_all
-        from xpuflow.build.store import ArtifactStore
 
         resource = self._inventory.get(device)
         assert resource is not None

@@ -25,9 +25,9 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from xpuflow.artifacts.builder import BuildProgress, build_all
+from xpuflow.artifacts.store import ArtifactStore
 from xpuflow.backends.registry import get_backend
-from xpuflow.build.builder import BuildProgress, build_all
-from xpuflow.build.store import ArtifactStore
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.config import DeploymentConfig, LogicalModelConfig, TierRef, XpuflowConfig
 from xpuflow.discovery.inventory import Inventory
@@ -44,11 +44,11 @@ from xpuflow.routing.adaptive import AdaptiveRouter, RoutingConfig, TierConfig
 from xpuflow.routing.dispatch import Dispatcher, RetryPolicy, service_time_snapshot
 from xpuflow.routing.remote_state import PrometheusLoadProbe, RemoteStatePoller
 from xpuflow.routing.router import RequestLog, Router
-from xpuflow.scheduling.admission import AdmissionController, ContextSpec, QoSPolicy
-from xpuflow.scheduling.partitions import ComputeTokens
-from xpuflow.scheduling.qos_gate import QoSGate
+from xpuflow.scheduling.qos.admission import AdmissionController, ContextSpec, QoSPolicy
+from xpuflow.scheduling.qos.gate import QoSGate
+from xpuflow.scheduling.qos.partitions import ComputeTokens
+from xpuflow.scheduling.qos.residency import ModelResidency
 from xpuflow.scheduling.request import RequestKind
-from xpuflow.scheduling.residency import ModelResidency
 from xpuflow.scheduling.worker import Worker
 from xpuflow.telemetry.host_memory import HostMemory
 from xpuflow.telemetry.vram import VRAMMonitor
@@ -564,7 +564,7 @@ class Orchestrator:
 
     async def _start_managed(self, dep: DeploymentConfig, index: int, model_config: Any) -> Any:
         """Start a managed deployment's server for replica ``index``; its ``ModelConfig`` points at it."""
-        from xpuflow.backends.managed_engine import start_managed
+        from xpuflow.backends.remote.managed_engine import start_managed
 
         state_dir = (
             self._base_dir / self.config.artifact_dir

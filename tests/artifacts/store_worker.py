@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from xpuflow.build.profile import BuildProfile
-from xpuflow.build.store import ArtifactStore
+from xpuflow.artifacts.profile import BuildProfile
+from xpuflow.artifacts.store import ArtifactStore
 from xpuflow.types import ResourceType
 
 PROFILE = BuildProfile(name="engine", target=ResourceType.CPU, compiler="cc", compiler_version="1.0")

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xpuflow.build.profile import BuildInterface, BuildProfile
-from xpuflow.build.store import ArtifactStore, default_store_root
+from xpuflow.artifacts.profile import BuildInterface, BuildProfile
+from xpuflow.artifacts.store import ArtifactStore, default_store_root
 from xpuflow.errors import BuildError, CompilerError, ConfigError
 from xpuflow.types import ResourceType
 
@@ -301,7 +301,7 @@ def test_a_corrupt_artifact_is_never_used_and_is_rebuilt(
     build = CountingBuild()
     artifact = store.get_or_build("m", DIGEST, PROFILE, build)
     damage(artifact)
-    with caplog.at_level(logging.WARNING, logger="xpuflow.build.store"):
+    with caplog.at_level(logging.WARNING, logger="xpuflow.artifacts.store"):
         assert store.get(DIGEST, PROFILE) is None
     assert "corrupt" in caplog.text
     assert not artifact.path.exists()  # removed, so nothing can pick it up

@@ -11,9 +11,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from xpuflow.artifacts.profile import BuildArtifact, BuildProfile
 from xpuflow.backends import registry
 from xpuflow.backends.base import Availability, ModelConfig, Session
-from xpuflow.build.profile import BuildArtifact, BuildProfile
 from xpuflow.cli.artifacts import register
 from xpuflow.discovery.inventory import Inventory
 from xpuflow.types import Capability, Resource, ResourceType

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from xpuflow.artifacts.builder import BuildProgress, NullProgress, RichProgress, build_all, config_digest
+from xpuflow.artifacts.digest import digest_text, model_digest
+from xpuflow.artifacts.profile import BuildArtifact, BuildProfile
+from xpuflow.artifacts.store import ArtifactStore
 from xpuflow.backends.base import Availability, ModelConfig, Session
-from xpuflow.build.builder import BuildProgress, NullProgress, RichProgress, build_all, config_digest
-from xpuflow.build.digest import digest_text, model_digest
-from xpuflow.build.profile import BuildArtifact, BuildProfile
-from xpuflow.build.store import ArtifactStore
 from xpuflow.errors import BuildError, ConfigError
 from xpuflow.types import Capability, Resource, ResourceType
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from xpuflow.build.digest import DigestIndex, digest_text, file_sha256, model_digest
+from xpuflow.artifacts.digest import DigestIndex, digest_text, file_sha256, model_digest
 from xpuflow.errors import ConfigError
 
 HOUR_NS = 3600 * 10**9

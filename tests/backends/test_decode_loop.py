@@ -28,9 +28,9 @@ CHATS = [
 
 
 async def _session(continuous: bool, max_batch_size: int = 8) -> Any:
-    from xpuflow.backends.transformers import TransformersPlugin
-    from xpuflow.build.builder import build_all
-    from xpuflow.build.store import ArtifactStore
+    from xpuflow.artifacts.builder import build_all
+    from xpuflow.artifacts.store import ArtifactStore
+    from xpuflow.backends.transformers.plugin import TransformersPlugin
     from xpuflow.bundled import smollm2_gguf_path
 
     plugin = TransformersPlugin()
@@ -200,7 +200,7 @@ def test_close_fails_what_is_still_running_and_refuses_more() -> None:
 
 
 def test_bad_continuous_batching_option_is_a_config_error() -> None:
-    from xpuflow.backends.transformers import TransformersPlugin
+    from xpuflow.backends.transformers.plugin import TransformersPlugin
     from xpuflow.bundled import smollm2_gguf_path
 
     config = ModelConfig("smollm2", smollm2_gguf_path(), "chat", options={"continuous_batching": "yes"})

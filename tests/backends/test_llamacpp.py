@@ -313,8 +313,8 @@ def test_gguf_type_adds_one_requant_build_step(gguf: Path) -> None:
 @pytest.mark.slow
 def test_the_widened_gguf_is_built_once_and_answers_the_readme_question(gguf: Path, tmp_path: Path) -> None:
     """The bundled Q4_1 file loops at temperature 0 on this question; widened to f16 it answers."""
-    from xpuflow.build.builder import build_all
-    from xpuflow.build.store import ArtifactStore
+    from xpuflow.artifacts.builder import build_all
+    from xpuflow.artifacts.store import ArtifactStore
 
     plugin = LlamaCppPlugin()
     config = ModelConfig("smollm2", path=gguf, max_seq_len=1024, options={"n_threads": 1, "gguf_type": "f16"})

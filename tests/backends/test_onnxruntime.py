@@ -12,9 +12,14 @@ from typing import Any
 
 import pytest
 
+from xpuflow.artifacts import ArtifactStore, build_all
 from xpuflow.backends.base import BackendPlugin, BatchMode, GenerationParams, ModelConfig
-from xpuflow.backends.onnxruntime import CPU_PROVIDER, EXPORT_PROFILE, OnnxRuntimePlugin, choose_providers
-from xpuflow.build import ArtifactStore, build_all
+from xpuflow.backends.encoders.onnxruntime import (
+    CPU_PROVIDER,
+    EXPORT_PROFILE,
+    OnnxRuntimePlugin,
+    choose_providers,
+)
 from xpuflow.bundled import minilm_path
 from xpuflow.errors import BackendError, BuildError, ConfigError
 from xpuflow.types import Resource, ResourceType

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from xpuflow.backends.base import GenerationParams, StreamChunk
-from xpuflow.backends.openai_wire import (
+from xpuflow.backends.remote.openai_wire import (
     DONE,
     SSEDecoder,
     chat_request,

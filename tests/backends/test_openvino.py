@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from xpuflow.artifacts import ArtifactStore, BuildArtifact, build_all
 from xpuflow.backends.base import BackendPlugin, BatchMode, ModelConfig
-from xpuflow.backends.openvino import BLOB_NAME, COMPILE_PROFILE, OpenVinoPlugin, openvino_device
-from xpuflow.build import ArtifactStore, BuildArtifact, build_all
+from xpuflow.backends.encoders.openvino import BLOB_NAME, COMPILE_PROFILE, OpenVinoPlugin, openvino_device
 from xpuflow.bundled import minilm_path
 from xpuflow.errors import BuildError, ConfigError
 from xpuflow.types import Resource, ResourceType

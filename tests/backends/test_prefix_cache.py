@@ -163,10 +163,10 @@ CHATS = [
 def test_reusing_prefixes_changes_no_output_on_smollm2() -> None:
     import torch
 
+    from xpuflow.artifacts.builder import build_all
+    from xpuflow.artifacts.store import ArtifactStore
     from xpuflow.backends.base import GenerationParams, ModelConfig
-    from xpuflow.backends.transformers import TransformersPlugin
-    from xpuflow.build.builder import build_all
-    from xpuflow.build.store import ArtifactStore
+    from xpuflow.backends.transformers.plugin import TransformersPlugin
     from xpuflow.bundled import smollm2_gguf_path
     from xpuflow.types import Resource, ResourceType
 
@@ -215,10 +215,10 @@ def test_a_model_that_cannot_start_from_a_cached_prefix_is_served_without_the_ca
 ) -> None:
     import torch
 
+    from xpuflow.artifacts.builder import build_all
+    from xpuflow.artifacts.store import ArtifactStore
     from xpuflow.backends.base import GenerationParams, ModelConfig
-    from xpuflow.backends.transformers import TransformersPlugin
-    from xpuflow.build.builder import build_all
-    from xpuflow.build.store import ArtifactStore
+    from xpuflow.backends.transformers.plugin import TransformersPlugin
     from xpuflow.bundled import smollm2_gguf_path
     from xpuflow.types import Resource, ResourceType
 
@@ -250,7 +250,7 @@ def test_a_model_that_cannot_start_from_a_cached_prefix_is_served_without_the_ca
 
 def test_bad_prefix_cache_options_are_config_errors() -> None:
     from xpuflow.backends.base import ModelConfig
-    from xpuflow.backends.transformers import TransformersPlugin
+    from xpuflow.backends.transformers.plugin import TransformersPlugin
     from xpuflow.bundled import smollm2_gguf_path
     from xpuflow.errors import ConfigError
     from xpuflow.types import Resource, ResourceType

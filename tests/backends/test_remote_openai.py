@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 
 from xpuflow.backends.base import BatchMode, GenerationParams, ModelConfig
-from xpuflow.backends.openai_wire import parse_retry_after
-from xpuflow.backends.remote_openai import RemoteOpenAIPlugin, RemoteOpenAISession, RemoteSettings
+from xpuflow.backends.remote.openai import RemoteOpenAIPlugin, RemoteOpenAISession, RemoteSettings
+from xpuflow.backends.remote.openai_wire import parse_retry_after
 from xpuflow.clock import FakeClock
 from xpuflow.errors import ConfigError, RemoteError, SessionError
 from xpuflow.types import Resource, ResourceType

@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
+from xpuflow.artifacts import ArtifactStore, build_all
 from xpuflow.backends.base import BackendPlugin, BatchMode, GenerationParams, ModelConfig
 from xpuflow.backends.token_stream import StopFilter, cut_at_stop
-from xpuflow.backends.transformers import (
+from xpuflow.backends.transformers.plugin import (
     DEQUANT_PROFILE,
     TransformersPlugin,
     torch_device,
 )
-from xpuflow.build import ArtifactStore, build_all
 from xpuflow.bundled import minilm_path, smollm2_gguf_path
 from xpuflow.errors import BackendError, BuildError, ConfigError
 from xpuflow.types import Resource, ResourceType
@@ -369,7 +369,7 @@ def test_minilm_embeddings_are_pooled_normalised_and_ordered() -> None:
 
 
 def test_the_cache_keyword_follows_the_model_signature() -> None:
-    from xpuflow.backends.kv_cache_arg import cache_kwarg, output_cache
+    from xpuflow.backends.transformers.kv_cache_arg import cache_kwarg, output_cache
 
     class New:
         def forward(self, input_ids: object = None, cache: object = None) -> None: ...

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from xpuflow.backends.binary_compiler import BinaryCompilerAdapter, trim_output
-from xpuflow.backends.binary_spec import load_spec
+from xpuflow.backends.binary.compiler import BinaryCompilerAdapter, trim_output
+from xpuflow.backends.binary.spec import load_spec
 from xpuflow.errors import BackendUnavailable, CompilerError, ConfigError
 
 SHELL_NAMES = [

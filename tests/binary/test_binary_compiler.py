@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from xpuflow.backends.binary_compiler import BinaryCompilerAdapter
-from xpuflow.backends.binary_spec import load_spec
+from xpuflow.backends.binary.compiler import BinaryCompilerAdapter
+from xpuflow.backends.binary.spec import load_spec
 from xpuflow.errors import CompilerError, CompilerTimeout
 from xpuflow.vendor_ref import ReferenceStack
 

@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from xpuflow.artifacts.builder import build_all
+from xpuflow.artifacts.profile import BuildArtifact, BuildInterface
+from xpuflow.artifacts.store import ArtifactStore
 from xpuflow.backends.base import BatchMode, ModelConfig
-from xpuflow.backends.binary import BinaryPlugin, BinarySession
+from xpuflow.backends.binary.plugin import BinaryPlugin, BinarySession
 from xpuflow.backends.registry import get_backend
-from xpuflow.build.builder import build_all
-from xpuflow.build.profile import BuildArtifact, BuildInterface
-from xpuflow.build.store import ArtifactStore
 from xpuflow.errors import BuildError, CapabilityError, ConfigError, SessionError, VendorRuntimeError
 from xpuflow.types import Resource, ResourceType
 from xpuflow.vendor_ref import ReferenceStack, mlp_forward

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from xpuflow.backends.binary_compiler import BinaryCompilerAdapter
-from xpuflow.backends.binary_runtime import BinaryRuntimeAdapter
-from xpuflow.backends.binary_spec import load_spec
+from xpuflow.backends.binary.compiler import BinaryCompilerAdapter
+from xpuflow.backends.binary.runtime import BinaryRuntimeAdapter
+from xpuflow.backends.binary.spec import load_spec
 from xpuflow.errors import BackendError, BackendUnavailable, ConfigError, VendorRuntimeError
 from xpuflow.vendor_ref import ReferenceStack, mlp_forward
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from xpuflow.backends.binary_spec import ROLE_SIGNATURES, load_spec, parse_spec, placeholders_in
+from xpuflow.backends.binary.spec import ROLE_SIGNATURES, load_spec, parse_spec, placeholders_in
 from xpuflow.errors import ConfigError
 
 

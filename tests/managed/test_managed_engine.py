@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from xpuflow.backends.base import ModelConfig
-from xpuflow.backends.managed_engine import EngineState, ManagedEngine, start_managed
-from xpuflow.backends.managed_templates import TEMPLATES, render_argv
+from xpuflow.backends.remote.managed_engine import EngineState, ManagedEngine, start_managed
+from xpuflow.backends.remote.managed_templates import TEMPLATES, render_argv
 from xpuflow.config import DeploymentConfig
 from xpuflow.errors import BackendError, ConfigError
 
@@ -138,7 +138,7 @@ def test_restart_after_kill_and_graceful_stop(tmp_path: Path, executable: Path) 
             log_path=tmp_path / "m.log",
             restart_backoff_s=0.2,
         )
-        from xpuflow.backends.managed_engine import free_port
+        from xpuflow.backends.remote.managed_engine import free_port
 
         engine.port = free_port()
         engine.argv = render_argv(engine.argv, {"port": str(engine.port)})
@@ -165,7 +165,7 @@ def test_a_crash_loop_gives_up_with_a_clear_status(
     tmp_path: Path, executable: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def main() -> None:
-        from xpuflow.backends.managed_engine import free_port
+        from xpuflow.backends.remote.managed_engine import free_port
 
         port = free_port()
         engine = ManagedEngine(

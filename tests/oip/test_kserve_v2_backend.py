@@ -11,8 +11,8 @@ import pytest
 from oip_serve import KEY, Served
 
 from xpuflow.backends.base import ModelConfig
-from xpuflow.backends.kserve_v2 import KServeV2Plugin, KServeV2Session
 from xpuflow.backends.registry import get_backend
+from xpuflow.backends.remote.kserve_v2 import KServeV2Plugin, KServeV2Session
 from xpuflow.errors import ConfigError, RemoteError
 from xpuflow.testing.fake_backend import FakeSession
 

@@ -16,7 +16,7 @@ from oip_model_servers import ModelServerProcess, kserve_server, mlserver
 from oip_serve import Served, xpuflow_serve
 
 from xpuflow.backends.base import ModelConfig
-from xpuflow.backends.kserve_v2 import KServeV2Plugin
+from xpuflow.backends.remote.kserve_v2 import KServeV2Plugin
 from xpuflow.errors import RemoteError
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]

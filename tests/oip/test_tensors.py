@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xpuflow.backends.oip_proto import messages, method_path
-from xpuflow.backends.oip_tensors import (
+from xpuflow.backends.remote.oip_proto import messages, method_path
+from xpuflow.backends.remote.oip_tensors import (
     DATATYPES,
     datatype_of,
     from_contents,

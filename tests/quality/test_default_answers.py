@@ -54,10 +54,10 @@ def _chat_workers() -> list[Any]:
 def _answers(deployment: Any) -> list[str]:
     import torch
 
+    from xpuflow.artifacts.builder import build_all
+    from xpuflow.artifacts.store import ArtifactStore
     from xpuflow.backends.base import GenerationParams
     from xpuflow.backends.registry import get_backend
-    from xpuflow.build.builder import build_all
-    from xpuflow.build.store import ArtifactStore
     from xpuflow.types import Resource, ResourceType
 
     torch.set_num_threads(1)

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from xpuflow.backends.base import ModelConfig
-from xpuflow.backends.remote_openai import RemoteMetrics, RemoteOpenAIPlugin
+from xpuflow.backends.remote.openai import RemoteMetrics, RemoteOpenAIPlugin
 from xpuflow.clock import FakeClock
 from xpuflow.policy.worker_scorer import WorkerScorer
 from xpuflow.routing.remote_state import (

@@ -14,8 +14,15 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from xpuflow.clock import FakeClock
 from xpuflow.errors import AdmissionRejected, ConfigError
-from xpuflow.scheduling.admission import GB, MB, AdmissionController, ContextSpec, Grant, QoSPolicy
-from xpuflow.scheduling.residency import ModelDoesNotFit, ModelResidency
+from xpuflow.scheduling.qos.admission import (
+    GB,
+    MB,
+    AdmissionController,
+    ContextSpec,
+    Grant,
+    QoSPolicy,
+)
+from xpuflow.scheduling.qos.residency import ModelDoesNotFit, ModelResidency
 
 G, B, BE = QoSPolicy.GUARANTEED, QoSPolicy.BURSTABLE, QoSPolicy.BEST_EFFORT
 

@@ -9,9 +9,9 @@ import pytest
 from xpuflow.backends.base import GenerationParams
 from xpuflow.clock import FakeClock
 from xpuflow.errors import AdmissionRejected, ConfigError
-from xpuflow.scheduling.admission import GB, QoSPolicy
-from xpuflow.scheduling.partitions import ComputeTokens, DevicePartitions
-from xpuflow.scheduling.qos import QoSScheduler
+from xpuflow.scheduling.qos.admission import GB, QoSPolicy
+from xpuflow.scheduling.qos.partitions import ComputeTokens, DevicePartitions
+from xpuflow.scheduling.qos.scheduler import QoSScheduler
 from xpuflow.testing import FakeSession
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from xpuflow.clock import FakeClock
 from xpuflow.errors import AdmissionRejected, ConfigError
-from xpuflow.scheduling import qos
-from xpuflow.scheduling.qos import (
+from xpuflow.scheduling.qos import scheduler as qos
+from xpuflow.scheduling.qos.scheduler import (
     GB,
     MB,
     HostStream,

@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from xpuflow.errors import ConfigError
-from xpuflow.scheduling.admission import GB, MB, AdmissionController, ContextSpec, QoSPolicy
-from xpuflow.scheduling.residency import ModelDoesNotFit, ModelResidency
+from xpuflow.scheduling.qos.admission import GB, MB, AdmissionController, ContextSpec, QoSPolicy
+from xpuflow.scheduling.qos.residency import ModelDoesNotFit, ModelResidency
 
 
 class FakeDevice:

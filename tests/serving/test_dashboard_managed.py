@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from dashboard_helpers import GIB, StatusEngine
 
-from xpuflow.backends.managed_engine import EngineState, ManagedEngine
+from xpuflow.backends.remote.managed_engine import EngineState, ManagedEngine
 from xpuflow.serving.app import create_app
 from xpuflow.serving.dashboard import DashboardFeed, dashboard_routes
 from xpuflow.serving.settings import GatewaySettings

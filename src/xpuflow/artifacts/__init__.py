@@ -6,10 +6,10 @@
 See ``docs/artifacts.md`` for the store's layout, keys, locking and garbage collection.
 """
 
-from xpuflow.build.builder import BuildProgress, NullProgress, RichProgress, build_all, config_digest
-from xpuflow.build.digest import digest_text, file_sha256, model_digest
-from xpuflow.build.profile import BuildArtifact, BuildInterface, BuildProfile
-from xpuflow.build.store import ArtifactStore, default_store_root
+from xpuflow.artifacts.builder import BuildProgress, NullProgress, RichProgress, build_all, config_digest
+from xpuflow.artifacts.digest import digest_text, file_sha256, model_digest
+from xpuflow.artifacts.profile import BuildArtifact, BuildInterface, BuildProfile
+from xpuflow.artifacts.store import ArtifactStore, default_store_root
 
 __all__ = [
     "ArtifactStore",

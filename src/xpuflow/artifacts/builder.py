@@ -22,16 +22,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from xpuflow.build.digest import digest_text, model_digest
-from xpuflow.build.profile import BuildArtifact, BuildProfile
+from xpuflow.artifacts.digest import digest_text, model_digest
+from xpuflow.artifacts.profile import BuildArtifact, BuildProfile
 from xpuflow.errors import BuildError
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
+    from xpuflow.artifacts.store import ArtifactStore
     from xpuflow.backends.base import BackendPlugin, ModelConfig
-    from xpuflow.build.store import ArtifactStore
     from xpuflow.types import Resource
 
 __all__ = ["BuildProgress", "NullProgress", "RichProgress", "build_all", "config_digest"]

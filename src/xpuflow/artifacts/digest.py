@@ -68,7 +68,7 @@ def digest_text(text: str) -> str:
 
 
 def _default_index_path() -> Path:
-    from xpuflow.build.store import default_store_root
+    from xpuflow.artifacts.store import default_store_root
 
     return default_store_root() / "digests.json"
 

@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xpuflow.build.digest import digest_text, file_sha256
-from xpuflow.build.profile import BuildArtifact, BuildProfile
+from xpuflow.artifacts.digest import digest_text, file_sha256
+from xpuflow.artifacts.profile import BuildArtifact, BuildProfile
 from xpuflow.errors import ArtifactCorrupt, BuildError, ConfigError, XpuflowError
 
 if TYPE_CHECKING:
-    from xpuflow.build.builder import BuildProgress
+    from xpuflow.artifacts.builder import BuildProgress
 
 __all__ = ["CACHE_DIR_ENV", "MANIFEST_NAME", "ArtifactStore", "Leftover", "default_store_root"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol, overload, runtime_checkable
 
-from xpuflow.build.profile import BuildArtifact, BuildProfile
+from xpuflow.artifacts.profile import BuildArtifact, BuildProfile
 from xpuflow.errors import BackendError, ConfigError
 from xpuflow.types import Capability, RequestKind, Resource
 

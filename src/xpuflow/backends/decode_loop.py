@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xpuflow.backends.base import Completion, GenerationParams, StreamChunk
-from xpuflow.backends.kv_cache_arg import cache_kwarg, output_cache
 from xpuflow.backends.token_stream import StreamText, cut_at_stop
+from xpuflow.backends.transformers.kv_cache_arg import cache_kwarg, output_cache
 from xpuflow.errors import ConfigError, SessionError
 
 __all__ = ["DecodeLoop", "LoopRow", "supports_continuous_batching"]

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from xpuflow.artifacts.profile import BuildArtifact, BuildProfile
 from xpuflow.backends.base import (
     Availability,
     BatchMode,
@@ -33,9 +34,8 @@ from xpuflow.backends.base import (
     StreamChunk,
 )
 from xpuflow.backends.blocking import BlockingRunner
-from xpuflow.backends.onnx_export import package_version
-from xpuflow.backends.openai_wire import completion_from_response, stream_chunk
-from xpuflow.build.profile import BuildArtifact, BuildProfile
+from xpuflow.backends.encoders.onnx_export import package_version
+from xpuflow.backends.remote.openai_wire import completion_from_response, stream_chunk
 from xpuflow.errors import BackendUnavailable, BuildError, ConfigError, SessionError, XpuflowError
 from xpuflow.types import Capability, OptimizedFor, Resource, ResourceType
 

@@ -31,12 +31,12 @@ ENTRY_POINT_GROUP = "xpuflow.backends"
 #: name -> "module:attribute" of a plugin class (instantiated with no arguments).
 BUILTIN_BACKENDS: dict[str, str] = {
     "llamacpp": "xpuflow.backends.llamacpp:LlamaCppPlugin",
-    "transformers": "xpuflow.backends.transformers:TransformersPlugin",
-    "onnxruntime": "xpuflow.backends.onnxruntime:OnnxRuntimePlugin",
-    "openvino": "xpuflow.backends.openvino:OpenVinoPlugin",
-    "remote_openai": "xpuflow.backends.remote_openai:RemoteOpenAIPlugin",
-    "kserve_v2": "xpuflow.backends.kserve_v2:KServeV2Plugin",
-    "binary": "xpuflow.backends.binary:BinaryPlugin",
+    "transformers": "xpuflow.backends.transformers.plugin:TransformersPlugin",
+    "onnxruntime": "xpuflow.backends.encoders.onnxruntime:OnnxRuntimePlugin",
+    "openvino": "xpuflow.backends.encoders.openvino:OpenVinoPlugin",
+    "remote_openai": "xpuflow.backends.remote.openai:RemoteOpenAIPlugin",
+    "kserve_v2": "xpuflow.backends.remote.kserve_v2:KServeV2Plugin",
+    "binary": "xpuflow.backends.binary.plugin:BinaryPlugin",
     "fake": "xpuflow.testing.fake_backend:FakePlugin",
 }
 

@@ -25,9 +25,9 @@ from xpuflow.errors import ConfigError
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from xpuflow.artifacts.profile import BuildArtifact
+    from xpuflow.artifacts.store import ArtifactStore
     from xpuflow.backends.base import BackendPlugin
-    from xpuflow.build.profile import BuildArtifact
-    from xpuflow.build.store import ArtifactStore
     from xpuflow.discovery.inventory import Inventory
     from xpuflow.types import Resource
 
@@ -91,7 +91,7 @@ def _when(epoch_s: float | None) -> str:
 
 
 def _open_store(store_path: Path | None) -> ArtifactStore:
-    from xpuflow.build.store import ArtifactStore
+    from xpuflow.artifacts.store import ArtifactStore
 
     return ArtifactStore(store_path)
 
@@ -122,9 +122,9 @@ def _resolve_device(plugin: BackendPlugin, device: str, inventory: Inventory) ->
 def _run_build(config_path: Path, store_path: Path | None, detect: InventoryFactory) -> int:
     from rich.table import Table
 
+    from xpuflow.artifacts.builder import RichProgress, build_all
+    from xpuflow.artifacts.store import ArtifactStore
     from xpuflow.backends.registry import get_backend
-    from xpuflow.build.builder import RichProgress, build_all
-    from xpuflow.build.store import ArtifactStore
     from xpuflow.config import load_config
     from xpuflow.errors import BackendUnavailable, XpuflowError
 

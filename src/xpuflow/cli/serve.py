@@ -141,7 +141,7 @@ async def _serve(config: Any, config_path: Path | None, host: str, port: int) ->
     import uvicorn
     from rich.console import Console
 
-    from xpuflow.build.builder import RichProgress
+    from xpuflow.artifacts.builder import RichProgress
     from xpuflow.orchestrator import Orchestrator
     from xpuflow.serving.app import create_app
     from xpuflow.serving.auth import Authenticator

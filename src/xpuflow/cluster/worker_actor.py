@@ -78,9 +78,9 @@ class WorkerActor:
         return self._worker
 
     async def _build(self) -> Worker:
+        from xpuflow.artifacts.builder import build_all
+        from xpuflow.artifacts.store import ArtifactStore
         from xpuflow.backends.registry import get_backend
-        from xpuflow.build.builder import build_all
-        from xpuflow.build.store import ArtifactStore
 
         spec = self.spec
         dep = DeploymentConfig.model_validate(dict(spec.deployment))

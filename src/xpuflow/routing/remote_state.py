@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
-from xpuflow.backends.remote_openai import RemoteMetrics
+from xpuflow.backends.remote.openai import RemoteMetrics
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.scheduling.health import HealthTracker
 from xpuflow.types import WorkerSnapshot

@@ -47,6 +47,7 @@ from xpuflow.errors import (
 from xpuflow.scheduling.batcher import Action, Batcher, BatcherConfig, BatchPolicy, make_batcher
 from xpuflow.scheduling.health import HealthTracker
 from xpuflow.scheduling.metrics import WorkerMetrics
+from xpuflow.scheduling.qos.residency import ModelResidency
 from xpuflow.scheduling.queue import (
     STREAM_END,
     DeadlineExceeded,
@@ -57,7 +58,6 @@ from xpuflow.scheduling.queue import (
     make_queue,
 )
 from xpuflow.scheduling.request import WorkRequest
-from xpuflow.scheduling.residency import ModelResidency
 from xpuflow.scheduling.session_calls import Result, batch_group, open_stream, run_batch, work_units
 from xpuflow.types import WorkerSnapshot
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from xpuflow.backends.oip_proto import SERVICE, messages
-from xpuflow.backends.oip_tensors import datatype_of, from_contents, from_raw, to_raw
+from xpuflow.backends.remote.oip_proto import SERVICE, messages
+from xpuflow.backends.remote.oip_tensors import datatype_of, from_contents, from_raw, to_raw
 from xpuflow.errors import ConfigError
 from xpuflow.serving.oip_service import OIPError, OIPRequestInfo, OIPService, grpc_code
 

@@ -28,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from xpuflow.backends.oip_client import BINARY_HEADER
-from xpuflow.backends.oip_tensors import datatype_of, from_json, from_raw, to_json_data, to_raw
+from xpuflow.backends.remote.oip_client import BINARY_HEADER
+from xpuflow.backends.remote.oip_tensors import datatype_of, from_json, from_raw, to_json_data, to_raw
 from xpuflow.errors import ConfigError
 from xpuflow.serving.inference import decision_headers
 from xpuflow.serving.oip_service import OIPError, OIPRequestInfo, OIPService

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from xpuflow.backends.oip_client import ModelMetadata, TensorSpec
+from xpuflow.backends.remote.oip_client import ModelMetadata, TensorSpec
 from xpuflow.engine import InferenceCall, ModelInfo
 from xpuflow.errors import XpuflowError
 from xpuflow.serving.inference import to_api_error

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from xpuflow.backends.base import ModelConfig, ModelTask
-from xpuflow.backends.remote_openai import RemoteOpenAISession, RemoteSettings
+from xpuflow.backends.remote.openai import RemoteOpenAISession, RemoteSettings
 from xpuflow.engine import InferenceCall, InferenceResult, ModelInfo, StreamEvent
 from xpuflow.errors import ConfigError
 from xpuflow.types import RequestKind, RoutingDecision

@@ -20,6 +20,7 @@ import hashlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+from xpuflow.artifacts.profile import BuildArtifact, BuildProfile
 from xpuflow.backends.base import (
     Availability,
     BatchMode,
@@ -30,7 +31,6 @@ from xpuflow.backends.base import (
     Session,
     StreamChunk,
 )
-from xpuflow.build.profile import BuildArtifact, BuildProfile
 from xpuflow.errors import SessionError
 from xpuflow.types import Capability, OptimizedFor, Resource
 

@@ -1,1 +1,2 @@
-"""Binary-only vendor stacks: a CLI compiler and a C runtime, driven from a spec file (docs/binary_backends.md)."""
+"""Binary-only vendor stacks: a CLI compiler and a C runtime, driven from a spec file
+(docs/binary_backends.md)."""

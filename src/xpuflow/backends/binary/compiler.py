@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from xpuflow.backends.binary_spec import PLACEHOLDER_RE, ParamSpec, SpecFile
+from xpuflow.backends.binary.spec import PLACEHOLDER_RE, ParamSpec, SpecFile
 from xpuflow.errors import BackendUnavailable, BuildError, CompilerError, CompilerTimeout, ConfigError
 
 __all__ = ["BinaryCompilerAdapter", "CompileResult", "trim_output"]

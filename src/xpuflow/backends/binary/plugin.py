@@ -38,14 +38,14 @@ from typing import Any
 import numpy as np
 import yaml
 
+from xpuflow.artifacts.digest import file_sha256
+from xpuflow.artifacts.profile import BuildArtifact, BuildInterface, BuildProfile
 from xpuflow.backends.base import Availability, BatchMode, ModelConfig, ModelTask, Session
-from xpuflow.backends.binary_compiler import BinaryCompilerAdapter
-from xpuflow.backends.binary_runtime import BinaryRuntimeAdapter, LoadedEngine
-from xpuflow.backends.binary_spec import BinarySpec, DeviceSpec, SpecFile, load_spec, parse_spec
+from xpuflow.backends.binary.compiler import BinaryCompilerAdapter
+from xpuflow.backends.binary.runtime import BinaryRuntimeAdapter, LoadedEngine
+from xpuflow.backends.binary.spec import BinarySpec, DeviceSpec, SpecFile, load_spec, parse_spec
 from xpuflow.backends.blocking import BlockingRunner
-from xpuflow.backends.oip_client import ModelMetadata, TensorSpec
-from xpuflow.build.digest import file_sha256
-from xpuflow.build.profile import BuildArtifact, BuildInterface, BuildProfile
+from xpuflow.backends.remote.oip_client import ModelMetadata, TensorSpec
 from xpuflow.errors import BuildError, CapabilityError, ConfigError, SessionError, XpuflowError
 from xpuflow.types import Capability, OptimizedFor, Resource, ResourceType
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from xpuflow.backends.binary_spec import FunctionSpec, SpecFile
+from xpuflow.backends.binary.spec import FunctionSpec, SpecFile
 from xpuflow.errors import BackendError, BackendUnavailable, ConfigError, VendorRuntimeError
 
 __all__ = ["CTYPES", "BinaryRuntimeAdapter", "LoadedEngine"]

@@ -27,9 +27,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from xpuflow.artifacts.profile import BuildArtifact, BuildProfile
 from xpuflow.backends.base import Availability, ModelConfig
 from xpuflow.backends.blocking import BlockingRunner
-from xpuflow.backends.onnx_export import (
+from xpuflow.backends.encoders.onnx_export import (
     DEFAULT_OPSET,
     ONNX_MODEL_NAME,
     EncoderSession,
@@ -42,7 +43,6 @@ from xpuflow.backends.onnx_export import (
     exporter_version,
     resolve_encoder_source,
 )
-from xpuflow.build.profile import BuildArtifact, BuildProfile
 from xpuflow.errors import BackendUnavailable, BuildError, ConfigError, SessionError
 from xpuflow.types import Capability, OptimizedFor, Resource, ResourceType
 

@@ -35,9 +35,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from xpuflow.artifacts.profile import BuildArtifact, BuildProfile
 from xpuflow.backends.base import Availability, ModelConfig
 from xpuflow.backends.blocking import BlockingRunner
-from xpuflow.backends.onnx_export import (
+from xpuflow.backends.encoders.onnx_export import (
     DEFAULT_OPSET,
     ONNX_MODEL_NAME,
     EncoderSession,
@@ -51,7 +52,6 @@ from xpuflow.backends.onnx_export import (
     package_version,
     resolve_encoder_source,
 )
-from xpuflow.build.profile import BuildArtifact, BuildProfile
 from xpuflow.errors import BackendUnavailable, BuildError, ConfigError, SessionError
 from xpuflow.types import Capability, OptimizedFor, Resource, ResourceType
 

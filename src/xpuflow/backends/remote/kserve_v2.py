@@ -34,11 +34,17 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from xpuflow.artifacts.profile import BuildArtifact, BuildProfile
 from xpuflow.backends.base import Availability, BatchMode, ModelConfig, ModelTask, Session
-from xpuflow.backends.oip_client import ModelMetadata, OIPClient, OIPTimeouts, RestOIPClient, TensorSpec
-from xpuflow.backends.oip_tensors import DATATYPES
-from xpuflow.backends.remote_openai import LATENCY_EMA_ALPHA, RemoteMetrics, _api_key
-from xpuflow.build.profile import BuildArtifact, BuildProfile
+from xpuflow.backends.remote.oip_client import (
+    ModelMetadata,
+    OIPClient,
+    OIPTimeouts,
+    RestOIPClient,
+    TensorSpec,
+)
+from xpuflow.backends.remote.oip_tensors import DATATYPES
+from xpuflow.backends.remote.openai import LATENCY_EMA_ALPHA, RemoteMetrics, _api_key
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.errors import ConfigError, RemoteError
 from xpuflow.types import Capability, OptimizedFor, Resource, ResourceType
@@ -177,7 +183,7 @@ class KServeSettings:
         if self.api_key:
             headers.setdefault("Authorization", f"Bearer {self.api_key}")
         if self.protocol == "grpc":
-            from xpuflow.backends.oip_client_grpc import GrpcOIPClient
+            from xpuflow.backends.remote.oip_client_grpc import GrpcOIPClient
 
             return GrpcOIPClient(self.base_url, timeouts, metadata=headers)
         return RestOIPClient(self.base_url, timeouts, max_connections=self.max_connections, headers=headers)

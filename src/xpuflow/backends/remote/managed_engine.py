@@ -36,7 +36,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from xpuflow.backends.managed_templates import TEMPLATES, render_argv
+from xpuflow.backends.remote.managed_templates import TEMPLATES, render_argv
 from xpuflow.errors import BackendError, ConfigError
 
 __all__ = ["EngineState", "ManagedEngine", "free_port", "start_managed"]

@@ -24,9 +24,9 @@ from urllib.parse import quote
 
 import numpy as np
 
-from xpuflow.backends.http_transport import transport_error
-from xpuflow.backends.oip_tensors import datatype_of, from_json, from_raw, to_json_data
-from xpuflow.backends.remote_openai import is_retryable_status
+from xpuflow.backends.remote.http_transport import transport_error
+from xpuflow.backends.remote.oip_tensors import datatype_of, from_json, from_raw, to_json_data
+from xpuflow.backends.remote.openai import is_retryable_status
 from xpuflow.errors import ConfigError, RemoteError, SessionError
 
 __all__ = [

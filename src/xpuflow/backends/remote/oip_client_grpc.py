@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from xpuflow.backends.oip_client import ModelMetadata, OIPTimeouts, TensorSpec
-from xpuflow.backends.oip_proto import messages, method_path
-from xpuflow.backends.oip_tensors import datatype_of, from_contents, from_raw, to_raw
-from xpuflow.backends.remote_openai import is_retryable_status
+from xpuflow.backends.remote.oip_client import ModelMetadata, OIPTimeouts, TensorSpec
+from xpuflow.backends.remote.oip_proto import messages, method_path
+from xpuflow.backends.remote.oip_tensors import datatype_of, from_contents, from_raw, to_raw
+from xpuflow.backends.remote.openai import is_retryable_status
 from xpuflow.errors import ConfigError, RemoteError, SessionError
 
 __all__ = ["GRPC_TO_HTTP", "GrpcOIPClient"]

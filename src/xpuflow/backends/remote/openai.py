@@ -29,6 +29,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from xpuflow.artifacts.profile import BuildArtifact, BuildProfile
 from xpuflow.backends.base import (
     Availability,
     BatchMode,
@@ -39,8 +40,8 @@ from xpuflow.backends.base import (
     Session,
     StreamChunk,
 )
-from xpuflow.backends.http_transport import transport_error
-from xpuflow.backends.openai_wire import (
+from xpuflow.backends.remote.http_transport import transport_error
+from xpuflow.backends.remote.openai_wire import (
     DONE,
     SSEDecoder,
     chat_request,
@@ -52,7 +53,6 @@ from xpuflow.backends.openai_wire import (
     parse_retry_after,
     stream_chunk,
 )
-from xpuflow.build.profile import BuildArtifact, BuildProfile
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.errors import ConfigError, RemoteError, SessionError
 from xpuflow.types import Capability, OptimizedFor, Resource, ResourceType

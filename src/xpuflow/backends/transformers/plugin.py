@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from xpuflow.artifacts.profile import BuildArtifact, BuildProfile
 from xpuflow.backends.base import (
     Availability,
     ModelConfig,
@@ -38,10 +39,9 @@ from xpuflow.backends.base import (
 )
 from xpuflow.backends.blocking import BlockingRunner
 from xpuflow.backends.decode_loop import supports_continuous_batching
-from xpuflow.backends.onnx_export import check_pooling, encoder_max_length, package_version
+from xpuflow.backends.encoders.onnx_export import check_pooling, encoder_max_length, package_version
 from xpuflow.backends.prefix_cache import PrefixCache
-from xpuflow.backends.transformers_session import TransformersSession
-from xpuflow.build.profile import BuildArtifact, BuildProfile
+from xpuflow.backends.transformers.session import TransformersSession
 from xpuflow.errors import BackendUnavailable, BuildError, ConfigError, SessionError, XpuflowError
 from xpuflow.types import Capability, OptimizedFor, Resource, ResourceType
 

@@ -1,6 +1,6 @@
 """The ``transformers`` backend's session: one Hugging Face model loaded in torch, serving generation
 (batched, streamed, from cached prompt prefixes) or embeddings. ``TransformersPlugin.create_session``
-(in ``backends/transformers.py``) builds it; see that module for the backend as a whole.
+(in ``backends/transformers/plugin.py``) builds it; see that module for the backend as a whole.
 
 Generation batches natively: ``generate_batch``/``chat_batch`` run one ``model.generate`` for the
 whole batch, each row laid out as ``cached prefix + pads + rest`` (plain left padding when no prefix is
@@ -29,7 +29,6 @@ from xpuflow.backends.base import (
 )
 from xpuflow.backends.blocking import BlockingRunner
 from xpuflow.backends.decode_loop import DecodeLoop, LoopRow
-from xpuflow.backends.kv_cache_arg import cache_kwarg, output_cache
 from xpuflow.backends.prefix_cache import PrefixCache, common_prefix_length, middle_padded
 from xpuflow.backends.token_stream import (
     StreamText,
@@ -37,6 +36,7 @@ from xpuflow.backends.token_stream import (
     cancel_criteria,
     cut_at_stop,
 )
+from xpuflow.backends.transformers.kv_cache_arg import cache_kwarg, output_cache
 from xpuflow.errors import ConfigError, SessionError, XpuflowError
 from xpuflow.types import Resource
 

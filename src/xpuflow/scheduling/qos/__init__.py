@@ -1,1 +1,2 @@
-"""QoS: contexts with memory budgets, admission, the gateway's gate, model residency and device partitions (docs/qos.md)."""
+"""QoS: contexts with memory budgets, admission, the gateway's gate, model residency and device
+partitions (docs/qos.md)."""

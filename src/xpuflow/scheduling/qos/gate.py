@@ -25,8 +25,8 @@ from xpuflow.clock import Clock
 from xpuflow.config import QoSConfig, QoSContextConfig
 from xpuflow.discovery.inventory import Inventory
 from xpuflow.errors import ConfigError
-from xpuflow.scheduling.admission import GB, MB, QoSPolicy
-from xpuflow.scheduling.qos import QoSScheduler
+from xpuflow.scheduling.qos.admission import GB, MB, QoSPolicy
+from xpuflow.scheduling.qos.scheduler import QoSScheduler
 from xpuflow.telemetry.vram import VRAMMonitor
 from xpuflow.types import ResourceType
 

@@ -25,8 +25,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from xpuflow.errors import ConfigError
-from xpuflow.scheduling.admission import QoSPolicy
-from xpuflow.scheduling.qos import ExecutionContext, QoSScheduler
+from xpuflow.scheduling.qos.admission import QoSPolicy
+from xpuflow.scheduling.qos.scheduler import ExecutionContext, QoSScheduler
 
 __all__ = ["ComputeTokens", "DevicePartitions", "Partition"]
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xpuflow.errors import AdmissionRejected, ConfigError, ModelDoesNotFit
-from xpuflow.scheduling.admission import AdmissionController, Grant, QoSPolicy, _fmt
+from xpuflow.scheduling.qos.admission import AdmissionController, Grant, QoSPolicy, _fmt
 
 __all__ = ["Held", "ModelDoesNotFit", "ModelResidency", "ResidentModel"]
 

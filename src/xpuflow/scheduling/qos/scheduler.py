@@ -26,7 +26,7 @@ from typing import Any
 
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.errors import AdmissionRejected, ConfigError
-from xpuflow.scheduling.admission import (
+from xpuflow.scheduling.qos.admission import (
     GB,
     MB,
     AdmissionController,

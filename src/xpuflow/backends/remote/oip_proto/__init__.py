@@ -9,7 +9,7 @@ fail. A private pool also carries no gencode version, so it loads under protobuf
 Only the names on the wire matter (``/inference.GRPCInferenceService/ModelInfer``, field numbers), so
 clients and servers built from other copies of the file interoperate::
 
-    from xpuflow.backends.oip_proto import messages, method_path
+    from xpuflow.backends.remote.oip_proto import messages, method_path
     request = messages.ModelInferRequest(model_name="iris")
     path = method_path("ModelInfer")       # "/inference.GRPCInferenceService/ModelInfer"
 
