@@ -463,6 +463,12 @@ class ResidencyConfig(_Strict):
     load_timeout_s: float = Field(
         300.0, gt=0.0, description="Longest a load at a request may take before the request fails."
     )
+    wait_for_room_s: float = Field(
+        30.0,
+        ge=0.0,
+        description="How long a load waits for models in use to be released so they can be evicted "
+        "(it fails with 503 at once when pinned models hold the room).",
+    )
 
     @field_validator("budget_gb")
     @classmethod

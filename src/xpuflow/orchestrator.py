@@ -37,6 +37,7 @@ from xpuflow.errors import (
     ConfigError,
     ModelDoesNotFit,
     ModelNotFound,
+    XpuflowError,
 )
 from xpuflow.model_files import estimate_params, model_format
 from xpuflow.policy.placement import Placement, capability_problems, place
@@ -60,6 +61,36 @@ log = logging.getLogger(__name__)
 
 _GENERATIVE = (RequestKind.CHAT, RequestKind.COMPLETION)
 _MODELS_CONTEXT = "models"  # the residency budget's one context: every loaded model of the device
+
+
+async def _warm_up(session: Any, dep: DeploymentConfig) -> None:
+    """One tiny request on a freshly loaded session, so what it holds while serving is in memory when it
+    is measured. A session that cannot answer it fails start-up: it would fail every request."""
+    from xpuflow.backends.base import GenerationParams
+
+    try:
+        if dep.task == "chat":
+            await session.chat([{"role": "user", "content": "hi"}], GenerationParams(max_tokens=1))
+        elif dep.task == "completion":
+            await session.generate("hi", GenerationParams(max_tokens=1))
+        elif dep.task == "embedding":
+            await session.embed(["hi"])
+    except XpuflowError as exc:
+        raise ConfigError(
+            f"deployment '{dep.name}': its model loaded but failed a first request at start: {exc}",
+            field=f"deployments.{dep.name}",
+        ) from exc
+
+
+def _give_back_host_memory() -> None:
+    """Return freed heap to the system after an unload (glibc keeps it otherwise), so re-measurement
+    sees the room the unload made. A no-op where there is no glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class Orchestrator:
@@ -265,6 +296,7 @@ class Orchestrator:
                 unload=self._unload_model,
                 free_bytes=functools.partial(self._free_in_budget, device, capacity),
                 now_s=self._clock.monotonic,
+                wait_for_room_s=self.config.residency.wait_for_room_s,
             )
 
     def _measure_baselines(self) -> None:
@@ -306,6 +338,7 @@ class Orchestrator:
 
     async def _unload_model(self, worker_id: str, session: Any) -> None:
         await session.close()
+        _give_back_host_memory()
         if "torch" in sys.modules:  # give cached CUDA blocks back, so re-measurement sees the room
             with contextlib.suppress(Exception):
                 import torch
@@ -352,6 +385,7 @@ class Orchestrator:
         while True:
             await self._clock.sleep(self.config.residency.check_interval_s)
             for device, residency in list(self._residency.items()):
+                residency.remeasure()  # memory given back late (allocators, caches) is room again
                 try:
                     for name in await residency.idle_out():
                         log.info("unloaded %s from %s: idle for its keep_alive_s", name, device)
@@ -453,10 +487,12 @@ class Orchestrator:
             session = await load()
             if residency is not None:
                 if dep.load == "on_demand":
-                    # loaded once at start to check it works and learn its size, then unloaded: its
-                    # size is what unloading gave back (a library's first import stays, and is no model's)
+                    # loaded once at start to check it works and learn its size, then unloaded: one tiny
+                    # request first (some backends bring weights into memory at their first request), and
+                    # its size is what unloading gave back (a library's first import stays: no model's)
+                    await _warm_up(session, dep)
                     loaded = self._usage_bytes(device)
-                    await session.close()
+                    await self._unload_model(worker_id, session)
                     unloaded = self._usage_bytes(device)
                     size = self._model_bytes(dep, loaded, unloaded)
                     if None not in (usage_before, loaded, unloaded):

@@ -19,7 +19,7 @@ from xpuflow.backends.base import GenerationParams
 from xpuflow.config import parse_config
 from xpuflow.discovery.inventory import Inventory
 from xpuflow.engine import InferenceCall
-from xpuflow.errors import ConfigError
+from xpuflow.errors import ConfigError, ModelDoesNotFit
 from xpuflow.orchestrator import Orchestrator
 from xpuflow.scheduling.request import RequestKind
 from xpuflow.serving.app import create_app
@@ -92,7 +92,8 @@ def test_a_model_in_use_is_not_evicted_and_the_request_that_cannot_fit_gets_503(
     slow = dep("slow", options={"service_time_s": 0.5})
 
     async def go() -> None:
-        async with Orchestrator(config(slow, dep("other")), inventory=INVENTORY) as orch:
+        cfg = config(slow, dep("other"), wait_for_room_s=0)  # no waiting for the model in use: 503 at once
+        async with Orchestrator(cfg, inventory=INVENTORY) as orch:
             app = create_app(orch, GatewaySettings(request_timeout_s=30))
             transport = httpx.ASGITransport(app=app)
             body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -224,5 +225,39 @@ def test_does_not_fit_is_retried_on_a_worker_whose_model_is_loaded() -> None:
             state = rows(orch)
             assert state["pair/0"]["resident"] != state["pair/1"]["resident"]  # one at a time fits
             assert all(w["health"] == "healthy" for w in orch.status()["workers"])
+
+    run(go())
+
+
+def test_a_load_waits_for_the_model_in_use_and_then_evicts_it() -> None:
+    """By default a load that only models in use block waits for them (residency.wait_for_room_s):
+    nothing is refused, the second request answers once the first has finished and been evicted."""
+    slow = dep("slow", options={"service_time_s": 0.4})
+
+    async def go() -> None:
+        async with Orchestrator(config(slow, dep("other")), inventory=INVENTORY) as orch:
+            first = asyncio.ensure_future(orch.complete(chat("slow")))
+            while not rows(orch)["slow/0"]["in_use"]:
+                await asyncio.sleep(0.01)
+            second = await orch.complete(chat("other"))
+            assert second.decision.details.get("cold_start") is True
+            assert first.done()  # it could only load once the first request had finished
+            assert (await first).decision.worker == "slow/0"
+            state = rows(orch)
+            assert state["other/0"]["resident"]
+            assert not state["slow/0"]["resident"]
+
+    run(go())
+
+
+def test_a_load_that_pinned_models_block_fails_at_once() -> None:
+    pinned = {**dep("pinned"), "load": "pinned", "memory_gb": 0.4}
+
+    async def go() -> None:
+        async with Orchestrator(config(pinned, dep("other")), inventory=INVENTORY) as orch:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(ModelDoesNotFit, match="does not fit"):
+                await orch.complete(chat("other"))
+            assert asyncio.get_running_loop().time() - started < 5  # not the 30 s wait for room
 
     run(go())

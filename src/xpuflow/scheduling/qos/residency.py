@@ -16,6 +16,8 @@ unloading are injected coroutines, so a real session or a fake does the work::
 
 A model in use is never unloaded: ``hold`` counts users, and a model leaves the table before its
 unload is awaited, so a request that arrives meanwhile loads it again instead of using a closing one.
+A load that would fit once the models in use now are released waits for them (``wait_for_room_s``)
+instead of failing; one that pinned or Guaranteed models block fails at once (``ModelDoesNotFit``).
 Loads and evictions of one device are serialised by a lock; a request for a model that is already
 resident never waits for it.
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +86,7 @@ class ModelResidency:
         free_bytes: FreeBytesFn | None = None,
         now_s: Callable[[], float] = lambda: 0.0,
         retry_after_s: float = 5.0,
+        wait_for_room_s: float = 0.0,
     ) -> None:
         self._ctrl = controller
         self._load = load
@@ -94,6 +97,8 @@ class ModelResidency:
         self._models: OrderedDict[str, ResidentModel] = OrderedDict()  # least recently used first
         self._known: dict[str, _Known] = {}
         self._lock = asyncio.Lock()
+        self._released = asyncio.Event()  # set when a model's last user lets go (room may be evictable)
+        self._wait_for_room_s = wait_for_room_s
         self.loads = 0
         self.evictions = 0
         self.idle_unloads = 0
@@ -166,6 +171,8 @@ class ModelResidency:
         finally:
             model.in_use -= 1
             model.last_used_s = self._now_s()
+            if not model.in_use:
+                self._released.set()
 
     async def ensure(
         self, name: str, size_bytes: int | None = None, *, context: str | None = None, pinned: bool = False
@@ -199,14 +206,20 @@ class ModelResidency:
         if known is None:
             raise ConfigError(f"model '{name}' is not registered with the residency of its device")
         size_bytes, context = known.size_bytes, known.context
-        victims: list[ResidentModel] = []
-        reason = self._ctrl.check(context, size_bytes, sheddable=False)
-        candidates = self._candidates()
-        while reason is not None and candidates:
-            victims.append(candidates.pop(0))
-            reason = self._ctrl.check(
-                context, size_bytes, sheddable=False, releasing=[v.grant for v in victims]
-            )
+        self.remeasure()  # plan with what the device holds now, not what the last unload left
+        waited_until = self._now_s() + self._wait_for_room_s
+        while True:
+            victims, reason = self._plan(context, size_bytes)
+            if reason is None or not self._room_after_users(context, size_bytes):
+                break
+            # models in use hold the room; they can be evicted once their requests end: wait (bounded)
+            left = waited_until - self._now_s()
+            if left <= 0:
+                break
+            self._released.clear()
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._released.wait(), left)
+            self.remeasure()
         if reason is not None:
             held = self.resident_bytes() - sum(m.size_bytes for m in self._candidates())
             raise ModelDoesNotFit(
@@ -247,6 +260,27 @@ class ModelResidency:
         known.load_ms.append((now - began) * 1000.0)
         del known.load_ms[:-64]
         return handle
+
+    def _plan(self, context: str, size_bytes: int) -> tuple[list[ResidentModel], str | None]:
+        """The least recently used evictable models whose unloading makes room, and why it still would
+        not fit (None: it fits)."""
+        victims: list[ResidentModel] = []
+        reason = self._ctrl.check(context, size_bytes, sheddable=False)
+        candidates = self._candidates()
+        while reason is not None and candidates:
+            victims.append(candidates.pop(0))
+            reason = self._ctrl.check(
+                context, size_bytes, sheddable=False, releasing=[v.grant for v in victims]
+            )
+        return victims, reason
+
+    def _room_after_users(self, context: str, size_bytes: int) -> bool:
+        """Whether it would fit once the models in use now are released and evicted too (pinned and
+        Guaranteed ones stay): then waiting helps, else nothing will."""
+        releasable = [
+            m.grant for m in self._models.values() if not m.pinned and m.grant.qos is not QoSPolicy.GUARANTEED
+        ]
+        return self._ctrl.check(context, size_bytes, sheddable=False, releasing=releasable) is None
 
     def _candidates(self) -> list[ResidentModel]:
         """Models that may be evicted, least recently used first."""
