@@ -194,3 +194,43 @@ def test_a_pinned_model_over_the_budget_fails_at_adoption() -> None:
     residency = ModelResidency(ctrl, load=FakeDevice(GB).load, unload=FakeDevice(GB).unload)
     with pytest.raises(ModelDoesNotFit, match="raise the budget or load it on demand"):
         residency.adopt("big", 2 * GB, object(), context="models")
+
+
+def test_a_victim_taken_by_a_request_during_the_evictions_is_waited_for_not_unloaded() -> None:
+    """Loading c needs a and b out. While a unloads (slowly), a request starts on b: b is not unloaded
+    under it; the load waits for b's request to end, then evicts it and loads."""
+    ctrl = AdmissionController(10 * GB)
+    ctrl.add_context(ContextSpec("models", QoSPolicy.BURSTABLE, max_bytes=10 * GB))
+    device = FakeDevice(10 * GB)
+    unloading = asyncio.Event()
+
+    async def slow_unload(name: str, handle: object) -> None:
+        unloading.set()
+        await asyncio.sleep(0.05)
+        await device.unload(name, handle)
+
+    residency = ModelResidency(ctrl, load=device.load, unload=slow_unload, wait_for_room_s=5.0)
+    for name, size in (("a", 4 * GB), ("b", 4 * GB), ("c", 8 * GB)):
+        device.sizes[name] = size
+        residency.register(name, size, context="models")
+
+    async def scenario() -> None:
+        for name in ("a", "b"):
+            async with residency.hold(name):
+                pass
+
+        async def use_b() -> None:
+            await unloading.wait()
+            async with residency.hold("b") as held:
+                assert not held.cold
+                await asyncio.sleep(0.2)
+
+        user = asyncio.ensure_future(use_b())
+        async with residency.hold("c") as held:
+            assert held.cold
+            assert user.done()  # c loaded only after b's request had ended
+        await user
+
+    run(scenario)
+    assert device.unloads == ["a", "b"]
+    assert residency.resident == ["c"]

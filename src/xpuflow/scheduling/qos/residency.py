@@ -206,41 +206,45 @@ class ModelResidency:
         if known is None:
             raise ConfigError(f"model '{name}' is not registered with the residency of its device")
         size_bytes, context = known.size_bytes, known.context
-        self.remeasure()  # plan with what the device holds now, not what the last unload left
         waited_until = self._now_s() + self._wait_for_room_s
+        evicted = 0
         while True:
-            victims, reason = self._plan(context, size_bytes)
-            if reason is None or not self._room_after_users(context, size_bytes):
-                break
-            # models in use hold the room; they can be evicted once their requests end: wait (bounded)
+            self.remeasure()  # plan with what the device holds now, not what the last unload left
+            _victims, reason = self._plan(context, size_bytes)
+            if reason is None:
+                # Evict least recently used first, only until it fits: after each unload memory is
+                # re-measured. A planned victim that a request took meanwhile (hold() needs no lock) is
+                # skipped; if what is left no longer makes room, plan again.
+                while self._ctrl.check(context, size_bytes, sheddable=False) is not None:
+                    candidates = self._candidates()
+                    if not candidates:
+                        break
+                    await self._evict_locked(candidates[0].name)
+                    evicted += 1
+                if self._ctrl.check(context, size_bytes, sheddable=False) is None:
+                    break
+                continue
             left = waited_until - self._now_s()
-            if left <= 0:
-                break
+            if not self._room_after_users(context, size_bytes) or left <= 0:
+                held = self.resident_bytes() - sum(m.size_bytes for m in self._candidates())
+                raise ModelDoesNotFit(
+                    f"model '{name}' needs {_fmt(size_bytes)} in context '{context}' but it does not fit "
+                    f"even after evicting every evictable model ({_fmt(held)} is held by pinned, in-use or "
+                    f"guaranteed models; {_fmt(self._ctrl.available_bytes())} free now); retry when a "
+                    f"model is released, or raise the device's residency budget",
+                    retry_after_s=self._retry_after_s,
+                    reasons=[reason],
+                )
+            # models in use hold the room; they can be evicted once their requests end: wait (bounded)
             self._released.clear()
             with suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._released.wait(), left)
-            self.remeasure()
-        if reason is not None:
-            held = self.resident_bytes() - sum(m.size_bytes for m in self._candidates())
-            raise ModelDoesNotFit(
-                f"model '{name}' needs {_fmt(size_bytes)} in context '{context}' but it does not fit even "
-                f"after evicting every evictable model ({_fmt(held)} is held by pinned, in-use or "
-                f"guaranteed models; {_fmt(self._ctrl.available_bytes())} free now); retry when a "
-                f"model is released, or raise the device's residency budget",
-                retry_after_s=self._retry_after_s,
-                reasons=[reason],
-            )
-        # Evict only the victims that turn out to be needed: after each unload, memory is re-measured.
-        for victim in victims:
-            if self._ctrl.check(context, size_bytes, sheddable=False) is None:
-                break
-            await self._evict_locked(victim.name)
         try:
             grant = self._ctrl.admit(context, size_bytes, now_s=self._now_s(), sheddable=False).grant
         except AdmissionRejected as exc:  # re-measurement found memory that was not given back
             raise ModelDoesNotFit(
                 f"model '{name}' needs {_fmt(size_bytes)} but the device still lacks room after evicting "
-                f"{len(victims)} model(s), because memory was not given back: {exc}",
+                f"{evicted} model(s), because memory was not given back: {exc}",
                 retry_after_s=self._retry_after_s,
                 reasons=[str(exc)],
             ) from exc
