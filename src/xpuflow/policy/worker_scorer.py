@@ -29,18 +29,18 @@ and time and randomness are injected::
    ``max_batch_size``. A worker whose requests rarely share a batch group (different ``max_tokens``)
    serves its queue about one request per batch: counted in full batches, its queue would look several
    times shorter than it is.
-   ``ema_latency_ms`` is read as the time one batch takes to serve (queue wait excluded: the queue is
-   counted by ``load``). ``latency_i`` is that EMA, except that a worker slower than the candidates'
-   median ``m`` drifts back toward it with the time since its last sample (``latency_sampled_at_s``):
-   ``latency_i = m * (ema_i / m) ** (2 ** (-t / latency_half_life_s))``. A worker judged slow gets
-   little traffic and so few new samples; without the drift one bad sample (a cold start, a burst of
-   requests stuck through an outage) would starve it for good. With it the worker is tried again
-   within a few half-lives and its own samples decide. ``stuck_i`` is the age of the worker's oldest
-   request in flight (``oldest_in_flight_s``, aged to ``now_s``): a request running for 3 s says the
+   ``ema_service_ms`` (else ``ema_latency_ms``) is the time one batch takes to serve (queue wait excluded:
+   the queue is counted by ``load``). ``latency_i`` is that EMA, except that a worker slower than the
+   candidates' median ``m`` drifts back toward it with the time since its last sample
+   (``latency_sampled_at_s``): ``latency_i = m * (ema_i / m) ** (2 ** (-t / latency_half_life_s))``. A
+   worker judged slow gets little traffic and so few new samples; without the drift one bad sample (a cold
+   start, a burst of requests stuck through an outage) would starve it for good. With it the worker is
+   tried again within a few half-lives and its own samples decide. ``stuck_i`` is the age of the worker's
+   oldest request in flight (``oldest_in_flight_s``, aged to ``now_s``): a request running for 3 s says the
    worker now takes at least 3 s, whatever its EMA remembers, so a worker that hangs loses its traffic
-   within a fraction of a second, long before a timeout or a health check. A worker with no latency
-   reading yet is assumed as fast as the median of those with one; any other unknown reading scores
-   ``NEUTRAL`` (0.5): worse than a known-good worker, better than a known-bad one.
+   within a fraction of a second, long before a timeout or a health check. A worker with no latency reading
+   yet is assumed as fast as the median of those with one; any other unknown reading scores ``NEUTRAL``
+   (0.5): worse than a known-good worker, better than a known-bad one.
    Staleness: a snapshot of age ``a = now_s - taken_at_s`` weighs ``f = 2 ** (-a / staleness_half_life_s)``
    and every term is blended ``f * term + (1 - f) * NEUTRAL``, so state that has not been refreshed
    (a remote worker whose poll stalled) ages out toward "nothing known" instead of steering traffic.
@@ -275,7 +275,7 @@ class WorkerScorer:
     def latency_ms(self, snapshot: WorkerSnapshot, typical_ms: float, now_s: float | None) -> float:
         """The latency the score uses: the EMA (``typical_ms`` when unknown), drifting geometrically back
         toward ``typical_ms`` from above with the time since its last sample."""
-        ema = _ema(snapshot.ema_latency_ms, typical_ms)
+        ema = _ema(snapshot.ema_service_ms or snapshot.ema_latency_ms, typical_ms)
         sampled_at = snapshot.latency_sampled_at_s
         if ema <= typical_ms or typical_ms <= 0 or now_s is None or sampled_at is None:
             return ema
@@ -307,14 +307,17 @@ class WorkerScorer:
         # ``max(0.0, x)`` and the conditionals are ``_clamp``, without a call): this runs for every
         # candidate of every request on the gateway's hot path. ``test_worker_scorer_equivalence``
         # holds it to the code it replaced: the same choices, scores and terms.
-        known_ema = [ema for s in candidates if (ema := s.ema_latency_ms) is not None and ema > 0]
+        # the per-batch service time when the worker reports one, else its latency EMA (docs/worker_choice.md)
+        known_ema = [
+            ema for s in candidates if (ema := s.ema_service_ms or s.ema_latency_ms) is not None and ema > 0
+        ]
         prior_ema = _median(known_ema) if known_ema else 1.0
         half_life = self.latency_half_life_s
         drifts = not (prior_ema <= 0 or now_s is None)
         expected: list[float] = []
         append = expected.append
         for s in candidates:
-            ema = s.ema_latency_ms
+            ema = s.ema_service_ms or s.ema_latency_ms
             if ema is None or ema <= 0:
                 ema = prior_ema
             elif drifts and ema > prior_ema and (sampled_at := s.latency_sampled_at_s) is not None:

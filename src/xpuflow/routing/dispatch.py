@@ -141,19 +141,15 @@ class _Progress:
 
 
 def service_time_snapshot(worker: DispatchTarget) -> WorkerSnapshot:
-    """``worker.snapshot()`` with ``ema_latency_ms`` set to the worker's per-batch service time when it
-    reports one (``WorkerSnapshot.ema_service_ms``). The default ``snapshot_of`` of the dispatcher.
+    """``worker.snapshot()``, the default ``snapshot_of`` of the dispatcher. The scorer reads the
+    worker's per-batch service time from it (``ema_service_ms``, before ``ema_latency_ms``).
 
     The scorer multiplies the latency by the batches queued ahead (docs/worker_choice.md), so it wants
     the time to serve a batch, without queue wait. An end-to-end latency counts the queue twice, and
     worse: a worker that was briefly swamped keeps a high latency EMA, gets little traffic because of
     it, and so gets no new samples to bring it down, while the others take its share.
     """
-    snapshot = worker.snapshot()
-    service_ms = snapshot.ema_service_ms
-    if isinstance(service_ms, (int, float)) and service_ms > 0 and service_ms != snapshot.ema_latency_ms:
-        return dataclasses.replace(snapshot, ema_latency_ms=float(service_ms))
-    return snapshot
+    return worker.snapshot()
 
 
 _CLIENT_GONE = "the client cancelled the request"
