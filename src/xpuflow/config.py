@@ -217,6 +217,20 @@ class LogicalModelConfig(_Strict):
         description="While every worker of every tier is failing, how long a request keeps going round "
         "them (with backoff) before it fails; 0: one round.",
     )
+    rules: list[str] = Field(
+        default_factory=list,
+        description="Custom tier rules, 'package.module:name' of a function or a rule object (or a class "
+        "taking no arguments), run after the tier override and before the built-in rules (docs/routing.md).",
+    )
+
+    @field_validator("rules")
+    @classmethod
+    def _rule_refs(cls, value: list[str]) -> list[str]:
+        for ref in value:
+            module, _, name = ref.partition(":")
+            if not module or not name:
+                raise ValueError(f"rule '{ref}' must be 'package.module:name'")
+        return value
 
 
 class ApiKeyConfig(_Strict):

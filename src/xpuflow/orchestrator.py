@@ -82,6 +82,32 @@ async def _warm_up(session: Any, dep: DeploymentConfig) -> None:
         ) from exc
 
 
+def _load_rule(ref: str, model: str) -> Any:
+    """A custom tier rule named in the config (``package.module:name``): the function or rule object,
+    or an instance of a class that takes no arguments. ConfigError naming the rule when it cannot load."""
+    import importlib
+    import inspect
+
+    module_name, _, attribute = ref.partition(":")
+    field = f"models.{model}.rules"
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"model '{model}': rule '{ref}' cannot be loaded: {exc}", field=field) from exc
+    if inspect.isclass(found):
+        try:
+            found = found()
+        except TypeError as exc:
+            raise ConfigError(
+                f"model '{model}': rule class '{ref}' must take no arguments: {exc}", field=field
+            ) from exc
+    if not callable(found) and not callable(getattr(found, "decide", None)):
+        raise ConfigError(
+            f"model '{model}': rule '{ref}' is neither a function nor an object with decide(ctx)", field=field
+        )
+    return found
+
+
 def _give_back_host_memory() -> None:
     """Return freed heap to the system after an unload (glibc keeps it otherwise), so re-measurement
     sees the room the unload made. A no-op where there is no glibc."""
@@ -665,7 +691,12 @@ class Orchestrator:
         # the server's shared VRAM monitor, unless this model's routing asks for its own source or rate
         own_monitor = {"vram_source", "vram_poll_interval_ms"} & set(model.routing)
         tier_router = (
-            AdaptiveRouter(routing, monitor=None if own_monitor else self._monitor, clock=self._clock)
+            AdaptiveRouter(
+                routing,
+                rules=[_load_rule(ref, model.name) for ref in model.rules],
+                monitor=None if own_monitor else self._monitor,
+                clock=self._clock,
+            )
             if len(tiers) > 1
             else None
         )
