@@ -1,6 +1,6 @@
 """A worker: one session behind a priority queue and an adaptive micro-batcher.
 
-One dispatch loop per worker asks the batcher what to do with the head of the queue and runs batches
+One batch loop per worker asks the batcher what to do with the head of the queue and runs batches
 on the session: sessions that batch natively get the batch forms (``chat_batch``, ``generate_batch``,
 one ``embed`` over every text of the batch); others get one request at a time. Every accepted request
 ends with a result or an error, also when the worker stops::
@@ -216,12 +216,12 @@ class Worker:
         return self._batcher
 
     async def start(self) -> None:
-        """Start the dispatch loop; idempotent."""
+        """Start the batch loop; idempotent."""
         if self._loop_task is not None:
             return
         self._accepting = True
         self._closing = False
-        self._loop_task = asyncio.create_task(self._dispatch_loop(), name=f"worker-{self.worker_id}")
+        self._loop_task = asyncio.create_task(self._batch_loop(), name=f"worker-{self.worker_id}")
 
     async def stop(self, drain: bool = True) -> None:
         """Stop accepting requests. With ``drain`` the queued requests still run (without batching
@@ -395,7 +395,7 @@ class Worker:
 
     # -- dispatch -----------------------------------------------------------------------------------
 
-    async def _dispatch_loop(self) -> None:
+    async def _batch_loop(self) -> None:
         try:
             while True:
                 self._wakeup.clear()
@@ -406,7 +406,7 @@ class Worker:
                     raise
                 except Exception:  # a scheduler bug must not strand the queued requests
                     log.exception(
-                        "worker %s: dispatch loop error; failing the queued requests", self.worker_id
+                        "worker %s: batch loop error; failing the queued requests", self.worker_id
                     )
                     self._queue.clear(
                         lambda t: SessionError(

@@ -1,6 +1,6 @@
 """A simulated worker: xpuflow's own queue, batcher, health tracker and metrics around a device model.
 
-``scheduling.worker.Worker`` runs its dispatch loop as asyncio tasks that sleep; the simulator has no
+``scheduling.worker.Worker`` runs its batch loop as asyncio tasks that sleep; the simulator has no
 tasks and no sleeping, so this adapter drives the same parts (``RequestQueue``, ``Batcher``,
 ``HealthTracker``, ``WorkerMetrics``) by hand, in the order ``Worker._step`` does, on the virtual
 clock. Only the session is replaced: a batch takes the time its ``DeviceModel`` says, scheduled as an
