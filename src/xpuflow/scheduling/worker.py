@@ -405,9 +405,7 @@ class Worker:
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # a scheduler bug must not strand the queued requests
-                    log.exception(
-                        "worker %s: batch loop error; failing the queued requests", self.worker_id
-                    )
+                    log.exception("worker %s: batch loop error; failing the queued requests", self.worker_id)
                     self._queue.clear(
                         lambda t: SessionError(
                             f"worker '{self.worker_id}' hit an internal error before running request "
