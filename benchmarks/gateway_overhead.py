@@ -178,7 +178,7 @@ def _client_main(args: argparse.Namespace) -> None:
 # -- processes --------------------------------------------------------------------------------------
 
 
-def _xpuflow_config(upstream: str, api_key: str) -> dict[str, Any]:
+def _xpuflow_config(upstream: str, api_key: str, event_loop: str | None = None) -> dict[str, Any]:
     deployment = remote_deployment(
         "chat",
         upstream,
@@ -186,7 +186,10 @@ def _xpuflow_config(upstream: str, api_key: str) -> dict[str, Any]:
         batching={"policy": "greedy", "queue_capacity": 1024},
         options={"max_connections": 64},
     )
-    return {"deployments": [deployment], "api_keys": [{"name": "bench", "key": api_key}]}
+    config: dict[str, Any] = {"deployments": [deployment], "api_keys": [{"name": "bench", "key": api_key}]}
+    if event_loop is not None:  # gateway.event_loop (left out by default: older commits lack the field)
+        config["gateway"] = {"event_loop": event_loop}
+    return config
 
 
 def _client(args: argparse.Namespace, mode: str, *urls: str) -> dict[str, Any]:
@@ -282,6 +285,11 @@ def main() -> None:
         metavar="REV",
         help="run the gateway from `git archive REV src` instead of the working tree",
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=["auto", "uvloop", "asyncio"],
+        help="gateway.event_loop for xpuflow serve (default: the config's default, auto)",
+    )
     parser.add_argument("--client", choices=["latency", "rps"], help=argparse.SUPPRESS)
     parser.add_argument("--url", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--api-key", default="sk-bench-" + secrets.token_hex(24), help=argparse.SUPPRESS)
@@ -309,7 +317,9 @@ def main() -> None:
         if args.at_commit:
             src, commit = export_source(args.at_commit)
             args.product = f"commit {commit}"
-        procs["xpuflow"], gateway = start_xpuflow(_xpuflow_config(upstream, args.api_key), src=src)
+        procs["xpuflow"], gateway = start_xpuflow(
+            _xpuflow_config(upstream, args.api_key, args.event_loop), src=src
+        )
         time.sleep(1.0)
         runs["xpuflow"] = {"idle_rss_mb": rss_mb(procs["xpuflow"].pid)}
         urls["xpuflow"] = f"{gateway}/v1/chat/completions"

@@ -328,6 +328,10 @@ class GatewayConfig(_Strict):
     max_tokens_limit: int = Field(32768, ge=1, description="Larger max_tokens values get 422.")
     max_embedding_inputs: int = Field(2048, ge=1, description="Inputs one embeddings request may carry.")
     owned_by: str = Field("xpuflow", min_length=1, description="The owned_by that /v1/models reports.")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto",
+        description="The server's event loop: uvloop where installed (auto), or the standard asyncio loop.",
+    )
 
 
 class QoSContextConfig(_Strict):

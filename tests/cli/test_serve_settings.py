@@ -63,3 +63,22 @@ def test_the_gateway_section_sets_the_request_limits() -> None:
     )
     assert (settings.max_embedding_inputs, settings.owned_by) == (16, "team-a")
     assert _settings(parse_config({"gateway": {"request_timeout_s": None}})).request_timeout_s is None
+
+
+def test_serve_runs_on_uvloop_where_installed_and_on_asyncio_when_asked() -> None:
+    import asyncio
+
+    import pytest
+
+    from xpuflow.cli.serve import _run
+
+    pytest.importorskip("uvloop")
+    seen: list[str] = []
+
+    async def loop_kind() -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__)
+
+    _run(loop_kind(), "auto")
+    _run(loop_kind(), "asyncio")
+    assert seen[0].startswith("uvloop")
+    assert seen[1].startswith("asyncio")
