@@ -240,10 +240,13 @@ def custom(id: str, doc: str, quote: str, *, gap: str | None = None) -> Callable
 
 @contextlib.asynccontextmanager
 async def openai_upstream(
-    with_metrics: bool = True, status: int = 200
+    with_metrics: bool = True,
+    status: int = 200,
+    metrics_text: str = "vllm:num_requests_waiting 3\nvllm:num_requests_running 1\n",
 ) -> AsyncIterator[tuple[str, Counter[str]]]:
-    """An OpenAI-style server on 127.0.0.1 with /health and (optionally) vLLM's /metrics gauges; with
-    ``status`` its chat answers that error (with ``Retry-After: 7``)."""
+    """An OpenAI-style server on 127.0.0.1 with /health and (optionally) vLLM's /metrics gauges
+    (``metrics_text``; without ``with_metrics`` a 404); with ``status`` its chat answers that error
+    (with ``Retry-After: 7``)."""
     from aiohttp import web
 
     hits: Counter[str] = Counter()
@@ -268,7 +271,7 @@ async def openai_upstream(
         hits["metrics"] += 1
         if not with_metrics:
             return web.Response(status=404)
-        return web.Response(text="vllm:num_requests_waiting 3\nvllm:num_requests_running 1\n")
+        return web.Response(text=metrics_text)
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)

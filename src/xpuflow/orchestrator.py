@@ -27,7 +27,7 @@ from typing import Any
 
 from xpuflow.artifacts.builder import BuildProgress, build_all
 from xpuflow.artifacts.store import ArtifactStore
-from xpuflow.backends.registry import get_backend
+from xpuflow.backends.registry import get_backend, load_target
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.config import DeploymentConfig, LogicalModelConfig, TierRef, XpuflowConfig
 from xpuflow.discovery.inventory import Inventory
@@ -49,9 +49,8 @@ from xpuflow.scheduling.qos.admission import AdmissionController, ContextSpec, Q
 from xpuflow.scheduling.qos.gate import QoSGate
 from xpuflow.scheduling.qos.partitions import ComputeTokens
 from xpuflow.scheduling.qos.residency import ModelResidency
-from xpuflow.scheduling.request import RequestKind
 from xpuflow.scheduling.worker import Worker
-from xpuflow.telemetry.host_memory import HostMemory
+from xpuflow.telemetry.host_memory import HostMemory, release_freed_memory
 from xpuflow.telemetry.vram import VRAMMonitor
 from xpuflow.types import Resource, ResourceType, WorkerSnapshot
 
@@ -59,7 +58,6 @@ __all__ = ["Orchestrator", "Placement"]  # Placement: policy.placement, re-expor
 
 log = logging.getLogger(__name__)
 
-_GENERATIVE = (RequestKind.CHAT, RequestKind.COMPLETION)
 _MODELS_CONTEXT = "models"  # the residency budget's one context: every loaded model of the device
 
 
@@ -85,13 +83,11 @@ async def _warm_up(session: Any, dep: DeploymentConfig) -> None:
 def _load_rule(ref: str, model: str) -> Any:
     """A custom tier rule named in the config (``package.module:name``): the function or rule object,
     or an instance of a class that takes no arguments. ConfigError naming the rule when it cannot load."""
-    import importlib
     import inspect
 
-    module_name, _, attribute = ref.partition(":")
     field = f"models.{model}.rules"
     try:
-        found = getattr(importlib.import_module(module_name), attribute)
+        found = load_target(ref)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"model '{model}': rule '{ref}' cannot be loaded: {exc}", field=field) from exc
     if inspect.isclass(found):
@@ -106,17 +102,6 @@ def _load_rule(ref: str, model: str) -> Any:
             f"model '{model}': rule '{ref}' is neither a function nor an object with decide(ctx)", field=field
         )
     return found
-
-
-def _give_back_host_memory() -> None:
-    """Return freed heap to the system after an unload (glibc keeps it otherwise), so re-measurement
-    sees the room the unload made. A no-op where there is no glibc."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class Orchestrator:
@@ -364,7 +349,7 @@ class Orchestrator:
 
     async def _unload_model(self, worker_id: str, session: Any) -> None:
         await session.close()
-        _give_back_host_memory()
+        release_freed_memory()
         if "torch" in sys.modules:  # give cached CUDA blocks back, so re-measurement sees the room
             with contextlib.suppress(Exception):
                 import torch

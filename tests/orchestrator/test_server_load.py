@@ -8,8 +8,7 @@ import asyncio
 import collections
 from typing import Any
 
-from aiohttp import web
-
+from docs_features_support import openai_upstream
 from xpuflow.backends.base import GenerationParams
 from xpuflow.config import parse_config
 from xpuflow.discovery.inventory import Inventory
@@ -21,43 +20,13 @@ from xpuflow.types import Resource, ResourceType
 INVENTORY = Inventory.of([Resource("cpu", ResourceType.CPU, "cpu", {"memory_bytes": 8 << 30})])
 
 
-async def upstream(waiting: int | None) -> tuple[web.AppRunner, str, collections.Counter[str]]:
-    """An OpenAI-style server on 127.0.0.1 answering at once; ``waiting`` requests of other clients
-    in its /metrics (None: it has no /metrics)."""
-    hits: collections.Counter[str] = collections.Counter()
-
-    async def chat(request: web.Request) -> web.Response:
-        hits["chat"] += 1
-        reply = {"role": "assistant", "content": "ok"}
-        return web.json_response(
-            {"id": "x", "object": "chat.completion", "model": "mock", "created": 0,
-             "choices": [{"index": 0, "message": reply, "finish_reason": "stop"}],
-             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-        )  # fmt: skip
-
-    async def health(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def metrics(request: web.Request) -> web.Response:
-        hits["metrics"] += 1
-        text = (
-            f'vllm:num_requests_waiting{{model_name="mock"}} {waiting}\n'
-            'vllm:num_requests_running{model_name="mock"} 8\n'
-            'vllm:kv_cache_usage_perc{model_name="mock"} 0.9\n'
-        )
-        return web.Response(text=text)
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/health", health)
-    if waiting is not None:
-        app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}", hits
+def busy_metrics(waiting: int) -> str:
+    """vLLM's gauges: ``waiting`` requests of other clients queued, 8 running, the KV cache 90% full."""
+    return (
+        f'vllm:num_requests_waiting{{model_name="mock"}} {waiting}\n'
+        'vllm:num_requests_running{model_name="mock"} 8\n'
+        'vllm:kv_cache_usage_perc{model_name="mock"} 0.9\n'
+    )
 
 
 def config(urls: list[str], **options: Any) -> Any:
@@ -80,17 +49,15 @@ def call() -> InferenceCall:
 
 
 async def served(**options: Any) -> tuple[collections.Counter[str], collections.Counter[str], Any]:
-    busy_runner, busy_url, busy = await upstream(waiting=500)
-    idle_runner, idle_url, idle = await upstream(waiting=0)
-    try:
-        async with Orchestrator(config([busy_url, idle_url], **options), inventory=INVENTORY) as orch:
-            await asyncio.sleep(0.3)  # a few health checks, each with a /metrics read
-            for _ in range(40):
-                await orch.complete(call())
-            snapshots = {w: orch._snapshot_of(worker) for w, worker in orch.workers.items()}
-    finally:
-        await busy_runner.cleanup()
-        await idle_runner.cleanup()
+    async with (
+        openai_upstream(metrics_text=busy_metrics(500)) as (busy_url, busy),
+        openai_upstream(metrics_text=busy_metrics(0)) as (idle_url, idle),
+        Orchestrator(config([busy_url, idle_url], **options), inventory=INVENTORY) as orch,
+    ):
+        await asyncio.sleep(0.3)  # a few health checks, each with a /metrics read
+        for _ in range(40):
+            await orch.complete(call())
+        snapshots = {w: orch._snapshot_of(worker) for w, worker in orch.workers.items()}
     return busy, idle, snapshots
 
 
@@ -111,16 +78,15 @@ def test_with_server_metrics_off_the_load_is_not_read() -> None:
 
 def test_a_server_without_metrics_is_asked_once() -> None:
     async def go() -> int:
-        runner, url, hits = await upstream(waiting=None)
-        try:
-            async with Orchestrator(config([url]), inventory=INVENTORY) as orch:
-                await asyncio.sleep(0.4)
-                await orch.complete(call())
-                probe = orch._checkers["up0/0"]._load_probe
-                assert probe is not None
-                assert probe.absent  # type: ignore[attr-defined]
-        finally:
-            await runner.cleanup()
+        async with (
+            openai_upstream(with_metrics=False) as (url, hits),
+            Orchestrator(config([url]), inventory=INVENTORY) as orch,
+        ):
+            await asyncio.sleep(0.4)
+            await orch.complete(call())
+            probe = orch._checkers["up0/0"]._load_probe
+            assert probe is not None
+            assert probe.absent  # type: ignore[attr-defined]
         return hits["chat"]
 
     assert asyncio.run(asyncio.wait_for(go(), 30)) == 1

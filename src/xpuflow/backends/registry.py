@@ -72,7 +72,8 @@ def backend_names() -> list[str]:
     return [*BUILTIN_BACKENDS, *extra]
 
 
-def _load_target(target: str) -> Any:
+def load_target(target: str) -> Any:
+    """The object a ``package.module:attribute`` reference names (a plugin class, a routing rule)."""
     module_name, _, attribute = target.partition(":")
     return getattr(importlib.import_module(module_name), attribute)
 
@@ -83,7 +84,7 @@ def get_backend(name: str) -> BackendPlugin:
     and BackendUnavailable when the plugin's module cannot be loaded."""
     loader: Callable[[], Any]
     if name in BUILTIN_BACKENDS:
-        loader = functools.partial(_load_target, BUILTIN_BACKENDS[name])
+        loader = functools.partial(load_target, BUILTIN_BACKENDS[name])
     elif name in _entry_points():
         loader = _entry_points()[name].load
     else:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.discovery.cgroup import CgroupLimits, read_cgroup_limits
 
-__all__ = ["HostMemory"]
+__all__ = ["HostMemory", "release_freed_memory"]
 
 
 def _psutil_memory() -> tuple[int | None, int | None]:
@@ -64,3 +64,15 @@ class HostMemory:
                 free = available if free is None else min(free, available)
         self._read_at_s, self._value = now, (free, total)
         return self._value
+
+
+def release_freed_memory() -> None:
+    """Give freed heap back to the system after a model is unloaded (glibc keeps it otherwise), so that
+    a re-measurement of the process sees the room the unload made. A no-op where there is no glibc."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
