@@ -33,8 +33,9 @@ def wrk_binary() -> str | None:
 
 
 def lua_string(text: str) -> str:
-    """``text`` as a Lua string literal (JSON's escapes are valid Lua escapes for the text we send)."""
-    return json.dumps(text)
+    """``text`` as a Lua string literal: the escapes JSON writes for quotes, backslashes and control
+    characters are Lua's too (non-ASCII text stays as it is; Lua 5.1 has no ``\\u`` escape)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def script_text(body: bytes, headers: dict[str, str]) -> str:
