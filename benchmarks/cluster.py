@@ -3,13 +3,16 @@ sleep-based fake backend, driven as a user runs it: ``xpuflow serve CONFIG`` in 
 
     python benchmarks/cluster.py            # re-runs itself in a network namespace; prints a table and
                                             # writes benchmarks/results/cluster.json (raw samples, method)
+    python benchmarks/cluster.py --only added   # one phase (scaling, hetero, added, loss); no JSON
 
 Figures (each a ratio or count measured in this run):
 - scaling_3_vs_1: requests/s with three replicas on three nodes over one replica (closed loop).
 - cluster_added_p50_ms: p50 latency at concurrency 1 through a cluster worker minus through a local one
   (fake backend, 20 ms a request), 150 requests a gateway, local and cluster gateways taking turns for
-  three rounds; the median of the rounds' differences. For context, ray_call_added_p50_ms: what a bare
-  Ray actor call that sleeps 20 ms on node a costs over the same sleep in the caller (Ray's floor here).
+  three rounds; the median of the rounds' differences. Requests reach the worker over its channel
+  (cluster.transport: direct, the default); cluster_added_p50_ms_ray_transport is the same figure with
+  transport: ray (Ray actor calls), measured in the same rounds. For context, ray_call_added_p50_ms:
+  what a bare Ray actor call that sleeps 20 ms on node a costs over the same sleep in the caller.
 - node_loss_lost_requests: requests that failed while a node was killed (SIGKILL of its raylet) under load.
 - node_loss_failover_p99_ms: p99 latency of the requests in flight when the node was killed (whole
   latency, queueing under the load included); node_loss_failover_extra_p99_ms: the same over the p50 of
@@ -27,6 +30,7 @@ Figures (each a ratio or count measured in this run):
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -56,7 +60,9 @@ ADDED_ROUNDS = 3
 HETERO_RATE = 0.5 * (1 / FAST_S + 2 / SLOW_S)  # half the three replicas' capacity (15 req/s)
 
 
-def _config(replicas: int, *, cluster: bool, service_s: float = SERVICE_S) -> dict[str, Any]:
+def _config(
+    replicas: int, *, cluster: bool, service_s: float = SERVICE_S, transport: str = "direct"
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "gateway": {"host": "127.0.0.1", "port": GATEWAY_PORT},
         "deployments": [
@@ -76,6 +82,7 @@ def _config(replicas: int, *, cluster: bool, service_s: float = SERVICE_S) -> di
             "refresh_interval_s": 1.0,
             "health_interval_s": 0.1,
             "unhealthy_after_s": 0.5,
+            "transport": transport,
         }
     return config
 
@@ -323,7 +330,10 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def run(workdir: Path) -> dict[str, Any]:
+PHASES = ("scaling", "hetero", "added", "loss")
+
+
+async def run(workdir: Path, phases: tuple[str, ...] = PHASES) -> dict[str, Any]:
     import aiohttp
 
     results: dict[str, Any] = {"samples": {}}
@@ -337,7 +347,7 @@ async def run(workdir: Path) -> dict[str, Any]:
                 cluster.add_node(name, num_cpus=1, resources={"serve_replica": 1}, labels=labels)
 
             rps = {}
-            for replicas in (1, 3):
+            for replicas in (1, 3) if "scaling" in phases else ():
                 gateway = Gateway(_config(replicas, cluster=True), workdir)
                 try:
                     await gateway.ready(session)
@@ -351,16 +361,18 @@ async def run(workdir: Path) -> dict[str, Any]:
                 results["samples"][f"scaling_{replicas}"] = [
                     round((e - s) * 1000, 2) for s, e, _, _ in samples
                 ]
-            results["rps_1"], results["rps_3"] = rps[1], rps[3]
-            results["scaling_3_vs_1"] = rps[3] / rps[1]
+            if rps:
+                results["rps_1"], results["rps_3"] = rps[1], rps[3]
+                results["scaling_3_vs_1"] = rps[3] / rps[1]
 
             # two rounds, alternating (xpuflow, Serve, Serve, xpuflow), so drift on a shared machine
             # weighs on both; p99 over the pooled open-loop samples, rps the mean of the rounds
             runs: dict[str, list[dict[str, Any]]] = {"xpuflow": [], "ray_serve": []}
-            for system in ("xpuflow", "ray_serve", "ray_serve", "xpuflow"):
+            order = ("xpuflow", "ray_serve", "ray_serve", "xpuflow") if "hetero" in phases else ()
+            for system in order:
                 runs[system].append(await _hetero_run(system, cluster.address, session, workdir))
             pooled = {}
-            for system, rounds in runs.items():
+            for system, rounds in runs.items() if order else ():
                 opened = [v for r in rounds for v in r["open_ms"]]
                 results["samples"][f"hetero_open_{system}"] = opened
                 pooled[system] = {
@@ -371,70 +383,89 @@ async def run(workdir: Path) -> dict[str, Any]:
                     "rounds": [{k: v for k, v in r.items() if k != "open_ms"} for r in rounds],
                 }
                 results[f"hetero_{system}"] = pooled[system]
-            results["hetero_p99_vs_ray_p2c"] = pooled["xpuflow"]["p99_ms"] / pooled["ray_serve"]["p99_ms"]
-            results["hetero_rps_vs_ray_p2c"] = pooled["xpuflow"]["rps"] / pooled["ray_serve"]["rps"]
-
-            # Ray's own cost of one actor call that takes as long as the fake request (context for
-            # cluster_added_p50_ms): a bare actor sleeping SERVICE on node a, called from a driver here
-            results["ray_call_added_p50_ms"] = await asyncio.to_thread(_ray_call_added_ms, cluster.address)
-
-            # local and cluster gateways take turns (ADDED_ROUNDS each), so drift on a shared machine
-            # falls on both; the figure is the median of the rounds' differences
-            p50: dict[str, list[float]] = {"local": [], "cluster": []}
-            for _ in range(ADDED_ROUNDS):
-                for label, cluster_mode in (("local", False), ("cluster", True)):
-                    gateway = Gateway(_config(1, cluster=cluster_mode, service_s=0.02), workdir)
-                    try:
-                        await gateway.ready(session)
-                        await _closed_loop(session, 1, 1.0)
-                        samples = [await _one(session, i) for i in range(150)]
-                    finally:
-                        gateway.stop()
-                    latencies = [(e - s) * 1000 for s, e, ok, _ in samples if ok]
-                    p50[label].append(_pct(latencies, 0.5))
-                    rounds = results["samples"].setdefault(f"added_{label}", [])
-                    rounds.append([round(v, 2) for v in latencies])
-            differences = sorted(c - lo for c, lo in zip(p50["cluster"], p50["local"], strict=True))
-            results["p50_local_ms"], results["p50_cluster_ms"] = p50["local"], p50["cluster"]
-            results["cluster_added_p50_ms"] = statistics.median(differences)
-            results["cluster_added_p50_ms_rounds"] = differences
-
-            gateway = Gateway(_config(3, cluster=True), workdir)
-            try:
-                await gateway.ready(session)
-                await _closed_loop(session, 6, 1.0)
-                load = asyncio.ensure_future(_closed_loop(session, 12, 8.0))
-                await asyncio.sleep(2.0)
-                killed_at = time.monotonic()
-                await asyncio.to_thread(cluster.kill_node, "c")
-                samples = await load
-                lost = [s for s in samples if not s[2]]
-                in_flight = [(e - s) * 1000 for s, e, ok, _ in samples if s <= killed_at <= e]
-                before = [(e - s) * 1000 for s, e, ok, _ in samples if ok and e < killed_at]
-                results["node_loss_lost_requests"] = len(lost)
-                results["node_loss_failover_p99_ms"] = _pct(in_flight, 0.99)
-                # the issue's "extra latency": over what a request took under the same load before the kill
-                results["node_loss_steady_p50_ms"] = _pct(before, 0.5)
-                results["node_loss_failover_extra_p99_ms"] = _pct(in_flight, 0.99) - _pct(before, 0.5)
-                results["samples"]["node_loss_in_flight_ms"] = [round(v, 2) for v in in_flight]
-                joined_at = time.monotonic()  # from `ray start` of the new node, which takes seconds
-                labels = {"xpuflow-node": "d", "speed": "slow"}
-                await asyncio.to_thread(cluster.add_node, "d", num_cpus=1, labels=labels)
-                rejoin_s = None
-                while time.monotonic() - joined_at < 90:
-                    # the restarted worker takes traffic again: a response served on the new node
-                    answers = await asyncio.gather(*(_one(session, i) for i in range(3)))
-                    if any(device.endswith("@d") for _, _, _, device in answers):
-                        rejoin_s = time.monotonic() - joined_at
-                        break
-                    await asyncio.sleep(0.1)
-                results["rejoin_s"] = rejoin_s
-            finally:
-                gateway.stop()
+            if order:
+                results["hetero_p99_vs_ray_p2c"] = pooled["xpuflow"]["p99_ms"] / pooled["ray_serve"]["p99_ms"]
+                results["hetero_rps_vs_ray_p2c"] = pooled["xpuflow"]["rps"] / pooled["ray_serve"]["rps"]
+            if "added" in phases:
+                await _added(results, cluster, session, workdir)
+            if "loss" in phases:
+                await _loss(results, cluster, session, workdir)
         finally:
             cluster.stop()
             shutil.rmtree(cluster.temp_dir, ignore_errors=True)  # Ray's session logs and sockets
     return results
+
+
+async def _added(results: dict[str, Any], cluster: LocalRayCluster, session: Any, workdir: Path) -> None:
+    # Ray's own cost of one actor call that takes as long as the fake request (context for
+    # cluster_added_p50_ms): a bare actor sleeping SERVICE on node a, called from a driver here
+    results["ray_call_added_p50_ms"] = await asyncio.to_thread(_ray_call_added_ms, cluster.address)
+
+    # local and cluster gateways take turns (ADDED_ROUNDS each), so drift on a shared machine
+    # falls on both; the figure is the median of the rounds' differences. "cluster" is the default
+    # transport (each worker's channel), "cluster_ray" the same over Ray actor calls.
+    p50: dict[str, list[float]] = {"local": [], "cluster": [], "cluster_ray": []}
+    for _ in range(ADDED_ROUNDS):
+        for label, cluster_mode, transport in (
+            ("local", False, "direct"),
+            ("cluster", True, "direct"),
+            ("cluster_ray", True, "ray"),
+        ):
+            config = _config(1, cluster=cluster_mode, service_s=0.02, transport=transport)
+            gateway = Gateway(config, workdir)
+            try:
+                await gateway.ready(session)
+                await _closed_loop(session, 1, 1.0)
+                samples = [await _one(session, i) for i in range(150)]
+            finally:
+                gateway.stop()
+            latencies = [(e - s) * 1000 for s, e, ok, _ in samples if ok]
+            p50[label].append(_pct(latencies, 0.5))
+            rounds = results["samples"].setdefault(f"added_{label}", [])
+            rounds.append([round(v, 2) for v in latencies])
+    differences = sorted(c - lo for c, lo in zip(p50["cluster"], p50["local"], strict=True))
+    over_ray = sorted(c - lo for c, lo in zip(p50["cluster_ray"], p50["local"], strict=True))
+    results["p50_local_ms"], results["p50_cluster_ms"] = p50["local"], p50["cluster"]
+    results["p50_cluster_ray_transport_ms"] = p50["cluster_ray"]
+    results["cluster_added_p50_ms"] = statistics.median(differences)
+    results["cluster_added_p50_ms_rounds"] = differences
+    results["cluster_added_p50_ms_ray_transport"] = statistics.median(over_ray)
+    results["cluster_added_p50_ms_ray_transport_rounds"] = over_ray
+
+
+async def _loss(results: dict[str, Any], cluster: LocalRayCluster, session: Any, workdir: Path) -> None:
+    gateway = Gateway(_config(3, cluster=True), workdir)
+    try:
+        await gateway.ready(session)
+        await _closed_loop(session, 6, 1.0)
+        load = asyncio.ensure_future(_closed_loop(session, 12, 8.0))
+        await asyncio.sleep(2.0)
+        killed_at = time.monotonic()
+        await asyncio.to_thread(cluster.kill_node, "c")
+        samples = await load
+        lost = [s for s in samples if not s[2]]
+        in_flight = [(e - s) * 1000 for s, e, ok, _ in samples if s <= killed_at <= e]
+        before = [(e - s) * 1000 for s, e, ok, _ in samples if ok and e < killed_at]
+        results["node_loss_lost_requests"] = len(lost)
+        results["node_loss_failover_p99_ms"] = _pct(in_flight, 0.99)
+        # the issue's "extra latency": over what a request took under the same load before the kill
+        results["node_loss_steady_p50_ms"] = _pct(before, 0.5)
+        results["node_loss_failover_extra_p99_ms"] = _pct(in_flight, 0.99) - _pct(before, 0.5)
+        results["samples"]["node_loss_in_flight_ms"] = [round(v, 2) for v in in_flight]
+        joined_at = time.monotonic()  # from `ray start` of the new node, which takes seconds
+        labels = {"xpuflow-node": "d", "speed": "slow"}
+        await asyncio.to_thread(cluster.add_node, "d", num_cpus=1, labels=labels)
+        rejoin_s = None
+        while time.monotonic() - joined_at < 90:
+            # the restarted worker takes traffic again: a response served on the new node
+            answers = await asyncio.gather(*(_one(session, i) for i in range(3)))
+            if any(device.endswith("@d") for _, _, _, device in answers):
+                rejoin_s = time.monotonic() - joined_at
+                break
+            await asyncio.sleep(0.1)
+        results["rejoin_s"] = rejoin_s
+    finally:
+        gateway.stop()
 
 
 TARGETS = {
@@ -456,11 +487,23 @@ def _verdict(value: Any, op: str, target: float) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument(
+        "--only",
+        default=",".join(PHASES),
+        help=f"comma-separated phases to run ({', '.join(PHASES)}); a partial run prints its figures "
+        "and leaves benchmarks/results/cluster.json as it is",
+    )
+    args = parser.parse_args()
+    phases = tuple(p.strip() for p in args.only.split(",") if p.strip())
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        parser.error(f"unknown phase(s) {', '.join(unknown)}; choose from {', '.join(PHASES)}")
     if os.environ.get("XPUFLOW_IN_NETNS") != "1":
         env = {**os.environ, "XPUFLOW_IN_NETNS": "1", "RAY_AUTH_MODE": "disabled"}
-        sys.exit(subprocess.call(in_netns_argv([sys.executable, __file__]), env=env))
+        sys.exit(subprocess.call(in_netns_argv([sys.executable, __file__, *sys.argv[1:]]), env=env))
     with tempfile.TemporaryDirectory() as tmp:
-        results = asyncio.run(run(Path(tmp)))
+        results = asyncio.run(run(Path(tmp), phases))
     rows = []
     for name, (op, target) in TARGETS.items():
         value = results.get(name)
@@ -477,6 +520,10 @@ def main() -> None:
         value = row["value"]
         shown = "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
         print(f"{row['figure']:<28} {shown:>12} {row['target']:>10}  {row['verdict']}")
+    if set(phases) != set(PHASES):
+        extra = {k: v for k, v in results.items() if k != "samples" and not isinstance(v, (list, dict))}
+        print(json.dumps(extra, indent=2))
+        return
     out = ROOT / "benchmarks" / "results" / "cluster.json"
     out.write_text(
         json.dumps(

@@ -458,6 +458,12 @@ class ClusterConfig(_Strict):
         1.0, ge=0.0, description="Ray CPUs one worker on a CPU device reserves on its node."
     )
     spread: bool = Field(True, description="Spread a deployment's replicas across nodes.")
+    transport: Literal["direct", "ray"] = Field(
+        "direct",
+        description="How requests reach workers on other nodes: 'direct' (a kept-open TCP connection to "
+        "each worker actor, opened on its node's address; needs the gateway to reach the workers' "
+        "nodes on any port) or 'ray' (Ray actor calls and streaming generators, Ray's ports only).",
+    )
 
     @field_validator("address")
     @classmethod

@@ -4,7 +4,7 @@ routing, and that the requests it holds are handed back for a retry elsewhere.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -14,6 +14,7 @@ pytest.importorskip("ray")
 from ray.exceptions import ActorUnavailableError
 
 from xpuflow.backends.base import GenerationParams
+from xpuflow.cluster.channel import ChannelServer
 from xpuflow.cluster.ray_worker import RayWorker
 from xpuflow.errors import SessionError, WorkerLost
 from xpuflow.scheduling.request import RequestKind, WorkRequest
@@ -113,5 +114,80 @@ def test_a_silent_actor_stays_in_until_unhealthy_after_s() -> None:
             assert not worker.health.healthy
         finally:
             await worker.stop(drain=False)
+
+    asyncio.run(go())
+
+
+class ChannelActor(FakeActor):
+    """A ``FakeActor`` that, like a ``WorkerActor`` with a channel token, serves requests over a real
+    ``cluster.channel`` on loopback and reports its address in ``ready`` and ``state``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server: ChannelServer | None = None
+        self.served: list[str] = []
+
+    async def open(self) -> None:
+        self.server = await ChannelServer.start((self._serve, self._stream), host="127.0.0.1", token="t")
+
+    async def _serve(self, wire: dict[str, Any]) -> tuple[str, Any]:
+        self.served.append(wire["request_id"])
+        await self.release.wait()
+        return "ok", wire["payload"]
+
+    async def _stream(self, wire: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
+        yield "chunk", wire["payload"]
+
+    def _where(self) -> dict[str, Any]:
+        return {"node_id": "n1", "node_label": "a", "channel": self.server.address if self.server else None}
+
+    async def _ready(self) -> dict[str, Any]:
+        await self._call()
+        return self._where()
+
+    async def _state(self) -> dict[str, Any]:
+        await self._call()
+        return {**self._where(), "ready": True, "metrics": {}, "healthy": True}
+
+    async def _submit(self, wire: dict[str, Any]) -> tuple[str, Any]:
+        raise AssertionError("with a channel, requests do not go as actor calls")
+
+
+def test_requests_take_the_channel_and_a_closed_channel_hands_them_back_at_once() -> None:
+    async def go() -> None:
+        actor = ChannelActor()
+        await actor.open()
+        worker = RayWorker(
+            actor, worker_id="chat/0", deployment="chat", device="cpu@a", node="a",
+            health_interval_s=0.05, unhealthy_after_s=5.0, channel_token="t",
+        )  # fmt: skip
+        await worker.start()
+        try:
+            assert worker.channel is not None
+            assert worker.channel.address == actor.server.address  # type: ignore[union-attr]
+            held = asyncio.ensure_future(worker.submit(_request()))
+            await asyncio.sleep(0.05)
+            assert len(actor.served) == 1
+            await actor.server.aclose()  # type: ignore[union-attr]  # the actor's process died
+            with pytest.raises(WorkerLost):
+                await asyncio.wait_for(held, 0.5)  # at once: no wait for unhealthy_after_s
+            assert not worker.health.healthy
+
+            await actor.open()  # Ray restarted it; it opened a new channel on another port
+            for _ in range(100):
+                if worker.health.healthy:
+                    break
+                await asyncio.sleep(0.02)
+            assert worker.health.healthy
+            assert worker.channel is not None
+            assert worker.channel.address == actor.server.address  # type: ignore[union-attr]
+            actor.release.set()
+            assert await worker.submit(_request()) == [{"role": "user", "content": "hi"}]
+            chunks = [chunk async for chunk in worker.stream(_request())]
+            assert chunks == [[{"role": "user", "content": "hi"}]]
+        finally:
+            await worker.stop(drain=False)
+            if actor.server is not None:
+                await actor.server.aclose()
 
     asyncio.run(go())

@@ -35,6 +35,7 @@ from typing import Any
 
 from xpuflow.backends.base import StreamChunk
 from xpuflow.clock import Clock, SystemClock
+from xpuflow.cluster.channel import ChannelClient, ChannelClosed, ChannelStream
 from xpuflow.cluster.messages import error_from_wire, request_to_wire
 from xpuflow.errors import WorkerLost
 from xpuflow.scheduling.health import HealthTracker
@@ -75,6 +76,11 @@ def _actor_errors() -> tuple[type[BaseException], ...]:
     return (RayActorError, ActorUnavailableError)
 
 
+def _lost_errors() -> tuple[type[BaseException], ...]:
+    """What a call raises when its worker is gone: Ray's actor errors, or its channel closing."""
+    return (*_actor_errors(), ChannelClosed)
+
+
 def _connected_ray() -> Any:
     """The ``ray`` module when this process is connected, else None: ``ray.kill`` and ``ray.cancel``
     would start a local Ray instance in a process that is not (a gateway shutting down, a test)."""
@@ -108,6 +114,7 @@ class RayWorker:
         unhealthy_after_s: float = 1.0,
         ready_timeout_s: float = 300.0,
         node_name: Callable[[dict[str, Any]], str] | None = None,
+        channel_token: str = "",
     ) -> None:
         self.actor = actor
         self.worker_id = worker_id
@@ -134,6 +141,8 @@ class RayWorker:
         self._aborts: set[asyncio.Future[str]] = set()
         self._poller: asyncio.Task[None] | None = None
         self.restarts_seen = 0
+        self._channel_token = channel_token
+        self.channel: ChannelClient | None = None  # None: requests go as Ray actor calls
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -151,6 +160,9 @@ class RayWorker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._poller
             self._poller = None
+        if self.channel is not None:
+            await self.channel.aclose()
+            self.channel = None
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.actor.stop.remote(drain), 30.0)
         ray = _connected_ray()
@@ -174,6 +186,7 @@ class RayWorker:
     # -- live state -----------------------------------------------------------------------------------
 
     def _moved(self, info: dict[str, Any]) -> None:
+        self._follow_channel(info.get("channel"))
         node_id = str(info.get("node_id", ""))
         if self.node_id and node_id and node_id != self.node_id:
             self.restarts_seen += 1
@@ -183,6 +196,17 @@ class RayWorker:
             self.node = self._node_name(info) if self._node_name else (info.get("node_label") or node_id[:8])
             local = self.device.split("@", 1)[0]
             self.device = f"{local}@{self.node}"
+
+    def _follow_channel(self, address: Any) -> None:
+        """Send requests to the channel the actor reports (a restarted actor opens a new one)."""
+        if not self._channel_token or not isinstance(address, str) or not address:
+            return
+        if self.channel is not None and self.channel.address == address:
+            return
+        old, (host, _, port) = self.channel, address.rpartition(":")
+        self.channel = ChannelClient(host, int(port), self._channel_token)
+        if old is not None:
+            old.close()
 
     async def _poll_once(self) -> bool:
         try:
@@ -202,7 +226,8 @@ class RayWorker:
             return False
         now = self._clock.monotonic()
         self._last_answer_s = now
-        if state.get("node_id") != self.node_id:
+        channel = self.channel.address if self.channel is not None else None
+        if state.get("node_id") != self.node_id or state.get("channel") != channel:
             self._moved(state)
         if not state.get("ready"):
             # restarted and still building its session: answer, but not ready for requests
@@ -286,7 +311,7 @@ class RayWorker:
         if future in done:
             try:
                 return future.result()
-            except _actor_errors() as exc:
+            except _lost_errors() as exc:
                 self._lose(f"{type(exc).__name__}")
                 raise WorkerLost(f"worker {self.worker_id} on node {self.node} was lost: {exc}") from exc
         future.cancel()
@@ -299,11 +324,15 @@ class RayWorker:
         now = self._clock.monotonic()
         if request.queued_since_s is None:
             request.queued_since_s = now  # a retry elsewhere keeps its place from here (scheduling.queue)
-        ref = self.actor.submit.remote(request_to_wire(request, now_s=now))
+        wire = request_to_wire(request, now_s=now)
+        channel = self.channel
+        # over the channel, cancelling the call cancels it on the actor; a Ray call needs ray.cancel
+        ref = channel.call(wire) if channel is not None else self.actor.submit.remote(wire)
         try:
             kind, value = await self._await_call(ref, abort)
         except BaseException:
-            _cancel(ref)  # withdraws the request from the actor's queue
+            if channel is None:
+                _cancel(ref)  # withdraws the request from the actor's queue
             raise
         finally:
             self._outstanding -= 1
@@ -319,10 +348,28 @@ class RayWorker:
         now = self._clock.monotonic()
         if request.queued_since_s is None:
             request.queued_since_s = now
-        generator = self.actor.stream.options(num_returns="streaming").remote(
-            request_to_wire(request, now_s=now)
-        )
+        wire = request_to_wire(request, now_s=now)
         finished = False
+        if self.channel is not None:
+            stream: ChannelStream | None = None
+            try:
+                stream = await self._await_call(self.channel.stream(wire), abort)
+                while True:
+                    try:
+                        kind, value = await self._await_call(stream.next(), abort)
+                    except StopAsyncIteration:
+                        finished = True
+                        return
+                    if kind == "err":
+                        finished = True
+                        raise error_from_wire(value)
+                    yield value
+            finally:
+                self._outstanding -= 1
+                self._aborts.discard(abort)
+                if stream is not None and not finished:
+                    stream.close()  # the client went away or the link failed: stop the work
+        generator = self.actor.stream.options(num_returns="streaming").remote(wire)
         try:
             while True:
                 try:

@@ -9,8 +9,9 @@ start their workers as Ray actors, and keep the node list fresh::
     await cluster.stop()
 
 Nothing here re-implements Ray: actors restart with ``max_restarts=-1`` (Ray re-places them on a like
-node after a loss), placement is Ray's (resources, label selectors, node affinity), streams are Ray
-streaming generators and cancellation is ``ray.cancel``. The gateway keeps the decisions.
+node after a loss) and placement is Ray's (resources, label selectors, node affinity). Requests go over
+each actor's ``cluster.channel`` (``cluster.transport: direct``), or as Ray actor calls, streaming
+generators and ``ray.cancel`` (``transport: ray``). The gateway keeps the decisions.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -93,6 +95,8 @@ class ClusterRuntime:
         self._refresher: asyncio.Task[None] | None = None
         self._in_ray: asyncio.Future[Any] | None = None  # a refresh's Ray call, running in a thread
         self.workers: list[RayWorker] = []
+        # the secret a worker's channel asks of the gateway (it travels to the actors inside Ray)
+        self._channel_token = secrets.token_hex(16) if self.settings.transport == "direct" else ""
 
     async def start(self) -> None:
         self._connected_here = await asyncio.to_thread(connect, self.settings)
@@ -198,6 +202,7 @@ class ClusterRuntime:
                 base_dir=str(self._base_dir),
                 artifact_dir=self.config.artifact_dir,
                 node_label=NODE_LABEL,
+                channel_token=self._channel_token,
             )
             actor = actor_class.options(**actor_options(replica, dict(placement.ray_resources))).remote(spec)
             workers.append(
@@ -213,6 +218,7 @@ class ClusterRuntime:
                     health_interval_s=self.settings.health_interval_s,
                     unhealthy_after_s=self.settings.unhealthy_after_s,
                     node_name=self.node_name,
+                    channel_token=self._channel_token,
                 )
             )
         results = await asyncio.gather(*(w.start() for w in workers), return_exceptions=True)

@@ -156,18 +156,23 @@ def test_admin_drain_takes_a_remote_worker_out_of_routing(live: Live) -> None:
     live.run(go())
 
 
-def test_a_client_that_goes_away_withdraws_the_remote_request(live: Live) -> None:
+@pytest.mark.parametrize("transport", ["direct", "ray"])
+def test_a_client_that_goes_away_withdraws_the_remote_request(live: Live, transport: str) -> None:
+    """Both transports: requests over the worker's channel (default) or as Ray actor calls."""
+
     async def go() -> None:
         orch = Orchestrator(
             _config(
                 [_fake("slow", node="a", max_batch_size=1, options={"service_time_s": 1.5})],
                 worker_num_cpus=0,
+                transport=transport,
             )
         )
         await orch.start()
         try:
             worker = orch.workers["slow/0"]
             assert getattr(worker, "node", None) == "a"
+            assert (getattr(worker, "channel", None) is not None) == (transport == "direct")
             first = asyncio.ensure_future(orch.complete(_call("slow")))
             await asyncio.sleep(0.3)
             second = asyncio.ensure_future(orch.complete(_call("slow")))
@@ -187,6 +192,8 @@ def test_a_client_that_goes_away_withdraws_the_remote_request(live: Live) -> Non
             assert state["snapshot"].queue_depth == 0, "the cancelled request still waits on the worker"
             assert not first.done()  # withdrawn before the running one finished
             assert (await first).completion is not None
+            events = [e async for e in orch.stream(_call("slow", "p q"))]
+            assert "".join(e.chunk.text for e in events if e.chunk is not None) == "q p"
         finally:
             await orch.stop()
 
