@@ -115,6 +115,19 @@ async def test_a_loopback_gateway_answers_only_its_own_names(host: str, allowed:
         assert "gateway.allowed_hosts" in error["message"]
 
 
+@pytest.mark.parametrize("host", ["localhost:8000", "attacker.example"])
+@run_async
+async def test_the_inference_posts_check_the_host_too(host: str) -> None:
+    # they skip Starlette's middleware (serving.app.GatewayApp) but not its Host check
+    async with gateway(allowed_hosts=LOOPBACK_HOSTS) as client:
+        response = await client.post("/v1/chat/completions", json=CHAT, headers={**AUTH, "host": host})
+    if host.startswith("localhost"):
+        assert response.status_code == 200
+    else:
+        assert response.status_code == 400
+        assert error_of(response)["code"] == "host_not_allowed"
+
+
 @run_async
 async def test_host_suffix_patterns_and_star() -> None:
     async with gateway(allowed_hosts=("api.example.com", "*.internal.example")) as client:

@@ -54,6 +54,11 @@ class Drain:
     def wrap(self, app: ASGIApp) -> DrainMiddleware:
         return DrainMiddleware(app, self)
 
+    @staticmethod
+    async def refuse(send: Send) -> None:
+        """Answer a request that came in while draining: 503, ``Retry-After``, ``Connection: close``."""
+        await _refuse(send)
+
 
 _REFUSAL = error_body(
     "the server is shutting down and takes no new requests; retry in a few seconds (another replica "

@@ -71,6 +71,10 @@ class HostFilter:
         if self.allows(host):
             await self.app(scope, receive, send)
             return
+        await self.refuse(scope, send, host)
+
+    async def refuse(self, scope: Scope, send: Send, host: str) -> None:
+        """Answer a request whose ``host`` is not allowed (400, or a refused WebSocket handshake)."""
         shown = host[:100] if host else "(none)"
         body = error_body(
             f"Host header {shown!r} is not allowed: this gateway answers to {self.listed}; add the "
