@@ -10,7 +10,8 @@ path, in one run:
   its own virtual environment under the cache folder) -> upstream;
 - xpuflow: client -> ``xpuflow serve CONFIG`` (its own process, as users run it: one ``remote_openai``
   deployment of the upstream behind its worker queue and the logical-model router; ``max_batch_size``
-  64, the greedy batch policy, 64 pooled connections) -> upstream;
+  64, the greedy batch policy, 64 pooled connections; a second deployment alike, ``chat-long``, before
+  the long-stream mock below) -> upstream;
 - litellm: client -> ``litellm --config ... --num_workers 1`` (its own process; installed by this
   script into its own virtual environment under the cache folder on first use; one model, one upstream,
   retries off, logging at error level) -> upstream.
@@ -554,7 +555,8 @@ def _report(
         "request_body": json.loads(BODY),
         "stream_request_body": json.loads(STREAM_BODY),
         "cpu_ms_per_request": "the system's process tree, user + system CPU over the measured phase over "
-        "the requests served in it; from the wrk runs (the aiohttp runs' figure beside it per path)",
+        "the requests served in it; from the wrk runs (from the aiohttp runs where wrk is missing; both per "
+        "path under per_path)",
         **{name: infos.get(name, {}) for name in (*SYSTEMS, "wrk")},
         "client": f"aiohttp {aiohttp.__version__}, keep-alive, one process per measurement; and wrk",
         "per_path": {
