@@ -1,4 +1,4 @@
-"""Reference proxies that ``gateway_overhead.py`` measures beside xpuflow: nginx and vllm-router.
+"""Reference systems that ``gateway_overhead.py`` measures beside xpuflow: nginx, vllm-router, LiteLLM.
 
 Each starts in its own process session on a free loopback port before one upstream, and is stopped by
 its process id (``_common.stop_process``); what was run goes into the results.
@@ -10,12 +10,15 @@ its process id (``_common.stop_process``); what was run goes into the results.
 - vllm-router (the Rust router from PyPI, pinned): installed on first use into a virtual environment of
   its own under the cache folder, like the LiteLLM proxy; ``--policy round_robin`` by default. It probes
   ``GET /health`` of its worker, which the mock upstream answers.
+- the LiteLLM proxy: installed on first use into a virtual environment of its own (``start_litellm``,
+  also used by ``reliability.py``).
 
 A system that cannot run here raises ``AnchorUnavailable`` with what to install.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +28,25 @@ from typing import Any
 
 from _common import free_port, start_process
 
+LITELLM_SPEC = "litellm[proxy]"
+LITELLM_CONFIG = """\
+model_list:
+  - model_name: chat
+    litellm_params:
+      model: openai/mock
+      api_base: {upstream}/v1
+      api_key: sk-mock
+      max_retries: 0
+general_settings:
+  master_key: {master_key}
+litellm_settings:
+  num_retries: 0
+  request_timeout: 30
+  set_verbose: false
+  telemetry: false
+router_settings:
+  num_retries: 0
+"""
 VLLM_ROUTER_SPEC = "vllm-router==0.1.17"
 NGINX_INSTALL = "install Debian's nginx-light (apt-get install nginx-light) or put nginx on PATH"
 
@@ -147,3 +169,59 @@ def start_vllm_router(
     url = f"http://127.0.0.1:{port}"
     proc = start_process(argv, f"{url}/readiness", timeout_s=120)
     return proc, url, {"version": version, "argv": ["vllm-router", *argv[1:]], "spec": VLLM_ROUTER_SPEC}
+
+
+def litellm_venv(venv: Path) -> tuple[Path, str]:
+    """The LiteLLM proxy binary in ``venv`` (installed there on first use) and its version; also used
+    by ``reliability.py``."""
+    binary, python = venv / "bin" / "litellm", venv / "bin" / "python"
+    if not binary.exists():
+        print(f"installing {LITELLM_SPEC} into {venv} (first run only) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", LITELLM_SPEC],
+            check=True,
+            timeout=1800,
+            capture_output=True,
+        )
+    version = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout.strip()
+    return binary, version
+
+
+def start_litellm(
+    config_text: str, venv: Path, api_key: str
+) -> tuple[subprocess.Popen[bytes], int, dict[str, Any]]:
+    """Start the LiteLLM proxy (one worker, error-level logs, no price-list fetch) on a free port with
+    ``config_text`` as its config; the config folder goes with the process (``proc.config_dir``).
+    Returns the process, its port and what was run (the key redacted). Used by reliability.py too."""
+    binary, version = litellm_venv(venv)
+    port = free_port()
+    config = Path(tempfile.mkdtemp(prefix="litellm-bench-")) / "config.yaml"
+    config.write_text(config_text)
+    env = {
+        **os.environ,
+        "LITELLM_LOG": "ERROR",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no fetch of the price list from the internet
+        "LITELLM_TELEMETRY": "False",
+    }
+    argv = [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--num_workers", "1"]
+    try:
+        proc = start_process(argv, f"http://127.0.0.1:{port}/health/liveliness", timeout_s=240, env=env)
+    except BaseException:
+        shutil.rmtree(config.parent, ignore_errors=True)
+        raise
+    proc.config_dir = config.parent  # type: ignore[attr-defined]  # removed with the process
+    info = {
+        "version": version,
+        "config": config_text.replace(api_key, "<the run's key>"),
+        "argv": ["litellm", *argv[1:]],
+        "env": {k: env[k] for k in ("LITELLM_LOG", "LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_TELEMETRY")},
+    }
+    return proc, port, info

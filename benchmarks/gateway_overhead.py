@@ -86,6 +86,7 @@ from _common import (
     start_xpuflow,
     stop_process,
 )
+from anchor_proxies import LITELLM_CONFIG, start_litellm
 from overhead_clients import BODY, LONG_STREAM_TOKEN_DELAY_S, LONG_STREAM_TOKENS, STREAM_BODY, headers
 
 HERE = Path(__file__).resolve().parent
@@ -100,25 +101,6 @@ TARGETS = (  # key, comparison, goal (None: reported only)
     ("xpuflow_stream_chunk_cpu_us", None, None),
     ("xpuflow_idle_rss_mb", "<=", 80.0),
 )
-LITELLM_SPEC = "litellm[proxy]"
-LITELLM_CONFIG = """\
-model_list:
-  - model_name: chat
-    litellm_params:
-      model: openai/mock
-      api_base: {upstream}/v1
-      api_key: sk-mock
-      max_retries: 0
-general_settings:
-  master_key: {master_key}
-litellm_settings:
-  num_retries: 0
-  request_timeout: 30
-  set_verbose: false
-  telemetry: false
-router_settings:
-  num_retries: 0
-"""
 
 
 def _client(args: argparse.Namespace, mode: str, *urls: str, cpu_pid: int = 0) -> dict[str, Any]:
@@ -158,62 +140,6 @@ def _xpuflow_config(
     if event_loop is not None:  # gateway.event_loop (left out by default: older commits lack the field)
         config["gateway"] = {"event_loop": event_loop}
     return config
-
-
-def litellm_venv(venv: Path) -> tuple[Path, str]:
-    """The LiteLLM proxy binary in ``venv`` (installed there on first use) and its version; also used
-    by ``reliability.py``."""
-    binary, python = venv / "bin" / "litellm", venv / "bin" / "python"
-    if not binary.exists():
-        print(f"installing {LITELLM_SPEC} into {venv} (first run only) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", LITELLM_SPEC],
-            check=True,
-            timeout=1800,
-            capture_output=True,
-        )
-    version = subprocess.run(
-        [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout.strip()
-    return binary, version
-
-
-def start_litellm(
-    config_text: str, venv: Path, api_key: str
-) -> tuple[subprocess.Popen[bytes], int, dict[str, Any]]:
-    """Start the LiteLLM proxy (one worker, error-level logs, no price-list fetch) on a free port with
-    ``config_text`` as its config; the config folder goes with the process (``proc.config_dir``).
-    Returns the process, its port and what was run (the key redacted). Used by reliability.py too."""
-    binary, version = litellm_venv(venv)
-    port = free_port()
-    config = Path(tempfile.mkdtemp(prefix="litellm-bench-")) / "config.yaml"
-    config.write_text(config_text)
-    env = {
-        **os.environ,
-        "LITELLM_LOG": "ERROR",
-        "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no fetch of the price list from the internet
-        "LITELLM_TELEMETRY": "False",
-    }
-    argv = [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--num_workers", "1"]
-    try:
-        proc = start_process(argv, f"http://127.0.0.1:{port}/health/liveliness", timeout_s=240, env=env)
-    except BaseException:
-        shutil.rmtree(config.parent, ignore_errors=True)
-        raise
-    proc.config_dir = config.parent  # type: ignore[attr-defined]  # removed with the process
-    info = {
-        "version": version,
-        "config": config_text.replace(api_key, "<the run's key>"),
-        "argv": ["litellm", *argv[1:]],
-        "env": {k: env[k] for k in ("LITELLM_LOG", "LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_TELEMETRY")},
-    }
-    return proc, port, info
 
 
 # -- the run ----------------------------------------------------------------------------------------
