@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import math
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -108,6 +110,30 @@ def warmed(policy: BatchPolicy = BatchPolicy.ADAPTIVE, **config: float) -> Batch
         batcher.on_dispatch(0, b)
         batcher.on_complete(0, b, 0.1 + 0.01 * b)
     return batcher
+
+
+def _rate_from_all_gaps(times: list[float], now_s: float) -> float:
+    """``ArrivalRate.rate_per_s`` as it was written before it kept its gaps sorted: every gap sorted."""
+    if len(times) < 2:
+        return 0.0
+    gaps = sorted(b - a for a, b in itertools.pairwise(times))
+    mid = len(gaps) // 2
+    median = gaps[mid] if len(gaps) % 2 else (gaps[mid - 1] + gaps[mid]) / 2
+    rate = math.inf if median <= 0 else math.log(2) / median
+    silence = now_s - times[-1]
+    return min(rate, 1.0 / silence) if silence > 0 else rate
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 32])
+def test_arrival_rate_keeps_its_gaps_sorted_as_they_come_and_go(window: int) -> None:
+    rng = random.Random(window)
+    arrivals, times, t = ArrivalRate(window), [], 0.0
+    for _ in range(3000):
+        t += rng.choice([0.0, 0.0, rng.random(), rng.expovariate(3.0)])  # ties and equal gaps too
+        arrivals.observe(t)
+        times = [*times, t][-window:]
+        now_s = t + rng.choice([0.0, rng.random()])
+        assert arrivals.rate_per_s(now_s) == _rate_from_all_gaps(times, now_s)
 
 
 def test_basic_decisions() -> None:

@@ -206,10 +206,13 @@ def test_a_snapshot_read_again_later_equals_a_fresh_one(fleet_file: Path) -> Non
     sim = Simulation(fleet, [SimRequest(0.0, 4000, 400), SimRequest(0.5, 100, 20)])
     sim.run()
     worker = sim.workers["big/0"]
+    # the simulator reads snapshots at the clock's time
+    sim.clock.advance(10.0 - sim.clock.monotonic())
     first = worker.snapshot(10.0)
+    sim.clock.advance(2.5)
     later = worker.snapshot(12.5)  # unchanged worker, older than max_age_s: the time-only refresh
     assert later is not first
-    worker._snapshot = None
+    worker._changed()
     fresh = worker.snapshot(12.5)
     assert later == fresh
     assert later.mean_batch_size == fresh.mean_batch_size == 1.0

@@ -56,6 +56,7 @@ the device is free: continuous batching without waiting), ``FIXED_WINDOW`` (Trit
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -219,15 +220,26 @@ class ArrivalRate:
 
     def __init__(self, window: int = 32) -> None:
         self._times: deque[float] = deque(maxlen=window)
+        # the gaps between consecutive times, in arrival order and sorted, kept as times come and go
+        self._gaps: deque[float] = deque()
+        self._sorted_gaps: list[float] = []
 
     def observe(self, now_s: float) -> None:
-        self._times.append(now_s)
+        times = self._times
+        if times and times.maxlen != 1:
+            if len(times) == times.maxlen:  # the oldest time leaves, and the gap after it
+                gaps = self._sorted_gaps
+                del gaps[bisect.bisect_left(gaps, self._gaps.popleft())]
+            gap = now_s - times[-1]
+            self._gaps.append(gap)
+            bisect.insort(self._sorted_gaps, gap)
+        times.append(now_s)
 
     def rate_per_s(self, now_s: float, active_since_s: float = -math.inf) -> float:
         times = self._times
         if len(times) < 2:
             return 0.0
-        gaps = sorted(b - a for a, b in zip(times, list(times)[1:], strict=False))
+        gaps = self._sorted_gaps  # sorted(b - a for a, b in pairs of consecutive times)
         median = (
             gaps[len(gaps) // 2] if len(gaps) % 2 else (gaps[len(gaps) // 2 - 1] + gaps[len(gaps) // 2]) / 2
         )

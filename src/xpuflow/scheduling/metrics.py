@@ -72,6 +72,9 @@ class WorkerMetrics:
         self._warm_since_s: float | None = None  # the first success (None: still cold)
         self._stale_before_s = float("-inf")
         self.batch_sizes: Counter[int] = Counter()
+        # the histogram's totals, kept as it grows (integers: the mean is the same division)
+        self._batches = 0
+        self._batched_requests = 0
         self.completed = 0
         self.failed = 0
         self.rejected = 0
@@ -111,6 +114,8 @@ class WorkerMetrics:
         self.running_batches += 1
         self.in_flight += size
         self.batch_sizes[size + shares_with] += 1
+        self._batches += 1
+        self._batched_requests += size + shares_with
 
     def forget_latency(self, since_s: float | None = None) -> None:
         """Drop the latency EMAs; ignore samples of work started before ``since_s`` (default now)."""
@@ -194,24 +199,46 @@ class WorkerMetrics:
     def utilization(self) -> float:
         """Share of the window during which at least one batch ran, in [0, 1]."""
         now = self._clock.monotonic()
-        self._prune(now)
-        start = now - self._span_s(now)
+        busy_intervals = self._busy
+        if busy_intervals and busy_intervals[0][1] < now - self.window_s:
+            self._prune(now)
+        # ``_span_s`` and the max()/min() of the formula as conditionals (the same values): every
+        # snapshot of every worker reads this
+        lived = now - self.started_at_s
+        span = lived if lived < self.window_s else self.window_s
+        if not span > 1e-9:
+            span = 1e-9
+        start = now - span
         busy = self._busy_sum_s
-        if self._busy:  # only the oldest interval can reach back before the window
-            begin, end = self._busy[0]
-            busy -= max(0.0, min(end, start) - begin)
-        busy = max(0.0, busy)
-        if self._busy_since_s is not None:
-            busy += now - max(self._busy_since_s, start)
-        return min(1.0, busy / self._span_s(now))
+        if busy_intervals:  # only the oldest interval can reach back before the window
+            begin, end = busy_intervals[0]
+            cut = (start if start < end else end) - begin
+            if cut > 0.0:
+                busy -= cut
+        if not busy > 0.0:
+            busy = 0.0
+        since = self._busy_since_s
+        if since is not None:
+            busy += now - (start if start > since else since)
+        share = busy / span
+        return share if share < 1.0 else 1.0
+
+    def busy_state(self) -> tuple[float, float, float, float | None, float | None, float | None]:
+        """What ``utilization`` reads, for a reader that evaluates it at later times by itself
+        (``policy.snapshot_table``): ``(started_at_s, window_s, busy_sum_s, begin, end, busy_since_s)``,
+        ``begin``/``end`` the oldest finished busy interval in the window (None: none). It holds until
+        the next batch starts or ends, or until ``end`` leaves the window (then read it again)."""
+        begin, end = self._busy[0] if self._busy else (None, None)
+        return (self.started_at_s, self.window_s, self._busy_sum_s, begin, end, self._busy_since_s)
 
     @property
     def queued(self) -> int:
         return sum(self.queue_depth.values())
 
     def mean_batch_size(self) -> float | None:
-        batches = sum(self.batch_sizes.values())
-        return sum(s * c for s, c in self.batch_sizes.items()) / batches if batches else None
+        """Requests per batch over every batch so far (None before the first)."""
+        batches = self._batches
+        return self._batched_requests / batches if batches else None
 
     def latency_percentiles_ms(self) -> dict[str, float | None]:
         ordered = sorted(self._recent_latency_s)

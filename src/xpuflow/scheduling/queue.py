@@ -227,9 +227,13 @@ class RequestQueue:
     def head(self, now_s: float) -> Ticket | None:
         """The ticket served next. Within a lane the oldest ticket is also the most aged, so only lane
         heads compete."""
+        lanes = self._lanes
+        if len(lanes) == 1:  # nothing to compare (the common case: one priority, one batch group)
+            for lane in lanes.values():
+                return next(iter(lane.values()))
         best: Ticket | None = None
         best_key: tuple[int, float, int] | None = None
-        for lane in self._lanes.values():
+        for lane in lanes.values():
             first = next(iter(lane.values()))
             key = self.order_key(first, now_s)
             if best_key is None or key < best_key:
@@ -266,7 +270,8 @@ class RequestQueue:
                     if i >= max_n:
                         break
                     candidates.append(ticket)
-        candidates.sort(key=lambda t: self.order_key(t, now_s))
+        if len(candidates) > 1:
+            candidates.sort(key=lambda t: self.order_key(t, now_s))
         chosen = candidates[:max_n]
         for ticket in chosen:
             self._unlink(ticket)

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from xpuflow.clock import FakeClock
 from xpuflow.errors import SessionError
+from xpuflow.policy.snapshot_table import SnapshotTable
 from xpuflow.scheduling.batcher import Action, BatcherConfig, BatchPolicy, make_batcher
 from xpuflow.scheduling.health import HealthState, HealthTracker
 from xpuflow.scheduling.metrics import WorkerMetrics
@@ -40,6 +41,7 @@ from xpuflow.types import WorkerSnapshot
 __all__ = ["Attempt", "Batch", "SimWorker", "WorkerSink"]
 
 _new_snapshot = object.__new__
+_NO_TAGS: frozenset[str] = frozenset()
 
 
 @dataclass(eq=False, slots=True)
@@ -167,6 +169,9 @@ class SimWorker:
         self.wake_at_s = math.inf
         self._busy_since_s = 0.0
         self._snapshot: WorkerSnapshot | None = None  # dropped on every change the scorer can see
+        self._table: SnapshotTable | None = None  # see attach
+        self._row = 0
+        self._changed_set: set[SimWorker] | None = None
         self._drain_rate_ema: float | None = None
         self._recovery_seen = self.health.recovered_at_s
 
@@ -183,7 +188,7 @@ class SimWorker:
             raise
         attempt.worker, attempt.ticket, attempt.started_s = self, ticket, now_s
         self.batcher.on_arrival(now_s)
-        self._snapshot = None
+        self._changed()
         self.step(now_s)
 
     def withdraw(self, attempt: Attempt) -> None:
@@ -191,7 +196,7 @@ class SimWorker:
         ticket = attempt.ticket
         if ticket is not None and self.queue.remove(ticket):
             self.metrics.record_dropped("expired")
-            self._snapshot = None
+            self._changed()
 
     def step(self, now_s: float) -> None:
         """``Worker._step`` until the batcher says wait: dispatch batches or arm the wake-up timer."""
@@ -264,7 +269,7 @@ class SimWorker:
         if not self.running:
             self._busy_since_s = now_s
         self.running.append(batch)
-        self._snapshot = None
+        self._changed()
         self.schedule(end_s, COMPLETE, batch)
 
     def complete(self, batch: Batch, now_s: float) -> None:
@@ -334,7 +339,7 @@ class SimWorker:
     def note_health(self) -> None:
         """Call after anything may have moved this worker's health state: the snapshot is read again
         and ``not_healthy`` (which lets the engine skip health verdicts while all are healthy) follows."""
-        self._snapshot = None
+        self._changed()
         if self.health.state is HealthState.HEALTHY:
             self.not_healthy.discard(self.worker_id)
         else:
@@ -356,12 +361,42 @@ class SimWorker:
             return None
         return max(0, self.model.memory_bytes - self.model.weights_bytes - self.kv_in_use)
 
+    def attach(self, table: SnapshotTable, row: int, changed: set[SimWorker]) -> None:
+        """Keep this worker's snapshot in ``table`` at ``row``: from now on the row is the cached
+        snapshot, and the worker joins ``changed`` whenever its state changes (its row is then set again
+        by the next ``snapshot``: ``refresh_row``)."""
+        self._table, self._row, self._changed_set = table, row, changed
+        self._snapshot = None
+        changed.add(self)
+
+    def _changed(self) -> None:
+        self._snapshot = None
+        if self._changed_set is not None:
+            self._changed_set.add(self)
+
+    def reread_row(self, now_s: float) -> None:
+        """The table could not re-read this worker's row by itself (a busy interval left the window):
+        read the metrics (which drop it) and pass the reading on."""
+        assert self._table is not None
+        utilization_pct = self.metrics.utilization() * 100.0
+        self._table.reread_row(self._row, now_s, utilization_pct, self.metrics.busy_state())
+
     def snapshot(self, now_s: float, max_age_s: float = 0.05) -> WorkerSnapshot:
         """``service_time_snapshot(worker)`` of the real dispatcher. Reused while nothing the scorer reads
         changed (every change drops it), for at most ``max_age_s`` of simulated time: meanwhile only the
         utilisation goes stale (the scorer ages ``oldest_in_flight_s`` itself) and the snapshot weighs
         ``2 ** (-max_age_s / 5 s)``, 0.993 at 50 ms, in the scorer's staleness blend. Older and unchanged,
-        it is read again at ``now_s`` (the time-dependent fields only)."""
+        it is read again at ``now_s`` (the time-dependent fields only). Attached to a table, the cached
+        snapshot is the table's row, which the table re-reads by itself the same way."""
+        table = self._table
+        if table is not None:
+            if self._snapshot is None:
+                snap = self._read(now_s)
+                table.set(self._row, snap, self.metrics.busy_state())
+                return snap
+            if table.reread(now_s, max_age_s, (self._row,)):
+                self.reread_row(now_s)
+            return table.snapshot(self._row)
         cached = self._snapshot
         if cached is not None:
             age_s = now_s - cached.taken_at_s
@@ -378,31 +413,43 @@ class SimWorker:
                 fields["oldest_in_flight_s"] = cached.oldest_in_flight_s + age_s
             self._snapshot = fresh
             return fresh
+        return self._read(now_s)
+
+    def _read(self, now_s: float) -> WorkerSnapshot:
+        """The snapshot read in full at ``now_s`` (and cached)."""
         self._sync_health()
         metrics = self.metrics
-        oldest = min((b.started_s for b in self.running), default=None)
+        running = self.running
+        oldest = min([b.started_s for b in running]) if running else None
         service_ms = metrics.ema_service_ms
-        snap = WorkerSnapshot(
-            worker_id=self.worker_id,
-            deployment=self.deployment,
-            device=self.device,
-            healthy=self.health.healthy,
-            draining=False,
-            queue_depth=len(self.queue),
-            in_flight=metrics.in_flight,
-            max_batch_size=self.max_batch_size,
-            max_in_flight=self.max_in_flight,
-            ema_latency_ms=service_ms
-            if service_ms is not None and service_ms > 0
-            else metrics.ema_latency_ms,
-            free_memory_bytes=self.free_memory_bytes(),
-            utilization_pct=metrics.utilization() * 100.0,
-            temperature_c=None,
-            max_seq_len=self.max_seq_len,
-            taken_at_s=now_s,
-            oldest_in_flight_s=None if oldest is None else max(0.0, now_s - oldest),
-            latency_sampled_at_s=metrics.latency_sampled_at_s,
-            mean_batch_size=metrics.mean_batch_size(),
+        # ``WorkerSnapshot(...)`` with these fields (and the defaults of the others), without the frozen
+        # dataclass's __init__: this runs twice per simulated request, for each request's worker
+        snap = _new_snapshot(WorkerSnapshot)
+        snap.__dict__.update(
+            {
+                "worker_id": self.worker_id,
+                "deployment": self.deployment,
+                "device": self.device,
+                "healthy": self.health.healthy,
+                "draining": False,
+                "queue_depth": len(self.queue),
+                "in_flight": metrics.in_flight,
+                "max_batch_size": self.max_batch_size,
+                "ema_latency_ms": service_ms
+                if service_ms is not None and service_ms > 0
+                else metrics.ema_latency_ms,
+                "free_memory_bytes": self.free_memory_bytes(),
+                "utilization_pct": metrics.utilization() * 100.0,
+                "temperature_c": None,
+                "max_seq_len": self.max_seq_len,
+                "taken_at_s": now_s,
+                "tags": _NO_TAGS,
+                "max_in_flight": self.max_in_flight,
+                "oldest_in_flight_s": None if oldest is None else max(0.0, now_s - oldest),
+                "latency_sampled_at_s": metrics.latency_sampled_at_s,
+                "mean_batch_size": metrics.mean_batch_size(),
+                "ema_service_ms": None,
+            }
         )
         self._snapshot = snap
         return snap
