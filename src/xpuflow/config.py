@@ -377,7 +377,9 @@ class PartitionConfig(_Strict):
     """A device partition: a compute share (and memory limit) for some deployments (see docs/qos.md)."""
 
     name: str = Field(min_length=1, max_length=64, description="Partition name, unique in the file.")
-    device: str = Field("cpu", description="Resource id of the device it partitions.")
+    device: str = Field(
+        "cpu", description="Resource id of the device it partitions (cluster mode: a node's device, 'cpu@a')."
+    )
     compute_share: float = Field(
         gt=0.0, le=1.0, description="Fraction (0-1] of the device's compute tokens it gets under contention."
     )

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xpuflow.artifacts.builder import BuildProgress, build_all
 from xpuflow.artifacts.store import ArtifactStore
@@ -53,6 +53,9 @@ from xpuflow.scheduling.worker import Worker
 from xpuflow.telemetry.host_memory import HostMemory, release_freed_memory
 from xpuflow.telemetry.vram import VRAMMonitor
 from xpuflow.types import Resource, ResourceType, WorkerSnapshot
+
+if TYPE_CHECKING:
+    from xpuflow.cluster.device_gate import DeviceGate
 
 __all__ = ["Orchestrator", "Placement"]  # Placement: policy.placement, re-exported
 
@@ -137,6 +140,7 @@ class Orchestrator:
         self._ready = False
         self._qos: QoSGate | None = None
         self._tokens: dict[str, ComputeTokens] = {}  # device -> its partitions' compute tokens
+        self._gates: dict[str, DeviceGate] = {}  # cluster mode: device -> its partitions' gate actor
         self._residency: dict[str, ModelResidency] = {}  # device -> what is loaded there (on_demand)
         self._loaders: dict[str, Any] = {}  # worker id -> coroutine function that loads its session
         self._usage_base: dict[str, int] = {}  # device -> bytes in use that are no model's (after start)
@@ -194,12 +198,15 @@ class Orchestrator:
         )
         try:
             self._qos = QoSGate(self.config.qos, self.inventory, monitor=self._monitor, clock=self._clock)
-            self._tokens = self._partition_tokens()
             if self.config.cluster is not None:
                 from xpuflow.cluster.runtime import ClusterRuntime
 
                 self._cluster = ClusterRuntime(self.config, base_dir=self._base_dir, clock=self._clock)
                 await self._cluster.start()
+                # a partitioned device's tokens live in a gate actor on its node (cluster.device_gate)
+                self._gates = await self._cluster.start_gates()
+            else:
+                self._tokens = self._partition_tokens()
             self._start_residency()
             for dep in self.config.deployments:
                 await self._start_deployment(dep, store)
@@ -730,7 +737,7 @@ class Orchestrator:
         for router in self._routers.values():
             router.shutdown()
         self._routers.clear()
-        self._tokens = {}
+        self._tokens, self._gates = {}, {}
         if self._monitor is not None and self._owns_monitor:
             self._monitor.stop()
 
@@ -827,7 +834,8 @@ class Orchestrator:
         token-seconds so far), grants and tokens in use."""
         rows = []
         for part in self.config.qos.partitions:
-            tokens = self._tokens.get(part.device)
+            tokens: ComputeTokens | DeviceGate | None = self._tokens.get(part.device)
+            tokens = tokens or self._gates.get(part.device)
             if tokens is None:
                 continue
             rows.append(
@@ -887,7 +895,8 @@ class Orchestrator:
             "removed": sorted(removed),
             "kept": sorted(kept),
         }
-        if new.cluster != old.cluster:
+        if new.cluster != old.cluster or (new.cluster is not None and everything):
+            # cluster mode: the partitions' gate actors are started with the cluster's workers
             await self.stop()
             self.config, self._inventory = new, None
             self.placements.clear()

@@ -36,6 +36,8 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
+from xpuflow.cluster.messages import error_to_wire
+
 __all__ = ["ChannelClient", "ChannelClosed", "ChannelServer", "ChannelStream", "Handler"]
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,8 @@ _MAX_FRAME_BYTES = 256 * 1024 * 1024  # a frame announcing more is a broken or h
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _END = ("end", None)
 
-#: The actor's side: ``call(wire)`` answers one ``(kind, value)``; ``stream(wire)`` yields them.
+#: The actor's side: ``call(wire)`` answers one ``(kind, value)``; ``stream(wire)`` yields them. Errors
+#: are answers (``("err", WireError)``); a handler that raises all the same is answered so.
 Handler = tuple[
     Callable[[Any], Awaitable[tuple[str, Any]]],
     Callable[[Any], AsyncIterator[tuple[str, Any]]],
@@ -145,12 +148,20 @@ class _ServerConnection(_Frames):
         self._tasks.pop(request_id, None)
 
     async def _run_call(self, request_id: int, wire: Any) -> None:
-        kind, value = await self._call(wire)
+        try:
+            kind, value = await self._call(wire)
+        except Exception as exc:  # handlers answer errors themselves; this is the safety net
+            log.exception("cluster channel handler failed")
+            kind, value = "err", error_to_wire(exc)
         self.send((request_id, kind, value))
 
     async def _run_stream(self, request_id: int, wire: Any) -> None:
-        async for kind, value in self._stream(wire):
-            self.send((request_id, kind, value))
+        try:
+            async for kind, value in self._stream(wire):
+                self.send((request_id, kind, value))
+        except Exception as exc:
+            log.exception("cluster channel stream handler failed")
+            self.send((request_id, "err", error_to_wire(exc)))
         self.send((request_id, *_END))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -26,13 +26,14 @@ from typing import Any, TypeVar, cast
 
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.cluster.connection import connect, import_ray
+from xpuflow.cluster.device_gate import DeviceGate, DeviceGateActor
 from xpuflow.cluster.inventory import NODE_LABEL, ClusterInventory
 from xpuflow.cluster.messages import resource_to_wire
 from xpuflow.cluster.placement import ClusterPlacement, ReplicaPlacement, place_deployment
 from xpuflow.cluster.ray_worker import RayWorker
 from xpuflow.cluster.worker_actor import WorkerActor, WorkerSpec
 from xpuflow.config import ClusterConfig, DeploymentConfig, XpuflowConfig
-from xpuflow.errors import CapabilityError
+from xpuflow.errors import CapabilityError, ConfigError
 from xpuflow.types import Resource
 
 __all__ = ["ClusterRuntime", "actor_options"]
@@ -95,8 +96,10 @@ class ClusterRuntime:
         self._refresher: asyncio.Task[None] | None = None
         self._in_ray: asyncio.Future[Any] | None = None  # a refresh's Ray call, running in a thread
         self.workers: list[RayWorker] = []
+        self.gates: dict[str, DeviceGate] = {}  # device -> the gate of its qos partitions
         # the secret a worker's channel asks of the gateway (it travels to the actors inside Ray)
-        self._channel_token = secrets.token_hex(16) if self.settings.transport == "direct" else ""
+        self._secret = secrets.token_hex(16)
+        self._channel_token = self._secret if self.settings.transport == "direct" else ""
 
     async def start(self) -> None:
         self._connected_here = await asyncio.to_thread(connect, self.settings)
@@ -179,10 +182,66 @@ class ClusterRuntime:
 
         return advise
 
+    async def start_gates(self) -> dict[str, DeviceGate]:
+        """One ``DeviceGate`` per device that ``qos.partitions`` divides, on that device's node.
+        ConfigError when a partition names a device no node has."""
+        ray = import_ray()
+        qos = self.config.qos
+        shares: dict[str, dict[str, float]] = {}
+        for part in qos.partitions:
+            shares.setdefault(part.device, {})[part.name] = part.compute_share
+        gates: dict[str, DeviceGate] = {}
+        devices = {r.id: (node, r) for node in self.inventory.alive for r in node.resources}
+        for device, device_shares in shares.items():
+            if device not in devices:
+                known = ", ".join(sorted(devices)) or "none"
+                raise ConfigError(
+                    f"a qos partition names device '{device}', which no node of the cluster has; in cluster "
+                    f"mode name a node's device (devices: {known})",
+                    field="qos.partitions.device",
+                )
+            node, resource = devices[device]
+            memory_gb = sum(p.memory_gb or 0.0 for p in qos.partitions if p.device == device)
+            capacity = resource.memory_bytes
+            if capacity and memory_gb * (1 << 30) > capacity:
+                raise ConfigError(
+                    f"the memory_gb of the partitions on '{device}' add up to {memory_gb:.2f} GiB, more "
+                    f"than its {capacity / (1 << 30):.2f} GiB",
+                    field="qos.partitions.memory_gb",
+                )
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            actor = (
+                ray.remote(DeviceGateActor)
+                .options(
+                    num_cpus=0,
+                    max_restarts=-1,
+                    max_concurrency=10_000,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+                )
+                .remote(qos.compute_tokens, device_shares, self._secret)
+            )
+            gate = DeviceGate(
+                actor, device=device, num_tokens=qos.compute_tokens, shares=device_shares, clock=self._clock
+            )
+            gates[device] = gate
+        await asyncio.gather(*(g.ready() for g in gates.values()))
+        self.gates.update(gates)
+        return gates
+
     async def start_deployment(self, dep: DeploymentConfig) -> tuple[ClusterPlacement, list[RayWorker]]:
         """Place ``dep``, start one actor per replica, and wait until every one is ready."""
         ray = import_ray()
         placement = self.place(dep)
+        part = next((p for p in self.config.qos.partitions if dep.name in p.deployments), None)
+        if part is not None:
+            elsewhere = sorted({r.resource.id for r in placement.replicas} - {part.device})
+            if elsewhere:
+                raise ConfigError(
+                    f"deployment '{dep.name}' is in partition '{part.name}' on '{part.device}' but was "
+                    f"placed on {', '.join(elsewhere)}; set the deployment's device: {part.device}",
+                    field="qos.partitions.device",
+                )
         actor_class = ray.remote(WorkerActor)
         workers = []
         for replica in placement.replicas:
@@ -203,6 +262,10 @@ class ClusterRuntime:
                 artifact_dir=self.config.artifact_dir,
                 node_label=NODE_LABEL,
                 channel_token=self._channel_token,
+                partition=None if part is None else part.name,
+                gate=None if part is None else self.gates[part.device].actor,
+                gate_token=self._secret,
+                compute_tokens=self.config.qos.compute_tokens,
             )
             actor = actor_class.options(**actor_options(replica, dict(placement.ray_resources))).remote(spec)
             workers.append(
@@ -243,6 +306,8 @@ class ClusterRuntime:
             await asyncio.wait({self._in_ray}, timeout=65.0)  # discovery gives up after 60 s
         workers, self.workers = self.workers, []
         await asyncio.gather(*(w.stop(drain=True) for w in workers), return_exceptions=True)
+        gates, self.gates = list(self.gates.values()), {}
+        await asyncio.gather(*(g.stop() for g in gates), return_exceptions=True)
         if self._connected_here:
             ray = import_ray()
             ray.shutdown()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from xpuflow.cluster.channel import ChannelServer
+from xpuflow.cluster.device_gate import RemoteComputeGate
 from xpuflow.cluster.messages import error_to_wire, request_from_wire, resource_from_wire
 from xpuflow.config import DeploymentConfig
 from xpuflow.scheduling.worker import Worker
@@ -49,6 +50,10 @@ class WorkerSpec:
     artifact_dir: str | None = None
     node_label: str = "xpuflow-node"
     channel_token: str = ""  # set: requests come over cluster.channel, opened on the node's address
+    partition: str | None = None  # qos partition: a token of it on ``gate`` around every batch
+    gate: Any = None  # the device's DeviceGateActor (a Ray actor handle)
+    gate_token: str = ""  # what the gate's channel asks
+    compute_tokens: int = 1  # the device's tokens (qos.compute_tokens)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -99,6 +104,9 @@ class WorkerActor:
         store = ArtifactStore(Path(spec.artifact_dir) if spec.artifact_dir else None)
         artifacts = await asyncio.to_thread(build_all, plugin, [resource], model_config, store)
         session = await plugin.create_session([resource], model_config, artifacts)
+        gate = None
+        if spec.partition is not None and spec.gate is not None:
+            gate = RemoteComputeGate(spec.gate, spec.partition, spec.gate_token)
         worker = Worker(
             session,
             worker_id=spec.worker_id,
@@ -113,6 +121,9 @@ class WorkerActor:
             device_state=self._device_state(resource.id),
             close_session=True,
             max_in_flight=dep.max_in_flight,
+            # as on one machine: a gated worker keeps one batch waiting at the gate beside those running
+            max_concurrent_batches=1 if gate is None else spec.compute_tokens + 1,
+            compute_gate=gate,
         )
         worker.draining = self._draining
         await worker.start()

@@ -29,7 +29,7 @@ from xpuflow.cluster.connection import FAST_FAILURE_ENV  # noqa: E402
 from xpuflow.cluster.inventory import ClusterInventory  # noqa: E402
 from xpuflow.config import parse_config  # noqa: E402
 from xpuflow.engine import InferenceCall  # noqa: E402
-from xpuflow.errors import CapabilityError  # noqa: E402
+from xpuflow.errors import CapabilityError, ConfigError  # noqa: E402
 from xpuflow.orchestrator import Orchestrator  # noqa: E402
 from xpuflow.scheduling.request import Priority, RequestKind  # noqa: E402
 from xpuflow.testing.ray_cluster import LocalRayCluster  # noqa: E402
@@ -268,6 +268,65 @@ def test_tier_rules_priority_and_retries_behave_as_on_one_machine(
             assert failed_on != retried[0].decision.worker
         finally:
             await orch.stop()
+
+    live.run(go(), timeout_s=90)
+
+
+def test_qos_partitions_split_a_remote_device_by_compute_share(live: Live) -> None:
+    """Two deployments on node a's CPU in partitions of 0.75 and 0.25, one compute token: their worker
+    actors are separate processes that share the device's tokens through its gate actor on node a."""
+    fast = {"service_time_s": 0.03}
+    config = parse_config(
+        {
+            "cluster": {"address": f"127.0.0.1:{BASE_PORT}", "worker_num_cpus": 0},
+            "deployments": [
+                {"name": "inter", "backend": "fake", "device": "cpu@a", "max_batch_size": 1, "options": fast},
+                {"name": "bulk", "backend": "fake", "device": "cpu@a", "max_batch_size": 1, "options": fast},
+            ],
+            "qos": {
+                "partitions": [
+                    {"name": "p-inter", "device": "cpu@a", "compute_share": 0.75, "deployments": ["inter"]},
+                    {"name": "p-bulk", "device": "cpu@a", "compute_share": 0.25, "deployments": ["bulk"]},
+                ]
+            },
+        }
+    )
+
+    async def go() -> None:
+        orch = Orchestrator(config)
+        await orch.start()
+        try:
+            done = {"inter": 0, "bulk": 0}
+            stop_at = time.monotonic() + 2.5
+
+            async def client(model: str) -> None:
+                while time.monotonic() < stop_at:
+                    await orch.complete(_call(model))
+                    done[model] += 1
+
+            await asyncio.gather(*(client(m) for m in done for _ in range(4)))
+            total = sum(done.values())
+            assert total >= 40, done  # one token at 30 ms a batch: about 80 in 2.5 s
+            assert done["inter"] / total == pytest.approx(0.75, abs=0.12), done
+            await asyncio.sleep(1.3)  # the gate's reading reaches the gateway every second
+            rows = {r["name"]: r for r in orch.status()["partitions"]}
+            assert rows["p-inter"]["busy_share"] == pytest.approx(0.75, abs=0.12), rows
+            assert rows["p-inter"]["granted"] + rows["p-bulk"]["granted"] >= total
+            assert rows["p-bulk"]["tokens_in_use"] == 0
+        finally:
+            await orch.stop()
+
+        wrong = parse_config(
+            {
+                "cluster": {"address": f"127.0.0.1:{BASE_PORT}", "worker_num_cpus": 0},
+                "deployments": [_fake("x")],
+                "qos": {
+                    "partitions": [{"name": "p", "device": "cpu", "compute_share": 0.5, "deployments": ["x"]}]
+                },
+            }
+        )
+        with pytest.raises(ConfigError, match=r"no node of the cluster has.*cpu@a"):
+            await Orchestrator(wrong).start()
 
     live.run(go(), timeout_s=90)
 
