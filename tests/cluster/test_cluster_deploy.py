@@ -4,6 +4,7 @@ config validates, and the Dockerfile installs the ray extra."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,19 @@ def test_dockerfile_installs_the_ray_extra_at_the_pinned_version() -> None:
 
     assert f"rayproject/ray:{ray.__version__}-py311" in text
     assert '".[ray]"' in text
+    # the image installs what the README's set-up installs: the lock, with setup.sh's pip
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    pip = re.search(r'pip_version="([^"]+)"', setup)
+    assert pip is not None
+    assert f'"pip=={pip.group(1)}"' in text
+    assert "--constraint requirements/lock.txt --build-constraint requirements/build-lock.txt" in text
+    assert re.search(
+        rf"^ray==\S*{re.escape(ray.__version__)}$", (ROOT / "requirements" / "lock.txt").read_text(), re.M
+    )
+    # every COPY source exists in the checkout (docker build would fail on the first missing one)
+    for line in text.splitlines():
+        if line.startswith("COPY"):
+            sources = [w for w in line.split()[1:-1] if not w.startswith("--")]
+            assert sources, line
+            for source in sources:
+                assert (ROOT / source).exists(), f"{line}: {source} is not in the checkout"
