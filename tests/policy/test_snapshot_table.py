@@ -15,7 +15,7 @@ import pytest
 from test_worker_scorer_equivalence import SCORERS, random_snapshot
 
 from xpuflow.clock import FakeClock
-from xpuflow.policy.snapshot_table import SnapshotTable
+from xpuflow.policy.snapshot_table import SNAPSHOT_FIELDS, SnapshotTable
 from xpuflow.policy.worker_scorer import WorkerNeeds, WorkerScorer
 from xpuflow.scheduling.metrics import WorkerMetrics
 
@@ -74,7 +74,7 @@ def test_choose_rows_draws_what_choose_draws(settings: dict[str, Any]) -> None:
 def test_top_scores_equal_the_ranking() -> None:
     scorer = WorkerScorer()
     rng = random.Random(5)
-    params = (0.7, 0.1, 0.1, 0.1, 0.3, 1.0, 5.0, 75.0, 90.0)
+    params = (0.7, 0.1, 0.1, 0.1, 0.3, 1.0, 5.0, 75.0, 90.0, 0.1)
     for _ in range(500):
         now_s = 50.0
         snapshots = [random_snapshot(rng, i, now_s) for i in range(rng.randint(1, 40))]
@@ -84,9 +84,17 @@ def test_top_scores_equal_the_ranking() -> None:
         top = table.top(None, now_s, None, None, 100, params)
         ranked = scorer.choose(snapshots, rng=random.Random(0), now_s=now_s).ranked
         assert top is not None
-        assert [(snapshots[r].worker_id, score) for r, score in top] == [
+        rows, scores, weights = top
+        assert [(snapshots[r].worker_id, score) for r, score in zip(rows, scores, strict=True)] == [
             (c.worker_id, c.score) for c in ranked
         ]
+        assert weights == (scorer.selection_weights(scores) if scores else [])
+        # the same row from the tuple of the snapshot's fields
+        as_tuple = SnapshotTable(len(snapshots))
+        for row, snapshot in enumerate(snapshots):
+            as_tuple.set(row, tuple(getattr(snapshot, name) for name in SNAPSHOT_FIELDS))
+        assert as_tuple.top(None, now_s, None, None, 100, params) == top
+        assert [as_tuple.snapshot(r) for r in range(len(snapshots))] == snapshots
 
 
 @needs_table

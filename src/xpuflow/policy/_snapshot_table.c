@@ -6,16 +6,18 @@
  * tests/policy/test_snapshot_table.py holds it to that.
  *
  * Table(size)
- * Table.set(row, snapshot, busy)       copy a WorkerSnapshot's fields into a row; busy is None or the
- *                                      owner's WorkerMetrics.busy_state() (the row can then be re-read)
+ * Table.set(row, snapshot, busy)       copy a WorkerSnapshot's fields (or a tuple of their values, in
+ *                                      declaration order) into a row; busy is None or the owner's
+ *                                      WorkerMetrics.busy_state() (the row can then be re-read)
  * Table.reread(now_s, max_age_s, rows) every row older than max_age_s read again at now_s (taken_at_s,
  *                                      utilization_pct, oldest_in_flight_s); returns the rows it could
  *                                      not: their busy window must be pruned by their owner first
  * Table.reread_row(row, now_s, utilization_pct, busy)   the same for one row, with the owner's reading
  * Table.read(row) -> (snapshot, taken_at_s, utilization_pct, oldest_in_flight_s)   the row's state
- * Table.top(rows, now_s, tokens, memory_bytes, top_k, params) -> [(row, score), ...] best first, of
- *                                      the rows that pass the filter (available = snapshot.healthy),
- *                                      or None when a score is NaN (the caller then takes the Python path)
+ * Table.top(rows, now_s, tokens, memory_bytes, top_k, params) -> (rows, scores, weights): the top_k
+ *                                      rows that pass the filter (available = snapshot.healthy), best
+ *                                      first, their scores and draw weights; None when a score is NaN
+ *                                      (the caller then takes the Python path)
  *
  * rows: None (every row) or a tuple of row indices.
  */
@@ -88,9 +90,27 @@ static int table_init(Table *self, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
+/* WorkerSnapshot's fields in declaration order: Table.set takes a tuple of their values too. */
+enum {
+    F_WORKER_ID, F_DEPLOYMENT, F_DEVICE, F_HEALTHY, F_DRAINING, F_QUEUE_DEPTH, F_IN_FLIGHT,
+    F_MAX_BATCH_SIZE, F_EMA_LATENCY_MS, F_FREE_MEMORY_BYTES, F_UTILIZATION_PCT, F_TEMPERATURE_C,
+    F_MAX_SEQ_LEN, F_TAKEN_AT_S, F_TAGS, F_MAX_IN_FLIGHT, F_OLDEST_IN_FLIGHT_S, F_LATENCY_SAMPLED_AT_S,
+    F_MEAN_BATCH_SIZE, F_EMA_SERVICE_MS, NUM_FIELDS
+};
+
+/* A new reference to a field: by index from a tuple, else by name. */
+static PyObject *get_field(PyObject *obj, int index, PyObject *name) {
+    if (PyTuple_CheckExact(obj)) {
+        PyObject *value = PyTuple_GET_ITEM(obj, index);
+        Py_INCREF(value);
+        return value;
+    }
+    return PyObject_GetAttr(obj, name);
+}
+
 /* A field that is a number or None: *none = 1 for None. */
-static int get_number(PyObject *obj, PyObject *name, double *out, char *none) {
-    PyObject *value = PyObject_GetAttr(obj, name);
+static int get_number(PyObject *obj, int index, PyObject *name, double *out, char *none) {
+    PyObject *value = get_field(obj, index, name);
     if (value == NULL) return -1;
     if (value == Py_None) {
         *none = 1;
@@ -107,8 +127,8 @@ static int get_number(PyObject *obj, PyObject *name, double *out, char *none) {
     return 0;
 }
 
-static int get_truth(PyObject *obj, PyObject *name, char *out) {
-    PyObject *value = PyObject_GetAttr(obj, name);
+static int get_truth(PyObject *obj, int index, PyObject *name, char *out) {
+    PyObject *value = get_field(obj, index, name);
     if (value == NULL) return -1;
     int truth = PyObject_IsTrue(value);
     Py_DECREF(value);
@@ -168,21 +188,26 @@ static PyObject *table_set(Table *self, PyObject *args) {
     memset(&r, 0, sizeof(r));
     double service, latency, queue_depth, in_flight, max_batch, max_in_flight, mean_batch;
     char service_none, latency_none, qd_none, if_none, mb_none, mif_none, mean_none, taken_none;
-    if (get_truth(snap, s_healthy, &r.healthy) < 0 || get_truth(snap, s_draining, &r.draining) < 0 ||
-        get_number(snap, s_ema_service_ms, &service, &service_none) < 0 ||
-        get_number(snap, s_ema_latency_ms, &latency, &latency_none) < 0 ||
-        get_number(snap, s_queue_depth, &queue_depth, &qd_none) < 0 ||
-        get_number(snap, s_in_flight, &in_flight, &if_none) < 0 ||
-        get_number(snap, s_max_batch_size, &max_batch, &mb_none) < 0 ||
-        get_number(snap, s_max_in_flight, &max_in_flight, &mif_none) < 0 ||
-        get_number(snap, s_mean_batch_size, &mean_batch, &mean_none) < 0 ||
-        get_number(snap, s_free_memory_bytes, &r.free, &r.no_free) < 0 ||
-        get_number(snap, s_utilization_pct, &r.util, &r.no_util) < 0 ||
-        get_number(snap, s_temperature_c, &r.temp, &r.no_temp) < 0 ||
-        get_number(snap, s_max_seq_len, &r.max_seq, &r.no_seq) < 0 ||
-        get_number(snap, s_taken_at_s, &r.taken, &taken_none) < 0 ||
-        get_number(snap, s_oldest_in_flight_s, &r.oldest, &r.no_oldest) < 0 ||
-        get_number(snap, s_latency_sampled_at_s, &r.sampled, &r.no_sampled) < 0)
+    if (PyTuple_CheckExact(snap) && PyTuple_GET_SIZE(snap) != NUM_FIELDS) {
+        PyErr_Format(PyExc_TypeError, "a snapshot as a tuple has %d fields", NUM_FIELDS);
+        return NULL;
+    }
+    if (get_truth(snap, F_HEALTHY, s_healthy, &r.healthy) < 0 ||
+        get_truth(snap, F_DRAINING, s_draining, &r.draining) < 0 ||
+        get_number(snap, F_EMA_SERVICE_MS, s_ema_service_ms, &service, &service_none) < 0 ||
+        get_number(snap, F_EMA_LATENCY_MS, s_ema_latency_ms, &latency, &latency_none) < 0 ||
+        get_number(snap, F_QUEUE_DEPTH, s_queue_depth, &queue_depth, &qd_none) < 0 ||
+        get_number(snap, F_IN_FLIGHT, s_in_flight, &in_flight, &if_none) < 0 ||
+        get_number(snap, F_MAX_BATCH_SIZE, s_max_batch_size, &max_batch, &mb_none) < 0 ||
+        get_number(snap, F_MAX_IN_FLIGHT, s_max_in_flight, &max_in_flight, &mif_none) < 0 ||
+        get_number(snap, F_MEAN_BATCH_SIZE, s_mean_batch_size, &mean_batch, &mean_none) < 0 ||
+        get_number(snap, F_FREE_MEMORY_BYTES, s_free_memory_bytes, &r.free, &r.no_free) < 0 ||
+        get_number(snap, F_UTILIZATION_PCT, s_utilization_pct, &r.util, &r.no_util) < 0 ||
+        get_number(snap, F_TEMPERATURE_C, s_temperature_c, &r.temp, &r.no_temp) < 0 ||
+        get_number(snap, F_MAX_SEQ_LEN, s_max_seq_len, &r.max_seq, &r.no_seq) < 0 ||
+        get_number(snap, F_TAKEN_AT_S, s_taken_at_s, &r.taken, &taken_none) < 0 ||
+        get_number(snap, F_OLDEST_IN_FLIGHT_S, s_oldest_in_flight_s, &r.oldest, &r.no_oldest) < 0 ||
+        get_number(snap, F_LATENCY_SAMPLED_AT_S, s_latency_sampled_at_s, &r.sampled, &r.no_sampled) < 0)
         return NULL;
     if (qd_none || if_none || mb_none || taken_none) {
         PyErr_SetString(PyExc_TypeError, "queue_depth, in_flight, max_batch_size and taken_at_s must be numbers");
@@ -334,23 +359,47 @@ static PyObject *table_read(Table *self, PyObject *args) {
         optional(r->no_oldest, r->oldest));
 }
 
-static int compare_doubles(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
+/* The k-th smallest of values[0..n) (no NaN), rearranging them so that values[0..k) are the smaller
+ * ones (Hoare's selection). */
+static double select_kth(double *values, Py_ssize_t n, Py_ssize_t k) {
+    Py_ssize_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        double pivot = values[lo + (hi - lo) / 2];
+        Py_ssize_t i = lo, j = hi;
+        while (i <= j) {
+            while (values[i] < pivot) i++;
+            while (values[j] > pivot) j--;
+            if (i <= j) {
+                double t = values[i];
+                values[i] = values[j];
+                values[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (k <= j) {
+            hi = j;
+        } else if (k >= i) {
+            lo = i;
+        } else {
+            break; /* values[j+1..i) equal the pivot, k among them */
+        }
+    }
+    return values[k];
 }
 
 /* params: (speed, memory, utilization, temperature, affinity, latency_half_life_s,
- *          staleness_half_life_s, throttle_start_c, throttle_limit_c) */
+ *          staleness_half_life_s, throttle_start_c, throttle_limit_c, choice_temperature) */
 static PyObject *table_top(Table *self, PyObject *args) {
     PyObject *rows, *tokens_obj, *memory_obj;
     double now;
     Py_ssize_t top_k;
     double w_speed, w_memory, w_util, w_temp, w_affinity, latency_half_life, staleness_half_life,
-        throttle_start, limit_c;
+        throttle_start, limit_c, choice_temperature;
     if (!PyArg_ParseTuple(
-            args, "OdOOn(ddddddddd)", &rows, &now, &tokens_obj, &memory_obj, &top_k, &w_speed, &w_memory,
+            args, "OdOOn(dddddddddd)", &rows, &now, &tokens_obj, &memory_obj, &top_k, &w_speed, &w_memory,
             &w_util, &w_temp, &w_affinity, &latency_half_life, &staleness_half_life, &throttle_start,
-            &limit_c))
+            &limit_c, &choice_temperature))
         return NULL;
     int has_tokens = tokens_obj != Py_None, has_memory = memory_obj != Py_None;
     double tokens = has_tokens ? PyFloat_AsDouble(tokens_obj) : 0.0;
@@ -370,7 +419,7 @@ static PyObject *table_top(Table *self, PyObject *args) {
             (!has_memory || r->no_free || memory <= r->free))
             self->order[m++] = self->order[k];
     }
-    if (m == 0) return PyList_New(0);
+    if (m == 0) return Py_BuildValue("([][][])");
     double *known = self->scratch, *expected = self->scratch + self->size, *scores = expected + self->size;
     /* 2. score: the median EMA, then each candidate's expected time */
     Py_ssize_t num_known = 0;
@@ -380,9 +429,17 @@ static PyObject *table_top(Table *self, PyObject *args) {
     }
     double prior = 1.0;
     if (num_known) {
-        qsort(known, (size_t)num_known, sizeof(double), compare_doubles);
+        /* the median of sorted(known): the middle value, or the mean of the two middle ones */
         Py_ssize_t mid = num_known / 2;
-        prior = num_known % 2 ? known[mid] : (known[mid - 1] + known[mid]) / 2.0;
+        double upper = select_kth(known, num_known, mid);
+        if (num_known % 2) {
+            prior = upper;
+        } else {
+            double lower = known[0]; /* the largest of known[0..mid), all <= upper */
+            for (Py_ssize_t k = 1; k < mid; k++)
+                if (known[k] > lower) lower = known[k];
+            prior = (lower + upper) / 2.0;
+        }
     }
     int drifts = !(prior <= 0);
     for (Py_ssize_t k = 0; k < m; k++) {
@@ -455,26 +512,43 @@ static PyObject *table_top(Table *self, PyObject *args) {
         if (isnan(score)) Py_RETURN_NONE; /* Python's sort orders NaN its own way: let it */
         scores[k] = score;
     }
-    /* 3. the top_k, best first; ties keep the input order (a stable sort on -score) */
+    /* 3. the top_k, best first; ties keep the input order (a stable sort on -score); and their draw
+     * weights, WorkerScorer.selection_weights: exp((score - best) / choice_temperature) */
     if (top_k > m) top_k = m;
     if (top_k < 0) top_k = 0;
-    PyObject *out = PyList_New(top_k);
-    if (out == NULL) return NULL;
+    PyObject *out_rows = PyList_New(top_k), *out_scores = PyList_New(top_k), *out_weights = PyList_New(top_k);
+    if (out_rows == NULL || out_scores == NULL || out_weights == NULL) goto fail;
+    double best_score = 0.0;
     for (Py_ssize_t j = 0; j < top_k; j++) {
         Py_ssize_t pick = -1;
         for (Py_ssize_t k = 0; k < m; k++) {
             if (self->order[k] < 0) continue;
             if (pick < 0 || scores[k] > scores[pick]) pick = k;
         }
-        PyObject *item = Py_BuildValue("(nd)", self->order[pick], scores[pick]);
-        if (item == NULL) {
-            Py_DECREF(out);
-            return NULL;
+        double score = scores[pick];
+        if (j == 0) best_score = score;
+        double weight = choice_temperature == 0 ? (score >= best_score ? 1.0 : 0.0)
+                                                : exp((score - best_score) / choice_temperature);
+        PyObject *row = PyLong_FromSsize_t(self->order[pick]);
+        PyObject *score_obj = PyFloat_FromDouble(score);
+        PyObject *weight_obj = PyFloat_FromDouble(weight);
+        if (row == NULL || score_obj == NULL || weight_obj == NULL) {
+            Py_XDECREF(row);
+            Py_XDECREF(score_obj);
+            Py_XDECREF(weight_obj);
+            goto fail;
         }
-        PyList_SET_ITEM(out, j, item);
+        PyList_SET_ITEM(out_rows, j, row);
+        PyList_SET_ITEM(out_scores, j, score_obj);
+        PyList_SET_ITEM(out_weights, j, weight_obj);
         self->order[pick] = -1 - self->order[pick]; /* taken */
     }
-    return out;
+    return Py_BuildValue("(NNN)", out_rows, out_scores, out_weights);
+fail:
+    Py_XDECREF(out_rows);
+    Py_XDECREF(out_scores);
+    Py_XDECREF(out_weights);
+    return NULL;
 }
 
 static PyObject *table_size(Table *self, PyObject *Py_UNUSED(ignored)) {
@@ -490,7 +564,7 @@ static PyMethodDef table_methods[] = {
     {"read", (PyCFunction)table_read, METH_VARARGS,
      "read(row) -> (snapshot, taken_at_s, utilization_pct, oldest_in_flight_s)"},
     {"top", (PyCFunction)table_top, METH_VARARGS,
-     "top(rows, now_s, tokens, memory_bytes, top_k, params) -> [(row, score)] best first, or None"},
+     "top(rows, now_s, tokens, memory_bytes, top_k, params) -> (rows, scores, weights) or None"},
     {"size", (PyCFunction)table_size, METH_NOARGS, "the number of rows"},
     {NULL, NULL, 0, NULL},
 };

@@ -27,12 +27,13 @@ it was. Without it there is no table and callers use ``choose`` over snapshots.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from xpuflow.types import WorkerSnapshot
 
-__all__ = ["BusyState", "SnapshotTable"]
+__all__ = ["SNAPSHOT_FIELDS", "BusyState", "SnapshotTable", "snapshot_from_fields"]
 
 
 def _table_class() -> Any:
@@ -50,6 +51,16 @@ BusyState = tuple[float, float, float, float | None, float | None, float | None]
 """``WorkerMetrics.busy_state()``: what the table needs to re-read a worker's utilisation later."""
 
 _new_snapshot = object.__new__
+
+#: ``WorkerSnapshot``'s fields in declaration order: a row may be set from a tuple of their values.
+SNAPSHOT_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(WorkerSnapshot))
+
+
+def snapshot_from_fields(values: tuple[Any, ...]) -> WorkerSnapshot:
+    """``WorkerSnapshot(*values)``, without the frozen dataclass's __init__ (the same object)."""
+    snapshot = _new_snapshot(WorkerSnapshot)
+    snapshot.__dict__.update(zip(SNAPSHOT_FIELDS, values, strict=True))
+    return snapshot
 
 
 class SnapshotTable:
@@ -75,8 +86,12 @@ class SnapshotTable:
         """Whether the C extension was built (without it, ``SnapshotTable()`` raises)."""
         return _Table is not None
 
-    def set(self, row: int, snapshot: WorkerSnapshot, busy: BusyState | None = None) -> None:
-        """Row ``row`` is now ``snapshot``; with ``busy`` the table can re-read it later by itself."""
+    def set(
+        self, row: int, snapshot: WorkerSnapshot | tuple[Any, ...], busy: BusyState | None = None
+    ) -> None:
+        """Row ``row`` is now ``snapshot`` (or the tuple of its fields' values in declaration order,
+        ``SNAPSHOT_FIELDS``: no object is built unless ``snapshot(row)`` asks for it); with ``busy``
+        the table can re-read it later by itself."""
         self._table.set(row, snapshot, busy)
 
     def reread(self, now_s: float, max_age_s: float, rows: Sequence[int] | None = None) -> list[int]:
@@ -93,6 +108,8 @@ class SnapshotTable:
     def snapshot(self, row: int) -> WorkerSnapshot:
         """The row as a ``WorkerSnapshot`` (the one it was set from, read again if it was)."""
         base, taken_at_s, utilization_pct, oldest_in_flight_s = self._table.read(row)
+        if isinstance(base, tuple):
+            base = snapshot_from_fields(base)
         if (
             base.taken_at_s == taken_at_s
             and base.utilization_pct == utilization_pct
@@ -108,9 +125,9 @@ class SnapshotTable:
         fields["oldest_in_flight_s"] = oldest_in_flight_s
         return fresh
 
-    #: ``top(rows, now_s, tokens, memory_bytes, top_k, params) -> [(row, score), ...] | None``: the C
+    #: ``top(rows, now_s, tokens, memory_bytes, top_k, params) -> (rows, scores, weights) | None``: the C
     #: scoring, for ``WorkerScorer.choose_rows`` (its only intended caller).
     top: Callable[
         [tuple[int, ...] | None, float, int | None, int | None, int, tuple[float, ...]],
-        list[tuple[int, float]] | None,
+        tuple[list[int], list[float], list[float]] | None,
     ]

@@ -479,6 +479,7 @@ class WorkerScorer:
                 self.staleness_half_life_s,
                 self.throttle_start_c,
                 self.throttle_limit_c,
+                self.choice_temperature,
             )
             self.__dict__["_table_params"] = params
         if needs is None:
@@ -492,9 +493,8 @@ class WorkerScorer:
             if chosen is None:
                 return None
             return next(row for row, s in zip(order, snapshots, strict=True) if s is chosen.snapshot)
-        if not top:
-            return None
-        return top[_draw(rng, self.selection_weights([score for _, score in top]))][0]
+        best_rows, _, weights = top  # weights: selection_weights(scores), computed in C
+        return best_rows[_draw(rng, weights)] if best_rows else None
 
     def selection_weights(self, scores: Sequence[float]) -> list[float]:
         """Relative draw weights for scores (best first): ``exp((s - best) / choice_temperature)``.

@@ -463,12 +463,14 @@ class Simulation:
         if changed:
             if rows is None:  # every worker: all of them
                 for worker in changed:
-                    worker.snapshot(now, max_age_s)
+                    if worker._stale:
+                        worker.set_row(now)
                 changed.clear()
             else:
                 for worker in [w for w in changed if w in members]:
                     changed.discard(worker)
-                    worker.snapshot(now, max_age_s)
+                    if worker._stale:
+                        worker.set_row(now)
         by_row = self._by_row
         for row in table.reread(now, max_age_s, rows):
             by_row[row].reread_row(now)

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from xpuflow.clock import FakeClock
 from xpuflow.errors import SessionError
-from xpuflow.policy.snapshot_table import SnapshotTable
+from xpuflow.policy.snapshot_table import SnapshotTable, snapshot_from_fields
 from xpuflow.scheduling.batcher import Action, BatcherConfig, BatchPolicy, make_batcher
 from xpuflow.scheduling.health import HealthState, HealthTracker
 from xpuflow.scheduling.metrics import WorkerMetrics
@@ -170,6 +170,7 @@ class SimWorker:
         self._busy_since_s = 0.0
         self._snapshot: WorkerSnapshot | None = None  # dropped on every change the scorer can see
         self._table: SnapshotTable | None = None  # see attach
+        self._stale = True  # attached: the row needs a full read (the worker changed since the last)
         self._row = 0
         self._changed_set: set[SimWorker] | None = None
         self._drain_rate_ema: float | None = None
@@ -366,13 +367,19 @@ class SimWorker:
         snapshot, and the worker joins ``changed`` whenever its state changes (its row is then set again
         by the next ``snapshot``: ``refresh_row``)."""
         self._table, self._row, self._changed_set = table, row, changed
-        self._snapshot = None
-        changed.add(self)
+        self._changed()
 
     def _changed(self) -> None:
         self._snapshot = None
+        self._stale = True
         if self._changed_set is not None:
             self._changed_set.add(self)
+
+    def set_row(self, now_s: float) -> None:
+        """Read this worker in full at ``now_s`` into its table row."""
+        assert self._table is not None
+        self._table.set(self._row, self._fields(now_s), self.metrics.busy_state())
+        self._stale = False
 
     def reread_row(self, now_s: float) -> None:
         """The table could not re-read this worker's row by itself (a busy interval left the window):
@@ -390,11 +397,9 @@ class SimWorker:
         snapshot is the table's row, which the table re-reads by itself the same way."""
         table = self._table
         if table is not None:
-            if self._snapshot is None:
-                snap = self._read(now_s)
-                table.set(self._row, snap, self.metrics.busy_state())
-                return snap
-            if table.reread(now_s, max_age_s, (self._row,)):
+            if self._stale:
+                self.set_row(now_s)
+            elif table.reread(now_s, max_age_s, (self._row,)):
                 self.reread_row(now_s)
             return table.snapshot(self._row)
         cached = self._snapshot
@@ -417,39 +422,37 @@ class SimWorker:
 
     def _read(self, now_s: float) -> WorkerSnapshot:
         """The snapshot read in full at ``now_s`` (and cached)."""
+        snap = snapshot_from_fields(self._fields(now_s))
+        self._snapshot = snap
+        return snap
+
+    def _fields(self, now_s: float) -> tuple[Any, ...]:
+        """What a full read at ``now_s`` gives, as the values of ``WorkerSnapshot``'s fields in order
+        (``SNAPSHOT_FIELDS``): the table takes them without an object being built."""
         self._sync_health()
         metrics = self.metrics
         running = self.running
         oldest = min([b.started_s for b in running]) if running else None
         service_ms = metrics.ema_service_ms
-        # ``WorkerSnapshot(...)`` with these fields (and the defaults of the others), without the frozen
-        # dataclass's __init__: this runs twice per simulated request, for each request's worker
-        snap = _new_snapshot(WorkerSnapshot)
-        snap.__dict__.update(
-            {
-                "worker_id": self.worker_id,
-                "deployment": self.deployment,
-                "device": self.device,
-                "healthy": self.health.healthy,
-                "draining": False,
-                "queue_depth": len(self.queue),
-                "in_flight": metrics.in_flight,
-                "max_batch_size": self.max_batch_size,
-                "ema_latency_ms": service_ms
-                if service_ms is not None and service_ms > 0
-                else metrics.ema_latency_ms,
-                "free_memory_bytes": self.free_memory_bytes(),
-                "utilization_pct": metrics.utilization() * 100.0,
-                "temperature_c": None,
-                "max_seq_len": self.max_seq_len,
-                "taken_at_s": now_s,
-                "tags": _NO_TAGS,
-                "max_in_flight": self.max_in_flight,
-                "oldest_in_flight_s": None if oldest is None else max(0.0, now_s - oldest),
-                "latency_sampled_at_s": metrics.latency_sampled_at_s,
-                "mean_batch_size": metrics.mean_batch_size(),
-                "ema_service_ms": None,
-            }
+        return (
+            self.worker_id,
+            self.deployment,
+            self.device,
+            self.health.healthy,
+            False,  # draining
+            len(self.queue),
+            metrics.in_flight,
+            self.max_batch_size,
+            service_ms if service_ms is not None and service_ms > 0 else metrics.ema_latency_ms,
+            self.free_memory_bytes(),
+            metrics.utilization() * 100.0,
+            None,  # temperature_c
+            self.max_seq_len,
+            now_s,  # taken_at_s
+            _NO_TAGS,
+            self.max_in_flight,
+            None if oldest is None else max(0.0, now_s - oldest),
+            metrics.latency_sampled_at_s,
+            metrics.mean_batch_size(),
+            None,  # ema_service_ms (the EMA above is the service time)
         )
-        self._snapshot = snap
-        return snap
