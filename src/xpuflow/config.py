@@ -211,6 +211,15 @@ class LogicalModelConfig(_Strict):
         "see docs/routing.md); tiers come from `tiers`.",
     )
     max_retries: int = Field(2, ge=0, description="Retries on other workers of a tier before the next tier.")
+    wait_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=1000.0,
+        description="How many times more the worker scorer counts a request's wait before it starts (and "
+        "so before its first token) than its completion time; 0 ranks workers by expected completion "
+        "time. Set it (10 to 20 is a good start) when the model has a time-to-first-token SLO "
+        "(docs/worker_choice.md).",
+    )
     outage_retry_s: float = Field(
         10.0,
         ge=0.0,

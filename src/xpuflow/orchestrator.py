@@ -41,6 +41,7 @@ from xpuflow.errors import (
 )
 from xpuflow.model_files import estimate_params, model_format
 from xpuflow.policy.placement import Placement, capability_problems, place
+from xpuflow.policy.worker_scorer import WorkerScorer
 from xpuflow.routing.adaptive import AdaptiveRouter, RoutingConfig, TierConfig
 from xpuflow.routing.dispatch import Dispatcher, RetryPolicy, service_time_snapshot
 from xpuflow.routing.remote_state import PrometheusLoadProbe, RemoteStatePoller
@@ -694,6 +695,7 @@ class Orchestrator:
         )
         timeout_s = max(deployments[d].timeout_s for t in model.tiers for d in t.deployments)
         dispatcher = Dispatcher(
+            scorer=WorkerScorer(wait_weight=model.wait_weight),
             snapshot_of=self._snapshot_of,
             policy=RetryPolicy(
                 max_retries=model.max_retries,

@@ -195,3 +195,18 @@ def test_outage_retry_s_from_the_config_reaches_the_dispatcher() -> None:
     assert asyncio.run(go()) == (0.0, 10.0)
     with pytest.raises(ConfigError):
         config(models=[{"name": "m", "tiers": [{"name": "t", "deployments": ["emb"]}], "outage_retry_s": -1}])
+
+
+def test_wait_weight_from_the_config_reaches_the_scorer() -> None:
+    cfg = config()
+    chat_model = cfg.models[0].model_copy(update={"wait_weight": 20.0})
+    orch = Orchestrator(cfg.model_copy(update={"models": [chat_model, *cfg.models[1:]]}), inventory=INVENTORY)
+
+    async def go() -> tuple[float, float]:
+        async with orch:
+            chat, embed = orch.router("chat"), orch.router("embed")
+            return chat.dispatcher.scorer.wait_weight, embed.dispatcher.scorer.wait_weight
+
+    assert asyncio.run(go()) == (20.0, 0.0)
+    with pytest.raises(ConfigError):
+        config(models=[{"name": "m", "tiers": [{"name": "t", "deployments": ["emb"]}], "wait_weight": -1}])

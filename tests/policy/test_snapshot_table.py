@@ -34,7 +34,7 @@ def test_the_extension_is_built_where_a_compiler_is() -> None:
 
 
 @needs_table
-@pytest.mark.parametrize("settings", SCORERS)
+@pytest.mark.parametrize("settings", [*SCORERS, {"wait_weight": 10.0}, {"wait_weight": 0.5, "top_k": 1}])
 def test_choose_rows_draws_what_choose_draws(settings: dict[str, Any]) -> None:
     scorer = WorkerScorer(**settings)
     rng = random.Random(11)
@@ -74,7 +74,7 @@ def test_choose_rows_draws_what_choose_draws(settings: dict[str, Any]) -> None:
 def test_top_scores_equal_the_ranking() -> None:
     scorer = WorkerScorer()
     rng = random.Random(5)
-    params = (0.7, 0.1, 0.1, 0.1, 0.3, 1.0, 5.0, 75.0, 90.0, 0.1)
+    params = (0.7, 0.1, 0.1, 0.1, 0.3, 1.0, 5.0, 75.0, 90.0, 0.1, 0.0)
     for _ in range(500):
         now_s = 50.0
         snapshots = [random_snapshot(rng, i, now_s) for i in range(rng.randint(1, 40))]

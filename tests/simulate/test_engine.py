@@ -229,3 +229,14 @@ def test_summary_per_deployment_adds_up_to_the_run(fleet_file: Path) -> None:
     attained = sum(p["slo_attainment"] * p["served"] for p in parts.values())
     assert attained == pytest.approx(summary["slo_attainment"] * summary["requests"])
     assert all(p["slo_attainment"] <= p["within_ttft"] <= 1.0 for p in parts.values())
+
+
+def test_the_models_wait_weight_reaches_the_simulated_scorer(fleet_file: Path) -> None:
+    fleet_file.write_text(
+        fleet_file.read_text().replace(
+            "deployments: [big, small]}]}", "deployments: [big, small]}], wait_weight: 12}"
+        )
+    )
+    fleet = load_fleet(fleet_file)
+    assert fleet.wait_weight == 12.0
+    assert Simulation(fleet, steady(2, 1.0)).scorer.wait_weight == 12.0

@@ -36,7 +36,7 @@ typedef struct {
     char healthy, draining;
     char ema_kind; /* 0: None or <= 0 (the median stands in), 1: > 0 (known), 2: NaN (kept) */
     char rereadable, has_interval, has_busy_since;
-    double ema, one_plus_load, free, util, temp, max_seq, taken, oldest, sampled;
+    double ema, one_plus_load, waiting, free, util, temp, max_seq, taken, oldest, sampled;
     /* WorkerMetrics' busy window: started_at_s, window_s, busy_sum_s, its oldest interval, busy_since */
     double started, window, busy_sum, begin0, end0, busy_since;
 } Row;
@@ -235,6 +235,12 @@ static PyObject *table_set(Table *self, PyObject *args) {
     double outstanding = queue_depth + in_flight;
     double load = (outstanding > 0 ? outstanding : 0.0) / (capacity > 1 ? capacity : 1.0);
     r.one_plus_load = 1.0 + load;
+    if (has_mif) { /* the requests beyond its free slots, in slots' turns (see wait_weight) */
+        double ahead = outstanding + 1 - max_in_flight;
+        r.waiting = (ahead > 0 ? ahead : 0.0) / max_in_flight;
+    } else {
+        r.waiting = load;
+    }
     if (set_busy(&r, busy) < 0) return NULL;
     Py_INCREF(snap);
     r.snapshot = snap;
@@ -389,17 +395,17 @@ static double select_kth(double *values, Py_ssize_t n, Py_ssize_t k) {
 }
 
 /* params: (speed, memory, utilization, temperature, affinity, latency_half_life_s,
- *          staleness_half_life_s, throttle_start_c, throttle_limit_c, choice_temperature) */
+ *          staleness_half_life_s, throttle_start_c, throttle_limit_c, choice_temperature, wait_weight) */
 static PyObject *table_top(Table *self, PyObject *args) {
     PyObject *rows, *tokens_obj, *memory_obj;
     double now;
     Py_ssize_t top_k;
     double w_speed, w_memory, w_util, w_temp, w_affinity, latency_half_life, staleness_half_life,
-        throttle_start, limit_c, choice_temperature;
+        throttle_start, limit_c, choice_temperature, wait_weight;
     if (!PyArg_ParseTuple(
-            args, "OdOOn(dddddddddd)", &rows, &now, &tokens_obj, &memory_obj, &top_k, &w_speed, &w_memory,
+            args, "OdOOn(ddddddddddd)", &rows, &now, &tokens_obj, &memory_obj, &top_k, &w_speed, &w_memory,
             &w_util, &w_temp, &w_affinity, &latency_half_life, &staleness_half_life, &throttle_start,
-            &limit_c, &choice_temperature))
+            &limit_c, &choice_temperature, &wait_weight))
         return NULL;
     int has_tokens = tokens_obj != Py_None, has_memory = memory_obj != Py_None;
     double tokens = has_tokens ? PyFloat_AsDouble(tokens_obj) : 0.0;
@@ -457,7 +463,8 @@ static PyObject *table_top(Table *self, PyObject *args) {
             double stuck = (r->oldest + (later > 0.0 ? later : 0.0)) * 1000.0;
             if (stuck > ema) ema = stuck;
         }
-        expected[k] = ema * r->one_plus_load;
+        expected[k] = wait_weight != 0.0 ? ema * r->one_plus_load + wait_weight * (ema * r->waiting)
+                                         : ema * r->one_plus_load;
     }
     double best = expected[0];
     for (Py_ssize_t k = 1; k < m; k++)

@@ -16,7 +16,8 @@ and time and randomness are injected::
 2. Score. Four terms in [0, 1] (1 is best), combined by normalised weights, plus an affinity bonus::
 
        load_i   = (queue_depth_i + in_flight_i) / capacity_i             batches ahead of this request
-       E_i      = max(latency_i, stuck_i) * (1 + load_i)                 expected time to serve it here
+       E_i      = max(latency_i, stuck_i) * (1 + load_i + wait_weight * waiting_i)
+                                                                         expected time to serve it here
        speed_i  = min_j E_j / E_i                                        relative to the best
        memory_i = free_memory_i / max_j free_memory_j                   headroom for batches and KV cache
        util_i   = 1 - utilization_pct_i / 100
@@ -29,6 +30,11 @@ and time and randomness are injected::
    ``max_batch_size``. A worker whose requests rarely share a batch group (different ``max_tokens``)
    serves its queue about one request per batch: counted in full batches, its queue would look several
    times shorter than it is.
+   ``wait_weight`` (default 0: ``E`` is the expected completion time) counts the wait before the request
+   starts, and so before its first token, that many times more: ``waiting_i`` is ``load_i`` on a worker
+   that forms batches, and the requests beyond its free slots over ``max_in_flight`` on one that batches
+   by itself (a free slot starts a request at once). Set it for a time-to-first-token SLO: a fast worker
+   with a queue then loses to a slower one that starts the request now (docs/worker_choice.md).
    ``ema_service_ms`` (else ``ema_latency_ms``) is the time one batch takes to serve (queue wait excluded:
    the queue is counted by ``load``). ``latency_i`` is that EMA, except that a worker slower than the
    candidates' median ``m`` drifts back toward it with the time since its last sample
@@ -192,8 +198,11 @@ class WorkerScorer:
     latency_half_life_s: float = 1.0
     throttle_start_c: float = 75.0
     throttle_limit_c: float = 90.0
+    wait_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.wait_weight) and self.wait_weight >= 0):
+            raise ValueError(f"wait_weight must be a finite number >= 0, got {self.wait_weight}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if not self.choice_temperature >= 0:
@@ -314,6 +323,7 @@ class WorkerScorer:
         ]
         prior_ema = _median(known_ema) if known_ema else 1.0
         half_life = self.latency_half_life_s
+        wait_weight = self.wait_weight
         drifts = not (prior_ema <= 0 or now_s is None)
         expected: list[float] = []
         append = expected.append
@@ -340,7 +350,17 @@ class WorkerScorer:
                     capacity = achieved
             outstanding = s.queue_depth + s.in_flight
             load = (outstanding if outstanding > 0 else 0) / (capacity if capacity > 1 else 1)
-            append(ema * (1.0 + load))
+            if wait_weight:
+                # the wait before it starts, in batches of this worker's (one slot of a continuous
+                # worker frees every ema / max_in_flight), counted wait_weight more times
+                if max_in_flight:
+                    ahead = outstanding + 1 - max_in_flight
+                    waiting = (ahead if ahead > 0 else 0) / max_in_flight
+                else:
+                    waiting = load
+                append(ema * (1.0 + load) + wait_weight * (ema * waiting))
+            else:
+                append(ema * (1.0 + load))
         best_expected = min(expected)
         known_free = [free for s in candidates if (free := s.free_memory_bytes) is not None]
         max_free = max(known_free) if known_free else 0
@@ -480,6 +500,7 @@ class WorkerScorer:
                 self.throttle_start_c,
                 self.throttle_limit_c,
                 self.choice_temperature,
+                self.wait_weight,
             )
             self.__dict__["_table_params"] = params
         if needs is None:

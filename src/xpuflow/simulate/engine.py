@@ -132,7 +132,7 @@ class Simulation:
         self.faults = list(faults)
         self.clock = FakeClock(0.0)
         self.rng = random.Random(seed)
-        self.scorer = scorer or WorkerScorer()
+        self.scorer = scorer or WorkerScorer(wait_weight=fleet.wait_weight)
         self.snapshot_max_age_s = snapshot_max_age_s
         self._baseline: WorkerPolicy | None = (
             None if self.policy is PolicyName.XPUFLOW else make_policy(self.policy)

@@ -67,6 +67,7 @@ class Fleet:
     tier_refs: tuple[TierRef, ...] = ()
     routing: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     max_retries: int = 2
+    wait_weight: float = 0.0  # the model's worker-scorer setting (LogicalModelConfig.wait_weight)
 
     def worker_ids(self) -> list[str]:
         return [w for d in self.deployments.values() for w in d.worker_ids()]
@@ -149,6 +150,7 @@ def fleet_from_config(config: XpuflowConfig, base: Path, model: str | None = Non
         tuple(chosen.tiers),
         dict(chosen.routing),
         chosen.max_retries,
+        chosen.wait_weight,
     )
 
 
