@@ -47,10 +47,11 @@ _MAX_FRAME_BYTES = 256 * 1024 * 1024  # a frame announcing more is a broken or h
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _END = ("end", None)
 
-#: The actor's side: ``call(wire)`` answers one ``(kind, value)``; ``stream(wire)`` yields them. Errors
+#: The actor's side: ``call(wire)`` answers one ``(kind, value, ...)`` tuple (passed through whole);
+#: ``stream(wire)`` yields ``(kind, value)`` pairs. Errors
 #: are answers (``("err", WireError)``); a handler that raises all the same is answered so.
 Handler = tuple[
-    Callable[[Any], Awaitable[tuple[str, Any]]],
+    Callable[[Any], Awaitable[tuple[Any, ...]]],
     Callable[[Any], AsyncIterator[tuple[str, Any]]],
 ]
 
@@ -149,11 +150,11 @@ class _ServerConnection(_Frames):
 
     async def _run_call(self, request_id: int, wire: Any) -> None:
         try:
-            kind, value = await self._call(wire)
+            answer = await self._call(wire)
         except Exception as exc:  # handlers answer errors themselves; this is the safety net
             log.exception("cluster channel handler failed")
-            kind, value = "err", error_to_wire(exc)
-        self.send((request_id, kind, value))
+            answer = ("err", error_to_wire(exc))
+        self.send((request_id, *answer))
 
     async def _run_stream(self, request_id: int, wire: Any) -> None:
         try:
@@ -216,20 +217,20 @@ class _ClientConnection(_Frames):
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls: dict[int, asyncio.Future[tuple[str, Any]]] = {}
+        self.calls: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
         self.streams: dict[int, asyncio.Queue[tuple[str, Any]]] = {}
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     def frame(self, body: bytes) -> None:
-        request_id, kind, value = pickle.loads(body)
+        request_id, *answer = pickle.loads(body)
         future = self.calls.pop(request_id, None)
         if future is not None:
             if not future.done():
-                future.set_result((kind, value))
+                future.set_result(tuple(answer))
             return
         queue = self.streams.get(request_id)
         if queue is not None:
-            queue.put_nowait((kind, value))
+            queue.put_nowait((answer[0], answer[1]))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -325,10 +326,11 @@ class ChannelClient:
         self._next_id += 1
         return self._next_id
 
-    async def call(self, wire: Any) -> tuple[str, Any]:
+    async def call(self, wire: Any) -> tuple[Any, ...]:
+        """The handler's answer: ``(kind, value, ...)`` as the actor's ``call`` returned it."""
         connection = await self._open()
         request_id = self._request_id()
-        future: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
         connection.calls[request_id] = future
         connection.send(("call", request_id, wire))
         try:

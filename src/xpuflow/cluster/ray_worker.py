@@ -329,7 +329,7 @@ class RayWorker:
         # over the channel, cancelling the call cancels it on the actor; a Ray call needs ray.cancel
         ref = channel.call(wire) if channel is not None else self.actor.submit.remote(wire)
         try:
-            kind, value = await self._await_call(ref, abort)
+            answer = await self._await_call(ref, abort)
         except BaseException:
             if channel is None:
                 _cancel(ref)  # withdraws the request from the actor's queue
@@ -337,8 +337,13 @@ class RayWorker:
         finally:
             self._outstanding -= 1
             self._aborts.discard(abort)
+        kind, value = answer[0], answer[1]
         if kind == "err":
             raise error_from_wire(value)
+        if len(answer) > 2 and isinstance(answer[2], dict):
+            queue_ms = answer[2].get("queue_ms")
+            if isinstance(queue_ms, (int, float)):
+                request.metadata["queue_ms"] = float(queue_ms)  # xpuflow_queue_time_seconds: the remote wait
         return value
 
     async def stream(self, request: WorkRequest) -> AsyncIterator[StreamChunk]:

@@ -3,7 +3,7 @@
 The gateway creates one per replica (``runtime``) and talks to it through ``ray_worker.RayWorker``::
 
     actor = ray.remote(WorkerActor).options(max_restarts=-1, ...).remote(spec)
-    await actor.submit.remote(wire_request)                     # ("ok", result) or ("err", WireError)
+    await actor.submit.remote(wire_request)          # ("ok", result, {"queue_ms": ...}) or ("err", WireError)
     async for ref in actor.stream.options(num_returns="streaming").remote(wire_request):
         kind, value = await ref                                 # ("chunk", StreamChunk) / ("err", ...)
     await actor.state.remote()                                  # snapshot, metrics, health, node
@@ -173,11 +173,15 @@ class WorkerActor:
             "channel": None if self._channel is None else self._channel.address,
         }
 
-    async def submit(self, wire: Mapping[str, Any]) -> tuple[str, Any]:
+    async def submit(self, wire: Mapping[str, Any]) -> tuple[Any, ...]:
+        """``("ok", result, {"queue_ms": ...})`` (the wait in this worker's queue, for the gateway's
+        metrics) or ``("err", WireError)``."""
         try:
             worker = await self._ready()
             loop = asyncio.get_running_loop()
-            return "ok", await worker.submit(request_from_wire(wire, now_s=loop.time()))
+            request = request_from_wire(wire, now_s=loop.time())
+            result = await worker.submit(request)
+            return "ok", result, {"queue_ms": request.metadata.get("queue_ms", 0.0)}
         except asyncio.CancelledError:
             raise
         except Exception as exc:

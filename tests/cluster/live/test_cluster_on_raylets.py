@@ -128,6 +128,8 @@ def test_requests_and_streams_run_on_remote_workers(live: Live) -> None:
         results = await asyncio.gather(*(live.orch.complete(_call(text=f"w{i} x")) for i in range(12)))
         assert all(r.completion is not None and r.completion.text == f"x w{i}" for i, r in enumerate(results))
         assert {r.decision.worker for r in results} == {"chat/0", "chat/1"}
+        # 12 requests on two workers of batch 4 at 50 ms: some waited a batch in a remote queue
+        assert max(r.queue_ms for r in results) >= 20.0, [r.queue_ms for r in results]
         events = [e async for e in live.orch.stream(_call(text="a b c d"))]
         assert events[0].decision is not None
         assert (events[0].decision.device or "").startswith("cpu@")
