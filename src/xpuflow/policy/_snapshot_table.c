@@ -6,7 +6,7 @@
  * tests/policy/test_snapshot_table.py holds it to that.
  *
  * Table(size)
- * Table.set(row, snapshot, busy)       copy a WorkerSnapshot's fields (or a tuple of their values, in
+ * Table.set(row, snapshot, busy=None)  copy a WorkerSnapshot's fields (or a tuple of their values, in
  *                                      declaration order) into a row; busy is None or the owner's
  *                                      WorkerMetrics.busy_state() (the row can then be re-read)
  * Table.reread(now_s, max_age_s, rows) every row older than max_age_s read again at now_s (taken_at_s,
@@ -181,8 +181,8 @@ static int set_busy(Row *r, PyObject *busy) {
 
 static PyObject *table_set(Table *self, PyObject *args) {
     Py_ssize_t row;
-    PyObject *snap, *busy;
-    if (!PyArg_ParseTuple(args, "nOO", &row, &snap, &busy)) return NULL;
+    PyObject *snap, *busy = Py_None;
+    if (!PyArg_ParseTuple(args, "nO|O", &row, &snap, &busy)) return NULL;
     if (check_row(self, row) < 0) return NULL;
     Row r;
     memset(&r, 0, sizeof(r));
@@ -563,7 +563,7 @@ static PyObject *table_size(Table *self, PyObject *Py_UNUSED(ignored)) {
 }
 
 static PyMethodDef table_methods[] = {
-    {"set", (PyCFunction)table_set, METH_VARARGS, "set(row, snapshot, busy): copy a snapshot into a row"},
+    {"set", (PyCFunction)table_set, METH_VARARGS, "set(row, snapshot, busy=None): copy a snapshot into a row"},
     {"reread", (PyCFunction)table_reread, METH_VARARGS,
      "reread(now_s, max_age_s, rows) -> rows whose busy window needs pruning first"},
     {"reread_row", (PyCFunction)table_reread_row, METH_VARARGS,

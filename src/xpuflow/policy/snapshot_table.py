@@ -66,7 +66,7 @@ def snapshot_from_fields(values: tuple[Any, ...]) -> WorkerSnapshot:
 class SnapshotTable:
     """``size`` rows, each one worker's snapshot; see the module docstring. Not thread-safe."""
 
-    __slots__ = ("_table", "size", "top")
+    __slots__ = ("_table", "set", "size", "top")
 
     def __init__(self, size: int) -> None:
         if _Table is None:
@@ -79,20 +79,19 @@ class SnapshotTable:
             raise ValueError(f"size must be >= 0, got {size}")
         self.size = size
         self._table: Any = _Table(size)
-        self.top = self._table.top  # the C call itself: it runs on every request
+        # the C calls themselves: they run on every request
+        self.set = self._table.set
+        self.top = self._table.top
 
     @staticmethod
     def available() -> bool:
         """Whether the C extension was built (without it, ``SnapshotTable()`` raises)."""
         return _Table is not None
 
-    def set(
-        self, row: int, snapshot: WorkerSnapshot | tuple[Any, ...], busy: BusyState | None = None
-    ) -> None:
-        """Row ``row`` is now ``snapshot`` (or the tuple of its fields' values in declaration order,
-        ``SNAPSHOT_FIELDS``: no object is built unless ``snapshot(row)`` asks for it); with ``busy``
-        the table can re-read it later by itself."""
-        self._table.set(row, snapshot, busy)
+    #: ``set(row, snapshot, busy=None)``: row ``row`` is now ``snapshot`` (or the tuple of its fields' values
+    #: in declaration order, ``SNAPSHOT_FIELDS``: no object is built unless ``snapshot(row)`` asks for
+    #: it); with ``busy`` (``BusyState`` or None) the table can re-read it later by itself.
+    set: Callable[..., None]
 
     def reread(self, now_s: float, max_age_s: float, rows: Sequence[int] | None = None) -> list[int]:
         """Read every row (of ``rows``; None: all) taken more than ``max_age_s`` before ``now_s`` again

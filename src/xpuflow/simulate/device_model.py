@@ -161,10 +161,17 @@ class DeviceModel:
     def batch_timing(self, requests: Sequence[tuple[int, int]], slowdown: float = 1.0) -> BatchTiming:
         """Timing of one batch of (input tokens, output tokens) requests; ``slowdown`` scales it (a
         throttled or degraded device)."""
-        n = max(1, len(requests))
-        prefill_s = self.overhead_s + sum(max(0, i) for i, _ in requests) / self.prefill_rate(n)
-        step_s = n / self.decode_rate(n)
-        longest = max((max(1, o) for _, o in requests), default=1)
+        if len(requests) == 1:  # the same arithmetic without the generators: most batches are one
+            ((tokens_in, tokens_out),) = requests
+            n = 1
+            prefill_s = self.overhead_s + (tokens_in if tokens_in > 0 else 0) / self.prefill_rate(1)
+            step_s = 1 / self.decode_rate(1)
+            longest = tokens_out if tokens_out > 1 else 1
+        else:
+            n = max(1, len(requests))
+            prefill_s = self.overhead_s + sum(max(0, i) for i, _ in requests) / self.prefill_rate(n)
+            step_s = n / self.decode_rate(n)
+            longest = max((max(1, o) for _, o in requests), default=1)
         return BatchTiming(
             prefill_s * slowdown,
             step_s * slowdown,

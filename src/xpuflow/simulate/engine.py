@@ -213,21 +213,26 @@ class Simulation:
             self.schedule(fault.at_s, FAULT, fault)
         heap, clock, timeouts = self._heap, self.clock, self._timeouts
         requests, scale = self.requests, self.scale
+        arrivals = [r.arrival_s / scale for r in requests]
         n, i = len(requests), 0
         pop, inf = heapq.heappop, math.inf
+        # the FakeClock's time is set directly (advance() checks, and this is the hot path), never back
         while True:
             while timeouts and not timeouts[0][1].live:
                 timeouts.popleft()  # answered long before its timeout: most are
-            arrival = requests[i].arrival_s / scale if i < n else inf
+            arrival = arrivals[i] if i < n else inf
             at_s = heap[0][0] if heap else inf
             timeout_s = timeouts[0][0] if timeouts else inf
             if timeout_s < at_s and timeout_s < arrival:
-                # the FakeClock's time, set directly: advance() checks, and this is the hot path
-                clock._now = now = max(clock._now, timeout_s)
+                now = clock._now
+                if timeout_s > now:
+                    clock._now = now = timeout_s
                 self._timeout(timeouts.popleft()[1], now)
             elif at_s < arrival:
                 _, _, kind, payload = pop(heap)
-                clock._now = now = max(clock._now, at_s)
+                now = clock._now
+                if at_s > now:
+                    clock._now = now = at_s
                 if kind == COMPLETE:
                     batch: Batch = payload
                     batch.worker.complete(batch, now)
@@ -238,7 +243,9 @@ class Simulation:
                 elif kind == FAULT:
                     self._fault(payload, now)
             elif i < n:
-                clock._now = now = max(clock._now, arrival)
+                now = clock._now
+                if arrival > now:
+                    clock._now = now = arrival
                 self._arrive(i, requests[i], now)
                 i += 1
             else:
@@ -246,7 +253,7 @@ class Simulation:
             self._events += 1
         return SimResult(
             self.policy.value,
-            [r.arrival_s / scale for r in requests],
+            arrivals,
             self._ttft,
             self._e2e,
             self._queue,

@@ -250,7 +250,10 @@ class SimWorker:
         joined = self.metrics.in_flight if self.max_in_flight is not None else 0
         self.metrics.record_batch_start(n, shares_with=joined)
         attempts = [t.future.attempt for t in tickets]  # type: ignore[attr-defined]
-        kv = sum(self.model.memory_needed_bytes(a.input_tokens, a.output_tokens) for a in attempts)
+        model = self.model
+        kv = 0
+        for a in attempts:
+            kv += model.memory_needed_bytes(a.input_tokens, a.output_tokens)
         units = float(tickets[0].request.params.max_tokens)
         if self.dead:
             batch = Batch(self, tickets, now_s, now_s + KILL_FAIL_S, False, units, kv)
@@ -429,10 +432,19 @@ class SimWorker:
     def _fields(self, now_s: float) -> tuple[Any, ...]:
         """What a full read at ``now_s`` gives, as the values of ``WorkerSnapshot``'s fields in order
         (``SNAPSHOT_FIELDS``): the table takes them without an object being built."""
-        self._sync_health()
+        if self.health.recovered_at_s != self._recovery_seen:
+            self._sync_health()
         metrics = self.metrics
         running = self.running
-        oldest = min([b.started_s for b in running]) if running else None
+        if running:
+            oldest = running[0].started_s
+            for batch in running:
+                if batch.started_s < oldest:  # noqa: PLR1730 (min() is a call per read)
+                    oldest = batch.started_s
+            age_s = now_s - oldest
+            oldest_age_s: float | None = age_s if age_s > 0.0 else 0.0  # max(0.0, now - oldest)
+        else:
+            oldest_age_s = None
         service_ms = metrics.ema_service_ms
         return (
             self.worker_id,
@@ -444,14 +456,14 @@ class SimWorker:
             metrics.in_flight,
             self.max_batch_size,
             service_ms if service_ms is not None and service_ms > 0 else metrics.ema_latency_ms,
-            self.free_memory_bytes(),
+            None if self.model.memory_bytes is None else self.free_memory_bytes(),
             metrics.utilization() * 100.0,
             None,  # temperature_c
             self.max_seq_len,
             now_s,  # taken_at_s
             _NO_TAGS,
             self.max_in_flight,
-            None if oldest is None else max(0.0, now_s - oldest),
+            oldest_age_s,
             metrics.latency_sampled_at_s,
             metrics.mean_batch_size(),
             None,  # ema_service_ms (the EMA above is the service time)
