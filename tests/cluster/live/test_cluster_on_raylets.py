@@ -411,3 +411,95 @@ def test_info_cluster_lists_each_node_with_its_devices(live: Live) -> None:
     assert {"a"} <= set(nodes)
     assert "cpu@a" in [d["id"] for d in nodes["a"]["devices"]]
     assert all(p["reason"] for p in nodes["a"]["probes"])
+
+
+def test_xpuflow_serve_in_cluster_mode_answers_streams_and_reports_nodes(live: Live, tmp_path: Path) -> None:
+    """The path users run: ``xpuflow serve CONFIG`` in its own process with a cluster section."""
+    import http.client
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "xpuflow.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "gateway": {"host": "127.0.0.1", "port": port},
+                "cluster": {
+                    "address": f"127.0.0.1:{BASE_PORT}",
+                    "worker_num_cpus": 0,
+                    "namespace": "serve-t",
+                },
+                "deployments": [_fake("served", node="b", options={"service_time_s": 0.01})],
+                "api_keys": [
+                    {"name": "user", "key": "key-user-1", "rights": ["infer", "metrics"]},
+                    {"name": "ops", "key": "key-ops-1", "rights": ["admin"]},
+                ],
+            }
+        )
+    )
+
+    def request(
+        method: str, path: str, body: dict[str, Any] | None = None, key: str = "key-user-1"
+    ) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            headers = {"Authorization": f"Bearer {key}"}
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+            connection.request(
+                method, path, body=json.dumps(body) if body is not None else None, headers=headers
+            )
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xpuflow.cli.main", "serve", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    if request("GET", "/ready")[0] == 200:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.2)
+            chat = {"model": "served", "messages": [{"role": "user", "content": "one two"}], "max_tokens": 8}
+            status, body = request("POST", "/v1/chat/completions", chat)
+            assert status == 200, body
+            assert json.loads(body)["choices"][0]["message"]["content"] == "two one"
+            status, body = request("POST", "/v1/chat/completions", {**chat, "stream": True})
+            assert status == 200, body
+            assert b"data: [DONE]" in body
+            assert b"two" in body
+            status, body = request("GET", "/admin/workers", key="key-ops-1")
+            assert status == 200, body
+            workers = json.loads(body)["workers"]
+            assert [(w["worker_id"], w["node"], w["device"]) for w in workers] == [("served/0", "b", "cpu@b")]
+            status, body = request("GET", "/metrics")
+            assert status == 200
+            assert b"xpuflow_requests_total{" in body
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
