@@ -81,7 +81,6 @@ class _Flight:
     attempts: int = 0
     round_first: int = 0
     only_admission: bool = True
-    attempt: Attempt | None = None
     probe: bool = False
 
 
@@ -349,7 +348,6 @@ class Simulation:
                 request.input_tokens,
                 request.output_tokens,
             )
-            flight.attempt = attempt
             try:
                 worker.submit(attempt, now)
             except AdmissionRejected as exc:

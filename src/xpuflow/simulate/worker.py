@@ -291,6 +291,7 @@ class SimWorker:
             self._sync_health()
             for ticket in tickets:
                 answer: _Answer = ticket.future  # type: ignore[assignment]
+                answer.attempt.ticket = None  # out of the queue for good (and no cycle left to collect)
                 if ticket.finish(None):
                     dispatched = now_s if ticket.dispatched_at_s is None else ticket.dispatched_at_s
                     self.metrics.record_request(
@@ -308,6 +309,7 @@ class SimWorker:
             )
             for ticket in tickets:
                 answer = ticket.future  # type: ignore[assignment]
+                answer.attempt.ticket = None
                 if ticket.fail(error) and answer.attempt.live:
                     self.sink.attempt_failed(answer.attempt, now_s, error, retryable=True)
             self.metrics.record_failure(len(tickets))
