@@ -306,7 +306,10 @@ class ChannelClient:
             return connection
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.ensure_future(self._connect())
-        return await asyncio.shield(self._connecting)
+        connection = await asyncio.shield(self._connecting)
+        if connection.transport is None:  # closed while this call waited for it
+            raise ChannelClosed(f"the worker's channel at {self.address} closed as it opened")
+        return connection
 
     async def _connect(self) -> _ClientConnection:
         loop = asyncio.get_running_loop()
