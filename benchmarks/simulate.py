@@ -281,8 +281,8 @@ def scorer_us(workers: int = 64, *, rows: bool = False) -> float | None:
 
 
 class GatewaySnapshotScorer(WorkerScorer):
-    """A what-if, not in the package: the snapshots as the gateway's ``Worker.snapshot`` fills them
-    today, without ``mean_batch_size``, so a static worker's load counts in full batches."""
+    """A what-if, not in the package: the snapshots as the gateway's ``Worker.snapshot`` filled them
+    before it reported ``mean_batch_size``, so a static worker's load counts in full batches."""
 
     def choose(self, snapshots: Sequence[WorkerSnapshot], needs: Any = None, **kw: Any) -> Any:
         seen = [dataclasses.replace(s, mean_batch_size=None) for s in snapshots]
@@ -480,8 +480,8 @@ def notes(data: dict[str, Any]) -> list[str]:
             "near 1.1: jsq already starts most requests at once; what is left is which slow worker)."
         )
     out.append(
-        "The gateway's own Worker.snapshot leaves mean_batch_size empty; with such snapshots the static "
-        "fleet's default ratio would be "
+        "Snapshots without mean_batch_size (the gateway's Worker.snapshot before it filled the field) "
+        "would put the static fleet's default ratio at "
         f"{static['what_if']['gateway_snapshot_without_mean_batch_size']['vs_best_baseline_goodput']:.2f}."
     )
     return out
