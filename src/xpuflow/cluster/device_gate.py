@@ -29,6 +29,7 @@ from typing import Any
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.cluster.channel import ChannelClient, ChannelClosed, ChannelServer
 from xpuflow.cluster.messages import WireError, error_to_wire
+from xpuflow.cluster.tasks import cancel_and_wait
 from xpuflow.errors import SessionError
 from xpuflow.scheduling.qos.partitions import ComputeTokens
 
@@ -183,9 +184,7 @@ class DeviceGate:
 
     async def stop(self) -> None:
         if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._poller
+            await cancel_and_wait(self._poller)
             self._poller = None
         import ray
 

@@ -37,6 +37,7 @@ from xpuflow.backends.base import StreamChunk
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.cluster.channel import ChannelClient, ChannelClosed, ChannelStream
 from xpuflow.cluster.messages import error_from_wire, request_to_wire
+from xpuflow.cluster.tasks import cancel_and_wait
 from xpuflow.errors import WorkerLost
 from xpuflow.scheduling.health import HealthTracker
 from xpuflow.scheduling.request import WorkRequest
@@ -156,9 +157,7 @@ class RayWorker:
     async def stop(self, drain: bool = True) -> None:
         """Stop watching, let the actor finish (drain) and end it."""
         if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._poller
+            await cancel_and_wait(self._poller)
             self._poller = None
         if self.channel is not None:
             await self.channel.aclose()

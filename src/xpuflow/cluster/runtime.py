@@ -17,7 +17,6 @@ generators and ``ray.cancel`` (``transport: ray``). The gateway keeps the decisi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from xpuflow.cluster.inventory import NODE_LABEL, ClusterInventory
 from xpuflow.cluster.messages import resource_to_wire
 from xpuflow.cluster.placement import ClusterPlacement, ReplicaPlacement, place_deployment
 from xpuflow.cluster.ray_worker import RayWorker
+from xpuflow.cluster.tasks import cancel_and_wait
 from xpuflow.cluster.worker_actor import WorkerActor, WorkerSpec
 from xpuflow.config import ClusterConfig, DeploymentConfig, XpuflowConfig
 from xpuflow.errors import CapabilityError, ConfigError
@@ -298,9 +298,7 @@ class ClusterRuntime:
 
     async def stop(self) -> None:
         if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._refresher
+            await cancel_and_wait(self._refresher)
             self._refresher = None
         if self._in_ray is not None and not self._in_ray.done():
             await asyncio.wait({self._in_ray}, timeout=65.0)  # discovery gives up after 60 s
