@@ -19,12 +19,14 @@ def transport_error(where: str, exc: Exception, timeouts: str) -> RemoteError:
     limits in force, for the message."""
     import aiohttp
 
+    from xpuflow.backends.remote.http1 import Http1ConnectError, Http1Error
+
     if isinstance(exc, asyncio.TimeoutError):
         return RemoteError(
             f"{where} timed out ({timeouts}); the server is slow, hung or unreachable", retryable=True
         )
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, (aiohttp.ClientConnectorError, Http1ConnectError)):
         return RemoteError(f"could not connect for {where}: {exc}; is the server running?", retryable=True)
-    if isinstance(exc, aiohttp.ClientError):
+    if isinstance(exc, (aiohttp.ClientError, Http1Error)):
         return RemoteError(f"{where} failed: {type(exc).__name__}: {exc}", retryable=True)
     return RemoteError(f"{where} returned a malformed answer: {exc}", retryable=False)

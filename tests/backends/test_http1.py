@@ -1,0 +1,223 @@
+"""The lean HTTP/1.1 client of remote_openai's JSON POSTs, against raw servers that answer in each of the
+ways HTTP/1.1 allows (and some it does not)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from xpuflow.backends.base import GenerationParams, ModelConfig
+from xpuflow.backends.remote.http1 import Http1ConnectError, Http1Error, Http1Pool
+from xpuflow.backends.remote.openai import RemoteOpenAIPlugin, RemoteOpenAISession
+from xpuflow.errors import RemoteError
+
+pytest.importorskip("httptools")
+
+Answer = Callable[[bytes], bytes | None]  # the request (head and body) -> raw bytes to send; None: close
+REPLY = json.dumps(
+    {
+        "id": "x",
+        "model": "srv",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Paris"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+    }
+).encode()
+
+
+def ok(body: bytes = REPLY, extra: bytes = b"") -> bytes:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n" + extra
+    return head + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+
+
+@contextlib.asynccontextmanager
+async def raw_server(answer: Answer) -> AsyncIterator[tuple[int, list[bytes], list[int]]]:
+    """A server that reads each whole request (Content-Length bodies) and writes ``answer(request)``;
+    yields its port, the requests it saw and the number of connections it accepted (a one-item list)."""
+    seen: list[bytes] = []
+    accepted = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted[0] += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                request = head + await reader.readexactly(length)
+                seen.append(request)
+                reply = answer(request)
+                if reply is None:
+                    break
+                writer.write(reply)
+                await writer.drain()
+                if b"connection: close" in reply.lower():
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], seen, accepted
+    finally:
+        server.close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_connections_are_kept_open_and_reused() -> None:
+    async def go() -> tuple[list[Any], list[bytes], int, dict[str, Any]]:
+        async with raw_server(lambda _: ok()) as (port, seen, accepted):
+            pool = Http1Pool("127.0.0.1", port, limit=4, connect_timeout_s=2.0, headers={"X-Team": "ml"})
+            answers = [await pool.post("/v1/chat/completions", b'{"a": 1}') for _ in range(3)]
+            stats = pool.stats()
+            await pool.close()
+            return answers, seen, accepted[0], stats
+
+    answers, seen, accepted, stats = run(go())
+    assert [a[0] for a in answers] == [200, 200, 200]
+    assert answers[0][1]["content-type"] == "application/json"
+    assert answers[0][2] == REPLY
+    assert accepted == 1
+    assert stats == {"open": 1, "idle": 1}
+    head, _, body = seen[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert b"\r\nhost: 127.0.0.1:" in head.lower()
+    assert b"x-team: ml" in head.lower()
+    assert b"content-length: 8" in head.lower()
+    assert body == b'{"a": 1}'
+
+
+def test_chunked_and_close_delimited_bodies() -> None:
+    chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    closing = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the end"
+
+    async def go(reply: bytes) -> tuple[bytes, int]:
+        async with raw_server(lambda _: reply) as (port, _, accepted):
+            pool = Http1Pool("127.0.0.1", port, limit=2, connect_timeout_s=2.0)
+            first = await pool.post("/x", b"{}")
+            if b"connection: close" in reply:
+                await asyncio.sleep(0.05)  # the server closes; the next request opens a new connection
+            second = await pool.post("/x", b"{}")
+            await pool.close()
+            assert first == second
+            return first[2], accepted[0]
+
+    assert run(go(chunked)) == (b"hello world", 1)
+    assert run(go(closing)) == (b"until the end", 2)
+
+
+def test_a_server_that_closes_early_or_speaks_garbage_fails_the_request() -> None:
+    async def go(answer: Answer) -> BaseException:
+        async with raw_server(answer) as (port, _, _):
+            pool = Http1Pool("127.0.0.1", port, limit=2, connect_timeout_s=2.0)
+            try:
+                await pool.post("/x", b"{}")
+            except Exception as exc:
+                return exc
+            finally:
+                await pool.close()
+        raise AssertionError("the request did not fail")
+
+    assert isinstance(run(go(lambda _: None)), Http1Error)
+    half = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 100\r\n\r\nshort"
+    assert isinstance(run(go(lambda _: half)), Http1Error)
+    assert isinstance(run(go(lambda _: b"SMTP ready\r\n\r\n")), Http1Error)
+
+
+def test_a_refused_connection_is_a_connect_error() -> None:
+    async def go() -> None:
+        async with raw_server(lambda _: ok()) as (port, _, _):
+            pass  # the port is free again
+        pool = Http1Pool("127.0.0.1", port, limit=1, connect_timeout_s=1.0)
+        with pytest.raises(Http1ConnectError, match="cannot connect"):
+            await pool.post("/x", b"{}")
+
+    run(go())
+
+
+def test_the_limit_bounds_open_connections() -> None:
+    async def go() -> tuple[int, dict[str, Any]]:
+        async with raw_server(lambda _: ok()) as (port, _, accepted):
+            pool = Http1Pool("127.0.0.1", port, limit=3, connect_timeout_s=2.0)
+            await asyncio.gather(*(pool.post("/x", b"{}") for _ in range(20)))
+            stats = pool.stats()
+            await pool.close()
+            return accepted[0], stats
+
+    accepted, stats = run(go())
+    assert accepted <= 3
+    assert stats["open"] <= 3
+
+
+async def _session(port: int, **options: Any) -> RemoteOpenAISession:
+    config = ModelConfig(
+        "chat", options={"base_url": f"http://127.0.0.1:{port}/v1", "model": "srv", **options}
+    )
+    return await RemoteOpenAIPlugin().create_session([], config, {})
+
+
+def test_remote_openai_posts_through_it_and_keeps_every_answer_the_same() -> None:
+    compressed = gzip.compress(REPLY)
+
+    async def go() -> tuple[list[str], int, list[bytes]]:
+        replies = iter([ok(), ok(compressed, b"content-encoding: gzip\r\n")])
+        async with raw_server(lambda _: next(replies)) as (port, seen, accepted):
+            async with await _session(port, api_key="k1") as session:
+                texts = [(await session.chat([{"role": "user", "content": "hi"}], GenerationParams())).text]
+                texts.append(
+                    (await session.chat([{"role": "user", "content": "hi"}], GenerationParams())).text
+                )
+                assert isinstance(session._http1, Http1Pool)
+            return texts, accepted[0], seen
+
+    texts, accepted, seen = run(go())
+    assert texts == ["Paris", "Paris"]
+    assert accepted == 1
+    head = seen[0].split(b"\r\n\r\n")[0].lower()
+    assert b"authorization: bearer k1" in head
+    assert b"accept: application/json" in head
+
+
+def test_remote_openai_maps_its_failures_like_aiohttps() -> None:
+    async def go(answer: Answer) -> RemoteError:
+        async with raw_server(answer) as (port, _, _), await _session(port) as session:
+            with pytest.raises(RemoteError) as info:
+                await session.chat([{"role": "user", "content": "hi"}], GenerationParams())
+            return info.value
+
+    closed = run(go(lambda _: None))
+    assert closed.retryable
+    assert "closed the connection" in str(closed)
+    limited = run(go(lambda _: b"HTTP/1.1 429 Too Many\r\nretry-after: 7\r\ncontent-length: 2\r\n\r\n{}"))
+    assert (limited.status, limited.retry_after_s, limited.retryable) == (429, 7.0, True)
+    junk = run(go(lambda _: ok(b"not json")))
+    assert not junk.retryable
+    assert "malformed" in str(junk)
+
+
+def test_it_runs_on_uvloop_too() -> None:
+    # uvloop's transports are not asyncio.Transport subclasses: nothing here may assume they are
+    uvloop = pytest.importorskip("uvloop")
+
+    async def go() -> list[int]:
+        async with raw_server(lambda _: ok()) as (port, _, _):
+            pool = Http1Pool("127.0.0.1", port, limit=2, connect_timeout_s=2.0)
+            answers = [await pool.post("/x", b"{}") for _ in range(2)]
+            await pool.close()
+            return [a[0] for a in answers]
+
+    assert uvloop.run(go()) == [200, 200]
