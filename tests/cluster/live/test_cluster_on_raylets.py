@@ -437,7 +437,8 @@ def test_xpuflow_serve_in_cluster_mode_answers_streams_and_reports_nodes(live: L
                     "worker_num_cpus": 0,
                     "namespace": "serve-t",
                 },
-                "deployments": [_fake("served", node="b", options={"service_time_s": 0.01})],
+                # node a: the node-loss test before this one kills b
+                "deployments": [_fake("served", node="a", options={"service_time_s": 0.01})],
                 "api_keys": [
                     {"name": "user", "key": "key-user-1", "rights": ["infer", "metrics"]},
                     {"name": "ops", "key": "key-ops-1", "rights": ["admin"]},
@@ -491,7 +492,7 @@ def test_xpuflow_serve_in_cluster_mode_answers_streams_and_reports_nodes(live: L
             status, body = request("GET", "/admin/workers", key="key-ops-1")
             assert status == 200, body
             workers = json.loads(body)["workers"]
-            assert [(w["worker_id"], w["node"], w["device"]) for w in workers] == [("served/0", "b", "cpu@b")]
+            assert [(w["worker_id"], w["node"], w["device"]) for w in workers] == [("served/0", "a", "cpu@a")]
             status, body = request("GET", "/metrics")
             assert status == 200
             assert b"xpuflow_requests_total{" in body
