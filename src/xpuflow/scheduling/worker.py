@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -65,6 +66,20 @@ __all__ = ["Worker", "WorkerStopped"]
 
 log = logging.getLogger(__name__)
 _worker_ids = itertools.count()
+
+
+async def _next_chunk(chunks: asyncio.Queue[Any], timeout_s: float | None) -> Any:
+    """The next item of a stream's queue within ``timeout_s`` (asyncio.TimeoutError past it), without
+    the task per item that ``asyncio.wait_for`` costs before Python 3.12: one ready item is taken at
+    once, else the wait runs under a timeout scope in the caller's task."""
+    if not chunks.empty() and (timeout_s is None or timeout_s > 0):
+        return chunks.get_nowait()
+    if timeout_s is None:
+        return await chunks.get()
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(timeout_s):
+            return await chunks.get()
+    return await asyncio.wait_for(chunks.get(), timeout_s)  # pragma: no cover - Python 3.10
 
 
 def _current() -> asyncio.Task[None]:
@@ -318,7 +333,7 @@ class Worker:
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(chunks.get(), self._timeout_s(request))
+                    item = await _next_chunk(chunks, self._timeout_s(request))
                 except asyncio.TimeoutError:
                     finished = True
                     self._withdraw(ticket, self._deadline_error(request))
