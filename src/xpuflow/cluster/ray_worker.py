@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from typing import Any
 
 from xpuflow.backends.base import StreamChunk
 from xpuflow.clock import Clock, SystemClock
-from xpuflow.cluster.channel import ChannelClient, ChannelClosed, ChannelStream
+from xpuflow.cluster.channel import ChannelClient, ChannelClosed
 from xpuflow.cluster.messages import error_from_wire, request_to_wire
 from xpuflow.cluster.tasks import cancel_and_wait
 from xpuflow.errors import WorkerLost
@@ -354,34 +355,29 @@ class RayWorker:
             request.queued_since_s = now
         wire = request_to_wire(request, now_s=now)
         finished = False
-        if self.channel is not None:
-            stream: ChannelStream | None = None
-            try:
-                stream = await self._await_call(self.channel.stream(wire), abort)
-                while True:
-                    try:
-                        kind, value = await self._await_call(stream.next(), abort)
-                    except StopAsyncIteration:
-                        finished = True
-                        return
-                    if kind == "err":
-                        finished = True
-                        raise error_from_wire(value)
-                    yield value
-            finally:
-                self._outstanding -= 1
-                self._aborts.discard(abort)
-                if stream is not None and not finished:
-                    stream.close()  # the client went away or the link failed: stop the work
-        generator = self.actor.stream.options(num_returns="streaming").remote(wire)
+        stop: Callable[[], None] | None = None
         try:
+            if self.channel is not None:
+                stream = await self._await_call(self.channel.stream(wire), abort)
+                stop = stream.close  # over the channel, closing the stream cancels it on the actor
+
+                async def next_answer() -> Any:
+                    return await self._await_call(stream.next(), abort)
+
+            else:
+                generator = self.actor.stream.options(num_returns="streaming").remote(wire)
+                stop = functools.partial(_cancel, generator)
+
+                async def next_answer() -> Any:
+                    ref = await self._await_call(generator.__anext__(), abort)
+                    return await self._await_call(ref, abort)
+
             while True:
                 try:
-                    ref = await self._await_call(generator.__anext__(), abort)
+                    kind, value = await next_answer()
                 except StopAsyncIteration:
                     finished = True
                     return
-                kind, value = await self._await_call(ref, abort)
                 if kind == "err":
                     finished = True
                     raise error_from_wire(value)
@@ -389,5 +385,5 @@ class RayWorker:
         finally:
             self._outstanding -= 1
             self._aborts.discard(abort)
-            if not finished:
-                _cancel(generator)  # the client went away or the stream failed: stop the work
+            if stop is not None and not finished:
+                stop()  # the client went away or the stream failed: stop the work
