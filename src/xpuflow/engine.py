@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from xpuflow.backends.base import Completion, GenerationParams, StreamChunk
-from xpuflow.scheduling.request import Priority, RequestKind
+from xpuflow.scheduling.request import CancelSignal, Priority, RequestKind
 from xpuflow.types import RoutingDecision
 
 __all__ = ["AdminControl", "Engine", "InferenceCall", "InferenceResult", "ModelInfo", "StreamEvent"]
@@ -47,7 +47,7 @@ class InferenceCall:
     tier_override: str | None = None
     api_key_name: str | None = None
     request_id: str = field(default_factory=lambda: f"chatcmpl-{next(_ids)}")
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Event = field(default_factory=CancelSignal)  # set when the client goes away
     timeout_s: float | None = None
     # requests with one key prefer one worker (its prefix/KV cache stays warm): the x-xpuflow-session
     # header, else the body's OpenAI ``user``

@@ -22,7 +22,7 @@ from xpuflow.errors import (
 from xpuflow.scheduling.health import HealthState, HealthTracker
 from xpuflow.scheduling.metrics import WorkerMetrics
 from xpuflow.scheduling.queue import QueuePolicy
-from xpuflow.scheduling.request import Priority, RequestKind, WorkRequest
+from xpuflow.scheduling.request import CancelSignal, Priority, RequestKind, WorkRequest
 from xpuflow.scheduling.worker import Worker
 from xpuflow.testing import FakeSession
 from xpuflow.types import Resource, ResourceType, WorkerSnapshot
@@ -352,10 +352,12 @@ async def test_queue_full_and_stopped_workers_reject_with_admission_errors() -> 
 # -- cancellation and deadlines ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("event", [CancelSignal, asyncio.Event])  # a plain Event: watched by a task
 @run_async
-async def test_cancelled_queued_request_is_answered_and_never_computed() -> None:
+async def test_cancelled_queued_request_is_answered_and_never_computed(event: type[asyncio.Event]) -> None:
     worker, session = await blocked_worker()
     request = completion("gone")
+    request.cancelled = event()
     task = asyncio.create_task(worker.submit(request))
     await asyncio.sleep(0)
     request.cancelled.set()
@@ -708,3 +710,19 @@ async def test_snapshot_reports_the_batch_size_the_worker_achieves() -> None:
     assert snap.mean_batch_size == worker.metrics.mean_batch_size()
     assert snap.mean_batch_size is not None
     assert 1.0 <= snap.mean_batch_size < 8
+
+
+@run_async
+async def test_cancel_signal_calls_back_once_when_set() -> None:
+    signal, calls = CancelSignal(), []
+    signal.add_callback(lambda: calls.append("a"))
+    removed = lambda: calls.append("removed")  # noqa: E731
+    signal.add_callback(removed)
+    signal.remove_callback(removed)
+    signal.remove_callback(removed)  # twice: a no-op
+    waiter = asyncio.ensure_future(signal.wait())
+    signal.set()
+    signal.set()
+    await waiter
+    assert calls == ["a"]
+    assert signal.is_set()

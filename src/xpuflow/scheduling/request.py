@@ -10,17 +10,47 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from xpuflow.backends.base import ChatMessage, GenerationParams
 from xpuflow.types import Priority, RequestKind  # shared enums live in types.py
 
-__all__ = ["Priority", "RequestKind", "WorkRequest"]
+__all__ = ["CancelSignal", "Priority", "RequestKind", "WorkRequest"]
 
 _ids = itertools.count(1)
+
+
+class CancelSignal(asyncio.Event):
+    """An ``asyncio.Event`` that also calls back when it is set, so that a worker can wait for a result,
+    a cancellation and a deadline on one future instead of a watcher task per request::
+
+        signal = CancelSignal()
+        signal.add_callback(wake)      # wake() runs once, when set() is first called
+        signal.remove_callback(wake)   # no longer interested (a no-op when it already ran)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[], object]] = []
+
+    def set(self) -> None:
+        if self.is_set():
+            return
+        super().set()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def add_callback(self, callback: Callable[[], object]) -> None:
+        self._callbacks.append(callback)
+
+    def remove_callback(self, callback: Callable[[], object]) -> None:
+        with contextlib.suppress(ValueError):
+            self._callbacks.remove(callback)
 
 
 @dataclass(eq=False)
@@ -35,7 +65,7 @@ class WorkRequest:
     stream: bool = False
     deadline_s: float | None = None  # monotonic time after which the answer is useless
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Event = field(default_factory=CancelSignal)
     metadata: dict[str, Any] = field(default_factory=dict)
     # monotonic time it first joined a worker's queue, kept across retries (see scheduling.queue)
     queued_since_s: float | None = None

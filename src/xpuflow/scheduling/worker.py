@@ -58,7 +58,7 @@ from xpuflow.scheduling.queue import (
     Ticket,
     make_queue,
 )
-from xpuflow.scheduling.request import WorkRequest
+from xpuflow.scheduling.request import CancelSignal, WorkRequest
 from xpuflow.scheduling.session_calls import Result, batch_group, open_stream, run_batch, work_units
 from xpuflow.types import WorkerSnapshot
 
@@ -302,18 +302,24 @@ class Worker:
                 f"request {request.request_id} asks for a stream; use Worker.stream()", field="stream"
             )
         ticket = self._admit(request, streaming=False)
-        watcher = asyncio.ensure_future(request.cancelled.wait())
+        cancelled = request.cancelled
+        watcher: asyncio.Future[Any] | None = None
         try:
-            await asyncio.wait(
-                {ticket.future, watcher},
-                timeout=self._timeout_s(request),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            if isinstance(cancelled, CancelSignal):
+                await self._answer_or_cancel(ticket.future, cancelled, self._timeout_s(request))
+            else:  # a plain asyncio.Event: watch it with a task
+                watcher = asyncio.ensure_future(cancelled.wait())
+                await asyncio.wait(
+                    {ticket.future, watcher},
+                    timeout=self._timeout_s(request),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
         except asyncio.CancelledError:
             self._withdraw(ticket, self._cancelled_error(request, "its caller was cancelled"))
             raise
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
         if not ticket.future.done():
             if request.cancelled.is_set():
                 self._withdraw(ticket, self._cancelled_error(request, "its client went away"))
@@ -321,6 +327,32 @@ class Worker:
                 self._withdraw(ticket, self._deadline_error(request))
         result: Result = ticket.future.result()
         return result
+
+    @staticmethod
+    async def _answer_or_cancel(
+        answer: asyncio.Future[Any], cancelled: CancelSignal, timeout_s: float | None
+    ) -> None:
+        """Until ``answer`` is done, ``cancelled`` is set or ``timeout_s`` has passed: one future woken by
+        callbacks, no task."""
+        if answer.done() or cancelled.is_set():
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+
+        def wake(*_: object) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        answer.add_done_callback(wake)
+        cancelled.add_callback(wake)
+        timer = None if timeout_s is None else loop.call_later(timeout_s, wake)
+        try:
+            await waiter
+        finally:
+            answer.remove_done_callback(wake)
+            cancelled.remove_callback(wake)
+            if timer is not None:
+                timer.cancel()
 
     async def stream(self, request: WorkRequest) -> AsyncIterator[StreamChunk]:
         """Queue ``request`` and yield its chunks as the session produces them; the last chunk carries
