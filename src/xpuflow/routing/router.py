@@ -116,6 +116,7 @@ class Router:
         self.log = log or RequestLog()
         self._clock = clock or SystemClock()
         self.created_s = created_s
+        self._single_tier: RoutingDecision | None = None
 
     def info(self) -> ModelInfo:
         return ModelInfo(self.name, self.task, tuple(t for t, _ in self.tiers), self.created_s)
@@ -155,9 +156,11 @@ class Router:
                     f"model '{call.model}' has no tier '{call.tier_override}'; tiers: {only}",
                     field="x-xpuflow-tier",
                 )
-            decision = RoutingDecision(
-                None, "the model has one tier", 1.0, tier=only, details={"rule": "single-tier"}
-            )
+            decision = self._single_tier
+            if decision is None or decision.tier != only:  # made once (it is immutable), not per call
+                decision = self._single_tier = RoutingDecision(
+                    None, "the model has one tier", 1.0, tier=only, details={"rule": "single-tier"}
+                )
             return decision, self.tiers
         decision = self.tier_router.route_decision(call.payload, override=call.tier_override)
         chosen = decision.tier or self.tiers[0][0]
