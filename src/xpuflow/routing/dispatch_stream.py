@@ -68,7 +68,10 @@ class DispatchedStream:
         if self._done:
             raise StopAsyncIteration
         try:
-            chunk = await _within(_first(self._iterator), self._idle_timeout_s)
+            chunk = await _within(self._iterator.__anext__(), self._idle_timeout_s)
+        except StopAsyncIteration:
+            self._done = True
+            raise
         except Exception as exc:
             self._done = True
             await _aclose(self._iterator)
@@ -85,9 +88,6 @@ class DispatchedStream:
             self._done = True
             await _aclose(self._iterator)
             raise
-        if chunk is None:
-            self._done = True
-            raise StopAsyncIteration
         self.chunks_delivered += 1
         return chunk
 

@@ -139,15 +139,28 @@ async def _within(work: Awaitable[T], timeout_s: float | None) -> T:
     ``TimeoutError`` the work raises itself (a worker's deadline) passes through unchanged."""
     if timeout_s is None:
         return await work
-    if sys.version_info >= (3, 11):
-        scope = asyncio.timeout(timeout_s)
+    task = asyncio.current_task()
+    if sys.version_info >= (3, 11) and task is not None:
+        # asyncio.timeout's rule with one timer and no context object: it runs once per attempt and
+        # once per streamed chunk. Expiry cancels the task; that cancellation, and only that one (not a
+        # caller's that came with it), becomes _AttemptTimeout.
+        cancelling = task.cancelling()
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = task.get_loop().call_later(timeout_s, expire)
         try:
-            async with scope:
-                return await work
-        except TimeoutError:
-            if scope.expired():
+            return await work
+        except asyncio.CancelledError:
+            if expired and task.uncancel() <= cancelling:
                 raise _AttemptTimeout(f"no answer within {timeout_s:g} s") from None
             raise
+        finally:
+            timer.cancel()
     try:  # pragma: no cover - Python 3.10, where asyncio.TimeoutError is not the builtin TimeoutError
         return await asyncio.wait_for(work, timeout_s)
     except asyncio.TimeoutError:  # pragma: no cover
