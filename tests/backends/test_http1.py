@@ -221,3 +221,74 @@ def test_it_runs_on_uvloop_too() -> None:
             return [a[0] for a in answers]
 
     assert uvloop.run(go()) == [200, 200]
+
+
+def test_a_stream_is_read_as_it_arrives_and_its_connection_reused_once_whole() -> None:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+    async def go() -> tuple[list[bytes], int, dict[str, Any]]:
+        release = asyncio.Event()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(1)
+            while True:
+                try:
+                    request = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    break
+                await reader.readexactly(int(request.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+                writer.write(head + b"6\r\nfirst\n\r\n")
+                await writer.drain()
+                await release.wait()
+                writer.write(b"7\r\nsecond\n\r\n0\r\n\r\n")
+                await writer.drain()
+            writer.close()
+
+        accepted: list[int] = []
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = Http1Pool("127.0.0.1", port, limit=2, connect_timeout_s=2.0)
+        pieces = []
+        for _ in range(2):
+            release.clear()
+            async with pool.stream(
+                "/s", b"{}", accept="text/event-stream", read_timeout_s=2.0, total_timeout_s=5.0
+            ) as answer:
+                assert answer.status == 200
+                assert answer.headers["content-type"] == "text/event-stream"
+                pieces.append(await answer.read())  # before the server sends the rest
+                release.set()
+                pieces.append(await answer.read_all())
+        stats = pool.stats()
+        await pool.close()
+        await asyncio.sleep(0.05)  # the handler sees the close and closes its side
+        server.close()
+        return pieces, len(accepted), stats
+
+    pieces, accepted, stats = run(go())
+    assert pieces == [b"first\n", b"second\n"] * 2
+    assert accepted == 1
+    assert stats == {"open": 1, "idle": 1}
+
+
+def test_a_stalled_stream_times_out_and_its_connection_is_dropped() -> None:
+    stalled = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n"
+
+    async def read_on(pool: Http1Pool) -> None:
+        async with pool.stream(
+            "/s", b"{}", accept="text/event-stream", read_timeout_s=0.05, total_timeout_s=5.0
+        ) as answer:
+            assert await answer.read() == b"abc"
+            await answer.read()
+
+    async def go() -> dict[str, Any]:
+        async with raw_server(lambda _: stalled) as (port, _, _):
+            pool = Http1Pool("127.0.0.1", port, limit=1, connect_timeout_s=2.0)
+            with pytest.raises(asyncio.TimeoutError):
+                await read_on(pool)
+            stats = pool.stats()
+            await pool.close()
+            await asyncio.sleep(0.05)  # the server sees the close
+            return stats
+
+    assert run(go()) == {"open": 0, "idle": 0}

@@ -18,17 +18,20 @@ The contract:
 - Failures: ``Http1ConnectError`` (the connection could not be opened, within ``connect_timeout_s``),
   ``Http1Error`` (the server closed the connection or sent what is not HTTP), ``TimeoutError`` from the
   caller's own deadline. The connection of a failed or cancelled request is closed, never reused.
+- Streams (``stream()``): the answer's headers, then its body bytes as they arrive, each wait bounded
+  by a read timeout and the whole by a total one.
 - No TLS, proxies, cookies or redirects: ``remote_openai`` uses this only for ``http://`` servers and
-  sends streams and health checks through aiohttp as before. ``available()`` is false without httptools.
+  sends health checks through aiohttp as before. ``available()`` is false without httptools.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-__all__ = ["Http1ConnectError", "Http1Error", "Http1Pool", "available"]
+__all__ = ["Http1ConnectError", "Http1Error", "Http1Pool", "Http1Stream", "available"]
 
 
 class Http1Error(Exception):
@@ -65,6 +68,9 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._headers_done = False
         self._delimited = False  # Content-Length or chunked: the body ends by itself, not at close
+        self._streaming = False  # a stream: wake the reader at the headers and at each body piece
+        self.complete = False  # the whole answer has arrived
+        self.error: Exception | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -98,17 +104,26 @@ class _Connection(asyncio.Protocol):
             lower = name.lower()
             if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
                 self._delimited = True
+        if self._streaming:
+            self._finish(None)
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
+        if self._streaming:
+            self._finish(None)
 
     def on_message_complete(self) -> None:
+        self.complete = True
         self.reusable = bool(self._parser.should_keep_alive()) and not self.closed
         self._finish(None)
 
     # -- requests ----------------------------------------------------------------------------------
 
     def _finish(self, error: Exception | None) -> None:
+        if error is not None:
+            self.error = error
+        elif self._headers_done and not self._delimited and self.closed:
+            self.complete = True  # the body ran to the close
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             if error is None:
@@ -122,18 +137,100 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def request(self, data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    def _send(self, data: bytes, streaming: bool) -> None:
         assert self.transport is not None
-        self.reusable = False
+        self.reusable = self.complete = False
+        self.error = None
         self._status, self._headers, self._body = 0, [], []
         self._headers_done = self._delimited = False
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._streaming = streaming
         self.transport.write(data)
+
+    async def _wait(self, timeout_s: float | None = None) -> None:
+        """Until the parser has news (or, with ``timeout_s``, TimeoutError past it)."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = None
+        if timeout_s is not None:
+            timer = loop.call_later(timeout_s, _expire, waiter)
         try:
-            await self._waiter
+            await waiter
         finally:
             self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    async def request(
+        self, data: bytes, timeout_s: float | None = None
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        self._send(data, streaming=False)
+        await self._wait(timeout_s)
         return self._status, self._headers, b"".join(self._body)
+
+    async def open(self, data: bytes, timeout_s: float) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """Send a request whose answer is read as it arrives; returns at its headers."""
+        self._send(data, streaming=True)
+        while not self._headers_done:
+            if self.error is not None:
+                raise self.error
+            if self.closed:
+                raise Http1Error("the server closed the connection before it answered")
+            await self._wait(timeout_s)
+        return self._status, self._headers
+
+    async def read(self, timeout_s: float) -> bytes:
+        """The body bytes that arrived since the last read (waiting up to ``timeout_s`` for some);
+        ``b""`` once the answer is whole."""
+        while not self._body:
+            if self.error is not None:
+                raise self.error
+            if self.complete:
+                return b""
+            if self.closed:
+                raise Http1Error("the server closed the connection before its answer was whole")
+            await self._wait(timeout_s)
+        data = b"".join(self._body) if len(self._body) > 1 else self._body[0]
+        self._body = []
+        return data
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())  # the builtin one from Python 3.11
+
+
+class Http1Stream:
+    """An answer being read: ``status``, ``headers`` (lower-case names) and ``read()`` (the bytes that
+    arrived since the last call, ``b""`` at the end)."""
+
+    __slots__ = ("_connection", "_deadline", "_loop", "_timeout_s", "headers", "status")
+
+    def __init__(
+        self,
+        connection: _Connection,
+        status: int,
+        headers: Mapping[str, str],
+        timeout_s: float,
+        deadline: float,
+    ) -> None:
+        self._connection = connection
+        self._timeout_s = timeout_s
+        self._deadline = deadline
+        self._loop = asyncio.get_running_loop()
+        self.status = status
+        self.headers = headers
+
+    async def read(self) -> bytes:
+        left = self._deadline - self._loop.time()
+        if left <= 0:
+            raise asyncio.TimeoutError()
+        return await self._connection.read(min(self._timeout_s, left))
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while data := await self.read():
+            parts.append(data)
+        return b"".join(parts)
 
 
 class Http1Pool:
@@ -154,17 +251,35 @@ class Http1Pool:
         self._all: set[_Connection] = set()
         self._slots = asyncio.Semaphore(limit)
         authority = f"[{host}]" if ":" in host else host
-        default_port = port == 80
-        lines = [f"Host: {authority}" + ("" if default_port else f":{port}")]
-        lines += [f"{name}: {value}" for name, value in headers.items() if name.lower() != "host"]
-        self._head_tail = ("\r\n".join(lines) + "\r\n").encode("latin-1")
+        self._host = f"Host: {authority}" + ("" if port == 80 else f":{port}")
+        self._headers = {name: value for name, value in headers.items() if name.lower() != "host"}
+        self._tails: dict[str | None, bytes] = {}
+        self._head_tail = self._tail(None)
         self._closed = False
 
+    def _tail(self, accept: str | None) -> bytes:
+        """The request head after its first lines: Host and the pool's headers (``Accept`` replaced)."""
+        tail = self._tails.get(accept)
+        if tail is None:
+            headers = dict(self._headers)
+            if accept is not None:
+                headers = {k: v for k, v in headers.items() if k.lower() != "accept"}
+                headers["Accept"] = accept
+            lines = [self._host, *(f"{name}: {value}" for name, value in headers.items())]
+            tail = self._tails[accept] = ("\r\n".join(lines) + "\r\n").encode("latin-1")
+        return tail
+
     async def post(
-        self, path: str, body: bytes, content_type: str = "application/json"
+        self,
+        path: str,
+        body: bytes,
+        content_type: str = "application/json",
+        *,
+        timeout_s: float | None = None,
     ) -> tuple[int, Mapping[str, str], bytes]:
         """Send ``POST path`` with ``body``; the status, the headers (lower-case names; the last of a
-        repeated one) and the whole body. Raises as the module docstring says."""
+        repeated one) and the whole body. ``timeout_s`` bounds the wait for the answer once the request
+        is sent (TimeoutError past it). Raises as the module docstring says."""
         head = (
             f"POST {path} HTTP/1.1\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
         ).encode("latin-1")
@@ -172,7 +287,7 @@ class Http1Pool:
         async with self._slots:
             connection = await self._connection()
             try:
-                status, raw_headers, content = await connection.request(data)
+                status, raw_headers, content = await connection.request(data, timeout_s)
             except BaseException:
                 self._discard(connection)
                 raise
@@ -182,6 +297,34 @@ class Http1Pool:
                 self._discard(connection)
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw_headers}
         return status, headers, content
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, path: str, body: bytes, *, accept: str, read_timeout_s: float, total_timeout_s: float
+    ) -> AsyncIterator[Http1Stream]:
+        """``POST path`` whose answer is read as it arrives: yields at the answer's headers a
+        ``Http1Stream`` (``status``, ``headers``, ``read()``). ``read_timeout_s`` bounds the wait for
+        the headers and for each read, ``total_timeout_s`` the whole answer (TimeoutError past either).
+        A connection left before its answer was whole is closed."""
+        deadline = asyncio.get_running_loop().time() + total_timeout_s
+        head = (
+            f"POST {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        ).encode("latin-1")
+        async with self._slots:
+            connection = await self._connection()
+            try:
+                status, raw_headers = await connection.open(
+                    head + self._tail(accept) + b"\r\n" + body, min(read_timeout_s, total_timeout_s)
+                )
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
+                yield Http1Stream(connection, status, headers, read_timeout_s, deadline)
+            except BaseException:
+                self._discard(connection)
+                raise
+            if connection.complete and connection.reusable and not self._closed:
+                self._idle.append(connection)
+            else:
+                self._discard(connection)
 
     async def _connection(self) -> _Connection:
         while self._idle:

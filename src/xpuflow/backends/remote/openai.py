@@ -1,7 +1,7 @@
 """The ``remote_openai`` backend: any OpenAI-compatible server (vLLM, TGI, SGLang, llama.cpp, OpenAI).
 
 A session holds one pooled aiohttp client (created lazily inside the running event loop) and speaks
-``/v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``; its plain JSON POSTs to an
+``/v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``; its requests and streams to an
 ``http://`` server take the lean HTTP/1.1 client of ``backends.remote.http1`` instead (a third of the
 gateway's CPU per request went to aiohttp's request machinery). Streams pass the server's SSE
 events through as they arrive. Failures become ``RemoteError`` with ``retryable`` set for connect
@@ -23,9 +23,10 @@ requests concurrently, at most ``max_connections`` at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -98,6 +99,18 @@ LATENCY_EMA_ALPHA = 0.2
 _SSE_ACCEPT = {"Accept": "text/event-stream"}
 
 _INSTALL_HINT = "pip install aiohttp"
+
+
+_StreamSource = tuple[int, Mapping[str, str], Callable[[], Awaitable[bytes]]]
+"""A streamed answer: its status, its headers (read with lower-case names) and a read of the bytes that
+arrived since the last one (``b""`` at the end)."""
+
+
+async def _read_all(read: Callable[[], Awaitable[bytes]]) -> bytes:
+    parts = []
+    while data := await read():
+        parts.append(data)
+    return b"".join(parts)
 
 
 def _decompress(raw: bytes, encoding: str) -> bytes:
@@ -421,15 +434,16 @@ class RemoteOpenAISession(Session):
                     headers=self._headers(),
                 )
                 self._path_prefix = parts.path.rstrip("/")
-        return self._http1 or None
+        return self._http1 if isinstance(self._http1, Http1Pool) else None
 
     async def _post_json(self, path: str, body: Mapping[str, Any]) -> Any:
         lean = self._lean()
         if lean is None:
             return await self._post_json_aiohttp(path, body)
         try:
-            async with asyncio.timeout(self.settings.timeout_s):
-                status, headers, raw = await lean.post(self._path_prefix + path, json.dumps(body).encode())
+            status, headers, raw = await lean.post(
+                self._path_prefix + path, json.dumps(body).encode(), timeout_s=self.settings.timeout_s
+            )
             if status >= 400:
                 text = raw.decode("utf-8", "replace")
                 raise self._status_error("POST", path, status, text, headers.get("retry-after"))
@@ -500,41 +514,24 @@ class RemoteOpenAISession(Session):
 
     async def _stream(self, path: str, body: Mapping[str, Any]) -> AsyncIterator[StreamChunk]:
         """Yield each delta as its SSE event arrives; nothing is buffered beyond one partial line."""
-        import aiohttp
-
-        http = self._client()
+        lean = self._lean()
         start = self._clock.monotonic()
         finished = False
-        timeout = self._stream_timeout
-        if timeout is None:
-            settings = self.settings
-            # a hung server holds a stream no longer than first_byte_timeout_s, not the whole timeout_s
-            timeout = self._stream_timeout = aiohttp.ClientTimeout(
-                total=settings.timeout_s,
-                sock_connect=settings.connect_timeout_s,
-                sock_read=settings.first_byte_timeout_s,
-            )
         try:
-            async with http.post(
-                self._target(path), json=body, headers=_SSE_ACCEPT, timeout=timeout
-            ) as response:
-                if response.status >= 400:
-                    raise self._status_error(
-                        "POST",
-                        path,
-                        response.status,
-                        await response.text(),
-                        response.headers.get("Retry-After"),
-                    )
-                if "text/event-stream" not in response.headers.get("Content-Type", ""):
+            source = self._lean_stream(lean, path, body) if lean else self._aiohttp_stream(path, body)
+            async with source as (status, headers, read):
+                if status >= 400:
+                    text = (await _read_all(read)).decode("utf-8", "replace")
+                    raise self._status_error("POST", path, status, text, headers.get("retry-after"))
+                if "text/event-stream" not in headers.get("content-type", ""):
                     # A server that ignores "stream": true answers with one JSON body; pass it on whole.
-                    completion = completion_from_response(json.loads(await response.text()))
+                    completion = completion_from_response(json.loads(await _read_all(read)))
                     yield StreamChunk(completion.text, completion.finish_reason)
                     finished = True
                 else:
                     decoder = SSEDecoder()
                     done = False
-                    async for data in response.content.iter_any():
+                    while data := await read():
                         for payload in decoder.feed(data):
                             if done or payload == DONE:
                                 # Read on to the end so the pooled connection can be reused.
@@ -554,6 +551,47 @@ class RemoteOpenAISession(Session):
         self._record_success(self._clock.monotonic() - start)
         if not finished:
             yield StreamChunk("", "stop")
+
+    @contextlib.asynccontextmanager
+    async def _aiohttp_stream(self, path: str, body: Mapping[str, Any]) -> AsyncIterator[_StreamSource]:
+        """A streamed POST through aiohttp: its status, headers and a read of the next body bytes."""
+        import aiohttp
+
+        http = self._client()
+        timeout = self._stream_timeout
+        if timeout is None:
+            settings = self.settings
+            # a hung server holds a stream no longer than first_byte_timeout_s, not the whole timeout_s
+            timeout = self._stream_timeout = aiohttp.ClientTimeout(
+                total=settings.timeout_s,
+                sock_connect=settings.connect_timeout_s,
+                sock_read=settings.first_byte_timeout_s,
+            )
+        async with http.post(self._target(path), json=body, headers=_SSE_ACCEPT, timeout=timeout) as response:
+            yield response.status, response.headers, response.content.readany
+
+    @contextlib.asynccontextmanager
+    async def _lean_stream(
+        self, lean: Http1Pool, path: str, body: Mapping[str, Any]
+    ) -> AsyncIterator[_StreamSource]:
+        """The same through the lean HTTP/1.1 client, with the same timeouts."""
+        settings = self.settings
+        async with lean.stream(
+            self._path_prefix + path,
+            json.dumps(body).encode(),
+            accept="text/event-stream",
+            read_timeout_s=settings.first_byte_timeout_s,
+            total_timeout_s=settings.timeout_s,
+        ) as answer:
+            read = answer.read
+            encoding = answer.headers.get("content-encoding", "identity").lower()
+            if encoding not in ("identity", ""):  # compressed although nobody asked: whole, then
+                whole = [_decompress(await answer.read_all(), encoding)]
+
+                async def read() -> bytes:
+                    return whole.pop() if whole else b""
+
+            yield answer.status, answer.headers, read
 
     def _event_chunk(self, path: str, payload: str) -> StreamChunk | None:
         event = json.loads(payload)
