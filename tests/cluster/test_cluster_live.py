@@ -1,4 +1,5 @@
-"""Runs tests/cluster/live in a network namespace: a real head + two worker raylets on loopback.
+"""Runs tests/cluster/live (a real head + two worker raylets on loopback) and tests/cluster/local
+(``address: local``) in a network namespace.
 
 Ray looks up its own address outward even when told 127.0.0.1, so the cluster lives where loopback is
 the only interface (``unshare --net --map-root-user``). The inner run's output is shown on failure.
@@ -21,11 +22,13 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.e2e
-def test_live_cluster_suite() -> None:
+@pytest.mark.parametrize("suite", ["live", "local"])
+def test_live_cluster_suite(suite: str) -> None:
+    """live: a head and two raylets; local: ``cluster: {address: local}`` through ``xpuflow serve``."""
     if not netns_available():
         pytest.skip("cannot create a network namespace here (unshare --net --map-root-user)")
     argv = in_netns_argv(
-        [sys.executable, "-m", "pytest", "-v", "-x", "-p", "no:cacheprovider", str(HERE / "live")]
+        [sys.executable, "-m", "pytest", "-v", "-x", "-p", "no:cacheprovider", str(HERE / suite)]
     )
     env = {**os.environ, "XPUFLOW_IN_NETNS": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     try:
