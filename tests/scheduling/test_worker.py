@@ -253,6 +253,29 @@ async def test_max_in_flight_caps_a_continuous_session_and_shows_in_the_snapshot
 
 
 @run_async
+async def test_a_continuous_session_starts_a_request_in_the_turn_it_arrives_when_a_slot_is_free() -> None:
+    """Nothing queued ahead and a free slot: the request starts without waiting for the batch loop's
+    turn; with the slots full it queues, and starts when one frees, in priority order."""
+    session = Continuous(service_time_s=0.05, max_batch_size=1)
+    async with Worker(session, max_in_flight=1) as worker:
+        first = asyncio.ensure_future(worker.submit(completion("a b")))
+        await asyncio.sleep(0)  # one turn: the submit ran up to its wait, and launched the call
+        assert worker.metrics.in_flight == 1
+        low = asyncio.ensure_future(worker.submit(completion("c d", priority=Priority.LOW)))
+        high = asyncio.ensure_future(worker.submit(completion("e f", priority=Priority.HIGH)))
+        await asyncio.sleep(0.01)
+        assert session.running == 1  # the slot is taken: both wait in the queue
+        assert worker.snapshot().queue_depth == 2
+        done = [t async for t in _as_completed([first, low, high])]
+    assert [r.text for r in done] == ["b a", "f e", "d c"]
+
+
+async def _as_completed(tasks: list[asyncio.Future[Any]]) -> AsyncIterator[Any]:
+    for next_done in asyncio.as_completed(tasks):
+        yield await next_done
+
+
+@run_async
 async def test_a_sessions_own_in_flight_limit_is_the_default() -> None:
     class Server(Continuous):
         max_in_flight = 5  # what a remote session's connection pool allows

@@ -414,6 +414,16 @@ class Worker:
             self.metrics.record_rejected()
             raise
         self._batcher.on_arrival(now)
+        if (
+            self.max_in_flight is not None
+            and len(self._queue) == 1
+            and self.metrics.in_flight < self.max_in_flight
+            and not self._closing
+        ):
+            # a session that batches by itself, nothing queued ahead and a free slot: what the batch
+            # loop's next step would do at once, done here, without waking it (one loop turn less)
+            self._launch(self._queue.take_batch(now, 1, ticket.group), now)
+            return ticket
         self._update_depths()
         self._wakeup.set()
         return ticket
