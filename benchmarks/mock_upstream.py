@@ -1,8 +1,8 @@
 """A minimal, very fast mock OpenAI server for gateway benchmarks: HTTP/1.1 keep-alive on raw asyncio.
 
 Every ``POST`` gets the same chat completion (a ``"stream": true`` request gets it as SSE events), every
-``GET`` a one-model list (so a router's ``GET /health`` probe finds it healthy), so what a benchmark measures is the client and the gateway in between, not
-this server. Runs on uvloop when it is installed::
+``GET`` a one-model list (so a router's ``GET /health`` probe finds it healthy), so what a benchmark
+measures is the client and the gateway in between, not this server. Runs on uvloop when it is installed::
 
     python benchmarks/mock_upstream.py --port 9100      # prints "ready <port>" when listening
 
