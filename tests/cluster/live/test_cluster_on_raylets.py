@@ -33,6 +33,7 @@ from xpuflow.errors import CapabilityError, ConfigError  # noqa: E402
 from xpuflow.orchestrator import Orchestrator  # noqa: E402
 from xpuflow.scheduling.request import Priority, RequestKind  # noqa: E402
 from xpuflow.testing.ray_cluster import LocalRayCluster  # noqa: E402
+from xpuflow.testing.serve_process import serve_process  # noqa: E402
 
 BASE_PORT = 24000
 
@@ -417,10 +418,7 @@ def test_xpuflow_serve_in_cluster_mode_answers_streams_and_reports_nodes(live: L
     """The path users run: ``xpuflow serve CONFIG`` in its own process with a cluster section."""
     import http.client
     import json
-    import signal
     import socket
-    import subprocess
-    import sys
 
     import yaml
 
@@ -464,43 +462,20 @@ def test_xpuflow_serve_in_cluster_mode_answers_streams_and_reports_nodes(live: L
             connection.close()
 
     log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "xpuflow.cli.main", "serve", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 90
-            while True:
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                try:
-                    if request("GET", "/ready")[0] == 200:
-                        break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-                time.sleep(0.2)
-            chat = {"model": "served", "messages": [{"role": "user", "content": "one two"}], "max_tokens": 8}
-            status, body = request("POST", "/v1/chat/completions", chat)
-            assert status == 200, body
-            assert json.loads(body)["choices"][0]["message"]["content"] == "two one"
-            status, body = request("POST", "/v1/chat/completions", {**chat, "stream": True})
-            assert status == 200, body
-            assert b"data: [DONE]" in body
-            assert b"two" in body
-            status, body = request("GET", "/admin/workers", key="key-ops-1")
-            assert status == 200, body
-            workers = json.loads(body)["workers"]
-            assert [(w["worker_id"], w["node"], w["device"]) for w in workers] == [("served/0", "a", "cpu@a")]
-            status, body = request("GET", "/metrics")
-            assert status == 200
-            assert b"xpuflow_requests_total{" in body
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+    with serve_process(config, port=port, log_path=log_path) as proc:
+        chat = {"model": "served", "messages": [{"role": "user", "content": "one two"}], "max_tokens": 8}
+        status, body = request("POST", "/v1/chat/completions", chat)
+        assert status == 200, body
+        assert json.loads(body)["choices"][0]["message"]["content"] == "two one"
+        status, body = request("POST", "/v1/chat/completions", {**chat, "stream": True})
+        assert status == 200, body
+        assert b"data: [DONE]" in body
+        assert b"two" in body
+        status, body = request("GET", "/admin/workers", key="key-ops-1")
+        assert status == 200, body
+        workers = json.loads(body)["workers"]
+        assert [(w["worker_id"], w["node"], w["device"]) for w in workers] == [("served/0", "a", "cpu@a")]
+        status, body = request("GET", "/metrics")
+        assert status == 200
+        assert b"xpuflow_requests_total{" in body
     assert proc.returncode == 0, log_path.read_text()[-3000:]

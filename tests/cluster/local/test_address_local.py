@@ -10,12 +10,12 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from xpuflow.testing.serve_process import serve_process
 
 if os.environ.get("XPUFLOW_IN_NETNS") != "1":
     pytest.skip(
@@ -54,49 +54,21 @@ deployments:
 """
     )
     ray_dir = Path(f"/tmp/xfl{os.getpid()}")  # Ray's socket paths must stay under 108 bytes
-    env = {**os.environ, "XPUFLOW_LOCAL_RAY_TEST": "1", "RAY_TMPDIR": str(ray_dir)}
+    env = {"XPUFLOW_LOCAL_RAY_TEST": "1", "RAY_TMPDIR": str(ray_dir)}
     log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "xpuflow.cli.main", "serve", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
+    with serve_process(config, port=port, log_path=log_path, env=env) as proc:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        body = {"model": "chat", "messages": [{"role": "user", "content": "a b c"}]}
+        connection.request(
+            "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
         )
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                probe = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                try:
-                    probe.request("GET", "/ready")
-                    if probe.getresponse().status == 200:
-                        break
-                except OSError:
-                    pass
-                finally:
-                    probe.close()
-                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-                time.sleep(0.25)
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            body = {"model": "chat", "messages": [{"role": "user", "content": "a b c"}]}
-            connection.request(
-                "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
-            )
-            response = connection.getresponse()
-            answer = json.loads(response.read())
-            connection.close()
-            assert response.status == 200, answer
-            assert answer["choices"][0]["message"]["content"] == "c b a"
-            assert (response.getheader("x-xpuflow-worker") or "").startswith("chat/")
-            assert _ray_processes(), "no Ray process started for address: local"
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        connection.close()
+        assert response.status == 200, answer
+        assert answer["choices"][0]["message"]["content"] == "c b a"
+        assert (response.getheader("x-xpuflow-worker") or "").startswith("chat/")
+        assert _ray_processes(), "no Ray process started for address: local"
     assert proc.returncode == 0, log_path.read_text()[-3000:]
     deadline = time.monotonic() + 20
     while _ray_processes() and time.monotonic() < deadline:
