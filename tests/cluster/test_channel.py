@@ -31,6 +31,8 @@ class Handlers:
                 await self.release.wait()
             if wire == "fail":
                 return "err", "it failed"
+            if wire == "unpicklable":
+                return "ok", lambda: None  # a result that cannot cross the wire
             return "ok", {"echo": wire}
         except asyncio.CancelledError:
             self.cancelled.append(wire)
@@ -72,6 +74,9 @@ def test_calls_and_streams_are_answered_over_one_connection() -> None:
             answers = await asyncio.gather(*(client.call(i) for i in range(50)))
             assert answers == [("ok", {"echo": i}) for i in range(50)]
             assert await client.call("fail") == ("err", "it failed")
+            kind, error = await asyncio.wait_for(client.call("unpicklable"), 2.0)  # answered, not lost
+            assert kind == "err"
+            assert "pickle" in error.message.lower()
             stream = await client.stream({"n": 5})
             assert [value async for _kind, value in stream] == [0, 1, 2, 3, 4]
             big = "x" * 3_000_000  # frames larger than a socket read arrive whole

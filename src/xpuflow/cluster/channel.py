@@ -154,7 +154,11 @@ class _ServerConnection(_Frames):
         except Exception as exc:  # handlers answer errors themselves; this is the safety net
             log.exception("cluster channel handler failed")
             answer = ("err", error_to_wire(exc))
-        self.send((request_id, *answer))
+        try:
+            self.send((request_id, *answer))
+        except Exception as exc:  # an answer that does not pickle: say so rather than never answer
+            log.exception("cluster channel: the answer to request %d cannot be sent", request_id)
+            self.send((request_id, "err", error_to_wire(exc)))
 
     async def _run_stream(self, request_id: int, wire: Any) -> None:
         try:
