@@ -48,7 +48,7 @@ from xpuflow.routing.remote_state import PrometheusLoadProbe, RemoteStatePoller
 from xpuflow.routing.router import RequestLog, Router
 from xpuflow.scheduling.qos.admission import AdmissionController, ContextSpec, QoSPolicy
 from xpuflow.scheduling.qos.gate import QoSGate
-from xpuflow.scheduling.qos.partitions import ComputeTokens
+from xpuflow.scheduling.qos.partitions import ComputeTokens, check_partition_memory
 from xpuflow.scheduling.qos.residency import ModelResidency
 from xpuflow.scheduling.worker import Worker
 from xpuflow.telemetry.host_memory import HostMemory, release_freed_memory
@@ -226,7 +226,6 @@ class Orchestrator:
         partitions' ``compute_share``). ConfigError when a partition's device is not here or the
         ``memory_gb`` of a device's partitions exceeds its memory."""
         tokens: dict[str, ComputeTokens] = {}
-        memory: dict[str, float] = {}
         for part in self.config.qos.partitions:
             resource = self.inventory.get(part.device)
             if resource is None:
@@ -238,15 +237,7 @@ class Orchestrator:
                 )
             device_tokens = tokens.setdefault(part.device, ComputeTokens(self.config.qos.compute_tokens))
             device_tokens.add(part.name, part.compute_share)
-            if part.memory_gb is not None:
-                memory[part.device] = memory.get(part.device, 0.0) + part.memory_gb
-                capacity = resource.memory_bytes
-                if capacity and memory[part.device] * (1 << 30) > capacity:
-                    raise ConfigError(
-                        f"the memory_gb of the partitions on '{part.device}' add up to "
-                        f"{memory[part.device]:.2f} GiB, more than its {capacity / (1 << 30):.2f} GiB",
-                        field="qos.partitions.memory_gb",
-                    )
+            check_partition_memory(self.config.qos.partitions, part.device, resource.memory_bytes)
         return tokens
 
     def _compute_gate(self, dep: DeploymentConfig, device: str) -> Any:

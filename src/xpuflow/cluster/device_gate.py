@@ -29,7 +29,7 @@ from typing import Any
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.cluster.channel import ChannelClient, ChannelClosed, ChannelServer
 from xpuflow.cluster.messages import WireError, error_to_wire
-from xpuflow.cluster.tasks import cancel_and_wait
+from xpuflow.cluster.tasks import Once, cancel_and_wait
 from xpuflow.errors import SessionError
 from xpuflow.scheduling.qos.partitions import ComputeTokens
 
@@ -47,24 +47,13 @@ class DeviceGateActor:
         self.tokens = ComputeTokens(num_tokens, dict(shares))
         self._token = token
         self._node_ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
-        self._server: ChannelServer | None = None
-        self._opening: asyncio.Task[ChannelServer] | None = None
+        self._server = Once(
+            lambda: ChannelServer.start((self._call, self._hold), host=self._node_ip, token=self._token)
+        )
 
     async def address(self) -> str:
         """Open the gate's channel if needed; its ``host:port``."""
-        if self._server is None:
-            if self._opening is None:
-                handler = (self._call, self._hold)
-                self._opening = asyncio.ensure_future(
-                    ChannelServer.start(handler, host=self._node_ip, token=self._token)
-                )
-            try:
-                self._server = await asyncio.shield(self._opening)
-            except BaseException:
-                if self._opening.done():
-                    self._opening = None
-                raise
-        return self._server.address
+        return (await self._server()).address
 
     async def _call(self, wire: Any) -> tuple[str, Any]:
         return "err", WireError("session", f"the device gate answers token streams only, not {wire!r}")

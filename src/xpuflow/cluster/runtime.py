@@ -34,6 +34,7 @@ from xpuflow.cluster.tasks import cancel_and_wait
 from xpuflow.cluster.worker_actor import WorkerActor, WorkerSpec
 from xpuflow.config import ClusterConfig, DeploymentConfig, XpuflowConfig
 from xpuflow.errors import CapabilityError, ConfigError
+from xpuflow.scheduling.qos.partitions import check_partition_memory
 from xpuflow.types import Resource
 
 __all__ = ["ClusterRuntime", "actor_options"]
@@ -201,14 +202,7 @@ class ClusterRuntime:
                     field="qos.partitions.device",
                 )
             node, resource = devices[device]
-            memory_gb = sum(p.memory_gb or 0.0 for p in qos.partitions if p.device == device)
-            capacity = resource.memory_bytes
-            if capacity and memory_gb * (1 << 30) > capacity:
-                raise ConfigError(
-                    f"the memory_gb of the partitions on '{device}' add up to {memory_gb:.2f} GiB, more "
-                    f"than its {capacity / (1 << 30):.2f} GiB",
-                    field="qos.partitions.memory_gb",
-                )
+            check_partition_memory(qos.partitions, device, resource.memory_bytes)
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             actor = (

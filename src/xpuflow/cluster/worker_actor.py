@@ -31,6 +31,7 @@ from typing import Any
 from xpuflow.cluster.channel import ChannelServer
 from xpuflow.cluster.device_gate import RemoteComputeGate
 from xpuflow.cluster.messages import error_to_wire, request_from_wire, resource_from_wire
+from xpuflow.cluster.tasks import Once
 from xpuflow.config import DeploymentConfig
 from xpuflow.scheduling.worker import Worker
 
@@ -70,25 +71,26 @@ class WorkerActor:
         label = labels.get(spec.node_label)
         self.node_label = (label[0] if isinstance(label, list) and label else label) or None
         self.node_ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
-        self._worker: Worker | None = None
-        self._building: asyncio.Task[Worker] | None = None
+        self._built = Once(self._build)  # a failed build is tried again by the next call
         self._draining = False
         self._host_memory: Any = None
-        self._channel: ChannelServer | None = None
-        self._opening: asyncio.Task[ChannelServer] | None = None
+        # one listener, however many ready() calls wait for it
+        self._opened = Once(
+            lambda: ChannelServer.start(
+                (self.submit, self.stream), host=self.node_ip, token=spec.channel_token
+            )
+        )
+
+    @property
+    def _worker(self) -> Worker | None:
+        return self._built.value
+
+    @property
+    def _channel(self) -> ChannelServer | None:
+        return self._opened.value
 
     async def _ready(self) -> Worker:
-        if self._worker is not None:
-            return self._worker
-        if self._building is None:
-            self._building = asyncio.ensure_future(self._build())
-        try:
-            self._worker = await asyncio.shield(self._building)
-        except BaseException:
-            if self._building.done():
-                self._building = None  # a failed build is tried again by the next call
-            raise
-        return self._worker
+        return await self._built()
 
     async def _build(self) -> Worker:
         from xpuflow.artifacts.builder import build_all
@@ -149,19 +151,8 @@ class WorkerActor:
     async def ready(self) -> dict[str, Any]:
         """Build the worker if needed and open its channel; where it runs and where to send requests."""
         await self._ready()
-        if self._channel is None and self.spec.channel_token:
-            if self._opening is None:  # one listener, however many ready() calls wait for it
-                handler = (self.submit, self.stream)
-                token = self.spec.channel_token
-                self._opening = asyncio.ensure_future(
-                    ChannelServer.start(handler, host=self.node_ip, token=token)
-                )
-            try:
-                self._channel = await asyncio.shield(self._opening)
-            except BaseException:
-                if self._opening.done():
-                    self._opening = None  # the next ready() tries again
-                raise
+        if self.spec.channel_token:
+            await self._opened()
         return self._where()
 
     def _where(self) -> dict[str, Any]:
@@ -227,4 +218,4 @@ class WorkerActor:
             await self._worker.stop(drain=drain)
         if self._channel is not None:
             await self._channel.aclose()
-            self._channel = None
+            self._opened.reset()

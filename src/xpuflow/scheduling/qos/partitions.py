@@ -20,15 +20,30 @@ import asyncio
 import itertools
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from xpuflow.config import PartitionConfig
 from xpuflow.errors import ConfigError
 from xpuflow.scheduling.qos.admission import QoSPolicy
 from xpuflow.scheduling.qos.scheduler import ExecutionContext, QoSScheduler
 
-__all__ = ["ComputeTokens", "DevicePartitions", "Partition"]
+__all__ = ["ComputeTokens", "DevicePartitions", "Partition", "check_partition_memory"]
+
+
+def check_partition_memory(
+    partitions: Sequence[PartitionConfig], device: str, capacity_bytes: int | None
+) -> None:
+    """ConfigError when the ``memory_gb`` of ``device``'s partitions add up to more than the device has
+    (an unknown capacity checks nothing). One machine and cluster mode check the same way."""
+    memory_gb = sum(p.memory_gb or 0.0 for p in partitions if p.device == device)
+    if capacity_bytes and memory_gb * (1 << 30) > capacity_bytes:
+        raise ConfigError(
+            f"the memory_gb of the partitions on '{device}' add up to {memory_gb:.2f} GiB, more than its "
+            f"{capacity_bytes / (1 << 30):.2f} GiB",
+            field="qos.partitions.memory_gb",
+        )
 
 
 class ComputeTokens:
