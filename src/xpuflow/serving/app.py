@@ -47,7 +47,7 @@ from xpuflow.engine import Engine
 from xpuflow.errors import XpuflowError
 from xpuflow.serving.auth import Authenticator, request_authorization
 from xpuflow.serving.drain import Drain, DrainMiddleware
-from xpuflow.serving.hosts import HostFilter
+from xpuflow.serving.hosts import HostFilter, host_of
 from xpuflow.serving.inference import DECISION_HEADERS, InferenceEndpoints, ModelCatalog, to_api_error
 from xpuflow.serving.metrics import GatewayMetrics
 from xpuflow.serving.openai_schema import APIError, error_body, require_json_content_type
@@ -283,24 +283,12 @@ class GatewayApp(Starlette):
             if endpoint is not None:
                 hosts = self.hosts
                 if hosts is not None:
-                    host = ""
-                    for key, value in scope["headers"]:
-                        if key == b"host":
-                            host = value.decode("latin-1")
-                            break
+                    host = host_of(scope)
                     if not hosts.allows(host):
                         await hosts.refuse(scope, send, host)
                         return
-                drain = self.drain
-                if drain.draining:
-                    await drain.refuse(send)
-                    return
                 scope["app"] = self
-                drain.in_flight += 1
-                try:
-                    await endpoint(scope, receive, send)
-                finally:
-                    drain.in_flight -= 1
+                await self.drain.run(endpoint, scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 

@@ -54,10 +54,17 @@ class Drain:
     def wrap(self, app: ASGIApp) -> DrainMiddleware:
         return DrainMiddleware(app, self)
 
-    @staticmethod
-    async def refuse(send: Send) -> None:
-        """Answer a request that came in while draining: 503, ``Retry-After``, ``Connection: close``."""
-        await _refuse(send)
+    async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run a counted request through ``app``, or refuse it while draining (503, ``Retry-After``,
+        ``Connection: close``)."""
+        if self.draining:
+            await _refuse(send)
+            return
+        self.in_flight += 1
+        try:
+            await app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 _REFUSAL = error_body(
@@ -95,14 +102,7 @@ class DrainMiddleware:
                 return
             await self.app(scope, receive, send)
             return
-        if self.drain.draining:
-            await _refuse(send)
-            return
-        self.drain.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.drain.in_flight -= 1
+        await self.drain.run(self.app, scope, receive, send)
 
 
 async def _refuse(send: Send) -> None:

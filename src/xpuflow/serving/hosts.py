@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from xpuflow.serving.openai_schema import error_body
 
-__all__ = ["HostFilter", "host_name", "is_loopback_address"]
+__all__ = ["HostFilter", "host_name", "host_of", "is_loopback_address"]
 
 
 def is_loopback_address(host: str) -> bool:
@@ -44,6 +44,14 @@ def host_name(header: str) -> str:
     return name.rstrip(".")  # "localhost." names the same host
 
 
+def host_of(scope: Scope) -> str:
+    """The request's ``Host`` header ("" when it has none)."""
+    for key, value in scope["headers"]:
+        if key == b"host":
+            return str(value.decode("latin-1"))
+    return ""
+
+
 class HostFilter:
     """ASGI middleware: requests whose Host is not allowed get 400 with a message that says how to
     allow it. ``allowed`` holds names (``localhost``, ``[::1]``) and ``*.domain`` suffixes."""
@@ -63,11 +71,7 @@ class HostFilter:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        host = ""
-        for key, value in scope["headers"]:
-            if key == b"host":
-                host = value.decode("latin-1")
-                break
+        host = host_of(scope)
         if self.allows(host):
             await self.app(scope, receive, send)
             return
