@@ -145,7 +145,7 @@ async def _serve(config: Any, config_path: Path | None, host: str, port: int) ->
     from xpuflow.orchestrator import Orchestrator
     from xpuflow.serving.app import create_app
     from xpuflow.serving.auth import Authenticator
-    from xpuflow.serving.server import GatewayServer, listen_socket
+    from xpuflow.serving.server import GatewayServer, listen_socket, settle_heap
 
     console = Console(stderr=True)
     settings = _settings(config, host)
@@ -195,6 +195,7 @@ async def _serve(config: Any, config_path: Path | None, host: str, port: int) ->
         shown_host = f"[{host}]" if ":" in host else host
         grpc_server = await _start_grpc(config, app, host, console)
         _banner(f"http://{shown_host}:{bound_port}", orchestrator, Console())
+        settle_heap()
         try:
             await server.serve(sockets=[sock])
         finally:
