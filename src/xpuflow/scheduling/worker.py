@@ -408,22 +408,24 @@ class Worker:
             chunks=asyncio.Queue() if streaming else None,
             waiting_since_s=request.queued_since_s,
         )
+        if (
+            self.max_in_flight is not None
+            and not self._queue
+            and self.metrics.in_flight < self.max_in_flight
+            and not self._closing
+        ):
+            # a session that batches by itself, nothing queued ahead and a free slot: what the batch
+            # loop's next step would do at once (take this ticket, the queue's only one), done here,
+            # without queueing it or waking the loop (an empty queue admits any priority)
+            self._batcher.on_arrival(now)
+            self._launch([ticket], now, from_queue=False)
+            return ticket
         try:
             self._queue.push(ticket, now)
         except AdmissionRejected:
             self.metrics.record_rejected()
             raise
         self._batcher.on_arrival(now)
-        if (
-            self.max_in_flight is not None
-            and len(self._queue) == 1
-            and self.metrics.in_flight < self.max_in_flight
-            and not self._closing
-        ):
-            # a session that batches by itself, nothing queued ahead and a free slot: what the batch
-            # loop's next step would do at once, done here, without waking it (one loop turn less)
-            self._launch(self._queue.take_batch(now, 1, ticket.group), now)
-            return ticket
         self._update_depths()
         self._wakeup.set()
         return ticket
@@ -527,14 +529,17 @@ class Worker:
             waker.cancel()
             timer.cancel()
 
-    def _launch(self, tickets: list[Ticket], now: float) -> None:
+    def _launch(self, tickets: list[Ticket], now: float, *, from_queue: bool = True) -> None:
+        """Run ``tickets`` as one batch in a task of its own. ``from_queue``: they were taken from the
+        queue, whose depths have changed (False: a ticket that never queued)."""
         if not tickets:
             return
         for ticket in tickets:
             ticket.dispatched_at_s = now
             # what the gateway reports as queue time (xpuflow_queue_time_seconds): this queue's wait
             ticket.request.metadata["queue_ms"] = (now - ticket.enqueued_at_s) * 1000.0
-        self._update_depths()
+        if from_queue:
+            self._update_depths()
         self._batcher.on_dispatch(now, len(tickets))
         # in a continuous session a request joins the ones in flight in one running batch
         joined = self.metrics.in_flight if self.max_in_flight is not None else 0
