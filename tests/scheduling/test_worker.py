@@ -749,3 +749,16 @@ async def test_cancel_signal_calls_back_once_when_set() -> None:
     await waiter
     assert calls == ["a"]
     assert signal.is_set()
+
+
+@run_async
+async def test_a_snapshot_has_every_field_and_equals_the_constructors() -> None:
+    import dataclasses
+
+    async with Worker(Continuous(max_batch_size=4)) as worker:
+        snapshot = worker.snapshot()
+    names = [f.name for f in dataclasses.fields(WorkerSnapshot)]
+    assert sorted(vars(snapshot)) == sorted(names)  # from_fields was given every field
+    assert snapshot == WorkerSnapshot(**{name: getattr(snapshot, name) for name in names})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        snapshot.in_flight = 3  # type: ignore[misc]

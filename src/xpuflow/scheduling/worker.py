@@ -786,30 +786,32 @@ class Worker:
             max_seq_len = self._max_seq_len
         now = self._clock.monotonic()
         oldest = min(self._started_at.values(), default=None)
-        return WorkerSnapshot(
-            worker_id=self.worker_id,
-            deployment=self.deployment,
-            device=self.device,
-            healthy=self.health.healthy,
-            draining=self.draining,
-            queue_depth=len(self._queue),
-            in_flight=self.metrics.in_flight,
-            max_batch_size=self.max_batch_size,
-            max_in_flight=self.max_in_flight,
-            # the scorer counts queued work in the batches this worker achieves, not the largest it
-            # could form (docs/worker_choice.md): without it, 8 queued on a worker that batches 2 read
-            # as one batch ahead instead of four
-            mean_batch_size=self.metrics.mean_batch_size(),
-            ema_service_ms=self.metrics.ema_service_ms,
-            ema_latency_ms=self.metrics.ema_latency_ms,
-            free_memory_bytes=None if free is None else int(free),
-            utilization_pct=float(utilization),
-            temperature_c=state.get("temperature_c"),
-            max_seq_len=max_seq_len if isinstance(max_seq_len, int) else None,
-            taken_at_s=now,
-            tags=self.tags,
-            oldest_in_flight_s=None if oldest is None else max(0.0, now - oldest),
-            latency_sampled_at_s=self.metrics.latency_sampled_at_s,
+        return WorkerSnapshot.from_fields(
+            {
+                "worker_id": self.worker_id,
+                "deployment": self.deployment,
+                "device": self.device,
+                "healthy": self.health.healthy,
+                "draining": self.draining,
+                "queue_depth": len(self._queue),
+                "in_flight": self.metrics.in_flight,
+                "max_batch_size": self.max_batch_size,
+                "max_in_flight": self.max_in_flight,
+                # the scorer counts queued work in the batches this worker achieves, not the largest it
+                # could form (docs/worker_choice.md): without it, 8 queued on a worker that batches 2 read
+                # as one batch ahead instead of four
+                "mean_batch_size": self.metrics.mean_batch_size(),
+                "ema_service_ms": self.metrics.ema_service_ms,
+                "ema_latency_ms": self.metrics.ema_latency_ms,
+                "free_memory_bytes": None if free is None else int(free),
+                "utilization_pct": float(utilization),
+                "temperature_c": state.get("temperature_c"),
+                "max_seq_len": max_seq_len if isinstance(max_seq_len, int) else None,
+                "taken_at_s": now,
+                "tags": self.tags,
+                "oldest_in_flight_s": None if oldest is None else max(0.0, now - oldest),
+                "latency_sampled_at_s": self.metrics.latency_sampled_at_s,
+            }
         )
 
     def to_dict(self) -> dict[str, Any]:
