@@ -687,6 +687,8 @@ class Worker:
             yield
 
     async def _call(self, tickets: Sequence[Ticket]) -> list[Result]:
+        if self._residency is None:  # always loaded: no context manager to enter (every batch pays it)
+            return await self._call_loaded(tickets)
         async with self._resident(tickets):
             return await self._call_loaded(tickets)
 
