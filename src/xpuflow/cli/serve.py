@@ -137,6 +137,16 @@ async def _start_grpc(config: Any, app: Any, host: str, console: Any) -> Any:
     return server
 
 
+def _http_protocol() -> Any:
+    """The gateway's HTTP protocol (``serving/http_protocol.py``: one write per small response, disconnects
+    without a task), or uvicorn's own choice where httptools is not installed."""
+    try:
+        from xpuflow.serving.http_protocol import GatewayHttpProtocol
+    except ImportError:
+        return "auto"
+    return GatewayHttpProtocol
+
+
 async def _serve(config: Any, config_path: Path | None, host: str, port: int) -> None:
     import uvicorn
     from rich.console import Console
@@ -183,6 +193,7 @@ async def _serve(config: Any, config_path: Path | None, host: str, port: int) ->
         server = GatewayServer(
             uvicorn.Config(
                 app,
+                http=_http_protocol(),
                 log_level="warning",
                 access_log=False,
                 lifespan="off",

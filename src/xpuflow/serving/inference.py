@@ -279,26 +279,37 @@ class ModelCatalog:
 
 
 class _Guard:
-    """Watches one request while the engine works on it: the client leaving (``http.disconnect``) and
-    the deadline for the answer (``request_timeout_s``; for a stream, its first event). Either sets the
-    call's ``cancelled`` event and cancels the handler; ``reason`` then says which. One task and one
-    timer per request, cheaper than ``asyncio.timeout`` plus a separate watcher."""
+    """Watches one request while the engine works on it: the client leaving and the deadline for the
+    answer (``request_timeout_s``; for a stream, its first event). Either sets the call's ``cancelled``
+    event and cancels the handler; ``reason`` then says which. One timer per request, cheaper than
+    ``asyncio.timeout``. The client leaving comes from the server's ``xpuflow.disconnect`` scope extension
+    (``serving/http_protocol.py``, what ``xpuflow serve`` runs) where there is one: a callback, no task;
+    under another server, from a task waiting on ``receive()`` for ``http.disconnect``."""
 
-    __slots__ = ("call", "done", "handler", "reason", "started", "task", "timer")
+    __slots__ = ("call", "done", "handler", "reason", "started", "stop_watching", "timer")
 
-    def __init__(self, receive: Receive, call: InferenceCall, timeout_s: float | None) -> None:
+    def __init__(self, scope: Scope, receive: Receive, call: InferenceCall, timeout_s: float | None) -> None:
         self.call = call
         self.done = False
         self.started = False  # the response has begun: an error can no longer become an HTTP status
         self.reason: str | None = None  # "disconnect" or "timeout" once fired
         self.handler = asyncio.current_task()
-        self.task = asyncio.ensure_future(receive())
-        self.task.add_done_callback(self._on_message)
         self.timer = (
             None
             if timeout_s is None
             else asyncio.get_running_loop().call_later(timeout_s, self._fire, "timeout")
         )
+        extension = (scope.get("extensions") or {}).get("xpuflow.disconnect")
+        self.stop_watching: Callable[[], object]
+        if extension is not None:
+            self.stop_watching = extension["watch"](self._on_disconnect)
+        else:
+            task = asyncio.ensure_future(receive())
+            task.add_done_callback(self._on_message)
+            self.stop_watching = task.cancel
+
+    def _on_disconnect(self) -> None:
+        self._fire("disconnect")
 
     def _on_message(self, task: asyncio.Future[Message]) -> None:
         if (
@@ -326,8 +337,7 @@ class _Guard:
         """Call before the last send, so that a normal end is never taken for a disconnect."""
         self.done = True
         self.answered()
-        if not self.task.done():
-            self.task.cancel()
+        self.stop_watching()
 
 
 class _Endpoint:
@@ -380,7 +390,7 @@ class InferenceEndpoints:
             info = self.catalog.for_kind(parsed.model, kind)
             model = info.name
             call = self._call(kind, parsed, info, headers, request_id, key)
-            guard = _Guard(receive, call, self.settings.request_timeout_s)
+            guard = _Guard(scope, receive, call, self.settings.request_timeout_s)
             if parsed.stream:
                 await self._stream(call, parsed, start, send, guard)
                 return

@@ -8,6 +8,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -19,12 +20,18 @@ __all__ = ["live_server"]
 
 
 @contextmanager
-def live_server(app: Any, *, start_timeout_s: float = 15.0, grace_s: int = 1) -> Iterator[str]:
+def live_server(
+    app: Any, *, start_timeout_s: float = 15.0, grace_s: int = 1, http: type[asyncio.Protocol] | None = None
+) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1 (a free port, bound before the thread starts) and yield its base URL.
 
-    A short graceful-shutdown window ends open event streams (dashboards) instead of waiting on them.
+    ``http`` is the protocol class, by default the one ``xpuflow serve`` runs
+    (``serving.http_protocol.GatewayHttpProtocol``). A short graceful-shutdown window ends open event
+    streams (dashboards) instead of waiting on them.
     """
     import uvicorn
+
+    from xpuflow.serving.http_protocol import GatewayHttpProtocol
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -33,7 +40,7 @@ def live_server(app: Any, *, start_timeout_s: float = 15.0, grace_s: int = 1) ->
     config = uvicorn.Config(
         app,
         loop="uvloop",
-        http="httptools",
+        http=http or GatewayHttpProtocol,
         ws="none",
         log_level="warning",
         access_log=False,

@@ -1,0 +1,247 @@
+"""The gateway's HTTP/1.1 protocol: uvicorn's httptools protocol with two costs taken off each request.
+
+``xpuflow serve`` passes :class:`GatewayHttpProtocol` as ``uvicorn.Config(http=...)``. Everything uvicorn
+does stays (keep-alive, pipelining, flow control, 100-continue, HEAD, chunked bodies, its error answers,
+the ``date``/``server`` headers, ``connection: close``); what changes:
+
+* **One write per small response.** uvicorn writes a response's head on ``http.response.start`` and its
+  body on ``http.response.body``: two ``send()`` calls and two TCP segments. When the start message
+  carries ``content-length``, the encoded head is held and goes out in one write with the body's first
+  bytes. A response without it (an SSE stream, a chunked body) still has its head written at once, since
+  a stream may start long before its first event. A held head is dropped, never sent alone, when the
+  connection closes first (the app raised or returned without its body; the client left).
+* **Disconnect without a task.** An app learns that the client left by calling ``receive()`` and
+  waiting for ``http.disconnect``: a task per request only for that. This protocol offers the ASGI scope
+  extension ``xpuflow.disconnect`` instead, whose ``watch`` registers a callback::
+
+      extension = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+      if extension is not None:
+          unwatch = extension["watch"](on_client_gone)  # on_client_gone() runs at most once
+          ...
+          unwatch()  # the answer is out: no longer interested
+
+  The callback runs once, from the event loop, when the connection is lost while the request is in
+  flight (its response not complete), or soon after ``watch`` if it already was. ``unwatch`` is
+  idempotent. ``serving/inference.py`` uses it and keeps ``receive()`` for other servers.
+
+The subclasses lean on uvicorn 0.55's ``httptools_impl`` (``on_headers_complete`` is its copy with the
+cycle class swapped); the tests in ``tests/serving/test_http_protocol.py`` pin the behaviours above.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import urllib.parse
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import httptools
+from uvicorn._types import ASGI3Application, ASGISendEvent
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+__all__ = ["DISCONNECT_EXTENSION", "GatewayHttpProtocol", "GatewayRequestCycle"]
+
+#: The scope extension's name: ``scope["extensions"][DISCONNECT_EXTENSION]["watch"](callback) -> unwatch``.
+DISCONNECT_EXTENSION = "xpuflow.disconnect"
+
+#: Up to this many body bytes are copied behind a held head (one ``write``); a larger body goes out with
+#: it in one ``writelines`` instead, which uvloop sends with one ``writev`` and no copy.
+_JOIN_MAX_BYTES = 64 * 1024
+
+
+class _HeadHoldingTransport(asyncio.Transport):
+    """The transport a request cycle writes to: the connection's own, except that it can hold the
+    response head back so that it leaves with the next write. ``close`` drops a held head, so the client
+    never sees a head without its body."""
+
+    __slots__ = ("held", "hold_next", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self.transport = transport
+        self.hold_next = False  # the next write is a head to hold
+        self.held: bytes | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.hold_next:
+            self.held = bytes(data)
+            self.hold_next = False
+            return
+        held = self.held
+        if held is None:
+            if data:
+                self.transport.write(data)
+            return
+        self.held = None
+        if len(data) <= _JOIN_MAX_BYTES:
+            self.transport.write(held + data)
+        else:
+            self.transport.writelines((held, data))
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.write(b"".join(list_of_data))
+
+    def flush(self) -> None:
+        """Write a held head now (a response that has no body to carry it)."""
+        held = self.held
+        if held is not None:
+            self.held = None
+            self.transport.write(held)
+
+    def close(self) -> None:
+        self.held = None
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.held = None
+        self.transport.abort()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
+
+
+def _discard(watchers: list[Callable[[], object]], callback: Callable[[], object]) -> None:
+    if callback in watchers:
+        watchers.remove(callback)
+
+
+class GatewayRequestCycle(RequestResponseCycle):
+    """uvicorn's request/response cycle that holds a ``content-length`` response's head for its body
+    and keeps the callbacks of the ``xpuflow.disconnect`` extension."""
+
+    def __init__(self, out: _HeadHoldingTransport, **kwargs: Any) -> None:
+        super().__init__(transport=out, **kwargs)
+        self.out = out
+        self.disconnect_watchers: list[Callable[[], object]] | None = None
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if self.response_started:
+            await super().send(message)
+            return
+        # Wait for a paused transport here rather than in uvicorn's send, so that nothing else (a
+        # "100 Continue" from receive) can write while the head is being caught.
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()  # pragma: no cover - needs a full socket buffer before any answer
+        out = self.out
+        out.hold_next = True
+        try:
+            await super().send(message)  # encodes and validates the head: its one write is held
+        finally:
+            out.hold_next = False
+        # chunked_encoding is False only when the start carried content-length; HEAD has no body bytes
+        if self.chunked_encoding is not False or self.scope["method"] == "HEAD":
+            out.flush()
+
+    def watch_disconnect(self, callback: Callable[[], object]) -> Callable[[], None]:
+        """Call ``callback()`` once if the client leaves before this request's response is complete;
+        returns the function that takes the registration back. Never calls it synchronously."""
+        if self.disconnected:
+            return asyncio.get_running_loop().call_soon(callback).cancel
+        if self.response_complete:
+            return _no_op
+        watchers = self.disconnect_watchers
+        if watchers is None:
+            watchers = self.disconnect_watchers = []
+        watchers.append(callback)
+        return functools.partial(_discard, watchers, callback)
+
+    def fire_disconnect(self) -> None:
+        """The connection is gone: mark the cycle disconnected, as uvicorn does, and run the callbacks."""
+        self.disconnected = True
+        self.message_event.set()
+        watchers, self.disconnect_watchers = self.disconnect_watchers, None
+        for callback in watchers or ():
+            try:
+                callback()
+            except Exception:
+                self.logger.exception("a disconnect callback failed")
+
+
+def _no_op() -> None:
+    return None
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with :class:`GatewayRequestCycle` for each request and the
+    ``xpuflow.disconnect`` scope extension."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.out: _HeadHoldingTransport | None = None
+        # the cycle whose app runs; self.cycle is the last one parsed, which differs when pipelining
+        self.running_cycle: RequestResponseCycle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.out = _HeadHoldingTransport(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        running = self.running_cycle
+        super().connection_lost(exc)
+        if isinstance(running, GatewayRequestCycle) and not running.response_complete:
+            running.fire_disconnect()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self.running_cycle = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def on_headers_complete(self) -> None:
+        # uvicorn 0.55's on_headers_complete, building a GatewayRequestCycle and adding the extension
+        http_version = self.parser.get_http_version()
+        method = self.parser.get_method()
+        self.scope["method"] = method.decode("ascii")
+        if http_version != "1.1":
+            self.scope["http_version"] = http_version
+        if self.parser.should_upgrade() and self._should_upgrade():
+            return
+        parsed_url = httptools.parse_url(self.url)
+        raw_path = parsed_url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        full_path = self.root_path + path
+        full_raw_path = self.root_path.encode("ascii") + raw_path
+        self.scope["path"] = full_path
+        self.scope["raw_path"] = full_raw_path
+        self.scope["query_string"] = parsed_url.query or b""
+
+        # Handle 503 responses when 'limit_concurrency' is exceeded.
+        if self.limit_concurrency is not None and (
+            len(self.connections) >= self.limit_concurrency or len(self.tasks) >= self.limit_concurrency
+        ):
+            app = service_unavailable
+            message = "Exceeded concurrency limit."
+            self.logger.warning(message)
+        else:
+            app = self.app
+
+        assert self.out is not None  # set by connection_made
+        existing_cycle = self.cycle
+        cycle = GatewayRequestCycle(
+            self.out,
+            scope=self.scope,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and self.parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        self.cycle = cycle
+        extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
+        extensions[DISCONNECT_EXTENSION] = {"watch": cycle.watch_disconnect}
+        if existing_cycle is None or existing_cycle.response_complete:
+            # Standard case - start processing the request.
+            self._start_asgi_task(cycle, app)
+        else:
+            # Pipelined HTTP requests need to be queued up.
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, app))
