@@ -494,3 +494,17 @@ def test_the_inference_guard_takes_the_extension_over_receive() -> None:
         assert receives == [1]
 
     asyncio.run(asyncio.wait_for(main(), timeout=20))
+
+
+def test_serve_uses_this_protocol_only_with_the_uvicorn_it_was_written_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import uvicorn
+
+    from xpuflow.cli.serve import _http_protocol
+    from xpuflow.serving.http_protocol import GatewayHttpProtocol
+
+    monkeypatch.setattr(uvicorn, "__version__", "0.55.0")
+    assert _http_protocol() is GatewayHttpProtocol
+    monkeypatch.setattr(uvicorn, "__version__", "0.56.0")
+    assert _http_protocol() == "auto"

@@ -141,10 +141,10 @@ def _http_protocol() -> Any:
     """The gateway's HTTP protocol (``serving/http_protocol.py``: one write per small response, disconnects
     without a task), or uvicorn's own choice where httptools is not installed."""
     try:
-        from xpuflow.serving.http_protocol import GatewayHttpProtocol
+        from xpuflow.serving.http_protocol import GatewayHttpProtocol, supports_installed_uvicorn
     except ImportError:
         return "auto"
-    return GatewayHttpProtocol
+    return GatewayHttpProtocol if supports_installed_uvicorn() else "auto"
 
 
 async def _serve(config: Any, config_path: Path | None, host: str, port: int) -> None:
@@ -194,6 +194,7 @@ async def _serve(config: Any, config_path: Path | None, host: str, port: int) ->
             uvicorn.Config(
                 app,
                 http=_http_protocol(),
+                proxy_headers=False,  # X-Forwarded-* are not trusted, and nothing here reads the client
                 log_level="warning",
                 access_log=False,
                 lifespan="off",

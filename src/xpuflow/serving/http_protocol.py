@@ -26,6 +26,8 @@ the ``date``/``server`` headers, ``connection: close``); what changes:
 
 The subclasses lean on uvicorn 0.55's ``httptools_impl`` (``on_headers_complete`` is its copy with the
 cycle class swapped); the tests in ``tests/serving/test_http_protocol.py`` pin the behaviours above.
+With another uvicorn release (``supports_installed_uvicorn`` is false) ``xpuflow serve`` runs uvicorn's
+own protocol.
 """
 
 from __future__ import annotations
@@ -41,7 +43,19 @@ from uvicorn._types import ASGI3Application, ASGISendEvent
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-__all__ = ["DISCONNECT_EXTENSION", "GatewayHttpProtocol", "GatewayRequestCycle"]
+__all__ = ["DISCONNECT_EXTENSION", "GatewayHttpProtocol", "GatewayRequestCycle", "supports_installed_uvicorn"]
+
+#: The uvicorn releases whose ``httptools_impl`` these subclasses were written against and tested with
+#: (the lock file's); with another, ``xpuflow serve`` runs uvicorn's own protocol.
+UVICORN_SERIES = ("0.55.",)
+
+
+def supports_installed_uvicorn() -> bool:
+    """Whether the installed uvicorn is one these subclasses know the internals of."""
+    import uvicorn
+
+    return uvicorn.__version__.startswith(UVICORN_SERIES)
+
 
 #: The scope extension's name: ``scope["extensions"][DISCONNECT_EXTENSION]["watch"](callback) -> unwatch``.
 DISCONNECT_EXTENSION = "xpuflow.disconnect"

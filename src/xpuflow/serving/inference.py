@@ -153,22 +153,25 @@ async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[b
     await send({"type": "http.response.body", "body": body})
 
 
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"request body exceeds {limit} bytes; send less", code="request_too_large")
+
+
 async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
-    too_large = APIError(413, f"request body exceeds {limit} bytes; send less", code="request_too_large")
     if declared is not None:
         try:
             size = int(declared)
         except ValueError:
             raise APIError(400, "invalid Content-Length header", param="content-length") from None
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
     message = await receive()
     if message["type"] == "http.disconnect":
         raise _ClientGone
     body: bytes = message.get("body", b"")
     if not message.get("more_body"):
         if len(body) > limit:
-            raise too_large
+            raise _too_large(limit)
         return body
     parts, size = [body], len(body)
     while True:
@@ -178,7 +181,7 @@ async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> by
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         parts.append(chunk)
         if not message.get("more_body"):
             return b"".join(parts)
