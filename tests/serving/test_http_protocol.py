@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from xpuflow.serving.app import create_app
-from xpuflow.serving.http_protocol import DISCONNECT_EXTENSION, GatewayHttpProtocol
+from xpuflow.serving.http_protocol import DISCONNECT_EXTENSION, RESPOND_EXTENSION, GatewayHttpProtocol
 from xpuflow.serving.settings import GatewaySettings
 from xpuflow.testing.fake_engine import FakeEngine
 from xpuflow.testing.live_server import live_server
@@ -117,6 +117,17 @@ def make_app(signals: Signals) -> Callable[..., Any]:
         elif path == "/status":
             await send(_start(int(tag)))
             await send(_body(b""))
+        elif path == "/respond":
+            respond = scope["extensions"][RESPOND_EXTENSION]["respond"]
+            if not respond(201, [(b"content-type", b"text/plain"), (b"x-tag", tag.encode())], b"whole"):
+                signals.bump("respond-refused")
+                await send(_start(201, 5))
+                await send(_body(b"whole"))
+        elif path == "/respond-after-start":
+            respond = scope["extensions"][RESPOND_EXTENSION]["respond"]
+            await send(_start(200, 4))
+            if not respond(200, [], b"nope"):  # the response has begun: the ordinary way only
+                await send(_body(b"asgi"))
         elif path == "/echo":
             body, more = b"", True
             while more:
@@ -508,3 +519,50 @@ def test_serve_uses_this_protocol_only_with_the_uvicorn_it_was_written_for(
     assert _http_protocol() is GatewayHttpProtocol
     monkeypatch.setattr(uvicorn, "__version__", "0.56.0")
     assert _http_protocol() == "auto"
+
+
+# -- xpuflow.respond: a whole answer in one call --------------------------------------------------------
+
+
+def test_respond_writes_the_whole_answer_once_with_uvicorns_headers(server: tuple[str, int]) -> None:
+    with Client(server) as client:
+        for tag in ("a", "b"):  # the connection stays open for the next request
+            client.send("GET", f"/respond?{tag}")
+            status, headers, body = client.response()
+            assert (status, body) == (201, b"whole")
+            assert headers["content-length"] == "5"
+            assert headers["x-tag"] == tag
+            assert headers["server"] == "uvicorn"
+            assert "date" in headers
+            assert "connection" not in headers
+        _wait(lambda: len(client.writes) == 2)
+        assert all(w.startswith(b"HTTP/1.1 201 Created\r\n") for w in client.writes)
+
+
+def test_respond_to_a_client_that_asked_to_close_closes(server: tuple[str, int]) -> None:
+    with Client(server) as client:
+        client.send("GET", "/respond?c", headers={"connection": "close"})
+        status, headers, body = client.response()
+        assert (status, body, headers["connection"]) == (201, b"whole", "close")
+        assert client.closed_by_server()
+
+
+def test_respond_answers_pipelined_requests_in_order(server: tuple[str, int]) -> None:
+    with Client(server) as client:
+        client.sock.sendall(b"".join(request("GET", f"/respond?{tag}") for tag in ("p1", "p2", "p3")))
+        assert [client.response()[1]["x-tag"] for _ in range(3)] == ["p1", "p2", "p3"]
+
+
+def test_respond_refuses_once_the_response_has_begun_and_for_head(
+    server: tuple[str, int], signals: Signals
+) -> None:
+    with Client(server) as client:
+        client.send("GET", "/respond-after-start")
+        assert client.response()[2] == b"asgi"
+        before = signals.counts.get("respond-refused", 0)
+        client.send("HEAD", "/respond?h")
+        status, headers, _ = client.response("HEAD")
+        assert (status, headers["content-length"]) == (201, "5")
+        assert signals.counts["respond-refused"] == before + 1
+        client.send("GET", "/respond?after-head")  # no stray body bytes from the HEAD answer
+        assert client.response()[2] == b"whole"

@@ -24,6 +24,15 @@ the ``date``/``server`` headers, ``connection: close``); what changes:
   flight (its response not complete), or soon after ``watch`` if it already was. ``unwatch`` is
   idempotent. ``serving/inference.py`` uses it and keeps ``receive()`` for other servers.
 
+* **A whole answer in one call.** The scope extension ``xpuflow.respond`` holds ``respond(status,
+  headers, body) -> bool``: the status line, uvicorn's default headers, ``content-length``, the given
+  headers and the body, encoded and written at once, with the keep-alive and pipelining bookkeeping of
+  uvicorn's own end of a response. It skips the two ASGI messages and uvicorn's per-header checks, so the
+  caller must pass headers that are already safe (lower-case names; values without control characters:
+  the inference endpoints clean theirs). It answers False, having written nothing, when the ordinary way
+  must be taken (the response has begun, the transport is paused or gone, a HEAD request); the caller
+  then sends the ASGI messages.
+
 The subclasses lean on uvicorn 0.55's ``httptools_impl`` (``on_headers_complete`` is its copy with the
 cycle class swapped); the tests in ``tests/serving/test_http_protocol.py`` pin the behaviours above.
 With another uvicorn release (``supports_installed_uvicorn`` is false) ``xpuflow serve`` runs uvicorn's
@@ -41,9 +50,16 @@ from typing import Any
 import httptools
 from uvicorn._types import ASGI3Application, ASGISendEvent
 from uvicorn.protocols.http.flow_control import service_unavailable
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
-__all__ = ["DISCONNECT_EXTENSION", "GatewayHttpProtocol", "GatewayRequestCycle", "supports_installed_uvicorn"]
+__all__ = [
+    "DISCONNECT_EXTENSION",
+    "RESPOND_EXTENSION",
+    "GatewayHttpProtocol",
+    "GatewayRequestCycle",
+    "supports_installed_uvicorn",
+]
 
 #: The uvicorn releases whose ``httptools_impl`` these subclasses were written against and tested with
 #: (the lock file's); with another, ``xpuflow serve`` runs uvicorn's own protocol.
@@ -59,6 +75,8 @@ def supports_installed_uvicorn() -> bool:
 
 #: The scope extension's name: ``scope["extensions"][DISCONNECT_EXTENSION]["watch"](callback) -> unwatch``.
 DISCONNECT_EXTENSION = "xpuflow.disconnect"
+#: ``scope["extensions"][RESPOND_EXTENSION]["respond"](status, headers, body) -> bool``.
+RESPOND_EXTENSION = "xpuflow.respond"
 
 #: Up to this many body bytes are copied behind a held head (one ``write``); a larger body goes out with
 #: it in one ``writelines`` instead, which uvloop sends with one ``writev`` and no copy.
@@ -150,6 +168,45 @@ class GatewayRequestCycle(RequestResponseCycle):
         # chunked_encoding is False only when the start carried content-length; HEAD has no body bytes
         if self.chunked_encoding is not False or self.scope["method"] == "HEAD":
             out.flush()
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """Write the whole response (``content-length`` added) in one write and end it as uvicorn ends
+        one; False, with nothing written, where the ASGI messages must be sent instead. ``headers``
+        must be safe already (see the module docstring)."""
+        if (
+            self.response_started
+            or self.disconnected
+            or self.flow.write_paused
+            or self.scope["method"] == "HEAD"
+        ):
+            return False
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        if self.access_log:  # the line uvicorn's send logs
+            self.access_logger.info(
+                '%s - "%s %s HTTP/%s" %d',
+                get_client_addr(self.scope),
+                self.scope["method"],
+                get_path_with_query_string(self.scope),
+                self.scope["http_version"],
+                status,
+            )
+        parts = [STATUS_LINE[status]]
+        for name, value in self.default_headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"content-length: ", str(len(body)).encode(), b"\r\n")
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts += (b"\r\n", body)
+        self.out.transport.write(b"".join(parts))
+        self.response_complete = True
+        self.message_event.set()
+        if not self.keep_alive:
+            self.transport.close()
+        self.on_response()
+        return True
 
     def watch_disconnect(self, callback: Callable[[], object]) -> Callable[[], None]:
         """Call ``callback()`` once if the client leaves before this request's response is complete;
@@ -252,6 +309,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.cycle = cycle
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
         extensions[DISCONNECT_EXTENSION] = {"watch": cycle.watch_disconnect}
+        extensions[RESPOND_EXTENSION] = {"respond": cycle.respond}
         if existing_cycle is None or existing_cycle.response_complete:
             # Standard case - start processing the request.
             self._start_asgi_task(cycle, app)

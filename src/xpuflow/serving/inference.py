@@ -147,7 +147,15 @@ def _token(raw: bytes | None, name: str) -> str | None:
     return raw.decode("ascii")
 
 
-async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+async def _send_json(
+    scope: Scope, send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """A JSON answer: in one call through the server's ``xpuflow.respond`` extension where it has one
+    (``serving.http_protocol``; every header here is lower-case and clean), else as the two ASGI
+    messages."""
+    extension = scope.get("extensions", {}).get("xpuflow.respond")
+    if extension is not None and extension["respond"](status, [_JSON, *headers], body):
+        return
     headers = [_JSON, (b"content-length", str(len(body)).encode()), *headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -421,7 +429,7 @@ class InferenceEndpoints:
                 completion_tokens = completion.completion_tokens
             guard.finish()
             await _send_json(
-                send, 200, out, [(b"x-request-id", request_id.encode()), *decision_headers(decision)]
+                scope, send, 200, out, [(b"x-request-id", request_id.encode()), *decision_headers(decision)]
             )
             self.metrics.observe_decision(model, decision)
             self.metrics.observe_request(
@@ -447,26 +455,32 @@ class InferenceEndpoints:
                 self.metrics.observe_request(model, tier, device, 499, time.perf_counter() - start)
                 return  # the client left: nobody to answer
             timeout = TimeoutError(f"no answer within request_timeout_s={self.settings.request_timeout_s:g}")
-            await self._fail(send, timeout, request_id, (model, tier, device), start)
+            await self._fail(scope, send, timeout, request_id, (model, tier, device), start)
         except Exception as exc:
             if guard is not None:
                 guard.finish()
                 if guard.started:
                     log.warning("stream %s broke off: %s", request_id, exc, exc_info=True)
                     return
-            await self._fail(send, exc, request_id, (model, tier, device), start)
+            await self._fail(scope, send, exc, request_id, (model, tier, device), start)
         finally:
             self.metrics.in_flight -= 1
 
     async def _fail(
-        self, send: Send, exc: BaseException, request_id: str, labels: tuple[str, str, str], start: float
+        self,
+        scope: Scope,
+        send: Send,
+        exc: BaseException,
+        request_id: str,
+        labels: tuple[str, str, str],
+        start: float,
     ) -> None:
         error = to_api_error(exc, list(self.catalog.models))
         if error.status >= 500 or isinstance(exc, RemoteError):  # the full message: the body is redacted
             log.warning("request %s failed: %s", request_id, exc, exc_info=error.status == 500)
         extra = [(b"x-request-id", request_id.encode())]
-        extra += [(k.encode(), v.encode()) for k, v in error.headers.items()]
-        await _send_json(send, error.status, error.body(), extra)
+        extra += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+        await _send_json(scope, send, error.status, error.body(), extra)
         self.metrics.observe_request(*labels, error.status, time.perf_counter() - start)
 
     def _call(
