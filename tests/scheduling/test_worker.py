@@ -762,3 +762,14 @@ async def test_a_snapshot_has_every_field_and_equals_the_constructors() -> None:
     assert snapshot == WorkerSnapshot(**{name: getattr(snapshot, name) for name in names})
     with pytest.raises(dataclasses.FrozenInstanceError):
         snapshot.in_flight = 3  # type: ignore[misc]
+
+
+@run_async
+async def test_a_finished_request_leaves_no_running_batch_in_the_next_snapshot() -> None:
+    # the caller wakes in the loop turn after its answer; the worker must already show nothing running
+    # then, or the scorer reads a stuck batch and routes the next request elsewhere
+    async with Worker(Continuous(max_batch_size=4)) as worker:
+        for _ in range(3):
+            await worker.submit(chat("hi"))
+            snapshot = worker.snapshot()
+            assert (snapshot.in_flight, snapshot.oldest_in_flight_s) == (0, None)

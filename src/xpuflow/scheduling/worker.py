@@ -306,7 +306,7 @@ class Worker:
         watcher: asyncio.Future[Any] | None = None
         try:
             if isinstance(cancelled, CancelSignal):
-                await self._answer_or_cancel(ticket.future, cancelled, self._timeout_s(request))
+                await self._answer_or_withdraw(ticket, request, cancelled, self._timeout_s(request))
             else:  # a plain asyncio.Event: watch it with a task
                 watcher = asyncio.ensure_future(cancelled.wait())
                 await asyncio.wait(
@@ -328,29 +328,29 @@ class Worker:
         result: Result = ticket.future.result()
         return result
 
-    @staticmethod
-    async def _answer_or_cancel(
-        answer: asyncio.Future[Any], cancelled: CancelSignal, timeout_s: float | None
+    async def _answer_or_withdraw(
+        self, ticket: Ticket, request: WorkRequest, cancelled: CancelSignal, timeout_s: float | None
     ) -> None:
-        """Until ``answer`` is done, ``cancelled`` is set or ``timeout_s`` has passed: one future woken by
-        callbacks, no task."""
+        """Until ``ticket`` is answered. Its cancellation signal and its deadline (``timeout_s``) withdraw
+        it with their error, which answers it: the caller waits on the ticket's own future, woken by
+        whichever comes first, with no other future or task. A caller cancelled meanwhile cancels that
+        future, which withdraws the request as well (``submit`` takes it out of the queue)."""
+        answer = ticket.future
         if answer.done() or cancelled.is_set():
             return
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
 
-        def wake(*_: object) -> None:
-            if not waiter.done():
-                waiter.set_result(None)
+        def on_cancel() -> None:
+            self._withdraw(ticket, self._cancelled_error(request, "its client went away"))
 
-        answer.add_done_callback(wake)
-        cancelled.add_callback(wake)
-        timer = None if timeout_s is None else loop.call_later(timeout_s, wake)
+        def on_deadline() -> None:
+            self._withdraw(ticket, self._deadline_error(request))
+
+        cancelled.add_callback(on_cancel)
+        timer = None if timeout_s is None else answer.get_loop().call_later(timeout_s, on_deadline)
         try:
-            await waiter
+            await answer
         finally:
-            answer.remove_done_callback(wake)
-            cancelled.remove_callback(wake)
+            cancelled.remove_callback(on_cancel)
             if timer is not None:
                 timer.cancel()
 
@@ -579,6 +579,9 @@ class Worker:
         )
 
     def _finish_batch(self, tickets: Sequence[Ticket], started: float, ok: bool) -> None:
+        # not running any more: its age must not reach the next snapshot as a stuck batch (the task's
+        # done callback, _forget, runs a loop turn later, after a caller woken by the answer has routed)
+        self._started_at.pop(_current(), None)
         now = self._clock.monotonic()
         service_s = now - started
         self._batcher.on_complete(
