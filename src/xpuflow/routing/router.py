@@ -52,7 +52,10 @@ class RequestLog:
     for ``status()`` (the dashboard and the admin API)."""
 
     def __init__(self, *, decisions: int = 50, latencies: int = 512) -> None:
-        self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=decisions)
+        # (ts, model, decision, latency_ms, ok): the dicts are made when status() reads them
+        self._decisions: collections.deque[tuple[float, str, RoutingDecision, float | None, bool]] = (
+            collections.deque(maxlen=decisions)
+        )
         self.latencies_ms: collections.deque[float] = collections.deque(maxlen=latencies)
         self.counters = {"requests_total": 0, "errors_total": 0, "completion_tokens_total": 0}
 
@@ -62,9 +65,14 @@ class RequestLog:
             self.counters["errors_total"] += 1
         if latency_ms is not None:
             self.latencies_ms.append(latency_ms)
-        self.decisions.append(
+        self._decisions.append((time.time(), model, decision, latency_ms, ok))
+
+    @property
+    def decisions(self) -> list[dict[str, Any]]:
+        """The last decisions, oldest first: when, which model, tier, worker, device, why, latency, ok."""
+        return [
             {
-                "ts": time.time(),
+                "ts": ts,
                 "model": model,
                 "tier": decision.tier,
                 "worker": decision.worker,
@@ -73,7 +81,8 @@ class RequestLog:
                 "latency_ms": latency_ms,
                 "ok": ok,
             }
-        )
+            for ts, model, decision, latency_ms, ok in self._decisions
+        ]
 
     def latency_summary(self) -> dict[str, float | None]:
         latencies = sorted(self.latencies_ms)

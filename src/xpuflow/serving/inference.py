@@ -16,6 +16,7 @@ cancelled, so queued work is dropped instead of computed for nobody.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -105,7 +106,10 @@ class _ClientGone(Exception):
     """The client disconnected while its body was being read: there is nobody to answer."""
 
 
+@functools.lru_cache(maxsize=1024)
 def _header(value: str) -> bytes:
+    """``value`` as a header value: at most 200 ASCII characters, control characters as spaces. Cached:
+    the decision headers take few values (tiers, workers, devices, the scorer's reasons)."""
     return value[:_MAX_HEADER_CHARS].encode("ascii", "replace").translate(_HEADER_SAFE)
 
 

@@ -423,9 +423,14 @@ def parse_embeddings(data: Mapping[str, Any], settings: GatewaySettings) -> Pars
 # -- writing --------------------------------------------------------------------------------------
 
 
+# one encoder for every answer (json.dumps with options builds a JSONEncoder per call: every answer, and
+# every streamed chunk, pays for it)
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _dumps(data: Any) -> bytes:
     # "replace": a lone surrogate in model output must not turn a finished answer into a 500
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+    return _ENCODE(data).encode("utf-8", "replace")
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
