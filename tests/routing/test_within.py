@@ -42,3 +42,36 @@ def test_the_works_own_timeout_and_a_callers_cancellation_pass_through() -> None
             await inner
 
     asyncio.run(go())
+
+
+def test_a_streams_idle_limit_times_out_one_long_gap_not_many_short_ones() -> None:
+    from xpuflow.routing.retry import _IdleLimit
+
+    async def go() -> None:
+        limit = _IdleLimit(0.05)
+        for _ in range(8):  # 8 x 0.02 s: longer than the limit in all, each gap within it
+            assert await limit.wait(_slow("chunk", 0.02)) == "chunk"
+        with pytest.raises(_AttemptTimeout, match=r"no answer within 0\.05 s"):
+            await limit.wait(_slow("late", 1.0))
+        task = asyncio.current_task()
+        assert task is not None
+        assert task.cancelling() == 0  # the expiry's own cancellation is taken back
+        assert await limit.wait(_slow("after", 0.0)) == "after"
+        limit.close()
+
+    asyncio.run(go())
+
+
+def test_a_streams_idle_limit_lets_a_callers_cancellation_through() -> None:
+    from xpuflow.routing.retry import _IdleLimit
+
+    async def go() -> None:
+        limit = _IdleLimit(5.0)
+        inner = asyncio.create_task(limit.wait(_slow("never", 1.0)))
+        await asyncio.sleep(0.01)
+        inner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await inner
+        limit.close()
+
+    asyncio.run(go())

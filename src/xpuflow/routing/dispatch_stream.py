@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from xpuflow.backends.base import StreamChunk
 from xpuflow.errors import StreamInterrupted
-from xpuflow.routing.retry import Attempt, _describe, _within
+from xpuflow.routing.retry import Attempt, _describe, _IdleLimit
 from xpuflow.scheduling.request import WorkRequest
 from xpuflow.types import RoutingDecision
 
@@ -54,7 +54,7 @@ class DispatchedStream:
         self._iterator = iterator
         self._pick = pick
         self.request = request
-        self._idle_timeout_s = idle_timeout_s
+        self._idle = None if idle_timeout_s is None else _IdleLimit(idle_timeout_s)  # one timer per stream
         self._done = first is None
 
     def __aiter__(self) -> DispatchedStream:
@@ -67,13 +67,17 @@ class DispatchedStream:
             return first
         if self._done:
             raise StopAsyncIteration
+        idle = self._idle
         try:
-            chunk = await _within(self._iterator.__anext__(), self._idle_timeout_s)
+            if idle is None:
+                chunk = await self._iterator.__anext__()
+            else:
+                chunk = await idle.wait(self._iterator.__anext__())
         except StopAsyncIteration:
-            self._done = True
+            self._end()
             raise
         except Exception as exc:
-            self._done = True
+            self._end()
             await _aclose(self._iterator)
             target = self._pick.target
             raise StreamInterrupted(
@@ -85,14 +89,19 @@ class DispatchedStream:
                 chunks_delivered=self.chunks_delivered,
             ) from exc
         except BaseException:
-            self._done = True
+            self._end()
             await _aclose(self._iterator)
             raise
         self.chunks_delivered += 1
         return chunk
 
-    async def aclose(self) -> None:
+    def _end(self) -> None:
         self._done = True
+        if self._idle is not None:
+            self._idle.close()
+
+    async def aclose(self) -> None:
+        self._end()
         self._first = None
         await _aclose(self._iterator)
 

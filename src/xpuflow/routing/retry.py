@@ -17,7 +17,7 @@ import random
 import sys
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from xpuflow.backends.base import Completion
 from xpuflow.errors import (
@@ -165,6 +165,70 @@ async def _within(work: Awaitable[T], timeout_s: float | None) -> T:
         return await asyncio.wait_for(work, timeout_s)
     except asyncio.TimeoutError:  # pragma: no cover
         raise _AttemptTimeout(f"no answer within {timeout_s:g} s") from None
+
+
+class _IdleLimit:
+    """``_within`` for the chunks of one stream, with one timer for the whole stream: each ``wait(work)``
+    may take ``timeout_s`` from its start, or the work is cancelled and ``_AttemptTimeout`` raised. The
+    timer is armed by the first wait; when it fires for a wait that has ended, it is armed again for the
+    one in progress (or left off until the next), so a chunk costs a clock read instead of a timer."""
+
+    __slots__ = ("_cancelling", "_expired", "_since", "_task", "_timer", "_waiting", "timeout_s")
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._task: asyncio.Task[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._since = 0.0
+        self._waiting = False
+        self._expired = False
+        self._cancelling = 0
+
+    async def wait(self, work: Awaitable[T]) -> T:
+        task = asyncio.current_task()
+        assert task is not None  # a stream is read in a task
+        if task is not self._task:
+            self.close()  # another reader: the timer cancels the task that waits
+            self._task = task
+        loop = task.get_loop()
+        self._since = loop.time()
+        if sys.version_info >= (3, 11):
+            self._cancelling = task.cancelling()
+        self._waiting = True
+        if self._timer is None:
+            self._timer = loop.call_at(self._since + self.timeout_s, self._check)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if self._expired:
+                self._expired = False
+                if sys.version_info >= (3, 11):
+                    mine = task.uncancel() <= self._cancelling  # not a caller's cancellation as well
+                else:  # pragma: no cover - Python 3.10 counts no cancellations
+                    mine = True
+                if mine:
+                    raise _AttemptTimeout(f"no answer within {self.timeout_s:g} s") from None
+            raise
+        finally:
+            self._waiting = False
+
+    def _check(self) -> None:
+        self._timer = None
+        task = self._task
+        if not self._waiting or task is None:
+            return  # the next wait arms it again
+        loop = task.get_loop()
+        due = self._since + self.timeout_s
+        if loop.time() < due:
+            self._timer = loop.call_at(due, self._check)
+            return
+        self._expired = True
+        task.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _attempt_timeout(attempt_s: float | None, remaining_s: float | None) -> tuple[float | None, bool]:

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -66,20 +65,6 @@ __all__ = ["Worker", "WorkerStopped"]
 
 log = logging.getLogger(__name__)
 _worker_ids = itertools.count()
-
-
-async def _next_chunk(chunks: asyncio.Queue[Any], timeout_s: float | None) -> Any:
-    """The next item of a stream's queue within ``timeout_s`` (asyncio.TimeoutError past it), without
-    the task per item that ``asyncio.wait_for`` costs before Python 3.12: one ready item is taken at
-    once, else the wait runs under a timeout scope in the caller's task."""
-    if not chunks.empty() and (timeout_s is None or timeout_s > 0):
-        return chunks.get_nowait()
-    if timeout_s is None:
-        return await chunks.get()
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(timeout_s):
-            return await chunks.get()
-    return await asyncio.wait_for(chunks.get(), timeout_s)  # pragma: no cover - Python 3.10
 
 
 def _current() -> asyncio.Task[None]:
@@ -362,14 +347,19 @@ class Worker:
         chunks = ticket.chunks
         assert chunks is not None
         finished = False
+        # one timer for the stream's deadline, which withdraws it (its error goes into the chunk queue
+        # after what has arrived), not a timeout scope around every chunk
+        timeout_s = self._timeout_s(request)
+        timer = (
+            None
+            if timeout_s is None
+            else asyncio.get_running_loop().call_later(
+                timeout_s, self._withdraw, ticket, self._deadline_error(request)
+            )
+        )
         try:
             while True:
-                try:
-                    item = await _next_chunk(chunks, self._timeout_s(request))
-                except asyncio.TimeoutError:
-                    finished = True
-                    self._withdraw(ticket, self._deadline_error(request))
-                    raise self._deadline_error(request) from None
+                item = chunks.get_nowait() if chunks.qsize() else await chunks.get()
                 if item is STREAM_END:
                     finished = True
                     return
@@ -378,6 +368,8 @@ class Worker:
                     raise item
                 yield item
         finally:
+            if timer is not None:
+                timer.cancel()
             if not finished:
                 self._withdraw(ticket, self._cancelled_error(request, "its consumer stopped reading"))
 
@@ -718,11 +710,13 @@ class Worker:
                 source = open_stream(self.session, request)
                 aclose = getattr(source, "aclose", None)
                 try:
+                    answering = self._answering
+                    this = _current()
                     async for chunk in source:
                         if ticket.done or request.cancelled.is_set():
                             break  # the consumer went away: stop the generation
                         chunks.put_nowait(chunk)
-                        self._answering.add(_current())
+                        answering.add(this)
                         if chunk.text:
                             self.metrics.record_tokens(1)
                 finally:
