@@ -47,6 +47,7 @@ from xpuflow.backends.remote import http1
 from xpuflow.backends.remote.http1 import Http1Pool
 from xpuflow.backends.remote.http_transport import transport_error
 from xpuflow.backends.remote.openai_wire import (
+    _MAPPING,
     DONE,
     SSEDecoder,
     chat_request,
@@ -595,17 +596,17 @@ class RemoteOpenAISession(Session):
 
     def _event_chunk(self, path: str, payload: str) -> StreamChunk | None:
         event = json.loads(payload)
-        if isinstance(event, Mapping) and event.get("error"):
+        if isinstance(event, _MAPPING) and event.get("error"):
             # vLLM and others report failures inside an open stream as an error event.
             error = event["error"]
-            code = error.get("code") if isinstance(error, Mapping) else None
+            code = error.get("code") if isinstance(error, _MAPPING) else None
             status = code if isinstance(code, int) else None
             raise RemoteError(
                 f"{self.settings.base_url} failed POST {path} mid-stream: {error_message(payload)}",
                 status=status,
                 retryable=status is None or is_retryable_status(status),
             )
-        return stream_chunk(event) if isinstance(event, Mapping) else None
+        return stream_chunk(event) if isinstance(event, _MAPPING) else None
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:

@@ -18,6 +18,10 @@ from typing import Any
 
 from xpuflow.backends.base import ChatMessage, Completion, GenerationParams, StreamChunk
 
+# dict first: isinstance against a tuple stops at the exact type before the Mapping ABC's slower check
+# (JSON gives dicts; this runs for every streamed event)
+_MAPPING = (dict, Mapping)
+
 __all__ = [
     "DONE",
     "SSEDecoder",
@@ -79,7 +83,7 @@ def embedding_request(model: str, texts: Sequence[str]) -> dict[str, Any]:
 
 def _first_choice(body: Mapping[str, Any]) -> Mapping[str, Any]:
     choices = body.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], _MAPPING):
         raise ValueError(f"response has no choices: {_truncate(json.dumps(body, default=str))}")
     return choices[0]
 
@@ -94,9 +98,9 @@ def completion_from_response(body: Mapping[str, Any], *, default_model: str = ""
     """A ``Completion`` from a chat or text completion response. Raises ValueError if malformed."""
     choice = _first_choice(body)
     message = choice.get("message")
-    text = message.get("content") if isinstance(message, Mapping) else choice.get("text")
+    text = message.get("content") if isinstance(message, _MAPPING) else choice.get("text")
     usage = body.get("usage")
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, _MAPPING):
         usage = {}
     return Completion(
         text=str(text or ""),
@@ -113,17 +117,17 @@ def stream_chunk(event: Mapping[str, Any]) -> StreamChunk | None:
     ``stream_options.include_usage``, or servers that always send it) becomes the chunk's token counts."""
     usage = event.get("usage")
     counts: dict[str, int] = {}
-    if isinstance(usage, Mapping):
+    if isinstance(usage, _MAPPING):
         for key in ("prompt_tokens", "completion_tokens"):
             value = usage.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 counts[key] = value
     choices = event.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], _MAPPING):
         return StreamChunk("", None, **counts) if counts else None
     choice = choices[0]
     delta = choice.get("delta")
-    text = delta.get("content") if isinstance(delta, Mapping) else choice.get("text")
+    text = delta.get("content") if isinstance(delta, _MAPPING) else choice.get("text")
     raw_finish = choice.get("finish_reason")
     finish = _finish_reason(raw_finish) if raw_finish else None
     if not text and finish is None and not counts:
