@@ -6,6 +6,9 @@ path, in one run:
 - direct: client -> upstream;
 - nginx: client -> nginx (Debian's ``nginx-light``, one worker, upstream keep-alive; the reverse-proxy
   floor) -> upstream, see ``anchor_proxies.py``;
+- python_floor: client -> ``python_floor_proxy.py`` (one Python process on uvloop: httptools on both
+  sides, ``json.loads`` of the body for its model, the answer's bytes relayed as they come; no gateway
+  feature at all) -> upstream: what Python itself costs a proxy, the floor under xpuflow's figures;
 - vllm_router: client -> vllm-router (the Rust router from PyPI, pinned, ``--policy round_robin``, in
   its own virtual environment under the cache folder) -> upstream;
 - xpuflow: client -> ``xpuflow serve CONFIG`` (its own process, as users run it: one ``remote_openai``
@@ -44,7 +47,8 @@ Idle RSS: each system's process tree (psutil) 1 s after it answers its readiness
 request.
 
     python benchmarks/gateway_overhead.py [--requests 500] [--duration 10] [--rounds 2]
-                                          [--systems nginx,vllm_router,xpuflow,litellm] [--skip-litellm]
+                                          [--systems nginx,python_floor,vllm_router,xpuflow,litellm]
+                                          [--skip-litellm]
                                           [--at-commit HEAD] [--event-loop uvloop]
 
 Writes benchmarks/results/gateway_overhead.json: the headline figures (``direct_p50_ms``,
@@ -91,7 +95,7 @@ from overhead_clients import BODY, LONG_STREAM_TOKEN_DELAY_S, LONG_STREAM_TOKENS
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "gateway_overhead.json"
-SYSTEMS = ("nginx", "vllm_router", "xpuflow", "litellm")
+SYSTEMS = ("nginx", "python_floor", "vllm_router", "xpuflow", "litellm")
 TARGETS = (  # key, comparison, goal (None: reported only)
     ("xpuflow_added_p50_ms", "<=", 0.35),
     ("xpuflow_added_p50_vs_vllm_router", "<=", 2.0),
@@ -219,6 +223,12 @@ def _start_system(
 
     if name == "nginx":
         return start_nginx(upstream)
+    if name == "python_floor":
+        port = free_port()
+        argv = [sys.executable, str(HERE / "python_floor_proxy.py"), "--upstream", upstream]
+        proc = start_process([*argv, "--port", str(port)], f"http://127.0.0.1:{port}/v1/models", 30)
+        info = {"server": "python_floor_proxy.py: httptools + uvloop, reads the body's model, relays bytes"}
+        return proc, f"http://127.0.0.1:{port}", info
     if name == "vllm_router":
         venv = Path(args.vllm_router_venv).expanduser()
         return start_vllm_router(upstream, venv, args.vllm_router_policy)

@@ -89,6 +89,7 @@ def test_nginx_config_keeps_upstream_connections_and_writes_only_in_its_folder(t
 
 def test_systems_option_keeps_the_benchmark_order() -> None:
     assert gateway_overhead.parse_systems("xpuflow, vllm-router,nginx") == ["nginx", "vllm_router", "xpuflow"]
+    assert gateway_overhead.parse_systems("python-floor,nginx") == ["nginx", "python_floor"]
     assert gateway_overhead.parse_systems("xpuflow,litellm", skip_litellm=True) == ["xpuflow"]
     with pytest.raises(SystemExit, match="choose from nginx"):
         gateway_overhead.parse_systems("envoy")
