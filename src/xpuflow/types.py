@@ -278,6 +278,17 @@ class RoutingDecision:
         object.__setattr__(self, "alternatives", tuple(self.alternatives))
         object.__setattr__(self, "details", _freeze(self.details))
 
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> RoutingDecision:
+        """The decision of ``fields``, which names every field, with ``alternatives`` a tuple, ``details``
+        a dict the decision takes over (it is not copied) and ``confidence`` in [0, 1]; built without
+        the frozen dataclass's ``__init__`` and checks (the dispatcher makes one per request). Equal to
+        ``RoutingDecision(**fields)``, and as frozen."""
+        fields["details"] = MappingProxyType(fields["details"])
+        decision = object.__new__(cls)
+        decision.__dict__.update(fields)
+        return decision
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "device": self.device,

@@ -61,6 +61,20 @@ def workers(*names: str, clock: Any = None, **kw: Any) -> list[FakeWorker]:
 # -- the happy path --------------------------------------------------------------------------------------
 
 
+def test_the_decision_has_every_field_equals_the_constructors_and_is_frozen() -> None:
+    import dataclasses
+    import types
+
+    done = run(lambda: dispatcher().dispatch([("t", workers("a", "b"))], request()))
+    decision = done.decision
+    names = [f.name for f in dataclasses.fields(RoutingDecision)]
+    assert sorted(vars(decision)) == sorted(names)  # from_fields was given every field
+    assert decision == RoutingDecision(**{name: getattr(decision, name) for name in names})
+    assert isinstance(decision.details, types.MappingProxyType)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decision.worker = "b"  # type: ignore[misc]
+
+
 def test_serves_on_the_best_worker_with_an_explained_decision() -> None:
     a, b, c = workers("a", "b", "c")
     c.health.record_failure("x")

@@ -513,19 +513,25 @@ class Dispatcher:
         alternatives += [a for a in progress.rejected.values() if a.candidate not in listed]
         if tier_decision is not None:
             alternatives += tier_decision.alternatives
-        return RoutingDecision(
-            device=pick.target.device,
-            reason=reason,
-            confidence=max(0.0, min(1.0, chosen.score)),
-            alternatives=tuple(alternatives),
-            tier=pick.tier,
-            worker=pick.target.worker_id,
-            details={
-                "rule": tier_decision.details.get("rule") if tier_decision is not None else None,
-                "score": round(chosen.score, 4),
-                "probability": round(pick.choice.probability, 4),
-                "attempts": len(progress.attempts),
-                "probe": chosen.probe,
-                "terms": {k: round(v, 4) for k, v in chosen.terms.items()},
-            },
+        return RoutingDecision.from_fields(
+            {
+                "device": pick.target.device,
+                "reason": reason,
+                "confidence": max(0.0, min(1.0, chosen.score)),
+                "alternatives": tuple(alternatives),
+                "precision": None,
+                "use_amp": False,
+                "estimated_memory_bytes": None,
+                "strategy": None,
+                "tier": pick.tier,
+                "worker": pick.target.worker_id,
+                "details": {
+                    "rule": tier_decision.details.get("rule") if tier_decision is not None else None,
+                    "score": round(chosen.score, 4),
+                    "probability": round(pick.choice.probability, 4),
+                    "attempts": len(progress.attempts),
+                    "probe": chosen.probe,
+                    "terms": {k: round(v, 4) for k, v in chosen.terms.items()},
+                },
+            }
         )
