@@ -1,4 +1,5 @@
-"""A real gateway on 127.0.0.1 for tests: uvicorn (uvloop, httptools) in a thread, stopped by the test."""
+"""A real gateway on 127.0.0.1 for tests: uvicorn (uvloop) with the gateway's own HTTP protocol, as
+``xpuflow serve`` runs it, in a thread, stopped by the test."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import uvicorn
 
 from xpuflow.serving.app import create_app
+from xpuflow.serving.http_protocol import GatewayHttpProtocol
 from xpuflow.serving.settings import GatewaySettings
 
 
@@ -31,7 +33,7 @@ class Server:
             host="127.0.0.1",
             port=self.port,
             loop="uvloop",
-            http="httptools",
+            http=GatewayHttpProtocol,
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=2,
