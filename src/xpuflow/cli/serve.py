@@ -139,7 +139,8 @@ async def _start_grpc(config: Any, app: Any, host: str, console: Any) -> Any:
 
 def _http_protocol() -> Any:
     """The gateway's HTTP protocol (``serving/http_protocol.py``: one write per small response, disconnects
-    without a task), or uvicorn's own choice where httptools is not installed."""
+    without a task), or uvicorn's own choice where httptools is not installed or uvicorn is a release the
+    protocol was not written for."""
     try:
         from xpuflow.serving.http_protocol import GatewayHttpProtocol, supports_installed_uvicorn
     except ImportError:

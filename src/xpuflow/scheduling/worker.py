@@ -327,11 +327,8 @@ class Worker:
         def on_cancel() -> None:
             self._withdraw(ticket, self._cancelled_error(request, "its client went away"))
 
-        def on_deadline() -> None:
-            self._withdraw(ticket, self._deadline_error(request))
-
         cancelled.add_callback(on_cancel)
-        timer = None if timeout_s is None else answer.get_loop().call_later(timeout_s, on_deadline)
+        timer = None if timeout_s is None else answer.get_loop().call_later(timeout_s, self._expire, ticket)
         try:
             await answer
         finally:
@@ -353,9 +350,7 @@ class Worker:
         timer = (
             None
             if timeout_s is None
-            else asyncio.get_running_loop().call_later(
-                timeout_s, self._withdraw, ticket, self._deadline_error(request)
-            )
+            else asyncio.get_running_loop().call_later(timeout_s, self._expire, ticket)
         )
         try:
             while True:
@@ -429,6 +424,10 @@ class Worker:
             self._update_depths()
             self._wakeup.set()
         ticket.fail(error)
+
+    def _expire(self, ticket: Ticket) -> None:
+        """The ticket's deadline has come: withdraw it with the deadline error (a timer's callback)."""
+        self._withdraw(ticket, self._deadline_error(ticket.request))
 
     def _cancelled_error(self, request: WorkRequest, why: str) -> RequestCancelled:
         return RequestCancelled(

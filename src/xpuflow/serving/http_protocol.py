@@ -53,6 +53,9 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
+# the names the inference endpoints look for (defined there, so that they need no httptools)
+from xpuflow.serving.inference import DISCONNECT_EXTENSION, RESPOND_EXTENSION
+
 __all__ = [
     "DISCONNECT_EXTENSION",
     "RESPOND_EXTENSION",
@@ -72,11 +75,6 @@ def supports_installed_uvicorn() -> bool:
 
     return uvicorn.__version__.startswith(UVICORN_SERIES)
 
-
-#: The scope extension's name: ``scope["extensions"][DISCONNECT_EXTENSION]["watch"](callback) -> unwatch``.
-DISCONNECT_EXTENSION = "xpuflow.disconnect"
-#: ``scope["extensions"][RESPOND_EXTENSION]["respond"](status, headers, body) -> bool``.
-RESPOND_EXTENSION = "xpuflow.respond"
 
 #: Up to this many body bytes are copied behind a held head (one ``write``); a larger body goes out with
 #: it in one ``writelines`` instead, which uvloop sends with one ``writev`` and no copy.

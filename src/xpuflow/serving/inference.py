@@ -60,9 +60,23 @@ from xpuflow.serving.redact import redact
 from xpuflow.serving.settings import ApiKey, GatewaySettings
 from xpuflow.types import Priority, RequestKind, RoutingDecision
 
-__all__ = ["DECISION_HEADERS", "InferenceEndpoints", "ModelCatalog", "to_api_error"]
+__all__ = [
+    "DECISION_HEADERS",
+    "DISCONNECT_EXTENSION",
+    "RESPOND_EXTENSION",
+    "InferenceEndpoints",
+    "ModelCatalog",
+    "to_api_error",
+]
 
 log = logging.getLogger(__name__)
+
+#: The ASGI scope extensions a server may offer the endpoints (``serving.http_protocol`` offers both):
+#: ``scope["extensions"][DISCONNECT_EXTENSION]["watch"](callback) -> unwatch`` reports the client leaving;
+#: ``scope["extensions"][RESPOND_EXTENSION]["respond"](status, headers, body) -> bool`` writes a whole
+#: answer in one call. Without them the endpoints use ``receive()`` and the ASGI messages.
+DISCONNECT_EXTENSION = "xpuflow.disconnect"
+RESPOND_EXTENSION = "xpuflow.respond"
 
 #: Response headers that say where a request ran and why.
 DECISION_HEADERS = (
@@ -151,13 +165,18 @@ def _token(raw: bytes | None, name: str) -> str | None:
     return raw.decode("ascii")
 
 
+def _extension(scope: Scope, name: str) -> Any:
+    """The server's scope extension ``name``, or None."""
+    extensions = scope.get("extensions")
+    return None if extensions is None else extensions.get(name)
+
+
 async def _send_json(
     scope: Scope, send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
 ) -> None:
-    """A JSON answer: in one call through the server's ``xpuflow.respond`` extension where it has one
-    (``serving.http_protocol``; every header here is lower-case and clean), else as the two ASGI
-    messages."""
-    extension = scope.get("extensions", {}).get("xpuflow.respond")
+    """A JSON answer: in one call through the server's ``RESPOND_EXTENSION`` where it has one (every
+    header here is lower-case and clean), else as the two ASGI messages."""
+    extension = _extension(scope, RESPOND_EXTENSION)
     if extension is not None and extension["respond"](status, [_JSON, *headers], body):
         return
     headers = [_JSON, (b"content-length", str(len(body)).encode()), *headers]
@@ -297,7 +316,7 @@ class _Guard:
     """Watches one request while the engine works on it: the client leaving and the deadline for the
     answer (``request_timeout_s``; for a stream, its first event). Either sets the call's ``cancelled``
     event and cancels the handler; ``reason`` then says which. One timer per request, cheaper than
-    ``asyncio.timeout``. The client leaving comes from the server's ``xpuflow.disconnect`` scope extension
+    ``asyncio.timeout``. The client leaving comes from the server's ``DISCONNECT_EXTENSION``
     (``serving/http_protocol.py``, what ``xpuflow serve`` runs) where there is one: a callback, no task;
     under another server, from a task waiting on ``receive()`` for ``http.disconnect``."""
 
@@ -314,7 +333,7 @@ class _Guard:
             if timeout_s is None
             else asyncio.get_running_loop().call_later(timeout_s, self._fire, "timeout")
         )
-        extension = (scope.get("extensions") or {}).get("xpuflow.disconnect")
+        extension = _extension(scope, DISCONNECT_EXTENSION)
         self.stop_watching: Callable[[], object]
         if extension is not None:
             self.stop_watching = extension["watch"](self._on_disconnect)
