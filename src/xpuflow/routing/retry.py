@@ -28,6 +28,7 @@ from xpuflow.errors import (
     RemoteError,
     StreamInterrupted,
 )
+from xpuflow.scheduling.request import took_back
 from xpuflow.types import RoutingDecision
 
 __all__ = [
@@ -156,7 +157,7 @@ async def _within(work: Awaitable[T], timeout_s: float | None) -> T:
         try:
             return await work
         except asyncio.CancelledError:
-            if expired and _took_back(task, cancelling):
+            if expired and took_back(task, cancelling):
                 raise _AttemptTimeout(f"no answer within {timeout_s:g} s") from None
             raise
         finally:
@@ -165,16 +166,6 @@ async def _within(work: Awaitable[T], timeout_s: float | None) -> T:
         return await asyncio.wait_for(work, timeout_s)
     except asyncio.TimeoutError:  # pragma: no cover
         raise _AttemptTimeout(f"no answer within {timeout_s:g} s") from None
-
-
-def _took_back(task: asyncio.Task[Any], cancelling: int) -> bool:
-    """For a timer that cancelled ``task``, which had ``cancelling`` cancellations pending before: take
-    its own cancellation back, and say whether it was the only new one (else a caller's came with it,
-    and the ``CancelledError`` is the caller's). The rule of ``asyncio.timeout``; Python 3.10 counts no
-    cancellations, so there the timer's is taken as the only one."""
-    if sys.version_info >= (3, 11):
-        return task.uncancel() <= cancelling
-    return True  # pragma: no cover - Python 3.10
 
 
 class _IdleLimit:
@@ -212,7 +203,7 @@ class _IdleLimit:
         except asyncio.CancelledError:
             if self._expired:
                 self._expired = False
-                if _took_back(task, self._cancelling):
+                if took_back(task, self._cancelling):
                     raise _AttemptTimeout(f"no answer within {self.timeout_s:g} s") from None
             raise
         finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from xpuflow.backends.base import ChatMessage, GenerationParams
 from xpuflow.types import Priority, RequestKind  # shared enums live in types.py
 
-__all__ = ["CancelSignal", "Priority", "RequestKind", "WorkRequest"]
+__all__ = ["CancelSignal", "Priority", "RequestKind", "WorkRequest", "took_back"]
 
 _ids = itertools.count(1)
 
@@ -51,6 +52,16 @@ class CancelSignal(asyncio.Event):
     def remove_callback(self, callback: Callable[[], object]) -> None:
         with contextlib.suppress(ValueError):
             self._callbacks.remove(callback)
+
+
+def took_back(task: asyncio.Task[Any], cancelling: int) -> bool:
+    """For a timer or a watcher that cancelled ``task``, which had ``cancelling`` cancellations pending
+    before: take its own cancellation back, and say whether it was the only new one (else a caller's
+    came with it, and the ``CancelledError`` is the caller's). The rule of ``asyncio.timeout``; Python
+    3.10 counts no cancellations, so there the canceller's is taken as the only one."""
+    if sys.version_info >= (3, 11):
+        return task.uncancel() <= cancelling
+    return True  # pragma: no cover - Python 3.10
 
 
 @dataclass(eq=False)

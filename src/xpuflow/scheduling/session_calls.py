@@ -19,14 +19,14 @@ request. Other sessions get the single forms, one request at a time.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Hashable, Sequence
 from typing import Any
 
 from xpuflow.backends.base import Completion, Session, StreamChunk
 from xpuflow.errors import ConfigError, SessionError
 from xpuflow.scheduling.request import RequestKind, WorkRequest
 
-__all__ = ["Result", "batch_group", "open_stream", "run_batch", "work_units"]
+__all__ = ["Result", "batch_group", "open_stream", "run_batch", "run_one", "work_units"]
 
 Result = Completion | list[list[float]] | dict[str, Any]
 """What a request gets back: a completion, one vector per text of an embedding request, or the named
@@ -84,6 +84,26 @@ async def run_batch(
     if native:
         return list(await session.generate_batch(payloads, params))
     return [await session.generate(p, params) for p in payloads]
+
+
+def run_one(
+    session: Session, request: WorkRequest, *, native: bool, owner: str = "worker"
+) -> Awaitable[Result]:
+    """What ``run_batch(session, [request], ...)`` runs, as the session's own call where there is one
+    (its awaitable, not a coroutine around it: a worker's fast path awaits it in the caller's task)."""
+    kind = request.kind
+    if not native:
+        if kind is RequestKind.CHAT:
+            return session.chat(request.payload, request.params)
+        if kind is RequestKind.COMPLETION:
+            return session.generate(request.payload, request.params)
+        if kind is RequestKind.EMBEDDING:
+            return session.embed(request.payload)
+    return _first(run_batch(session, [request], native=native, owner=owner))
+
+
+async def _first(results: Awaitable[list[Result]]) -> Result:
+    return (await results)[0]
 
 
 def open_stream(session: Session, request: WorkRequest) -> AsyncIterator[StreamChunk]:

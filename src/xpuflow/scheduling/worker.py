@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -57,8 +58,15 @@ from xpuflow.scheduling.queue import (
     Ticket,
     make_queue,
 )
-from xpuflow.scheduling.request import CancelSignal, WorkRequest
-from xpuflow.scheduling.session_calls import Result, batch_group, open_stream, run_batch, work_units
+from xpuflow.scheduling.request import CancelSignal, WorkRequest, took_back
+from xpuflow.scheduling.session_calls import (
+    Result,
+    batch_group,
+    open_stream,
+    run_batch,
+    run_one,
+    work_units,
+)
 from xpuflow.types import WorkerSnapshot
 
 __all__ = ["Worker", "WorkerStopped"]
@@ -122,6 +130,7 @@ class Worker:
         self.session = session
         self._max_seq_len = max_seq_len  # the context its backend takes, when the session does not say
         self.worker_id = worker_id or f"{session.model_id}-{next(_worker_ids)}"
+        self._owner = f"worker '{self.worker_id}'"  # who failed, in a session's error message
         self.deployment = deployment or session.model_id
         self.device = device or (session.resources[0].id if session.resources else "unknown")
         self.native_batching = session.batch_mode is BatchMode.NATIVE
@@ -165,6 +174,9 @@ class Worker:
         self._started_at: dict[asyncio.Task[None], float] = {}  # running batch -> when it started
         self._answering: set[asyncio.Task[None]] = set()  # streams that have sent a chunk
         self._abandoned: dict[asyncio.Task[None], str] = {}  # batch -> why the worker gave it up
+        self._inline: dict[asyncio.Task[Any], _InlineRun] = {}  # caller's task -> the request it runs here
+        # the fast path (_run_inline) needs a session that batches by itself and nothing to enter first
+        self._runs_inline = self.max_in_flight is not None and compute_gate is None and residency is None
         self._accepting = False
         self._closing = False
         self._drained = False
@@ -238,10 +250,11 @@ class Worker:
         deadline = self._clock.monotonic() + self._stop_timeout_s
         # The loop ends once the queue is empty; batches it launched meanwhile are awaited after it.
         await asyncio.wait({loop_task}, timeout=self._stop_timeout_s)
-        if self._batches:
+        inline = self._inline_ends()
+        if self._batches or inline:
             remaining = max(0.0, deadline - self._clock.monotonic())
-            await asyncio.wait(set(self._batches), timeout=remaining)
-        if not loop_task.done() or self._batches:
+            await asyncio.wait({*self._batches, *inline}, timeout=remaining)
+        if not loop_task.done() or self._batches or self._inline_ends():
             log.warning(
                 "worker %s: stop timed out after %.1f s; failing what is left",
                 self.worker_id,
@@ -250,13 +263,22 @@ class Worker:
             tasks = [loop_task, *self._batches]
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            stopped = f"worker '{self.worker_id}' stopped while running this request; retry it elsewhere"
+            for run in list(self._inline.values()):
+                run.give_up(WorkerStopped(stopped, retry_after_s=0.0))
+            await asyncio.gather(*tasks, *self._inline_ends(), return_exceptions=True)
         self._fail_queued("stopped before this request ran")
         self._loop_task = None
         if self._residency is not None:
             await self._residency.unload(self.worker_id)
         elif self._close_session:
             await self.session.close()
+
+    def _inline_ends(self) -> list[asyncio.Future[None]]:
+        """A future for the end of each request running in its caller's task (``_run_inline``), except
+        the current task's own: the caller's whole task may run on after its request here."""
+        current = asyncio.current_task()
+        return [run.ended() for task, run in self._inline.items() if task is not current]
 
     async def __aenter__(self) -> Worker:
         await self.start()
@@ -286,8 +308,14 @@ class Worker:
             raise ConfigError(
                 f"request {request.request_id} asks for a stream; use Worker.stream()", field="stream"
             )
-        ticket = self._admit(request, streaming=False)
         cancelled = request.cancelled
+        if self._runs_inline and isinstance(cancelled, CancelSignal):
+            now = self._admissible(request)
+            if self._free_slot():
+                return await self._run_inline(request, now)
+            ticket = self._enqueue(request, now, streaming=False)
+        else:
+            ticket = self._admit(request, streaming=False)
         watcher: asyncio.Future[Any] | None = None
         try:
             if isinstance(cancelled, CancelSignal):
@@ -374,6 +402,10 @@ class Worker:
         return max(0.0, request.deadline_s - self._clock.monotonic())
 
     def _admit(self, request: WorkRequest, *, streaming: bool) -> Ticket:
+        return self._enqueue(request, self._admissible(request), streaming=streaming)
+
+    def _admissible(self, request: WorkRequest) -> float:
+        """Now, when the worker may take ``request``; else the error that refuses it."""
         if not self._accepting:
             state = "is stopping" if self._closing else "is not running (call start())"
             raise WorkerStopped(
@@ -387,6 +419,19 @@ class Worker:
             raise self._deadline_error(request)
         if request.queued_since_s is None:
             request.queued_since_s = now
+        return now
+
+    def _free_slot(self) -> bool:
+        """A session that batches by itself, nothing queued ahead and a free slot: a request starts at
+        once (an empty queue admits any priority)."""
+        return (
+            self.max_in_flight is not None
+            and not self._queue
+            and self.metrics.in_flight < self.max_in_flight
+            and not self._closing
+        )
+
+    def _enqueue(self, request: WorkRequest, now: float, *, streaming: bool) -> Ticket:
         ticket = Ticket(
             request,
             enqueued_at_s=now,
@@ -395,15 +440,9 @@ class Worker:
             chunks=asyncio.Queue() if streaming else None,
             waiting_since_s=request.queued_since_s,
         )
-        if (
-            self.max_in_flight is not None
-            and not self._queue
-            and self.metrics.in_flight < self.max_in_flight
-            and not self._closing
-        ):
-            # a session that batches by itself, nothing queued ahead and a free slot: what the batch
-            # loop's next step would do at once (take this ticket, the queue's only one), done here,
-            # without queueing it or waking the loop (an empty queue admits any priority)
+        if self._free_slot():
+            # what the batch loop's next step would do at once (take this ticket, the queue's only
+            # one), done here, without queueing it or waking the loop
             self._batcher.on_arrival(now)
             self._launch([ticket], now, from_queue=False)
             return ticket
@@ -560,6 +599,9 @@ class Worker:
             self._abandoned[task] = reason
             task.cancel()
             given_up += 1
+        for run in list(self._inline.values()):
+            if run.give_up(self._abandon_error(reason)):
+                given_up += 1
         if given_up:
             log.warning("worker %s: gave up %d request(s) in flight: %s", self.worker_id, given_up, reason)
         return given_up
@@ -570,22 +612,95 @@ class Worker:
         )
 
     def _finish_batch(self, tickets: Sequence[Ticket], started: float, ok: bool) -> None:
+        self._batch_ended(len(tickets), work_units(tickets[0].request), started, ok)
+
+    def _batch_ended(self, size: int, units: float, started: float, ok: bool) -> None:
         # not running any more: its age must not reach the next snapshot as a stuck batch (the task's
         # done callback, _forget, runs a loop turn later, after a caller woken by the answer has routed)
         self._started_at.pop(_current(), None)
         now = self._clock.monotonic()
         service_s = now - started
-        self._batcher.on_complete(
-            now, len(tickets), service_s if ok else None, work_units(tickets[0].request)
-        )
+        self._batcher.on_complete(now, size, service_s if ok else None, units)
         self._sync_health()
-        self.metrics.record_batch_end(len(tickets), service_s, ok, started_at_s=started)
+        self.metrics.record_batch_end(size, service_s, ok, started_at_s=started)
         if ok and service_s > 0:
-            rate = len(tickets) / service_s
+            rate = size / service_s
             old = self._drain_rate_ema
             self._drain_rate_ema = rate if old is None else old + 0.2 * (rate - old)
             self._queue.drain_rate_per_s = self._drain_rate_ema
         self._wakeup.set()
+
+    async def _run_inline(self, request: WorkRequest, now: float) -> Result:
+        """The fast path of ``submit``: a session that batches by itself with a free slot and nothing
+        queued ahead runs the request in the caller's own task (no ticket, no batch task, no hand-over
+        of the answer), with the bookkeeping that a batch of one gets from ``_launch``, ``_run_batch`` and
+        ``_finish_batch``. Whoever gives the request up (its cancel signal, its deadline,
+        ``abandon_in_flight``, ``stop`` past its timeout) cancels the caller's task with a reason; that
+        cancellation, and only that one, becomes the reason's error (a cancellation of the caller's own
+        passes through as it came). A request given up this way is no failure of the device."""
+        task = _current()
+        run = _InlineRun(task, request)
+        cancelling = 0
+        if sys.version_info >= (3, 11):
+            cancelling = task.cancelling()
+        self._batcher.on_arrival(now)
+        request.metadata["queue_ms"] = 0.0
+        self._batcher.on_dispatch(now, 1)
+        self.metrics.record_batch_start(1, shares_with=self.metrics.in_flight)
+        self._inline[task] = run
+        self._started_at[task] = now
+        signal = request.cancelled
+        assert isinstance(signal, CancelSignal)  # submit sends no other here
+
+        def on_cancel() -> None:
+            run.give_up(self._cancelled_error(request, "its client went away"))
+
+        signal.add_callback(on_cancel)
+        timeout_s = None if request.deadline_s is None else request.deadline_s - now
+        timer = None if timeout_s is None else task.get_loop().call_later(timeout_s, self._expire_inline, run)
+        ok = False
+        try:
+            result = await run_one(self.session, request, native=self.native_batching, owner=self._owner)
+        except asyncio.CancelledError:
+            error = run.error
+            if error is None or not took_back(task, cancelling):
+                raise  # the caller's own cancellation
+            if not isinstance(error, (RequestCancelled, DeadlineExceeded)):
+                self.metrics.record_failure(1)  # abandoned or stopped: the router retries it elsewhere
+            raise error from None
+        except ConfigError:
+            self.metrics.record_failure(1)
+            ok = True  # a bad request, not a failing worker
+            raise
+        except ModelDoesNotFit:
+            self.metrics.record_failure(1)
+            raise
+        except XpuflowError as exc:
+            self.metrics.record_failure(1)
+            self.health.record_failure(f"{type(exc).__name__}: {exc}")
+            raise
+        except Exception as exc:
+            self.metrics.record_failure(1)
+            self.health.record_failure(f"{type(exc).__name__}: {exc}")
+            raise self._as_xpuflow(exc)  # noqa: B904 (_as_xpuflow sets the cause)
+        else:
+            ended = self._clock.monotonic()
+            self._sync_health()
+            tokens = result.completion_tokens if isinstance(result, Completion) else 0
+            self.metrics.record_request(ended - now, 0.0, tokens, started_at_s=now)
+            self.health.record_success()
+            ok = True
+            return result
+        finally:
+            signal.remove_callback(on_cancel)
+            if timer is not None:
+                timer.cancel()
+            del self._inline[task]
+            self._batch_ended(1, work_units(request), now, ok)
+            run.end()
+
+    def _expire_inline(self, run: _InlineRun) -> None:
+        run.give_up(self._deadline_error(run.request))
 
     async def _run_batch(self, tickets: list[Ticket]) -> None:
         started = self._clock.monotonic()
@@ -688,7 +803,7 @@ class Worker:
 
     async def _call_loaded(self, tickets: Sequence[Ticket]) -> list[Result]:
         requests = [t.request for t in tickets]
-        owner = f"worker '{self.worker_id}'"
+        owner = self._owner
         if self._compute_gate is None:
             return await run_batch(self.session, requests, native=self.native_batching, owner=owner)
         async with self._compute_gate():  # the device's compute share: wait for this partition's turn
@@ -830,3 +945,32 @@ class Worker:
             else self._batcher.to_dict(self._clock.monotonic()),
             "metrics": self.metrics.to_dict(),
         }
+
+
+class _InlineRun:
+    """A request running in its caller's task (``Worker._run_inline``): who gave it up, and why."""
+
+    __slots__ = ("_ended", "error", "request", "task")
+
+    def __init__(self, task: asyncio.Task[Any], request: WorkRequest) -> None:
+        self.task = task
+        self.request = request
+        self.error: XpuflowError | None = None  # set once, by whoever gave it up
+        self._ended: asyncio.Future[None] | None = None  # made only when stop() waits for it
+
+    def give_up(self, error: XpuflowError) -> bool:
+        """Cancel the caller's task with ``error`` as the reason; False when it was given up already."""
+        if self.error is not None:
+            return False
+        self.error = error
+        self.task.cancel()
+        return True
+
+    def ended(self) -> asyncio.Future[None]:
+        if self._ended is None:
+            self._ended = self.task.get_loop().create_future()
+        return self._ended
+
+    def end(self) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)

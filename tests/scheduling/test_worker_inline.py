@@ -1,0 +1,205 @@
+"""The worker's fast path: a session that batches by itself, with a free slot and nothing queued ahead,
+runs a submitted request in the caller's own task. Every way a request can end there must end as it
+does through a batch task: its answer, its session's error, the caller's cancellation, its deadline,
+its cancel signal, ``abandon_in_flight`` and ``stop``."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from xpuflow.backends.base import BatchMode, Completion, GenerationParams
+from xpuflow.errors import DeadlineExceeded, RequestCancelled, SessionError, WorkerStopped
+from xpuflow.scheduling.request import WorkRequest
+from xpuflow.scheduling.worker import Worker
+from xpuflow.testing import FakeSession
+
+
+def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    @functools.wraps(test)
+    def wrapper(*args: object, **kwargs: object) -> None:
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout=20))
+
+    return wrapper
+
+
+class Server(FakeSession):
+    """A continuous session whose calls record the task they run in and wait for ``release``."""
+
+    batch_mode = BatchMode.CONTINUOUS
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(max_batch_size=4, **kw)
+        self.release = asyncio.Event()
+        self.release.set()
+        self.tasks: list[asyncio.Task[Any] | None] = []
+        self.cancelled = 0
+        self.error: Exception | None = None
+
+    async def generate(self, prompt: str, params: GenerationParams) -> Completion:
+        self.tasks.append(asyncio.current_task())
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.error is not None:
+            raise self.error
+        return await super().generate(prompt, params)
+
+
+def request(deadline_s: float | None = None) -> WorkRequest:
+    return WorkRequest.completion("a b", GenerationParams(max_tokens=4), deadline_s=deadline_s)
+
+
+@run_async
+async def test_the_request_runs_in_the_callers_task_with_a_batch_of_ones_bookkeeping() -> None:
+    session = Server()
+    async with Worker(session, worker_id="w") as worker:
+        result = await worker.submit(request())
+        assert result.text == "b a"
+        assert session.tasks == [asyncio.current_task()]  # no batch task between caller and session
+        assert worker.metrics.completed == 1
+        assert worker.metrics.in_flight == 0
+        assert dict(worker.metrics.batch_sizes) == {1: 1}
+        assert worker.snapshot().oldest_in_flight_s is None
+
+
+@run_async
+async def test_while_it_runs_it_counts_in_flight_and_ages_in_the_snapshot() -> None:
+    session = Server()
+    session.release.clear()
+    async with Worker(session, worker_id="w") as worker:
+        call = asyncio.ensure_future(worker.submit(request()))
+        await asyncio.sleep(0.01)
+        snapshot = worker.snapshot()
+        assert snapshot.in_flight == 1
+        assert snapshot.oldest_in_flight_s is not None
+        assert snapshot.oldest_in_flight_s > 0
+        session.release.set()
+        await call
+
+
+@run_async
+async def test_a_session_error_fails_the_request_and_counts_against_the_worker() -> None:
+    session = Server()
+    session.error = RuntimeError("device fault")
+    async with Worker(session, worker_id="w") as worker:
+        with pytest.raises(SessionError, match="RuntimeError: device fault") as info:
+            await worker.submit(request())
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert worker.metrics.failed == 1
+        assert worker.health.consecutive_failures == 1
+        assert worker.metrics.in_flight == 0
+
+
+@run_async
+async def test_the_callers_own_cancellation_passes_through_and_is_no_fault_of_the_worker() -> None:
+    session = Server()
+    session.release.clear()
+    async with Worker(session, worker_id="w") as worker:
+        call = asyncio.ensure_future(worker.submit(request()))
+        await asyncio.sleep(0.01)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert session.cancelled == 1  # the session's call stopped with it
+        assert worker.health.consecutive_failures == 0
+        assert worker.metrics.failed == 0
+        assert worker.metrics.in_flight == 0
+        session.release.set()
+
+
+@run_async
+async def test_the_deadline_cancels_the_call_with_deadline_exceeded() -> None:
+    session = Server()
+    session.release.clear()
+    async with Worker(session, worker_id="w") as worker:
+        loop = asyncio.get_running_loop()
+        with pytest.raises(DeadlineExceeded, match="passed its deadline on worker 'w'"):
+            await worker.submit(request(deadline_s=loop.time() + 0.05))
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]  # taken back
+        assert session.cancelled == 1
+        assert worker.health.consecutive_failures == 0
+        assert worker.metrics.in_flight == 0
+        session.release.set()
+
+
+@run_async
+async def test_a_caller_cancelled_in_the_same_turn_as_a_give_up_is_still_cancelled() -> None:
+    """Both cancel the task: the caller's cancellation is not swallowed by the give-up's error."""
+    session = Server()
+    session.release.clear()
+    async with Worker(session, worker_id="w") as worker:
+        work = request()
+        call = asyncio.ensure_future(worker.submit(work))
+        await asyncio.sleep(0.01)
+        work.cancelled.set()  # the worker gives it up ...
+        call.cancel()  # ... and its caller cancels it, before either cancellation is delivered
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        session.release.set()
+
+
+@run_async
+async def test_the_cancel_signal_withdraws_it_with_request_cancelled() -> None:
+    session = Server()
+    session.release.clear()
+    async with Worker(session, worker_id="w") as worker:
+        work = request()
+        asyncio.get_running_loop().call_later(0.02, work.cancelled.set)
+        with pytest.raises(RequestCancelled, match="its client went away"):
+            await worker.submit(work)
+        assert session.cancelled == 1
+        assert worker.metrics.failed == 0
+        session.release.set()
+
+
+@run_async
+async def test_abandon_in_flight_gives_it_up_so_that_the_router_can_retry_it() -> None:
+    session = Server()
+    session.release.clear()
+    async with Worker(session, worker_id="w") as worker:
+        call = asyncio.ensure_future(worker.submit(request()))
+        await asyncio.sleep(0.01)
+        assert worker.abandon_in_flight("the health check failed") == 1
+        assert worker.abandon_in_flight("again") == 0  # given up once
+        with pytest.raises(SessionError, match="the health check failed; retry it elsewhere"):
+            await call
+        assert worker.metrics.failed == 1
+        assert worker.health.consecutive_failures == 0  # the check recorded the fault, not this
+        session.release.set()
+
+
+@run_async
+async def test_stop_waits_for_a_request_running_in_its_callers_task() -> None:
+    session = Server()
+    session.release.clear()
+    worker = Worker(session, worker_id="w")
+    await worker.start()
+    call = asyncio.ensure_future(worker.submit(request()))
+    await asyncio.sleep(0.01)
+    stopping = asyncio.ensure_future(worker.stop())
+    await asyncio.sleep(0.02)
+    assert not stopping.done()  # the request still runs
+    session.release.set()
+    assert (await call).text == "b a"
+    await stopping
+
+
+@run_async
+async def test_stop_past_its_timeout_fails_it_with_worker_stopped() -> None:
+    session = Server()
+    session.release.clear()
+    worker = Worker(session, worker_id="w", stop_timeout_s=0.05)
+    await worker.start()
+    call = asyncio.ensure_future(worker.submit(request()))
+    await asyncio.sleep(0.01)
+    await worker.stop()
+    with pytest.raises(WorkerStopped, match="stopped while running this request"):
+        await call
+    assert session.cancelled == 1
