@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from xpuflow import jsonio
 from xpuflow.backends.base import Completion, GenerationParams
 from xpuflow.errors import XpuflowError
 from xpuflow.serving.settings import GatewaySettings
@@ -423,14 +424,9 @@ def parse_embeddings(data: Mapping[str, Any], settings: GatewaySettings) -> Pars
 # -- writing --------------------------------------------------------------------------------------
 
 
-# one encoder for every answer (json.dumps with options builds a JSONEncoder per call: every answer, and
-# every streamed chunk, pays for it)
-_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
 def _dumps(data: Any) -> bytes:
-    # "replace": a lone surrogate in model output must not turn a finished answer into a 500
-    return _ENCODE(data).encode("utf-8", "replace")
+    # a lone surrogate in model output is replaced: it must not turn a finished answer into a 500
+    return jsonio.dumps(data)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -32,6 +32,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from xpuflow import jsonio
 from xpuflow.artifacts.profile import BuildArtifact, BuildProfile
 from xpuflow.backends.base import (
     Availability,
@@ -443,7 +444,7 @@ class RemoteOpenAISession(Session):
             return await self._post_json_aiohttp(path, body)
         try:
             status, headers, raw = await lean.post(
-                self._path_prefix + path, json.dumps(body).encode(), timeout_s=self.settings.timeout_s
+                self._path_prefix + path, jsonio.dumps(body), timeout_s=self.settings.timeout_s
             )
             if status >= 400:
                 text = raw.decode("utf-8", "replace")
@@ -451,7 +452,7 @@ class RemoteOpenAISession(Session):
             encoding = headers.get("content-encoding", "identity").lower()
             if encoding not in ("identity", ""):
                 raw = _decompress(raw, encoding)
-            return json.loads(raw)  # JSON is UTF-8 (RFC 8259); loads reads the bytes as they are
+            return jsonio.loads(raw)  # JSON is UTF-8 (RFC 8259); loads reads the bytes as they are
         except RemoteError:
             raise
         except Exception as exc:
@@ -467,7 +468,7 @@ class RemoteOpenAISession(Session):
                     raise self._status_error(
                         "POST", path, response.status, text, response.headers.get("Retry-After")
                     )
-                return json.loads(raw)  # JSON is UTF-8 (RFC 8259); loads reads the bytes as they are
+                return jsonio.loads(raw)  # JSON is UTF-8 (RFC 8259); loads reads the bytes as they are
         except RemoteError:
             raise
         except Exception as exc:
@@ -526,7 +527,7 @@ class RemoteOpenAISession(Session):
                     raise self._status_error("POST", path, status, text, headers.get("retry-after"))
                 if "text/event-stream" not in headers.get("content-type", ""):
                     # A server that ignores "stream": true answers with one JSON body; pass it on whole.
-                    completion = completion_from_response(json.loads(await _read_all(read)))
+                    completion = completion_from_response(jsonio.loads(await _read_all(read)))
                     yield StreamChunk(completion.text, completion.finish_reason)
                     finished = True
                 else:
@@ -579,7 +580,7 @@ class RemoteOpenAISession(Session):
         settings = self.settings
         async with lean.stream(
             self._path_prefix + path,
-            json.dumps(body).encode(),
+            jsonio.dumps(body),
             accept="text/event-stream",
             read_timeout_s=settings.first_byte_timeout_s,
             total_timeout_s=settings.timeout_s,
@@ -595,7 +596,7 @@ class RemoteOpenAISession(Session):
             yield answer.status, answer.headers, read
 
     def _event_chunk(self, path: str, payload: str) -> StreamChunk | None:
-        event = json.loads(payload)
+        event = jsonio.loads(payload)
         if isinstance(event, _MAPPING) and event.get("error"):
             # vLLM and others report failures inside an open stream as an error event.
             error = event["error"]
