@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xpuflow.policy.snapshot_table import SnapshotTable
-from xpuflow.types import Alternative, WorkerSnapshot
+from xpuflow.types import Alternative, WorkerSnapshot, frozen_from_fields
 
 __all__ = [
     "NEUTRAL",
@@ -151,9 +151,18 @@ class ScoredWorker:
 
     def explain(self) -> str:
         """The terms as one line, e.g. ``speed 0.92, memory 0.50, utilization 0.50, temperature 0.50``."""
-        text = ", ".join(f"{name} {value:.2f}" for name, value in self.terms.items())
+        terms = self.terms
+        if tuple(terms) == _FOUR_TERMS:  # the usual four, in score()'s order: one format
+            text = (
+                f"speed {terms['speed']:.2f}, memory {terms['memory']:.2f}, "
+                f"utilization {terms['utilization']:.2f}, temperature {terms['temperature']:.2f}"
+            )
+        else:
+            text = ", ".join(f"{name} {value:.2f}" for name, value in terms.items())
         return f"{text}; state {self.freshness:.0%} fresh" if self.freshness < 1.0 else text
 
+
+_FOUR_TERMS = ("speed", "memory", "utilization", "temperature")
 
 _SCORED_WORKER_SLOTS = (
     object.__new__,
@@ -184,6 +193,27 @@ class WorkerChoice:
             if c is not self.chosen and best is not None
         )
         return lost + self.rejected
+
+
+def _choice(
+    chosen: ScoredWorker,
+    ranked: tuple[ScoredWorker, ...],
+    rejected: tuple[Alternative, ...],
+    probability: float,
+    reason: str,
+) -> WorkerChoice:
+    """``WorkerChoice(chosen, ranked, rejected, probability, reason)`` without the frozen dataclass's
+    ``__init__`` (a request's routing builds one)."""
+    return frozen_from_fields(
+        WorkerChoice,
+        {
+            "chosen": chosen,
+            "ranked": ranked,
+            "rejected": rejected,
+            "probability": probability,
+            "reason": reason,
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -448,7 +478,7 @@ class WorkerScorer:
         ranked = tuple(self.score(passed, now_s=now_s, affinity=affinity, probes=probes))
         if not ranked:
             return WorkerChoice(None, (), tuple(rejected), 0.0, "no worker passed the filter")
-        probe = next((c for c in ranked if c.probe), None)
+        probe = next((c for c in ranked if c.probe), None) if probes else None
         if probe is not None:
             return WorkerChoice(
                 probe,
@@ -458,18 +488,22 @@ class WorkerScorer:
                 f"{probe.worker_id} takes the half-open probe after its cooldown",
             )
         top = ranked[: self.top_k]
+        if len(top) == 1:
+            # the draw among one: its weight is 1 whatever the score (the random number is still taken,
+            # so that a seeded generator runs the same sequence as through _draw)
+            rng.random()
+            chosen = top[0]
+            reason = f"{chosen.worker_id} is the only worker that can take it ({chosen.explain()})"
+            return _choice(chosen, ranked, tuple(rejected), 1.0, reason)
         weights = self.selection_weights([c.score for c in top])
         index = _draw(rng, weights)
         chosen = top[index]
         probability = weights[index] / sum(weights)
-        if len(top) == 1:
-            reason = f"{chosen.worker_id} is the only worker that can take it ({chosen.explain()})"
-        else:
-            reason = (
-                f"{chosen.worker_id} scored {chosen.score:.2f} ({chosen.explain()}); drawn among the "
-                f"top {len(top)} with probability {probability:.2f}"
-            )
-        return WorkerChoice(chosen, ranked, tuple(rejected), probability, reason)
+        reason = (
+            f"{chosen.worker_id} scored {chosen.score:.2f} ({chosen.explain()}); drawn among the "
+            f"top {len(top)} with probability {probability:.2f}"
+        )
+        return _choice(chosen, ranked, tuple(rejected), probability, reason)
 
     def choose_rows(
         self,

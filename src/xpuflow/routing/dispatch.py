@@ -499,20 +499,28 @@ class Dispatcher:
     def _decision(
         self, pick: _Pick, progress: _Progress, tier_decision: RoutingDecision | None
     ) -> RoutingDecision:
-        chosen = pick.choice.chosen
+        choice = pick.choice
+        chosen = choice.chosen
         assert chosen is not None  # a _Pick always has a chosen worker
-        failed = [a for a in progress.attempts if a.error is not None]
-        reason = pick.choice.reason
+        attempts = progress.attempts
+        # the last attempt served: with one attempt (most requests) none failed
+        failed = [a for a in attempts if a.error is not None] if len(attempts) > 1 else []
+        reason = choice.reason
         if failed:
             reason += f", after {len(failed)} failed attempt(s): " + "; ".join(a.describe() for a in failed)
         if tier_decision is not None:
             reason = f"tier {pick.tier}: {tier_decision.reason}; worker {reason}"
-        alternatives = [Alternative(a.worker, f"attempt failed in {a.tier}: {a.error}") for a in failed]
-        alternatives += pick.choice.alternatives()
-        listed = {a.candidate for a in alternatives}
-        alternatives += [a for a in progress.rejected.values() if a.candidate not in listed]
+        alternatives: list[Alternative] = [
+            Alternative(a.worker, f"attempt failed in {a.tier}: {a.error}") for a in failed
+        ]
+        if len(choice.ranked) > 1 or choice.rejected:
+            alternatives += choice.alternatives()
+        if progress.rejected:
+            listed = {a.candidate for a in alternatives}
+            alternatives += [a for a in progress.rejected.values() if a.candidate not in listed]
         if tier_decision is not None:
             alternatives += tier_decision.alternatives
+        terms = chosen.terms
         return RoutingDecision.from_fields(
             {
                 "device": pick.target.device,
@@ -528,10 +536,10 @@ class Dispatcher:
                 "details": {
                     "rule": tier_decision.details.get("rule") if tier_decision is not None else None,
                     "score": round(chosen.score, 4),
-                    "probability": round(pick.choice.probability, 4),
-                    "attempts": len(progress.attempts),
+                    "probability": round(choice.probability, 4),
+                    "attempts": len(attempts),
                     "probe": chosen.probe,
-                    "terms": {k: round(v, 4) for k, v in chosen.terms.items()},
+                    "terms": {k: round(v, 4) for k, v in terms.items()},
                 },
             }
         )

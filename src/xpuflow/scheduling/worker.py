@@ -628,7 +628,8 @@ class Worker:
             old = self._drain_rate_ema
             self._drain_rate_ema = rate if old is None else old + 0.2 * (rate - old)
             self._queue.drain_rate_per_s = self._drain_rate_ema
-        self._wakeup.set()
+        if self._queue:  # a free slot or batch for the next in line; with none queued, the loop sleeps on
+            self._wakeup.set()
 
     async def _run_inline(self, request: WorkRequest, now: float) -> Result:
         """The fast path of ``submit``: a session that batches by itself with a free slot and nothing
