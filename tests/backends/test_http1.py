@@ -292,3 +292,53 @@ def test_a_stalled_stream_times_out_and_its_connection_is_dropped() -> None:
             return stats
 
     assert run(go()) == {"open": 0, "idle": 0}
+
+
+def test_at_most_limit_requests_run_at_once_and_a_cancelled_waiter_loses_no_slot() -> None:
+    """Callers past ``limit`` wait in turn; one cancelled while it waits (or just as its slot came)
+    neither takes a slot with it nor leaves the others waiting."""
+
+    async def go() -> tuple[int, list[int], int, dict[str, Any]]:
+        gate = asyncio.Event()
+        running = [0, 0]  # now, peak
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r")[0]))
+                    running[0] += 1
+                    running[1] = max(running)
+                    await gate.wait()
+                    running[0] -= 1
+                    writer.write(ok())
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = Http1Pool("127.0.0.1", port, limit=2, connect_timeout_s=2.0)
+        calls = [asyncio.ensure_future(pool.post("/x", b"{}")) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        calls[2].cancel()  # waiting for a slot
+        await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        statuses = [r[0] for r in results if isinstance(r, tuple)]
+        cancelled = sum(isinstance(r, asyncio.CancelledError) for r in results)
+        # every slot came back: as many requests as the limit start at once again
+        more = await asyncio.gather(*(pool.post("/x", b"{}") for _ in range(2)))
+        stats = pool.stats()
+        await pool.close()
+        server.close()
+        return running[1], statuses + [m[0] for m in more], cancelled, {**stats, "free": pool._free}
+
+    peak, statuses, cancelled, stats = run(go())
+    assert peak == 2
+    assert statuses == [200] * 6
+    assert cancelled == 1
+    assert stats["free"] == 2
+    assert stats["open"] == 2

@@ -10,7 +10,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import sys
 from collections.abc import Callable, Sequence
@@ -50,8 +49,9 @@ class CancelSignal(asyncio.Event):
         self._callbacks.append(callback)
 
     def remove_callback(self, callback: Callable[[], object]) -> None:
-        with contextlib.suppress(ValueError):
-            self._callbacks.remove(callback)
+        callbacks = self._callbacks
+        if callback in callbacks:
+            callbacks.remove(callback)
 
 
 def took_back(task: asyncio.Task[Any], cancelling: int) -> bool:

@@ -177,6 +177,9 @@ class Worker:
         self._inline: dict[asyncio.Task[Any], _InlineRun] = {}  # caller's task -> the request it runs here
         # the fast path (_run_inline) needs a session that batches by itself and nothing to enter first
         self._runs_inline = self.max_in_flight is not None and compute_gate is None and residency is None
+        # only a worker that forms batches asks its batcher anything (a continuous session's calls start
+        # as they come): the others do not keep it informed
+        self._informs_batcher = self.max_in_flight is None
         self._accepting = False
         self._closing = False
         self._drained = False
@@ -443,7 +446,6 @@ class Worker:
         if self._free_slot():
             # what the batch loop's next step would do at once (take this ticket, the queue's only
             # one), done here, without queueing it or waking the loop
-            self._batcher.on_arrival(now)
             self._launch([ticket], now, from_queue=False)
             return ticket
         try:
@@ -451,7 +453,8 @@ class Worker:
         except AdmissionRejected:
             self.metrics.record_rejected()
             raise
-        self._batcher.on_arrival(now)
+        if self._informs_batcher:
+            self._batcher.on_arrival(now)
         self._update_depths()
         self._wakeup.set()
         return ticket
@@ -570,7 +573,8 @@ class Worker:
             ticket.request.metadata["queue_ms"] = (now - ticket.enqueued_at_s) * 1000.0
         if from_queue:
             self._update_depths()
-        self._batcher.on_dispatch(now, len(tickets))
+        if self._informs_batcher:
+            self._batcher.on_dispatch(now, len(tickets))
         # in a continuous session a request joins the ones in flight in one running batch
         joined = self.metrics.in_flight if self.max_in_flight is not None else 0
         self.metrics.record_batch_start(len(tickets), shares_with=joined)
@@ -620,7 +624,8 @@ class Worker:
         self._started_at.pop(_current(), None)
         now = self._clock.monotonic()
         service_s = now - started
-        self._batcher.on_complete(now, size, service_s if ok else None, units)
+        if self._informs_batcher:
+            self._batcher.on_complete(now, size, service_s if ok else None, units)
         self._sync_health()
         self.metrics.record_batch_end(size, service_s, ok, started_at_s=started)
         if ok and service_s > 0:
@@ -644,9 +649,7 @@ class Worker:
         cancelling = 0
         if sys.version_info >= (3, 11):
             cancelling = task.cancelling()
-        self._batcher.on_arrival(now)
         request.metadata["queue_ms"] = 0.0
-        self._batcher.on_dispatch(now, 1)
         self.metrics.record_batch_start(1, shares_with=self.metrics.in_flight)
         self._inline[task] = run
         self._started_at[task] = now

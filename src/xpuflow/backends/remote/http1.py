@@ -27,6 +27,7 @@ The contract:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -249,7 +250,8 @@ class Http1Pool:
         self.connect_timeout_s = connect_timeout_s
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
-        self._slots = asyncio.Semaphore(limit)
+        self._free = limit  # requests that may start now (a semaphore without its calls on the hot path)
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         authority = f"[{host}]" if ":" in host else host
         self._host = f"Host: {authority}" + ("" if port == 80 else f":{port}")
         self._headers = {name: value for name, value in headers.items() if name.lower() != "host"}
@@ -284,8 +286,12 @@ class Http1Pool:
             f"POST {path} HTTP/1.1\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
         ).encode("latin-1")
         data = head + self._head_tail + b"\r\n" + body
-        async with self._slots:
-            connection = await self._connection()
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+        else:
+            await self._slot()
+        try:
+            connection = self._idle_connection() or await self._connection()
             try:
                 status, raw_headers, content = await connection.request(data, timeout_s)
             except BaseException:
@@ -295,6 +301,8 @@ class Http1Pool:
                 self._idle.append(connection)
             else:
                 self._discard(connection)
+        finally:
+            self._release()
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw_headers}
         return status, headers, content
 
@@ -310,8 +318,12 @@ class Http1Pool:
         head = (
             f"POST {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         ).encode("latin-1")
-        async with self._slots:
-            connection = await self._connection()
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+        else:
+            await self._slot()
+        try:
+            connection = self._idle_connection() or await self._connection()
             try:
                 status, raw_headers = await connection.open(
                     head + self._tail(accept) + b"\r\n" + body, min(read_timeout_s, total_timeout_s)
@@ -325,13 +337,47 @@ class Http1Pool:
                 self._idle.append(connection)
             else:
                 self._discard(connection)
+        finally:
+            self._release()
 
-    async def _connection(self) -> _Connection:
-        while self._idle:
-            connection = self._idle.pop()
+    async def _slot(self) -> None:
+        """Wait for a free request slot (all ``limit`` are taken, or others wait first): ``_release``
+        hands one over by resolving the first waiter's future."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # the slot came with the cancellation: pass it on
+            else:
+                self._waiting.remove(waiter)
+            raise
+
+    def _release(self) -> None:
+        waiting = self._waiting
+        while waiting:
+            waiter = waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes straight to the next in line
+                return
+        self._free += 1
+
+    def _idle_connection(self) -> _Connection | None:
+        """The most recently idle open connection, or None."""
+        idle = self._idle
+        while idle:
+            connection = idle.pop()
             if not connection.closed:
                 return connection
             self._all.discard(connection)
+        return None
+
+    async def _connection(self) -> _Connection:
+        """A new connection (``_idle_connection`` first: this one opens)."""
+        idle = self._idle_connection()
+        if idle is not None:
+            return idle
         if self._closed:
             raise Http1Error("the client is closed")
         loop = asyncio.get_running_loop()
