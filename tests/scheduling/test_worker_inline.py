@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from xpuflow.backends.base import BatchMode, Completion, GenerationParams
+from xpuflow.backends.base import BatchMode, Completion, GenerationParams, StreamChunk
 from xpuflow.errors import DeadlineExceeded, RequestCancelled, SessionError, WorkerStopped
 from xpuflow.scheduling.request import WorkRequest
 from xpuflow.scheduling.worker import Worker
@@ -203,3 +203,140 @@ async def test_stop_past_its_timeout_fails_it_with_worker_stopped() -> None:
     with pytest.raises(WorkerStopped, match="stopped while running this request"):
         await call
     assert session.cancelled == 1
+
+
+# -- streams ---------------------------------------------------------------------------------------------
+
+
+class Streamer(Server):
+    """A continuous session whose streams send what the test puts in ``feed`` (None ends the stream)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.feed: asyncio.Queue[StreamChunk | Exception | None] = asyncio.Queue()
+        self.closed = 0
+
+    async def stream_generate(self, prompt: str, params: GenerationParams) -> AsyncIterator[StreamChunk]:
+        self.tasks.append(asyncio.current_task())
+        try:
+            while (item := await self.feed.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.closed += 1
+
+
+def stream_request(deadline_s: float | None = None) -> WorkRequest:
+    return WorkRequest.completion("a b", GenerationParams(max_tokens=4), stream=True, deadline_s=deadline_s)
+
+
+@run_async
+async def test_a_stream_is_pulled_by_its_consumers_own_task() -> None:
+    session = Streamer()
+    for text in ("Hel", "lo", None):
+        session.feed.put_nowait(StreamChunk(text) if text else None)
+    async with Worker(session, worker_id="w") as worker:
+        texts = [chunk.text async for chunk in worker.stream(stream_request())]
+        assert texts == ["Hel", "lo"]
+        assert session.tasks == [asyncio.current_task()]  # no stream task between
+        assert session.closed == 1
+        assert worker.metrics.completed == 1
+        assert worker.metrics.tokens_total == 2
+        assert worker.metrics.in_flight == 0
+        assert worker.snapshot().oldest_in_flight_s is None
+
+
+@run_async
+async def test_a_consumer_that_stops_reading_closes_the_sessions_stream() -> None:
+    session = Streamer()
+    session.feed.put_nowait(StreamChunk("one"))
+    async with Worker(session, worker_id="w") as worker:
+        chunks = worker.stream(stream_request())
+        assert (await chunks.__anext__()).text == "one"
+        await chunks.aclose()
+        assert session.closed == 1
+        assert worker.metrics.in_flight == 0
+        assert worker.metrics.failed == 0
+        assert worker.health.consecutive_failures == 0
+
+
+@run_async
+async def test_the_deadline_while_waiting_for_a_chunk_raises_deadline_exceeded_after_the_chunks() -> None:
+    session = Streamer()
+    session.feed.put_nowait(StreamChunk("one"))
+    async with Worker(session, worker_id="w") as worker:
+        loop = asyncio.get_running_loop()
+        chunks = worker.stream(stream_request(deadline_s=loop.time() + 0.05))
+        assert (await chunks.__anext__()).text == "one"
+        with pytest.raises(DeadlineExceeded):
+            await chunks.__anext__()
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+        assert session.cancelled == 1
+        assert worker.health.consecutive_failures == 0
+
+
+@run_async
+async def test_the_deadline_while_the_consumer_is_away_is_raised_at_its_next_read() -> None:
+    session = Streamer()
+    session.feed.put_nowait(StreamChunk("one"))
+    async with Worker(session, worker_id="w") as worker:
+        loop = asyncio.get_running_loop()
+        chunks = worker.stream(stream_request(deadline_s=loop.time() + 0.02))
+        assert (await chunks.__anext__()).text == "one"
+        await asyncio.sleep(0.05)  # away (sending the chunk on) when the deadline passes: not cancelled
+        with pytest.raises(DeadlineExceeded):
+            await chunks.__anext__()
+        assert session.closed == 1
+
+
+@run_async
+async def test_abandon_spares_a_stream_that_has_answered_but_not_one_still_silent() -> None:
+    session = Streamer()
+    async with Worker(session, worker_id="w") as worker:
+        silent = worker.stream(stream_request())
+        waiting = asyncio.ensure_future(silent.__anext__())
+        await asyncio.sleep(0.01)
+        assert worker.abandon_in_flight("the health check failed") == 1
+        with pytest.raises(SessionError, match="the health check failed"):
+            await waiting
+        assert worker.metrics.failed == 1
+
+        session.feed.put_nowait(StreamChunk("one"))
+        answering = worker.stream(stream_request())
+        assert (await answering.__anext__()).text == "one"
+        assert worker.abandon_in_flight("hung") == 0
+        session.feed.put_nowait(None)
+        assert [c async for c in answering] == []
+        assert worker.metrics.completed == 1
+
+
+@run_async
+async def test_a_session_error_mid_stream_counts_against_the_worker() -> None:
+    session = Streamer()
+    session.feed.put_nowait(StreamChunk("one"))
+    session.feed.put_nowait(RuntimeError("device fault"))
+    async with Worker(session, worker_id="w") as worker:
+        chunks = worker.stream(stream_request())
+        assert (await chunks.__anext__()).text == "one"
+        with pytest.raises(SessionError, match="RuntimeError: device fault"):
+            await chunks.__anext__()
+        assert worker.health.consecutive_failures == 1
+        assert worker.metrics.failed == 1
+        assert worker.metrics.in_flight == 0
+
+
+@run_async
+async def test_stop_past_its_timeout_ends_a_waiting_stream_with_worker_stopped() -> None:
+    session = Streamer()
+    worker = Worker(session, worker_id="w", stop_timeout_s=0.05)
+    await worker.start()
+    chunks = worker.stream(stream_request())
+    waiting = asyncio.ensure_future(chunks.__anext__())
+    await asyncio.sleep(0.01)
+    await worker.stop()
+    with pytest.raises(WorkerStopped):
+        await waiting

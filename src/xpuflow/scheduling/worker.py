@@ -31,7 +31,7 @@ import contextlib
 import itertools
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -370,8 +370,22 @@ class Worker:
     async def stream(self, request: WorkRequest) -> AsyncIterator[StreamChunk]:
         """Queue ``request`` and yield its chunks as the session produces them; the last chunk carries
         ``finish_reason``. Admission errors (``QueueFull``, ``WorkerStopped``) are raised before the
-        first chunk. A consumer that stops iterating withdraws the request and stops its generation."""
-        ticket = self._admit(request, streaming=True)
+        first chunk. A consumer that stops iterating withdraws the request and stops its generation.
+        A session that batches by itself with a free slot streams to the consumer directly (see
+        ``_stream_inline``)."""
+        if self._runs_inline and isinstance(request.cancelled, CancelSignal):
+            now = self._admissible(request)
+            if self._free_slot():
+                source = self._stream_inline(request, now)
+                try:
+                    async for chunk in source:
+                        yield chunk
+                finally:
+                    await source.aclose()
+                return
+            ticket = self._enqueue(request, now, streaming=True)
+        else:
+            ticket = self._admit(request, streaming=True)
         chunks = ticket.chunks
         assert chunks is not None
         finished = False
@@ -604,7 +618,7 @@ class Worker:
             task.cancel()
             given_up += 1
         for run in list(self._inline.values()):
-            if run.give_up(self._abandon_error(reason)):
+            if not run.answering and run.give_up(self._abandon_error(reason)):
                 given_up += 1
         if given_up:
             log.warning("worker %s: gave up %d request(s) in flight: %s", self.worker_id, given_up, reason)
@@ -618,10 +632,13 @@ class Worker:
     def _finish_batch(self, tickets: Sequence[Ticket], started: float, ok: bool) -> None:
         self._batch_ended(len(tickets), work_units(tickets[0].request), started, ok)
 
-    def _batch_ended(self, size: int, units: float, started: float, ok: bool) -> None:
+    def _batch_ended(
+        self, size: int, units: float, started: float, ok: bool, *, task: asyncio.Task[Any] | None = None
+    ) -> None:
+        """``task``: the one that ran it (default: the current one)."""
         # not running any more: its age must not reach the next snapshot as a stuck batch (the task's
         # done callback, _forget, runs a loop turn later, after a caller woken by the answer has routed)
-        self._started_at.pop(_current(), None)
+        self._started_at.pop(_current() if task is None else task, None)
         now = self._clock.monotonic()
         service_s = now - started
         if self._informs_batcher:
@@ -701,6 +718,86 @@ class Worker:
                 timer.cancel()
             del self._inline[task]
             self._batch_ended(1, work_units(request), now, ok)
+            run.end()
+
+    async def _stream_inline(self, request: WorkRequest, now: float) -> AsyncGenerator[StreamChunk, None]:
+        """``_run_inline`` for a stream: the consumer's own task pulls each chunk from the session (no
+        stream task, no chunk queue between them). Giving it up works as there, with one difference: the
+        consumer's task is cancelled only while it waits here for a chunk; given up while it is away
+        (sending the last chunk on), the stream raises the reason's error when it asks for the next.
+        ``abandon_in_flight`` spares a stream that has sent a chunk, as it spares a queued one."""
+        run = _InlineRun(_current(), request, waiting=False)
+        request.metadata["queue_ms"] = 0.0
+        self.metrics.record_batch_start(1, shares_with=self.metrics.in_flight)
+        self._started_at[run.task] = now
+        self._inline[run.task] = run
+        signal = request.cancelled
+        assert isinstance(signal, CancelSignal)  # stream() sends no other here
+
+        def on_cancel() -> None:
+            run.give_up(self._cancelled_error(request, "its client went away"))
+
+        signal.add_callback(on_cancel)
+        timeout_s = None if request.deadline_s is None else request.deadline_s - now
+        timer = (
+            None if timeout_s is None else run.task.get_loop().call_later(timeout_s, self._expire_inline, run)
+        )
+        source = open_stream(self.session, request)
+        ok = False
+        try:
+            while True:
+                if run.error is not None:
+                    raise run.error  # given up while the consumer was away
+                task = _current()
+                cancelling = 0
+                if sys.version_info >= (3, 11):
+                    cancelling = task.cancelling()
+                run.task, run.waiting = task, True
+                try:
+                    chunk = await source.__anext__()
+                except StopAsyncIteration:
+                    break
+                except asyncio.CancelledError:
+                    error = run.error
+                    if error is None or not took_back(task, cancelling):
+                        raise  # the consumer's own cancellation
+                    raise error from None
+                finally:
+                    run.waiting = False
+                run.answering = True
+                if chunk.text:
+                    self.metrics.record_tokens(1)
+                yield chunk
+            ended = self._clock.monotonic()
+            self._sync_health()
+            self.metrics.record_request(ended - now, 0.0, started_at_s=now)  # tokens counted as they came
+            self.health.record_success()
+            ok = True
+        except (GeneratorExit, asyncio.CancelledError):
+            raise  # the consumer stopped reading, or was cancelled: no fault of the device
+        except Exception as exc:
+            if run.error is not None and exc is run.error:  # given up: never the device's fault here
+                if not isinstance(exc, (RequestCancelled, DeadlineExceeded)):
+                    self.metrics.record_failure(1)  # abandoned or stopped: retried elsewhere
+                raise
+            self.metrics.record_failure(1)
+            if isinstance(exc, ConfigError):
+                ok = True  # a bad request, not a failing worker
+                raise
+            if isinstance(exc, ModelDoesNotFit):
+                raise
+            self.health.record_failure(f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, XpuflowError):
+                raise
+            raise self._as_xpuflow(exc)  # noqa: B904 (_as_xpuflow sets the cause)
+        finally:
+            signal.remove_callback(on_cancel)
+            if timer is not None:
+                timer.cancel()
+            with contextlib.suppress(Exception):
+                await source.aclose()  # type: ignore[attr-defined]
+            del self._inline[run.task]
+            self._batch_ended(1, work_units(request), now, ok, task=run.task)
             run.end()
 
     def _expire_inline(self, run: _InlineRun) -> None:
@@ -952,22 +1049,28 @@ class Worker:
 
 
 class _InlineRun:
-    """A request running in its caller's task (``Worker._run_inline``): who gave it up, and why."""
+    """A request running in its caller's task (``Worker._run_inline``, ``Worker._stream_inline``): who gave
+    it up, and why. The task is cancelled only while it ``waiting`` on the session (a stream's consumer
+    may be away, sending a chunk on); the error is there for the stream to raise when it comes back."""
 
-    __slots__ = ("_ended", "error", "request", "task")
+    __slots__ = ("_ended", "answering", "error", "request", "task", "waiting")
 
-    def __init__(self, task: asyncio.Task[Any], request: WorkRequest) -> None:
+    def __init__(self, task: asyncio.Task[Any], request: WorkRequest, *, waiting: bool = True) -> None:
         self.task = task
         self.request = request
+        self.waiting = waiting
+        self.answering = False  # a stream that has sent a chunk (abandon_in_flight spares it)
         self.error: XpuflowError | None = None  # set once, by whoever gave it up
         self._ended: asyncio.Future[None] | None = None  # made only when stop() waits for it
 
     def give_up(self, error: XpuflowError) -> bool:
-        """Cancel the caller's task with ``error`` as the reason; False when it was given up already."""
+        """Give it up with ``error`` (cancelling its task if it waits on the session now); False when it
+        was given up already."""
         if self.error is not None:
             return False
         self.error = error
-        self.task.cancel()
+        if self.waiting:
+            self.task.cancel()
         return True
 
     def ended(self) -> asyncio.Future[None]:
