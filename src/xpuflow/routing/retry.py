@@ -19,6 +19,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from xpuflow import deadlines
 from xpuflow.backends.base import Completion
 from xpuflow.errors import (
     CapabilityError,
@@ -153,7 +154,7 @@ async def _within(work: Awaitable[T], timeout_s: float | None) -> T:
             expired = True
             task.cancel()
 
-        timer = task.get_loop().call_later(timeout_s, expire)
+        timer = deadlines.call_later(timeout_s, expire)
         try:
             return await work
         except asyncio.CancelledError:

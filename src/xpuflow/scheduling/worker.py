@@ -35,6 +35,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Se
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from xpuflow import deadlines
 from xpuflow.backends.base import BatchMode, Completion, Session, StreamChunk
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.errors import (
@@ -359,7 +360,7 @@ class Worker:
             self._withdraw(ticket, self._cancelled_error(request, "its client went away"))
 
         cancelled.add_callback(on_cancel)
-        timer = None if timeout_s is None else answer.get_loop().call_later(timeout_s, self._expire, ticket)
+        timer = None if timeout_s is None else deadlines.call_later(timeout_s, self._expire, ticket)
         try:
             await answer
         finally:
@@ -392,11 +393,7 @@ class Worker:
         # one timer for the stream's deadline, which withdraws it (its error goes into the chunk queue
         # after what has arrived), not a timeout scope around every chunk
         timeout_s = self._timeout_s(request)
-        timer = (
-            None
-            if timeout_s is None
-            else asyncio.get_running_loop().call_later(timeout_s, self._expire, ticket)
-        )
+        timer = None if timeout_s is None else deadlines.call_later(timeout_s, self._expire, ticket)
         try:
             while True:
                 item = chunks.get_nowait() if chunks.qsize() else await chunks.get()
@@ -678,7 +675,7 @@ class Worker:
 
         signal.add_callback(on_cancel)
         timeout_s = None if request.deadline_s is None else request.deadline_s - now
-        timer = None if timeout_s is None else task.get_loop().call_later(timeout_s, self._expire_inline, run)
+        timer = None if timeout_s is None else deadlines.call_later(timeout_s, self._expire_inline, run)
         ok = False
         try:
             result = await run_one(self.session, request, native=self.native_batching, owner=self._owner)
@@ -739,9 +736,7 @@ class Worker:
 
         signal.add_callback(on_cancel)
         timeout_s = None if request.deadline_s is None else request.deadline_s - now
-        timer = (
-            None if timeout_s is None else run.task.get_loop().call_later(timeout_s, self._expire_inline, run)
-        )
+        timer = None if timeout_s is None else deadlines.call_later(timeout_s, self._expire_inline, run)
         source = open_stream(self.session, request)
         ok = False
         try:

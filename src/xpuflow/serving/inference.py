@@ -27,6 +27,7 @@ from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
+from xpuflow import deadlines
 from xpuflow.engine import Engine, InferenceCall, ModelInfo
 from xpuflow.errors import (
     AdmissionRejected,
@@ -328,11 +329,7 @@ class _Guard:
         self.started = False  # the response has begun: an error can no longer become an HTTP status
         self.reason: str | None = None  # "disconnect" or "timeout" once fired
         self.handler = asyncio.current_task()
-        self.timer = (
-            None
-            if timeout_s is None
-            else asyncio.get_running_loop().call_later(timeout_s, self._fire, "timeout")
-        )
+        self.timer = None if timeout_s is None else deadlines.call_later(timeout_s, self._fire, "timeout")
         extension = _extension(scope, DISCONNECT_EXTENSION)
         self.stop_watching: Callable[[], object]
         if extension is not None:

@@ -32,6 +32,8 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from xpuflow import deadlines
+
 __all__ = ["Http1ConnectError", "Http1Error", "Http1Pool", "Http1Stream", "available"]
 
 
@@ -153,7 +155,7 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter = loop.create_future()
         timer = None
         if timeout_s is not None:
-            timer = loop.call_later(timeout_s, _expire, waiter)
+            timer = deadlines.call_later(timeout_s, _expire, waiter)
         try:
             await waiter
         finally:

@@ -1,0 +1,166 @@
+"""Timers for deadlines that almost never fire: one event-loop timer for all of them.
+
+A request through the gateway is bounded at several layers (its ``request_timeout_s``, each attempt's
+timeout, the worker's deadline, the upstream call's timeout), and each arms a timer that is cancelled a
+few milliseconds later when the answer comes. On uvloop a loop timer costs a libuv handle each
+(about 2 µs to arm and cancel, plus its close on the next loop turn). Here a deadline is an entry in
+a bucket of ``resolution_s``; one loop timer waits for the earliest bucket, and cancelling is a dict
+deletion::
+
+    handle = call_later(30.0, on_timeout, request)   # like loop.call_later
+    handle.cancel()
+
+The contract:
+
+- The callback runs once, at or after the deadline, and at most ``resolution_s`` (50 ms) after it plus
+  the loop's own latency; never before it.
+- Delays under ``PRECISE_BELOW_S`` (1 s) go to the loop's own ``call_later``: short timeouts keep their
+  precision.
+- ``cancel()`` before it runs means it never runs; after, it does nothing. Like ``loop.call_later``, the
+  callback runs in the loop, and an exception it raises goes to the loop's exception handler.
+- One ``DeadlineTimers`` per event loop (``for_loop``), used from that loop's thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol
+
+__all__ = ["PRECISE_BELOW_S", "Cancellable", "DeadlineTimers", "call_later", "for_loop"]
+
+PRECISE_BELOW_S = 1.0
+_RESOLUTION_S = 0.05
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class _Deadline:
+    """One pending deadline (what ``call_later`` returns)."""
+
+    __slots__ = ("_bucket", "_owner", "args", "callback", "tick")
+
+    def __init__(
+        self,
+        owner: DeadlineTimers,
+        tick: int,
+        bucket: dict[_Deadline, None],
+        callback: Callable[..., object],
+        args: tuple[Any, ...],
+    ) -> None:
+        self._owner: DeadlineTimers | None = owner
+        self._bucket = bucket
+        self.tick = tick
+        self.callback = callback
+        self.args = args
+
+    def cancel(self) -> None:
+        owner = self._owner
+        if owner is None:
+            return  # ran or cancelled already
+        self._owner = None
+        bucket = self._bucket
+        del bucket[self]
+        if not bucket:
+            owner._drop(self.tick, bucket)
+
+    def cancelled(self) -> bool:
+        return self._owner is None
+
+
+class DeadlineTimers:
+    """The deadlines of one event loop; see the module docstring."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, resolution_s: float = _RESOLUTION_S) -> None:
+        if not resolution_s > 0:
+            raise ValueError(f"resolution_s must be > 0, got {resolution_s}")
+        self._loop = loop
+        self._resolution_s = resolution_s
+        self._buckets: dict[int, dict[_Deadline, None]] = {}  # tick -> its deadlines, in arrival order
+        self._ticks: list[int] = []  # heap of bucket ticks (some may be emptied since: skipped lazily)
+        self._armed: asyncio.TimerHandle | None = None
+        self._armed_tick: int | None = None
+
+    def call_later(self, delay_s: float, callback: Callable[..., object], *args: Any) -> Cancellable:
+        """Run ``callback(*args)`` once ``delay_s`` has passed; returns the handle that cancels it."""
+        loop = self._loop
+        if delay_s < PRECISE_BELOW_S:
+            return loop.call_later(delay_s, callback, *args)
+        # the first bucket boundary at or after the deadline
+        tick = int((loop.time() + delay_s) / self._resolution_s) + 1
+        bucket = self._buckets.get(tick)
+        if bucket is None:
+            bucket = self._buckets[tick] = {}
+            heapq.heappush(self._ticks, tick)
+            armed = self._armed_tick
+            if armed is None or tick < armed:
+                self._arm(tick)
+        deadline = _Deadline(self, tick, bucket, callback, args)
+        bucket[deadline] = None
+        return deadline
+
+    def pending(self) -> int:
+        """Deadlines not yet run nor cancelled (for tests and debugging)."""
+        return sum(len(bucket) for bucket in self._buckets.values())
+
+    def _drop(self, tick: int, bucket: dict[_Deadline, None]) -> None:
+        if self._buckets.get(tick) is bucket:
+            del self._buckets[tick]  # its heap entry is skipped when it comes up
+
+    def _arm(self, tick: int) -> None:
+        if self._armed is not None:
+            self._armed.cancel()
+        self._armed_tick = tick
+        self._armed = self._loop.call_at(tick * self._resolution_s, self._fire)
+
+    def _fire(self) -> None:
+        self._armed = self._armed_tick = None
+        loop = self._loop
+        now = loop.time()
+        ticks, buckets = self._ticks, self._buckets
+        while ticks:
+            tick = ticks[0]
+            bucket = buckets.get(tick)
+            if bucket is None:  # emptied by cancellations
+                heapq.heappop(ticks)
+                continue
+            if tick * self._resolution_s > now:  # not due yet (the loop's clock may round): wait for it
+                break
+            heapq.heappop(ticks)
+            del buckets[tick]
+            for deadline in list(bucket):
+                if deadline._owner is None:
+                    continue  # cancelled by an earlier callback of this bucket
+                deadline._owner = None
+                try:
+                    deadline.callback(*deadline.args)
+                except Exception as exc:  # as the loop treats a failing callback: report, go on
+                    loop.call_exception_handler(
+                        {"message": "a deadline callback failed", "exception": exc, "handle": deadline}
+                    )
+        if ticks:
+            self._arm(ticks[0])
+
+
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DeadlineTimers] = weakref.WeakKeyDictionary()
+
+
+def for_loop(loop: asyncio.AbstractEventLoop) -> DeadlineTimers:
+    """The ``DeadlineTimers`` of ``loop`` (made at the first call)."""
+    timers = _by_loop.get(loop)
+    if timers is None:
+        timers = _by_loop[loop] = DeadlineTimers(loop)
+    return timers
+
+
+def call_later(delay_s: float, callback: Callable[..., object], *args: Any) -> Cancellable:
+    """``DeadlineTimers.call_later`` on the running loop's timers."""
+    loop = asyncio.get_running_loop()
+    timers = _by_loop.get(loop)
+    if timers is None:
+        timers = _by_loop[loop] = DeadlineTimers(loop)
+    return timers.call_later(delay_s, callback, *args)
