@@ -157,10 +157,17 @@ def for_loop(loop: asyncio.AbstractEventLoop) -> DeadlineTimers:
     return timers
 
 
+_last: list[Any] = [None, None]  # the loop asked for last and its timers (one loop serves the gateway)
+
+
 def call_later(delay_s: float, callback: Callable[..., object], *args: Any) -> Cancellable:
     """``DeadlineTimers.call_later`` on the running loop's timers."""
     loop = asyncio.get_running_loop()
-    timers = _by_loop.get(loop)
-    if timers is None:
-        timers = _by_loop[loop] = DeadlineTimers(loop)
+    last = _last
+    if last[0] is loop:
+        timers: DeadlineTimers = last[1]
+    else:
+        timers = for_loop(loop)
+        last[1] = timers
+        last[0] = loop
     return timers.call_later(delay_s, callback, *args)
