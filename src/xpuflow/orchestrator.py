@@ -21,7 +21,7 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -763,8 +763,10 @@ class Orchestrator:
             return contextlib.nullcontext()
         return self._qos.admit(call.qos_class, call.timeout_s)
 
-    async def complete(self, call: InferenceCall) -> InferenceResult:
-        return await self.router(call.model).complete(call)
+    def complete(self, call: InferenceCall) -> Coroutine[Any, Any, InferenceResult]:
+        """The model's router's ``complete`` coroutine itself, with none around it (an unknown model
+        raises ``ModelNotFound`` here, before anything is awaited)."""
+        return self.router(call.model).complete(call)
 
     def stream(self, call: InferenceCall) -> AsyncIterator[StreamEvent]:
         return self.router(call.model).stream(call)

@@ -194,8 +194,8 @@ class Dispatcher:
         """
         progress = _Progress()
 
-        async def attempt(target: DispatchTarget, timeout_s: float | None) -> Result:
-            return await _within(target.submit(request), timeout_s)
+        def attempt(target: DispatchTarget, timeout_s: float | None) -> Awaitable[Result]:
+            return _within(target.submit(request), timeout_s)  # the coroutine itself, none around it
 
         pick, result = await self._run(tiers, request, needs, affinity, progress, attempt)
         return Dispatched(result, self._decision(pick, progress, tier_decision), tuple(progress.attempts))
@@ -252,9 +252,77 @@ class Dispatcher:
         began = self.clock.monotonic()
         while True:
             before, errors_before = len(progress.attempts), len(progress.errors)
-            found = await self._round(tier_list, request, needs, affinity, progress, attempt, backoff_due)
-            if found is not None:
-                return found
+            # one pass over the tiers: the pick and result, or on to the outage check when every try failed
+            policy = self.policy
+            first = len(progress.attempts)
+            for tier, workers in tier_list:
+                tried: set[str] = set()
+                while (
+                    len(tried) <= policy.max_retries and len(progress.attempts) - first < policy.max_attempts
+                ):
+                    if request.cancelled.is_set():
+                        raise asyncio.CancelledError(_CLIENT_GONE)
+                    untried = [w for w in workers if w.worker_id not in tried]
+                    if not untried:
+                        break  # nobody left to wait for in this tier
+                    backoff = 0.0
+                    if backoff_due:
+                        backoff = policy.backoff_s(len(progress.attempts), self.rng)
+                        remaining = self._remaining_s(request)
+                        await self.clock.sleep(
+                            backoff if remaining is None else max(0.0, min(backoff, remaining))
+                        )
+                        backoff_due = False
+                    remaining = self._remaining_s(request)
+                    if remaining is not None and remaining <= 0:
+                        raise self._failure(request, progress, deadline=True)
+                    pick, rejected = self._pick(tier, untried, needs, affinity)
+                    for alternative in rejected:
+                        progress.rejected.setdefault(f"{tier}/{alternative.candidate}", alternative)
+                    if pick is None:
+                        break
+                    target = pick.target
+                    tried.add(target.worker_id)
+                    probe = pick.probe
+                    timeout_s, by_deadline = _attempt_timeout(policy.attempt_timeout_s, remaining)
+                    start = self.clock.monotonic()
+                    try:
+                        result = await attempt(target, timeout_s)
+                    except asyncio.CancelledError:
+                        if probe:
+                            self._settle_probe(target, "the client went away during the probe")
+                        raise
+                    except Exception as exc:
+                        if request.cancelled.is_set():
+                            # The worker dropped it because the client went away: nobody to retry for.
+                            if probe:
+                                self._settle_probe(target, "the client went away during the probe")
+                            raise asyncio.CancelledError(_CLIENT_GONE) from exc
+                        if isinstance(exc, _AttemptTimeout) and policy.record_timeouts and not by_deadline:
+                            # A hung worker never reports its own failure; the timeout is the evidence.
+                            target.health.record_failure(f"timed out: {exc}")
+                        retryable = isinstance(exc, _AttemptTimeout) or is_retryable(exc)
+                        if probe:
+                            # A refused request (bad input) still shows the worker answering.
+                            self._settle_probe(target, _describe(exc) if retryable else None)
+                        elapsed = self.clock.monotonic() - start
+                        progress.attempts.append(
+                            Attempt(
+                                tier, target.worker_id, target.device, elapsed, backoff, _describe(exc), probe
+                            )
+                        )
+                        progress.errors.append(exc)
+                        if not retryable:
+                            raise
+                        backoff_due = True
+                        continue
+                    if probe:
+                        self._settle_probe(target, None)
+                    elapsed = self.clock.monotonic() - start
+                    progress.attempts.append(
+                        Attempt(tier, target.worker_id, target.device, elapsed, backoff, None, probe)
+                    )
+                    return pick, result
             # a round may try no one while every worker cools down or another request holds the
             # probe: during an outage that is a reason to wait and look again, not to fail. A full
             # queue is load, not a failure: it never makes an outage (the 429 goes out at once)
@@ -291,87 +359,6 @@ class Dispatcher:
             or w.health.consecutive_failures > 0
             for w in workers
         )
-
-    async def _round(
-        self,
-        tier_list: Sequence[tuple[str, Sequence[DispatchTarget]]],
-        request: WorkRequest,
-        needs: WorkerNeeds | None,
-        affinity: Affinity | None,
-        progress: _Progress,
-        attempt: Callable[[DispatchTarget, float | None], Awaitable[T]],
-        backoff_due: bool,
-    ) -> tuple[_Pick, T] | None:
-        """One pass over the tiers; the pick and result, or None when every try failed."""
-        policy = self.policy
-        first = len(progress.attempts)
-        for tier, workers in tier_list:
-            tried: set[str] = set()
-            while len(tried) <= policy.max_retries and len(progress.attempts) - first < policy.max_attempts:
-                if request.cancelled.is_set():
-                    raise asyncio.CancelledError(_CLIENT_GONE)
-                untried = [w for w in workers if w.worker_id not in tried]
-                if not untried:
-                    break  # nobody left to wait for in this tier
-                backoff = 0.0
-                if backoff_due:
-                    backoff = policy.backoff_s(len(progress.attempts), self.rng)
-                    remaining = self._remaining_s(request)
-                    await self.clock.sleep(
-                        backoff if remaining is None else max(0.0, min(backoff, remaining))
-                    )
-                    backoff_due = False
-                remaining = self._remaining_s(request)
-                if remaining is not None and remaining <= 0:
-                    raise self._failure(request, progress, deadline=True)
-                pick, rejected = self._pick(tier, untried, needs, affinity)
-                for alternative in rejected:
-                    progress.rejected.setdefault(f"{tier}/{alternative.candidate}", alternative)
-                if pick is None:
-                    break
-                target = pick.target
-                tried.add(target.worker_id)
-                probe = pick.probe
-                timeout_s, by_deadline = _attempt_timeout(policy.attempt_timeout_s, remaining)
-                start = self.clock.monotonic()
-                try:
-                    result = await attempt(target, timeout_s)
-                except asyncio.CancelledError:
-                    if probe:
-                        self._settle_probe(target, "the client went away during the probe")
-                    raise
-                except Exception as exc:
-                    if request.cancelled.is_set():
-                        # The worker dropped it because the client went away: nobody to retry for.
-                        if probe:
-                            self._settle_probe(target, "the client went away during the probe")
-                        raise asyncio.CancelledError(_CLIENT_GONE) from exc
-                    if isinstance(exc, _AttemptTimeout) and policy.record_timeouts and not by_deadline:
-                        # A hung worker never reports its own failure; the timeout is the evidence.
-                        target.health.record_failure(f"timed out: {exc}")
-                    retryable = isinstance(exc, _AttemptTimeout) or is_retryable(exc)
-                    if probe:
-                        # A refused request (bad input) still shows the worker answering.
-                        self._settle_probe(target, _describe(exc) if retryable else None)
-                    elapsed = self.clock.monotonic() - start
-                    progress.attempts.append(
-                        Attempt(
-                            tier, target.worker_id, target.device, elapsed, backoff, _describe(exc), probe
-                        )
-                    )
-                    progress.errors.append(exc)
-                    if not retryable:
-                        raise
-                    backoff_due = True
-                    continue
-                if probe:
-                    self._settle_probe(target, None)
-                elapsed = self.clock.monotonic() - start
-                progress.attempts.append(
-                    Attempt(tier, target.worker_id, target.device, elapsed, backoff, None, probe)
-                )
-                return pick, result
-        return None
 
     def _pick(
         self,

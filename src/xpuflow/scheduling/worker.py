@@ -176,7 +176,8 @@ class Worker:
         self._answering: set[asyncio.Task[None]] = set()  # streams that have sent a chunk
         self._abandoned: dict[asyncio.Task[None], str] = {}  # batch -> why the worker gave it up
         self._inline: dict[asyncio.Task[Any], _InlineRun] = {}  # caller's task -> the request it runs here
-        # the fast path (_run_inline) needs a session that batches by itself and nothing to enter first
+        # the fast paths (submit's, _stream_inline) need a session that batches by itself and nothing
+        # to enter first
         self._runs_inline = self.max_in_flight is not None and compute_gate is None and residency is None
         # only a worker that forms batches asks its batcher anything (a continuous session's calls start
         # as they come): the others do not keep it informed
@@ -279,7 +280,7 @@ class Worker:
             await self.session.close()
 
     def _inline_ends(self) -> list[asyncio.Future[None]]:
-        """A future for the end of each request running in its caller's task (``_run_inline``), except
+        """A future for the end of each request running in its caller's task (``submit``'s fast path), except
         the current task's own: the caller's whole task may run on after its request here."""
         current = asyncio.current_task()
         return [run.ended() for task, run in self._inline.items() if task is not current]
@@ -316,10 +317,86 @@ class Worker:
         if self._runs_inline and isinstance(cancelled, CancelSignal):
             now = self._admissible(request)
             if self._free_slot():
-                return await self._run_inline(request, now)
+                # The fast path: a session that batches by itself with a free slot and nothing queued
+                # ahead runs the request in the caller's own task (no ticket, no batch task, no hand-over
+                # of the answer, and no coroutine between the caller and the session's call), with the
+                # bookkeeping that a batch of one gets from _launch, _run_batch and _finish_batch.
+                # Whoever gives the request up (its cancel signal, its deadline, abandon_in_flight, stop
+                # past its timeout) cancels the caller's task with a reason; that cancellation, and only
+                # that one, becomes the reason's error (a cancellation of the caller's own passes through
+                # as it came). A request given up this way is no failure of the device.
+                task = _current()
+                run = _InlineRun(task, request)
+                cancelling = 0
+                if sys.version_info >= (3, 11):
+                    cancelling = task.cancelling()
+                request.metadata["queue_ms"] = 0.0
+                self.metrics.record_batch_start(1, shares_with=self.metrics.in_flight)
+                self._inline[task] = run
+                self._started_at[task] = now
+                signal = request.cancelled
+                assert isinstance(signal, CancelSignal)  # submit sends no other here
+
+                def on_cancel() -> None:
+                    run.give_up(self._cancelled_error(request, "its client went away"))
+
+                signal.add_callback(on_cancel)
+                timeout_s = None if request.deadline_s is None else request.deadline_s - now
+                timer = (
+                    None if timeout_s is None else deadlines.call_later(timeout_s, self._expire_inline, run)
+                )
+                ok = False
+                try:
+                    result = await run_one(
+                        self.session, request, native=self.native_batching, owner=self._owner
+                    )
+                except asyncio.CancelledError:
+                    error = run.error
+                    if error is None or not took_back(task, cancelling):
+                        raise  # the caller's own cancellation
+                    if not isinstance(error, (RequestCancelled, DeadlineExceeded)):
+                        self.metrics.record_failure(
+                            1
+                        )  # abandoned or stopped: the router retries it elsewhere
+                    raise error from None
+                except ConfigError:
+                    self.metrics.record_failure(1)
+                    ok = True  # a bad request, not a failing worker
+                    raise
+                except ModelDoesNotFit:
+                    self.metrics.record_failure(1)
+                    raise
+                except XpuflowError as exc:
+                    self.metrics.record_failure(1)
+                    self.health.record_failure(f"{type(exc).__name__}: {exc}")
+                    raise
+                except Exception as exc:
+                    self.metrics.record_failure(1)
+                    self.health.record_failure(f"{type(exc).__name__}: {exc}")
+                    raise self._as_xpuflow(exc)  # noqa: B904 (_as_xpuflow sets the cause)
+                else:
+                    ended = self._clock.monotonic()
+                    self._sync_health()
+                    tokens = result.completion_tokens if isinstance(result, Completion) else 0
+                    self.metrics.record_request(ended - now, 0.0, tokens, started_at_s=now)
+                    self.health.record_success()
+                    ok = True
+                    return result
+                finally:
+                    signal.remove_callback(on_cancel)
+                    if timer is not None:
+                        timer.cancel()
+                    del self._inline[task]
+                    self._batch_ended(1, work_units(request), now, ok)
+                    run.end()
             ticket = self._enqueue(request, now, streaming=False)
         else:
             ticket = self._admit(request, streaming=False)
+        return await self._answer(ticket, request)
+
+    async def _answer(self, ticket: Ticket, request: WorkRequest) -> Result:
+        """The queued path of ``submit``: wait for ``ticket``'s answer (or withdraw it)."""
+        cancelled = request.cancelled
         watcher: asyncio.Future[Any] | None = None
         try:
             if isinstance(cancelled, CancelSignal):
@@ -650,75 +727,8 @@ class Worker:
         if self._queue:  # a free slot or batch for the next in line; with none queued, the loop sleeps on
             self._wakeup.set()
 
-    async def _run_inline(self, request: WorkRequest, now: float) -> Result:
-        """The fast path of ``submit``: a session that batches by itself with a free slot and nothing
-        queued ahead runs the request in the caller's own task (no ticket, no batch task, no hand-over
-        of the answer), with the bookkeeping that a batch of one gets from ``_launch``, ``_run_batch`` and
-        ``_finish_batch``. Whoever gives the request up (its cancel signal, its deadline,
-        ``abandon_in_flight``, ``stop`` past its timeout) cancels the caller's task with a reason; that
-        cancellation, and only that one, becomes the reason's error (a cancellation of the caller's own
-        passes through as it came). A request given up this way is no failure of the device."""
-        task = _current()
-        run = _InlineRun(task, request)
-        cancelling = 0
-        if sys.version_info >= (3, 11):
-            cancelling = task.cancelling()
-        request.metadata["queue_ms"] = 0.0
-        self.metrics.record_batch_start(1, shares_with=self.metrics.in_flight)
-        self._inline[task] = run
-        self._started_at[task] = now
-        signal = request.cancelled
-        assert isinstance(signal, CancelSignal)  # submit sends no other here
-
-        def on_cancel() -> None:
-            run.give_up(self._cancelled_error(request, "its client went away"))
-
-        signal.add_callback(on_cancel)
-        timeout_s = None if request.deadline_s is None else request.deadline_s - now
-        timer = None if timeout_s is None else deadlines.call_later(timeout_s, self._expire_inline, run)
-        ok = False
-        try:
-            result = await run_one(self.session, request, native=self.native_batching, owner=self._owner)
-        except asyncio.CancelledError:
-            error = run.error
-            if error is None or not took_back(task, cancelling):
-                raise  # the caller's own cancellation
-            if not isinstance(error, (RequestCancelled, DeadlineExceeded)):
-                self.metrics.record_failure(1)  # abandoned or stopped: the router retries it elsewhere
-            raise error from None
-        except ConfigError:
-            self.metrics.record_failure(1)
-            ok = True  # a bad request, not a failing worker
-            raise
-        except ModelDoesNotFit:
-            self.metrics.record_failure(1)
-            raise
-        except XpuflowError as exc:
-            self.metrics.record_failure(1)
-            self.health.record_failure(f"{type(exc).__name__}: {exc}")
-            raise
-        except Exception as exc:
-            self.metrics.record_failure(1)
-            self.health.record_failure(f"{type(exc).__name__}: {exc}")
-            raise self._as_xpuflow(exc)  # noqa: B904 (_as_xpuflow sets the cause)
-        else:
-            ended = self._clock.monotonic()
-            self._sync_health()
-            tokens = result.completion_tokens if isinstance(result, Completion) else 0
-            self.metrics.record_request(ended - now, 0.0, tokens, started_at_s=now)
-            self.health.record_success()
-            ok = True
-            return result
-        finally:
-            signal.remove_callback(on_cancel)
-            if timer is not None:
-                timer.cancel()
-            del self._inline[task]
-            self._batch_ended(1, work_units(request), now, ok)
-            run.end()
-
     async def _stream_inline(self, request: WorkRequest, now: float) -> AsyncGenerator[StreamChunk, None]:
-        """``_run_inline`` for a stream: the consumer's own task pulls each chunk from the session (no
+        """``submit``'s fast path for a stream: the consumer's own task pulls each chunk from the session (no
         stream task, no chunk queue between them). Giving it up works as there, with one difference: the
         consumer's task is cancelled only while it waits here for a chunk; given up while it is away
         (sending the last chunk on), the stream raises the reason's error when it asks for the next.
@@ -1044,9 +1054,10 @@ class Worker:
 
 
 class _InlineRun:
-    """A request running in its caller's task (``Worker._run_inline``, ``Worker._stream_inline``): who gave
-    it up, and why. The task is cancelled only while it ``waiting`` on the session (a stream's consumer
-    may be away, sending a chunk on); the error is there for the stream to raise when it comes back."""
+    """A request running in its caller's task (``Worker.submit``'s fast path, ``Worker._stream_inline``):
+    who gave it up, and why. The task is cancelled only while it is ``waiting`` on the session (a stream's
+    consumer may be away, sending a chunk on); the error is there for the stream to raise when it comes
+    back."""
 
     __slots__ = ("_ended", "answering", "error", "request", "task", "waiting")
 

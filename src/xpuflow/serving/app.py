@@ -27,6 +27,7 @@ they take the ordinary path.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -288,7 +289,15 @@ class GatewayApp(Starlette):
                         await hosts.refuse(scope, send, host)
                         return
                 scope["app"] = self
-                await self.drain.run(endpoint, scope, receive, send)
+                drain = self.drain  # Drain.run, inline: one coroutine fewer on every inference request
+                if drain.draining:
+                    await drain.refuse(send)
+                    return
+                drain.in_flight += 1
+                try:
+                    await endpoint(scope, receive, send)
+                finally:
+                    drain.in_flight -= 1
                 return
         await super().__call__(scope, receive, send)
 
@@ -335,15 +344,15 @@ def create_app(
     )
     app.router.redirect_slashes = False  # _on_http_error redirects, with a relative Location
     app.state.gateway = gateway
-    infer = gateway.inference.asgi
     # CORS adds its headers in its middleware: with it configured, every route goes through the stack
     app.fast_routes = (
         {}
         if cors is not None
         else {
-            "/v1/chat/completions": infer(RequestKind.CHAT),
-            "/v1/completions": infer(RequestKind.COMPLETION),
-            "/v1/embeddings": infer(RequestKind.EMBEDDING),
+            # the handler's coroutine itself (a partial, not the _Endpoint object Starlette mounts)
+            "/v1/chat/completions": functools.partial(gateway.inference.handle, RequestKind.CHAT),
+            "/v1/completions": functools.partial(gateway.inference.handle, RequestKind.COMPLETION),
+            "/v1/embeddings": functools.partial(gateway.inference.handle, RequestKind.EMBEDDING),
         }
     )
     app.hosts, app.drain = hosts, gateway.drain

@@ -54,6 +54,11 @@ class Drain:
     def wrap(self, app: ASGIApp) -> DrainMiddleware:
         return DrainMiddleware(app, self)
 
+    async def refuse(self, send: Send) -> None:
+        """The answer to a request that arrives while draining (503, ``Retry-After``, ``Connection:
+        close``)."""
+        await _refuse(send)
+
     async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         """Run a counted request through ``app``, or refuse it while draining (503, ``Retry-After``,
         ``Connection: close``)."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -445,17 +445,21 @@ class RemoteOpenAISession(Session):
             status, headers, raw = await lean.post(
                 self._path_prefix + path, jsonio.dumps(body), timeout_s=self.settings.timeout_s
             )
-            if status >= 400:
-                text = raw.decode("utf-8", "replace")
-                raise self._status_error("POST", path, status, text, headers.get("retry-after"))
-            encoding = headers.get("content-encoding", "identity").lower()
-            if encoding not in ("identity", ""):
-                raw = _decompress(raw, encoding)
-            return jsonio.loads(raw)  # JSON is UTF-8 (RFC 8259); loads reads the bytes as they are
+            return self._lean_answer(path, status, headers, raw)
         except RemoteError:
             raise
         except Exception as exc:
             raise self._transport_error("POST", path, exc) from exc
+
+    def _lean_answer(self, path: str, status: int, headers: Mapping[str, str], raw: bytes) -> Any:
+        """The JSON of an answer the lean client read (RemoteError for an error status)."""
+        if status >= 400:
+            text = raw.decode("utf-8", "replace")
+            raise self._status_error("POST", path, status, text, headers.get("retry-after"))
+        encoding = headers.get("content-encoding", "identity").lower()
+        if encoding not in ("identity", ""):
+            raw = _decompress(raw, encoding)
+        return jsonio.loads(raw)  # JSON is UTF-8 (RFC 8259); loads reads the bytes as they are
 
     async def _post_json_aiohttp(self, path: str, body: Mapping[str, Any]) -> Any:
         http = self._client()
@@ -474,10 +478,23 @@ class RemoteOpenAISession(Session):
             raise self._transport_error("POST", path, exc) from exc
 
     async def _completion(self, path: str, body: Mapping[str, Any]) -> Completion:
-        # _observe's bookkeeping inline: one coroutine per request instead of three
+        # _observe's bookkeeping and _post_json's lean path inline: every generation pays for each
+        # coroutine between the worker and the socket
         start = self._clock.monotonic()
         try:
-            data = await self._post_json(path, body)
+            lean = self._lean()
+            if lean is None:
+                data = await self._post_json_aiohttp(path, body)
+            else:
+                try:
+                    status, headers, raw = await lean.post(
+                        self._path_prefix + path, jsonio.dumps(body), timeout_s=self.settings.timeout_s
+                    )
+                    data = self._lean_answer(path, status, headers, raw)
+                except RemoteError:
+                    raise
+                except Exception as exc:
+                    raise self._transport_error("POST", path, exc) from exc
             try:
                 completion = completion_from_response(data, default_model=self.settings.model)
             except (ValueError, TypeError, AttributeError) as exc:
@@ -488,14 +505,14 @@ class RemoteOpenAISession(Session):
         self._record_success(self._clock.monotonic() - start)
         return completion
 
-    async def generate(self, prompt: str, params: GenerationParams) -> Completion:
-        return await self._completion(
-            "/v1/completions", completion_request(self.settings.model, prompt, params)
-        )
+    def generate(self, prompt: str, params: GenerationParams) -> Coroutine[Any, Any, Completion]:
+        # the request's coroutine itself (no coroutine around it): see _completion
+        return self._completion("/v1/completions", completion_request(self.settings.model, prompt, params))
 
-    async def chat(self, messages: Sequence[ChatMessage], params: GenerationParams) -> Completion:
-        body = chat_request(self.settings.model, messages, params)
-        return await self._completion("/v1/chat/completions", body)
+    def chat(
+        self, messages: Sequence[ChatMessage], params: GenerationParams
+    ) -> Coroutine[Any, Any, Completion]:
+        return self._completion("/v1/chat/completions", chat_request(self.settings.model, messages, params))
 
     def stream_generate(self, prompt: str, params: GenerationParams) -> AsyncIterator[StreamChunk]:
         body = completion_request(self.settings.model, prompt, params, stream=True)
