@@ -355,9 +355,8 @@ class Worker:
                     if error is None or not took_back(task, cancelling):
                         raise  # the caller's own cancellation
                     if not isinstance(error, (RequestCancelled, DeadlineExceeded)):
-                        self.metrics.record_failure(
-                            1
-                        )  # abandoned or stopped: the router retries it elsewhere
+                        # abandoned or stopped: the router retries it elsewhere
+                        self.metrics.record_failure(1)
                     raise error from None
                 except ConfigError:
                     self.metrics.record_failure(1)
@@ -728,16 +727,18 @@ class Worker:
             self._wakeup.set()
 
     async def _stream_inline(self, request: WorkRequest, now: float) -> AsyncGenerator[StreamChunk, None]:
-        """``submit``'s fast path for a stream: the consumer's own task pulls each chunk from the session (no
-        stream task, no chunk queue between them). Giving it up works as there, with one difference: the
-        consumer's task is cancelled only while it waits here for a chunk; given up while it is away
-        (sending the last chunk on), the stream raises the reason's error when it asks for the next.
-        ``abandon_in_flight`` spares a stream that has sent a chunk, as it spares a queued one."""
-        run = _InlineRun(_current(), request, waiting=False)
+        """The fast path of ``stream``: the consumer's own task pulls each chunk from the session (no
+        stream task, no chunk queue between them). Giving it up works as in ``submit``'s fast path, with
+        one difference: the consumer's task is cancelled only while it waits here for a chunk; given up
+        while it is away (sending the last chunk on), the stream raises the reason's error when it asks
+        for the next. ``abandon_in_flight`` spares a stream that has sent a chunk, as it spares a queued
+        one."""
+        key = _current()  # the task it is registered under (a consumer may read on from another)
+        run = _InlineRun(key, request, waiting=False)
         request.metadata["queue_ms"] = 0.0
         self.metrics.record_batch_start(1, shares_with=self.metrics.in_flight)
-        self._started_at[run.task] = now
-        self._inline[run.task] = run
+        self._started_at[key] = now
+        self._inline[key] = run
         signal = request.cancelled
         assert isinstance(signal, CancelSignal)  # stream() sends no other here
 
@@ -801,8 +802,8 @@ class Worker:
                 timer.cancel()
             with contextlib.suppress(Exception):
                 await source.aclose()  # type: ignore[attr-defined]
-            del self._inline[run.task]
-            self._batch_ended(1, work_units(request), now, ok, task=run.task)
+            del self._inline[key]
+            self._batch_ended(1, work_units(request), now, ok, task=key)
             run.end()
 
     def _expire_inline(self, run: _InlineRun) -> None:
