@@ -225,6 +225,17 @@ def test_stale_state_ages_toward_neutral() -> None:
     assert "fresh" in old["slow"].explain()
 
 
+def test_the_explanation_names_freshness_only_when_it_reads_below_100_percent() -> None:
+    """A worker's own snapshot is microseconds old when scored: "state 100% fresh" says nothing."""
+    scorer = WorkerScorer(staleness_half_life_s=5.0)
+    worker = snap("w", ema_latency_ms=10.0, taken_at_s=100.0)
+    (just_taken,) = scorer.score([worker], now_s=100.00002)
+    assert just_taken.freshness < 1.0
+    assert "fresh" not in just_taken.explain()
+    (older,) = scorer.score([worker], now_s=101.0)
+    assert older.explain().endswith("; state 87% fresh")
+
+
 def test_a_stale_idle_reading_no_longer_beats_a_fresh_moderate_one() -> None:
     # A remote worker polled long ago looked idle; a local one is fresh and moderately busy.
     stale_idle = snap("remote", ema_latency_ms=20.0, queue_depth=0, taken_at_s=0.0)

@@ -159,7 +159,8 @@ class ScoredWorker:
             )
         else:
             text = ", ".join(f"{name} {value:.2f}" for name, value in terms.items())
-        return f"{text}; state {self.freshness:.0%} fresh" if self.freshness < 1.0 else text
+        # the freshness where it reads below 100% (a worker's own snapshot is microseconds old)
+        return f"{text}; state {self.freshness:.0%} fresh" if self.freshness < 0.995 else text
 
 
 _FOUR_TERMS = ("speed", "memory", "utilization", "temperature")
