@@ -604,6 +604,7 @@ PROFILE_GROUPS = (
         ),
     ),
     ("xpuflow HTTP app (serving: middleware, app)", ("xpuflow/serving/",)),
+    ("xpuflow upstream client (backends/remote)", ("xpuflow/backends/remote/",)),
     ("xpuflow other", ("xpuflow/",)),
     ("grpc.aio", ("grpc/",)),
     ("HTTP server (uvicorn, starlette)", ("uvicorn/", "starlette/", "httptools/")),
@@ -618,6 +619,8 @@ PROFILE_HELPERS = (
     "xpuflow/errors",
     "xpuflow/serving/metrics",
     "xpuflow/backends/base",
+    "xpuflow/jsonio",
+    "xpuflow/deadlines",
 )
 #: A leaf frame that is the event loop running a callback written in C or Cython (grpc.aio's own).
 NATIVE_CALLBACK = "Handle._run (asyncio/events.py)"
