@@ -248,17 +248,16 @@ class Dispatcher:
         attempt: Callable[[DispatchTarget, float | None], Awaitable[T]],
     ) -> tuple[_Pick, T]:
         tier_list = list(tiers.items()) if isinstance(tiers, Mapping) else list(tiers)
+        policy = self.policy
         backoff_due = False
         began = self.clock.monotonic()
         while True:
             before, errors_before = len(progress.attempts), len(progress.errors)
             # one pass over the tiers: the pick and result, or on to the outage check when every try failed
-            policy = self.policy
-            first = len(progress.attempts)
             for tier, workers in tier_list:
                 tried: set[str] = set()
                 while (
-                    len(tried) <= policy.max_retries and len(progress.attempts) - first < policy.max_attempts
+                    len(tried) <= policy.max_retries and len(progress.attempts) - before < policy.max_attempts
                 ):
                     if request.cancelled.is_set():
                         raise asyncio.CancelledError(_CLIENT_GONE)

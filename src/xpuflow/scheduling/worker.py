@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import sys
@@ -326,53 +327,25 @@ class Worker:
                 # that one, becomes the reason's error (a cancellation of the caller's own passes through
                 # as it came). A request given up this way is no failure of the device.
                 task = _current()
-                run = _InlineRun(task, request)
+                run = self._inline_begin(task, request, now, waiting=True)
                 cancelling = 0
                 if sys.version_info >= (3, 11):
                     cancelling = task.cancelling()
-                request.metadata["queue_ms"] = 0.0
-                self.metrics.record_batch_start(1, shares_with=self.metrics.in_flight)
-                self._inline[task] = run
-                self._started_at[task] = now
-                signal = request.cancelled
-                assert isinstance(signal, CancelSignal)  # submit sends no other here
-
-                def on_cancel() -> None:
-                    run.give_up(self._cancelled_error(request, "its client went away"))
-
-                signal.add_callback(on_cancel)
-                timeout_s = None if request.deadline_s is None else request.deadline_s - now
-                timer = (
-                    None if timeout_s is None else deadlines.call_later(timeout_s, self._expire_inline, run)
-                )
                 ok = False
                 try:
-                    result = await run_one(
-                        self.session, request, native=self.native_batching, owner=self._owner
-                    )
-                except asyncio.CancelledError:
-                    error = run.error
-                    if error is None or not took_back(task, cancelling):
-                        raise  # the caller's own cancellation
-                    if not isinstance(error, (RequestCancelled, DeadlineExceeded)):
-                        # abandoned or stopped: the router retries it elsewhere
-                        self.metrics.record_failure(1)
-                    raise error from None
-                except ConfigError:
-                    self.metrics.record_failure(1)
-                    ok = True  # a bad request, not a failing worker
-                    raise
-                except ModelDoesNotFit:
-                    self.metrics.record_failure(1)
-                    raise
-                except XpuflowError as exc:
-                    self.metrics.record_failure(1)
-                    self.health.record_failure(f"{type(exc).__name__}: {exc}")
-                    raise
+                    try:
+                        result = await run_one(
+                            self.session, request, native=self.native_batching, owner=self._owner
+                        )
+                    except asyncio.CancelledError:
+                        if run.error is None or not took_back(task, cancelling):
+                            raise  # the caller's own cancellation
+                        raise run.error from None
                 except Exception as exc:
-                    self.metrics.record_failure(1)
-                    self.health.record_failure(f"{type(exc).__name__}: {exc}")
-                    raise self._as_xpuflow(exc)  # noqa: B904 (_as_xpuflow sets the cause)
+                    error, ok = self._inline_failure(run, exc)
+                    if error is exc:
+                        raise
+                    raise error  # noqa: B904 (_as_xpuflow sets the cause)
                 else:
                     ended = self._clock.monotonic()
                     self._sync_health()
@@ -382,12 +355,7 @@ class Worker:
                     ok = True
                     return result
                 finally:
-                    signal.remove_callback(on_cancel)
-                    if timer is not None:
-                        timer.cancel()
-                    del self._inline[task]
-                    self._batch_ended(1, work_units(request), now, ok)
-                    run.end()
+                    self._inline_end(task, run, now, ok)
             ticket = self._enqueue(request, now, streaming=False)
         else:
             ticket = self._admit(request, streaming=False)
@@ -734,20 +702,7 @@ class Worker:
         for the next. ``abandon_in_flight`` spares a stream that has sent a chunk, as it spares a queued
         one."""
         key = _current()  # the task it is registered under (a consumer may read on from another)
-        run = _InlineRun(key, request, waiting=False)
-        request.metadata["queue_ms"] = 0.0
-        self.metrics.record_batch_start(1, shares_with=self.metrics.in_flight)
-        self._started_at[key] = now
-        self._inline[key] = run
-        signal = request.cancelled
-        assert isinstance(signal, CancelSignal)  # stream() sends no other here
-
-        def on_cancel() -> None:
-            run.give_up(self._cancelled_error(request, "its client went away"))
-
-        signal.add_callback(on_cancel)
-        timeout_s = None if request.deadline_s is None else request.deadline_s - now
-        timer = None if timeout_s is None else deadlines.call_later(timeout_s, self._expire_inline, run)
+        run = self._inline_begin(key, request, now, waiting=False)
         source = open_stream(self.session, request)
         ok = False
         try:
@@ -764,10 +719,9 @@ class Worker:
                 except StopAsyncIteration:
                     break
                 except asyncio.CancelledError:
-                    error = run.error
-                    if error is None or not took_back(task, cancelling):
+                    if run.error is None or not took_back(task, cancelling):
                         raise  # the consumer's own cancellation
-                    raise error from None
+                    raise run.error from None
                 finally:
                     run.waiting = False
                 run.answering = True
@@ -782,29 +736,65 @@ class Worker:
         except (GeneratorExit, asyncio.CancelledError):
             raise  # the consumer stopped reading, or was cancelled: no fault of the device
         except Exception as exc:
-            if run.error is not None and exc is run.error:  # given up: never the device's fault here
-                if not isinstance(exc, (RequestCancelled, DeadlineExceeded)):
-                    self.metrics.record_failure(1)  # abandoned or stopped: retried elsewhere
+            error, ok = self._inline_failure(run, exc)
+            if error is exc:
                 raise
-            self.metrics.record_failure(1)
-            if isinstance(exc, ConfigError):
-                ok = True  # a bad request, not a failing worker
-                raise
-            if isinstance(exc, ModelDoesNotFit):
-                raise
-            self.health.record_failure(f"{type(exc).__name__}: {exc}")
-            if isinstance(exc, XpuflowError):
-                raise
-            raise self._as_xpuflow(exc)  # noqa: B904 (_as_xpuflow sets the cause)
+            raise error  # noqa: B904 (_as_xpuflow sets the cause)
         finally:
-            signal.remove_callback(on_cancel)
-            if timer is not None:
-                timer.cancel()
             with contextlib.suppress(Exception):
                 await source.aclose()  # type: ignore[attr-defined]
-            del self._inline[key]
-            self._batch_ended(1, work_units(request), now, ok, task=key)
-            run.end()
+            self._inline_end(key, run, now, ok)
+
+    def _inline_begin(
+        self, task: asyncio.Task[Any], request: WorkRequest, now: float, *, waiting: bool
+    ) -> _InlineRun:
+        """Start a request on a fast path (``submit``'s, ``_stream_inline``) under ``task``: what
+        ``_launch`` does for a batch of one, and the cancel signal and deadline that give it up."""
+        run = _InlineRun(task, request, waiting=waiting)
+        request.metadata["queue_ms"] = 0.0
+        self.metrics.record_batch_start(1, shares_with=self.metrics.in_flight)
+        self._inline[task] = run
+        self._started_at[task] = now
+        signal = request.cancelled
+        assert isinstance(signal, CancelSignal)  # the fast paths take no other
+        run.on_cancel = functools.partial(self._cancel_inline, run)
+        signal.add_callback(run.on_cancel)
+        if request.deadline_s is not None:
+            run.timer = deadlines.call_later(request.deadline_s - now, self._expire_inline, run)
+        return run
+
+    def _inline_failure(self, run: _InlineRun, exc: Exception) -> tuple[Exception, bool]:
+        """Count a fast-path request that failed with ``exc``: the error to raise, and whether its batch
+        of one still ended well (a bad request shows a working device). A request given up (``exc`` is
+        its reason) is never the device's fault; one abandoned or stopped counts as failed, since the
+        router retries it elsewhere."""
+        if exc is run.error:
+            if not isinstance(exc, (RequestCancelled, DeadlineExceeded)):
+                self.metrics.record_failure(1)
+            return exc, False
+        self.metrics.record_failure(1)
+        if isinstance(exc, ConfigError):
+            return exc, True
+        if isinstance(exc, ModelDoesNotFit):
+            return exc, False
+        self.health.record_failure(f"{type(exc).__name__}: {exc}")
+        return (exc if isinstance(exc, XpuflowError) else self._as_xpuflow(exc)), False
+
+    def _inline_end(self, task: asyncio.Task[Any], run: _InlineRun, started: float, ok: bool) -> None:
+        """A fast-path request registered under ``task`` has ended: what ``_finish_batch`` does for a
+        batch of one."""
+        signal = run.request.cancelled
+        assert isinstance(signal, CancelSignal)
+        if run.on_cancel is not None:
+            signal.remove_callback(run.on_cancel)
+        if run.timer is not None:
+            run.timer.cancel()
+        del self._inline[task]
+        self._batch_ended(1, work_units(run.request), started, ok, task=task)
+        run.end()
+
+    def _cancel_inline(self, run: _InlineRun) -> None:
+        run.give_up(self._cancelled_error(run.request, "its client went away"))
 
     def _expire_inline(self, run: _InlineRun) -> None:
         run.give_up(self._deadline_error(run.request))
@@ -1060,7 +1050,7 @@ class _InlineRun:
     consumer may be away, sending a chunk on); the error is there for the stream to raise when it comes
     back."""
 
-    __slots__ = ("_ended", "answering", "error", "request", "task", "waiting")
+    __slots__ = ("_ended", "answering", "error", "on_cancel", "request", "task", "timer", "waiting")
 
     def __init__(self, task: asyncio.Task[Any], request: WorkRequest, *, waiting: bool = True) -> None:
         self.task = task
@@ -1069,6 +1059,8 @@ class _InlineRun:
         self.answering = False  # a stream that has sent a chunk (abandon_in_flight spares it)
         self.error: XpuflowError | None = None  # set once, by whoever gave it up
         self._ended: asyncio.Future[None] | None = None  # made only when stop() waits for it
+        self.on_cancel: Callable[[], object] | None = None  # on its cancel signal (Worker._inline_begin)
+        self.timer: deadlines.Cancellable | None = None  # its deadline
 
     def give_up(self, error: XpuflowError) -> bool:
         """Give it up with ``error`` (cancelling its task if it waits on the session now); False when it

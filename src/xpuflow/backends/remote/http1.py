@@ -61,7 +61,6 @@ class _Connection(asyncio.Protocol):
         import httptools
 
         self._parser = httptools.HttpResponseParser(self)
-        self.loop = asyncio.get_running_loop()  # made by the loop's create_connection
         self._error_type: type[Exception] = httptools.HttpParserError
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -169,7 +168,8 @@ class _Connection(asyncio.Protocol):
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         self._send(data, streaming=False)
         await self._wait(timeout_s)
-        return self._status, self._headers, b"".join(self._body)
+        parts = self._body
+        return self._status, self._headers, parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def open(self, data: bytes, timeout_s: float) -> tuple[int, list[tuple[bytes, bytes]]]:
         """Send a request whose answer is read as it arrives; returns at its headers."""
@@ -289,26 +289,11 @@ class Http1Pool:
             f"POST {path} HTTP/1.1\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
         ).encode("latin-1")
         data = head + self._head_tail + b"\r\n" + body
-        if self._free > 0 and not self._waiting:
-            self._free -= 1
-        else:
-            await self._slot()
+        await self._slot()
         try:
-            connection = self._idle_connection() or await self._connection()
+            connection = await self._connection()
             try:
-                # _Connection.request inline (one coroutine fewer between the caller and the socket)
-                connection._send(data, streaming=False)
-                waiter = connection._waiter = connection.loop.create_future()
-                timer = None if timeout_s is None else deadlines.call_later(timeout_s, _expire, waiter)
-                try:
-                    await waiter
-                finally:
-                    connection._waiter = None
-                    if timer is not None:
-                        timer.cancel()
-                status, raw_headers = connection._status, connection._headers
-                parts = connection._body
-                content = parts[0] if len(parts) == 1 else b"".join(parts)
+                status, raw_headers, content = await connection.request(data, timeout_s)
             except BaseException:
                 self._discard(connection)
                 raise
@@ -333,12 +318,9 @@ class Http1Pool:
         head = (
             f"POST {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         ).encode("latin-1")
-        if self._free > 0 and not self._waiting:
-            self._free -= 1
-        else:
-            await self._slot()
+        await self._slot()
         try:
-            connection = self._idle_connection() or await self._connection()
+            connection = await self._connection()
             try:
                 status, raw_headers = await connection.open(
                     head + self._tail(accept) + b"\r\n" + body, min(read_timeout_s, total_timeout_s)
@@ -356,8 +338,11 @@ class Http1Pool:
             self._release()
 
     async def _slot(self) -> None:
-        """Wait for a free request slot (all ``limit`` are taken, or others wait first): ``_release``
-        hands one over by resolving the first waiter's future."""
+        """Take a request slot: a free one at once (a decrement, without suspending), else wait for one in
+        turn (``_release`` hands it over by resolving the first waiter's future)."""
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
         try:
@@ -389,7 +374,7 @@ class Http1Pool:
         return None
 
     async def _connection(self) -> _Connection:
-        """A new connection (``_idle_connection`` first: this one opens)."""
+        """The most recently idle open connection, else a new one."""
         idle = self._idle_connection()
         if idle is not None:
             return idle
