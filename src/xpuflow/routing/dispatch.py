@@ -77,6 +77,7 @@ from xpuflow.routing.retry import (
 )
 from xpuflow.scheduling.health import HealthState, HealthTracker
 from xpuflow.scheduling.request import WorkRequest
+from xpuflow.scheduling.worker import Worker
 from xpuflow.types import Alternative, RoutingDecision, WorkerSnapshot
 
 __all__ = [
@@ -122,13 +123,16 @@ Tiers = Sequence[tuple[str, Sequence[DispatchTarget]]] | Mapping[str, Sequence[D
 
 @dataclass
 class _Pick:
+    """The worker chosen in ``tier``, and the scorer's choice (None: it was the sole worker, not scored)."""
+
     tier: str
     target: DispatchTarget
-    choice: WorkerChoice
+    choice: WorkerChoice | None
 
     @property
     def probe(self) -> bool:
-        return self.choice.chosen is not None and self.choice.chosen.probe
+        choice = self.choice
+        return choice is not None and choice.chosen is not None and choice.chosen.probe
 
 
 @dataclass
@@ -175,6 +179,8 @@ class Dispatcher:
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
         self._snapshot_of = snapshot_of or service_time_snapshot
+        # the decision for a sole worker served at once, per worker id: (worker, tier, tier decision, it)
+        self._sole: dict[str, tuple[DispatchTarget, str, RoutingDecision | None, RoutingDecision]] = {}
 
     # -- public API -----------------------------------------------------------------------------------
 
@@ -247,15 +253,68 @@ class Dispatcher:
         progress: _Progress,
         attempt: Callable[[DispatchTarget, float | None], Awaitable[T]],
     ) -> tuple[_Pick, T]:
-        tier_list = list(tiers.items()) if isinstance(tiers, Mapping) else list(tiers)
-        policy = self.policy
-        backoff_due = False
+        tier_list = list(tiers.items()) if isinstance(tiers, Mapping) else tiers
+        if request.cancelled.is_set():
+            raise asyncio.CancelledError(_CLIENT_GONE)
         began = self.clock.monotonic()
+        if not tier_list:
+            return await self._retry(tier_list, request, needs, affinity, progress, attempt, began, None)
+        # The first attempt, what most requests have and all they have: the first tier's best worker, the
+        # loop's first turn without its bookkeeping (``_retry`` has it). When it fails, ``_retry`` goes on
+        # from there exactly as if it had made this attempt itself.
+        tier, workers = tier_list[0]
+        deadline_s = request.deadline_s
+        remaining = None if deadline_s is None else deadline_s - began
+        if remaining is not None and remaining <= 0:
+            raise self._failure(request, progress, deadline=True)
+        pick, rejected = self._pick(tier, workers, needs, affinity, began)
+        if rejected:
+            for alternative in rejected:
+                progress.rejected.setdefault(f"{tier}/{alternative.candidate}", alternative)
+        if pick is None:  # the first tier can take it nowhere: the loop goes on to the next
+            return await self._retry(tier_list, request, needs, affinity, progress, attempt, began, None)
+        target = pick.target
+        probe = pick.probe
+        timeout_s, by_deadline = _attempt_timeout(self.policy.attempt_timeout_s, remaining)
+        try:
+            result = await attempt(target, timeout_s)
+        except asyncio.CancelledError:
+            if probe:
+                self._settle_probe(target, "the client went away during the probe")
+            raise
+        except Exception as exc:
+            self._failed(exc, request, progress, tier, target, probe, by_deadline, began, 0.0)
+            tried = {target.worker_id}
+            return await self._retry(tier_list, request, needs, affinity, progress, attempt, began, tried)
+        if probe:
+            self._settle_probe(target, None)
+        progress.attempts.append(
+            Attempt(tier, target.worker_id, target.device, self.clock.monotonic() - began, 0.0, None, probe)
+        )
+        return pick, result
+
+    async def _retry(
+        self,
+        tier_list: Sequence[tuple[str, Sequence[DispatchTarget]]],
+        request: WorkRequest,
+        needs: WorkerNeeds | None,
+        affinity: Affinity | None,
+        progress: _Progress,
+        attempt: Callable[[DispatchTarget, float | None], Awaitable[T]],
+        began: float,
+        first_tried: set[str] | None,
+    ) -> tuple[_Pick, T]:
+        """The retry loop over the tiers, from the start (``first_tried`` None) or after a first attempt
+        on the first tier that failed on the workers in ``first_tried`` (its backoff comes first)."""
+        policy = self.policy
+        backoff_due = first_tried is not None
+        before = errors_before = 0  # the round's first attempt and error
         while True:
-            before, errors_before = len(progress.attempts), len(progress.errors)
             # one pass over the tiers: the pick and result, or on to the outage check when every try failed
             for tier, workers in tier_list:
                 tried: set[str] = set()
+                if first_tried is not None:
+                    tried, first_tried = first_tried, None
                 while (
                     len(tried) <= policy.max_retries and len(progress.attempts) - before < policy.max_attempts
                 ):
@@ -275,7 +334,7 @@ class Dispatcher:
                     remaining = self._remaining_s(request)
                     if remaining is not None and remaining <= 0:
                         raise self._failure(request, progress, deadline=True)
-                    pick, rejected = self._pick(tier, untried, needs, affinity)
+                    pick, rejected = self._pick(tier, untried, needs, affinity, self.clock.monotonic())
                     for alternative in rejected:
                         progress.rejected.setdefault(f"{tier}/{alternative.candidate}", alternative)
                     if pick is None:
@@ -292,27 +351,7 @@ class Dispatcher:
                             self._settle_probe(target, "the client went away during the probe")
                         raise
                     except Exception as exc:
-                        if request.cancelled.is_set():
-                            # The worker dropped it because the client went away: nobody to retry for.
-                            if probe:
-                                self._settle_probe(target, "the client went away during the probe")
-                            raise asyncio.CancelledError(_CLIENT_GONE) from exc
-                        if isinstance(exc, _AttemptTimeout) and policy.record_timeouts and not by_deadline:
-                            # A hung worker never reports its own failure; the timeout is the evidence.
-                            target.health.record_failure(f"timed out: {exc}")
-                        retryable = isinstance(exc, _AttemptTimeout) or is_retryable(exc)
-                        if probe:
-                            # A refused request (bad input) still shows the worker answering.
-                            self._settle_probe(target, _describe(exc) if retryable else None)
-                        elapsed = self.clock.monotonic() - start
-                        progress.attempts.append(
-                            Attempt(
-                                tier, target.worker_id, target.device, elapsed, backoff, _describe(exc), probe
-                            )
-                        )
-                        progress.errors.append(exc)
-                        if not retryable:
-                            raise
+                        self._failed(exc, request, progress, tier, target, probe, by_deadline, start, backoff)
                         backoff_due = True
                         continue
                     if probe:
@@ -332,6 +371,42 @@ class Dispatcher:
             if not self._outage(tier_list, began, request, tried):
                 raise self._failure(request, progress, deadline=False)
             backoff_due = True  # every worker failed: wait, then try them all again
+            before, errors_before = len(progress.attempts), len(progress.errors)
+
+    def _failed(
+        self,
+        exc: Exception,
+        request: WorkRequest,
+        progress: _Progress,
+        tier: str,
+        target: DispatchTarget,
+        probe: bool,
+        by_deadline: bool,
+        start: float,
+        backoff: float,
+    ) -> None:
+        """Account for an attempt that raised ``exc``; raise what ends the request (the client went
+        away, or a failure no other worker can mend), else return for a retry."""
+        if request.cancelled.is_set():
+            # The worker dropped it because the client went away: nobody to retry for.
+            if probe:
+                self._settle_probe(target, "the client went away during the probe")
+            raise asyncio.CancelledError(_CLIENT_GONE) from exc
+        timed_out = isinstance(exc, _AttemptTimeout)
+        if timed_out and self.policy.record_timeouts and not by_deadline:
+            # A hung worker never reports its own failure; the timeout is the evidence.
+            target.health.record_failure(f"timed out: {exc}")
+        retryable = timed_out or is_retryable(exc)
+        if probe:
+            # A refused request (bad input) still shows the worker answering.
+            self._settle_probe(target, _describe(exc) if retryable else None)
+        elapsed = self.clock.monotonic() - start
+        progress.attempts.append(
+            Attempt(tier, target.worker_id, target.device, elapsed, backoff, _describe(exc), probe)
+        )
+        progress.errors.append(exc)
+        if not retryable:
+            raise exc
 
     def _outage(
         self,
@@ -365,9 +440,20 @@ class Dispatcher:
         workers: Sequence[DispatchTarget],
         needs: WorkerNeeds | None,
         affinity: Affinity | None,
+        now_s: float,
     ) -> tuple[_Pick | None, tuple[Alternative, ...]]:
-        """Score the workers not tried yet; spend a half-open probe only on a worker the scorer will take."""
-        snapshots = [self._snapshot_of(w) for w in workers]
+        """Score the workers not tried yet; spend a half-open probe only on a worker the scorer will take.
+
+        A sole worker that can take the request (healthy, not draining, no needs to check) is not
+        scored: with nothing to compare, the scorer would take it whatever its state says, so its
+        snapshot and scores are not worth their cost on every request (the decision says why it went
+        there). Only a local ``Worker`` goes this way, whose ``draining`` is what its snapshot says."""
+        if needs is None and len(workers) == 1:
+            only = workers[0]
+            if type(only) is Worker and only.health.state is HealthState.HEALTHY and not only.draining:
+                return _Pick(tier, only, None), ()
+        snapshot_of = self._snapshot_of
+        snapshots = [snapshot_of(w) for w in workers]
         available: dict[str, bool] = {}
         probes: set[str] = set()
         for worker, snapshot in zip(workers, snapshots, strict=True):
@@ -382,7 +468,6 @@ class Dispatcher:
                 available[worker.worker_id] = health.available()
                 if available[worker.worker_id] and health.state is HealthState.PROBING:
                     probes.add(worker.worker_id)
-        now_s = self.clock.monotonic()
         choice = self.scorer.choose(
             snapshots, needs, rng=self.rng, available=available, probes=probes, now_s=now_s, affinity=affinity
         )
@@ -402,10 +487,13 @@ class Dispatcher:
                     f"{panic.reason}"
                 )
                 choice = dataclasses.replace(panic, reason=reason)
-        if choice.chosen is None:
+        chosen = choice.chosen
+        if chosen is None:
             return None, choice.rejected
-        by_id = {w.worker_id: w for w in workers}
-        return _Pick(tier, by_id[choice.chosen.worker_id], choice), choice.rejected
+        # the worker whose snapshot was chosen (one per worker, in the same order)
+        chosen_snapshot = chosen.snapshot
+        target = next(w for w, s in zip(workers, snapshots, strict=True) if s is chosen_snapshot)
+        return _Pick(tier, target, choice), choice.rejected
 
     @staticmethod
     def _settle_probe(target: DispatchTarget, error: str | None) -> None:
@@ -485,33 +573,66 @@ class Dispatcher:
     def _decision(
         self, pick: _Pick, progress: _Progress, tier_decision: RoutingDecision | None
     ) -> RoutingDecision:
+        attempts = progress.attempts
+        if pick.choice is None and len(attempts) == 1 and not progress.rejected:
+            # a sole worker that served at the first attempt: the same decision every time, made once
+            # (it is immutable) per worker, tier and tier decision
+            target = pick.target
+            cached = self._sole.get(target.worker_id)
+            if (
+                cached is not None
+                and cached[0] is target
+                and cached[1] == pick.tier
+                and cached[2] is tier_decision
+            ):
+                return cached[3]
+            decision = self._explain(pick, progress, tier_decision)
+            self._sole[target.worker_id] = (target, pick.tier, tier_decision, decision)
+            return decision
+        return self._explain(pick, progress, tier_decision)
+
+    def _explain(
+        self, pick: _Pick, progress: _Progress, tier_decision: RoutingDecision | None
+    ) -> RoutingDecision:
         choice = pick.choice
-        chosen = choice.chosen
-        assert chosen is not None  # a _Pick always has a chosen worker
         attempts = progress.attempts
         # the last attempt served: with one attempt (most requests) none failed
         failed = [a for a in attempts if a.error is not None] if len(attempts) > 1 else []
-        reason = choice.reason
+        alternatives: list[Alternative] = []
+        if choice is None:
+            reason = f"{pick.target.worker_id} is the only worker that can take it"
+            score: float | None = None
+            confidence = probability = 1.0
+            probe = False
+            terms: dict[str, float] = {}
+        else:
+            chosen = choice.chosen
+            assert chosen is not None  # a scored _Pick always has a chosen worker
+            reason = choice.reason
+            score = round(chosen.score, 4)
+            confidence = max(0.0, min(1.0, chosen.score))
+            probability = round(choice.probability, 4)
+            probe = chosen.probe
+            terms = {k: round(v, 4) for k, v in chosen.terms.items()}
+            if len(choice.ranked) > 1 or choice.rejected:
+                alternatives += choice.alternatives()
         if failed:
             reason += f", after {len(failed)} failed attempt(s): " + "; ".join(a.describe() for a in failed)
+            alternatives[:0] = [
+                Alternative(a.worker, f"attempt failed in {a.tier}: {a.error}") for a in failed
+            ]
         if tier_decision is not None:
             reason = f"tier {pick.tier}: {tier_decision.reason}; worker {reason}"
-        alternatives: list[Alternative] = [
-            Alternative(a.worker, f"attempt failed in {a.tier}: {a.error}") for a in failed
-        ]
-        if len(choice.ranked) > 1 or choice.rejected:
-            alternatives += choice.alternatives()
         if progress.rejected:
             listed = {a.candidate for a in alternatives}
             alternatives += [a for a in progress.rejected.values() if a.candidate not in listed]
-        if tier_decision is not None:
+        if tier_decision is not None and tier_decision.alternatives:
             alternatives += tier_decision.alternatives
-        terms = chosen.terms
         return RoutingDecision.from_fields(
             {
                 "device": pick.target.device,
                 "reason": reason,
-                "confidence": max(0.0, min(1.0, chosen.score)),
+                "confidence": confidence,
                 "alternatives": tuple(alternatives),
                 "precision": None,
                 "use_amp": False,
@@ -521,11 +642,11 @@ class Dispatcher:
                 "worker": pick.target.worker_id,
                 "details": {
                     "rule": tier_decision.details.get("rule") if tier_decision is not None else None,
-                    "score": round(chosen.score, 4),
-                    "probability": round(choice.probability, 4),
+                    "score": score,
+                    "probability": probability,
                     "attempts": len(attempts),
-                    "probe": chosen.probe,
-                    "terms": {k: round(v, 4) for k, v in terms.items()},
+                    "probe": probe,
+                    "terms": terms,
                 },
             }
         )
