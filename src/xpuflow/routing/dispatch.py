@@ -450,7 +450,8 @@ class Dispatcher:
         there). Only a local ``Worker`` goes this way, whose ``draining`` is what its snapshot says."""
         if needs is None and len(workers) == 1:
             only = workers[0]
-            if type(only) is Worker and only.health.state is HealthState.HEALTHY and not only.draining:
+            local: object = only  # exactly a Worker: a subclass may answer its snapshot otherwise
+            if type(local) is Worker and only.health.state is HealthState.HEALTHY and not local.draining:
                 return _Pick(tier, only, None), ()
         snapshot_of = self._snapshot_of
         snapshots = [snapshot_of(w) for w in workers]
