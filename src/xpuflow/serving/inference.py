@@ -128,11 +128,27 @@ def _header(value: str) -> bytes:
     return value[:_MAX_HEADER_CHARS].encode("ascii", "replace").translate(_HEADER_SAFE)
 
 
-def decision_headers(decision: RoutingDecision | None) -> list[tuple[bytes, bytes]]:
-    """The ``x-xpuflow-*`` response headers for ``decision`` (none without one)."""
+def decision_headers(decision: RoutingDecision | None) -> Sequence[tuple[bytes, bytes]]:
+    """The ``x-xpuflow-*`` response headers for ``decision`` (none without one). A decision the router
+    gives again (a sole worker's, made once: ``routing.dispatch``) finds its headers made already."""
     if decision is None:
-        return []
-    return [
+        return ()
+    cached = _DECISION_HEADERS.get(id(decision))
+    if cached is not None and cached[0] is decision:
+        return cached[1]
+    headers = _decision_headers(decision)
+    if len(_DECISION_HEADERS) >= 64:
+        _DECISION_HEADERS.clear()  # scored decisions are new every time: keep the few that come back
+    _DECISION_HEADERS[id(decision)] = (decision, headers)
+    return headers
+
+
+# id -> (the decision, its headers); the decision is kept, so its id is not reused while it is here
+_DECISION_HEADERS: dict[int, tuple[RoutingDecision, tuple[tuple[bytes, bytes], ...]]] = {}
+
+
+def _decision_headers(decision: RoutingDecision) -> tuple[tuple[bytes, bytes], ...]:
+    return (
         (b"x-xpuflow-tier", _header(decision.tier or "")),
         (b"x-xpuflow-worker", _header(decision.worker or "")),
         (b"x-xpuflow-device", _header(decision.device or "")),
@@ -142,7 +158,7 @@ def decision_headers(decision: RoutingDecision | None) -> list[tuple[bytes, byte
             b"x-xpuflow-route-reason",
             _header(redact(decision.reason) if "://" in decision.reason else decision.reason),
         ),
-    ]
+    )
 
 
 def _session_key(raw: bytes | None) -> str | None:
