@@ -45,7 +45,7 @@ from xpuflow.policy.worker_scorer import WorkerScorer
 from xpuflow.routing.adaptive import AdaptiveRouter, RoutingConfig, TierConfig
 from xpuflow.routing.dispatch import Dispatcher, RetryPolicy, service_time_snapshot
 from xpuflow.routing.remote_state import PrometheusLoadProbe, RemoteStatePoller
-from xpuflow.routing.router import RequestLog, Router
+from xpuflow.routing.router import NO_ADMISSION, RequestLog, Router
 from xpuflow.scheduling.qos.admission import AdmissionController, ContextSpec, QoSPolicy
 from xpuflow.scheduling.qos.gate import QoSGate
 from xpuflow.scheduling.qos.partitions import ComputeTokens, check_partition_memory
@@ -760,7 +760,7 @@ class Orchestrator:
         """The QoS guard of a call: holds its context's memory while it runs (no-op without contexts).
         ConfigError for a class that matches no context; entering raises AdmissionRejected (429)."""
         if self._qos is None:
-            return contextlib.nullcontext()
+            return NO_ADMISSION
         return self._qos.admit(call.qos_class, call.timeout_s)
 
     def complete(self, call: InferenceCall) -> Coroutine[Any, Any, InferenceResult]:

@@ -165,3 +165,40 @@ async def test_two_workers_are_scored_as_before() -> None:
     assert done.decision.details["score"] is not None
     assert "speed" in done.decision.reason
     assert [alt.candidate for alt in done.decision.alternatives] == ["b"]
+
+
+@run_async
+async def test_what_a_served_request_returns_equals_what_the_constructors_make() -> None:
+    import dataclasses
+
+    from xpuflow.config import LogicalModelConfig
+    from xpuflow.engine import InferenceCall, InferenceResult
+    from xpuflow.routing.retry import Attempt, Dispatched
+    from xpuflow.routing.router import Router
+    from xpuflow.types import RequestKind
+
+    def same_as_constructed(value: Any) -> None:
+        names = [f.name for f in dataclasses.fields(value)]
+        assert sorted(vars(value)) == sorted(names)  # built with every field
+        assert value == type(value)(**{name: getattr(value, name) for name in names})
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            value.__setattr__(names[0], None)
+
+    async with Worker(Server(), worker_id="w") as worker:
+        done = await Counting().dispatcher.dispatch([("t", [worker])], request())
+        assert isinstance(done, Dispatched)
+        assert isinstance(done.attempts[0], Attempt)
+        same_as_constructed(done)
+        same_as_constructed(done.attempts[0])
+        router = Router(
+            LogicalModelConfig(name="m", tiers=[{"name": "t", "deployments": ["d"]}]),  # type: ignore[list-item]
+            "chat",
+            [("t", [worker])],
+            dispatcher=Counting().dispatcher,
+        )
+        call = InferenceCall("m", RequestKind.COMPLETION, "a b", GenerationParams(max_tokens=4))
+        result = await router.complete(call)
+        assert isinstance(result, InferenceResult)
+        assert result.completion is not None
+        assert result.completion.text == "b a"
+        same_as_constructed(result)

@@ -78,7 +78,7 @@ from xpuflow.routing.retry import (
 from xpuflow.scheduling.health import HealthState, HealthTracker
 from xpuflow.scheduling.request import WorkRequest
 from xpuflow.scheduling.worker import Worker
-from xpuflow.types import Alternative, RoutingDecision, WorkerSnapshot
+from xpuflow.types import Alternative, RoutingDecision, WorkerSnapshot, frozen_from_fields
 
 __all__ = [
     "Attempt",
@@ -204,7 +204,15 @@ class Dispatcher:
             return _within(target.submit(request), timeout_s)  # the coroutine itself, none around it
 
         pick, result = await self._run(tiers, request, needs, affinity, progress, attempt)
-        return Dispatched(result, self._decision(pick, progress, tier_decision), tuple(progress.attempts))
+        # Dispatched(result, decision, attempts) without the frozen dataclass's __init__
+        return frozen_from_fields(
+            Dispatched,
+            {
+                "result": result,
+                "decision": self._decision(pick, progress, tier_decision),
+                "attempts": tuple(progress.attempts),
+            },
+        )
 
     async def open_stream(
         self,
@@ -288,8 +296,20 @@ class Dispatcher:
             return await self._retry(tier_list, request, needs, affinity, progress, attempt, began, tried)
         if probe:
             self._settle_probe(target, None)
+        # Attempt(tier, worker, device, elapsed_s, 0.0, None, probe) without the frozen dataclass's __init__
         progress.attempts.append(
-            Attempt(tier, target.worker_id, target.device, self.clock.monotonic() - began, 0.0, None, probe)
+            frozen_from_fields(
+                Attempt,
+                {
+                    "tier": tier,
+                    "worker": target.worker_id,
+                    "device": target.device,
+                    "elapsed_s": self.clock.monotonic() - began,
+                    "backoff_s": 0.0,
+                    "error": None,
+                    "probe": probe,
+                },
+            )
         )
         return pick, result
 

@@ -23,10 +23,9 @@ The orchestrator only builds routers (config -> placement -> builds -> workers -
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -39,9 +38,9 @@ from xpuflow.policy.worker_scorer import WorkerNeeds, session_affinity
 from xpuflow.routing.adaptive import AdaptiveRouter
 from xpuflow.routing.dispatch import Dispatcher, DispatchTarget
 from xpuflow.scheduling.request import RequestKind, WorkRequest
-from xpuflow.types import RoutingDecision
+from xpuflow.types import RoutingDecision, frozen_from_fields
 
-__all__ = ["RequestLog", "Router"]
+__all__ = ["NO_ADMISSION", "RequestLog", "Router"]
 
 _GENERATIVE = (RequestKind.CHAT, RequestKind.COMPLETION)
 Tiers = list[tuple[str, Sequence[DispatchTarget]]]
@@ -95,8 +94,34 @@ class RequestLog:
         }
 
 
+class _Admitted:
+    """The admission of a call that nothing limits: entering and leaving it cost no coroutine (an
+    ``async with contextlib.nullcontext()`` costs two, on every request)."""
+
+    __slots__ = ()
+
+    def __aenter__(self) -> _Ready:
+        return _READY
+
+    def __aexit__(self, *exc: object) -> _Ready:
+        return _READY  # None: an exception goes on
+
+
+class _Ready:
+    """An awaitable that is done at once, with None."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        yield from ()
+
+
+_READY = _Ready()
+NO_ADMISSION: AbstractAsyncContextManager[Any] = _Admitted()  # type: ignore[assignment]
+
+
 def _no_admission(call: InferenceCall) -> AbstractAsyncContextManager[Any]:
-    return contextlib.nullcontext()
+    return NO_ADMISSION
 
 
 class Router:
@@ -242,12 +267,18 @@ class Router:
         queue_ms = float(request.metadata.get("queue_ms", 0.0))  # the wait in the last worker's queue
         if isinstance(done.result, Completion):
             self.log.counters["completion_tokens_total"] += done.result.completion_tokens
-            return InferenceResult(
-                decision,
-                completion=done.result,
-                prompt_tokens=done.result.prompt_tokens,
-                queue_ms=queue_ms,
-                total_ms=latency_ms,
+            # InferenceResult(decision, completion=..., ...) without the frozen dataclass's __init__
+            return frozen_from_fields(
+                InferenceResult,
+                {
+                    "decision": decision,
+                    "completion": done.result,
+                    "embeddings": None,
+                    "prompt_tokens": done.result.prompt_tokens,
+                    "queue_ms": queue_ms,
+                    "total_ms": latency_ms,
+                    "outputs": None,
+                },
             )
         if call.kind is RequestKind.TENSOR:
             return InferenceResult(decision, outputs=done.result, queue_ms=queue_ms, total_ms=latency_ms)  # type: ignore[arg-type]

@@ -129,6 +129,14 @@ class HealthTracker:
         self._opened_at_s = self._clock.monotonic()
 
     def record_success(self) -> None:
+        if (  # healthy with nothing to forget (every request of a healthy worker): nothing to change
+            self._state is HealthState.HEALTHY
+            and not self._consecutive_failures
+            and not self._failed_probes
+            and not self._held_by_check
+            and not self._opened_by_check
+        ):
+            return
         with self._lock:
             self._recover()
 

@@ -164,6 +164,40 @@ class WorkerMetrics:
         self._recent_latency_s.append(latency_s)
         self.record_tokens(tokens)
 
+    def record_alone(self, started_at_s: float, ended_at_s: float, tokens: int = 0) -> None:
+        """A request that ran as a batch of its own (``record_batch_start(1)`` at ``started_at_s``) and
+        was answered at ``ended_at_s`` with no queue wait: what ``record_request`` and then
+        ``record_batch_end(1, ended_at_s - started_at_s, True)`` record, in one call and one reading of
+        the clock (a worker's fast path ends every request so)."""
+        latency_s = ended_at_s - started_at_s
+        self.completed += 1
+        running = self.running_batches - 1
+        self.running_batches = running if running > 0 else 0
+        in_flight = self.in_flight - 1
+        self.in_flight = in_flight if in_flight > 0 else 0
+        cold = self._warm_since_s is None
+        counts = self._counts(started_at_s)
+        alpha = self.ema_alpha
+        latency_ms = latency_s * 1000.0
+        if counts:
+            self.ema_latency_ms = _ema(self.ema_latency_ms, latency_ms, alpha)
+            self.ema_queue_wait_ms = _ema(self.ema_queue_wait_ms, 0.0, alpha)
+        # record_batch_end asks again, with the same answer unless this first success has just warmed
+        # the metrics up at the instant the request started
+        if counts or (cold and self._counts(started_at_s)):
+            self.ema_service_ms = _ema(self.ema_service_ms, latency_ms, alpha)
+        self._recent_latency_s.append(latency_s)
+        if tokens:
+            self.tokens_total += tokens
+            self._tokens.append((ended_at_s, tokens))
+            self._tokens_sum += tokens
+        self._prune(ended_at_s)
+        if self.running_batches == 0 and self._busy_since_s is not None:
+            self._busy.append((self._busy_since_s, ended_at_s))
+            self._busy_sum_s += ended_at_s - self._busy_since_s
+            self._busy_since_s = None
+            self._prune(ended_at_s)
+
     def record_tokens(self, tokens: int) -> None:
         """Tokens produced now: a stream reports them as they go, so ``tokens_per_s`` moves while a
         long generation runs instead of jumping when it ends."""

@@ -350,12 +350,12 @@ class Worker:
                     ended = self._clock.monotonic()
                     self._sync_health()
                     tokens = result.completion_tokens if isinstance(result, Completion) else 0
-                    self.metrics.record_request(ended - now, 0.0, tokens, started_at_s=now)
+                    self.metrics.record_alone(now, ended, tokens)
                     self.health.record_success()
                     ok = True
                     return result
                 finally:
-                    self._inline_end(task, run, now, ok)
+                    self._inline_end(task, run, now, ok, recorded=ok)
             ticket = self._enqueue(request, now, streaming=False)
         else:
             ticket = self._admit(request, streaming=False)
@@ -674,9 +674,17 @@ class Worker:
         self._batch_ended(len(tickets), work_units(tickets[0].request), started, ok)
 
     def _batch_ended(
-        self, size: int, units: float, started: float, ok: bool, *, task: asyncio.Task[Any] | None = None
+        self,
+        size: int,
+        units: float,
+        started: float,
+        ok: bool,
+        *,
+        task: asyncio.Task[Any] | None = None,
+        recorded: bool = False,
     ) -> None:
-        """``task``: the one that ran it (default: the current one)."""
+        """``task``: the one that ran it (default: the current one); ``recorded``: the metrics have its
+        end already (``WorkerMetrics.record_alone``)."""
         # not running any more: its age must not reach the next snapshot as a stuck batch (the task's
         # done callback, _forget, runs a loop turn later, after a caller woken by the answer has routed)
         self._started_at.pop(_current() if task is None else task, None)
@@ -684,8 +692,9 @@ class Worker:
         service_s = now - started
         if self._informs_batcher:
             self._batcher.on_complete(now, size, service_s if ok else None, units)
-        self._sync_health()
-        self.metrics.record_batch_end(size, service_s, ok, started_at_s=started)
+        self._sync_health()  # a probe that just succeeded: its latency samples describe the outage
+        if not recorded:
+            self.metrics.record_batch_end(size, service_s, ok, started_at_s=started)
         if ok and service_s > 0:
             rate = size / service_s
             old = self._drain_rate_ema
@@ -730,7 +739,7 @@ class Worker:
                 yield chunk
             ended = self._clock.monotonic()
             self._sync_health()
-            self.metrics.record_request(ended - now, 0.0, started_at_s=now)  # tokens counted as they came
+            self.metrics.record_alone(now, ended)  # its tokens were counted as they came
             self.health.record_success()
             ok = True
         except (GeneratorExit, asyncio.CancelledError):
@@ -743,7 +752,7 @@ class Worker:
         finally:
             with contextlib.suppress(Exception):
                 await source.aclose()  # type: ignore[attr-defined]
-            self._inline_end(key, run, now, ok)
+            self._inline_end(key, run, now, ok, recorded=ok)
 
     def _inline_begin(
         self, task: asyncio.Task[Any], request: WorkRequest, now: float, *, waiting: bool
@@ -780,9 +789,11 @@ class Worker:
         self.health.record_failure(f"{type(exc).__name__}: {exc}")
         return (exc if isinstance(exc, XpuflowError) else self._as_xpuflow(exc)), False
 
-    def _inline_end(self, task: asyncio.Task[Any], run: _InlineRun, started: float, ok: bool) -> None:
+    def _inline_end(
+        self, task: asyncio.Task[Any], run: _InlineRun, started: float, ok: bool, *, recorded: bool
+    ) -> None:
         """A fast-path request registered under ``task`` has ended: what ``_finish_batch`` does for a
-        batch of one."""
+        batch of one (``recorded``: its metrics have the batch's end already, from ``record_alone``)."""
         signal = run.request.cancelled
         assert isinstance(signal, CancelSignal)
         if run.on_cancel is not None:
@@ -790,7 +801,7 @@ class Worker:
         if run.timer is not None:
             run.timer.cancel()
         del self._inline[task]
-        self._batch_ended(1, work_units(run.request), started, ok, task=task)
+        self._batch_ended(1, work_units(run.request), started, ok, task=task, recorded=recorded)
         run.end()
 
     def _cancel_inline(self, run: _InlineRun) -> None:
