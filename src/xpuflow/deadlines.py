@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["PRECISE_BELOW_S", "Cancellable", "DeadlineTimers", "call_later", "for_loop"]
+__all__ = ["PRECISE_BELOW_S", "Cancellable", "DeadlineTimers", "call_later", "call_later_on", "for_loop"]
 
 PRECISE_BELOW_S = 1.0
 _RESOLUTION_S = 0.05
@@ -162,7 +162,14 @@ _last: list[Any] = [None, None]  # the loop asked for last and its timers (one l
 
 def call_later(delay_s: float, callback: Callable[..., object], *args: Any) -> Cancellable:
     """``DeadlineTimers.call_later`` on the running loop's timers."""
-    loop = asyncio.get_running_loop()
+    return call_later_on(asyncio.get_running_loop(), delay_s, callback, *args)
+
+
+def call_later_on(
+    loop: asyncio.AbstractEventLoop, delay_s: float, callback: Callable[..., object], *args: Any
+) -> Cancellable:
+    """``call_later`` on ``loop``'s timers, for a caller that knows its loop (a task's ``get_loop()``):
+    on Python 3.11 every ``asyncio.get_running_loop()`` is a ``getpid`` system call."""
     last = _last
     if last[0] is loop:
         timers: DeadlineTimers = last[1]

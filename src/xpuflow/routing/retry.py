@@ -154,7 +154,7 @@ async def _within(work: Awaitable[T], timeout_s: float | None) -> T:
             expired = True
             task.cancel()
 
-        timer = deadlines.call_later(timeout_s, expire)
+        timer = deadlines.call_later_on(task.get_loop(), timeout_s, expire)
         try:
             return await work
         except asyncio.CancelledError:

@@ -172,6 +172,7 @@ class Worker:
         self._close_session = close_session
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one start() ran on
         self._batches: set[asyncio.Task[None]] = set()
         self._started_at: dict[asyncio.Task[None], float] = {}  # running batch -> when it started
         self._answering: set[asyncio.Task[None]] = set()  # streams that have sent a chunk
@@ -239,6 +240,7 @@ class Worker:
             return
         self._accepting = True
         self._closing = False
+        self._loop = asyncio.get_running_loop()
         self._loop_task = asyncio.create_task(self._batch_loop(), name=f"worker-{self.worker_id}")
 
     async def stop(self, drain: bool = True) -> None:
@@ -326,7 +328,10 @@ class Worker:
                 # past its timeout) cancels the caller's task with a reason; that cancellation, and only
                 # that one, becomes the reason's error (a cancellation of the caller's own passes through
                 # as it came). A request given up this way is no failure of the device.
-                task = _current()
+                # the caller's task (with the loop known, current_task costs no getpid system call)
+                loop = self._loop
+                task = _current() if loop is None else asyncio.current_task(loop)
+                assert task is not None  # a coroutine awaited in a task
                 run = self._inline_begin(task, request, now, waiting=True)
                 cancelling = 0
                 if sys.version_info >= (3, 11):
@@ -711,6 +716,7 @@ class Worker:
         for the next. ``abandon_in_flight`` spares a stream that has sent a chunk, as it spares a queued
         one."""
         key = _current()  # the task it is registered under (a consumer may read on from another)
+        loop = key.get_loop()
         run = self._inline_begin(key, request, now, waiting=False)
         source = open_stream(self.session, request)
         ok = False
@@ -718,7 +724,9 @@ class Worker:
             while True:
                 if run.error is not None:
                     raise run.error  # given up while the consumer was away
-                task = _current()
+                # the consumer's task now (current_task with the loop costs no getpid system call)
+                task = asyncio.current_task(loop)
+                assert task is not None  # a stream is read in a task
                 cancelling = 0
                 if sys.version_info >= (3, 11):
                     cancelling = task.cancelling()
@@ -769,7 +777,9 @@ class Worker:
         run.on_cancel = functools.partial(self._cancel_inline, run)
         signal.add_callback(run.on_cancel)
         if request.deadline_s is not None:
-            run.timer = deadlines.call_later(request.deadline_s - now, self._expire_inline, run)
+            run.timer = deadlines.call_later_on(
+                task.get_loop(), request.deadline_s - now, self._expire_inline, run
+            )
         return run
 
     def _inline_failure(self, run: _InlineRun, exc: Exception) -> tuple[Exception, bool]:

@@ -63,6 +63,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._error_type: type[Exception] = httptools.HttpParserError
         self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         self.reusable = False
         self._waiter: asyncio.Future[None] | None = None
@@ -79,6 +80,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's is no subclass)
+        # the connection's loop, once (on Python 3.11 each get_running_loop() is a getpid system call)
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -151,11 +154,11 @@ class _Connection(asyncio.Protocol):
 
     async def _wait(self, timeout_s: float | None = None) -> None:
         """Until the parser has news (or, with ``timeout_s``, TimeoutError past it)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
         timer = None
         if timeout_s is not None:
-            timer = deadlines.call_later(timeout_s, _expire, waiter)
+            timer = deadlines.call_later_on(loop, timeout_s, _expire, waiter)
         try:
             await waiter
         finally:
