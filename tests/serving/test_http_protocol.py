@@ -566,3 +566,25 @@ def test_respond_refuses_once_the_response_has_begun_and_for_head(
         assert signals.counts["respond-refused"] == before + 1
         client.send("GET", "/respond?after-head")  # no stray body bytes from the HEAD answer
         assert client.response()[2] == b"whole"
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_timeout_keep_alive(signals: Signals) -> None:
+    # the keep-alive timeout runs on the deadline timer (50 ms buckets): never early, a little late
+    with live_server(make_app(signals), http=RecordingProtocol, timeout_keep_alive=1) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with Client((host, int(port))) as client:
+            client.send("GET", "/cl")
+            assert client.response()[:1] == (200,)
+            answered = time.monotonic()
+            client.sock.settimeout(TIMEOUT_S)
+            assert client.sock.recv(1) == b""  # the server closed it
+            idle = time.monotonic() - answered
+        assert 0.95 <= idle < 2.0, idle
+        # a request before the timeout keeps the connection: the timer starts over after each answer
+        with Client((host, int(port))) as client:
+            for _ in range(3):
+                client.send("GET", "/cl")
+                assert client.response()[:1] == (200,)
+                time.sleep(0.6)
+            client.send("GET", "/cl")
+            assert client.response()[:1] == (200,)

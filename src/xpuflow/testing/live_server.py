@@ -21,13 +21,19 @@ __all__ = ["live_server"]
 
 @contextmanager
 def live_server(
-    app: Any, *, start_timeout_s: float = 15.0, grace_s: int = 1, http: type[asyncio.Protocol] | None = None
+    app: Any,
+    *,
+    start_timeout_s: float = 15.0,
+    grace_s: int = 1,
+    http: type[asyncio.Protocol] | None = None,
+    **options: Any,
 ) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1 (a free port, bound before the thread starts) and yield its base URL.
 
     ``http`` is the protocol class, by default the one ``xpuflow serve`` runs
     (``serving.http_protocol.GatewayHttpProtocol``). A short graceful-shutdown window ends open event
-    streams (dashboards) instead of waiting on them.
+    streams (dashboards) instead of waiting on them. ``options`` go to ``uvicorn.Config`` (e.g.
+    ``timeout_keep_alive``).
     """
     import uvicorn
 
@@ -46,6 +52,7 @@ def live_server(
         access_log=False,
         lifespan="off",
         timeout_graceful_shutdown=grace_s,
+        **options,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="live-server", daemon=True)
