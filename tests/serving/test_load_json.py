@@ -88,3 +88,29 @@ def test_what_is_no_json_object_gets_the_same_400(body: bytes) -> None:
         assert caught.value.message == expected[1]
     else:
         assert "must be a JSON object" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"max_tokens": 16, "temperature": 0.5, "top_p": 0.9, "seed": 7, "stop": ["x"], "user": "u"},
+        {"max_completion_tokens": 8.0, "max_tokens": None, "stop": "end", "stream": True},
+        {"temperature": None, "top_p": None, "seed": None, "stop": None, "n": 1, "user": ""},
+    ],
+)
+def test_parsed_params_equal_the_constructors(extra: dict[str, Any]) -> None:
+    import dataclasses
+
+    from xpuflow.backends.base import GenerationParams
+    from xpuflow.serving.openai_schema import parse_chat
+    from xpuflow.serving.settings import GatewaySettings
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+    params = parse_chat(body, GatewaySettings()).params
+    names = [f.name for f in dataclasses.fields(GenerationParams)]
+    assert sorted(vars(params)) == sorted(names)
+    assert params == GenerationParams(**{name: getattr(params, name) for name in names})
+    assert isinstance(params.stop, tuple)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.max_tokens = 1  # type: ignore[misc]

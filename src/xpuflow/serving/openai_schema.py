@@ -29,7 +29,7 @@ from xpuflow import jsonio
 from xpuflow.backends.base import Completion, GenerationParams
 from xpuflow.errors import XpuflowError
 from xpuflow.serving.settings import GatewaySettings
-from xpuflow.types import RequestKind
+from xpuflow.types import RequestKind, frozen_from_fields
 
 __all__ = [
     "SSE_DONE",
@@ -278,23 +278,31 @@ def _stop(data: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def _params(data: Mapping[str, Any], settings: GatewaySettings) -> GenerationParams:
-    # both are checked, so a bad value is refused even where the other one wins
-    max_tokens = _int(data, "max_completion_tokens", 1, settings.max_tokens_limit)
-    legacy = _int(data, "max_tokens", 1, settings.max_tokens_limit)
+    # Each check runs only for a field the body has (a missing field and null read the same): most
+    # bodies name two or three of them, and this runs on every request. Both max_tokens fields are
+    # checked, so a bad value is refused even where the other one wins.
+    limit = settings.max_tokens_limit
+    max_tokens = _int(data, "max_completion_tokens", 1, limit) if "max_completion_tokens" in data else None
+    legacy = _int(data, "max_tokens", 1, limit) if "max_tokens" in data else None
     if max_tokens is None:
         max_tokens = legacy
-    temperature = _number(data, "temperature", 0.0, 2.0)
-    top_p = _number(data, "top_p", 0.0, 1.0, low_open=True)
-    seed = _int(data, "seed", -_INT64, _INT64 - 1)
+    temperature = _number(data, "temperature", 0.0, 2.0) if "temperature" in data else None
+    top_p = _number(data, "top_p", 0.0, 1.0, low_open=True) if "top_p" in data else None
+    seed = _int(data, "seed", -_INT64, _INT64 - 1) if "seed" in data else None
     n = data.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise _invalid("n", f"only n=1 is supported, got {n!r}", "unsupported_value")
-    return GenerationParams(
-        max_tokens=settings.default_max_tokens if max_tokens is None else max_tokens,
-        temperature=0.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p,
-        stop=_stop(data),
-        seed=seed,
+    # GenerationParams(...) without its __init__: every value is checked above (and default_max_tokens
+    # by GatewaySettings), which is all its __post_init__ checks
+    return frozen_from_fields(
+        GenerationParams,
+        {
+            "max_tokens": settings.default_max_tokens if max_tokens is None else max_tokens,
+            "temperature": 0.0 if temperature is None else temperature,
+            "top_p": 1.0 if top_p is None else top_p,
+            "stop": _stop(data) if "stop" in data else (),
+            "seed": seed,
+        },
     )
 
 
@@ -361,15 +369,23 @@ def parse_chat(data: Mapping[str, Any], settings: GatewaySettings) -> ParsedRequ
     """Validate a ``POST /v1/chat/completions`` body."""
     model = _model(data)
     messages = _messages(data)
-    _refuse(data, "tools", ([],), "tool calling is not supported by this server")
-    _refuse(data, "functions", ([],), "function calling is not supported by this server")
-    _refuse(data, "logprobs", (False,), "logprobs are not supported by this server")
+    # the checks of fields a body rarely has run only when it has them (missing and null read the same)
+    if "tools" in data:
+        _refuse(data, "tools", ([],), "tool calling is not supported by this server")
+    if "functions" in data:
+        _refuse(data, "functions", ([],), "function calling is not supported by this server")
+    if "logprobs" in data:
+        _refuse(data, "logprobs", (False,), "logprobs are not supported by this server")
     fmt = data.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise _invalid("response_format", "only {'type': 'text'} is supported", "unsupported_value")
-    stream, include_usage = _stream(data)
+    stream, include_usage = _stream(data) if "stream" in data or "stream_options" in data else _NO_STREAM
     params = _params(data, settings)
-    return ParsedRequest(model, RequestKind.CHAT, messages, params, stream, include_usage, user=_user(data))
+    user = _user(data) if "user" in data else None
+    return ParsedRequest(model, RequestKind.CHAT, messages, params, stream, include_usage, user=user)
+
+
+_NO_STREAM = (False, False)
 
 
 def parse_completion(data: Mapping[str, Any], settings: GatewaySettings) -> ParsedRequest:
