@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from xpuflow.backends.base import BatchMode, Completion, GenerationParams, StreamChunk
-from xpuflow.errors import DeadlineExceeded, RequestCancelled, SessionError, WorkerStopped
+from xpuflow.errors import ConfigError, DeadlineExceeded, RequestCancelled, SessionError, WorkerStopped
 from xpuflow.scheduling.request import WorkRequest
 from xpuflow.scheduling.worker import Worker
 from xpuflow.testing import FakeSession
@@ -95,6 +95,36 @@ async def test_a_session_error_fails_the_request_and_counts_against_the_worker()
         assert worker.metrics.failed == 1
         assert worker.health.consecutive_failures == 1
         assert worker.metrics.in_flight == 0
+
+
+@run_async
+async def test_a_refused_request_ends_its_batch_and_shows_a_working_device() -> None:
+    # a ConfigError (the request's fault) ends its batch of one as a success of the device: its
+    # metrics must still see the batch end (they are not ended early, as a served request's are)
+    session = Server()
+    session.error = ConfigError("max_tokens too large for this model", field="max_tokens")
+    async with Worker(session, worker_id="w") as worker:
+        for _ in range(2):
+            with pytest.raises(ConfigError):
+                await worker.submit(request())
+        assert worker.metrics.in_flight == 0
+        assert worker.metrics.running_batches == 0
+        assert worker.metrics.failed == 2
+        assert worker.health.consecutive_failures == 0
+        assert worker.snapshot().in_flight == 0
+        session.error = None
+        assert (await worker.submit(request())).text == "b a"  # its slots are all free
+
+
+@run_async
+async def test_a_refused_stream_ends_its_batch() -> None:
+    session = Streamer()
+    session.feed.put_nowait(ConfigError("stop sequences are not supported", field="stop"))
+    async with Worker(session, worker_id="w") as worker:
+        with pytest.raises(ConfigError):
+            await worker.stream(stream_request()).__anext__()
+        assert worker.metrics.in_flight == 0
+        assert worker.metrics.running_batches == 0
 
 
 @run_async

@@ -336,7 +336,7 @@ class Worker:
                 cancelling = 0
                 if sys.version_info >= (3, 11):
                     cancelling = task.cancelling()
-                ok = False
+                ok = recorded = False  # recorded: record_alone has ended its metrics
                 try:
                     try:
                         result = await run_one(
@@ -356,11 +356,12 @@ class Worker:
                     self._sync_health()
                     tokens = result.completion_tokens if isinstance(result, Completion) else 0
                     self.metrics.record_alone(now, ended, tokens)
+                    recorded = True
                     self.health.record_success()
                     ok = True
                     return result
                 finally:
-                    self._inline_end(task, run, now, ok, recorded=ok)
+                    self._inline_end(task, run, now, ok, recorded=recorded)
             ticket = self._enqueue(request, now, streaming=False)
         else:
             ticket = self._admit(request, streaming=False)
@@ -719,7 +720,7 @@ class Worker:
         loop = key.get_loop()
         run = self._inline_begin(key, request, now, waiting=False)
         source = open_stream(self.session, request)
-        ok = False
+        ok = recorded = False  # recorded: record_alone has ended its metrics
         try:
             while True:
                 if run.error is not None:
@@ -748,6 +749,7 @@ class Worker:
             ended = self._clock.monotonic()
             self._sync_health()
             self.metrics.record_alone(now, ended)  # its tokens were counted as they came
+            recorded = True
             self.health.record_success()
             ok = True
         except (GeneratorExit, asyncio.CancelledError):
@@ -760,7 +762,7 @@ class Worker:
         finally:
             with contextlib.suppress(Exception):
                 await source.aclose()  # type: ignore[attr-defined]
-            self._inline_end(key, run, now, ok, recorded=ok)
+            self._inline_end(key, run, now, ok, recorded=recorded)
 
     def _inline_begin(
         self, task: asyncio.Task[Any], request: WorkRequest, now: float, *, waiting: bool
