@@ -187,7 +187,10 @@ class _IdleLimit:
         self._cancelling = 0
 
     async def wait(self, work: Awaitable[T]) -> T:
-        task = asyncio.current_task()
+        # the reader's task; with the loop known (every chunk after the first), current_task costs no
+        # getpid system call
+        known = self._task
+        task = asyncio.current_task() if known is None else asyncio.current_task(known.get_loop())
         assert task is not None  # a stream is read in a task
         if task is not self._task:
             self.close()  # another reader: the timer cancels the task that waits
