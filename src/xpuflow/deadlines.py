@@ -68,9 +68,6 @@ class _Deadline:
         if not bucket:
             owner._drop(self.tick, bucket)
 
-    def cancelled(self) -> bool:
-        return self._owner is None
-
 
 class DeadlineTimers:
     """The deadlines of one event loop; see the module docstring."""

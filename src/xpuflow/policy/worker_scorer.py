@@ -349,17 +349,10 @@ class WorkerScorer:
         # candidate of every request on the gateway's hot path. ``test_worker_scorer_equivalence``
         # holds it to the code it replaced: the same choices, scores and terms.
         # the per-batch service time when the worker reports one, else its latency EMA (docs/worker_choice.md)
-        one = len(candidates) == 1  # most tiers have one worker: no median, maximum or sort over one
-        if one:
-            ema = candidates[0].ema_service_ms or candidates[0].ema_latency_ms
-            prior_ema = ema if ema is not None and ema > 0 else 1.0
-        else:
-            known_ema = [
-                ema
-                for s in candidates
-                if (ema := s.ema_service_ms or s.ema_latency_ms) is not None and ema > 0
-            ]
-            prior_ema = _median(known_ema) if known_ema else 1.0
+        known_ema = [
+            ema for s in candidates if (ema := s.ema_service_ms or s.ema_latency_ms) is not None and ema > 0
+        ]
+        prior_ema = _median(known_ema) if known_ema else 1.0
         half_life = self.latency_half_life_s
         wait_weight = self.wait_weight
         drifts = not (prior_ema <= 0 or now_s is None)
@@ -399,13 +392,9 @@ class WorkerScorer:
                 append(ema * (1.0 + load) + wait_weight * (ema * waiting))
             else:
                 append(ema * (1.0 + load))
-        if one:
-            best_expected = expected[0]
-            max_free = candidates[0].free_memory_bytes or 0
-        else:
-            best_expected = min(expected)
-            known_free = [free for s in candidates if (free := s.free_memory_bytes) is not None]
-            max_free = max(known_free) if known_free else 0
+        best_expected = min(expected)
+        known_free = [free for s in candidates if (free := s.free_memory_bytes) is not None]
+        max_free = max(known_free) if known_free else 0
         bonus = _affinity_bonus(affinity, candidates)
         w = self.weights
         w_affinity = w.affinity
@@ -457,15 +446,13 @@ class WorkerScorer:
                 terms["affinity"] = sticky
             # ``ScoredWorker(snapshot, score, terms, fresh, probe)`` without the frozen dataclass's
             # __init__ (half the cost of a candidate); the object is the same
-            scored_worker = new(ScoredWorker)
-            set_snapshot(scored_worker, snapshot)
-            set_score(scored_worker, state + w_affinity * sticky)
-            set_terms(scored_worker, terms)
-            set_fresh(scored_worker, fresh)
-            set_probe(scored_worker, worker_id in probes)
-            keep(scored_worker)
-        if one:
-            return scored
+            one = new(ScoredWorker)
+            set_snapshot(one, snapshot)
+            set_score(one, state + w_affinity * sticky)
+            set_terms(one, terms)
+            set_fresh(one, fresh)
+            set_probe(one, worker_id in probes)
+            keep(one)
         keys = [-c.score for c in scored]
         return [scored[i] for i in sorted(range(len(scored)), key=keys.__getitem__)]
 

@@ -329,8 +329,7 @@ class Worker:
                 # that one, becomes the reason's error (a cancellation of the caller's own passes through
                 # as it came). A request given up this way is no failure of the device.
                 # the caller's task (with the loop known, current_task costs no getpid system call)
-                loop = self._loop
-                task = _current() if loop is None else asyncio.current_task(loop)
+                task = asyncio.current_task(self._loop)
                 assert task is not None  # a coroutine awaited in a task
                 run = self._inline_begin(task, request, now, waiting=True)
                 cancelling = 0

@@ -136,6 +136,7 @@ class _RandomHex:
 
 _random_hex = _RandomHex()
 os.register_at_fork(after_in_child=_random_hex.forget)
+
 _PARSERS: dict[RequestKind, Callable[[Mapping[str, Any], GatewaySettings], ParsedRequest]] = {
     RequestKind.CHAT: parse_chat,
     RequestKind.COMPLETION: parse_completion,
