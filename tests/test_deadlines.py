@@ -94,6 +94,26 @@ def test_cancelled_deadlines_never_run_and_free_their_bucket() -> None:
     assert clock.timers == []  # nothing left armed
 
 
+def test_a_cancelled_deadline_lets_go_of_its_callback_and_arguments() -> None:
+    """As asyncio's handles do: an owner that keeps its deadline and is among its arguments would
+    otherwise make a reference cycle for the garbage collector."""
+    import weakref
+
+    class Owner:
+        def on_deadline(self) -> None:
+            raise AssertionError("cancelled: never runs")
+
+    clock, wheel = timers()
+    owner = Owner()
+    handle = wheel.call_later(2.0, owner.on_deadline)
+    gone = weakref.ref(owner)
+    del owner
+    assert gone() is not None  # the pending deadline keeps it
+    handle.cancel()
+    assert gone() is None
+    clock.run_until(110.0)
+
+
 def test_a_callback_can_cancel_another_of_its_bucket() -> None:
     clock, wheel = timers()
     ran: list[str] = []

@@ -39,6 +39,10 @@ class Cancellable(Protocol):
     def cancel(self) -> None: ...
 
 
+def _no_call(*_args: object) -> None:
+    return None
+
+
 class _Deadline:
     """One pending deadline (what ``call_later`` returns)."""
 
@@ -63,6 +67,9 @@ class _Deadline:
         if owner is None:
             return  # ran or cancelled already
         self._owner = None
+        # what it would have called: let go of it, as asyncio's handles do (its arguments often hold
+        # the object that holds this deadline: a reference cycle left to the garbage collector)
+        self.callback, self.args = _no_call, ()
         bucket = self._bucket
         del bucket[self]
         if not bucket:

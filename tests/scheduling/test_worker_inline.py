@@ -70,6 +70,31 @@ async def test_the_request_runs_in_the_callers_task_with_a_batch_of_ones_bookkee
 
 
 @run_async
+async def test_an_ended_request_leaves_no_reference_cycle() -> None:
+    """Its run, request and cancel signal are freed when it ends, not left for the garbage collector
+    (the run's cancel callback and deadline held the run)."""
+    import gc
+
+    from xpuflow.scheduling.worker import _InlineRun
+
+    async with Worker(Server(), worker_id="w") as worker:
+        await worker.submit(request(deadline_s=asyncio.get_running_loop().time() + 60))
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(3):
+                await worker.submit(request(deadline_s=asyncio.get_running_loop().time() + 60))
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            left = sorted({type(o).__name__ for o in gc.garbage if isinstance(o, (_InlineRun, WorkRequest))})
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert left == []
+
+
+@run_async
 async def test_while_it_runs_it_counts_in_flight_and_ages_in_the_snapshot() -> None:
     session = Server()
     session.release.clear()

@@ -809,8 +809,10 @@ class Worker:
         assert isinstance(signal, CancelSignal)
         if run.on_cancel is not None:
             signal.remove_callback(run.on_cancel)
+            run.on_cancel = None  # it holds the run: a reference cycle left to the garbage collector
         if run.timer is not None:
             run.timer.cancel()
+            run.timer = None
         del self._inline[task]
         self._batch_ended(1, work_units(run.request), started, ok, task=task, recorded=recorded)
         run.end()

@@ -356,6 +356,10 @@ class ModelCatalog:
         return info
 
 
+def _nothing() -> None:
+    return None
+
+
 class _Guard:
     """Watches one request while the engine works on it: the client leaving and the deadline for the
     answer (``request_timeout_s``; for a stream, its first event). Either sets the call's ``cancelled``
@@ -417,7 +421,9 @@ class _Guard:
         """Call before the last send, so that a normal end is never taken for a disconnect."""
         self.done = True
         self.answered()
-        self.stop_watching()
+        # once: what it calls holds this guard (a reference cycle the collector would have to find)
+        stop, self.stop_watching = self.stop_watching, _nothing
+        stop()
 
 
 class _Endpoint:
