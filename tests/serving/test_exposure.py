@@ -139,6 +139,19 @@ async def test_host_suffix_patterns_and_star() -> None:
         assert (await client.get("/health", headers={"host": "anything.example"})).status_code == 200
 
 
+def test_the_host_filter_answers_a_host_it_has_seen_as_it_did_the_first_time() -> None:
+    from xpuflow.serving.hosts import _SEEN_MAX, HostFilter
+
+    hosts = HostFilter(None, LOOPBACK_HOSTS)  # type: ignore[arg-type]  # allows() alone wraps nothing
+    asked = ["localhost:8000", "attacker.example", "LOCALHOST", "127.0.0.1.nip.io", "[::1]:1"]
+    first = [hosts.allows(h) for h in asked]
+    assert first == [True, False, True, False, True]
+    assert [hosts.allows(h) for h in asked] == first  # a refused one is never remembered as allowed
+    for port in range(2 * _SEEN_MAX):
+        assert hosts.allows(f"localhost:{port}")
+    assert len(hosts._seen) <= _SEEN_MAX
+
+
 def test_host_helpers() -> None:
     assert host_name("[::1]:8000") == "[::1]"
     assert host_name("Example.COM:80") == "example.com"

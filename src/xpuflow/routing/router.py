@@ -211,7 +211,11 @@ class Router:
         if isinstance(payload, str):
             chars = len(payload)
         else:
-            chars = sum(len(str(m.get("content") or "")) for m in payload if isinstance(m, Mapping))
+            chars = 0
+            for message in payload:  # a loop, and dicts known without the Mapping ABC's check
+                if type(message) is dict or isinstance(message, Mapping):
+                    content = message.get("content")
+                    chars += len(content) if type(content) is str else len(str(content or ""))
         tokens = chars // 6
         if tokens < 256:
             return None  # fits any context worth serving: skip the check

@@ -34,6 +34,9 @@ def is_loopback_address(host: str) -> bool:
         return False
 
 
+_SEEN_MAX = 256
+
+
 def host_name(header: str) -> str:
     """The host of a Host header, lower case, without its port: ``[::1]:8000`` -> ``[::1]``."""
     header = header.strip().lower()
@@ -62,10 +65,16 @@ class HostFilter:
         self.exact = frozenset(n for n in names if not n.startswith("*."))
         self.suffixes = tuple(n[1:] for n in names if n.startswith("*."))  # "*.a.b" -> ".a.b"
         self.listed = ", ".join(sorted(self.exact) + [f"*{s}" for s in self.suffixes])
+        self._seen: set[str] = set()  # Host headers allowed already, as sent (clients send a few)
 
     def allows(self, host: str) -> bool:
+        if host in self._seen:
+            return True
         name = host_name(host)
-        return name in self.exact or (bool(self.suffixes) and name.endswith(self.suffixes))
+        allowed = name in self.exact or (bool(self.suffixes) and name.endswith(self.suffixes))
+        if allowed and len(self._seen) < _SEEN_MAX:
+            self._seen.add(host)
+        return allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):

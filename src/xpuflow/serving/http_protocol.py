@@ -39,9 +39,9 @@ the ``date``/``server`` headers, ``connection: close``); what changes:
   is False), so they are freed at once instead of by a collection.
 
 The subclasses lean on uvicorn 0.55's ``httptools_impl`` (``on_headers_complete`` and ``run_asgi`` are
-its copies, with the cycle class swapped and the references let go); the tests in ``tests/serving/test_http_protocol.py`` pin the behaviours above.
-With another uvicorn release (``supports_installed_uvicorn`` is false) ``xpuflow serve`` runs uvicorn's
-own protocol.
+its copies, with the cycle class swapped and the references let go); the tests in
+``tests/serving/test_http_protocol.py`` pin the behaviours above. With another uvicorn release
+(``supports_installed_uvicorn`` is false) ``xpuflow serve`` runs uvicorn's own protocol.
 """
 
 from __future__ import annotations
