@@ -590,6 +590,28 @@ def test_an_idle_keep_alive_connection_is_closed_after_timeout_keep_alive(signal
             assert client.response()[:1] == (200,)
 
 
+def test_a_request_running_past_timeout_keep_alive_keeps_its_connection(signals: Signals) -> None:
+    # one timer per connection checks it: busy when it comes due, the connection is left to its answer,
+    # and its idle time counts from that answer
+    with live_server(make_app(signals), http=RecordingProtocol, timeout_keep_alive=1) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with Client((host, int(port))) as client:
+            client.send("GET", "/cl")
+            assert client.response()[:1] == (200,)
+            client.send("GET", "/sse?keep-alive-busy")
+            assert client.head()[0] == 200
+            time.sleep(1.5)  # past the keep-alive timeout armed by the first answer
+            signals.event("keep-alive-busy").set()
+            assert client.file.readline() == b"9\r\n"  # the event's chunk: the connection is still open
+            assert client.file.read(11) == b"data: 1\n\n\r\n"
+            assert client.file.read(5) == b"0\r\n\r\n"
+            answered = time.monotonic()
+            client.sock.settimeout(TIMEOUT_S)
+            assert client.file.read(1) == b""  # then closed, once idle for the timeout
+            idle = time.monotonic() - answered
+        assert 0.95 <= idle < 2.0, idle
+
+
 # -- nothing left for the garbage collector ---------------------------------------------------------------
 
 

@@ -293,6 +293,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.out: _HeadHoldingTransport | None = None
         # the cycle whose app runs; self.cycle is the last one parsed, which differs when pipelining
         self.running_cycle: RequestResponseCycle | None = None
+        # the keep-alive timeout: when the connection fell idle (its last answer complete, nothing read
+        # since; None while a request is on it), and the one timer that checks it (see _idle_check)
+        self.idle_since: float | None = None
+        self.idle_timer: deadlines.Cancellable | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -301,6 +305,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         running = self.running_cycle
         super().connection_lost(exc)
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
         if isinstance(running, GatewayRequestCycle) and not running.response_complete:
             running.fire_disconnect()
 
@@ -308,22 +315,44 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.running_cycle = cycle
         super()._start_asgi_task(cycle, app)
 
+    # The keep-alive timeout. uvicorn arms a timer after every answer and cancels it at the next bytes
+    # read: two timer operations per request, more than the rest of on_response_complete. Here the
+    # answer notes the time the connection fell idle and the bytes read clear it; one timer per
+    # connection, on the loop's deadline timer (xpuflow.deadlines), checks when it comes due: an idle
+    # connection that has been idle for timeout_keep_alive is closed, one idle for less is checked
+    # again when its time is up, and a busy one is left to its next answer, which arms the timer again.
+    # So a connection is closed at most 50 ms (the deadline timer's resolution) after it has been idle
+    # for timeout_keep_alive, never before, as uvicorn's timer closes it.
+
+    def _unset_keepalive_if_required(self) -> None:
+        self.idle_since = None  # bytes read: a request is on the connection
+
     def on_response_complete(self) -> None:
-        # uvicorn 0.55's, with the keep-alive timeout on the loop's deadline timer (xpuflow.deadlines):
-        # a libuv timer armed after every response and cancelled by the next request cost more than
-        # the rest of this method; the connection closes at most 50 ms later than timeout_keep_alive
+        # uvicorn 0.55's, with the keep-alive timeout above
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self._unset_keepalive_if_required()
         self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
         else:
-            self.timeout_keep_alive_task = deadlines.call_later_on(  # type: ignore[assignment]
-                self.loop, self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
+            self.idle_since = self.loop.time()
+            if self.idle_timer is None:
+                self.idle_timer = deadlines.call_later_on(
+                    self.loop, self.timeout_keep_alive, self._idle_check
+                )
+
+    def _idle_check(self) -> None:
+        self.idle_timer = None
+        since = self.idle_since
+        if since is None or self.transport.is_closing():
+            return  # busy: its answer arms the timer again
+        left = since + self.timeout_keep_alive - self.loop.time()
+        if left <= 0:
+            self.timeout_keep_alive_handler()
+        else:
+            self.idle_timer = deadlines.call_later_on(self.loop, left, self._idle_check)
 
     def on_headers_complete(self) -> None:
         # uvicorn 0.55's on_headers_complete, building a GatewayRequestCycle and adding the extension
