@@ -163,6 +163,10 @@ def make_app(signals: Signals) -> Callable[..., Any]:
             await asyncio.sleep(0.05)
             if called == [True]:
                 signals.bump(tag)
+        elif path == "/loop":
+            same = scope["extensions"][DISCONNECT_EXTENSION]["loop"] is asyncio.get_running_loop()
+            await send(_start(200, 4))
+            await send(_body(b"same" if same else b"else"))
         elif path == "/held":
             await send(_start(200, 5))
             watch(lambda: signals.bump(tag))
@@ -427,6 +431,12 @@ def test_watching_after_the_client_left_calls_back_soon_not_at_once(
     assert signals.counts["late-1-deferred"] == 1
 
 
+def test_the_disconnect_extension_names_the_loop_the_app_runs_on(server: tuple[str, int]) -> None:
+    with Client(server) as client:
+        client.send("GET", "/loop")
+        assert client.response()[2] == b"same"
+
+
 def test_a_client_leaving_cancels_the_engine_call() -> None:
     engine = FakeEngine(service_time_s=10.0)
     body = json.dumps(CHAT).encode()
@@ -654,3 +664,35 @@ def test_answered_requests_leave_no_reference_cycles() -> None:
                 gc.garbage.clear()
                 gc.enable()
     assert left == []
+
+
+# -- the cycle's message event ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", ["asyncio", "cycle"])
+def test_the_cycles_message_event_answers_as_asyncio_event_does(make: str) -> None:
+    from xpuflow.serving.http_protocol import _MessageEvent
+
+    async def main() -> list[Any]:
+        event = asyncio.Event() if make == "asyncio" else _MessageEvent()
+        seen: list[Any] = [event.is_set()]
+        event.set()
+        seen += [event.is_set(), await event.wait()]  # set already: at once
+        event.clear()
+        waiters = [asyncio.ensure_future(event.wait()) for _ in range(3)]
+        await asyncio.sleep(0)
+        waiters[0].cancel()  # a cancelled waiter is forgotten, the others still woken
+        await asyncio.sleep(0)
+        seen.append([w.done() for w in waiters])
+        event.set()
+        event.set()  # twice: nothing more
+        seen.append(await asyncio.gather(*waiters[1:]))
+        event.clear()
+        late = asyncio.ensure_future(event.wait())
+        await asyncio.sleep(0)
+        seen.append(late.done())
+        event.set()
+        seen.append(await late)
+        return seen
+
+    assert asyncio.run(main()) == [False, True, True, [True, False, False], [True, True], False, True]

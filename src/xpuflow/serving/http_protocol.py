@@ -22,7 +22,9 @@ the ``date``/``server`` headers, ``connection: close``); what changes:
 
   The callback runs once, from the event loop, when the connection is lost while the request is in
   flight (its response not complete), or soon after ``watch`` if it already was. ``unwatch`` is
-  idempotent. ``serving/inference.py`` uses it and keeps ``receive()`` for other servers.
+  idempotent. The extension's ``"loop"`` is the event loop the app runs on (a handler finds its task
+  with it: on Python 3.11 asking for the running loop is a ``getpid`` system call).
+  ``serving/inference.py`` uses it and keeps ``receive()`` for other servers.
 
 * **A whole answer in one call.** The scope extension ``xpuflow.respond`` holds ``respond(status,
   headers, body) -> bool``: the status line, uvicorn's default headers, ``content-length``, the given
@@ -139,6 +141,43 @@ class _HeadHoldingTransport(asyncio.Transport):
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.transport.get_extra_info(name, default)
+
+
+class _MessageEvent(asyncio.Event):
+    """A request cycle's ``message_event``: ``asyncio.Event``'s ``set``, ``clear``, ``is_set`` and ``wait``,
+    the same answers, without its loop binding's set-up. The cycle makes one per request and sets it two
+    or three times, almost always with nobody waiting (the body is whole before the app asks for it)."""
+
+    def __init__(self) -> None:  # asyncio.Event's state; its loop is looked up only by a wait
+        self._value = False
+        self._waiters: list[asyncio.Future[bool]] | None = None  # type: ignore[assignment]
+
+    def is_set(self) -> bool:
+        return self._value
+
+    def set(self) -> None:
+        if not self._value:
+            self._value = True
+            for waiter in self._waiters or ():
+                if not waiter.done():
+                    waiter.set_result(True)
+
+    def clear(self) -> None:
+        self._value = False
+
+    async def wait(self) -> bool:  # type: ignore[override]
+        if self._value:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        waiters = self._waiters
+        if waiters is None:
+            waiters = self._waiters = []
+        waiters.append(waiter)
+        try:
+            await waiter
+            return True
+        finally:
+            waiters.remove(waiter)
 
 
 def _discard(watchers: list[Callable[[], object]], callback: Callable[[], object]) -> None:
@@ -394,14 +433,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             access_logger=self.access_logger,
             access_log=self.access_log,
             default_headers=self.server_state.default_headers,
-            message_event=asyncio.Event(),
+            message_event=_MessageEvent(),
             expect_100_continue=self.expect_100_continue,
             keep_alive=http_version != "1.0" and self.parser.should_keep_alive(),
             on_response=self.on_response_complete,
         )
         self.cycle = cycle
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
-        extensions[DISCONNECT_EXTENSION] = {"watch": cycle.watch_disconnect}
+        extensions[DISCONNECT_EXTENSION] = {"watch": cycle.watch_disconnect, "loop": self.loop}
         extensions[RESPOND_EXTENSION] = {"respond": cycle.respond}
         if existing_cycle is None or existing_cycle.response_complete:
             # Standard case - start processing the request.

@@ -73,7 +73,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: The ASGI scope extensions a server may offer the endpoints (``serving.http_protocol`` offers both):
-#: ``scope["extensions"][DISCONNECT_EXTENSION]["watch"](callback) -> unwatch`` reports the client leaving;
+#: ``scope["extensions"][DISCONNECT_EXTENSION]["watch"](callback) -> unwatch`` reports the client leaving
+#: (its ``"loop"``, where present, is the event loop the request's handler runs on);
 #: ``scope["extensions"][RESPOND_EXTENSION]["respond"](status, headers, body) -> bool`` writes a whole
 #: answer in one call. Without them the endpoints use ``receive()`` and the ASGI messages.
 DISCONNECT_EXTENSION = "xpuflow.disconnect"
@@ -375,7 +376,11 @@ class _Guard:
         self.done = False
         self.started = False  # the response has begun: an error can no longer become an HTTP status
         self.reason: str | None = None  # "disconnect" or "timeout" once fired
-        handler = self.handler = asyncio.current_task()
+        extension = _extension(scope, DISCONNECT_EXTENSION)
+        # the handler's task, on the loop the server says it runs on where it says (on Python 3.11 the
+        # running loop is found with a getpid system call)
+        loop = None if extension is None else extension.get("loop")
+        handler = self.handler = asyncio.current_task(loop)
         self.timer: deadlines.Cancellable | None = None
         if timeout_s is not None:
             self.timer = (
@@ -383,7 +388,6 @@ class _Guard:
                 if handler is None
                 else deadlines.call_later_on(handler.get_loop(), timeout_s, self._fire, "timeout")
             )
-        extension = _extension(scope, DISCONNECT_EXTENSION)
         self.stop_watching: Callable[[], object]
         if extension is not None:
             self.stop_watching = extension["watch"](self._on_disconnect)
