@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import httptools
-from uvicorn._types import ASGI3Application, ASGISendEvent
+from uvicorn._types import ASGI3Application, ASGIReceiveEvent, ASGISendEvent, HTTPRequestEvent
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
@@ -189,10 +189,53 @@ class GatewayRequestCycle(RequestResponseCycle):
     """uvicorn's request/response cycle that holds a ``content-length`` response's head for its body
     and keeps the callbacks of the ``xpuflow.disconnect`` extension."""
 
-    def __init__(self, out: _HeadHoldingTransport, **kwargs: Any) -> None:
-        super().__init__(transport=out, **kwargs)
+    def __init__(self, protocol: GatewayHttpProtocol, out: _HeadHoldingTransport, keep_alive: bool) -> None:
+        # uvicorn 0.55's __init__, its arguments taken from the protocol as its on_headers_complete
+        # passes them (a keyword call through super().__init__ cost more than the rest)
+        self.scope = protocol.scope
+        self.transport = out
+        self.flow = protocol.flow
+        self.logger = protocol.logger
+        self.access_logger = protocol.access_logger
+        self.access_log = protocol.access_log
+        self.default_headers = protocol.server_state.default_headers
+        self.message_event = _MessageEvent()
+        self.on_response = protocol.on_response_complete
+        self.disconnected = False
+        self.keep_alive = keep_alive
+        self.waiting_for_100_continue = protocol.expect_100_continue
+        self.body = bytearray()
+        self.more_body = True
+        self.response_started = False
+        self.response_complete = False
+        self.chunked_encoding = None
+        self.expected_content_length = 0
         self.out = out
         self.disconnect_watchers: list[Callable[[], object]] | None = None
+
+    async def receive(self) -> ASGIReceiveEvent:
+        # uvicorn 0.55's, without waiting on the message event when it is set already (as it is when the
+        # app asks for a body that has arrived whole): no coroutine for the wait
+        if self.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.waiting_for_100_continue = False
+        if not self.disconnected and not self.response_complete:
+            flow = self.flow
+            if flow.read_paused:
+                flow.resume_reading()
+            event = self.message_event
+            if not event.is_set():
+                await event.wait()
+            event.clear()
+        if self.disconnected or self.response_complete:
+            return {"type": "http.disconnect"}
+        message: HTTPRequestEvent = {
+            "type": "http.request",
+            "body": bytes(self.body),
+            "more_body": self.more_body,
+        }
+        self.body = bytearray()
+        return message
 
     async def send(self, message: ASGISendEvent) -> None:
         if self.response_started:
@@ -352,7 +395,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         self.running_cycle = cycle
-        super()._start_asgi_task(cycle, app)
+        task = self.loop.create_task(cycle.run_asgi(app))  # uvicorn 0.55's, inline
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
     # The keep-alive timeout. uvicorn arms a timer after every answer and cancels it at the next bytes
     # read: two timer operations per request, more than the rest of on_response_complete. Here the
@@ -425,19 +470,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
         assert self.out is not None  # set by connection_made
         existing_cycle = self.cycle
-        cycle = GatewayRequestCycle(
-            self.out,
-            scope=self.scope,
-            flow=self.flow,
-            logger=self.logger,
-            access_logger=self.access_logger,
-            access_log=self.access_log,
-            default_headers=self.server_state.default_headers,
-            message_event=_MessageEvent(),
-            expect_100_continue=self.expect_100_continue,
-            keep_alive=http_version != "1.0" and self.parser.should_keep_alive(),
-            on_response=self.on_response_complete,
-        )
+        cycle = GatewayRequestCycle(self, self.out, http_version != "1.0" and self.parser.should_keep_alive())
         self.cycle = cycle
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
         extensions[DISCONNECT_EXTENSION] = {"watch": cycle.watch_disconnect, "loop": self.loop}
