@@ -125,10 +125,15 @@ def _client(args: argparse.Namespace, mode: str, *urls: str, cpu_pid: int = 0) -
 
 
 def _xpuflow_config(
-    upstream: str, api_key: str, event_loop: str | None = None, long_upstream: str | None = None
+    upstream: str,
+    api_key: str,
+    event_loop: str | None = None,
+    long_upstream: str | None = None,
+    replicas: int = 1,
 ) -> dict[str, Any]:
     """One deployment, ``chat``, of ``upstream``; with ``long_upstream`` a second one, ``chat-long``, of
-    the mock that streams long answers."""
+    the mock that streams long answers. ``replicas`` > 1: that many workers each, scored per request."""
+    extra: dict[str, Any] = {} if replicas == 1 else {"replicas": replicas}
     deployments = [
         remote_deployment(
             name,
@@ -136,6 +141,7 @@ def _xpuflow_config(
             max_batch_size=64,
             batching={"policy": "greedy", "queue_capacity": 1024},
             options={"max_connections": 64},
+            **extra,
         )
         for name, url in (("chat", upstream), ("chat-long", long_upstream))
         if url is not None
@@ -186,8 +192,13 @@ def _parser() -> argparse.ArgumentParser:
         help="vllm-router's --policy (round_robin, or e.g. its default cache_aware)",
     )
     parser.add_argument(
-        "--output", default=str(RESULTS), help="where the JSON goes (another path for trial runs)"
+        "--replicas",
+        type=int,
+        default=1,
+        help="workers of xpuflow's deployment (each request scores them all; the anchors are unchanged); "
+        "with more than 1 the JSON goes to results/gateway_overhead_replicas<N>.json unless --output",
     )
+    parser.add_argument("--output", default=None, help="where the JSON goes (another path for trial runs)")
     parser.add_argument(
         "--at-commit",
         metavar="REV",
@@ -233,12 +244,16 @@ def _start_system(
         venv = Path(args.vllm_router_venv).expanduser()
         return start_vllm_router(upstream, venv, args.vllm_router_policy)
     if name == "xpuflow":
-        config = _xpuflow_config(upstream, args.api_key, args.event_loop, long_upstream)
+        config = _xpuflow_config(upstream, args.api_key, args.event_loop, long_upstream, args.replicas)
         proc, url = start_xpuflow(config, src=src)
         return proc, url, _xpuflow_info(args)
     config_text = LITELLM_CONFIG.format(upstream=upstream, master_key=args.api_key)
     proc, port, info = start_litellm(config_text, Path(args.litellm_venv).expanduser(), args.api_key)
     return proc, f"http://127.0.0.1:{port}", info
+
+
+def _default_output(replicas: int) -> Path:
+    return RESULTS if replicas == 1 else RESULTS.with_name(f"gateway_overhead_replicas{replicas}.json")
 
 
 def _xpuflow_info(args: argparse.Namespace) -> dict[str, Any]:
@@ -247,7 +262,11 @@ def _xpuflow_info(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "server": f"xpuflow serve CONFIG (uvicorn {uvicorn.__version__}, as the CLI sets it up)",
         "config": _xpuflow_config(
-            "http://127.0.0.1:PORT", "<the run's key>", args.event_loop, "http://127.0.0.1:PORT2"
+            "http://127.0.0.1:PORT",
+            "<the run's key>",
+            args.event_loop,
+            "http://127.0.0.1:PORT2",
+            args.replicas,
         ),
         "engine": "Orchestrator (worker queue, dispatcher, router) -> remote_openai backend (aiohttp)",
         "product": args.product,
@@ -332,7 +351,10 @@ def _measure(
 
 
 def main() -> None:
-    args = _parser().parse_args()
+    parser = _parser()
+    args = parser.parse_args()
+    if args.replicas < 1:
+        parser.error(f"--replicas must be at least 1, got {args.replicas}")
     from wrk_client import WRK_INSTALL, write_script, wrk_binary
 
     systems = parse_systems(args.systems, args.skip_litellm)
@@ -479,6 +501,7 @@ def _report(
         "latency_block": args.block,
         "rps_concurrency": args.concurrency,
         "rps_duration_s": args.duration,
+        "xpuflow_replicas": args.replicas,
         "wrk_duration_s": args.wrk_duration,
         "litellm_wrk_duration_s": args.litellm_wrk_duration,
         "rps_rounds": args.rounds,
@@ -512,7 +535,7 @@ def _report(
     stream_samples = {
         name: run["stream_first_byte_ms"] for name, run in runs.items() if "stream_first_byte_ms" in run
     }
-    output = Path(args.output)
+    output = Path(args.output) if args.output else _default_output(args.replicas)
     output.parent.mkdir(parents=True, exist_ok=True)
     document = {
         **headline,

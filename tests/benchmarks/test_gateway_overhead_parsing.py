@@ -135,3 +135,16 @@ def test_targets_say_what_is_met_and_leave_the_unmeasured_open() -> None:
     assert goals["xpuflow_idle_rss_mb"]["met"] is True
     assert goals["xpuflow_rps_vs_vllm_router"] == {"value": None, "goal": ">= 0.4", "met": None}
     assert goals["xpuflow_stream_chunk_cpu_us"]["goal"] is None
+
+
+def test_replicas_go_into_xpuflows_config_and_their_own_results_file() -> None:
+    from xpuflow.config import parse_config
+
+    one = gateway_overhead._xpuflow_config("http://127.0.0.1:1", "sk-bench-0123456789")
+    two = gateway_overhead._xpuflow_config("http://127.0.0.1:1", "sk-bench-0123456789", replicas=2)
+    assert "replicas" not in one["deployments"][0]  # the default config, as every earlier run had it
+    assert [d.replicas for d in parse_config(two).deployments] == [2]
+    assert gateway_overhead._default_output(1) == gateway_overhead.RESULTS
+    assert gateway_overhead._default_output(2).name == "gateway_overhead_replicas2.json"
+    with pytest.raises(SystemExit):
+        gateway_overhead._parser().parse_args(["--replicas", "x"])
