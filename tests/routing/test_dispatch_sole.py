@@ -4,10 +4,7 @@ draining, needs, a second worker) sends the pick back through the scorer."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import random
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -19,15 +16,8 @@ from xpuflow.routing.dispatch import Dispatcher, DispatchTarget, RetryPolicy
 from xpuflow.scheduling.request import WorkRequest
 from xpuflow.scheduling.worker import Worker
 from xpuflow.testing import FakeSession
+from xpuflow.testing.run_async import run_async
 from xpuflow.types import RoutingDecision, WorkerSnapshot
-
-
-def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    @functools.wraps(test)
-    def wrapper(*args: object, **kwargs: object) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout=20))
-
-    return wrapper
 
 
 class Server(FakeSession):

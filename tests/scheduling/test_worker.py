@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import pytest
@@ -25,19 +24,10 @@ from xpuflow.scheduling.queue import QueuePolicy
 from xpuflow.scheduling.request import CancelSignal, Priority, RequestKind, WorkRequest
 from xpuflow.scheduling.worker import Worker
 from xpuflow.testing import FakeSession
+from xpuflow.testing.run_async import run_async
 from xpuflow.types import Resource, ResourceType, WorkerSnapshot
 
 CPU = Resource("cpu", ResourceType.CPU, attributes={"memory_bytes": 8 << 30})
-
-
-def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an async test on a fresh event loop, bounded so a hang fails instead of stalling."""
-
-    @functools.wraps(test)
-    def wrapper(*args: object, **kwargs: object) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout=20))
-
-    return wrapper
 
 
 def completion(prompt: str, max_tokens: int = 16, **kw: Any) -> WorkRequest:

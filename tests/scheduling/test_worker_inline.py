@@ -6,8 +6,7 @@ its cancel signal, ``abandon_in_flight`` and ``stop``."""
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,14 +16,7 @@ from xpuflow.errors import ConfigError, DeadlineExceeded, RequestCancelled, Sess
 from xpuflow.scheduling.request import WorkRequest
 from xpuflow.scheduling.worker import Worker
 from xpuflow.testing import FakeSession
-
-
-def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    @functools.wraps(test)
-    def wrapper(*args: object, **kwargs: object) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout=20))
-
-    return wrapper
+from xpuflow.testing.run_async import run_async
 
 
 class Server(FakeSession):

@@ -4,9 +4,8 @@ around the dashboard routes, an in-process ASGI GET, and a real uvicorn server o
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -21,16 +20,6 @@ from xpuflow.serving.dashboard import dashboard_routes
 from xpuflow.types import RoutingDecision
 
 GIB = 1 << 30
-
-
-def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an async test on a fresh event loop, bounded so a hang fails instead of stalling."""
-
-    @functools.wraps(test)
-    def wrapper(*args: object, **kwargs: object) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout=20))
-
-    return wrapper
 
 
 WORKERS: tuple[dict[str, Any], ...] = (

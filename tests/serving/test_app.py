@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import json
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -33,6 +32,7 @@ from xpuflow.serving.auth import bearer_token
 from xpuflow.serving.metrics import GatewayMetrics, reason_label
 from xpuflow.serving.settings import ApiKey, GatewaySettings
 from xpuflow.testing.fake_engine import FakeEngine
+from xpuflow.testing.run_async import run_async
 from xpuflow.types import RoutingDecision
 
 KEY = "sk-test-0123456789"
@@ -41,16 +41,6 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 ADMIN_AUTH = {"authorization": f"Bearer {ADMIN}"}
 JSON = {"content-type": "application/json"}
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 8}
-
-
-def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an async test on a fresh event loop, bounded so that a hang fails instead of stalling."""
-
-    @functools.wraps(test)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout=20))
-
-    return wrapper
 
 
 def settings(**overrides: Any) -> GatewaySettings:

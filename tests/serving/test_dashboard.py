@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dashboard_helpers import StatusEngine, asgi_get, dashboard_app, parse_sse, run_async
+from dashboard_helpers import StatusEngine, asgi_get, dashboard_app, parse_sse
 
 from xpuflow.engine import InferenceCall
 from xpuflow.scheduling.request import RequestKind
@@ -22,6 +22,7 @@ from xpuflow.serving.dashboard import DashboardFeed, dashboard_routes
 from xpuflow.serving.settings import GatewaySettings
 from xpuflow.testing.fake_engine import FakeEngine
 from xpuflow.testing.live_server import live_server
+from xpuflow.testing.run_async import run_async
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dashboard_helpers import run_async
 
 try:  # the maintained fork the openai client depends on here; plain httpx has the same API
     import httpx2 as httpx
@@ -22,6 +21,7 @@ from xpuflow.serving.dashboard import dashboard_routes
 from xpuflow.serving.settings import ApiKey, GatewaySettings
 from xpuflow.testing.fake_engine import FakeEngine
 from xpuflow.testing.live_server import live_server
+from xpuflow.testing.run_async import run_async
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

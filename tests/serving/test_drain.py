@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 import uvicorn
-from test_app import AUTH, CHAT, error_of, gateway, run_async
+from test_app import AUTH, CHAT, error_of, gateway
 
 from xpuflow.serving.app import create_app
 from xpuflow.serving.drain import DRAIN_RETRY_AFTER_S, Drain
 from xpuflow.serving.server import GatewayServer, listen_socket
 from xpuflow.testing.fake_engine import FakeEngine
+from xpuflow.testing.run_async import run_async
 
 
 @run_async

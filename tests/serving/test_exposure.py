@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from dashboard_helpers import asgi_get
-from test_app import ADMIN_AUTH, AUTH, CHAT, error_of, gateway, run_async, sse_data
+from test_app import ADMIN_AUTH, AUTH, CHAT, error_of, gateway, sse_data
 
 from xpuflow.backends.base import StreamChunk
 from xpuflow.engine import InferenceCall, StreamEvent
@@ -18,6 +18,7 @@ from xpuflow.serving.hosts import host_name, is_loopback_address
 from xpuflow.serving.redact import redact
 from xpuflow.serving.settings import LOOPBACK_HOSTS, CorsPolicy
 from xpuflow.testing.fake_engine import FakeEngine
+from xpuflow.testing.run_async import run_async
 
 UPSTREAM = "POST http://10.1.2.3:9201/v1/chat/completions"
 

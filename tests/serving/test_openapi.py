@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from test_app import KEY, gateway, run_async
+from test_app import KEY, gateway
 
 from xpuflow.serving.app import create_app
 from xpuflow.serving.settings import GatewaySettings
 from xpuflow.testing.fake_engine import FakeEngine
+from xpuflow.testing.run_async import run_async
 
 OPERATIONS = {
     "/v1/chat/completions": {"post"},

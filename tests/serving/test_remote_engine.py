@@ -4,10 +4,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 try:  # the maintained fork the openai client depends on here; plain httpx has the same API
@@ -22,19 +20,12 @@ from xpuflow.serving.app import create_app
 from xpuflow.serving.remote_engine import RemoteEngine
 from xpuflow.serving.settings import GatewaySettings
 from xpuflow.testing.fake_engine import FakeEngine
+from xpuflow.testing.run_async import run_async
 
 pytestmark = pytest.mark.e2e
 
 UPSTREAM_KEY = "sk-upstream-0123456789"
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 8}
-
-
-def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    @functools.wraps(test)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout=20))
-
-    return wrapper
 
 
 @pytest.fixture(scope="module")

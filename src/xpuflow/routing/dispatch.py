@@ -294,23 +294,7 @@ class Dispatcher:
             self._failed(exc, request, progress, tier, target, probe, by_deadline, began, 0.0)
             tried = {target.worker_id}
             return await self._retry(tier_list, request, needs, affinity, progress, attempt, began, tried)
-        if probe:
-            self._settle_probe(target, None)
-        # Attempt(tier, worker, device, elapsed_s, 0.0, None, probe) without the frozen dataclass's __init__
-        progress.attempts.append(
-            frozen_from_fields(
-                Attempt,
-                {
-                    "tier": tier,
-                    "worker": target.worker_id,
-                    "device": target.device,
-                    "elapsed_s": self.clock.monotonic() - began,
-                    "backoff_s": 0.0,
-                    "error": None,
-                    "probe": probe,
-                },
-            )
-        )
+        self._served(progress, tier, target, probe, began, 0.0)
         return pick, result
 
     async def _retry(
@@ -374,12 +358,7 @@ class Dispatcher:
                         self._failed(exc, request, progress, tier, target, probe, by_deadline, start, backoff)
                         backoff_due = True
                         continue
-                    if probe:
-                        self._settle_probe(target, None)
-                    elapsed = self.clock.monotonic() - start
-                    progress.attempts.append(
-                        Attempt(tier, target.worker_id, target.device, elapsed, backoff, None, probe)
-                    )
+                    self._served(progress, tier, target, probe, start, backoff)
                     return pick, result
             # a round may try no one while every worker cools down or another request holds the
             # probe: during an outage that is a reason to wait and look again, not to fail. A full
@@ -392,6 +371,35 @@ class Dispatcher:
                 raise self._failure(request, progress, deadline=False)
             backoff_due = True  # every worker failed: wait, then try them all again
             before, errors_before = len(progress.attempts), len(progress.errors)
+
+    def _served(
+        self,
+        progress: _Progress,
+        tier: str,
+        target: DispatchTarget,
+        probe: bool,
+        start: float,
+        backoff: float,
+    ) -> None:
+        """Account for the attempt that served the request (a probe's success settles its worker)."""
+        if probe:
+            self._settle_probe(target, None)
+        # Attempt(tier, worker, device, elapsed_s, backoff_s, None, probe) without the frozen dataclass's
+        # __init__
+        progress.attempts.append(
+            frozen_from_fields(
+                Attempt,
+                {
+                    "tier": tier,
+                    "worker": target.worker_id,
+                    "device": target.device,
+                    "elapsed_s": self.clock.monotonic() - start,
+                    "backoff_s": backoff,
+                    "error": None,
+                    "probe": probe,
+                },
+            )
+        )
 
     def _failed(
         self,

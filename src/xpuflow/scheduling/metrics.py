@@ -147,10 +147,7 @@ class WorkerMetrics:
         if ok and self._counts(started_at_s):
             self.ema_service_ms = _ema(self.ema_service_ms, service_s * 1000.0, self.ema_alpha)
         if self.running_batches == 0 and self._busy_since_s is not None:
-            end = self._clock.monotonic()
-            self._busy.append((self._busy_since_s, end))
-            self._busy_sum_s += end - self._busy_since_s
-            self._busy_since_s = None
+            self._busy_until(self._clock.monotonic())
             self._prune(self._clock.monotonic())
 
     def record_request(
@@ -188,14 +185,10 @@ class WorkerMetrics:
             self.ema_service_ms = _ema(self.ema_service_ms, latency_ms, alpha)
         self._recent_latency_s.append(latency_s)
         if tokens:
-            self.tokens_total += tokens
-            self._tokens.append((ended_at_s, tokens))
-            self._tokens_sum += tokens
+            self._add_tokens(ended_at_s, tokens)
         self._prune(ended_at_s)
         if self.running_batches == 0 and self._busy_since_s is not None:
-            self._busy.append((self._busy_since_s, ended_at_s))
-            self._busy_sum_s += ended_at_s - self._busy_since_s
-            self._busy_since_s = None
+            self._busy_until(ended_at_s)
             self._prune(ended_at_s)
 
     def record_tokens(self, tokens: int) -> None:
@@ -203,10 +196,20 @@ class WorkerMetrics:
         long generation runs instead of jumping when it ends."""
         now = self._clock.monotonic()
         if tokens:
-            self.tokens_total += tokens
-            self._tokens.append((now, tokens))
-            self._tokens_sum += tokens
+            self._add_tokens(now, tokens)
         self._prune(now)
+
+    def _add_tokens(self, at_s: float, tokens: int) -> None:
+        self.tokens_total += tokens
+        self._tokens.append((at_s, tokens))
+        self._tokens_sum += tokens
+
+    def _busy_until(self, end_s: float) -> None:
+        """The busy interval open since ``_busy_since_s`` ends at ``end_s`` (no batch runs any more)."""
+        assert self._busy_since_s is not None
+        self._busy.append((self._busy_since_s, end_s))
+        self._busy_sum_s += end_s - self._busy_since_s
+        self._busy_since_s = None
 
     def record_failure(self, count: int = 1) -> None:
         """Requests answered with an error by the session."""

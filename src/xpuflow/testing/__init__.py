@@ -14,5 +14,6 @@ from xpuflow.testing.fake_backend import FakePlugin, FakeSession
 from xpuflow.testing.fake_engine import FakeEngine
 from xpuflow.testing.fake_nvml import FakeGpu, FakeNvml
 from xpuflow.testing.fake_vram import FakeVramSource
+from xpuflow.testing.run_async import run_async
 
-__all__ = ["FakeEngine", "FakeGpu", "FakeNvml", "FakePlugin", "FakeSession", "FakeVramSource"]
+__all__ = ["FakeEngine", "FakeGpu", "FakeNvml", "FakePlugin", "FakeSession", "FakeVramSource", "run_async"]
