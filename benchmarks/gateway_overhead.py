@@ -268,7 +268,8 @@ def _xpuflow_info(args: argparse.Namespace) -> dict[str, Any]:
             "http://127.0.0.1:PORT2",
             args.replicas,
         ),
-        "engine": "Orchestrator (worker queue, dispatcher, router) -> remote_openai backend (aiohttp)",
+        "engine": "Orchestrator (worker queue, dispatcher, router) -> remote_openai backend (its lean "
+        "HTTP/1.1 client, backends/remote/http1.py, for an http:// upstream)",
         "product": args.product,
         "auth": "one bearer API key",
     }
