@@ -600,6 +600,48 @@ def test_closed_session_refuses_requests() -> None:
         asyncio.run(run())
 
 
+def test_a_session_used_from_a_second_event_loop_says_so() -> None:
+    """A session belongs to the loop of its first use: from another it refuses with that reason (not a
+    transport error), on the lean client's pooled connections as on aiohttp's."""
+    import threading
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.json_response(chat_body("Paris"))
+
+    ready: list[str] = []
+    stop = threading.Event()
+
+    async def host() -> None:  # the server lives on a loop of its own, across the client's two loops
+        async with serve({("POST", "/v1/chat/completions"): chat}) as url:
+            ready.append(url)
+            while not stop.is_set():
+                await asyncio.sleep(0.02)
+
+    server = threading.Thread(target=asyncio.run, args=(host(),), daemon=True)
+    server.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not ready and time.monotonic() < deadline:
+            time.sleep(0.01)
+        loop = asyncio.new_event_loop()
+        try:
+            session = loop.run_until_complete(_first_use(ready[0]))
+            with pytest.raises(SessionError, match="bound to the event loop that first used it"):
+                asyncio.run(session.chat(HI, SHORT))
+            loop.run_until_complete(session.close())
+        finally:
+            loop.close()
+    finally:
+        stop.set()
+        server.join(10)
+
+
+async def _first_use(url: str) -> RemoteOpenAISession:
+    session = await session_for(url)
+    assert (await session.chat(HI, SHORT)).text == "Paris"
+    return session
+
+
 # -- a real llama.cpp server -----------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -37,6 +37,7 @@ from xpuflow.errors import AdmissionRejected, ConfigError, StreamInterrupted, Xp
 from xpuflow.policy.worker_scorer import WorkerNeeds, session_affinity
 from xpuflow.routing.adaptive import AdaptiveRouter
 from xpuflow.routing.dispatch import Dispatcher, DispatchTarget
+from xpuflow.scheduling.qos.gate import NO_ADMISSION
 from xpuflow.scheduling.request import RequestKind, WorkRequest
 from xpuflow.types import RoutingDecision, frozen_from_fields
 
@@ -92,32 +93,6 @@ class RequestLog:
             "p50": latencies[min(last, len(latencies) // 2)],
             "p99": latencies[min(last, int(0.99 * len(latencies)))],
         }
-
-
-class _Admitted:
-    """The admission of a call that nothing limits: entering and leaving it cost no coroutine (an
-    ``async with contextlib.nullcontext()`` costs two, on every request)."""
-
-    __slots__ = ()
-
-    def __aenter__(self) -> _Ready:
-        return _READY
-
-    def __aexit__(self, *exc: object) -> _Ready:
-        return _READY  # None: an exception goes on
-
-
-class _Ready:
-    """An awaitable that is done at once, with None."""
-
-    __slots__ = ()
-
-    def __await__(self) -> Generator[None, None, None]:
-        yield from ()
-
-
-_READY = _Ready()
-NO_ADMISSION: AbstractAsyncContextManager[Any] = _Admitted()  # type: ignore[assignment]
 
 
 def _no_admission(call: InferenceCall) -> AbstractAsyncContextManager[Any]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xpuflow.backends.base import ChatMessage, GenerationParams
+from xpuflow.events import LightEvent
 from xpuflow.types import Priority, RequestKind  # shared enums live in types.py
 
 __all__ = ["CancelSignal", "Priority", "RequestKind", "WorkRequest", "took_back"]
@@ -24,33 +25,39 @@ __all__ = ["CancelSignal", "Priority", "RequestKind", "WorkRequest", "took_back"
 _ids = itertools.count(1)
 
 
-class CancelSignal(asyncio.Event):
+class CancelSignal(LightEvent):
     """An ``asyncio.Event`` that also calls back when it is set, so that a worker can wait for a result,
     a cancellation and a deadline on one future instead of a watcher task per request::
 
         signal = CancelSignal()
         signal.add_callback(wake)      # wake() runs once, when set() is first called
         signal.remove_callback(wake)   # no longer interested (a no-op when it already ran)
+
+    One is made per request (``xpuflow.events.LightEvent``: no deque, no callback list, until needed).
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._callbacks: list[Callable[[], object]] = []
+        self._callbacks: list[Callable[[], object]] | None = None
 
     def set(self) -> None:
-        if self.is_set():
+        if self._value:
             return
         super().set()
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
+        callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
             callback()
 
     def add_callback(self, callback: Callable[[], object]) -> None:
-        self._callbacks.append(callback)
+        callbacks = self._callbacks
+        if callbacks is None:
+            self._callbacks = [callback]
+        else:
+            callbacks.append(callback)
 
     def remove_callback(self, callback: Callable[[], object]) -> None:
         callbacks = self._callbacks
-        if callback in callbacks:
+        if callbacks and callback in callbacks:
             callbacks.remove(callback)
 
 

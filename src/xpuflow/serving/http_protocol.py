@@ -62,6 +62,7 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 # the names the inference endpoints look for (defined there, so that they need no httptools)
 from xpuflow import deadlines
+from xpuflow.events import LightEvent
 from xpuflow.serving.inference import DISCONNECT_EXTENSION, RESPOND_EXTENSION
 
 __all__ = [
@@ -143,41 +144,9 @@ class _HeadHoldingTransport(asyncio.Transport):
         return self.transport.get_extra_info(name, default)
 
 
-class _MessageEvent(asyncio.Event):
-    """A request cycle's ``message_event``: ``asyncio.Event``'s ``set``, ``clear``, ``is_set`` and ``wait``,
-    the same answers, without its loop binding's set-up. The cycle makes one per request and sets it two
-    or three times, almost always with nobody waiting (the body is whole before the app asks for it)."""
-
-    def __init__(self) -> None:  # asyncio.Event's state; its loop is looked up only by a wait
-        self._value = False
-        self._waiters: list[asyncio.Future[bool]] | None = None  # type: ignore[assignment]
-
-    def is_set(self) -> bool:
-        return self._value
-
-    def set(self) -> None:
-        if not self._value:
-            self._value = True
-            for waiter in self._waiters or ():
-                if not waiter.done():
-                    waiter.set_result(True)
-
-    def clear(self) -> None:
-        self._value = False
-
-    async def wait(self) -> bool:  # type: ignore[override]
-        if self._value:
-            return True
-        waiter = asyncio.get_running_loop().create_future()
-        waiters = self._waiters
-        if waiters is None:
-            waiters = self._waiters = []
-        waiters.append(waiter)
-        try:
-            await waiter
-            return True
-        finally:
-            waiters.remove(waiter)
+# A request cycle's ``message_event``: made once per request and set two or three times, almost always
+# with nobody waiting (the body is whole before the app asks for it).
+_MessageEvent = LightEvent
 
 
 def _discard(watchers: list[Callable[[], object]], callback: Callable[[], object]) -> None:

@@ -307,11 +307,7 @@ class RemoteOpenAISession(Session):
     def _client(self) -> Any:
         if self.closed:
             raise SessionError(f"remote session for model '{self.model_id}' is closed; create a new one")
-        loop = asyncio.get_running_loop()
-        if self._http is not None and self._loop is not loop:
-            raise SessionError(
-                f"remote session for model '{self.model_id}' is bound to the event loop that first used it"
-            )
+        loop = self._check_loop()
         if self._http is None:
             import aiohttp
 
@@ -325,6 +321,15 @@ class RemoteOpenAISession(Session):
             )
             self._loop = loop
         return self._http
+
+    def _check_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop; SessionError when it is not the one this session was first used on."""
+        loop = asyncio.get_running_loop()
+        if self._http is not None and self._loop is not loop:
+            raise SessionError(
+                f"remote session for model '{self.model_id}' is bound to the event loop that first used it"
+            )
+        return loop
 
     def _headers(self) -> dict[str, str]:
         """The headers of every request: ``Accept``, the configured ones, the bearer token."""
@@ -413,6 +418,12 @@ class RemoteOpenAISession(Session):
         """The lean HTTP/1.1 pool (``backends.remote.http1``) for this session's JSON POSTs, made on
         first use; None where it does not apply (https, credentials in the URL, a requested content
         encoding, no httptools): those go through aiohttp."""
+        pool = self._http1
+        if pool.__class__ is Http1Pool and not self.closed:
+            # made on the loop of the session's first use; a use from another loop fails on the pool's
+            # connections, and the error path's _check_loop says why (asking for the running loop on
+            # every request is a getpid system call on Python 3.11)
+            return pool  # type: ignore[return-value]
         self._client()  # the closed and event-loop checks (and the aiohttp session streams use)
         if self._http1 is None:
             parts = urlsplit(self.settings.base_url)
@@ -455,6 +466,7 @@ class RemoteOpenAISession(Session):
         except RemoteError:
             raise
         except Exception as exc:
+            self._check_loop()  # used from another event loop: that error, not a transport one
             raise self._transport_error("POST", path, exc) from exc
 
     async def _post_json_aiohttp(self, path: str, body: Mapping[str, Any]) -> Any:
@@ -546,6 +558,7 @@ class RemoteOpenAISession(Session):
             self._record_failure(exc)
             raise
         except Exception as exc:
+            self._check_loop()  # used from another event loop: that error, not a transport one
             error = self._transport_error("POST", path, exc)
             self._record_failure(error)
             raise error from exc

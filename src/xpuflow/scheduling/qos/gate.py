@@ -16,7 +16,7 @@ where there is a GPU reading.
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Generator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +30,36 @@ from xpuflow.scheduling.qos.scheduler import QoSScheduler
 from xpuflow.telemetry.vram import VRAMMonitor
 from xpuflow.types import ResourceType
 
-__all__ = ["QoSGate"]
+__all__ = ["NO_ADMISSION", "QoSGate"]
 
 _CLASSES = ", ".join(p.value for p in QoSPolicy)
+
+
+class _Admitted:
+    """The admission of a call that nothing limits (no QoS gate, or no context for its class): entering
+    and leaving it cost no coroutine (an ``async with contextlib.nullcontext()`` costs two, on every
+    request)."""
+
+    __slots__ = ()
+
+    def __aenter__(self) -> _Ready:
+        return _READY
+
+    def __aexit__(self, *exc: object) -> _Ready:
+        return _READY  # None: an exception goes on
+
+
+class _Ready:
+    """An awaitable that is done at once, with None."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        yield from ()
+
+
+_READY = _Ready()
+NO_ADMISSION: AbstractAsyncContextManager[Any] = _Admitted()  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -147,7 +174,7 @@ class QoSGate:
         AdmissionRejected (-> 429) when the memory does not come free within the wait."""
         ctx = self.resolve(qos_class)
         if ctx is None:
-            return contextlib.nullcontext()
+            return NO_ADMISSION
         wait = ctx.config.admission_timeout_s
         if timeout_s is not None:
             wait = timeout_s if wait is None else min(wait, timeout_s)
