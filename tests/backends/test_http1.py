@@ -342,3 +342,30 @@ def test_at_most_limit_requests_run_at_once_and_a_cancelled_waiter_loses_no_slot
     assert cancelled == 1
     assert stats["free"] == 2
     assert stats["open"] == 2
+
+
+def test_response_headers_read_as_a_lower_case_mapping_with_the_last_of_a_repeated_name() -> None:
+    from xpuflow.backends.remote.http1 import ResponseHeaders
+
+    raw = [
+        (b"Content-Type", b"application/json"),
+        (b"X-Seen", b"1"),
+        (b"x-seen", b"2"),
+        (b"Retry-After", b"7"),
+    ]
+    headers = ResponseHeaders(raw)
+    # one name at a time, before anything is decoded as a whole
+    assert headers.get("retry-after") == "7"
+    assert headers.get("RETRY-AFTER") == "7"
+    assert headers.get("x-seen") == "2"
+    assert headers.get("content-encoding", "identity") == "identity"
+    assert headers.get("content-encoding") is None
+    # as a mapping: the same answers
+    assert dict(headers) == {"content-type": "application/json", "x-seen": "2", "retry-after": "7"}
+    assert headers["x-seen"] == "2"
+    assert "content-type" in headers
+    assert len(headers) == 3
+    assert headers.get("x-seen") == "2"
+    assert headers.get("nope", "d") == "d"
+    with pytest.raises(KeyError):
+        headers["nope"]

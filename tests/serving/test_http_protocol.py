@@ -549,6 +549,20 @@ def test_respond_writes_the_whole_answer_once_with_uvicorns_headers(server: tupl
         assert all(w.startswith(b"HTTP/1.1 201 Created\r\n") for w in client.writes)
 
 
+def test_respond_follows_uvicorns_date_as_it_changes(server: tuple[str, int]) -> None:
+    """The status line and uvicorn's default headers are encoded once and kept while uvicorn keeps its
+    list; when it replaces it (the date moves on each second), answers carry the new one."""
+    from email.utils import parsedate_to_datetime
+
+    with Client(server) as client:
+        client.send("GET", "/respond?d1")
+        first = parsedate_to_datetime(client.response()[1]["date"])
+        time.sleep(2.2)
+        client.send("GET", "/respond?d2")
+        second = parsedate_to_datetime(client.response()[1]["date"])
+        assert (second - first).total_seconds() >= 1
+
+
 def test_respond_to_a_client_that_asked_to_close_closes(server: tuple[str, int]) -> None:
     with Client(server) as client:
         client.send("GET", "/respond?c", headers={"connection": "close"})

@@ -276,10 +276,12 @@ class GatewayRequestCycle(RequestResponseCycle):
                 self.scope["http_version"],
                 status,
             )
-        parts = [STATUS_LINE[status]]
-        for name, value in self.default_headers:
-            parts += (name, b": ", value, b"\r\n")
-        parts += (b"content-length: ", str(len(body)).encode(), b"\r\n")
+        default = self.default_headers
+        start = _STARTS.get(status)
+        if start is None or start[0] is not default:  # uvicorn makes a new list when the date changes
+            lines = b"".join(name + b": " + value + b"\r\n" for name, value in default)
+            start = _STARTS[status] = (default, STATUS_LINE[status] + lines)
+        parts = [start[1], b"content-length: ", str(len(body)).encode(), b"\r\n"]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         if not self.keep_alive:
@@ -316,6 +318,12 @@ class GatewayRequestCycle(RequestResponseCycle):
                 callback()
             except Exception:
                 self.logger.exception("a disconnect callback failed")
+
+
+# status -> (uvicorn's default headers list, the status line and those headers encoded): a response's
+# start, made again only when uvicorn replaces the list (once a second, for the date); the list is held,
+# so its identity cannot be reused while it is here
+_STARTS: dict[int, tuple[list[tuple[bytes, bytes]], bytes]] = {}
 
 
 def _no_op() -> None:

@@ -29,12 +29,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 from xpuflow import deadlines
 
-__all__ = ["Http1ConnectError", "Http1Error", "Http1Pool", "Http1Stream", "available"]
+__all__ = ["Http1ConnectError", "Http1Error", "Http1Pool", "Http1Stream", "ResponseHeaders", "available"]
 
 
 class Http1Error(Exception):
@@ -43,6 +43,52 @@ class Http1Error(Exception):
 
 class Http1ConnectError(Http1Error):
     """The connection could not be opened (refused, unreachable, or slower than the connect timeout)."""
+
+
+class ResponseHeaders(Mapping[str, str]):
+    """An answer's headers as a read-only mapping: lower-case names, the last of a repeated one. Decoded
+    when asked for: ``get`` of one name looks through the raw pairs (a caller asks for one or two of an
+    answer's few headers); iterating decodes them all, once."""
+
+    __slots__ = ("_decoded", "_raw")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+        self._decoded: dict[str, str] | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        decoded = self._decoded
+        if decoded is not None:
+            return decoded.get(key, default)
+        wanted = key.lower().encode("latin-1")
+        found = None
+        for name, value in self._raw:
+            if len(name) == len(wanted) and name.lower() == wanted:
+                found = value
+        return default if found is None else found.decode("latin-1")
+
+    def _all(self) -> dict[str, str]:
+        decoded = self._decoded
+        if decoded is None:
+            decoded = self._decoded = {
+                name.decode("latin-1").lower(): value.decode("latin-1") for name, value in self._raw
+            }
+        return decoded
+
+    def __getitem__(self, key: str) -> str:
+        return self._all()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._all()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __repr__(self) -> str:
+        return f"ResponseHeaders({self._all()!r})"
 
 
 def available() -> bool:
@@ -306,8 +352,7 @@ class Http1Pool:
                 self._discard(connection)
         finally:
             self._release()
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw_headers}
-        return status, headers, content
+        return status, ResponseHeaders(raw_headers), content
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -328,8 +373,7 @@ class Http1Pool:
                 status, raw_headers = await connection.open(
                     head + self._tail(accept) + b"\r\n" + body, min(read_timeout_s, total_timeout_s)
                 )
-                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
-                yield Http1Stream(connection, status, headers, read_timeout_s, deadline)
+                yield Http1Stream(connection, status, ResponseHeaders(raw_headers), read_timeout_s, deadline)
             except BaseException:
                 self._discard(connection)
                 raise

@@ -423,7 +423,7 @@ class RemoteOpenAISession(Session):
             # made on the loop of the session's first use; a use from another loop fails on the pool's
             # connections, and the error path's _check_loop says why (asking for the running loop on
             # every request is a getpid system call on Python 3.11)
-            return pool  # type: ignore[return-value]
+            return pool
         self._client()  # the closed and event-loop checks (and the aiohttp session streams use)
         if self._http1 is None:
             parts = urlsplit(self.settings.base_url)
