@@ -201,7 +201,8 @@ class Dispatcher:
         progress = _Progress()
 
         def attempt(target: DispatchTarget, timeout_s: float | None) -> Awaitable[Result]:
-            return _within(target.submit(request), timeout_s)  # the coroutine itself, none around it
+            # the coroutine itself, none around it; a local worker's callers run on its loop
+            return _within(target.submit(request), timeout_s, getattr(target, "loop", None))
 
         pick, result = await self._run(tiers, request, needs, affinity, progress, attempt)
         # Dispatched(result, decision, attempts) without the frozen dataclass's __init__

@@ -135,13 +135,16 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-async def _within(work: Awaitable[T], timeout_s: float | None) -> T:
+async def _within(
+    work: Awaitable[T], timeout_s: float | None, loop: asyncio.AbstractEventLoop | None = None
+) -> T:
     """``work``'s result, or ``_AttemptTimeout`` past ``timeout_s`` (the work is cancelled, which makes a
     worker withdraw the request). Runs in the caller's task: no task per attempt or per chunk. A
-    ``TimeoutError`` the work raises itself (a worker's deadline) passes through unchanged."""
+    ``TimeoutError`` the work raises itself (a worker's deadline) passes through unchanged. ``loop``: the
+    running loop where the caller knows it (on Python 3.11 asking for it is a ``getpid`` system call)."""
     if timeout_s is None:
         return await work
-    task = asyncio.current_task()
+    task = asyncio.current_task(loop)
     if sys.version_info >= (3, 11) and task is not None:
         # asyncio.timeout's rule with one timer and no context object: it runs once per attempt and
         # once per streamed chunk. Expiry cancels the task; that cancellation, and only that one (not a

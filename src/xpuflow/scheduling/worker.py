@@ -234,6 +234,12 @@ class Worker:
     def batcher(self) -> Batcher:
         return self._batcher
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop it serves, once started: its callers run on it (``submit``'s fast path runs in
+        the caller's task)."""
+        return self._loop
+
     async def start(self) -> None:
         """Start the batch loop; idempotent."""
         if self._loop_task is not None:
