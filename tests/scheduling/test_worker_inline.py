@@ -177,6 +177,40 @@ async def test_the_deadline_cancels_the_call_with_deadline_exceeded() -> None:
 
 
 @run_async
+async def test_no_timer_of_its_own_for_a_deadline_its_cancel_signal_is_promised_by() -> None:
+    """A cancel signal promised to be set by the deadline (``set_by_s``, the gateway's request timeout)
+    gives the request up then; the worker arms a timer only where no promise covers its deadline."""
+    from xpuflow import deadlines
+
+    session = Server()
+    async with Worker(session, worker_id="w") as worker:
+        loop = asyncio.get_running_loop()
+        timers = deadlines.for_loop(loop)
+        for set_by, armed in ((None, 1), (30.0, 0), (60.0, 0), (90.0, 1)):
+            session.release.clear()
+            now = loop.time()
+            work = request(deadline_s=now + 60)
+            if set_by is not None:
+                work.cancelled.set_by_s = now + set_by  # type: ignore[attr-defined]
+            before = timers.pending()
+            call = asyncio.ensure_future(worker.submit(work))
+            await asyncio.sleep(0.01)
+            assert timers.pending() - before == armed, set_by
+            session.release.set()
+            assert (await call).text == "b a"
+            assert timers.pending() == before
+        # the promise kept: the signal gives the request up, as the deadline would have
+        session.release.clear()
+        work = request(deadline_s=loop.time() + 60)
+        work.cancelled.set_by_s = loop.time() + 0.02  # type: ignore[attr-defined]
+        loop.call_later(0.02, work.cancelled.set)
+        with pytest.raises(RequestCancelled):
+            await worker.submit(work)
+        assert session.cancelled == 1
+        session.release.set()
+
+
+@run_async
 async def test_a_caller_cancelled_in_the_same_turn_as_a_give_up_is_still_cancelled() -> None:
     """Both cancel the task: the caller's cancellation is not swallowed by the give-up's error."""
     session = Server()

@@ -445,6 +445,23 @@ async def test_request_timeout_gives_504() -> None:
     assert "request_timeout_s" in error_of(response)["message"]
 
 
+@run_async
+async def test_the_request_timeout_is_promised_to_the_engine_for_a_whole_answer_only() -> None:
+    """A whole answer's cancel signal carries the time the gateway's timeout sets it by
+    (``CancelSignal.set_by_s``: a worker then arms no timer of its own for it); a stream's does not, since
+    its timeout ends at its first event."""
+    engine = FakeEngine()
+    async with gateway(engine, request_timeout_s=30) as client:
+        before = asyncio.get_running_loop().time()
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)).status_code == 200
+        after = asyncio.get_running_loop().time()
+        response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
+        assert response.status_code == 200
+    whole, stream = engine.calls[-2].cancelled, engine.calls[-1].cancelled
+    assert before + 30 <= whole.set_by_s <= after + 30  # type: ignore[attr-defined]
+    assert stream.set_by_s is None  # type: ignore[attr-defined]
+
+
 class _SilentStreamEngine(FakeEngine):
     async def stream(self, call: InferenceCall) -> AsyncIterator[Any]:
         self.calls.append(call)

@@ -34,11 +34,17 @@ class CancelSignal(LightEvent):
         signal.remove_callback(wake)   # no longer interested (a no-op when it already ran)
 
     One is made per request (``xpuflow.events.LightEvent``: no deque, no callback list, until needed).
+
+    ``set_by_s``: where its maker promises to set it by a time (a monotonic clock reading, as
+    ``WorkRequest.deadline_s``), that time; None otherwise. The gateway's request timeout promises so for
+    a whole answer, and a worker then arms no timer of its own for a deadline the signal comes before
+    (``Worker.submit``): the signal's callback gives the request up at that time already.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._callbacks: list[Callable[[], object]] | None = None
+        self.set_by_s: float | None = None
 
     def set(self) -> None:
         if self._value:

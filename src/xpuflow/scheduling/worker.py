@@ -337,7 +337,11 @@ class Worker:
                 # the caller's task (with the loop known, current_task costs no getpid system call)
                 task = asyncio.current_task(self._loop)
                 assert task is not None  # a coroutine awaited in a task
-                run = self._inline_begin(task, request, now, waiting=True)
+                # no timer for a deadline the request's cancel signal is promised to come by (the
+                # gateway's request timeout: CancelSignal.set_by_s); its callback gives it up then
+                set_by_s, deadline_s = cancelled.set_by_s, request.deadline_s
+                timed = deadline_s is not None and (set_by_s is None or set_by_s > deadline_s)
+                run = self._inline_begin(task, request, now, waiting=True, timed=timed)
                 cancelling = 0
                 if sys.version_info >= (3, 11):
                     cancelling = task.cancelling()
@@ -770,10 +774,11 @@ class Worker:
             self._inline_end(key, run, now, ok, recorded=recorded)
 
     def _inline_begin(
-        self, task: asyncio.Task[Any], request: WorkRequest, now: float, *, waiting: bool
+        self, task: asyncio.Task[Any], request: WorkRequest, now: float, *, waiting: bool, timed: bool = True
     ) -> _InlineRun:
         """Start a request on a fast path (``submit``'s, ``_stream_inline``) under ``task``: what
-        ``_launch`` does for a batch of one, and the cancel signal and deadline that give it up."""
+        ``_launch`` does for a batch of one, and the cancel signal and deadline that give it up
+        (``timed``: a timer for its deadline; False where its signal comes by then)."""
         run = _InlineRun(task, request, waiting=waiting)
         request.metadata["queue_ms"] = 0.0
         self.metrics.record_batch_start(1, shares_with=self.metrics.in_flight)
@@ -783,7 +788,7 @@ class Worker:
         assert isinstance(signal, CancelSignal)  # the fast paths take no other
         run.on_cancel = functools.partial(self._cancel_inline, run)
         signal.add_callback(run.on_cancel)
-        if request.deadline_s is not None:
+        if timed and request.deadline_s is not None:
             run.timer = deadlines.call_later_on(
                 task.get_loop(), request.deadline_s - now, self._expire_inline, run
             )

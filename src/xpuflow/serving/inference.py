@@ -40,6 +40,7 @@ from xpuflow.errors import (
     RoutingError,
     XpuflowError,
 )
+from xpuflow.scheduling.request import CancelSignal
 from xpuflow.serving.auth import Authenticator
 from xpuflow.serving.metrics import GatewayMetrics
 from xpuflow.serving.openai_schema import (
@@ -369,7 +370,7 @@ class _Guard:
     (``serving/http_protocol.py``, what ``xpuflow serve`` runs) where there is one: a callback, no task;
     under another server, from a task waiting on ``receive()`` for ``http.disconnect``."""
 
-    __slots__ = ("call", "done", "handler", "reason", "started", "stop_watching", "timer")
+    __slots__ = ("call", "done", "handler", "reason", "started", "stop_watching", "timeout_s", "timer")
 
     def __init__(self, scope: Scope, receive: Receive, call: InferenceCall, timeout_s: float | None) -> None:
         self.call = call
@@ -382,6 +383,7 @@ class _Guard:
         loop = None if extension is None else extension.get("loop")
         handler = self.handler = asyncio.current_task(loop)
         self.timer: deadlines.Cancellable | None = None
+        self.timeout_s = timeout_s
         if timeout_s is not None:
             self.timer = (
                 deadlines.call_later(timeout_s, self._fire, "timeout")
@@ -414,6 +416,20 @@ class _Guard:
         self.call.cancelled.set()
         if self.handler is not None:
             self.handler.cancel()
+
+    def promise(self) -> None:
+        """For a whole answer (not a stream, whose deadline ends at its first event): tell the call's
+        ``CancelSignal`` that this guard sets it by its deadline (``CancelSignal.set_by_s``), so that a
+        worker need not arm a timer of its own for the same instant. The loop's clock reads no later
+        than the monotonic clock the engine's deadline is taken from, so the promise is never late."""
+        signal, timeout_s = self.call.cancelled, self.timeout_s
+        if (
+            self.timer is not None
+            and timeout_s is not None
+            and self.handler is not None
+            and isinstance(signal, CancelSignal)
+        ):
+            signal.set_by_s = self.handler.get_loop().time() + timeout_s
 
     def answered(self) -> None:
         """The engine has answered (a stream: its first event); the deadline no longer applies."""
@@ -484,6 +500,7 @@ class InferenceEndpoints:
             if parsed.stream:
                 await self._stream(call, parsed, start, send, guard)
                 return
+            guard.promise()
             result = await self.engine.complete(call)
             guard.answered()
             decision = result.decision
