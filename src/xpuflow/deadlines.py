@@ -43,37 +43,39 @@ def _no_call(*_args: object) -> None:
     return None
 
 
-class _Deadline:
-    """One pending deadline (what ``call_later`` returns)."""
+class _Bucket(dict):  # type: ignore[type-arg]  # _Deadline -> None, in arrival order
+    """The deadlines of one tick, with the timers they belong to (so a deadline holds one reference)."""
 
-    __slots__ = ("_bucket", "_owner", "args", "callback", "tick")
+    __slots__ = ("owner", "tick")
 
-    def __init__(
-        self,
-        owner: DeadlineTimers,
-        tick: int,
-        bucket: dict[_Deadline, None],
-        callback: Callable[..., object],
-        args: tuple[Any, ...],
-    ) -> None:
-        self._owner: DeadlineTimers | None = owner
-        self._bucket = bucket
+    def __init__(self, owner: DeadlineTimers, tick: int) -> None:
+        super().__init__()
+        self.owner = owner
         self.tick = tick
+
+
+class _Deadline:
+    """One pending deadline (what ``call_later`` returns); ``_bucket`` is None once it ran or was
+    cancelled."""
+
+    __slots__ = ("_bucket", "args", "callback")
+
+    def __init__(self, bucket: _Bucket, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
+        self._bucket: _Bucket | None = bucket
         self.callback = callback
         self.args = args
 
     def cancel(self) -> None:
-        owner = self._owner
-        if owner is None:
+        bucket = self._bucket
+        if bucket is None:
             return  # ran or cancelled already
-        self._owner = None
+        self._bucket = None
         # what it would have called: let go of it, as asyncio's handles do (its arguments often hold
         # the object that holds this deadline: a reference cycle left to the garbage collector)
         self.callback, self.args = _no_call, ()
-        bucket = self._bucket
         del bucket[self]
         if not bucket:
-            owner._drop(self.tick, bucket)
+            bucket.owner._drop(bucket)
 
 
 class DeadlineTimers:
@@ -84,7 +86,7 @@ class DeadlineTimers:
             raise ValueError(f"resolution_s must be > 0, got {resolution_s}")
         self._loop = loop
         self._resolution_s = resolution_s
-        self._buckets: dict[int, dict[_Deadline, None]] = {}  # tick -> its deadlines, in arrival order
+        self._buckets: dict[int, _Bucket] = {}  # tick -> its deadlines
         self._ticks: list[int] = []  # heap of bucket ticks (some may be emptied since: skipped lazily)
         self._armed: asyncio.TimerHandle | None = None
         self._armed_tick: int | None = None
@@ -94,16 +96,19 @@ class DeadlineTimers:
         loop = self._loop
         if delay_s < PRECISE_BELOW_S:
             return loop.call_later(delay_s, callback, *args)
+        return self._add(loop.time() + delay_s, callback, args)
+
+    def _add(self, when: float, callback: Callable[..., object], args: tuple[Any, ...]) -> _Deadline:
         # the first bucket boundary at or after the deadline
-        tick = int((loop.time() + delay_s) / self._resolution_s) + 1
+        tick = int(when / self._resolution_s) + 1
         bucket = self._buckets.get(tick)
         if bucket is None:
-            bucket = self._buckets[tick] = {}
+            bucket = self._buckets[tick] = _Bucket(self, tick)
             heapq.heappush(self._ticks, tick)
             armed = self._armed_tick
             if armed is None or tick < armed:
                 self._arm(tick)
-        deadline = _Deadline(self, tick, bucket, callback, args)
+        deadline = _Deadline(bucket, callback, args)
         bucket[deadline] = None
         return deadline
 
@@ -111,9 +116,9 @@ class DeadlineTimers:
         """Deadlines not yet run nor cancelled (for tests and debugging)."""
         return sum(len(bucket) for bucket in self._buckets.values())
 
-    def _drop(self, tick: int, bucket: dict[_Deadline, None]) -> None:
-        if self._buckets.get(tick) is bucket:
-            del self._buckets[tick]  # its heap entry is skipped when it comes up
+    def _drop(self, bucket: _Bucket) -> None:
+        if self._buckets.get(bucket.tick) is bucket:
+            del self._buckets[bucket.tick]  # its heap entry is skipped when it comes up
 
     def _arm(self, tick: int) -> None:
         if self._armed is not None:
@@ -137,9 +142,9 @@ class DeadlineTimers:
             heapq.heappop(ticks)
             del buckets[tick]
             for deadline in list(bucket):
-                if deadline._owner is None:
+                if deadline._bucket is None:
                     continue  # cancelled by an earlier callback of this bucket
-                deadline._owner = None
+                deadline._bucket = None
                 try:
                     deadline.callback(*deadline.args)
                 except Exception as exc:  # as the loop treats a failing callback: report, go on
@@ -181,4 +186,6 @@ def call_later_on(
         timers = for_loop(loop)
         last[1] = timers
         last[0] = loop
-    return timers.call_later(delay_s, callback, *args)
+    if delay_s < PRECISE_BELOW_S:
+        return loop.call_later(delay_s, callback, *args)
+    return timers._add(loop.time() + delay_s, callback, args)  # DeadlineTimers.call_later's, inline
