@@ -38,6 +38,7 @@ from typing import Any
 __all__ = [
     "AdmissionRejected",
     "ArtifactCorrupt",
+    "AttemptTimeout",
     "BackendError",
     "BackendUnavailable",
     "BuildError",
@@ -204,6 +205,11 @@ class RequestCancelled(XpuflowError):
 class DeadlineExceeded(XpuflowError, TimeoutError):
     """The request's deadline passed before its result was ready. Also a ``TimeoutError``, so code
     that catches ``asyncio.TimeoutError`` sees it too."""
+
+
+class AttemptTimeout(XpuflowError):
+    """One attempt of a request ran past the dispatcher's time limit for an attempt: the dispatcher
+    retries it elsewhere (or ends it with ``DispatchTimeout``); never answered to a client as is."""
 
 
 class WorkerStopped(AdmissionRejected):

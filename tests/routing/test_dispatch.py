@@ -363,6 +363,57 @@ def test_a_hung_worker_times_out_is_marked_and_the_request_moves_on() -> None:
     assert not a.requests[0].cancelled.is_set()  # the client is still there
 
 
+@pytest.mark.parametrize("batching", ["continuous", "native"])
+def test_a_local_worker_keeps_the_attempt_limit_itself(
+    batching: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local ``Worker`` is handed the attempt's limit (``Worker.submit``'s ``attempt_timeout_s``) instead
+    of the dispatcher's timer around its call, on its fast path (a continuous session) and its queue (a
+    batching one): a hung attempt ends as before (no answer within the limit, retried elsewhere, the
+    worker marked by the dispatcher and not by its own failure count), and the limit is its one timer,
+    with none for the request's later deadline."""
+    from xpuflow import deadlines
+    from xpuflow.backends.base import BatchMode
+    from xpuflow.routing import dispatch as dispatch_module
+    from xpuflow.scheduling.worker import Worker
+
+    def no_timer_around(*args: Any) -> Any:
+        raise AssertionError("the dispatcher wrapped a timer around a local worker's attempt")
+
+    monkeypatch.setattr(dispatch_module, "_within", no_timer_around)
+
+    async def scenario() -> tuple[Any, list[Worker], list[FakeSession], int]:
+        sessions = [FakeSession(name, max_batch_size=4) for name in ("a", "b")]
+        for session in sessions:
+            if batching == "continuous":
+                session.batch_mode = BatchMode.CONTINUOUS
+        sessions[0].service_time_s = 3600.0  # a hangs
+        local = [Worker(session, worker_id=session.model_id, stop_timeout_s=0.2) for session in sessions]
+        for worker in local:
+            await worker.start()
+        try:
+            d = dispatcher(SystemClock(), attempt_timeout_s=0.1, backoff_base_s=0.0)
+            loop = asyncio.get_running_loop()
+            before = deadlines.for_loop(loop).pending()
+            work = request(deadline_s=loop.time() + 60)
+            call = asyncio.ensure_future(d.dispatch([("t1", [local[0]]), ("t2", [local[1]])], work))
+            await asyncio.sleep(0.05)
+            armed = deadlines.for_loop(loop).pending() - before  # the 0.1 s limit is the loop's own timer
+            return await call, local, sessions, armed
+        finally:
+            for worker in local:
+                await worker.stop(drain=False)
+
+    done, local, sessions, armed = run(scenario)
+    assert armed == 0  # no timer for the 60 s deadline beside the attempt's limit
+    assert done.decision.worker == "b"
+    assert "no answer within 0.1 s" in (done.attempts[0].error or "")
+    assert local[0].health.consecutive_failures == 1  # recorded by the dispatcher, as for any target
+    assert local[0].metrics.failed == 0
+    if batching == "continuous":
+        assert sessions[0].active == 0  # the hung call was cancelled, not left running
+
+
 def test_timeouts_can_be_left_out_of_health() -> None:
     a, b = workers("a", "b")
     a.hang = True

@@ -211,6 +211,27 @@ async def test_no_timer_of_its_own_for_a_deadline_its_cancel_signal_is_promised_
 
 
 @run_async
+async def test_a_dispatchers_attempt_limit_gives_it_up_with_attempt_timeout() -> None:
+    """``submit(attempt_timeout_s=...)``: past the limit the call is cancelled and ``AttemptTimeout``
+    raised (for the dispatcher to retry elsewhere), with no failure counted against the worker."""
+    from xpuflow.errors import AttemptTimeout
+
+    session = Server()
+    session.release.clear()
+    async with Worker(session, worker_id="w") as worker:
+        loop = asyncio.get_running_loop()
+        with pytest.raises(AttemptTimeout, match=r"no answer within 0\.05 s"):
+            await worker.submit(request(deadline_s=loop.time() + 60), attempt_timeout_s=0.05)
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]  # taken back
+        assert session.cancelled == 1
+        assert worker.metrics.failed == 0
+        assert worker.health.consecutive_failures == 0
+        assert worker.metrics.in_flight == 0
+        session.release.set()
+        assert (await worker.submit(request(), attempt_timeout_s=5.0)).text == "b a"
+
+
+@run_async
 async def test_a_caller_cancelled_in_the_same_turn_as_a_give_up_is_still_cancelled() -> None:
     """Both cancel the task: the caller's cancellation is not swallowed by the give-up's error."""
     session = Server()

@@ -49,7 +49,7 @@ import dataclasses
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 from xpuflow.backends.base import StreamChunk
 from xpuflow.clock import Clock, SystemClock
@@ -201,8 +201,12 @@ class Dispatcher:
         progress = _Progress()
 
         def attempt(target: DispatchTarget, timeout_s: float | None) -> Awaitable[Result]:
-            # the coroutine itself, none around it; a local worker's callers run on its loop
-            return _within(target.submit(request), timeout_s, getattr(target, "loop", None))
+            local: object = target
+            if type(local) is Worker:  # exactly a local Worker: it keeps the attempt's limit itself
+                # (one timer where it had two, and no coroutine between this and its call)
+                return cast("Awaitable[Result]", local.submit(request, attempt_timeout_s=timeout_s))
+            # the coroutine itself, none around it
+            return _within(target.submit(request), timeout_s)
 
         pick, result = await self._run(tiers, request, needs, affinity, progress, attempt)
         # Dispatched(result, decision, attempts) without the frozen dataclass's __init__

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from xpuflow import deadlines
 from xpuflow.backends.base import Completion
 from xpuflow.errors import (
+    AttemptTimeout,
     CapabilityError,
     ConfigError,
     DispatchError,
@@ -115,8 +116,9 @@ class Dispatched:
     attempts: tuple[Attempt, ...] = ()
 
 
-class _AttemptTimeout(Exception):
-    """An attempt ran past its timeout (internal: becomes a retry or a DispatchTimeout)."""
+# An attempt ran past its timeout: becomes a retry or a DispatchTimeout (a local worker raises it itself
+# for the limit the dispatcher gives it: Worker.submit's attempt_timeout_s)
+_AttemptTimeout = AttemptTimeout
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -135,16 +137,13 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-async def _within(
-    work: Awaitable[T], timeout_s: float | None, loop: asyncio.AbstractEventLoop | None = None
-) -> T:
+async def _within(work: Awaitable[T], timeout_s: float | None) -> T:
     """``work``'s result, or ``_AttemptTimeout`` past ``timeout_s`` (the work is cancelled, which makes a
     worker withdraw the request). Runs in the caller's task: no task per attempt or per chunk. A
-    ``TimeoutError`` the work raises itself (a worker's deadline) passes through unchanged. ``loop``: the
-    running loop where the caller knows it (on Python 3.11 asking for it is a ``getpid`` system call)."""
+    ``TimeoutError`` the work raises itself (a worker's deadline) passes through unchanged."""
     if timeout_s is None:
         return await work
-    task = asyncio.current_task(loop)
+    task = asyncio.current_task()
     if sys.version_info >= (3, 11) and task is not None:
         # asyncio.timeout's rule with one timer and no context object: it runs once per attempt and
         # once per streamed chunk. Expiry cancels the task; that cancellation, and only that one (not a

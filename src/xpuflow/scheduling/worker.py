@@ -41,6 +41,7 @@ from xpuflow.backends.base import BatchMode, Completion, Session, StreamChunk
 from xpuflow.clock import Clock, SystemClock
 from xpuflow.errors import (
     AdmissionRejected,
+    AttemptTimeout,
     ConfigError,
     ModelDoesNotFit,
     SessionError,
@@ -75,6 +76,11 @@ __all__ = ["Worker", "WorkerStopped"]
 
 log = logging.getLogger(__name__)
 _worker_ids = itertools.count()
+
+
+def _attempt_timeout(limit_s: float) -> AttemptTimeout:
+    """The error of an attempt given up at a dispatcher's limit (the words of its own limit's error)."""
+    return AttemptTimeout(f"no answer within {limit_s:g} s")
 
 
 def _current() -> asyncio.Task[None]:
@@ -234,12 +240,6 @@ class Worker:
     def batcher(self) -> Batcher:
         return self._batcher
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop | None:
-        """The event loop it serves, once started: its callers run on it (``submit``'s fast path runs in
-        the caller's task)."""
-        return self._loop
-
     async def start(self) -> None:
         """Start the batch loop; idempotent."""
         if self._loop_task is not None:
@@ -315,9 +315,14 @@ class Worker:
 
     # -- submission ---------------------------------------------------------------------------------
 
-    async def submit(self, request: WorkRequest) -> Result:
+    async def submit(self, request: WorkRequest, *, attempt_timeout_s: float | None = None) -> Result:
         """Queue ``request`` and wait for its result (a ``Completion``, or the vectors of an
-        embedding request). Raises as described in the module docstring."""
+        embedding request). Raises as described in the module docstring.
+
+        ``attempt_timeout_s``: a dispatcher's limit for this attempt, no later than the request's
+        deadline (it says when it is the deadline's rest). Past it the request is given up, as its
+        cancel signal would, with ``AttemptTimeout`` for the dispatcher to retry elsewhere; the worker
+        keeps it with the timer it would arm for the deadline, so the dispatcher needs none of its own."""
         if request.stream:
             raise ConfigError(
                 f"request {request.request_id} asks for a stream; use Worker.stream()", field="stream"
@@ -341,7 +346,9 @@ class Worker:
                 # gateway's request timeout: CancelSignal.set_by_s); its callback gives it up then
                 set_by_s, deadline_s = cancelled.set_by_s, request.deadline_s
                 timed = deadline_s is not None and (set_by_s is None or set_by_s > deadline_s)
-                run = self._inline_begin(task, request, now, waiting=True, timed=timed)
+                run = self._inline_begin(
+                    task, request, now, waiting=True, timed=timed, attempt_timeout_s=attempt_timeout_s
+                )
                 cancelling = 0
                 if sys.version_info >= (3, 11):
                     cancelling = task.cancelling()
@@ -374,20 +381,24 @@ class Worker:
             ticket = self._enqueue(request, now, streaming=False)
         else:
             ticket = self._admit(request, streaming=False)
-        return await self._answer(ticket, request)
+        return await self._answer(ticket, request, attempt_timeout_s)
 
-    async def _answer(self, ticket: Ticket, request: WorkRequest) -> Result:
-        """The queued path of ``submit``: wait for ``ticket``'s answer (or withdraw it)."""
+    async def _answer(
+        self, ticket: Ticket, request: WorkRequest, attempt_timeout_s: float | None = None
+    ) -> Result:
+        """The queued path of ``submit``: wait for ``ticket``'s answer (or withdraw it): until its
+        deadline, or ``attempt_timeout_s`` where one is given (see ``submit``)."""
         cancelled = request.cancelled
+        timeout_s = self._timeout_s(request) if attempt_timeout_s is None else attempt_timeout_s
         watcher: asyncio.Future[Any] | None = None
         try:
             if isinstance(cancelled, CancelSignal):
-                await self._answer_or_withdraw(ticket, request, cancelled, self._timeout_s(request))
+                await self._answer_or_withdraw(ticket, request, cancelled, timeout_s, attempt_timeout_s)
             else:  # a plain asyncio.Event: watch it with a task
                 watcher = asyncio.ensure_future(cancelled.wait())
                 await asyncio.wait(
                     {ticket.future, watcher},
-                    timeout=self._timeout_s(request),
+                    timeout=timeout_s,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
         except asyncio.CancelledError:
@@ -399,18 +410,26 @@ class Worker:
         if not ticket.future.done():
             if request.cancelled.is_set():
                 self._withdraw(ticket, self._cancelled_error(request, "its client went away"))
+            elif attempt_timeout_s is not None:
+                self._withdraw(ticket, _attempt_timeout(attempt_timeout_s))
             else:
                 self._withdraw(ticket, self._deadline_error(request))
         result: Result = ticket.future.result()
         return result
 
     async def _answer_or_withdraw(
-        self, ticket: Ticket, request: WorkRequest, cancelled: CancelSignal, timeout_s: float | None
+        self,
+        ticket: Ticket,
+        request: WorkRequest,
+        cancelled: CancelSignal,
+        timeout_s: float | None,
+        attempt_timeout_s: float | None = None,
     ) -> None:
-        """Until ``ticket`` is answered. Its cancellation signal and its deadline (``timeout_s``) withdraw
-        it with their error, which answers it: the caller waits on the ticket's own future, woken by
-        whichever comes first, with no other future or task. A caller cancelled meanwhile cancels that
-        future, which withdraws the request as well (``submit`` takes it out of the queue)."""
+        """Until ``ticket`` is answered. Its cancellation signal and its deadline (``timeout_s``; where it
+        is a dispatcher's ``attempt_timeout_s``, with ``AttemptTimeout``) withdraw it with their error,
+        which answers it: the caller waits on the ticket's own future, woken by whichever comes first,
+        with no other future or task. A caller cancelled meanwhile cancels that future, which withdraws
+        the request as well (``submit`` takes it out of the queue)."""
         answer = ticket.future
         if answer.done() or cancelled.is_set():
             return
@@ -419,7 +438,13 @@ class Worker:
             self._withdraw(ticket, self._cancelled_error(request, "its client went away"))
 
         cancelled.add_callback(on_cancel)
-        timer = None if timeout_s is None else deadlines.call_later(timeout_s, self._expire, ticket)
+        timer = (
+            None
+            if timeout_s is None
+            else deadlines.call_later(timeout_s, self._expire, ticket)
+            if attempt_timeout_s is None
+            else deadlines.call_later(timeout_s, self._expire_attempt, ticket, attempt_timeout_s)
+        )
         try:
             await answer
         finally:
@@ -540,6 +565,11 @@ class Worker:
     def _expire(self, ticket: Ticket) -> None:
         """The ticket's deadline has come: withdraw it with the deadline error (a timer's callback)."""
         self._withdraw(ticket, self._deadline_error(ticket.request))
+
+    def _expire_attempt(self, ticket: Ticket, limit_s: float) -> None:
+        """The dispatcher's limit for the ticket's attempt has come (``submit``'s ``attempt_timeout_s``):
+        withdraw it with ``AttemptTimeout``."""
+        self._withdraw(ticket, _attempt_timeout(limit_s))
 
     def _cancelled_error(self, request: WorkRequest, why: str) -> RequestCancelled:
         return RequestCancelled(
@@ -774,11 +804,20 @@ class Worker:
             self._inline_end(key, run, now, ok, recorded=recorded)
 
     def _inline_begin(
-        self, task: asyncio.Task[Any], request: WorkRequest, now: float, *, waiting: bool, timed: bool = True
+        self,
+        task: asyncio.Task[Any],
+        request: WorkRequest,
+        now: float,
+        *,
+        waiting: bool,
+        timed: bool = True,
+        attempt_timeout_s: float | None = None,
     ) -> _InlineRun:
         """Start a request on a fast path (``submit``'s, ``_stream_inline``) under ``task``: what
         ``_launch`` does for a batch of one, and the cancel signal and deadline that give it up
-        (``timed``: a timer for its deadline; False where its signal comes by then)."""
+        (``timed``: a timer for its deadline; False where its signal comes by then). With
+        ``attempt_timeout_s`` (``submit``'s) the one timer is for that limit instead, which comes no later
+        than the deadline."""
         run = _InlineRun(task, request, waiting=waiting)
         request.metadata["queue_ms"] = 0.0
         self.metrics.record_batch_start(1, shares_with=self.metrics.in_flight)
@@ -788,7 +827,11 @@ class Worker:
         assert isinstance(signal, CancelSignal)  # the fast paths take no other
         run.on_cancel = functools.partial(self._cancel_inline, run)
         signal.add_callback(run.on_cancel)
-        if timed and request.deadline_s is not None:
+        if attempt_timeout_s is not None:
+            run.timer = deadlines.call_later_on(
+                task.get_loop(), attempt_timeout_s, self._expire_inline_attempt, run, attempt_timeout_s
+            )
+        elif timed and request.deadline_s is not None:
             run.timer = deadlines.call_later_on(
                 task.get_loop(), request.deadline_s - now, self._expire_inline, run
             )
@@ -800,7 +843,7 @@ class Worker:
         its reason) is never the device's fault; one abandoned or stopped counts as failed, since the
         router retries it elsewhere."""
         if exc is run.error:
-            if not isinstance(exc, (RequestCancelled, DeadlineExceeded)):
+            if not isinstance(exc, (RequestCancelled, DeadlineExceeded, AttemptTimeout)):
                 self.metrics.record_failure(1)
             return exc, False
         self.metrics.record_failure(1)
@@ -833,6 +876,9 @@ class Worker:
 
     def _expire_inline(self, run: _InlineRun) -> None:
         run.give_up(self._deadline_error(run.request))
+
+    def _expire_inline_attempt(self, run: _InlineRun, limit_s: float) -> None:
+        run.give_up(_attempt_timeout(limit_s))
 
     async def _run_batch(self, tickets: list[Ticket]) -> None:
         started = self._clock.monotonic()
