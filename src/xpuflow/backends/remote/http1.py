@@ -117,7 +117,6 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._headers_done = False
-        self._delimited = False  # Content-Length or chunked: the body ends by itself, not at close
         self._streaming = False  # a stream: wake the reader at the headers and at each body piece
         self.complete = False  # the whole answer has arrived
         self.error: Exception | None = None
@@ -138,7 +137,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._headers_done and not self._delimited:  # the body ran to the close: it is whole
+        if self._headers_done and not self._delimited():  # the body ran to the close: it is whole
             self._finish(None)
         else:
             why = f": {exc}" if exc is not None else ""
@@ -152,12 +151,17 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
         self._headers_done = True
+        if self._streaming:
+            self._finish(None)
+
+    def _delimited(self) -> bool:
+        """Whether the answer's body ends by itself (Content-Length or chunked), not at the close: asked
+        only when the connection closes, not for every answer."""
         for name, value in self._headers:
             lower = name.lower()
             if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
-                self._delimited = True
-        if self._streaming:
-            self._finish(None)
+                return True
+        return False
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -174,7 +178,7 @@ class _Connection(asyncio.Protocol):
     def _finish(self, error: Exception | None) -> None:
         if error is not None:
             self.error = error
-        elif self._headers_done and not self._delimited and self.closed:
+        elif self.closed and self._headers_done and not self._delimited():
             self.complete = True  # the body ran to the close
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -194,7 +198,7 @@ class _Connection(asyncio.Protocol):
         self.reusable = self.complete = False
         self.error = None
         self._status, self._headers, self._body = 0, [], []
-        self._headers_done = self._delimited = False
+        self._headers_done = False
         self._streaming = streaming
         self.transport.write(data)
 

@@ -453,9 +453,21 @@ class RemoteOpenAISession(Session):
         if lean is None:
             return await self._post_json_aiohttp(path, body)
         try:
-            status, headers, raw = await lean.post(
+            answer = await lean.post(
                 self._path_prefix + path, jsonio.dumps(body), timeout_s=self.settings.timeout_s
             )
+        except Exception as exc:
+            raise self._lean_error(path, exc) from exc
+        return self._lean_json(path, *answer)
+
+    def _lean_error(self, path: str, exc: Exception) -> Exception:
+        """What a failed lean POST raises: a transport error (SessionError from another event loop)."""
+        self._check_loop()  # used from another event loop: that error, not a transport one
+        return self._transport_error("POST", path, exc)
+
+    def _lean_json(self, path: str, status: int, headers: Mapping[str, str], raw: bytes) -> Any:
+        """The JSON of a lean POST's answer; RemoteError for an error status or a malformed answer."""
+        try:
             if status >= 400:
                 text = raw.decode("utf-8", "replace")
                 raise self._status_error("POST", path, status, text, headers.get("retry-after"))
@@ -466,7 +478,6 @@ class RemoteOpenAISession(Session):
         except RemoteError:
             raise
         except Exception as exc:
-            self._check_loop()  # used from another event loop: that error, not a transport one
             raise self._transport_error("POST", path, exc) from exc
 
     async def _post_json_aiohttp(self, path: str, body: Mapping[str, Any]) -> Any:
@@ -486,10 +497,20 @@ class RemoteOpenAISession(Session):
             raise self._transport_error("POST", path, exc) from exc
 
     async def _completion(self, path: str, body: Mapping[str, Any]) -> Completion:
-        # _observe's bookkeeping inline: one coroutine per request instead of three
+        # _observe's bookkeeping and _post_json's lean way inline: one coroutine per request, not four
         start = self._clock.monotonic()
+        lean = self._lean()
         try:
-            data = await self._post_json(path, body)
+            if lean is None:
+                data = await self._post_json_aiohttp(path, body)
+            else:
+                try:
+                    answer = await lean.post(
+                        self._path_prefix + path, jsonio.dumps(body), timeout_s=self.settings.timeout_s
+                    )
+                except Exception as exc:
+                    raise self._lean_error(path, exc) from exc
+                data = self._lean_json(path, *answer)
             try:
                 completion = completion_from_response(data, default_model=self.settings.model)
             except (ValueError, TypeError, AttributeError) as exc:
