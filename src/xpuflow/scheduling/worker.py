@@ -14,8 +14,9 @@ ends with a result or an error, also when the worker stops::
 
 Errors: ``submit`` raises the session's error (``SessionError``, ``RemoteError``, ...),
 ``QueueFull`` when the queue has no room, ``WorkerStopped`` when the worker is not running,
-``DeadlineExceeded`` (a ``TimeoutError``) past ``request.deadline_s`` and ``RequestCancelled`` when
-``request.cancelled`` is set before the result arrives. The worker does not retry; it records every
+``DeadlineExceeded`` (a ``TimeoutError``) past ``request.deadline_s``, ``AttemptTimeout`` past a
+dispatcher's ``attempt_timeout_s`` and ``RequestCancelled`` when ``request.cancelled`` is set before
+the result arrives. The worker does not retry; it records every
 batch's success or failure in ``health`` (request errors such as a bad prompt are not the worker's
 failure and are not recorded), and the router reads ``health`` to choose and fail over.
 
@@ -319,10 +320,11 @@ class Worker:
         """Queue ``request`` and wait for its result (a ``Completion``, or the vectors of an
         embedding request). Raises as described in the module docstring.
 
-        ``attempt_timeout_s``: a dispatcher's limit for this attempt, no later than the request's
-        deadline (it says when it is the deadline's rest). Past it the request is given up, as its
-        cancel signal would, with ``AttemptTimeout`` for the dispatcher to retry elsewhere; the worker
-        keeps it with the timer it would arm for the deadline, so the dispatcher needs none of its own."""
+        ``attempt_timeout_s``: a dispatcher's time limit for this attempt, which comes no later than the
+        request's deadline (the dispatcher passes the deadline's rest where that is shorter). Past it
+        the request is given up, as its cancel signal would give it up, with ``AttemptTimeout`` for the
+        dispatcher to retry elsewhere; the worker keeps it with the one timer it arms, so the
+        dispatcher needs none of its own."""
         if request.stream:
             raise ConfigError(
                 f"request {request.request_id} asks for a stream; use Worker.stream()", field="stream"
