@@ -36,12 +36,14 @@ between events, as a fast model server sends them), ``--stream-concurrency`` at 
 xpuflow; its CPU time over the measured phase divided by the SSE events delivered (so the request's own
 cost is spread over its chunks).
 
-Throughput, concurrency ``--concurrency`` (32), ``--rounds`` rounds in turn over the paths; in each,
-per path, the aiohttp client (one process, ``--duration`` seconds after a 2 s warm-up) and then wrk
+Throughput, concurrency ``--concurrency`` (32), ``--rounds`` rounds in turn over the paths; in each, per
+path, the aiohttp client (one process, ``--duration`` seconds after a 2 s warm-up) and then wrk
 (``-t2 -c32 --latency``, a Lua script for the POST body, ``--wrk-duration`` seconds; LiteLLM gets
-``--litellm-wrk-duration``). RPS are means over rounds. CPU per request is the system's own CPU time
-(user + system, its whole process tree, so nginx's worker counts) over a measured phase, divided by the
-requests served in that phase; the headline figure comes from the wrk runs.
+``--litellm-wrk-duration``); every other round takes the paths in reverse order, so that a machine that
+speeds up or slows down during the run weighs on them alike. RPS are means over rounds (the paired ratio
+of each round, xpuflow's wrk RPS over vllm-router's, is kept beside the headline). CPU per request is the
+system's own CPU time (user + system, its whole process tree, so nginx's worker counts) over a measured
+phase, divided by the requests served in that phase; the headline figure comes from the wrk runs.
 
 Idle RSS: each system's process tree (psutil) 1 s after it answers its readiness check, before any
 request.
@@ -327,7 +329,12 @@ def _measure(
         )
 
     for round_ in range(args.rounds):
-        for name, url in urls.items():
+        # every other round in reverse order: a machine that speeds up or slows down during the run
+        # (these are shared machines) weighs on every path alike, not on the ones measured last
+        order = list(urls.items())
+        if round_ % 2:
+            order.reverse()
+        for name, url in order:
             pid = procs["mock" if name == "direct" else name].pid
             print(f"throughput, round {round_ + 1}: {name} at concurrency {args.concurrency} ...", flush=True)
             runs[name].setdefault("rps_rounds", []).append(_client(args, "rps", url, cpu_pid=pid))
@@ -452,6 +459,14 @@ def figures(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "xpuflow_rps_vs_vllm_router": _round(
             ratio(value("xpuflow", "rps_wrk"), value("vllm_router", "rps_wrk")), 3
         ),
+        "xpuflow_rps_vs_vllm_router_rounds": [
+            _round(ratio(x.get("rps"), v.get("rps")), 3)
+            for x, v in zip(
+                runs.get("xpuflow", {}).get("wrk_rounds", []),
+                runs.get("vllm_router", {}).get("wrk_rounds", []),
+                strict=False,
+            )
+        ],
         "xpuflow_stream_ttfb_added_ms": _round(added("xpuflow", "stream_ttfb_p50_ms")),
         "xpuflow_stream_chunk_cpu_us": None
         if not long_streams

@@ -127,6 +127,8 @@ class ParsedRequest:
 
 
 def _is_json_media_type(content_type: bytes) -> bool:
+    if content_type == b"application/json":
+        return True  # what almost every client sends, without the parse below
     media, _, params = content_type.partition(b";")
     media = media.strip().lower()
     if media != b"application/json" and not (media.startswith(b"application/") and media.endswith(b"+json")):
