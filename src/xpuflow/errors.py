@@ -25,6 +25,7 @@ with ``raise ... from exc``. Messages say what to do next.
     │   └── WorkerStopped          the worker is not running; send it elsewhere
     ├── RequestCancelled       the client went away before the answer
     ├── DeadlineExceeded       the request's deadline passed in a queue (also a TimeoutError)
+    ├── AttemptTimeout         one attempt ran past the dispatcher's limit (retried elsewhere, never answered)
     ├── StreamInterrupted      a stream failed after its first chunk reached the client
     ├── ModelDoesNotFit        a model cannot be loaded: no room on its device even after evictions (HTTP 503)
     └── RemoteError            a remote server failed; ``retryable`` says whether another try may succeed

@@ -493,7 +493,7 @@ class Dispatcher:
         for worker, snapshot in zip(workers, snapshots, strict=True):
             health = worker.health
             if health.state is HealthState.HEALTHY:
-                available[worker.worker_id] = health.available()
+                available[worker.worker_id] = True  # what available() answers for it, without its lock
             elif probes or self.scorer.refusal(snapshot, needs, available=True) is not None:
                 # available() may move it to PROBING: allow one probe per pick, and only on a worker
                 # that can take this request, or the probe would never be sent and it would stay shut.
