@@ -8,8 +8,12 @@ the package of commit REV (``before``). For each gateway, in turn:
    ``--block`` (one keep-alive connection per path); added p50 = path p50 - direct p50, to the last byte
    and to the first body bytes (``ttfb``: for a stream, its first event).
 2. CPU per request: a throughput client in its own process (aiohttp; concurrency ``--concurrency``,
-   ``--duration`` s after a 2 s warm-up), the gateway process's own CPU time over the requests sent, and
-   the RPS; ``--rounds`` rounds, the gateways taking turns.
+   ``--duration`` s after a 2 s warm-up; with ``--wrk``, wrk ``-t2`` with as many connections, the load
+   the headline of ``gateway_overhead.py`` is measured under), the gateway process's own CPU time over
+   the requests sent, and the RPS; ``--rounds`` rounds, the gateways taking turns, the first of a round
+   alternating. With ``--baseline``, each round's after/before CPU ratio is kept and their median
+   reported (``after_vs_before_cpu_median``): the sides ran back to back, so the ratio holds where the
+   machine's speed drifts.
 3. Profile: py-spy (``--profile-rate`` per second, non-blocking, only samples that hold the GIL) on the
    gateway while the same throughput client runs once more. ``summarize_profile`` of ``engines.py``
    turns the samples into on-CPU milliseconds per request by group (the innermost xpuflow frame on the
@@ -17,7 +21,7 @@ the package of commit REV (``before``). For each gateway, in turn:
    functions with the most inclusive time and the frames with the most self time. Sampling slows the
    process, so the profile's absolute figures run above step 2's; its shares are what it is for.
 
-    python benchmarks/gateway_profile.py [--baseline REV] [--duration 6] [--rounds 2] [--stream]
+    python benchmarks/gateway_profile.py [--baseline REV] [--duration 6] [--rounds 2] [--stream] [--wrk]
 
 ``--stream`` sends ``"stream": true`` requests in all steps (the mock's SSE answer), so the figures are
 the streamed path's. Writes benchmarks/results/gateway_profile.json (``--output`` for another file):
@@ -191,6 +195,26 @@ def _profile(pid: int, url: str, args: argparse.Namespace) -> dict[str, Any]:
     return {**summarize_profile(raw, sent, args.profile_rate), "rps_while_sampled": round(result["rps"], 1)}
 
 
+def _wrk_script(args: argparse.Namespace) -> Path:
+    from wrk_client import WRK_INSTALL, write_script, wrk_binary
+
+    if wrk_binary() is None:
+        raise SystemExit(f"--wrk: wrk not found: {WRK_INSTALL}")
+    folder = Path(tempfile.mkdtemp(prefix="xpuflow-profile-wrk-"))
+    return write_script(folder, _body(args.stream), _headers(args))
+
+
+def _wrk_rps(url: str, pid: int, script: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Step 2 under wrk: a 2 s warm-up run, then the measured one with the gateway's CPU time over it."""
+    from wrk_client import run_wrk
+
+    run_wrk(url, script, threads=2, connections=args.concurrency, duration_s=2.0)
+    cpu = cpu_s(pid)
+    result = run_wrk(url, script, threads=2, connections=args.concurrency, duration_s=args.duration)
+    result["cpu_ms_per_request"] = (cpu_s(pid) - cpu) * 1000.0 / max(1, result["requests"])
+    return result
+
+
 def _percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
@@ -209,6 +233,11 @@ def main() -> None:
     parser.add_argument("--profile-dir", help="keep the raw py-spy profiles in this folder")
     parser.add_argument("--no-profile", action="store_true", help="skip step 3")
     parser.add_argument("--stream", action="store_true", help="streamed requests (SSE) throughout")
+    parser.add_argument(
+        "--wrk",
+        action="store_true",
+        help="step 2 under wrk (-t2, --concurrency connections) instead of the aiohttp client",
+    )
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--client", choices=["latency", "rps"], help=argparse.SUPPRESS)
     parser.add_argument("--url", action="append", default=[], help=argparse.SUPPRESS)
@@ -251,13 +280,19 @@ def main() -> None:
             side["added_ttfb_p50_ms"] = round(ttfb[name] - ttfb["direct"], 4)
             side["added_p99_ms"] = round(p99[name] - p99["direct"], 4)
             side["latency_errors"] = latency["errors"][name]
+        script = _wrk_script(args) if args.wrk else None
         for round_ in range(args.rounds):
-            for name, side in sides.items():
+            # the sides take turns, the first of a round alternating (a machine that speeds up or
+            # slows down during the run weighs on both alike)
+            for name, side in sorted(sides.items(), reverse=bool(round_ % 2)):
                 print(f"throughput, round {round_ + 1}: {name} ...", flush=True)
-                cpu = cpu_s(procs[name].pid)
-                result = _client(args, "rps", urls[name])
-                sent = result["ok"] + result["errors"] + result["warmup"]
-                result["cpu_ms_per_request"] = (cpu_s(procs[name].pid) - cpu) * 1000.0 / max(1, sent)
+                if script is not None:
+                    result = _wrk_rps(urls[name], procs[name].pid, script, args)
+                else:
+                    cpu = cpu_s(procs[name].pid)
+                    result = _client(args, "rps", urls[name])
+                    sent = result["ok"] + result["errors"] + result["warmup"]
+                    result["cpu_ms_per_request"] = (cpu_s(procs[name].pid) - cpu) * 1000.0 / max(1, sent)
                 side.setdefault("rps_rounds", []).append(result)
         for side in sides.values():
             side["rps"] = round(statistics.fmean(r["rps"] for r in side["rps_rounds"]), 1)
@@ -277,8 +312,19 @@ def main() -> None:
         if src is not None:
             shutil.rmtree(src.parent, ignore_errors=True)
 
+    paired = (
+        [
+            a["cpu_ms_per_request"] / b["cpu_ms_per_request"]
+            for a, b in zip(sides["after"]["rps_rounds"], sides["before"]["rps_rounds"], strict=True)
+        ]
+        if "before" in sides
+        else []
+    )
     out = {
         "direct_p50_ms": round(p50["direct"], 4),
+        # each round's after/before CPU per request (the sides ran back to back): its median and all
+        "after_vs_before_cpu_median": round(statistics.median(paired), 4) if paired else None,
+        "after_vs_before_cpu_rounds": [round(r, 4) for r in paired],
         **{
             f"{name}_{k}": side[k]
             for name, side in sides.items()
@@ -291,6 +337,7 @@ def main() -> None:
             "stream": args.stream,
             "request_body": json.loads(_body(args.stream)),
             "config": _xpuflow_config("http://127.0.0.1:PORT", "<the run's key>"),
+            "load": "wrk -t2" if args.wrk else "aiohttp client",
             "concurrency": args.concurrency,
             "duration_s": args.duration,
             "rounds": args.rounds,
@@ -309,6 +356,9 @@ def main() -> None:
         print(f"{name:<8}{side['added_p50_ms']:>9.3f}{side['rps']:>9,.0f}{side['cpu_ms_per_request']:>12.3f}")
         for group, figures in (side.get("profile", {}).get("by_group") or {}).items():
             print(f"    {figures['ms_per_request']:>7.3f} ms  {figures['share']:>5.1%}  {group}")
+    if paired:
+        median = statistics.median(paired)
+        print(f"after/before CPU per request, median of {len(paired)} paired rounds: {median:.3f}")
     print(f"wrote {path}")
 
 
