@@ -204,32 +204,33 @@ class _Connection(asyncio.Protocol):
 
     async def _wait(self, timeout_s: float | None = None) -> None:
         """Until the parser has news (or, with ``timeout_s``, TimeoutError past it)."""
-        loop = self._loop or asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = None
-        if timeout_s is not None:
-            timer = deadlines.call_later_on(loop, timeout_s, _expire, waiter)
+        waiter, timer = self._arm(timeout_s)
         try:
             await waiter
         finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
+            self._disarm(timer)
+
+    def _arm(self, timeout_s: float | None) -> tuple[asyncio.Future[None], deadlines.Cancellable | None]:
+        """The future the parser's news resolves, and the timer that fails it past ``timeout_s``."""
+        loop = self._loop or asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = None if timeout_s is None else deadlines.call_later_on(loop, timeout_s, _expire, waiter)
+        return waiter, timer
+
+    def _disarm(self, timer: deadlines.Cancellable | None) -> None:
+        self._waiter = None
+        if timer is not None:
+            timer.cancel()
 
     async def request(
         self, data: bytes, timeout_s: float | None = None
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         self._send(data, streaming=False)
-        # _wait, inline: one coroutine fewer on every request (and on the way back up at its answer)
-        loop = self._loop or asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = None if timeout_s is None else deadlines.call_later_on(loop, timeout_s, _expire, waiter)
+        waiter, timer = self._arm(timeout_s)  # _wait's, without a coroutine of its own
         try:
             await waiter
         finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
+            self._disarm(timer)
         parts = self._body
         return self._status, self._headers, parts[0] if len(parts) == 1 else b"".join(parts)
 
