@@ -369,3 +369,37 @@ def test_response_headers_read_as_a_lower_case_mapping_with_the_last_of_a_repeat
     assert headers.get("nope", "d") == "d"
     with pytest.raises(KeyError):
         headers["nope"]
+
+
+def test_a_caller_cancelled_as_its_connection_is_made_stays_cancelled() -> None:
+    """A new connection completing in the same turn as the caller's cancellation does not swallow the
+    cancellation (``asyncio.wait_for`` did, before Python 3.12: a request its worker gave up behind a
+    hung upstream then waited out its whole timeout); the connection made is closed, not left open."""
+    from xpuflow.backends.remote.http1 import _Connection
+
+    class Made:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    async def scenario() -> Made:
+        loop = asyncio.get_running_loop()
+        made: asyncio.Future[tuple[Made, _Connection]] = loop.create_future()
+
+        async def create_connection(*args: Any) -> tuple[Made, _Connection]:
+            return await made
+
+        loop.create_connection = create_connection  # type: ignore[method-assign,assignment]
+        pool = Http1Pool("127.0.0.1", 9, limit=1, connect_timeout_s=5.0)
+        caller = asyncio.ensure_future(pool._connection())
+        await asyncio.sleep(0)  # the caller waits for its connection
+        transport = Made()
+        made.set_result((transport, _Connection()))  # the attempt completes in the next turn ...
+        loop.call_soon(caller.cancel)  # ... and the caller is cancelled in that same turn, after it
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await asyncio.sleep(0.01)
+        return transport
+
+    assert asyncio.run(scenario()).closed

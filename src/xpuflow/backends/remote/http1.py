@@ -261,6 +261,12 @@ class _Connection(asyncio.Protocol):
         return data
 
 
+def _close_made(connect: asyncio.Future[tuple[asyncio.Transport, _Connection]]) -> None:
+    """A connection attempt nobody waits for any more: close the connection if it was made after all."""
+    if not connect.cancelled() and connect.exception() is None:
+        connect.result()[0].close()
+
+
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(asyncio.TimeoutError())  # the builtin one from Python 3.11
@@ -449,14 +455,25 @@ class Http1Pool:
         if self._closed:
             raise Http1Error("the client is closed")
         loop = asyncio.get_running_loop()
+        # Not asyncio.wait_for: before Python 3.12 it returns the connection when the caller is cancelled
+        # just as the connection is made, and the cancellation is lost (a request given up by its
+        # worker, whose upstream hangs, would then wait out its whole timeout). asyncio.wait never
+        # swallows the caller's cancellation; a connection made meanwhile is closed.
+        connect = loop.create_task(loop.create_connection(_Connection, self.host, self.port))
         try:
-            _, connection = await asyncio.wait_for(
-                loop.create_connection(_Connection, self.host, self.port), self.connect_timeout_s
-            )
-        except asyncio.TimeoutError as exc:
+            await asyncio.wait({connect}, timeout=self.connect_timeout_s)
+        except BaseException:
+            connect.cancel()
+            connect.add_done_callback(_close_made)
+            raise
+        if not connect.done():
+            connect.cancel()
+            connect.add_done_callback(_close_made)
             raise Http1ConnectError(
                 f"no connection to {self.host}:{self.port} within {self.connect_timeout_s:g} s"
-            ) from exc
+            )
+        try:
+            _, connection = connect.result()
         except OSError as exc:
             raise Http1ConnectError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
         self._all.add(connection)
