@@ -212,6 +212,11 @@ class AttemptTimeout(XpuflowError):
     """One attempt of a request ran past the dispatcher's time limit for an attempt: the dispatcher
     retries it elsewhere (or ends it with ``DispatchTimeout``); never answered to a client as is."""
 
+    @classmethod
+    def after(cls, limit_s: float) -> AttemptTimeout:
+        """The error of an attempt given up at a limit of ``limit_s`` seconds."""
+        return cls(f"no answer within {limit_s:g} s")
+
 
 class WorkerStopped(AdmissionRejected):
     """The worker is not running (not started, stopping or stopped); send the request elsewhere."""

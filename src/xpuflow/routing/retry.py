@@ -161,14 +161,14 @@ async def _within(work: Awaitable[T], timeout_s: float | None) -> T:
             return await work
         except asyncio.CancelledError:
             if expired and took_back(task, cancelling):
-                raise _AttemptTimeout(f"no answer within {timeout_s:g} s") from None
+                raise _AttemptTimeout.after(timeout_s) from None
             raise
         finally:
             timer.cancel()
     try:  # pragma: no cover - Python 3.10, where asyncio.TimeoutError is not the builtin TimeoutError
         return await asyncio.wait_for(work, timeout_s)
     except asyncio.TimeoutError:  # pragma: no cover
-        raise _AttemptTimeout(f"no answer within {timeout_s:g} s") from None
+        raise _AttemptTimeout.after(timeout_s) from None
 
 
 class _IdleLimit:
@@ -210,7 +210,7 @@ class _IdleLimit:
             if self._expired:
                 self._expired = False
                 if took_back(task, self._cancelling):
-                    raise _AttemptTimeout(f"no answer within {self.timeout_s:g} s") from None
+                    raise _AttemptTimeout.after(self.timeout_s) from None
             raise
         finally:
             self._waiting = False

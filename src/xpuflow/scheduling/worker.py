@@ -79,11 +79,6 @@ log = logging.getLogger(__name__)
 _worker_ids = itertools.count()
 
 
-def _attempt_timeout(limit_s: float) -> AttemptTimeout:
-    """The error of an attempt given up at a dispatcher's limit (the words of its own limit's error)."""
-    return AttemptTimeout(f"no answer within {limit_s:g} s")
-
-
 def _current() -> asyncio.Task[None]:
     task = asyncio.current_task()
     assert task is not None  # batch runners always run in their own task
@@ -391,16 +386,15 @@ class Worker:
         """The queued path of ``submit``: wait for ``ticket``'s answer (or withdraw it): until its
         deadline, or ``attempt_timeout_s`` where one is given (see ``submit``)."""
         cancelled = request.cancelled
-        timeout_s = self._timeout_s(request) if attempt_timeout_s is None else attempt_timeout_s
         watcher: asyncio.Future[Any] | None = None
         try:
             if isinstance(cancelled, CancelSignal):
-                await self._answer_or_withdraw(ticket, request, cancelled, timeout_s, attempt_timeout_s)
+                await self._answer_or_withdraw(ticket, request, cancelled, attempt_timeout_s)
             else:  # a plain asyncio.Event: watch it with a task
                 watcher = asyncio.ensure_future(cancelled.wait())
                 await asyncio.wait(
                     {ticket.future, watcher},
-                    timeout=timeout_s,
+                    timeout=self._timeout_s(request) if attempt_timeout_s is None else attempt_timeout_s,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
         except asyncio.CancelledError:
@@ -413,7 +407,7 @@ class Worker:
             if request.cancelled.is_set():
                 self._withdraw(ticket, self._cancelled_error(request, "its client went away"))
             elif attempt_timeout_s is not None:
-                self._withdraw(ticket, _attempt_timeout(attempt_timeout_s))
+                self._withdraw(ticket, AttemptTimeout.after(attempt_timeout_s))
             else:
                 self._withdraw(ticket, self._deadline_error(request))
         result: Result = ticket.future.result()
@@ -424,11 +418,10 @@ class Worker:
         ticket: Ticket,
         request: WorkRequest,
         cancelled: CancelSignal,
-        timeout_s: float | None,
         attempt_timeout_s: float | None = None,
     ) -> None:
-        """Until ``ticket`` is answered. Its cancellation signal and its deadline (``timeout_s``; where it
-        is a dispatcher's ``attempt_timeout_s``, with ``AttemptTimeout``) withdraw it with their error,
+        """Until ``ticket`` is answered. Its cancellation signal and its deadline (or, where one is given,
+        a dispatcher's ``attempt_timeout_s``, with ``AttemptTimeout``) withdraw it with their error,
         which answers it: the caller waits on the ticket's own future, woken by whichever comes first,
         with no other future or task. A caller cancelled meanwhile cancels that future, which withdraws
         the request as well (``submit`` takes it out of the queue)."""
@@ -440,13 +433,11 @@ class Worker:
             self._withdraw(ticket, self._cancelled_error(request, "its client went away"))
 
         cancelled.add_callback(on_cancel)
-        timer = (
-            None
-            if timeout_s is None
-            else deadlines.call_later(timeout_s, self._expire, ticket)
-            if attempt_timeout_s is None
-            else deadlines.call_later(timeout_s, self._expire_attempt, ticket, attempt_timeout_s)
-        )
+        timer: deadlines.Cancellable | None = None
+        if attempt_timeout_s is not None:
+            timer = deadlines.call_later(attempt_timeout_s, self._expire_attempt, ticket, attempt_timeout_s)
+        elif (timeout_s := self._timeout_s(request)) is not None:
+            timer = deadlines.call_later(timeout_s, self._expire, ticket)
         try:
             await answer
         finally:
@@ -571,7 +562,7 @@ class Worker:
     def _expire_attempt(self, ticket: Ticket, limit_s: float) -> None:
         """The dispatcher's limit for the ticket's attempt has come (``submit``'s ``attempt_timeout_s``):
         withdraw it with ``AttemptTimeout``."""
-        self._withdraw(ticket, _attempt_timeout(limit_s))
+        self._withdraw(ticket, AttemptTimeout.after(limit_s))
 
     def _cancelled_error(self, request: WorkRequest, why: str) -> RequestCancelled:
         return RequestCancelled(
@@ -880,7 +871,7 @@ class Worker:
         run.give_up(self._deadline_error(run.request))
 
     def _expire_inline_attempt(self, run: _InlineRun, limit_s: float) -> None:
-        run.give_up(_attempt_timeout(limit_s))
+        run.give_up(AttemptTimeout.after(limit_s))
 
     async def _run_batch(self, tickets: list[Ticket]) -> None:
         started = self._clock.monotonic()

@@ -370,7 +370,7 @@ class _Guard:
     (``serving/http_protocol.py``, what ``xpuflow serve`` runs) where there is one: a callback, no task;
     under another server, from a task waiting on ``receive()`` for ``http.disconnect``."""
 
-    __slots__ = ("call", "done", "handler", "reason", "started", "stop_watching", "timeout_s", "timer")
+    __slots__ = ("call", "done", "handler", "reason", "started", "stop_watching", "timer", "until_s")
 
     def __init__(self, scope: Scope, receive: Receive, call: InferenceCall, timeout_s: float | None) -> None:
         self.call = call
@@ -383,7 +383,8 @@ class _Guard:
         loop = None if extension is None else extension.get("loop")
         handler = self.handler = asyncio.current_task(loop)
         self.timer: deadlines.Cancellable | None = None
-        self.timeout_s = timeout_s
+        # when its timer comes due, on the handler's loop (what promise() tells the engine)
+        self.until_s = None if timeout_s is None or handler is None else handler.get_loop().time() + timeout_s
         if timeout_s is not None:
             self.timer = (
                 deadlines.call_later(timeout_s, self._fire, "timeout")
@@ -422,14 +423,9 @@ class _Guard:
         ``CancelSignal`` that this guard sets it by its deadline (``CancelSignal.set_by_s``), so that a
         worker need not arm a timer of its own for the same instant. The loop's clock reads no later
         than the monotonic clock the engine's deadline is taken from, so the promise is never late."""
-        signal, timeout_s = self.call.cancelled, self.timeout_s
-        if (
-            self.timer is not None
-            and timeout_s is not None
-            and self.handler is not None
-            and isinstance(signal, CancelSignal)
-        ):
-            signal.set_by_s = self.handler.get_loop().time() + timeout_s
+        signal = self.call.cancelled
+        if self.timer is not None and self.until_s is not None and isinstance(signal, CancelSignal):
+            signal.set_by_s = self.until_s
 
     def answered(self) -> None:
         """The engine has answered (a stream: its first event); the deadline no longer applies."""

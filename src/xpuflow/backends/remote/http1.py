@@ -367,7 +367,7 @@ class Http1Pool:
         try:
             connection = self._idle_connection()
             if connection is None:
-                connection = await self._connection()
+                connection = await self._connect()
             try:
                 status, raw_headers, content = await connection.request(data, timeout_s)
             except BaseException:
@@ -450,8 +450,10 @@ class Http1Pool:
     async def _connection(self) -> _Connection:
         """The most recently idle open connection, else a new one."""
         idle = self._idle_connection()
-        if idle is not None:
-            return idle
+        return idle if idle is not None else await self._connect()
+
+    async def _connect(self) -> _Connection:
+        """A new connection."""
         if self._closed:
             raise Http1Error("the client is closed")
         loop = asyncio.get_running_loop()
